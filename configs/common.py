@@ -1,0 +1,81 @@
+"""Shared config pieces: the argument parser and the IRT defaults.
+
+Config files import this module as `common` (their own folder is put on the
+path), and expose only `get_config(arg=None)`.
+"""
+import ml_collections as mlc
+
+IRT_PP_TRAIN = "decode|resize(256)|random_crop(224)|flip_lr|normalize"
+IRT_PP_EVAL = "decode|resize(256)|center_crop(224)|normalize"
+# runlocal: a tiny model on 32 px images for a smoke run of any config.
+LOCAL_PP_TRAIN = "decode|resize(36)|random_crop(32)|flip_lr|normalize"
+LOCAL_PP_EVAL = "decode|resize(36)|center_crop(32)|normalize"
+
+
+def parse_arg(arg, **defaults):
+  """"variant=S/16,runlocal=True" -> ConfigDict over `defaults` (typed)."""
+  out = mlc.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; valid: "
+                       f"{sorted(defaults)}.")
+    kind = type(defaults[key])
+    if kind is bool:
+      value = value.lower() in ("1", "true", "yes", "")
+    out[key] = kind(value)
+  return out
+
+
+def base_config():
+  """Every section with the IRT category-retrieval recipe's defaults
+  (../shared/SPEC.md): DeiT-S, contrastive beta 0.5 + KoLeo lambda 0.7,
+  AdamW lr 3e-5 wd 5e-4, batch 64, constant lr, 256 -> crop 224 + flip."""
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.total_steps = 35_000
+  c.log_every = 50
+  c.eval_every = 0  # 0: evaluate only at the end
+  c.eval_untrained = True
+
+  c.model = mlc.ConfigDict(dict(
+      encoder="vit", variant="S/16", image_size=224, head="irt", proj_dim=0,
+      dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False))
+
+  c.input = mlc.ConfigDict(dict(
+      dataset="", data_dir="", options=mlc.ConfigDict(), train_split="train",
+      batch_size=64, sampler="random", m_per_class=2,
+      pp_train=IRT_PP_TRAIN, num_workers=2, prefetch=2))
+
+  c.loss = mlc.ConfigDict(dict(
+      margin=0.5, entropy_weight=0.7, reduction="anchor_mean", eps=1e-8,
+      xbm=mlc.ConfigDict(dict(ratio=1.0, start_step=0))))
+
+  c.optim = mlc.ConfigDict(dict(name="adamw", lr=3e-5, weight_decay=5e-4,
+                                b1=0.9, b2=0.999, clip_norm=0.0))
+  c.schedule = mlc.ConfigDict(dict(kind="constant", warmup_steps=0,
+                                   end_factor=0.0))
+  c.evals = mlc.ConfigDict()
+  c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3))
+  return c
+
+
+def retrieval_eval(query="test", gallery="", ks=(1, 10, 100, 1000),
+                   pp=IRT_PP_EVAL, batch_size=128):
+  return mlc.ConfigDict(dict(type="retrieval", query=query, gallery=gallery,
+                             ks=list(ks), pp=pp, batch_size=batch_size,
+                             map_at_r=True, num_workers=2))
+
+
+def make_local(c):
+  """Shrinks a config to a seconds-long smoke run (tiny model, 32 px)."""
+  c.model.variant = "mu/8"
+  c.model.image_size = 32
+  c.input.pp_train = LOCAL_PP_TRAIN
+  c.input.batch_size = 16
+  c.total_steps = 2
+  c.log_every = 1
+  for ev in c.evals.values():
+    ev.pp = LOCAL_PP_EVAL
+    ev.batch_size = 32
+  return c

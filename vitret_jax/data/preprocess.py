@@ -1,0 +1,133 @@
+"""Preprocessing ops on numpy/PIL images, chained from a string.
+
+`build_pp("decode|resize(256)|random_crop(224)|flip_lr|normalize")` returns
+`fn(path, rng) -> float32 [H, W, 3]`. Ops are looked up in the explicit `OPS`
+dict; an unknown op is an error listing the valid ones. Images are uint8
+`[H, W, 3]` until `normalize`.
+"""
+import re
+
+import numpy as np
+from PIL import Image
+
+from vitret_jax.errors import DataError
+from vitret_jax.errors import UserError
+
+# ImageNet statistics, used by DeiT / timm and the Google checkpoints' recipes.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def decode(path: str) -> np.ndarray:
+  """Reads an image file as RGB uint8 [H, W, 3]; a bad file is a DataError."""
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, ValueError, SyntaxError) as e:
+    raise DataError(f"Cannot read image {path}: {e}. Replace or remove the "
+                    f"file (and its line in the list file).") from e
+
+
+def _resize_to(img, hw):
+  h, w = hw
+  if img.shape[:2] == (h, w):
+    return img
+  return np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
+
+
+def resize(size):
+  """Resize to size x size (aspect ratio not kept: the IRT recipe)."""
+  return lambda img, rng: _resize_to(img, (size, size))
+
+
+def resize_small(size):
+  """Resize so the shorter side is `size`, keeping the aspect ratio."""
+  def op(img, rng):
+    h, w = img.shape[:2]
+    s = size / min(h, w)
+    return _resize_to(img, (max(size, round(h * s)), max(size, round(w * s))))
+  return op
+
+
+def _crop(img, top, left, size):
+  h, w = img.shape[:2]
+  if h < size or w < size:
+    raise ValueError(f"crop of {size} from an image of {h}x{w}: resize first.")
+  return img[top:top + size, left:left + size]
+
+
+def center_crop(size):
+  def op(img, rng):
+    h, w = img.shape[:2]
+    return _crop(img, (h - size) // 2, (w - size) // 2, size)
+  return op
+
+
+def random_crop(size):
+  def op(img, rng):
+    h, w = img.shape[:2]
+    return _crop(img, rng.integers(0, h - size + 1),
+                 rng.integers(0, w - size + 1), size)
+  return op
+
+
+def flip_lr():
+  return lambda img, rng: img[:, ::-1] if rng.random() < 0.5 else img
+
+
+def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  mean = np.asarray(mean, np.float32) * 255
+  std = np.asarray(std, np.float32) * 255
+  return lambda img, rng: (img.astype(np.float32) - mean) / std
+
+
+OPS = {
+    "resize": resize,
+    "resize_small": resize_small,
+    "center_crop": center_crop,
+    "random_crop": random_crop,
+    "flip_lr": flip_lr,
+    "normalize": normalize,
+}
+
+_OP_RE = re.compile(r"^(\w+)(?:\((.*)\))?$")
+
+
+def _parse(op_str):
+  match = _OP_RE.match(op_str.strip())
+  if not match:
+    raise UserError(f"Malformed pp op {op_str!r}: write name or name(args).")
+  name, args = match.groups()
+  if name not in OPS:
+    raise UserError(f"Unknown pp op {name!r}; valid: {['decode'] + sorted(OPS)}.")
+  values = [int(a) if a.strip().isdigit() else float(a)
+            for a in args.split(",")] if args else []
+  return OPS[name](*values)
+
+
+def build_pp(spec: str):
+  """`fn(path, rng) -> np.ndarray` from a spec starting with "decode"."""
+  names = spec.split("|")
+  if names[0].strip() != "decode":
+    raise UserError(f"pp spec {spec!r} must start with 'decode'.")
+  ops = [_parse(s) for s in names[1:]]
+
+  def run(path, rng):
+    img = decode(path)
+    for op in ops:
+      img = op(img, rng)
+    return np.ascontiguousarray(img)
+  return run
+
+
+def output_size(spec: str) -> int:
+  """The side of the square images a spec produces (last crop / resize)."""
+  size = None
+  for op in spec.split("|"):
+    m = re.match(r"\s*(resize|center_crop|random_crop)\((\d+)\)", op)
+    if m:
+      size = int(m.group(2))
+  if size is None:
+    raise UserError(f"pp spec {spec!r} gives no fixed size: end it with a "
+                    f"resize(s), center_crop(s) or random_crop(s).")
+  return size

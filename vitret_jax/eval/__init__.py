@@ -1,0 +1,1 @@
+"""Embedding extraction, k-NN search, retrieval metrics, evaluators."""

@@ -1,0 +1,71 @@
+"""Exact k-nearest-neighbour search by inner product, chunked on device.
+
+`exact_knn(query, reference, k, exclude_self)` compares `query_chunk` queries
+with `ref_chunk` references at a time and merges running top-k lists, so the
+device never holds more than [query_chunk, ref_chunk + k] scores whatever the
+gallery size.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_chunk(best_s, best_i, q, r, q_start, r_start, n_ref, k,
+                 exclude_self):
+  s = jnp.matmul(q, r.T, precision=jax.lax.Precision.HIGHEST)  # [c, rc]
+  cols = r_start + jnp.arange(r.shape[0])
+  rows = q_start + jnp.arange(q.shape[0])
+  drop = cols[None, :] >= n_ref  # padding of the last reference chunk
+  drop |= exclude_self & (cols[None, :] == rows[:, None])
+  s = jnp.where(drop, -jnp.inf, s)
+  s = jnp.concatenate([best_s, s], axis=1)
+  i = jnp.concatenate([best_i, jnp.broadcast_to(cols, s.shape[:1] + cols.shape)],
+                      axis=1)
+  top_s, pos = jax.lax.top_k(s, k)
+  return top_s, jnp.take_along_axis(i, pos, axis=1)
+
+
+def _pad_rows(x, n):
+  return x if x.shape[0] == n else np.concatenate(
+      [x, np.zeros((n - x.shape[0],) + x.shape[1:], x.dtype)])
+
+
+def exact_knn(query, reference, k, exclude_self=False, query_chunk=1024,
+              ref_chunk=65536):
+  """Top-k references by inner product (cosine for unit vectors).
+
+  Args:
+    query: [Q, E] float array.
+    reference: [R, E] float array.
+    k: neighbours per query (clamped to the references available).
+    exclude_self: query i never retrieves reference i (leave-one-out, when
+      query and reference are the same set).
+    query_chunk, ref_chunk: block sizes bounding device memory.
+  Returns:
+    (scores [Q, k] float32, indices [Q, k] int32), best first. Slots with no
+    valid neighbour have score -inf.
+  """
+  query = np.asarray(query, np.float32)
+  reference = np.asarray(reference, np.float32)
+  n_ref = reference.shape[0]
+  k = max(1, min(k, n_ref - int(exclude_self)))
+  rc = min(ref_chunk, n_ref)
+  n_ref_pad = -(-n_ref // rc) * rc
+  ref_pad = _pad_rows(reference, n_ref_pad)
+  ref_blocks = [jnp.asarray(ref_pad[s:s + rc]) for s in range(0, n_ref_pad, rc)]
+  scores, indices = [], []
+  for qs in range(0, query.shape[0], query_chunk):
+    q = query[qs:qs + query_chunk]
+    nq = q.shape[0]
+    q = jnp.asarray(_pad_rows(q, min(query_chunk, query.shape[0])))
+    best_s = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
+    best_i = jnp.full((q.shape[0], k), -1, jnp.int32)
+    for b, r in enumerate(ref_blocks):
+      best_s, best_i = _merge_chunk(best_s, best_i, q, r, qs, b * rc, n_ref,
+                                    k, exclude_self)
+    scores.append(np.asarray(best_s)[:nq])
+    indices.append(np.asarray(best_i)[:nq])
+  return np.concatenate(scores), np.concatenate(indices)

@@ -1,0 +1,201 @@
+"""The training loop: builds data, model, state and evaluators from the config,
+then trains with logging, checkpointing and evaluation at the config's cadence.
+
+No model or loss maths lives here (see models/, losses.py, train_step.py).
+"""
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from vitret_jax import checkpoint
+from vitret_jax import losses
+from vitret_jax import metric_writer
+from vitret_jax import models
+from vitret_jax import optim
+from vitret_jax import sharding
+from vitret_jax import train_step as ts
+from vitret_jax.data import datasets
+from vitret_jax.data import pipeline
+from vitret_jax.data import preprocess
+from vitret_jax.data import samplers
+from vitret_jax.errors import UserError
+from vitret_jax.eval import embed
+from vitret_jax.eval import evaluator
+
+
+def memory_slots(loss_cfg, num_train: int, global_batch: int) -> int:
+  """Cross-batch memory size: ratio x training-set size (0 = no memory)."""
+  if not loss_cfg.xbm.ratio:
+    return 0
+  size = int(round(loss_cfg.xbm.ratio * num_train))
+  if size < global_batch:
+    raise UserError(
+        f"loss.xbm.ratio={loss_cfg.xbm.ratio} gives a memory of {size} slots, "
+        f"smaller than the batch of {global_batch}; raise the ratio or set it "
+        f"to 0 to train without memory.")
+  return size
+
+
+class Run:
+  """What training and evaluation share, built once from the config."""
+
+  def __init__(self, config, workdir):
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding.make_mesh()
+    self.splits = datasets.load_dataset(
+        config.input.dataset, config.input.data_dir, **config.input.options)
+    self.model = models.build_model(config.model)
+    self.embed_fn = embed.make_embed_fn(self.model, self.mesh)
+    self.evaluators = evaluator.build_evaluators(
+        config.evals, self.embed_fn, self.mesh, self.splits)
+    n_dev = self.mesh.devices.size
+    if config.input.batch_size % n_dev:
+      raise UserError(f"input.batch_size={config.input.batch_size} does not "
+                      f"split over the {n_dev} devices: use a multiple of "
+                      f"{n_dev}.")
+    self.tx, self.schedule = optim.build_optimizer(
+        config.optim, config.schedule, config.total_steps)
+    self.image_size = preprocess.output_size(config.input.pp_train)
+    self.train_split = self.splits[config.input.train_split]
+    self.state, self.state_sharding = ts.create_train_state(
+        self.model, self.tx, jax.random.key(config.seed),
+        (self.image_size, self.image_size, 3), self.mesh,
+        memory_slots(config.loss, len(self.train_split),
+                     config.input.batch_size))
+    self.ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep)
+
+  def evaluate(self, params) -> dict:
+    out = {}
+    for name, ev in self.evaluators.items():
+      t0 = time.time()
+      res = ev.run(params)
+      logging.info("eval %s (%.1fs): %s", name, time.time() - t0, res)
+      prefix = "" if len(self.evaluators) == 1 else f"{name}/"
+      out.update({prefix + k: v for k, v in res.items()})
+    return out
+
+
+def _write_json(path, obj):
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def _untrained_eval(run, params, fresh):
+  """The untrained model's metrics, computed once per workdir and kept in
+  eval_untrained.json; None for a resumed run that has no such file."""
+  path = os.path.join(run.workdir, "eval_untrained.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  if not fresh:
+    return None
+  res = run.evaluate(params)
+  _write_json(path, res)
+  return res
+
+
+def _check_finite(metrics, step, ckpt):
+  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+  if bad:
+    last = ckpt.latest_step()
+    raise UserError(
+        f"Non-finite training metrics at step {step}: {bad}. Lower optim.lr, "
+        f"set optim.clip_norm, or check the data; the last good checkpoint "
+        f"(step {last}) is untouched in {ckpt.directory}.")
+
+
+def train_and_evaluate(config, workdir) -> dict:
+  """Trains (resuming from the workdir's checkpoint) and evaluates.
+
+  Returns the final metrics, also written to workdir/eval.json together with
+  the untrained model's under "untrained".
+  """
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.write_config(config, workdir)
+  run = Run(config, workdir)
+  state, resumed = checkpoint.restore_or_init(run.ckpt, run.state,
+                                              run.state_sharding)
+  untrained = None
+  if config.eval_untrained:
+    untrained = _untrained_eval(run, state.params, fresh=resumed is None)
+  step_fn = ts.make_train_step(
+      run.model, run.tx,
+      losses.make_sharded_loss(run.mesh, margin=config.loss.margin,
+                               entropy_weight=config.loss.entropy_weight,
+                               reduction=config.loss.reduction,
+                               eps=config.loss.eps),
+      run.mesh, run.state_sharding, xbm_start=config.loss.xbm.start_step)
+  sampler = samplers.build_sampler(
+      config.input.sampler, run.train_split.labels, config.input.batch_size,
+      config.input.m_per_class, config.seed)
+  loader = pipeline.TrainLoader(
+      run.train_split, preprocess.build_pp(config.input.pp_train), sampler,
+      seed=config.seed + 1, num_workers=config.input.num_workers,
+      prefetch=config.input.prefetch)
+  writer = metric_writer.MetricWriter(workdir)
+  start = int(jax.device_get(state.step))
+  total = config.total_steps
+  logging.info("Training steps %d..%d on %d device(s), global batch %d, %d "
+               "training images.", start, total, run.mesh.devices.size,
+               config.input.batch_size, len(run.train_split))
+  bar = tqdm.tqdm(initial=start, total=total, desc="train", unit="step",
+                  disable=jax.process_index() != 0)
+  t_last, n_last = time.time(), start
+  try:
+    for step, batch in loader.iterate(start, total):
+      state, metrics = step_fn(state, sharding.to_global_batch(batch, run.mesh))
+      done = step + 1
+      bar.update(1)
+      if done % config.log_every == 0 or done == total:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(metrics, done, run.ckpt)
+        now = time.time()
+        metrics["lr"] = float(run.schedule(step))
+        metrics["img_per_s"] = ((done - n_last) * config.input.batch_size
+                                / max(now - t_last, 1e-9))
+        t_last, n_last = now, done
+        writer.write(done, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+      if done % config.ckpt.every_steps == 0 and done != total:
+        run.ckpt.save(state)
+      if config.eval_every and done % config.eval_every == 0 and done != total:
+        writer.write(done, {f"eval/{k}": v
+                            for k, v in run.evaluate(state.params).items()})
+    bar.close()
+    run.ckpt.save(state, force=True)
+    final = run.evaluate(state.params)
+    writer.write(int(jax.device_get(state.step)),
+                 {f"eval/{k}": v for k, v in final.items()})
+  finally:
+    loader.close()
+    writer.close()
+    run.ckpt.close()
+  return _finish(workdir, final, untrained, int(jax.device_get(state.step)))
+
+
+def _finish(workdir, final, untrained, step):
+  out = dict(final, step=step)
+  if untrained is not None:
+    out["untrained"] = untrained
+  _write_json(os.path.join(workdir, "eval.json"), out)
+  return out
+
+
+def evaluate_only(config, workdir) -> dict:
+  """Evaluates the workdir's latest checkpoint and writes eval.json."""
+  run = Run(config, workdir)
+  state, resumed = checkpoint.restore_or_init(run.ckpt, run.state,
+                                              run.state_sharding)
+  run.ckpt.close()
+  if resumed is None:
+    raise UserError(f"No checkpoint in {run.ckpt.directory}: train first "
+                    f"(--mode=train) or point --workdir at a trained run.")
+  untrained = _untrained_eval(run, None, fresh=False)
+  return _finish(workdir, run.evaluate(state.params), untrained, resumed)

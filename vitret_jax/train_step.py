@@ -1,0 +1,122 @@
+"""TrainState, the pure train step, and its jit with explicit shardings."""
+import functools
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from vitret_jax import losses
+from vitret_jax import sharding
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a step reads and writes.
+
+  Attributes:
+    step: int32 scalar, steps done.
+    params: model parameters (float32).
+    opt_state: optax state.
+    rng: the loop key; step t uses fold_in(rng, t).
+    memory: cross-batch memory dict(emb=[M, E], labels=[M]) or None.
+    mem_ptr: int32 scalar, next memory slot to overwrite.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  memory: Optional[dict] = None
+  mem_ptr: jax.Array = flax.struct.field(default_factory=lambda: jnp.int32(0))
+
+
+def init_memory(size: int, dim: int) -> dict:
+  """An empty cross-batch memory: zero descriptors, label -1 (= empty)."""
+  return {"emb": jnp.zeros((size, dim), jnp.float32),
+          "labels": jnp.full((size,), -1, jnp.int32)}
+
+
+def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0):
+  """Initialises the state directly with replicated shardings on `mesh`.
+
+  Args:
+    model: the RetrievalModel.
+    tx: the optax transformation.
+    rng: PRNG key; split into init and loop keys.
+    image_shape: (H, W, 3) of one training image.
+    mesh: device mesh.
+    memory_size: cross-batch memory slots (0 = no memory).
+  Returns:
+    (state, state_sharding).
+  """
+  init_rng, loop_rng = jax.random.split(rng)
+
+  def init():
+    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    variables = model.init({"params": init_rng, "dropout": init_rng}, dummy)
+    params = variables["params"]
+    memory = None
+    if memory_size:
+      dim = model.apply(variables, dummy).shape[-1]
+      memory = init_memory(memory_size, dim)
+    return TrainState(step=jnp.int32(0), params=params,
+                      opt_state=tx.init(params), rng=loop_rng, memory=memory,
+                      mem_ptr=jnp.int32(0))
+
+  abstract = jax.eval_shape(init)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state = jax.jit(init, out_shardings=state_sharding)()
+  return state, state_sharding
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
+               xbm_start: int = 0):
+  """One optimisation step; pure, so it is jitted once.
+
+  Args:
+    state: TrainState.
+    batch: dict(image=[B, H, W, 3] float32, label=[B] int32), sharded on DATA.
+    model: module with apply(variables, images, train) -> [B, E].
+    tx: optax transformation.
+    loss_fn: loss_fn(emb, labels[, memory, mem_ptr, xbm_weight]) ->
+      (loss, metrics), e.g. `losses.make_sharded_loss(...)`.
+    xbm_start: step from which the memory term counts (warm-up).
+  Returns:
+    (new state, metrics dict of scalars).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  labels = batch["label"]
+
+  def compute(params):
+    emb = model.apply({"params": params}, batch["image"], train=True,
+                      rngs={"dropout": rng})
+    if state.memory is None:
+      loss, metrics = loss_fn(emb, labels)
+      return loss, (metrics, None, state.mem_ptr)
+    # XBM: the batch is enqueued first, then the anchors meet the whole memory.
+    memory, ptr = losses.enqueue(state.memory, emb, labels, state.mem_ptr)
+    weight = (state.step >= xbm_start).astype(jnp.float32)
+    loss, metrics = loss_fn(emb, labels, memory, state.mem_ptr, weight)
+    return loss, (metrics, memory, ptr)
+
+  (_, (metrics, memory, ptr)), grads = jax.value_and_grad(
+      compute, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  new_state = state.replace(step=state.step + 1, params=params,
+                            opt_state=opt_state, memory=memory, mem_ptr=ptr)
+  return new_state, metrics
+
+
+def make_train_step(model, tx, loss_fn, mesh, state_sharding, xbm_start=0):
+  """`train_step` jitted once: state in/out replicated and donated, batch on DATA."""
+  step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
+                           xbm_start=xbm_start)
+  batch_sharding = sharding.batch_sharding(mesh)
+  return jax.jit(
+      step,
+      in_shardings=(state_sharding, {"image": batch_sharding,
+                                     "label": batch_sharding}),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
