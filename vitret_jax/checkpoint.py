@@ -62,9 +62,17 @@ class Checkpointer:
     self.manager.close()
 
 
+def _key_name(k):
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
 def _shapes(tree):
-  return {jax.tree_util.keystr(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  """{"params/encoder/...": shape}; dataclass fields and dict keys alike."""
+  return {"/".join(_key_name(k) for k in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def restore_or_init(ckpt, state, state_sharding):

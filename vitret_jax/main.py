@@ -4,6 +4,7 @@ Modes: train (train, resuming from DIR's checkpoint, then evaluate) and eval
 (evaluate DIR's latest checkpoint). Config values are overridden with
 --config.section.key=value; a mistyped key is an error.
 """
+import re
 import sys
 
 import jax
@@ -59,5 +60,22 @@ def main(argv):
     _print_table(result)
 
 
+def _parse_flags(argv):
+  """absl's parsing, with config mistakes (unknown key, wrong type, a failing
+  config file) reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    # A failing config file arrives with its traceback inside the message:
+    # its last line names the problem.
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    msg = lines[-1] if "Traceback" in str(e) else str(e)
+    print(f"error: {msg}\nPass --help for the flags.", file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError, UserError) as e:
+    msg = re.sub(r"\\?'", "", str(e).replace("\\n", " ").replace("\n", " "))
+    print(f"error: bad --config or override: {msg}", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

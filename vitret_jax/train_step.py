@@ -18,7 +18,8 @@ class TrainState(flax.struct.PyTreeNode):
     step: int32 scalar, steps done.
     params: model parameters (float32).
     opt_state: optax state.
-    rng: the loop key; step t uses fold_in(rng, t).
+    rng: the loop key as raw uint32 key data (so checkpoints hold plain
+      arrays); step t uses fold_in(wrap_key_data(rng), t).
     memory: cross-batch memory dict(emb=[M, E], labels=[M]) or None.
     mem_ptr: int32 scalar, next memory slot to overwrite.
   """
@@ -60,7 +61,8 @@ def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0):
       dim = model.apply(variables, dummy).shape[-1]
       memory = init_memory(memory_size, dim)
     return TrainState(step=jnp.int32(0), params=params,
-                      opt_state=tx.init(params), rng=loop_rng, memory=memory,
+                      opt_state=tx.init(params),
+                      rng=jax.random.key_data(loop_rng), memory=memory,
                       mem_ptr=jnp.int32(0))
 
   abstract = jax.eval_shape(init)
@@ -84,7 +86,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
   Returns:
     (new state, metrics dict of scalars).
   """
-  rng = jax.random.fold_in(state.rng, state.step)
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   labels = batch["label"]
 
   def compute(params):
@@ -103,7 +105,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
       compute, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, memory=memory, mem_ptr=ptr)
   return new_state, metrics

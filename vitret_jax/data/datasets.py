@@ -80,6 +80,9 @@ def load_grocery(data_dir: str, protocol: str = "class_disjoint",
     dict with "train" and "test" (and "val" for "official") Splits.
   """
   lists = ("train.txt", "val.txt", "test.txt")
+  if not os.path.isdir(data_dir):
+    raise DataError(f"No Grocery data at {data_dir!r}: the folder does not "
+                    f"exist.\n{GROCERY_INSTRUCTIONS}")
   missing = [n for n in lists + ("classes.csv",)
              if not os.path.isfile(os.path.join(data_dir, n))]
   if missing:
@@ -144,7 +147,4 @@ def load_dataset(name: str, data_dir: Optional[str], **options) -> dict:
   if not data_dir:
     raise UserError(f"input.data_dir is empty: set it to the folder holding "
                     f"the {name} data, e.g. --config.input.data_dir=/data/{name}")
-  if not os.path.isdir(data_dir):
-    raise DataError(f"input.data_dir={data_dir!r} is not a folder. Point it "
-                    f"at the {name} data set's folder.")
   return DATASETS[name](data_dir, **options)

@@ -1,0 +1,40 @@
+"""IRT on the full Grocery Store set, class-disjoint (metric-learning protocol).
+
+  python -m vitret_jax.main --config=configs/grocery.py \
+      --config.input.data_dir=/path/to/GroceryStoreDataset/dataset --workdir=DIR
+
+The folder is the data set's own `dataset/` folder (train.txt, val.txt,
+test.txt, classes.csv and the image trees; see
+https://github.com/marcusklasson/GroceryStoreDataset). All 5,421 photos of fine
+classes 0-39 train; the 41 other classes (about 2,700 photos) are evaluated
+leave-one-out with Recall@1/2/4/8. Recipe: the IRT one (SPEC) at 224 px with
+m-per-class batches; no pretrained weights yet (model.init_from lands with the
+weight-import issue), so this trains from scratch. Arg: variant=S/16,
+runlocal=False.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # pylint: disable=g-import-not-at-top
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, variant="S/16", runlocal=False)
+  c = common.base_config()
+  c.total_steps = 3_000
+  c.model.variant = arg.variant
+  c.input.dataset = "grocery"
+  c.input.data_dir = ""  # required: --config.input.data_dir=...
+  c.input.options = dict(protocol="class_disjoint", num_train_classes=40)
+  c.input.sampler = "m_per_class"
+  c.input.m_per_class = 4
+  c.optim.lr = 3e-4
+  c.optim.weight_decay = 0.05
+  c.optim.clip_norm = 1.0
+  c.schedule.kind = "cosine"
+  c.schedule.warmup_steps = 200
+  c.evals.test = common.retrieval_eval(ks=(1, 2, 4, 8))
+  if arg.runlocal:
+    common.make_local(c)
+  return c

@@ -1,0 +1,59 @@
+"""Orbax save -> restore equality; a checkpoint of the wrong shape is refused."""
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+
+from vitret_jax import checkpoint
+from vitret_jax import models
+from vitret_jax import sharding
+from vitret_jax import train_step as ts
+from vitret_jax.errors import UserError
+
+
+def make_state(width_variant="mu/8", memory=8):
+  cfg = mlc.ConfigDict(dict(
+      encoder="vit", variant=width_variant, image_size=16, head="irt",
+      proj_dim=0, dropout=0.0, drop_path_rate=0.0, dtype="float32",
+      remat=False))
+  mesh = sharding.make_mesh()
+  return ts.create_train_state(models.build_model(cfg), optax.adamw(1e-3),
+                               jax.random.key(0), (16, 16, 3), mesh, memory)
+
+
+def test_save_restore_roundtrip(tmp_path):
+  state, shard = make_state()
+  state = state.replace(step=jnp.int32(7), mem_ptr=jnp.int32(3))
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(state)
+  ckpt.wait()
+  fresh, fresh_shard = make_state()
+  fresh = fresh.replace(params=jax.tree.map(jnp.zeros_like, fresh.params))
+  restored, step = checkpoint.restore_or_init(ckpt, fresh, fresh_shard)
+  ckpt.close()
+  assert step == 7 and int(restored.mem_ptr) == 3
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_wrong_shape_checkpoint_is_refused(tmp_path):
+  state, _ = make_state(memory=8)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(state)
+  ckpt.wait()
+  other, other_shard = make_state(memory=16)
+  with pytest.raises(UserError, match=r"memory/emb: checkpoint \(8, 32\) vs model \(16, 32\)"):
+    checkpoint.restore_or_init(ckpt, other, other_shard)
+  ckpt.close()
+
+
+def test_config_json_never_overwritten(tmp_path):
+  a = mlc.ConfigDict({"x": 1})
+  b = mlc.ConfigDict({"x": 2})
+  p1 = checkpoint.write_config(a, str(tmp_path))
+  assert checkpoint.write_config(a, str(tmp_path)) == p1
+  p2 = checkpoint.write_config(b, str(tmp_path))
+  assert p2.endswith("config.1.json")
+  assert '"x": 1' in open(p1).read()

@@ -1,0 +1,39 @@
+"""Every config file builds, with and without runlocal, and is locked."""
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from conftest import REPO
+
+CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+                 if not p.endswith("common.py"))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(
+      os.path.basename(path)[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_all_configs_present():
+  names = {os.path.basename(p)[:-3] for p in CONFIGS}
+  assert names >= {"demo", "grocery", "sop", "inshop", "cub"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("arg", [None, "runlocal=True"])
+def test_config_builds(path, arg):
+  c = load(path).get_config(arg)
+  assert c.model.variant and c.input.dataset and c.evals
+  assert c.input.batch_size % c.input.m_per_class == 0
+  if arg:
+    assert c.total_steps <= 2 and c.model.variant.startswith("mu/")
+
+
+def test_unknown_arg_rejected():
+  with pytest.raises(ValueError, match="valid"):
+    load(CONFIGS[0]).get_config("varient=S/16")

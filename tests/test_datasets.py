@@ -1,0 +1,85 @@
+"""Grocery reader on the embedded copy, the shared full set, and broken copies."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import SHARED_GROCERY
+from vitret_jax.data import datasets
+from vitret_jax.errors import DataError
+from vitret_jax.errors import UserError
+
+EMBEDDED = datasets.EMBEDDED_GROCERY
+
+
+def test_embedded_class_disjoint():
+  splits = datasets.load_dataset("grocery", EMBEDDED,
+                                 protocol="class_disjoint",
+                                 num_train_classes=40)
+  train, test = splits["train"], splits["test"]
+  assert train.num_classes == 40 and test.num_classes == 41
+  assert not set(train.labels.tolist()) & set(test.labels.tolist())
+  assert len(train) + len(test) == 2592
+  assert all(os.path.isfile(p) for p in train.paths[:5])
+
+
+def test_embedded_keeps_licence():
+  with open(os.path.join(EMBEDDED, "LICENSE")) as f:
+    assert "MIT License" in f.read()
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_GROCERY),
+                    reason="../shared/data/grocery is not beside the repo")
+def test_full_grocery_official_counts():
+  splits = datasets.load_grocery(SHARED_GROCERY, protocol="official")
+  assert {k: len(v) for k, v in splits.items()} == {
+      "train": 2640, "val": 296, "test": 2485}
+  assert len(np.unique(np.concatenate([s.labels for s in splits.values()]))) == 81
+
+
+@pytest.fixture
+def grocery_copy(tmp_path):
+  """A small writable copy of the embedded set (first 3 classes)."""
+  dst = tmp_path / "grocery"
+  dst.mkdir()
+  shutil.copy(os.path.join(EMBEDDED, "classes.csv"), dst)
+  for split in ("train", "val", "test"):
+    with open(os.path.join(EMBEDDED, f"{split}.txt")) as f:
+      lines = [l for l in f if int(l.split(",")[1]) < 3]
+    with open(dst / f"{split}.txt", "w") as f:
+      f.writelines(lines)
+    for line in lines:
+      rel = line.split(",")[0]
+      os.makedirs(dst / os.path.dirname(rel), exist_ok=True)
+      shutil.copy(os.path.join(EMBEDDED, rel), dst / rel)
+  return dst
+
+
+def test_missing_folder_says_where_to_get_it(tmp_path):
+  with pytest.raises(DataError, match="GroceryStoreDataset"):
+    datasets.load_dataset("grocery", str(tmp_path / "nope"))
+  with pytest.raises(DataError, match="missing train.txt"):
+    datasets.load_dataset("grocery", str(tmp_path))
+
+
+def test_malformed_list_names_file_and_line(grocery_copy):
+  with open(grocery_copy / "val.txt", "a") as f:
+    f.write("val/Fruit/broken.jpg; 2\n")
+  with pytest.raises(DataError, match=r"val.txt, line \d+"):
+    datasets.load_grocery(str(grocery_copy), num_train_classes=2)
+
+
+def test_missing_image_is_named(grocery_copy):
+  with open(grocery_copy / "train.txt") as f:
+    first = f.readline().split(",")[0]
+  os.remove(grocery_copy / first)
+  with pytest.raises(DataError, match="missing, e.g."):
+    datasets.load_grocery(str(grocery_copy), num_train_classes=2)
+
+
+def test_unknown_dataset_and_pending_readers():
+  with pytest.raises(UserError, match="valid"):
+    datasets.load_dataset("imagenet", "/tmp")
+  with pytest.raises(UserError, match="issue #4"):
+    datasets.load_dataset("sop", "/tmp")

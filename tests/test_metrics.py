@@ -1,0 +1,56 @@
+"""Recall@K / MAP@R on hand-written tables; exact k-NN against brute force."""
+import numpy as np
+import pytest
+
+from vitret_jax.eval import knn
+from vitret_jax.eval import metrics
+
+
+def test_recall_at_k_hand_table():
+  q = np.array([0, 1, 2, 3])
+  table = np.array([[0, 5, 5, 5],   # hit at rank 1
+                    [5, 1, 5, 5],   # rank 2
+                    [5, 5, 5, 2],   # rank 4
+                    [5, 5, 5, 5]])  # never
+  r = metrics.recall_at_k(q, table, [1, 2, 3, 4])
+  assert r == {"recall@1": 0.25, "recall@2": 0.5, "recall@3": 0.5,
+               "recall@4": 0.75}
+  with pytest.raises(ValueError, match="recall@5"):
+    metrics.recall_at_k(q, table, [5])
+
+
+def test_map_at_r_hand_table():
+  # R = 3 for both; q0 hits at ranks 1 and 3 -> (1 + 2/3) / 3;
+  # q1 hits at 1, 2, 3 -> 1; q2 has no relevant item and is skipped.
+  q = np.array([0, 1, 2])
+  table = np.array([[0, 9, 0, 0], [1, 1, 1, 9], [9, 9, 9, 9]])
+  got = metrics.map_at_r(q, table, np.array([3, 3, 0]))
+  assert got == pytest.approx(((1 + 2 / 3) / 3 + 1) / 2)
+
+
+def brute(q, r, k, exclude_self):
+  s = q @ r.T
+  if exclude_self:
+    np.fill_diagonal(s, -np.inf)
+  idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(s, idx, 1), idx
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_exact_knn_matches_brute_force_across_chunks(exclude_self):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(203, 16)).astype(np.float32)
+  ref = x if exclude_self else rng.normal(size=(157, 16)).astype(np.float32)
+  want_s, want_i = brute(x, ref, 7, exclude_self)
+  got_s, got_i = knn.exact_knn(x, ref, 7, exclude_self, query_chunk=50,
+                               ref_chunk=40)
+  np.testing.assert_allclose(got_s, want_s, rtol=1e-5)
+  np.testing.assert_array_equal(got_i, want_i)
+  if exclude_self:
+    assert not np.any(got_i == np.arange(len(x))[:, None])
+
+
+def test_knn_k_clamped_to_gallery():
+  x = np.eye(3, dtype=np.float32)
+  s, i = knn.exact_knn(x, x, 10, exclude_self=True)
+  assert s.shape == (3, 2) and np.all(np.isfinite(s))

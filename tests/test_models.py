@@ -1,0 +1,77 @@
+"""ViT encoder + IRT head: forward passes, normalisation, pinned sizes."""
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+from vitret_jax import models
+from vitret_jax.errors import UserError
+from vitret_jax.models import vit
+
+# Parameter counts at 224 px, no classifier: timm's vit_*_patch*_224 totals
+# minus their 1000-class head (e.g. vit_small_patch16_224: 22,050,664 - 385,000).
+PINNED = {
+    "mu": {8: 56_800},
+    "Ti": {16: 5_524_416},
+    "S": {16: 21_665_664, 32: 22_493_952},
+    "B": {16: 85_798_656, 32: 87_455_232},
+    "L": {16: 303_301_632},
+}
+
+
+def model_cfg(**kw):
+  base = dict(encoder="vit", variant="mu/8", image_size=32, head="irt",
+              proj_dim=0, dropout=0.0, drop_path_rate=0.1, dtype="float32",
+              remat=False)
+  base.update(kw)
+  return mlc.ConfigDict(base)
+
+
+def count(model, size):
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def test_every_variant_has_a_pinned_count():
+  assert set(PINNED) == set(vit.VARIANTS)
+
+
+@pytest.mark.parametrize("size,patch", [(s, p) for s in PINNED
+                                        for p in PINNED[s]])
+def test_pinned_param_counts(size, patch):
+  model = models.build_model(model_cfg(variant=f"{size}/{patch}",
+                                       image_size=224))
+  assert count(model, 224) == PINNED[size][patch]
+
+
+@pytest.mark.parametrize("kw", [{}, {"proj_dim": 16}, {"dtype": "bfloat16"},
+                                {"remat": True}])
+def test_forward_train_and_eval(kw):
+  model = models.build_model(model_cfg(**kw))
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  variables = model.init({"params": jax.random.key(0)}, x)
+  for train in (False, True):
+    out = model.apply(variables, x, train=train,
+                      rngs={"dropout": jax.random.key(2)})
+    assert out.shape == (4, kw.get("proj_dim") or 32)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+def test_drop_path_is_stochastic_only_in_training():
+  model = models.build_model(model_cfg(drop_path_rate=0.5))
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  v = model.init({"params": jax.random.key(0)}, x)
+  a = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)})
+  b = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(model.apply(v, x), model.apply(v, x))
+
+
+def test_bad_model_config_names_the_choices():
+  with pytest.raises(UserError, match="'S/16'"):
+    vit.decode_variant("S16")
+  with pytest.raises(UserError, match="valid choices"):
+    models.build_model(model_cfg(head="arcface"))

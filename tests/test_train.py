@@ -1,0 +1,122 @@
+"""Train step and the whole trainer: tiny steps, resume, CLI errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+
+from conftest import REPO
+from vitret_jax import losses
+from vitret_jax import models
+from vitret_jax import sharding
+from vitret_jax import train
+from vitret_jax import train_step as ts
+
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import demo  # pylint: disable=g-import-not-at-top
+
+
+def tiny_model():
+  return models.build_model(mlc.ConfigDict(dict(
+      encoder="vit", variant="mu/8", image_size=16, head="irt", proj_dim=0,
+      dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False)))
+
+
+@pytest.mark.parametrize("memory", [0, 48])
+def test_two_train_steps(memory):
+  mesh = sharding.make_mesh()
+  model, tx = tiny_model(), optax.adamw(1e-3)
+  state, shard = ts.create_train_state(model, tx, jax.random.key(0),
+                                       (16, 16, 3), mesh, memory)
+  step = ts.make_train_step(model, tx, losses.make_sharded_loss(mesh), mesh,
+                            shard)
+  rng = np.random.default_rng(0)
+  before = jax.device_get(state.params)
+  for i in range(2):
+    batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+             "label": np.repeat(np.arange(8), 2).astype(np.int32)}
+    state, metrics = step(state, sharding.to_global_batch(batch, mesh))
+    assert np.isfinite(float(metrics["loss"]))
+  assert int(state.step) == 2
+  after = jax.device_get(state.params)
+  assert any(not np.allclose(a, b) for a, b in
+             zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+  if memory:
+    assert int(state.mem_ptr) == 32
+    assert int((state.memory["labels"] >= 0).sum()) == 32
+
+
+def small_config(steps=2):
+  c = demo.get_config("runlocal=True")
+  with c.unlocked():
+    c.total_steps = steps
+    c.ckpt.every_steps = 1
+  return c
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(l) for l in f]
+
+
+def test_train_evaluate_and_resume(tmp_path):
+  workdir = str(tmp_path / "run")
+  out = train.train_and_evaluate(small_config(2), workdir)
+  assert out["step"] == 2
+  assert set(out) >= {"recall@1", "recall@8", "map@r", "untrained"}
+  assert 0 < out["recall@1"] <= 1
+  with open(os.path.join(workdir, "eval.json")) as f:
+    assert json.load(f)["untrained"]["recall@1"] == out["untrained"]["recall@1"]
+  assert [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "loss" in r] == [1, 2]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  # A second run in the same workdir resumes at step 2, not from scratch.
+  out = train.train_and_evaluate(small_config(4), workdir)
+  assert out["step"] == 4
+  steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+           if "loss" in r]
+  assert steps == [1, 2, 3, 4]
+  assert "untrained" in out  # kept from the first run
+  again = train.evaluate_only(small_config(4), workdir)
+  assert again["recall@1"] == pytest.approx(out["recall@1"])
+
+
+def run_cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "vitret_jax.main", *args], cwd=REPO,
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS=""))
+
+
+def test_cli_errors_are_clear(tmp_path):
+  w = f"--workdir={tmp_path}"
+  r = run_cli("--config=configs/demo.py", "--config.input.batch_sz=3", w)
+  assert r.returncode != 0 and "batch_sz" in r.stderr
+  assert "Traceback" not in r.stderr
+  r = run_cli("--config=configs/sop.py:runlocal=True",
+              "--config.input.data_dir=/nonexistent", w)
+  assert r.returncode == 2 and "issue #4" in r.stderr
+  assert "Traceback" not in r.stderr
+  r = run_cli("--config=configs/grocery.py:runlocal=True",
+              f"--config.input.data_dir={tmp_path}/none", w)
+  assert r.returncode == 2 and "GroceryStoreDataset" in r.stderr
+  r = run_cli("--config=configs/demo.py:runlocal=True",
+              "--config.input.batch_size=18", "--config.input.m_per_class=4", w)
+  assert r.returncode == 2 and "not divisible" in r.stderr
+  r = run_cli("--config=configs/demo.py:runlocal=True", "--mode=eval",
+              f"--workdir={tmp_path}/empty")
+  assert r.returncode == 2 and "train first" in r.stderr
+
+
+def test_nan_loss_is_reported(tmp_path):
+  c = small_config(2)
+  with c.unlocked():
+    c.optim.lr = float("nan")
+  with pytest.raises(train.UserError, match="Non-finite"):
+    train.train_and_evaluate(c, str(tmp_path))
