@@ -148,11 +148,17 @@ def train_and_evaluate(config, workdir) -> dict:
   bar = tqdm.tqdm(initial=start, total=total, desc="train", unit="step",
                   disable=jax.process_index() != 0)
   t_last, n_last = time.time(), start
+  in_flight = None
   try:
     for step, batch in loader.iterate(start, total):
       state, metrics = step_fn(state, sharding.to_global_batch(batch, run.mesh))
+      # At most one step runs ahead of the host: the bar shows real progress
+      # and queued batches do not pile up in device memory.
+      if in_flight is not None:
+        jax.block_until_ready(in_flight)
+        bar.update(1)
+      in_flight = metrics
       done = step + 1
-      bar.update(1)
       if done % config.log_every == 0 or done == total:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(metrics, done, run.ckpt)
@@ -168,6 +174,7 @@ def train_and_evaluate(config, workdir) -> dict:
       if config.eval_every and done % config.eval_every == 0 and done != total:
         writer.write(done, {f"eval/{k}": v
                             for k, v in run.evaluate(state.params).items()})
+    bar.update(bar.total - bar.n)
     bar.close()
     run.ckpt.save(state, force=True)
     final = run.evaluate(state.params)
