@@ -54,3 +54,41 @@ def test_knn_k_clamped_to_gallery():
   x = np.eye(3, dtype=np.float32)
   s, i = knn.exact_knn(x, x, 10, exclude_self=True)
   assert s.shape == (3, 2) and np.all(np.isfinite(s))
+
+
+def angles(deg):
+  r = np.deg2rad(np.asarray(deg, np.float64))
+  return np.stack([np.cos(r), np.sin(r)], 1).astype(np.float32)
+
+
+def test_leave_one_out_protocol_never_retrieves_self():
+  from vitret_jax.eval import evaluator
+  # Points on the circle at 0, 10, 100, 105 degrees with labels A, B, A, B:
+  # each point's nearest other point is of the other class -> R@1 = 0;
+  # with the self-match allowed, R@1 would be a trivial 1.0.
+  emb = angles([0, 10, 100, 105])
+  lab = np.array([0, 1, 0, 1])
+  out = evaluator.score_retrieval(emb, lab, ks=(1, 2, 3))
+  # Ranks of the same-class item: 0 -> [10, 100, 105]: 2nd; 10 -> [0, 100,
+  # 105]: 3rd; 100 -> [105, 10, 0]: 3rd; 105 -> [100, 10, 0]: 2nd.
+  assert out["recall@1"] == 0.0
+  assert out["recall@2"] == 0.5
+  assert out["recall@3"] == 1.0
+  assert out["map@r"] == 0.0  # R = 1 for each, and no rank-1 hit
+
+
+def test_query_gallery_protocol_searches_gallery_only():
+  from vitret_jax.eval import evaluator
+  q = angles([0, 90])
+  q_lab = np.array([7, 8])
+  # Gallery: label 7 at 5 deg; label 8 at 20 deg and 91 deg.
+  g = angles([5, 20, 91])
+  g_lab = np.array([7, 8, 8])
+  out = evaluator.score_retrieval(q, q_lab, g, g_lab, ks=(1, 2))
+  assert out["recall@1"] == 1.0  # the queries themselves are not candidates
+  # MAP@R: query 7 has R=1, hit at rank 1 -> 1; query 8 has R=2: neighbours
+  # 91 (8), 20 (8) -> (1 + 1) / 2 = 1.
+  assert out["map@r"] == 1.0
+  g_lab_wrong = np.array([8, 7, 7])
+  out = evaluator.score_retrieval(q, q_lab, g, g_lab_wrong, ks=(1, 2))
+  assert out["recall@1"] == 0.0 and out["recall@2"] == 0.5

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from conftest import REPO
+from conftest import SHARED_GROCERY
 from vitret_jax import losses
 from vitret_jax import models
 from vitret_jax import sharding
@@ -120,3 +121,16 @@ def test_nan_loss_is_reported(tmp_path):
     c.optim.lr = float("nan")
   with pytest.raises(train.UserError, match="Non-finite"):
     train.train_and_evaluate(c, str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_GROCERY),
+                    reason="../shared/data/grocery is not beside the repo")
+def test_grocery_config_on_the_full_set(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "configs"))
+  import grocery  # pylint: disable=g-import-not-at-top
+  c = grocery.get_config("runlocal=True")
+  with c.unlocked():
+    c.input.data_dir = SHARED_GROCERY
+    c.eval_untrained = False
+  out = train.train_and_evaluate(c, str(tmp_path))
+  assert out["step"] == 2 and 0 < out["recall@1"] <= 1

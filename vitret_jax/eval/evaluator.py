@@ -51,24 +51,42 @@ class RetrievalEvaluator:
   def run(self, params) -> dict:
     q_emb, q_lab = self._embed(params, self.query, "embed queries")
     if self.gallery is None:
-      g_emb, g_lab, loo = q_emb, q_lab, True
-    else:
-      g_emb, g_lab = self._embed(params, self.gallery, "embed gallery")
-      loo = False
-    # Relevant references per query: same-class gallery items (minus itself).
-    classes, counts = np.unique(g_lab, return_counts=True)
-    per_class = dict(zip(classes.tolist(), counts.tolist()))
-    num_rel = np.asarray([per_class.get(int(y), 0) - int(loo) for y in q_lab])
-    k = max(self.ks)
-    if self.map_at_r:
-      k = max(k, int(num_rel.max(initial=1)))
-    _, idx = knn.exact_knn(q_emb, g_emb, k, exclude_self=loo)
-    knn_labels = np.where(idx >= 0, g_lab[np.maximum(idx, 0)], -1)
-    ks = [x for x in self.ks if x <= knn_labels.shape[1]]
-    out = metrics.recall_at_k(q_lab, knn_labels, ks)
-    if self.map_at_r:
-      out["map@r"] = metrics.map_at_r(q_lab, knn_labels, num_rel)
-    return out
+      return score_retrieval(q_emb, q_lab, None, None, self.ks, self.map_at_r)
+    g_emb, g_lab = self._embed(params, self.gallery, "embed gallery")
+    return score_retrieval(q_emb, q_lab, g_emb, g_lab, self.ks, self.map_at_r)
+
+
+def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
+                    with_map_at_r=True):
+  """Recall@K (and MAP@R) of queries against a gallery by exact search.
+
+  Args:
+    q_emb: [Q, E] query descriptors; q_lab: [Q] labels.
+    g_emb, g_lab: [G, E] and [G] gallery; None = leave one out (the queries
+      are the gallery and a query never retrieves itself).
+    ks: the K of Recall@K; a K beyond the gallery is left out.
+    with_map_at_r: also MAP@R (needs R neighbours for the largest class).
+  Returns:
+    dict of metrics.
+  """
+  loo = g_emb is None
+  if loo:
+    g_emb, g_lab = q_emb, q_lab
+  q_lab, g_lab = np.asarray(q_lab), np.asarray(g_lab)
+  # Relevant references per query: same-class gallery items (minus itself).
+  classes, counts = np.unique(g_lab, return_counts=True)
+  per_class = dict(zip(classes.tolist(), counts.tolist()))
+  num_rel = np.asarray([per_class.get(int(y), 0) - int(loo) for y in q_lab])
+  k = max(ks)
+  if with_map_at_r:
+    k = max(k, int(num_rel.max(initial=1)))
+  _, idx = knn.exact_knn(q_emb, g_emb, k, exclude_self=loo)
+  knn_labels = np.where(idx >= 0, g_lab[np.maximum(idx, 0)], -1)
+  out = metrics.recall_at_k(q_lab, knn_labels,
+                            [x for x in ks if x <= knn_labels.shape[1]])
+  if with_map_at_r:
+    out["map@r"] = metrics.map_at_r(q_lab, knn_labels, num_rel)
+  return out
 
 
 EVALUATORS = {"retrieval": RetrievalEvaluator}
