@@ -134,3 +134,27 @@ def test_grocery_config_on_the_full_set(tmp_path):
     c.eval_untrained = False
   out = train.train_and_evaluate(c, str(tmp_path))
   assert out["step"] == 2 and 0 < out["recall@1"] <= 1
+
+
+@pytest.mark.parametrize("reduction", ["anchor_mean", "nonzero_mean"])
+def test_step_on_8_devices_equals_1_device(reduction):
+  rng = np.random.default_rng(3)
+  batch = {"image": rng.normal(size=(24, 16, 16, 3)).astype(np.float32),
+           "label": rng.integers(0, 5, 24).astype(np.int32)}
+  params = []
+  for n in (1, 8):
+    mesh = sharding.make_mesh(n)
+    # SGD: Adam's first steps are sign-like, so float noise in near-zero
+    # gradients would move parameters by +-lr and hide what is compared.
+    model, tx = tiny_model(), optax.sgd(0.5, momentum=0.9)
+    state, shard = ts.create_train_state(model, tx, jax.random.key(0),
+                                         (16, 16, 3), mesh, 48)
+    step = ts.make_train_step(
+        model, tx, losses.make_sharded_loss(mesh, reduction=reduction), mesh,
+        shard)
+    for _ in range(2):
+      state, _ = step(state, sharding.to_global_batch(batch, mesh))
+    params.append(jax.device_get(state.params))
+  err = max(float(np.max(np.abs(a - b))) for a, b in
+            zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])))
+  assert err < 1e-5, err
