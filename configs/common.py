@@ -51,10 +51,16 @@ def base_config():
       margin=0.5, entropy_weight=0.7, reduction="anchor_mean", eps=1e-8,
       xbm=mlc.ConfigDict(dict(ratio=1.0, start_step=0))))
 
+  # accum_steps: the global batch is processed as k micro-batches (pairs are
+  # formed within each); gradients are averaged.
   c.optim = mlc.ConfigDict(dict(name="adamw", lr=3e-5, weight_decay=5e-4,
-                                b1=0.9, b2=0.999, clip_norm=0.0))
+                                b1=0.9, b2=0.999, clip_norm=0.0,
+                                accum_steps=1))
   c.schedule = mlc.ConfigDict(dict(kind="constant", warmup_steps=0,
                                    end_factor=0.0))
+  # Devices: num_devices 0 = all (of all hosts); fsdp > 1 splits parameters
+  # and optimizer state over that many devices (ViT-L and larger).
+  c.mesh = mlc.ConfigDict(dict(num_devices=0, fsdp=1))
   c.evals = mlc.ConfigDict()
   c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3))
   return c

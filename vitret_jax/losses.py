@@ -162,7 +162,7 @@ def irt_loss(emb, labels, *, margin=0.5, entropy_weight=0.7,
 
 def make_sharded_loss(mesh, *, margin=0.5, entropy_weight=0.7,
                       reduction="anchor_mean", eps=1e-8):
-  """The IRT loss over a batch sharded along `sharding.DATA`.
+  """The IRT loss over a batch split over `sharding.BATCH_AXES`.
 
   Each device compares its b local anchors with the all-gathered global batch
   [B, E] (and the replicated memory), so memory per device is O(b * B).
@@ -170,10 +170,10 @@ def make_sharded_loss(mesh, *, margin=0.5, entropy_weight=0.7,
   Returns:
     loss_fn(emb [B, E], labels [B], memory=None, mem_ptr=0, xbm_weight=1.0)
     -> (loss, metrics),
-    to be called inside jit with `emb` and `labels` sharded over DATA.
+    to be called inside jit with `emb` and `labels` split over BATCH_AXES.
   """
   check_reduction(reduction)
-  data = sharding.DATA
+  data = sharding.BATCH_AXES  # collectives over every device of the batch
 
   def per_shard(emb, labels, memory, mem_ptr, xbm_weight):
     ref = jax.lax.all_gather(emb, data, tiled=True)

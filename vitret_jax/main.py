@@ -4,6 +4,7 @@ Modes: train (train, resuming from DIR's checkpoint, then evaluate) and eval
 (evaluate DIR's latest checkpoint). Config values are overridden with
 --config.section.key=value; a mistyped key is an error.
 """
+import os
 import re
 import sys
 
@@ -21,6 +22,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs "
                                "and metrics.", required=True)
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process "
+    "runs on GPU clusters or CPUs. TPU pods need none: set VITRET_DISTRIBUTED=1 "
+    "(launch/run.sh does) and JAX reads the topology from the environment.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index, 0..num_processes-1.")
 
 MODES = {"train": train.train_and_evaluate, "eval": train.evaluate_only}
 
@@ -42,15 +51,33 @@ class _QuietLibraries:
     return record.levelno > 20 or not any(n in record.pathname for n in noisy)
 
 
+def _init_distributed():
+  """jax.distributed.initialize from flags, or from the environment when
+  VITRET_DISTRIBUTED=1 (TPU pods, SLURM); single-process otherwise."""
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and "
+                           "--process_id.")
+    if jax.config.jax_platforms in (None, "", "cpu"):
+      # Collectives between CPU processes (tests, CPU clusters) go via gloo.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  elif os.environ.get("VITRET_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _init_distributed()
   # Partitionable threefry: random bits do not depend on the device layout.
   jax.config.update("jax_threefry_partitionable", True)
-  logging.info("JAX devices: %s", jax.devices())
+  logging.info("process %d of %d; devices: %s", jax.process_index(),
+               jax.process_count(), jax.devices())
   try:
     result = MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
   except UserError as e:

@@ -1,7 +1,9 @@
 """The device mesh and every sharding the trainer uses.
 
-One data-parallel axis, `DATA`, spans all devices (of all hosts). Batches are
-split along it; parameters, optimizer state and the cross-batch memory are
+Two named axes: `DATA` (pure data parallelism) and `FSDP` (data parallelism
+whose devices also split the parameters and optimizer state, ZeRO-3 style, for
+ViT-L-sized models). The batch is split over both (`BATCH_AXES`); a parameter
+is split along its largest dimension divisible by the FSDP size and otherwise
 replicated. Axis names are imported from here wherever they are used.
 """
 import jax
@@ -9,19 +11,40 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vitret_jax.errors import UserError
+
 DATA = "data"
+FSDP = "fsdp"
+BATCH_AXES = (DATA, FSDP)
+# Parameters smaller than this stay replicated: splitting them saves little
+# memory and costs a collective each.
+FSDP_MIN_SIZE = 2 ** 14
 
 
-def make_mesh(num_devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh over the first `num_devices` devices (all by default)."""
+def make_mesh(num_devices=None, fsdp: int = 1) -> jax.sharding.Mesh:
+  """A (data, fsdp) mesh over the first `num_devices` devices (all by default).
+
+  Args:
+    num_devices: devices to use; all of them (of every process) by default.
+    fsdp: size of the FSDP axis; the data axis takes the rest.
+  """
   devices = jax.devices()
   n = num_devices or len(devices)
   if n > len(devices):
-    raise ValueError(f"mesh wants {n} devices, only {len(devices)} exist.")
-  # Auto axis types: shardings are chosen by the compiler from the in/out
-  # shardings given to jit, as the train step expects.
-  return jax.make_mesh((n,), (DATA,), axis_types=(jax.sharding.AxisType.Auto,),
+    raise UserError(f"mesh wants {n} devices, only {len(devices)} exist.")
+  if fsdp < 1 or n % fsdp:
+    raise UserError(f"mesh.fsdp={fsdp} does not divide the {n} devices: "
+                    f"choose a divisor of {n}.")
+  # Auto axis types: the compiler propagates shardings from the in/out
+  # shardings given to jit, which is what the train step is written for.
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((n // fsdp, fsdp), (DATA, FSDP), axis_types=(auto, auto),
                        devices=devices[:n])
+
+
+def build_mesh(mesh_cfg) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` (num_devices: 0 = all; fsdp: FSDP axis size)."""
+  return make_mesh(mesh_cfg.num_devices or None, mesh_cfg.fsdp)
 
 
 def replicated(mesh) -> NamedSharding:
@@ -29,8 +52,38 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  """Leading (batch) axis split over `DATA`, other axes whole."""
-  return NamedSharding(mesh, P(DATA))
+  """Leading (batch) axis split over all devices, other axes whole."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_size_on(mesh) -> int:
+  """Devices the batch is split over."""
+  return mesh.shape[DATA] * mesh.shape[FSDP]
+
+
+def param_spec(shape, fsdp_size: int) -> P:
+  """FSDP rule: split the largest dimension divisible by the FSDP size."""
+  if fsdp_size == 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = FSDP
+      return P(*spec)
+  return P()
+
+
+def state_shardings(abstract_state, mesh):
+  """Shardings of a TrainState: params and optimizer state by the FSDP rule,
+  everything else (step, rng, memory) replicated."""
+  fsdp = mesh.shape[FSDP]
+  by_rule = lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp))
+  rep = replicated(mesh)
+  return abstract_state.replace(
+      step=rep, rng=rep, mem_ptr=rep,
+      params=jax.tree.map(by_rule, abstract_state.params),
+      opt_state=jax.tree.map(by_rule, abstract_state.opt_state),
+      memory=jax.tree.map(lambda _: rep, abstract_state.memory))
 
 
 def to_global_batch(batch: dict, mesh) -> dict:
@@ -41,7 +94,8 @@ def to_global_batch(batch: dict, mesh) -> dict:
       global batch, `[b_local, ...]`.
     mesh: the device mesh.
   Returns:
-    dict of global arrays `[b_local * process_count, ...]` sharded over DATA.
+    dict of global arrays `[b_local * process_count, ...]` split over
+    BATCH_AXES.
   """
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))

@@ -47,18 +47,17 @@ class Run:
 
   def __init__(self, config, workdir):
     self.config, self.workdir = config, workdir
-    self.mesh = sharding.make_mesh()
+    self.mesh = sharding.build_mesh(config.mesh)
     self.splits = datasets.load_dataset(
         config.input.dataset, config.input.data_dir, **config.input.options)
     self.model = models.build_model(config.model)
-    self.embed_fn = embed.make_embed_fn(self.model, self.mesh)
-    self.evaluators = evaluator.build_evaluators(
-        config.evals, self.embed_fn, self.mesh, self.splits)
-    n_dev = self.mesh.devices.size
-    if config.input.batch_size % n_dev:
-      raise UserError(f"input.batch_size={config.input.batch_size} does not "
-                      f"split over the {n_dev} devices: use a multiple of "
-                      f"{n_dev}.")
+    unit = sharding.batch_size_on(self.mesh) * config.optim.accum_steps
+    if config.input.batch_size % unit:
+      raise UserError(
+          f"input.batch_size={config.input.batch_size} does not split into "
+          f"{config.optim.accum_steps} micro-batch(es) over "
+          f"{sharding.batch_size_on(self.mesh)} device(s): use a multiple of "
+          f"{unit}.")
     self.tx, self.schedule = optim.build_optimizer(
         config.optim, config.schedule, config.total_steps)
     self.image_size = preprocess.output_size(config.input.pp_train)
@@ -68,6 +67,10 @@ class Run:
         (self.image_size, self.image_size, 3), self.mesh,
         memory_slots(config.loss, len(self.train_split),
                      config.input.batch_size))
+    self.embed_fn = embed.make_embed_fn(self.model, self.mesh,
+                                        self.state_sharding.params)
+    self.evaluators = evaluator.build_evaluators(
+        config.evals, self.embed_fn, self.mesh, self.splits)
     self.ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep)
 
   def evaluate(self, params) -> dict:
@@ -88,14 +91,15 @@ def _write_json(path, obj):
 
 
 def _untrained_eval(run, params, fresh):
-  """The untrained model's metrics, computed once per workdir and kept in
-  eval_untrained.json; None for a resumed run that has no such file."""
+  """The untrained model's metrics: computed by a fresh run (every process
+  takes part, so the decision must not depend on files another process may
+  be writing) and kept in eval_untrained.json; a resumed run reads them."""
   path = os.path.join(run.workdir, "eval_untrained.json")
-  if os.path.exists(path):
+  if not fresh:
+    if not os.path.exists(path):
+      return None
     with open(path) as f:
       return json.load(f)
-  if not fresh:
-    return None
   res = run.evaluate(params)
   _write_json(path, res)
   return res
@@ -118,7 +122,8 @@ def train_and_evaluate(config, workdir) -> dict:
   the untrained model's under "untrained".
   """
   os.makedirs(workdir, exist_ok=True)
-  checkpoint.write_config(config, workdir)
+  if jax.process_index() == 0:
+    checkpoint.write_config(config, workdir)
   run = Run(config, workdir)
   state, resumed = checkpoint.restore_or_init(run.ckpt, run.state,
                                               run.state_sharding)
@@ -131,7 +136,8 @@ def train_and_evaluate(config, workdir) -> dict:
                                entropy_weight=config.loss.entropy_weight,
                                reduction=config.loss.reduction,
                                eps=config.loss.eps),
-      run.mesh, run.state_sharding, xbm_start=config.loss.xbm.start_step)
+      run.mesh, run.state_sharding, xbm_start=config.loss.xbm.start_step,
+      accum_steps=config.optim.accum_steps)
   sampler = samplers.build_sampler(
       config.input.sampler, run.train_split.labels, config.input.batch_size,
       config.input.m_per_class, config.seed)
@@ -142,8 +148,9 @@ def train_and_evaluate(config, workdir) -> dict:
   writer = metric_writer.MetricWriter(workdir)
   start = int(jax.device_get(state.step))
   total = config.total_steps
-  logging.info("Training steps %d..%d on %d device(s), global batch %d, %d "
-               "training images.", start, total, run.mesh.devices.size,
+  logging.info("Training steps %d..%d on %d device(s) of %d process(es), "
+               "mesh %s, global batch %d, %d training images.", start, total,
+               run.mesh.devices.size, jax.process_count(), dict(run.mesh.shape),
                config.input.batch_size, len(run.train_split))
   bar = tqdm.tqdm(initial=start, total=total, desc="train", unit="step",
                   disable=jax.process_index() != 0)

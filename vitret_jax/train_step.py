@@ -38,7 +38,8 @@ def init_memory(size: int, dim: int) -> dict:
 
 
 def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0):
-  """Initialises the state directly with replicated shardings on `mesh`.
+  """Initialises the state directly in its shardings on `mesh` (params and
+  optimizer state split over the FSDP axis, the rest replicated).
 
   Args:
     model: the RetrievalModel.
@@ -66,43 +67,78 @@ def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0):
                       mem_ptr=jnp.int32(0))
 
   abstract = jax.eval_shape(init)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state_sharding = sharding.state_shardings(abstract, mesh)
   state = jax.jit(init, out_shardings=state_sharding)()
   return state, state_sharding
 
 
+def _micro_batches(x, k, num_shards):
+  """[B, ...] -> [k, B/k, ...]; micro-batch j takes the j-th 1/k of every
+  device's rows, so each micro-batch stays spread over all devices."""
+  b = x.shape[0]
+  x = x.reshape((num_shards, k, b // (num_shards * k)) + x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape((k, b // k) + x.shape[3:])
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
-               xbm_start: int = 0):
-  """One optimisation step; pure, so it is jitted once.
+               xbm_start: int = 0, accum_steps: int = 1, num_shards: int = 1):
+  """One optimisation step on one global batch; pure, so it is jitted once.
 
   Args:
     state: TrainState.
-    batch: dict(image=[B, H, W, 3] float32, label=[B] int32), sharded on DATA.
+    batch: dict(image=[B, H, W, 3] float32, label=[B] int32), split over the
+      batch axes of the mesh.
     model: module with apply(variables, images, train) -> [B, E].
     tx: optax transformation.
     loss_fn: loss_fn(emb, labels[, memory, mem_ptr, xbm_weight]) ->
       (loss, metrics), e.g. `losses.make_sharded_loss(...)`.
     xbm_start: step from which the memory term counts (warm-up).
+    accum_steps: the batch is processed as this many micro-batches of B/k
+      whose gradients are averaged (pairs are formed within a micro-batch;
+      the memory is updated after each); activation memory drops k-fold.
+    num_shards: devices the batch is split over (for the micro-batch split).
   Returns:
     (new state, metrics dict of scalars).
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  labels = batch["label"]
+  weight = (state.step >= xbm_start).astype(jnp.float32)
 
-  def compute(params):
-    emb = model.apply({"params": params}, batch["image"], train=True,
-                      rngs={"dropout": rng})
-    if state.memory is None:
-      loss, metrics = loss_fn(emb, labels)
-      return loss, (metrics, None, state.mem_ptr)
-    # XBM: the batch is enqueued first, then the anchors meet the whole memory.
-    memory, ptr = losses.enqueue(state.memory, emb, labels, state.mem_ptr)
-    weight = (state.step >= xbm_start).astype(jnp.float32)
-    loss, metrics = loss_fn(emb, labels, memory, state.mem_ptr, weight)
-    return loss, (metrics, memory, ptr)
+  def grad_of(images, labels, memory, ptr, key):
+    def compute(params):
+      emb = model.apply({"params": params}, images, train=True,
+                        rngs={"dropout": key})
+      if memory is None:
+        loss, metrics = loss_fn(emb, labels)
+        return loss, (metrics, None, ptr)
+      # XBM: the batch is enqueued first, then anchors meet the whole memory.
+      new_memory, new_ptr = losses.enqueue(memory, emb, labels, ptr)
+      loss, metrics = loss_fn(emb, labels, new_memory, ptr, weight)
+      return loss, (metrics, new_memory, new_ptr)
+    (_, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
+    return grads, aux
 
-  (_, (metrics, memory, ptr)), grads = jax.value_and_grad(
-      compute, has_aux=True)(state.params)
+  if accum_steps == 1:
+    grads, (metrics, memory, ptr) = grad_of(
+        batch["image"], batch["label"], state.memory, state.mem_ptr, rng)
+  else:
+    micro = jax.tree.map(
+        lambda x: _micro_batches(x, accum_steps, num_shards), batch)
+
+    def body(carry, xs):
+      acc, memory, ptr = carry
+      i, mb = xs
+      g, (m, memory, ptr) = grad_of(mb["image"], mb["label"], memory, ptr,
+                                    jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, acc, g), memory, ptr), m
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, memory, ptr), metrics = jax.lax.scan(
+        body, (zeros, state.memory, state.mem_ptr),
+        (jnp.arange(accum_steps), micro))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    metrics = jax.tree.map(jnp.mean, metrics)
+
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -111,10 +147,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
   return new_state, metrics
 
 
-def make_train_step(model, tx, loss_fn, mesh, state_sharding, xbm_start=0):
-  """`train_step` jitted once: state in/out replicated and donated, batch on DATA."""
+def make_train_step(model, tx, loss_fn, mesh, state_sharding, xbm_start=0,
+                    accum_steps=1):
+  """`train_step` jitted once with the state's shardings in and out (state
+  donated) and the batch split over the mesh's batch axes. The step's whole
+  sharding contract is here."""
   step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
-                           xbm_start=xbm_start)
+                           xbm_start=xbm_start, accum_steps=accum_steps,
+                           num_shards=sharding.batch_size_on(mesh))
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(
       step,

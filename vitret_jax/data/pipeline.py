@@ -77,33 +77,37 @@ class TrainLoader:
     self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def eval_batches(split, pp_fn, batch_size, num_workers=2):
-  """Yields dict(image, label, mask) batches of exactly `batch_size` rows.
+def eval_batches(split, pp_fn, batch_size, num_workers=2, process_index=0,
+                 process_count=1):
+  """Yields evaluation batches of exactly `batch_size` global rows.
 
-  The last batch is padded with zero images; `mask` [batch_size] bool marks the
-  real rows. Deterministic preprocessing (rng fixed) is expected.
+  Each process decodes only its own contiguous share of every global batch.
+  Yields dict(image=[batch_size / process_count, H, W, 3] this process's rows,
+  mask=[batch_size] bool over the global batch, True for real rows). The last
+  batch is padded with zero images. Preprocessing must be deterministic.
   """
+  per = batch_size // process_count
+  if per * process_count != batch_size:
+    raise UserError(f"eval batch {batch_size} does not split over "
+                    f"{process_count} hosts.")
+  rng = np.random.default_rng(0)  # unused by deterministic ops
   with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    rng = np.random.default_rng(0)
-    pending = collections.deque()
-    starts = list(range(0, len(split), batch_size))
-
     def submit(start):
-      paths = split.paths[start:start + batch_size]
-      return start, [pool.submit(pp_fn, p, rng) for p in paths]
+      lo = start + process_index * per
+      hi = min(lo + per, len(split))
+      return start, [pool.submit(pp_fn, split.paths[i], rng)
+                     for i in range(lo, hi)]
 
-    for i, start in enumerate(starts):
+    starts = list(range(0, len(split), batch_size))
+    pending = collections.deque()
+    for i in range(len(starts)):
       while len(pending) < 2 and i + len(pending) < len(starts):
         pending.append(submit(starts[i + len(pending)]))
       start, futures = pending.popleft()
-      images = np.stack([f.result() for f in futures])
-      n = len(images)
-      labels = split.labels[start:start + n]
+      images = [f.result() for f in futures]
       mask = np.zeros(batch_size, bool)
-      mask[:n] = True
-      if n < batch_size:
-        pad = batch_size - n
-        images = np.concatenate(
-            [images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-        labels = np.concatenate([labels, np.full(pad, -1, labels.dtype)])
-      yield {"image": images, "label": labels.astype(np.int32), "mask": mask}
+      mask[:min(batch_size, len(split) - start)] = True
+      if len(images) < per:
+        shape = images[0].shape if images else pp_fn(split.paths[0], rng).shape
+        images += [np.zeros(shape, np.float32)] * (per - len(images))
+      yield {"image": np.stack(images), "mask": mask}

@@ -7,11 +7,17 @@ from vitret_jax import sharding
 from vitret_jax.data import pipeline
 
 
-def make_embed_fn(model, mesh):
-  """jit(params, images [B, H, W, 3]) -> [B, E], images split over DATA."""
+def make_embed_fn(model, mesh, param_sharding=None):
+  """jit(params, images [B, H, W, 3]) -> [B, E] replicated.
+
+  Images are split over the mesh's batch axes; params keep `param_sharding`
+  (the train state's, FSDP-split or replicated; default replicated).
+  """
   def embed(params, images):
     return model.apply({"params": params}, images, train=False)
-  return jax.jit(embed, in_shardings=(sharding.replicated(mesh),
+  if param_sharding is None:
+    param_sharding = sharding.replicated(mesh)
+  return jax.jit(embed, in_shardings=(param_sharding,
                                       sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
 
@@ -34,7 +40,8 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
   chunks = []
   bar = tqdm.tqdm(total=len(split), desc=desc, unit="img", leave=False,
                   disable=jax.process_index() != 0)
-  for batch in pipeline.eval_batches(split, pp_fn, batch_size, num_workers):
+  for batch in pipeline.eval_batches(split, pp_fn, batch_size, num_workers,
+                                     jax.process_index(), jax.process_count()):
     images = sharding.to_global_batch({"image": batch["image"]}, mesh)["image"]
     emb = np.asarray(jax.device_get(embed_fn(params, images)), np.float32)
     chunks.append(emb[batch["mask"]])
