@@ -37,10 +37,14 @@ def base_config():
   c.log_every = 50
   c.eval_every = 0  # 0: evaluate only at the end
   c.eval_untrained = True
+  # Resume order: the workdir's own checkpoint, then resume_from (another
+  # run's workdir, whole state), then model.init_from (parameters only).
+  c.resume_from = ""
 
   c.model = mlc.ConfigDict(dict(
       encoder="vit", variant="S/16", image_size=224, head="irt", proj_dim=0,
-      dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False))
+      dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False,
+      init_from="", init_format="auto"))
 
   c.input = mlc.ConfigDict(dict(
       dataset="", data_dir="", options=mlc.ConfigDict(), train_split="train",
@@ -62,7 +66,10 @@ def base_config():
   # and optimizer state over that many devices (ViT-L and larger).
   c.mesh = mlc.ConfigDict(dict(num_devices=0, fsdp=1))
   c.evals = mlc.ConfigDict()
-  c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3))
+  # keep the last `keep` checkpoints and the `keep_best` best by best_metric
+  # (among those saved with an evaluation: set eval_every).
+  c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3, keep_best=1,
+                               best_metric="recall@1"))
   return c
 
 

@@ -31,9 +31,10 @@ def test_save_restore_roundtrip(tmp_path):
   ckpt.wait()
   fresh, fresh_shard = make_state()
   fresh = fresh.replace(params=jax.tree.map(jnp.zeros_like, fresh.params))
-  restored, step = checkpoint.restore_or_init(ckpt, fresh, fresh_shard)
+  restored, source = checkpoint.resume_or_init(ckpt, fresh, fresh_shard)
   ckpt.close()
-  assert step == 7 and int(restored.mem_ptr) == 3
+  assert source == "workdir"
+  assert int(restored.step) == 7 and int(restored.mem_ptr) == 3
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(a, b)
 
@@ -45,7 +46,7 @@ def test_wrong_shape_checkpoint_is_refused(tmp_path):
   ckpt.wait()
   other, other_shard = make_state(memory=16)
   with pytest.raises(UserError, match=r"memory/emb: checkpoint \(8, 32\) vs model \(16, 32\)"):
-    checkpoint.restore_or_init(ckpt, other, other_shard)
+    checkpoint.resume_or_init(ckpt, other, other_shard)
   ckpt.close()
 
 
@@ -57,3 +58,50 @@ def test_config_json_never_overwritten(tmp_path):
   p2 = checkpoint.write_config(b, str(tmp_path))
   assert p2.endswith("config.1.json")
   assert '"x": 1' in open(p1).read()
+
+
+def test_resume_order(tmp_path):
+  """Own workdir, then resume_from, then init_from (params only), then scratch."""
+  state, shard = make_state()
+  other = checkpoint.Checkpointer(str(tmp_path / "other"))
+  trained = state.replace(step=jnp.int32(5), params=jax.tree.map(
+      lambda x: x + 1.0, state.params))
+  other.save(trained)
+  other.close()
+  fresh, fresh_shard = make_state()
+  mine = checkpoint.Checkpointer(str(tmp_path / "mine"))
+  got, source = checkpoint.resume_or_init(mine, fresh, fresh_shard)
+  assert source == "scratch" and int(got.step) == 0
+  init = checkpoint.make_init_params(str(tmp_path / "other"))
+  got, source = checkpoint.resume_or_init(mine, fresh, fresh_shard,
+                                          init_params=init)
+  assert source == "init_from" and int(got.step) == 0
+  assert np.allclose(jax.tree.leaves(got.params)[0],
+                     jax.tree.leaves(trained.params)[0])
+  got, source = checkpoint.resume_or_init(
+      mine, fresh, fresh_shard, resume_from=str(tmp_path / "other"),
+      init_params=init)
+  assert source == "resume_from" and int(got.step) == 5
+  mine.save(got.replace(step=jnp.int32(9)))
+  mine.wait()
+  got, source = checkpoint.resume_or_init(
+      mine, fresh, fresh_shard, resume_from=str(tmp_path / "other"))
+  assert source == "workdir" and int(got.step) == 9
+  mine.close()
+
+
+def test_init_from_lists_mismatched_names(tmp_path):
+  state, _ = make_state()
+  other = checkpoint.Checkpointer(str(tmp_path / "other"))
+  other.save(state)
+  other.close()
+  cfg = mlc.ConfigDict(dict(
+      encoder="vit", variant="mu/8", image_size=16, head="irt", proj_dim=8,
+      dropout=0.0, drop_path_rate=0.0, dtype="float32", remat=False))
+  model = models.build_model(cfg)
+  template = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"]
+  with pytest.raises(UserError, match=r"missing \(2\): head/projection"):
+    checkpoint.make_init_params(str(tmp_path / "other"))(template)
+  with pytest.raises(UserError, match="no checkpoints/ folder"):
+    checkpoint.make_init_params(str(tmp_path / "nothing"))(template)

@@ -1,3 +1,9 @@
 """vitret_jax: vision transformers for image retrieval in JAX/Flax."""
 
 __version__ = "0.1.0"
+
+
+def load_pretrained(path):
+  """The embed function of an exported artifact folder (see vitret_jax.export)."""
+  from vitret_jax import export  # pylint: disable=g-import-not-at-top
+  return export.load_pretrained(path)

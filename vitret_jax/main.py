@@ -1,7 +1,9 @@
 """Command line: python -m vitret_jax.main --config=configs/demo.py --workdir=DIR
 
-Modes: train (train, resuming from DIR's checkpoint, then evaluate) and eval
-(evaluate DIR's latest checkpoint). Config values are overridden with
+Modes: train (train, resuming as checkpoint.resume_or_init says, then
+evaluate), eval (evaluate DIR's latest checkpoint), export (DIR's parameters
+as a pretrained artifact), index (embed a folder of images into a ScaNN
+index) and search (query it). Config values are overridden with
 --config.section.key=value; a mistyped key is an error.
 """
 import os
@@ -14,14 +16,30 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vitret_jax import commands
+from vitret_jax import preemption
 from vitret_jax import train
 from vitret_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs "
-                               "and metrics.", required=True)
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+                               "and metrics.")
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "eval", "export", "index", "search"],
+                          "What to run.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", "", "export: artifact folder "
+                                  "(default WORKDIR/export).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "export / index: replace "
+                               "an existing artifact or index.")
+_PRETRAINED = flags.DEFINE_string("pretrained", "", "index / search: an "
+                                  "exported artifact instead of a run.")
+_IMAGES = flags.DEFINE_string("images", "", "index: folder of images.")
+_INDEX_DIR = flags.DEFINE_string("index_dir", "", "index / search: index "
+                                 "folder (default WORKDIR/index).")
+_QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
+_GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process "
     "runs on GPU clusters or CPUs. TPU pods need none: set VITRET_DISTRIBUTED=1 "
@@ -31,7 +49,23 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index, 0..num_processes-1.")
 
-MODES = {"train": train.train_and_evaluate, "eval": train.evaluate_only}
+def _run_mode(mode, config, workdir):
+  """The mode's result: a metrics dict (train, eval) or a message."""
+  if mode in ("train", "eval", "export"):
+    if config is None or not workdir:
+      raise app.UsageError(f"--mode={mode} needs --config and --workdir.")
+  if mode == "train":
+    return train.train_and_evaluate(config, workdir)
+  if mode == "eval":
+    return train.evaluate_only(config, workdir)
+  if mode == "export":
+    return commands.export_run(config, workdir, _EXPORT_DIR.value,
+                               _OVERWRITE.value)
+  if mode == "index":
+    return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
+                          _INDEX_DIR.value, _OVERWRITE.value)
+  return commands.run_search(config, workdir, _PRETRAINED.value, _QUERY.value,
+                             _INDEX_DIR.value, _TOP_K.value, _GRID.value)
 
 
 def _print_table(result):
@@ -70,8 +104,6 @@ def _init_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _init_distributed()
   # Partitionable threefry: random bits do not depend on the device layout.
@@ -79,12 +111,18 @@ def main(argv):
   logging.info("process %d of %d; devices: %s", jax.process_index(),
                jax.process_count(), jax.devices())
   try:
-    result = MODES[_MODE.value](_CONFIG.value, _WORKDIR.value)
+    result = _run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except preemption.Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
   if jax.process_index() == 0:
-    _print_table(result)
+    if isinstance(result, dict):
+      _print_table(result)
+    else:
+      print(result)
 
 
 def _parse_flags(argv):

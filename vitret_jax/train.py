@@ -18,6 +18,7 @@ from vitret_jax import losses
 from vitret_jax import metric_writer
 from vitret_jax import models
 from vitret_jax import optim
+from vitret_jax import preemption
 from vitret_jax import sharding
 from vitret_jax import train_step as ts
 from vitret_jax.data import datasets
@@ -71,7 +72,9 @@ class Run:
                                         self.state_sharding.params)
     self.evaluators = evaluator.build_evaluators(
         config.evals, self.embed_fn, self.mesh, self.splits)
-    self.ckpt = checkpoint.Checkpointer(workdir, keep=config.ckpt.keep)
+    self.ckpt = checkpoint.Checkpointer(
+        workdir, keep=config.ckpt.keep, keep_best=config.ckpt.keep_best,
+        best_metric=config.ckpt.best_metric)
 
   def evaluate(self, params) -> dict:
     out = {}
@@ -115,21 +118,32 @@ def _check_finite(metrics, step, ckpt):
         f"(step {last}) is untouched in {ckpt.directory}.")
 
 
+def _meta(config, next_step):
+  """What a checkpoint records beside the state: the config, and the input
+  position (batches are a pure function of the seed and the step)."""
+  return {"config": json.loads(config.to_json_best_effort()),
+          "input": {"next_step": int(next_step), "seed": config.seed,
+                    "sampler": config.input.sampler}}
+
+
 def train_and_evaluate(config, workdir) -> dict:
-  """Trains (resuming from the workdir's checkpoint) and evaluates.
+  """Trains (see checkpoint.resume_or_init for where it starts) and evaluates.
 
   Returns the final metrics, also written to workdir/eval.json together with
-  the untrained model's under "untrained".
+  the untrained model's under "untrained". Raises preemption.Preempted after
+  saving when SIGTERM arrives.
   """
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     checkpoint.write_config(config, workdir)
   run = Run(config, workdir)
-  state, resumed = checkpoint.restore_or_init(run.ckpt, run.state,
-                                              run.state_sharding)
+  state, source = checkpoint.resume_or_init(
+      run.ckpt, run.state, run.state_sharding, config.resume_from,
+      checkpoint.make_init_params(config.model.init_from,
+                                  config.model.init_format))
   untrained = None
   if config.eval_untrained:
-    untrained = _untrained_eval(run, state.params, fresh=resumed is None)
+    untrained = _untrained_eval(run, state.params, fresh=source != "workdir")
   step_fn = ts.make_train_step(
       run.model, run.tx,
       losses.make_sharded_loss(run.mesh, margin=config.loss.margin,
@@ -148,50 +162,62 @@ def train_and_evaluate(config, workdir) -> dict:
   writer = metric_writer.MetricWriter(workdir)
   start = int(jax.device_get(state.step))
   total = config.total_steps
-  logging.info("Training steps %d..%d on %d device(s) of %d process(es), "
-               "mesh %s, global batch %d, %d training images.", start, total,
-               run.mesh.devices.size, jax.process_count(), dict(run.mesh.shape),
+  logging.info("Training steps %d..%d (start: %s) on %d device(s) of %d "
+               "process(es), mesh %s, global batch %d, %d training images.",
+               start, total, source, run.mesh.devices.size,
+               jax.process_count(), dict(run.mesh.shape),
                config.input.batch_size, len(run.train_split))
   bar = tqdm.tqdm(initial=start, total=total, desc="train", unit="step",
                   disable=jax.process_index() != 0)
   t_last, n_last = time.time(), start
   in_flight = None
   try:
-    for step, batch in loader.iterate(start, total):
-      state, metrics = step_fn(state, sharding.to_global_batch(batch, run.mesh))
-      # At most one step runs ahead of the host: the bar shows real progress
-      # and queued batches do not pile up in device memory.
-      if in_flight is not None:
-        jax.block_until_ready(in_flight)
-        bar.update(1)
-      in_flight = metrics
-      done = step + 1
-      if done % config.log_every == 0 or done == total:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(metrics, done, run.ckpt)
-        now = time.time()
-        metrics["lr"] = float(run.schedule(step))
-        metrics["img_per_s"] = ((done - n_last) * config.input.batch_size
-                                / max(now - t_last, 1e-9))
-        t_last, n_last = now, done
-        writer.write(done, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-      if done % config.ckpt.every_steps == 0 and done != total:
-        run.ckpt.save(state)
-      if config.eval_every and done % config.eval_every == 0 and done != total:
-        writer.write(done, {f"eval/{k}": v
-                            for k, v in run.evaluate(state.params).items()})
+    with preemption.Stopper() as stopper:
+      for step, batch in loader.iterate(start, total):
+        state, metrics = step_fn(state,
+                                 sharding.to_global_batch(batch, run.mesh))
+        # At most one step runs ahead of the host: the bar shows real
+        # progress and queued batches do not pile up in device memory.
+        if in_flight is not None:
+          jax.block_until_ready(in_flight)
+          bar.update(1)
+        in_flight = metrics
+        done = step + 1
+        if done % config.log_every == 0 or done == total:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          _check_finite(metrics, done, run.ckpt)
+          now = time.time()
+          metrics["lr"] = float(run.schedule(step))
+          metrics["img_per_s"] = ((done - n_last) * config.input.batch_size
+                                  / max(now - t_last, 1e-9))
+          t_last, n_last = now, done
+          writer.write(done, metrics)
+          bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                          lr=f"{metrics['lr']:.2e}")
+        if done == total:
+          break
+        evals = None
+        if config.eval_every and done % config.eval_every == 0:
+          evals = run.evaluate(state.params)
+          writer.write(done, {f"eval/{k}": v for k, v in evals.items()})
+        if done % config.ckpt.every_steps == 0 or evals is not None:
+          run.ckpt.save(state, _meta(config, done), metrics=evals)
+        if stopper.should_stop(done):
+          run.ckpt.save(state, _meta(config, done), force=True)
+          run.ckpt.wait()
+          raise preemption.Preempted(done, run.ckpt.directory)
     bar.update(bar.total - bar.n)
     bar.close()
-    run.ckpt.save(state, force=True)
     final = run.evaluate(state.params)
-    writer.write(int(jax.device_get(state.step)),
-                 {f"eval/{k}": v for k, v in final.items()})
+    end = int(jax.device_get(state.step))
+    run.ckpt.save(state, _meta(config, end), metrics=final, force=True)
+    writer.write(end, {f"eval/{k}": v for k, v in final.items()})
   finally:
+    bar.close()
     loader.close()
     writer.close()
     run.ckpt.close()
-  return _finish(workdir, final, untrained, int(jax.device_get(state.step)))
+  return _finish(workdir, final, untrained, end)
 
 
 def _finish(workdir, final, untrained, step):
@@ -205,11 +231,13 @@ def _finish(workdir, final, untrained, step):
 def evaluate_only(config, workdir) -> dict:
   """Evaluates the workdir's latest checkpoint and writes eval.json."""
   run = Run(config, workdir)
-  state, resumed = checkpoint.restore_or_init(run.ckpt, run.state,
-                                              run.state_sharding)
-  run.ckpt.close()
-  if resumed is None:
+  if run.ckpt.latest_step() is None:
+    run.ckpt.close()
     raise UserError(f"No checkpoint in {run.ckpt.directory}: train first "
                     f"(--mode=train) or point --workdir at a trained run.")
+  state, _ = run.ckpt.restore(
+      checkpoint.abstract_like(run.state, run.state_sharding))
+  run.ckpt.close()
   untrained = _untrained_eval(run, None, fresh=False)
-  return _finish(workdir, run.evaluate(state.params), untrained, resumed)
+  return _finish(workdir, run.evaluate(state.params), untrained,
+                 int(jax.device_get(state.step)))

@@ -69,3 +69,43 @@ def exact_knn(query, reference, k, exclude_self=False, query_chunk=1024,
     scores.append(np.asarray(best_s)[:nq])
     indices.append(np.asarray(best_i)[:nq])
   return np.concatenate(scores), np.concatenate(indices)
+
+
+def build_scann(database, k, *, brute_force_below=20_000, num_leaves=0,
+                num_leaves_to_search=0, training_sample_size=100_000,
+                dims_per_block=2, quantization_threshold=0.2, reorder=0):
+  """A ScaNN searcher over `database` [N, E] by inner product.
+
+  Below `brute_force_below` rows it scores exhaustively (exact). Above, it
+  partitions with a k-means tree (num_leaves, default ~sqrt(N); searches
+  num_leaves_to_search, default ~num_leaves/20), scores with anisotropic
+  asymmetric hashing (dims_per_block, quantization_threshold) and re-ranks
+  the best `reorder` (default 100 * k) exactly.
+  """
+  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  database = np.ascontiguousarray(database, np.float32)
+  n = database.shape[0]
+  builder = scann_ops_pybind.builder(database, k, "dot_product")
+  if n < brute_force_below:
+    return builder.score_brute_force().build()
+  leaves = num_leaves or int(np.sqrt(n))
+  to_search = num_leaves_to_search or max(1, leaves // 20)
+  return (builder
+          .tree(num_leaves=leaves, num_leaves_to_search=to_search,
+                training_sample_size=min(n, training_sample_size))
+          .score_ah(dims_per_block,
+                    anisotropic_quantization_threshold=quantization_threshold)
+          .reorder(reorder or min(n, 100 * k))
+          .build())
+
+
+def load_scann(directory):
+  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  return scann_ops_pybind.load_searcher(directory)
+
+
+def scann_search(searcher, query, k):
+  """(scores [Q, k], indices [Q, k]) from a ScaNN searcher, best first."""
+  idx, scores = searcher.search_batched(np.asarray(query, np.float32),
+                                        final_num_neighbors=k)
+  return np.asarray(scores, np.float32), np.asarray(idx, np.int64)

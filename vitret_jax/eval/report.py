@@ -1,0 +1,44 @@
+"""Visual reports: a PNG grid of queries and their top-k results."""
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+
+COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150),
+           "junk": (230, 180, 30), "query": (40, 90, 210)}
+
+
+def _thumb(path, size):
+  try:
+    with Image.open(path) as im:
+      im = im.convert("RGB")
+      im.thumbnail((size, size))
+  except OSError:
+    im = Image.new("RGB", (size, size), (0, 0, 0))
+  canvas = Image.new("RGB", (size, size), (255, 255, 255))
+  canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+  return canvas
+
+
+def write_grid(path, rows, thumb=96, border=4):
+  """Writes one row per query: the query, then its results.
+
+  Args:
+    path: PNG file to write.
+    rows: list of (query_path, [(result_path, mark, caption), ...]); mark is
+      True (correct, green), False (wrong, red), "junk" (yellow) or None
+      (unknown, grey); caption a short string (e.g. the score).
+  """
+  cols = 1 + max((len(r) for _, r in rows), default=0)
+  cell = thumb + 2 * border
+  grid = Image.new("RGB", (cols * cell, len(rows) * (cell + 12)), "white")
+  draw = ImageDraw.Draw(grid)
+  for i, (query, results) in enumerate(rows):
+    y = i * (cell + 12)
+    items = [(query, "query", "query")] + list(results)
+    for j, (p, mark, caption) in enumerate(items):
+      x = j * cell
+      draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=COLOURS[mark])
+      grid.paste(_thumb(p, thumb), (x + border, y + border))
+      draw.text((x + border, y + cell), str(caption)[:16], fill=(0, 0, 0))
+  grid.save(path)
+  return np.asarray(grid).shape

@@ -1,0 +1,157 @@
+"""Self-contained pretrained artifacts, and loading them back.
+
+An artifact is a folder:
+  params.safetensors   the parameters, keys "encoder/Transformer/.../kernel"
+  model.json           the model config, descriptor size, preprocessing
+  embed.stablehlo      the embedding function serialised with `jax.export`
+                       (StableHLO, batch dimension symbolic, lowered for
+                       cpu, cuda and tpu)
+
+`load_pretrained(path)` needs only that folder, JAX, safetensors and pillow:
+no model code of this repository runs, so an artifact keeps working when the
+code moves on.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import numpy as st_numpy
+
+from vitret_jax.errors import UserError
+
+FORMAT_VERSION = 1
+PLATFORMS = ("cpu", "cuda", "tpu")
+FILES = ("params.safetensors", "model.json", "embed.stablehlo")
+
+
+def flatten_params(params) -> dict:
+  """Nested param dict -> {"a/b/c": np.ndarray}."""
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    out["/".join(k.key for k in path)] = np.asarray(jax.device_get(x))
+  return out
+
+
+def unflatten_params(flat: dict) -> dict:
+  out = {}
+  for key, value in flat.items():
+    node = out
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def export_artifact(model, params, out_dir, *, model_config: dict,
+                    preprocess: str, image_size: int, overwrite=False):
+  """Writes the artifact of `model` with `params` to `out_dir`.
+
+  Args:
+    model: the Flax module (images [B, H, W, 3] -> [B, E]).
+    params: its parameters.
+    out_dir: target folder; an existing one is an error unless `overwrite`.
+    model_config: the config's model section, as a plain dict.
+    preprocess: deterministic pp spec the model expects (evaluation's).
+    image_size: input side the function is exported for.
+  Returns:
+    out_dir.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and not overwrite:
+    raise UserError(f"{out_dir} exists: refusing to overwrite an artifact. "
+                    f"Pass --overwrite to replace it, or choose another "
+                    f"--export_dir.")
+  params = jax.device_get(params)
+  flat = flatten_params(params)
+
+  def embed(params, images):
+    return model.apply({"params": params}, images, train=False)
+
+  batch, = jax.export.symbolic_shape("batch")
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          params)
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
+                                jnp.float32)
+  exported = jax.export.export(jax.jit(embed), platforms=PLATFORMS)(
+      abstract, images)
+  dim = int(exported.out_avals[0].shape[-1])
+  meta = {"format_version": FORMAT_VERSION, "model": model_config,
+          "image_size": image_size, "embedding_dim": dim,
+          "preprocess": preprocess, "platforms": list(PLATFORMS),
+          "jax_version": jax.__version__}
+
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  # Written in a sibling temp folder and renamed into place, so a crash never
+  # leaves a half-written artifact under the final name.
+  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from others
+  try:
+    st_numpy.save_file(flat, os.path.join(tmp, "params.safetensors"))
+    with open(os.path.join(tmp, "embed.stablehlo"), "wb") as f:
+      f.write(exported.serialize())
+    with open(os.path.join(tmp, "model.json"), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    if os.path.exists(out_dir):
+      old = out_dir + ".replaced"
+      os.rename(out_dir, old)
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, out_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return out_dir
+
+
+class Embedder:
+  """The embedding function of an artifact.
+
+  Attributes:
+    meta: model.json's contents (model config, image_size, embedding_dim,
+      preprocess spec).
+    params: parameters as a nested dict of numpy arrays.
+  `embedder(images [B, H, W, 3] float32, preprocessed) -> [B, E]` for any B.
+  """
+
+  def __init__(self, path):
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+      raise UserError(f"{path} is not a vitret_jax artifact: missing "
+                      f"{', '.join(missing)} (make one with --mode=export).")
+    with open(os.path.join(path, "model.json")) as f:
+      self.meta = json.load(f)
+    if self.meta.get("format_version") != FORMAT_VERSION:
+      raise UserError(f"{path}: artifact format "
+                      f"{self.meta.get('format_version')}, this version reads "
+                      f"{FORMAT_VERSION}.")
+    self.params = unflatten_params(
+        st_numpy.load_file(os.path.join(path, "params.safetensors")))
+    with open(os.path.join(path, "embed.stablehlo"), "rb") as f:
+      self.exported = jax.export.deserialize(bytearray(f.read()))
+    self.path = path
+
+  @property
+  def image_size(self) -> int:
+    return self.meta["image_size"]
+
+  @property
+  def preprocess(self) -> str:
+    return self.meta["preprocess"]
+
+  def __call__(self, images):
+    return np.asarray(self.exported.call(self.params,
+                                         jnp.asarray(images, jnp.float32)))
+
+
+def load_pretrained(path) -> Embedder:
+  """The embed function of the artifact folder `path` (see module doc)."""
+  return Embedder(path)

@@ -1,0 +1,159 @@
+"""Search a folder of one's own images: index it once, then query it.
+
+An index folder holds `scann/` (the ScaNN searcher), `embeddings.npy`
+[N, E], `files.json` (the N image paths, relative to the indexed root, and
+that root) and `index.json` (where the embedder came from). Any embedder with
+`preprocess` (a pp spec) and `__call__(images) -> [B, E]` works: an exported
+artifact (export.Embedder) or a training run (RunEmbedder).
+"""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import tqdm
+
+from vitret_jax.data import preprocess
+from vitret_jax.errors import DataError
+from vitret_jax.errors import UserError
+from vitret_jax.eval import knn
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif",
+                    ".tiff")
+
+
+class RunEmbedder:
+  """The embedding function of a training run's latest checkpoint.
+
+  Args:
+    config: the run's config (its model and first evaluator's pp are used).
+    workdir: the run folder.
+  """
+
+  def __init__(self, config, workdir):
+    from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    from vitret_jax import models  # pylint: disable=g-import-not-at-top
+    self.model = models.build_model(config.model)
+    self.params = checkpoint.load_run_params(workdir)
+    first = next(iter(config.evals.values()), None)
+    if first is None:
+      raise UserError("the config has no evals section to take the "
+                      "evaluation preprocessing from.")
+    self.preprocess = first.pp
+    self.image_size = preprocess.output_size(self.preprocess)
+    self._apply = jax.jit(
+        lambda p, x: self.model.apply({"params": p}, x, train=False))
+
+  def __call__(self, images):
+    return np.asarray(self._apply(self.params, images))
+
+
+def list_images(folder):
+  """Every image file under `folder` (recursively), sorted."""
+  if not os.path.isdir(folder):
+    raise DataError(f"--images={folder!r} is not a folder.")
+  out = []
+  for root, _, files in os.walk(folder):
+    out += [os.path.join(root, f) for f in files
+            if f.lower().endswith(IMAGE_EXTENSIONS)]
+  return sorted(out)
+
+
+def embed_files(embedder, paths, batch_size=64, desc="embed"):
+  """(embeddings [n, E], kept paths, skipped [(path, reason)]) for `paths`;
+  unreadable files are skipped and reported, not fatal."""
+  pp = preprocess.build_pp(embedder.preprocess)
+  rng = np.random.default_rng(0)
+  chunks, kept, skipped, images, names = [], [], [], [], []
+
+  def flush():
+    if images:
+      chunks.append(embedder(np.stack(images)))
+      kept.extend(names)
+      images.clear()
+      names.clear()
+
+  for p in tqdm.tqdm(paths, desc=desc, unit="img", leave=False):
+    try:
+      images.append(pp(p, rng))
+      names.append(p)
+    except DataError as e:
+      skipped.append((p, str(e).split(": ", 1)[-1].split(". Replace")[0]))
+    if len(images) == batch_size:
+      flush()
+  flush()
+  emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+  return emb, kept, skipped
+
+
+def build_index(embedder, folder, index_dir, *, overwrite=False, source="",
+                batch_size=64, scann_options=None):
+  """Embeds every image under `folder` and saves a searchable index.
+
+  Returns (number indexed, skipped [(path, reason)]).
+  """
+  if os.path.exists(index_dir) and not overwrite:
+    raise UserError(f"{index_dir} exists: pass --overwrite to replace the "
+                    f"index, or choose another --index_dir.")
+  paths = list_images(folder)
+  if not paths:
+    raise DataError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under "
+                    f"{folder}.")
+  emb, kept, skipped = embed_files(embedder, paths, batch_size, "index")
+  if not kept:
+    raise DataError(f"None of the {len(paths)} images under {folder} could "
+                    f"be read.")
+  searcher = knn.build_scann(emb, 10, **(scann_options or {}))
+  tmp = index_dir.rstrip("/") + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(os.path.join(tmp, "scann"))
+  # Relative asset paths, so the index survives the rename and being moved.
+  searcher.serialize(os.path.join(tmp, "scann"), relative_path=True)
+  np.save(os.path.join(tmp, "embeddings.npy"), emb)
+  root = os.path.abspath(folder)
+  with open(os.path.join(tmp, "files.json"), "w") as f:
+    json.dump({"root": root,
+               "files": [os.path.relpath(p, root) for p in kept]}, f)
+  with open(os.path.join(tmp, "index.json"), "w") as f:
+    json.dump({"embedder": source, "count": len(kept),
+               "dim": int(emb.shape[1]), "skipped": len(skipped)}, f)
+  if os.path.exists(index_dir):
+    shutil.rmtree(index_dir)
+  os.rename(tmp, index_dir)
+  return len(kept), skipped
+
+
+class Index:
+  """A saved index: `search(embeddings, k, exclude=None)`."""
+
+  def __init__(self, index_dir):
+    if not os.path.isfile(os.path.join(index_dir, "files.json")):
+      raise UserError(f"{index_dir} is not an index: build one with "
+                      f"--mode=index --images=FOLDER.")
+    with open(os.path.join(index_dir, "files.json")) as f:
+      files = json.load(f)
+    self.paths = [os.path.join(files["root"], p) for p in files["files"]]
+    self._pos = {os.path.abspath(p): i for i, p in enumerate(self.paths)}
+    self.searcher = knn.load_scann(os.path.join(index_dir, "scann"))
+
+  def search(self, queries, query_paths, k):
+    """Top-k [(path, score)] per query; a query file that is itself in the
+    index is left out of its own results."""
+    scores, idx = knn.scann_search(self.searcher, queries, k + 1)
+    out = []
+    for qp, s_row, i_row in zip(query_paths, scores, idx):
+      me = self._pos.get(os.path.abspath(qp), -1)
+      hits = [(self.paths[i], float(s)) for s, i in zip(s_row, i_row)
+              if i != me and i >= 0]
+      out.append(hits[:k])
+    return out
+
+
+def query_paths(query):
+  """A single image, or every image under a folder."""
+  if os.path.isdir(query):
+    return list_images(query)
+  if not os.path.isfile(query):
+    raise DataError(f"--query={query!r}: no such file or folder.")
+  return [query]
