@@ -92,3 +92,36 @@ def test_query_gallery_protocol_searches_gallery_only():
   g_lab_wrong = np.array([8, 7, 7])
   out = evaluator.score_retrieval(q, q_lab, g, g_lab_wrong, ks=(1, 2))
   assert out["recall@1"] == 0.0 and out["recall@2"] == 0.5
+
+
+def test_search_backends_agree_and_exclude_self():
+  pytest.importorskip("scann")
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(20, 16))
+  x = (centres[rng.integers(0, 20, 500)] + 0.1 * rng.normal(size=(500, 16)))
+  x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  for exclude in (False, True):
+    _, e = knn.search(x[:50], x, 5, exclude_self=exclude)
+    _, s = knn.search(x[:50], x, 5, exclude_self=exclude, backend="scann")
+    assert knn.neighbour_recall(s, e) == 1.0  # brute force below 20k rows
+    if exclude:
+      assert not np.any(s == np.arange(50)[:, None])
+  # Tree + asymmetric hashing on clustered data still finds the neighbours.
+  _, s = knn.search(x[:50], x, 5, backend="scann",
+                    scann_options=dict(brute_force_below=0, num_leaves=20,
+                                       num_leaves_to_search=5))
+  _, e = knn.search(x[:50], x, 5)
+  assert knn.neighbour_recall(s, e) > 0.9
+
+
+def test_whitening():
+  from vitret_jax.eval import whitening
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2000, 8)) @ rng.normal(size=(8, 8)) + 3.0
+  w = whitening.fit(x)
+  y = (x - w.mean) @ w.projection
+  np.testing.assert_allclose(np.cov(y, rowvar=False, bias=True), np.eye(8),
+                             atol=1e-4)  # eps=1e-6 added to eigenvalues
+  short = whitening.fit(x, dim=3, whiten=False)
+  assert short(x).shape == (2000, 3)
+  np.testing.assert_allclose(np.linalg.norm(short(x), axis=1), 1, atol=1e-5)

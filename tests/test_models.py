@@ -75,3 +75,13 @@ def test_bad_model_config_names_the_choices():
     vit.decode_variant("S16")
   with pytest.raises(UserError, match="valid choices"):
     models.build_model(model_cfg(head="arcface"))
+
+
+def test_any_input_resolution_and_aspect():
+  model = models.build_model(model_cfg())  # made for 32 x 32
+  v = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3)))
+  for shape in [(2, 48, 32, 3), (1, 64, 64, 3), (3, 16, 40, 3)]:
+    out = model.apply(v, jnp.ones(shape))
+    assert out.shape == (shape[0], 32) and np.all(np.isfinite(out))
+  grid = vit.resample_posemb(jnp.arange(17.0).reshape(1, 17, 1), (4, 4))
+  np.testing.assert_array_equal(grid, jnp.arange(17.0).reshape(1, 17, 1))

@@ -109,3 +109,43 @@ def scann_search(searcher, query, k):
   idx, scores = searcher.search_batched(np.asarray(query, np.float32),
                                         final_num_neighbors=k)
   return np.asarray(scores, np.float32), np.asarray(idx, np.int64)
+
+
+BACKENDS = ("exact", "scann")
+
+
+def search(query, reference, k, exclude_self=False, backend="exact",
+           scann_options=None, searcher=None):
+  """The one k-NN signature: (scores [Q, k], indices [Q, k]), best first.
+
+  Args:
+    query: [Q, E]; reference: [R, E].
+    k: neighbours per query.
+    exclude_self: query i never retrieves reference i.
+    backend: "exact" (chunked matmul + top-k on device) or "scann".
+    scann_options: build_scann keyword arguments.
+    searcher: an already built (or loaded) ScaNN searcher over `reference`.
+  """
+  if backend == "exact":
+    return exact_knn(query, reference, k, exclude_self)
+  if backend != "scann":
+    raise ValueError(f"knn backend {backend!r}; valid: {BACKENDS}.")
+  k = max(1, min(k, len(reference) - int(exclude_self)))
+  extra = int(exclude_self)
+  if searcher is None:
+    searcher = build_scann(reference, k + extra, **(scann_options or {}))
+  scores, idx = scann_search(searcher, query, k + extra)
+  if exclude_self:
+    rows = np.arange(len(idx))[:, None]
+    keep = idx != rows
+    # Drop the self match where it was found, else the last neighbour.
+    keep[np.all(keep, axis=1), -1] = False
+    scores = scores[keep].reshape(len(idx), k)
+    idx = idx[keep].reshape(len(idx), k)
+  return scores, idx
+
+
+def neighbour_recall(approx_idx, exact_idx):
+  """Mean fraction of the exact top-k found by the approximate top-k."""
+  a, e = np.asarray(approx_idx), np.asarray(exact_idx)
+  return float(np.mean([len(set(x) & set(y)) / len(y) for x, y in zip(a, e)]))

@@ -53,3 +53,83 @@ def map_at_r(query_labels, knn_labels, num_relevant):
   prec = np.cumsum(hits, 1) / ranks[None, :]
   ap = np.sum(prec * hits * within, 1) / r
   return float(np.mean(ap)) if len(ap) else 0.0
+
+
+def revisited_ap(pos_ranks, num_positives):
+  """revisitop's average precision: trapezoids in the precision-recall plot.
+
+  Args:
+    pos_ranks: sorted 0-based ranks of the retrieved positives, junk already
+      removed from the ranking (a positive's rank counts only non-junk items
+      before it).
+    num_positives: all positives of the query (retrieved or not).
+  Returns:
+    float: sum over positives j at rank r of (p0 + p1) / 2 / num_positives,
+    p0 = j / r (1 when r = 0), p1 = (j + 1) / (r + 1).
+  """
+  r = np.asarray(pos_ranks, np.float64)
+  j = np.arange(len(r), dtype=np.float64)
+  p0 = np.where(r == 0, 1.0, j / np.maximum(r, 1.0))
+  p1 = (j + 1) / (r + 1)
+  return float(np.sum((p0 + p1) / 2.0) / num_positives)
+
+
+def map_and_precision(ranks, positives, junk, kappas=(1, 5, 10)):
+  """mAP and mP@k over queries, as revisitop's compute_map.
+
+  Args:
+    ranks: [Q, K] database indices, best first (a full ranking reproduces
+      revisitop exactly; a truncated one counts unretrieved positives as
+      missed).
+    positives, junk: per query, sequences of database indices.
+    kappas: k of mP@k. revisitop's mP@k is the precision at
+      min(k, rank of the last retrieved positive).
+  Returns:
+    (mAP, {k: mP@k}, APs [Q] with NaN for queries without positives, which
+    are left out of the means).
+  """
+  ranks = np.asarray(ranks)
+  aps = np.full(len(ranks), np.nan)
+  prs = np.zeros((len(ranks), len(kappas)))
+  for i, row in enumerate(ranks):
+    ok = np.asarray(positives[i], np.int64)
+    if ok.size == 0:
+      continue
+    pos = np.flatnonzero(np.isin(row, ok))
+    bad = np.flatnonzero(np.isin(row, np.asarray(junk[i], np.int64)))
+    # Each positive moves up by the number of junk items ranked above it.
+    pos = pos - np.searchsorted(bad, pos)
+    aps[i] = revisited_ap(pos, ok.size)
+    if pos.size:
+      one_based = pos + 1
+      for j, k in enumerate(kappas):
+        kq = min(one_based.max(), k)
+        prs[i, j] = np.sum(one_based <= kq) / kq
+  valid = ~np.isnan(aps)
+  m_ap = float(np.mean(aps[valid])) if valid.any() else 0.0
+  m_pr = {k: float(np.mean(prs[valid, j])) if valid.any() else 0.0
+          for j, k in enumerate(kappas)}
+  return m_ap, m_pr, aps
+
+
+def revisited_settings(gnd):
+  """Easy / Medium / Hard (positives, junk) lists from a revisited `gnd`
+  (list of dicts with "easy", "hard", "junk" index lists):
+  Easy: easy vs junk + hard; Medium: easy + hard vs junk; Hard: hard vs
+  junk + easy."""
+  cat = lambda *keys: [np.concatenate([np.asarray(g[k], np.int64)
+                                       for k in keys]) for g in gnd]
+  return {"easy": (cat("easy"), cat("junk", "hard")),
+          "medium": (cat("easy", "hard"), cat("junk")),
+          "hard": (cat("hard"), cat("junk", "easy"))}
+
+
+def revisited_metrics(ranks, gnd, kappas=(1, 5, 10)):
+  """{"easy/map", "easy/mp@1", ..., "hard/mp@10"} for Revisited Oxford /
+  Paris rankings [Q, K] against their ground truth `gnd`."""
+  out = {}
+  for name, (pos, junk) in revisited_settings(gnd).items():
+    m_ap, m_pr, _ = map_and_precision(ranks, pos, junk, kappas)
+    out[f"{name}/map"] = m_ap
+    out.update({f"{name}/mp@{k}": v for k, v in m_pr.items()})
+  return out

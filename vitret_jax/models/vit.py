@@ -6,6 +6,7 @@ Variants are strings "<size>/<patch>" ("Ti/16", "S/16", "B/32", ...) decoded by
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vitret_jax.errors import UserError
@@ -29,6 +30,21 @@ def decode_variant(variant: str) -> dict:
         f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' with size "
         f"one of {sorted(VARIANTS)} and an integer patch, e.g. 'S/16'.")
   return dict(VARIANTS[size], patch_size=int(patch))
+
+
+def resample_posemb(posemb, grid_hw):
+  """[1, 1 + g*g, D] -> [1, 1 + h*w, D]: the patch part resized (cubic) to an
+  h x w grid, the class-token part kept. No-op when the grid already fits, so
+  any input resolution and aspect ratio works (multi-scale evaluation,
+  landmark images at their own aspect)."""
+  h, w = grid_hw
+  n = posemb.shape[1] - 1
+  if n == h * w:
+    return posemb
+  g = int(round(n ** 0.5))
+  tok, grid = posemb[:, :1], posemb[:, 1:].reshape(1, g, g, -1)
+  grid = jax.image.resize(grid, (1, h, w, grid.shape[-1]), method="cubic")
+  return jnp.concatenate([tok, grid.reshape(1, h * w, -1)], axis=1)
 
 
 class VisionTransformer(nn.Module):
@@ -72,11 +88,7 @@ class VisionTransformer(nn.Module):
     grid = self.image_size // self.patch_size
     posemb = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                         (1, 1 + grid * grid, d))
-    if posemb.shape[1] != x.shape[1]:
-      raise ValueError(
-          f"Input gives {x.shape[1] - 1} patches but the position embedding "
-          f"holds {grid * grid}; set model.image_size to the input size.")
-    x = x + posemb.astype(x.dtype)
+    x = x + resample_posemb(posemb, (h, w)).astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, not train)
     x, hidden = layers.Encoder(
         depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
