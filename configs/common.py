@@ -66,6 +66,8 @@ def base_config():
   # and optimizer state over that many devices (ViT-L and larger).
   c.mesh = mlc.ConfigDict(dict(num_devices=0, fsdp=1))
   c.evals = mlc.ConfigDict()
+  c.eval_cache = True  # save embeddings per checkpoint step, reuse them
+  c.report = mlc.ConfigDict(dict(queries=8, k=5))  # report_<eval>.png grid
   # keep the last `keep` checkpoints and the `keep_best` best by best_metric
   # (among those saved with an evaluation: set eval_every).
   c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3, keep_best=1,
@@ -73,11 +75,36 @@ def base_config():
   return c
 
 
+def search_options():
+  """k-NN and descriptor options every evaluator takes (see eval/evaluator)."""
+  return dict(knn="exact", scann=mlc.ConfigDict(dict(
+                  brute_force_below=20_000, num_leaves=0,
+                  num_leaves_to_search=0, reorder=0)),
+              scales=[1.0], whiten_dim=-1, whiten=True, dtype="",
+              num_workers=2)
+
+
 def retrieval_eval(query="test", gallery="", ks=(1, 10, 100, 1000),
                    pp=IRT_PP_EVAL, batch_size=128):
   return mlc.ConfigDict(dict(type="retrieval", query=query, gallery=gallery,
                              ks=list(ks), pp=pp, batch_size=batch_size,
-                             map_at_r=True, num_workers=2))
+                             map_at_r=True, **search_options()))
+
+
+# Landmark protocol: whole images, longer side 1024, three scales (SPEC).
+LANDMARK_PP_EVAL = "decode|resize_max(1024)|normalize"
+LANDMARK_SCALES = [0.7071, 1.0, 1.4142]
+
+
+def revisited_eval(data_dir="", name="roxford5k", distractors_dir="",
+                   pp=LANDMARK_PP_EVAL, scales=None):
+  opts = search_options()
+  opts["scales"] = list(scales or LANDMARK_SCALES)
+  return mlc.ConfigDict(dict(
+      type="revisited", dataset="revisited", data_dir=data_dir,
+      options=mlc.ConfigDict(dict(name=name, distractors_dir=distractors_dir,
+                                  check_counts=True)),
+      pp=pp, batch_size=1, kappas=[1, 5, 10], ranking_depth=0, **opts))
 
 
 def make_local(c):

@@ -68,7 +68,7 @@ def test_leave_one_out_protocol_never_retrieves_self():
   # with the self-match allowed, R@1 would be a trivial 1.0.
   emb = angles([0, 10, 100, 105])
   lab = np.array([0, 1, 0, 1])
-  out = evaluator.score_retrieval(emb, lab, ks=(1, 2, 3))
+  out, _ = evaluator.score_retrieval(emb, lab, ks=(1, 2, 3))
   # Ranks of the same-class item: 0 -> [10, 100, 105]: 2nd; 10 -> [0, 100,
   # 105]: 3rd; 100 -> [105, 10, 0]: 3rd; 105 -> [100, 10, 0]: 2nd.
   assert out["recall@1"] == 0.0
@@ -84,13 +84,13 @@ def test_query_gallery_protocol_searches_gallery_only():
   # Gallery: label 7 at 5 deg; label 8 at 20 deg and 91 deg.
   g = angles([5, 20, 91])
   g_lab = np.array([7, 8, 8])
-  out = evaluator.score_retrieval(q, q_lab, g, g_lab, ks=(1, 2))
+  out, _ = evaluator.score_retrieval(q, q_lab, g, g_lab, ks=(1, 2))
   assert out["recall@1"] == 1.0  # the queries themselves are not candidates
   # MAP@R: query 7 has R=1, hit at rank 1 -> 1; query 8 has R=2: neighbours
   # 91 (8), 20 (8) -> (1 + 1) / 2 = 1.
   assert out["map@r"] == 1.0
   g_lab_wrong = np.array([8, 7, 7])
-  out = evaluator.score_retrieval(q, q_lab, g, g_lab_wrong, ks=(1, 2))
+  out, _ = evaluator.score_retrieval(q, q_lab, g, g_lab_wrong, ks=(1, 2))
   assert out["recall@1"] == 0.0 and out["recall@2"] == 0.5
 
 

@@ -28,6 +28,7 @@ from vitret_jax.data import samplers
 from vitret_jax.errors import UserError
 from vitret_jax.eval import embed
 from vitret_jax.eval import evaluator
+from vitret_jax.eval import report as report_lib
 
 
 def memory_slots(loss_cfg, num_train: int, global_batch: int) -> int:
@@ -68,19 +69,40 @@ class Run:
         (self.image_size, self.image_size, 3), self.mesh,
         memory_slots(config.loss, len(self.train_split),
                      config.input.batch_size))
-    self.embed_fn = embed.make_embed_fn(self.model, self.mesh,
-                                        self.state_sharding.params)
     self.evaluators = evaluator.build_evaluators(
-        config.evals, self.embed_fn, self.mesh, self.splits)
+        config.evals, self._embed_fn_for, self.mesh, self.splits)
     self.ckpt = checkpoint.Checkpointer(
         workdir, keep=config.ckpt.keep, keep_best=config.ckpt.keep_best,
         best_metric=config.ckpt.best_metric)
 
-  def evaluate(self, params) -> dict:
+  def _embed_fn_for(self, dtype=""):
+    """The embedding function, in `dtype` if given (e.g. bf16 evaluation of
+    an fp32 model: same parameters, another compute precision)."""
+    model = self.model
+    if dtype and dtype != self.config.model.dtype:
+      cfg = self.config.model.copy_and_resolve_references()
+      with cfg.unlocked():
+        cfg.dtype = dtype
+      model = models.build_model(cfg)
+    return embed.make_embed_fn(model, self.mesh, self.state_sharding.params)
+
+  def evaluate(self, params, step=None, report=False) -> dict:
+    """Runs every evaluator. With `step`, embeddings are saved under
+    workdir/embeddings and reused by a later evaluation of the same step;
+    with `report`, a PNG grid of queries and results is written per
+    evaluator (workdir/report_<name>.png)."""
     out = {}
     for name, ev in self.evaluators.items():
       t0 = time.time()
-      res = ev.run(params)
+      cache = ""
+      if step is not None and self.config.eval_cache:
+        cache = os.path.join(self.workdir, "embeddings", f"{name}-step{step}")
+      res = ev.run(params, cache)
+      if report and jax.process_index() == 0:
+        rows = ev.report_rows(self.config.report.queries, self.config.report.k)
+        if rows:
+          report_lib.write_grid(
+              os.path.join(self.workdir, f"report_{name}.png"), rows)
       logging.info("eval %s (%.1fs): %s", name, time.time() - t0, res)
       prefix = "" if len(self.evaluators) == 1 else f"{name}/"
       out.update({prefix + k: v for k, v in res.items()})
@@ -198,7 +220,7 @@ def train_and_evaluate(config, workdir) -> dict:
           break
         evals = None
         if config.eval_every and done % config.eval_every == 0:
-          evals = run.evaluate(state.params)
+          evals = run.evaluate(state.params, step=done)
           writer.write(done, {f"eval/{k}": v for k, v in evals.items()})
         if done % config.ckpt.every_steps == 0 or evals is not None:
           run.ckpt.save(state, _meta(config, done), metrics=evals)
@@ -208,8 +230,8 @@ def train_and_evaluate(config, workdir) -> dict:
           raise preemption.Preempted(done, run.ckpt.directory)
     bar.update(bar.total - bar.n)
     bar.close()
-    final = run.evaluate(state.params)
     end = int(jax.device_get(state.step))
+    final = run.evaluate(state.params, step=end, report=True)
     run.ckpt.save(state, _meta(config, end), metrics=final, force=True)
     writer.write(end, {f"eval/{k}": v for k, v in final.items()})
   finally:
@@ -239,5 +261,6 @@ def evaluate_only(config, workdir) -> dict:
       checkpoint.abstract_like(run.state, run.state_sharding))
   run.ckpt.close()
   untrained = _untrained_eval(run, None, fresh=False)
-  return _finish(workdir, run.evaluate(state.params), untrained,
-                 int(jax.device_get(state.step)))
+  step = int(jax.device_get(state.step))
+  return _finish(workdir, run.evaluate(state.params, step=step, report=True),
+                 untrained, step)

@@ -25,10 +25,16 @@ class Split:
 
   Attributes:
     paths: N absolute file paths.
-    labels: [N] int32 class ids.
+    labels: [N] int32 class ids (-1 where a protocol has none).
+    boxes: optional [N, 4] crop boxes (x1, y1, x2, y2) in pixels, applied
+      after decoding (the query boxes of Revisited Oxford / Paris).
+    gnd: optional per-image ground truth (Revisited: dicts with "easy",
+      "hard", "junk" database indices).
   """
   paths: tuple
   labels: np.ndarray
+  boxes: Optional[np.ndarray] = None
+  gnd: Optional[tuple] = None
 
   def __len__(self):
     return len(self.paths)
@@ -120,6 +126,96 @@ def load_grocery(data_dir: str, protocol: str = "class_disjoint",
           "test": make([r for r in everything if r[1] >= num_train_classes])}
 
 
+REVISITED_INSTRUCTIONS = """\
+Revisited Oxford 5k / Paris 6k (Radenovic et al., CVPR 2018) come from
+http://cmp.felk.cvut.cz/revisitop/ (the revisitop repository's download
+script fetches them): point the evaluator's data_dir at the data set's folder,
+which must hold
+  gnd_roxford5k.pkl (or gnd_rparis6k.pkl)   imlist, qimlist, gnd (bbx, easy, hard, junk)
+  jpg/<name>.jpg                             every image the lists name.
+The +1M distractors (revisitop1m) go in their own folder holding
+revisitop1m.txt (one relative image path a line) and those images."""
+
+# Official sizes (database images, queries): a mismatch is reported.
+REVISITED_COUNTS = {"roxford5k": (4993, 70), "rparis6k": (6322, 70)}
+R1M_COUNT = 1_001_001
+
+
+def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",
+                   check_counts: bool = True) -> dict:
+  """Revisited Oxford / Paris from the revisitop layout.
+
+  Args:
+    data_dir: folder with gnd_<name>.pkl and jpg/.
+    name: "roxford5k" or "rparis6k" ("" = the one whose pkl is there).
+    distractors_dir: optional revisitop1m folder (the +R1M setting): its
+      images are appended to the database; they are never positives or junk.
+    check_counts: compare with the official sizes (a mismatch is an error
+      that says how many are missing).
+  Returns:
+    {"query": Split(paths, labels=query index, boxes, gnd),
+     "database": Split(paths, labels=-1)}.
+  """
+  import pickle  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(data_dir):
+    raise DataError(f"No Revisited data at {data_dir!r}: the folder does not "
+                    f"exist.\n{REVISITED_INSTRUCTIONS}")
+  names = [name] if name else [n for n in REVISITED_COUNTS if os.path.isfile(
+      os.path.join(data_dir, f"gnd_{n}.pkl"))]
+  if not names or not os.path.isfile(
+      os.path.join(data_dir, f"gnd_{names[0]}.pkl")):
+    raise DataError(f"No gnd_roxford5k.pkl or gnd_rparis6k.pkl in "
+                    f"{data_dir}.\n{REVISITED_INSTRUCTIONS}")
+  name = names[0]
+  pkl = os.path.join(data_dir, f"gnd_{name}.pkl")
+  try:
+    with open(pkl, "rb") as f:
+      cfg = pickle.load(f)
+    imlist, qimlist, gnd = cfg["imlist"], cfg["qimlist"], cfg["gnd"]
+    boxes = np.asarray([g["bbx"] for g in gnd], np.float32).reshape(-1, 4)
+    gnd = tuple({k: np.asarray(g[k], np.int64) for k in ("easy", "hard", "junk")}
+                for g in gnd)
+  except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{pkl} is not a revisitop ground-truth file ({e!r}): "
+                    f"download it again.\n{REVISITED_INSTRUCTIONS}") from e
+  if len(gnd) != len(qimlist):
+    raise DataError(f"{pkl}: {len(qimlist)} queries but {len(gnd)} gnd "
+                    f"entries.")
+  path = lambda n: os.path.join(data_dir, "jpg", n + ".jpg")
+  db, queries = [path(n) for n in imlist], [path(n) for n in qimlist]
+  absent = [p for p in db + queries if not os.path.isfile(p)]
+  if absent:
+    raise DataError(f"{len(absent)} of the {len(db) + len(queries)} images "
+                    f"of {name} are missing under {data_dir}/jpg, e.g. "
+                    f"{absent[0]}.\n{REVISITED_INSTRUCTIONS}")
+  if check_counts and (len(db), len(queries)) != REVISITED_COUNTS[name]:
+    raise DataError(
+        f"{pkl} lists {len(db)} database images and {len(queries)} queries; "
+        f"the official {name} has {REVISITED_COUNTS[name]}: the file is not "
+        f"the official one (set check_counts=False for a custom subset).")
+  if distractors_dir:
+    db += _read_distractors(distractors_dir, check_counts)
+  return {"query": Split(tuple(queries), np.arange(len(queries), dtype=np.int32),
+                         boxes=boxes, gnd=gnd),
+          "database": Split(tuple(db), np.full(len(db), -1, np.int32))}
+
+
+def _read_distractors(folder, check_counts):
+  listing = os.path.join(folder, "revisitop1m.txt")
+  if not os.path.isfile(listing):
+    raise DataError(f"No revisitop1m.txt in {folder}.\n{REVISITED_INSTRUCTIONS}")
+  with open(listing) as f:
+    paths = [os.path.join(folder, l.strip()) for l in f if l.strip()]
+  absent = [p for p in paths if not os.path.isfile(p)]
+  if absent:
+    raise DataError(f"{len(absent)} of the {len(paths)} distractors listed in "
+                    f"{listing} are missing, e.g. {absent[0]}.")
+  if check_counts and len(paths) != R1M_COUNT:
+    raise DataError(f"{listing} lists {len(paths)} distractors; the official "
+                    f"R1M has {R1M_COUNT} (check_counts=False to allow it).")
+  return paths
+
+
 def _pending(name, layout):
   def load(data_dir, **unused):
     raise UserError(
@@ -131,6 +227,7 @@ def _pending(name, layout):
 
 DATASETS = {
     "grocery": load_grocery,
+    "revisited": load_revisited,
     "sop": _pending("Stanford Online Products",
                     "Ebay_train.txt / Ebay_test.txt beside the image folders"),
     "inshop": _pending("In-Shop Clothes",

@@ -78,36 +78,47 @@ class TrainLoader:
 
 
 def eval_batches(split, pp_fn, batch_size, num_workers=2, process_index=0,
-                 process_count=1):
+                 process_count=1, real_rows=None):
   """Yields evaluation batches of exactly `batch_size` global rows.
 
-  Each process decodes only its own contiguous share of every global batch.
-  Yields dict(image=[batch_size / process_count, H, W, 3] this process's rows,
-  mask=[batch_size] bool over the global batch, True for real rows). The last
-  batch is padded with zero images. Preprocessing must be deterministic.
+  Each global batch holds `real_rows` (default batch_size) consecutive images
+  of the split, then zero images of the same shape up to `batch_size`; one
+  real row per batch lets images of different sizes be embedded one at a
+  time on any number of devices. Each process decodes only the rows of its
+  own contiguous share of every batch.
+
+  Yields dict(image=[batch_size / process_count, H, W, 3] this process's
+  rows, mask=[batch_size] bool over the global batch, True for real rows).
+  Preprocessing must be deterministic.
   """
   per = batch_size // process_count
   if per * process_count != batch_size:
     raise UserError(f"eval batch {batch_size} does not split over "
                     f"{process_count} hosts.")
+  real_rows = real_rows or batch_size
   rng = np.random.default_rng(0)  # unused by deterministic ops
+  box = lambda i: None if split.boxes is None else split.boxes[i]
   with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    def submit(start):
-      lo = start + process_index * per
-      hi = min(lo + per, len(split))
-      return start, [pool.submit(pp_fn, split.paths[i], rng)
-                     for i in range(lo, hi)]
 
-    starts = list(range(0, len(split), batch_size))
+    def submit(start):
+      n_real = min(real_rows, len(split) - start)
+      lo = process_index * per
+      mine = range(start + lo, start + min(lo + per, n_real))
+      futures = [pool.submit(pp_fn, split.paths[i], rng, box(i)) for i in mine]
+      # A process whose share holds no real row still needs the shape.
+      shape_of = None if futures else pool.submit(pp_fn, split.paths[start],
+                                                  rng, box(start))
+      return n_real, futures, shape_of
+
+    starts = list(range(0, len(split), real_rows))
     pending = collections.deque()
     for i in range(len(starts)):
       while len(pending) < 2 and i + len(pending) < len(starts):
         pending.append(submit(starts[i + len(pending)]))
-      start, futures = pending.popleft()
+      n_real, futures, shape_of = pending.popleft()
       images = [f.result() for f in futures]
+      shape = images[0].shape if images else shape_of.result().shape
+      images += [np.zeros(shape, np.float32)] * (per - len(images))
       mask = np.zeros(batch_size, bool)
-      mask[:min(batch_size, len(split) - start)] = True
-      if len(images) < per:
-        shape = images[0].shape if images else pp_fn(split.paths[0], rng).shape
-        images += [np.zeros(shape, np.float32)] * (per - len(images))
+      mask[:n_real] = True
       yield {"image": np.stack(images), "mask": mask}

@@ -40,6 +40,16 @@ def resize(size):
   return lambda img, rng: _resize_to(img, (size, size))
 
 
+def resize_max(size):
+  """Resize so the longer side is `size`, keeping the aspect ratio (landmark
+  images are evaluated whole)."""
+  def op(img, rng):
+    h, w = img.shape[:2]
+    s = size / max(h, w)
+    return _resize_to(img, (max(1, round(h * s)), max(1, round(w * s))))
+  return op
+
+
 def resize_small(size):
   """Resize so the shorter side is `size`, keeping the aspect ratio."""
   def op(img, rng):
@@ -84,6 +94,7 @@ def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
 OPS = {
     "resize": resize,
     "resize_small": resize_small,
+    "resize_max": resize_max,
     "center_crop": center_crop,
     "random_crop": random_crop,
     "flip_lr": flip_lr,
@@ -106,14 +117,18 @@ def _parse(op_str):
 
 
 def build_pp(spec: str):
-  """`fn(path, rng) -> np.ndarray` from a spec starting with "decode"."""
+  """`fn(path, rng, box=None) -> np.ndarray` from a spec starting with
+  "decode"; `box` (x1, y1, x2, y2) crops the decoded image first."""
   names = spec.split("|")
   if names[0].strip() != "decode":
     raise UserError(f"pp spec {spec!r} must start with 'decode'.")
   ops = [_parse(s) for s in names[1:]]
 
-  def run(path, rng):
+  def run(path, rng, box=None):
     img = decode(path)
+    if box is not None:
+      x1, y1, x2, y2 = [int(round(v)) for v in box]
+      img = img[max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)]
     for op in ops:
       img = op(img, rng)
     return np.ascontiguousarray(img)
@@ -131,3 +146,12 @@ def output_size(spec: str) -> int:
     raise UserError(f"pp spec {spec!r} gives no fixed size: end it with a "
                     f"resize(s), center_crop(s) or random_crop(s).")
   return size
+
+
+def is_fixed_size(spec: str) -> bool:
+  """True when every image comes out square of one size (batchable)."""
+  last = [op.strip().split("(")[0] for op in spec.split("|")
+          if op.strip().split("(")[0] in ("resize", "center_crop",
+                                          "random_crop", "resize_max",
+                                          "resize_small")]
+  return bool(last) and last[-1] in ("resize", "center_crop", "random_crop")

@@ -1,5 +1,7 @@
-"""Embedding a split: sharded forward passes, padded last batch dropped."""
+"""Embedding a split: sharded forward passes, padded last batch dropped,
+optionally at several scales (descriptors averaged, then re-normalised)."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -7,44 +9,82 @@ from vitret_jax import sharding
 from vitret_jax.data import pipeline
 
 
-def make_embed_fn(model, mesh, param_sharding=None):
-  """jit(params, images [B, H, W, 3]) -> [B, E] replicated.
+class EmbedFn:
+  """`embed(params, images [B, H, W, 3], scale=1.0) -> [B, E]`, replicated.
 
   Images are split over the mesh's batch axes; params keep `param_sharding`
-  (the train state's, FSDP-split or replicated; default replicated).
+  (the train state's, FSDP-split or replicated). At scale s the images are
+  resized on device to (s*H, s*W) rounded to a multiple of the patch size;
+  one compiled function per input shape and scale.
   """
-  def embed(params, images):
-    return model.apply({"params": params}, images, train=False)
-  if param_sharding is None:
-    param_sharding = sharding.replicated(mesh)
-  return jax.jit(embed, in_shardings=(param_sharding,
-                                      sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+
+  def __init__(self, model, mesh, param_sharding=None, multiple=1):
+    self.model, self.mesh, self.multiple = model, mesh, multiple
+    self.param_sharding = param_sharding or sharding.replicated(mesh)
+    self._compiled = {}
+
+  def _size(self, n, scale):
+    return max(self.multiple, int(round(n * scale / self.multiple))
+               * self.multiple)
+
+  def __call__(self, params, images, scale=1.0):
+    b, h, w, c = images.shape
+    out_hw = (self._size(h, scale), self._size(w, scale))
+    key = (out_hw, images.shape)
+    if key not in self._compiled:
+      model = self.model
+
+      def embed(params, images):
+        if images.shape[1:3] != out_hw:
+          images = jax.image.resize(images, (b,) + out_hw + (c,), "bilinear")
+        return model.apply({"params": params}, images, train=False)
+      self._compiled[key] = jax.jit(
+          embed, in_shardings=(self.param_sharding,
+                               sharding.batch_sharding(self.mesh)),
+          out_shardings=sharding.replicated(self.mesh))
+    return self._compiled[key](params, images)
+
+
+def make_embed_fn(model, mesh, param_sharding=None):
+  multiple = getattr(getattr(model, "encoder", None), "patch_size", 1)
+  return EmbedFn(model, mesh, param_sharding, multiple)
 
 
 def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
-                desc="embed", num_workers=2):
+                desc="embed", num_workers=2, scales=(1.0,), fixed_size=True):
   """Descriptors of every image of `split`, in order.
 
   Args:
-    embed_fn: from make_embed_fn.
-    params: model parameters (replicated).
-    split: datasets.Split; pp_fn: deterministic preprocessing.
-    batch_size: images per forward pass (rounded up to the device count).
-    mesh: device mesh.
+    embed_fn: an EmbedFn.
+    params: model parameters.
+    split: datasets.Split (its boxes, if any, crop the images first);
+      pp_fn: deterministic preprocessing.
+    batch_size: images per forward pass (rounded up to the device count);
+      images of varying size (fixed_size=False) go one at a time.
+    scales: descriptors at these scales are summed and L2-normalised.
   Returns:
     (embeddings [N, E] float32 numpy, labels [N]).
   """
   n_dev = mesh.devices.size
-  batch_size = -(-batch_size // n_dev) * n_dev
+  # Fixed-size images fill whole passes; others go one real image a pass,
+  # padded with zeros of its shape up to the device count.
+  per_pass = -(-(batch_size if fixed_size else 1) // n_dev) * n_dev
+  real = per_pass if fixed_size else 1
   chunks = []
   bar = tqdm.tqdm(total=len(split), desc=desc, unit="img", leave=False,
                   disable=jax.process_index() != 0)
-  for batch in pipeline.eval_batches(split, pp_fn, batch_size, num_workers,
-                                     jax.process_index(), jax.process_count()):
+  for batch in pipeline.eval_batches(split, pp_fn, per_pass, num_workers,
+                                     jax.process_index(), jax.process_count(),
+                                     real_rows=real):
     images = sharding.to_global_batch({"image": batch["image"]}, mesh)["image"]
-    emb = np.asarray(jax.device_get(embed_fn(params, images)), np.float32)
-    chunks.append(emb[batch["mask"]])
+    emb = None
+    for s in scales:
+      e = jnp.asarray(embed_fn(params, images, s), jnp.float32)
+      emb = e if emb is None else emb + e
+    if len(scales) > 1:
+      emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=1, keepdims=True),
+                              1e-12)
+    chunks.append(np.asarray(jax.device_get(emb))[batch["mask"]])
     bar.update(int(batch["mask"].sum()))
   bar.close()
   return np.concatenate(chunks), np.asarray(split.labels)

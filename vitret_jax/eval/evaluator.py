@@ -1,64 +1,158 @@
 """Evaluators, built from `config.evals` through the explicit `EVALUATORS` dict.
 
-Each evaluator exposes `run(params) -> dict of metrics`.
+Each exposes `run(params, cache="") -> dict of metrics` and, after a run,
+`report_rows(num_queries, k)` for the PNG grid. Shared options:
+  pp, batch_size, scales    embedding (multi-scale: summed, re-normalised)
+  knn ("exact" | "scann"), scann (build_scann options)
+                            search backend; with ScaNN the recall of its
+                            neighbours against exact search is reported
+  whiten_dim (-1 = off, 0 = full), whiten (False = PCA only)
+                            learned PCA whitening fitted on the training split
+  dataset, data_dir, options
+                            evaluate on another data set than the training
+                            one (landmarks: train on SfM-120k, test on ROxford)
+`cache` names a file prefix: embeddings are saved there and reused, so a
+re-evaluation of the same checkpoint needs no forward pass.
 """
-import numpy as np
+import os
 
+import numpy as np
+from absl import logging
+
+from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
 from vitret_jax.eval import embed
 from vitret_jax.eval import knn
 from vitret_jax.eval import metrics
+from vitret_jax.eval import whitening as whitening_lib
 
 
-class RetrievalEvaluator:
-  """Recall@K (and MAP@R) of a split's descriptors.
+class _Evaluator:
+  """Embedding, caching, whitening and search shared by the evaluators."""
 
-  Protocols:
-    leave_one_out (SOP, CUB): every image of `query` queries all the others
-      of the same split; it never retrieves itself.
-    query_gallery (In-Shop): `query` images search the `gallery` split only.
+  def __init__(self, embed_fn, mesh, splits, *, pp, batch_size=64,
+               num_workers=2, scales=(1.0,), knn="exact", scann=None,
+               whiten_dim=-1, whiten=True, whiten_max_images=20_000,
+               dataset="", data_dir="", options=None):
+    # Whitening learns from the run's training split, even when the evaluator
+    # reads a data set of its own.
+    self.train_split = splits.get("train")
+    if dataset:
+      splits = datasets.load_dataset(dataset, data_dir, **dict(options or {}))
+    self.splits = splits
+    self.embed_fn, self.mesh = embed_fn, mesh
+    self.pp_fn = preprocess.build_pp(pp)
+    self.fixed_size = preprocess.is_fixed_size(pp)
+    self.batch_size, self.num_workers = batch_size, num_workers
+    self.scales = tuple(float(s) for s in scales)
+    if knn not in knn_backends():
+      raise UserError(f"evals: knn={knn!r}; valid: {knn_backends()}.")
+    self.backend, self.scann_options = knn, dict(scann or {})
+    self.whiten_dim, self.whiten = whiten_dim, whiten
+    self.whiten_max_images = whiten_max_images
+    self.last = None
 
-  Args:
-    embed_fn, mesh: see eval/embed.py.
-    splits: dict of datasets.Split.
-    query, gallery: split names (gallery "" = leave one out on `query`).
-    ks: the K of Recall@K.
-    pp: deterministic preprocessing spec.
-    batch_size: images per forward pass.
-    map_at_r: also report MAP@R.
+  def _split(self, name):
+    if name not in self.splits:
+      raise UserError(f"evals: split {name!r} unknown; the data set has "
+                      f"{sorted(self.splits)}.")
+    return self.splits[name]
+
+  def _embed(self, params, split, desc, cache, tag):
+    path = f"{cache}-{tag}.npy" if cache else ""
+    if path and os.path.exists(path):
+      logging.info("Reusing saved embeddings %s", path)
+      return np.load(path)
+    emb, _ = embed.embed_split(self.embed_fn, params, split, self.pp_fn,
+                               self.batch_size, self.mesh, desc,
+                               self.num_workers, self.scales, self.fixed_size)
+    if path:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      np.save(path, emb)
+    return emb
+
+  def _whitening(self, params, cache):
+    if self.whiten_dim < 0:
+      return None
+    if self.train_split is None:
+      raise UserError("evals: whitening needs a 'train' split to learn from.")
+    split = self.train_split
+    if len(split) > self.whiten_max_images:
+      keep = np.random.default_rng(0).choice(len(split),
+                                             self.whiten_max_images, False)
+      split = datasets.Split(tuple(split.paths[i] for i in sorted(keep)),
+                             split.labels[np.sort(keep)])
+    train = self._embed(params, split, "embed whitening set", cache, "whiten")
+    return whitening_lib.fit(train, self.whiten_dim, self.whiten)
+
+  def _search(self, query, reference, k, exclude_self):
+    """(indices [Q, k], extra metrics) with the configured backend."""
+    k = max(1, min(k, len(reference) - int(exclude_self)))
+    _, idx = knn.search(query, reference, k, exclude_self, "exact"
+                        if self.backend == "exact" else "scann",
+                        self.scann_options)
+    extra = {}
+    if self.backend == "scann":
+      _, exact = knn.search(query, reference, k, exclude_self)
+      kk = min(10, k)
+      extra[f"scann_recall@{kk}"] = knn.neighbour_recall(idx[:, :kk],
+                                                         exact[:, :kk])
+    return idx, extra
+
+  def report_rows(self, num_queries=8, k=5):
+    """[(query path, [(result path, mark, caption)])] of the last run."""
+    if self.last is None:
+      return []
+    q_paths, g_paths, idx, marks = self.last
+    rows = []
+    # Queries spread evenly over the split (lists are often sorted by class).
+    picks = np.unique(np.linspace(0, len(q_paths) - 1, num_queries).astype(int))
+    for i in picks:
+      rows.append((q_paths[i], [(g_paths[j], marks(i, j), f"#{r + 1}")
+                                for r, j in enumerate(idx[i, :k])]))
+    return rows
+
+
+def knn_backends():
+  return knn.BACKENDS
+
+
+class RetrievalEvaluator(_Evaluator):
+  """Category-level retrieval: Recall@K and MAP@R.
+
+  Protocols: gallery "" = leave one out (SOP, CUB: every image of `query`
+  queries all the others of the same split and never retrieves itself);
+  otherwise `query` images search the `gallery` split (In-Shop).
   """
 
   def __init__(self, embed_fn, mesh, splits, *, query, gallery="", ks=(1,),
-               pp, batch_size=64, map_at_r=True, num_workers=2):
-    for name in filter(None, (query, gallery)):
-      if name not in splits:
-        raise UserError(f"evals: split {name!r} unknown; the data set has "
-                        f"{sorted(splits)}.")
-    self.embed_fn, self.mesh = embed_fn, mesh
-    self.query = splits[query]
-    self.gallery = splits[gallery] if gallery else None
-    self.ks = tuple(ks)
-    self.pp_fn = preprocess.build_pp(pp)
-    self.batch_size, self.map_at_r = batch_size, map_at_r
-    self.num_workers = num_workers
+               map_at_r=True, **common):
+    super().__init__(embed_fn, mesh, splits, **common)
+    self.query = self._split(query)
+    self.gallery = self._split(gallery) if gallery else None
+    self.ks, self.map_at_r = tuple(ks), map_at_r
 
-  def _embed(self, params, split, desc):
-    return embed.embed_split(self.embed_fn, params, split, self.pp_fn,
-                             self.batch_size, self.mesh, desc,
-                             self.num_workers)
-
-  def run(self, params) -> dict:
-    q_emb, q_lab = self._embed(params, self.query, "embed queries")
-    if self.gallery is None:
-      return score_retrieval(q_emb, q_lab, None, None, self.ks, self.map_at_r)
-    g_emb, g_lab = self._embed(params, self.gallery, "embed gallery")
-    return score_retrieval(q_emb, q_lab, g_emb, g_lab, self.ks, self.map_at_r)
+  def run(self, params, cache="") -> dict:
+    white = self._whitening(params, cache)
+    q = self._embed(params, self.query, "embed queries", cache, "query")
+    g = q if self.gallery is None else self._embed(
+        params, self.gallery, "embed gallery", cache, "gallery")
+    if white is not None:
+      q, g = white(q), white(g)
+    g_split = self.gallery or self.query
+    out, idx = score_retrieval(q, self.query.labels, None if self.gallery
+                               is None else g, g_split.labels, self.ks,
+                               self.map_at_r, search=self._search)
+    q_lab, g_lab = self.query.labels, g_split.labels
+    self.last = (self.query.paths, g_split.paths, idx,
+                 lambda i, j: bool(q_lab[i] == g_lab[j]))
+    return out
 
 
 def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
-                    with_map_at_r=True):
-  """Recall@K (and MAP@R) of queries against a gallery by exact search.
+                    with_map_at_r=True, search=None):
+  """Recall@K (and MAP@R) of queries against a gallery.
 
   Args:
     q_emb: [Q, E] query descriptors; q_lab: [Q] labels.
@@ -66,9 +160,13 @@ def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
       are the gallery and a query never retrieves itself).
     ks: the K of Recall@K; a K beyond the gallery is left out.
     with_map_at_r: also MAP@R (needs R neighbours for the largest class).
+    search: fn(query, reference, k, exclude_self) -> (indices, extra
+      metrics); default exact search.
   Returns:
-    dict of metrics.
+    (dict of metrics, neighbour indices [Q, K]).
   """
+  if search is None:
+    search = lambda q, r, k, ex: (knn.exact_knn(q, r, k, ex)[1], {})
   loo = g_emb is None
   if loo:
     g_emb, g_lab = q_emb, q_lab
@@ -80,25 +178,74 @@ def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
   k = max(ks)
   if with_map_at_r:
     k = max(k, int(num_rel.max(initial=1)))
-  _, idx = knn.exact_knn(q_emb, g_emb, k, exclude_self=loo)
+  idx, extra = search(q_emb, g_emb, k, loo)
   knn_labels = np.where(idx >= 0, g_lab[np.maximum(idx, 0)], -1)
   out = metrics.recall_at_k(q_lab, knn_labels,
                             [x for x in ks if x <= knn_labels.shape[1]])
   if with_map_at_r:
     out["map@r"] = metrics.map_at_r(q_lab, knn_labels, num_rel)
-  return out
+  out.update(extra)
+  return out, idx
 
 
-EVALUATORS = {"retrieval": RetrievalEvaluator}
+class RevisitedEvaluator(_Evaluator):
+  """Revisited Oxford / Paris: mAP and mP@k for Easy, Medium and Hard.
+
+  Queries are cropped to their boxes; the database is ranked to depth
+  `ranking_depth` (0 = the whole database, which reproduces revisitop
+  exactly; +R1M runs use a finite depth). Default data set "revisited" with
+  `options=dict(name=..., distractors_dir=...)`.
+  """
+
+  def __init__(self, embed_fn, mesh, splits, *, kappas=(1, 5, 10),
+               ranking_depth=0, **common):
+    common.setdefault("dataset", "revisited")
+    super().__init__(embed_fn, mesh, splits, **common)
+    self.query, self.database = self._split("query"), self._split("database")
+    if self.query.gnd is None:
+      raise UserError("evals: the revisited evaluator needs a data set with "
+                      "ground truth (dataset='revisited').")
+    self.kappas, self.depth = tuple(kappas), ranking_depth
+
+  def run(self, params, cache="") -> dict:
+    white = self._whitening(params, cache)
+    q = self._embed(params, self.query, "embed queries", cache, "query")
+    db = self._embed(params, self.database, "embed database", cache,
+                     "database")
+    if white is not None:
+      q, db = white(q), white(db)
+    depth = len(db) if not self.depth else min(self.depth, len(db))
+    idx, extra = self._search(q, db, depth, False)
+    out = metrics.revisited_metrics(idx, self.query.gnd, self.kappas)
+    out.update(extra)
+    gnd = self.query.gnd
+
+    def mark(i, j):
+      if j in set(gnd[i]["easy"]) | set(gnd[i]["hard"]):
+        return True
+      return "junk" if j in set(gnd[i]["junk"]) else False
+    self.last = (self.query.paths, self.database.paths, idx, mark)
+    return out
 
 
-def build_evaluators(evals_cfg, embed_fn, mesh, splits):
-  """{name: evaluator} from `config.evals` (each entry has a `type`)."""
+EVALUATORS = {"retrieval": RetrievalEvaluator, "revisited": RevisitedEvaluator}
+
+
+def build_evaluators(evals_cfg, embed_fn_for, mesh, splits):
+  """{name: evaluator} from `config.evals` (each entry has a `type`).
+
+  embed_fn_for(dtype) -> EmbedFn: evaluators may embed in another precision
+  than training (`dtype`, e.g. "bfloat16"; "" = the model's).
+  """
   out = {}
   for name, cfg in evals_cfg.items():
     cfg = dict(cfg)
     kind = cfg.pop("type")
+    dtype = cfg.pop("dtype", "")
     if kind not in EVALUATORS:
       raise UserError(f"evals.{name}.type={kind!r}; valid: {sorted(EVALUATORS)}.")
-    out[name] = EVALUATORS[kind](embed_fn, mesh, splits, **cfg)
+    try:
+      out[name] = EVALUATORS[kind](embed_fn_for(dtype), mesh, splits, **cfg)
+    except TypeError as e:
+      raise UserError(f"evals.{name}: {e}") from e
   return out

@@ -1,0 +1,118 @@
+"""Revisited Oxford / Paris reader (revisitop layout fixture) and evaluator:
+boxes, multi-scale, whitening, +R1M, ScaNN, saved embeddings, report."""
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+
+import fixtures
+from vitret_jax import models
+from vitret_jax import sharding
+from vitret_jax.data import datasets
+from vitret_jax.errors import DataError
+from vitret_jax.eval import embed
+from vitret_jax.eval import evaluator
+from vitret_jax.eval import report
+
+
+@pytest.fixture(scope="module")
+def revisited(tmp_path_factory):
+  return fixtures.write_revisited(tmp_path_factory.mktemp("roxford"),
+                                  distractors=5)
+
+
+def test_reader_and_errors(revisited, tmp_path):
+  s = datasets.load_revisited(revisited, check_counts=False)
+  assert len(s["query"]) == 6 and len(s["database"]) == 24
+  assert s["query"].boxes.shape == (6, 4) and len(s["query"].gnd) == 6
+  s = datasets.load_revisited(revisited, distractors_dir=os.path.join(
+      revisited, "r1m"), check_counts=False)
+  assert len(s["database"]) == 29
+  with pytest.raises(DataError, match=r"official roxford5k has \(4993, 70\)"):
+    datasets.load_revisited(revisited)
+  with pytest.raises(DataError, match="revisitop"):
+    datasets.load_revisited(str(tmp_path))
+  os.remove(os.path.join(revisited, "jpg", "db_005.jpg"))
+  try:
+    with pytest.raises(DataError, match="1 of the 30 images"):
+      datasets.load_revisited(revisited, check_counts=False)
+  finally:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.copy(os.path.join(revisited, "jpg", "db_004.jpg"),
+                os.path.join(revisited, "jpg", "db_005.jpg"))
+  bad = tmp_path / "gnd_rparis6k.pkl"
+  bad.write_bytes(b"garbage")
+  with pytest.raises(DataError, match="not a revisitop ground-truth"):
+    datasets.load_revisited(str(tmp_path))
+
+
+def make_embed(dtype="float32"):
+  cfg = mlc.ConfigDict(dict(
+      encoder="vit", variant="mu/8", image_size=32, head="irt", proj_dim=0,
+      dropout=0.0, drop_path_rate=0.0, dtype=dtype, remat=False))
+  model = models.build_model(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  mesh = sharding.make_mesh()
+  return embed.make_embed_fn(model, mesh), mesh, params
+
+
+@pytest.mark.parametrize("knn", ["exact", "scann"])
+def test_revisited_evaluator(revisited, tmp_path, knn):
+  if knn == "scann":
+    pytest.importorskip("scann")
+  fn, mesh, params = make_embed()
+  train = datasets.Split(tuple(p for p, _ in fixtures.grocery_photos(3, 8)),
+                         np.zeros(24, np.int32))
+  ev = evaluator.RevisitedEvaluator(
+      fn, mesh, {"train": train}, data_dir=revisited,
+      options=dict(distractors_dir=os.path.join(revisited, "r1m"),
+                   check_counts=False),
+      pp="decode|resize_max(48)|normalize", scales=(0.7071, 1.0, 1.4142),
+      knn=knn, whiten_dim=16)
+  cache = str(tmp_path / "emb" / "roxford-step0")
+  out = ev.run(params, cache)
+  # Each query's own photo is in the database as an easy positive: rank 1.
+  assert out["easy/mp@1"] == 1.0 and out["medium/mp@1"] == 1.0
+  for setting in ("easy", "medium", "hard"):
+    assert 0 < out[f"{setting}/map"] <= 1
+  if knn == "scann":
+    assert out["scann_recall@10"] == 1.0
+  assert sorted(os.listdir(tmp_path / "emb")) == [
+      "roxford-step0-database.npy", "roxford-step0-query.npy",
+      "roxford-step0-whiten.npy"]
+  again = ev.run(None, cache)  # no parameters: only the saved embeddings
+  assert again == out
+  rows = ev.report_rows(3, 4)
+  marks = {m for _, r in rows for _, m, _ in r}
+  assert True in marks
+  report.write_grid(str(tmp_path / "grid.png"), rows)
+  assert os.path.getsize(tmp_path / "grid.png") > 1000
+
+
+def test_multiscale_is_normalised_mean_of_scales():
+  fn, mesh, params = make_embed()
+  split = datasets.Split(tuple(p for p, _ in fixtures.grocery_photos(1, 8)),
+                         np.zeros(8, np.int32))
+  from vitret_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  pp = preprocess.build_pp("decode|resize(32)|normalize")
+  one, _ = embed.embed_split(fn, params, split, pp, 8, mesh, scales=(1.0,))
+  big, _ = embed.embed_split(fn, params, split, pp, 8, mesh, scales=(2.0,))
+  both, _ = embed.embed_split(fn, params, split, pp, 8, mesh,
+                              scales=(1.0, 2.0))
+  want = one + big
+  want /= np.linalg.norm(want, axis=1, keepdims=True)
+  np.testing.assert_allclose(both, want, atol=1e-5)
+  assert not np.allclose(one, big)
+
+
+def test_bf16_embedding_close_to_fp32():
+  fn32, mesh, params = make_embed()
+  fn16, _, _ = make_embed("bfloat16")
+  x = jax.random.normal(jax.random.key(3), (8, 32, 32, 3))
+  x = jax.device_put(x, sharding.batch_sharding(mesh))
+  a, b = np.asarray(fn32(params, x)), np.asarray(fn16(params, x))
+  assert np.max(np.abs(a - b)) < 5e-2 and np.mean(np.sum(a * b, 1)) > 0.99
