@@ -46,7 +46,7 @@ class EmbedFn:
 
 
 def make_embed_fn(model, mesh, param_sharding=None):
-  multiple = getattr(getattr(model, "encoder", None), "patch_size", 1)
+  multiple = getattr(getattr(model, "encoder", None), "stride", 1)
   return EmbedFn(model, mesh, param_sharding, multiple)
 
 

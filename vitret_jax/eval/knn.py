@@ -77,8 +77,9 @@ def build_scann(database, k, *, brute_force_below=20_000, num_leaves=0,
   """A ScaNN searcher over `database` [N, E] by inner product.
 
   Below `brute_force_below` rows it scores exhaustively (exact). Above, it
-  partitions with a k-means tree (num_leaves, default ~sqrt(N); searches
-  num_leaves_to_search, default ~num_leaves/20), scores with anisotropic
+  partitions with a spherical k-means tree (descriptors are unit vectors;
+  num_leaves, default ~sqrt(N); searches num_leaves_to_search, default
+  ~num_leaves/20), scores with anisotropic
   asymmetric hashing (dims_per_block, quantization_threshold) and re-ranks
   the best `reorder` (default 100 * k) exactly.
   """
@@ -92,7 +93,8 @@ def build_scann(database, k, *, brute_force_below=20_000, num_leaves=0,
   to_search = num_leaves_to_search or max(1, leaves // 20)
   return (builder
           .tree(num_leaves=leaves, num_leaves_to_search=to_search,
-                training_sample_size=min(n, training_sample_size))
+                training_sample_size=min(n, training_sample_size),
+                spherical=True)
           .score_ah(dims_per_block,
                     anisotropic_quantization_threshold=quantization_threshold)
           .reorder(reorder or min(n, 100 * k))

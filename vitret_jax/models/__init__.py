@@ -22,20 +22,39 @@ class RetrievalModel(nn.Module):
     return self.head(self.encoder(images, train=train))
 
 
+class PooledEncoder(nn.Module):
+  """The encoder alone, returning its pooled features [B, D] (timm's
+  pre-logits features; what weight-import parity is checked on)."""
+  encoder: nn.Module
+
+  def __call__(self, images, train: bool = False):
+    return self.encoder(images, train=train)["pooled"]
+
+
 def _build_vit(cfg, dtype):
   arch = vit.decode_variant(cfg.variant)
   return vit.VisionTransformer(
       **arch, image_size=cfg.image_size, dropout=cfg.dropout,
       drop_path_rate=cfg.drop_path_rate, dtype=dtype, remat=cfg.remat,
-      name="encoder")
+      distilled=cfg.get("distilled", False),
+      backbone_dtype=DTYPES[cfg.get("backbone_dtype", "float32")],
+      locality_blocks=tuple(cfg.get("locality_blocks", ())), name="encoder")
 
 
 def _build_irt_head(cfg, dtype):
   return heads.IrtHead(proj_dim=cfg.proj_dim or None, dtype=dtype, name="head")
 
 
+def _build_dtop_head(cfg, dtype):
+  d = cfg.get("dtop", {})
+  return heads.DToPHead(num_layers=d.get("num_layers", 4),
+                        out_dim=cfg.proj_dim or 512, gem_p=d.get("gem_p", 3.0),
+                        layer_norm=d.get("layer_norm", True), dtype=dtype,
+                        name="head")
+
+
 ENCODERS = {"vit": _build_vit}
-HEADS = {"irt": _build_irt_head}
+HEADS = {"irt": _build_irt_head, "dtop": _build_dtop_head}
 
 
 def _choose(table, kind, what):

@@ -32,3 +32,56 @@ class IrtHead(nn.Module):
     if self.proj_dim:
       x = nn.Dense(self.proj_dim, dtype=self.dtype, name="projection")(x)
     return l2_normalize(x)
+
+
+class GeMPool(nn.Module):
+  """Generalised mean over tokens: (mean(max(x, eps)^p))^(1/p), `[B, N, D] ->
+  [B, D]`; p is learnable (initial `p`), clamped at 1 from below.
+
+  Attributes:
+    p: initial exponent (3, the usual landmark-retrieval value).
+    eps: floor that keeps the power defined for non-positive activations.
+  """
+  p: float = 3.0
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    p = jnp.maximum(self.param("p", nn.initializers.constant(self.p), ()), 1.0)
+    x = jnp.maximum(x.astype(jnp.float32), self.eps)
+    return jnp.mean(x ** p, axis=1) ** (1.0 / p)
+
+
+class DToPHead(nn.Module):
+  """DToP head: a global branch (class tokens) and a local branch (patch
+  tokens, GeM-pooled), each collected from the last `num_layers` blocks,
+  concatenated, projected and L2-normalised (docs/dtop.md lists which of
+  these choices the paper states and which are defaults of ours).
+
+  Attributes:
+    num_layers: blocks collected per branch (default 4, the last four).
+    out_dim: descriptor dimension.
+    gem_p: initial GeM exponent.
+    layer_norm: normalise each collected block output with its own LayerNorm
+      (the last block's output is otherwise the only normalised one).
+    dtype: compute dtype of the projection.
+  """
+  num_layers: int = 4
+  out_dim: int = 512
+  gem_p: float = 3.0
+  layer_norm: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features):
+    hidden = features["hidden"][-self.num_layers:]
+    prefix = features["num_prefix"]
+    glob, loc = [], []
+    for i, h in enumerate(hidden):
+      if self.layer_norm:
+        h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"norm_{i}")(h)
+      glob.append(h[:, 0])
+      loc.append(GeMPool(self.gem_p, name=f"gem_{i}")(h[:, prefix:]))
+    x = jnp.concatenate(glob + loc, axis=-1)
+    x = nn.Dense(self.out_dim, dtype=self.dtype, name="projection")(x)
+    return l2_normalize(x)

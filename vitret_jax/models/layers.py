@@ -4,7 +4,7 @@ Submodule names (`LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`,
 `MlpBlock_3`, `encoderblock_{i}`, `encoder_norm`) follow the Google ViT / big_vision
 checkpoints so that their `.npz` files map onto these modules by name.
 """
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -60,6 +60,41 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout)(x, deterministic)
 
 
+class LocalityMlp(nn.Module):
+  """MLP with a depth-wise 3x3 convolution over the patch-token grid between
+  its two Dense layers (inverted residual, as LocalViT; DToP's locality
+  enhancement). Prefix tokens (class, distillation) bypass the convolution.
+  Names keep Dense_0 / Dense_1 of MlpBlock, so pretrained MLP weights load.
+
+  Attributes:
+    mlp_dim, dropout, dtype: as MlpBlock.
+    grid_hw: (h, w) of the patch-token grid.
+    num_prefix: tokens before the grid.
+  """
+  mlp_dim: int
+  grid_hw: Tuple[int, int]
+  num_prefix: int = 1
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    d = x.shape[-1]
+    x = gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x))
+    prefix, grid = x[:, :self.num_prefix], x[:, self.num_prefix:]
+    b = grid.shape[0]
+    h, w = self.grid_hw
+    grid = grid.reshape(b, h, w, self.mlp_dim)
+    grid = nn.Conv(self.mlp_dim, (3, 3), padding="SAME",
+                   feature_group_count=self.mlp_dim, dtype=self.dtype,
+                   name="dwconv")(grid)
+    grid = gelu(grid).reshape(b, h * w, self.mlp_dim)
+    x = jnp.concatenate([prefix, grid], axis=1)
+    x = nn.Dropout(self.dropout)(x, deterministic)
+    x = nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
+    return nn.Dropout(self.dropout)(x, deterministic)
+
+
 class EncoderBlock(nn.Module):
   """Pre-norm transformer block: x + MHSA(LN(x)), then x + MLP(LN(x)).
 
@@ -69,24 +104,33 @@ class EncoderBlock(nn.Module):
     dropout: dropout rate (MLP and after attention).
     drop_path: stochastic-depth rate of this block.
     dtype: compute dtype.
+    locality_grid: (h, w) of the patch grid to use a LocalityMlp, or None
+      for the plain MLP; num_prefix: tokens before the grid.
   """
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  locality_grid: Optional[Tuple[int, int]] = None
+  num_prefix: int = 1
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="LayerNorm_0")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
+        force_fp32_for_softmax=True,
         name="MultiHeadDotProductAttention_1")(y, y, deterministic=True)
     y = nn.Dropout(self.dropout)(y, deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="LayerNorm_2")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_3")(
-        y, deterministic)
+    if self.locality_grid is None:
+      mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_3")
+    else:
+      mlp = LocalityMlp(self.mlp_dim, self.locality_grid, self.num_prefix,
+                        self.dropout, self.dtype, name="MlpBlock_3")
+    y = mlp(y, deterministic)
     return x + DropPath(self.drop_path)(y, deterministic)
 
 
@@ -99,7 +143,9 @@ class Encoder(nn.Module):
     drop_path_rate: stochastic depth of the last block; it grows linearly from
       0 at the first block (the DeiT / timm schedule).
     remat: recompute each block's activations in the backward pass.
-    return_all: also return every block's output (for multi-layer heads).
+    locality_blocks: indices of the blocks whose MLP is a LocalityMlp
+      (negative counts from the end); they need `grid_hw` and `num_prefix`.
+  Returns (final-normed tokens, list of every block's raw output).
   """
   depth: int
   mlp_dim: int
@@ -108,17 +154,22 @@ class Encoder(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+  locality_blocks: Sequence[int] = ()
+  grid_hw: Optional[Tuple[int, int]] = None
+  num_prefix: int = 1
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     block_cls = EncoderBlock
     if self.remat:
       block_cls = nn.remat(EncoderBlock, static_argnums=(2,))
+    local = {i % self.depth for i in self.locality_blocks}
     hidden = []
     for i in range(self.depth):
       rate = self.drop_path_rate * i / max(1, self.depth - 1)
       x = block_cls(self.mlp_dim, self.num_heads, self.dropout, rate,
-                    self.dtype, name=f"encoderblock_{i}")(x, deterministic)
+                    self.dtype, self.grid_hw if i in local else None,
+                    self.num_prefix, name=f"encoderblock_{i}")(x, deterministic)
       hidden.append(x)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="encoder_norm")(x)
     return x, hidden
