@@ -41,10 +41,15 @@ def base_config():
   # run's workdir, whole state), then model.init_from (parameters only).
   c.resume_from = ""
 
+  # init_from: a run's workdir, an exported artifact, a timm .safetensors /
+  # .pth file (init_format="timm") or a Google .npz (init_format="npz");
+  # init_fresh: parameter name parts allowed to stay freshly initialised.
   c.model = mlc.ConfigDict(dict(
       encoder="vit", variant="S/16", image_size=224, head="irt", proj_dim=0,
       dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False,
-      init_from="", init_format="auto"))
+      distilled=False, backbone_dtype="float32", locality_blocks=[],
+      dtop=mlc.ConfigDict(dict(num_layers=4, gem_p=3.0, layer_norm=True)),
+      init_from="", init_format="auto", init_fresh=["head/"]))
 
   c.input = mlc.ConfigDict(dict(
       dataset="", data_dir="", options=mlc.ConfigDict(), train_split="train",

@@ -102,6 +102,13 @@ def test_init_from_lists_mismatched_names(tmp_path):
   template = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"]
   with pytest.raises(UserError, match=r"missing \(2\): head/projection"):
-    checkpoint.make_init_params(str(tmp_path / "other"))(template)
+    checkpoint.make_init_params(str(tmp_path / "other"), fresh=())(template)
+  # By default a new head may stay freshly initialised; the rest loads.
+  real = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]
+  got = checkpoint.make_init_params(str(tmp_path / "other"))(real)
+  np.testing.assert_array_equal(got["head"]["projection"]["kernel"],
+                                real["head"]["projection"]["kernel"])
+  np.testing.assert_array_equal(got["encoder"]["cls"],
+                                state.params["encoder"]["cls"])
   with pytest.raises(UserError, match="no checkpoints/ folder"):
     checkpoint.make_init_params(str(tmp_path / "nothing"))(template)

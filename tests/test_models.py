@@ -23,7 +23,8 @@ PINNED = {
 def model_cfg(**kw):
   base = dict(encoder="vit", variant="mu/8", image_size=32, head="irt",
               proj_dim=0, dropout=0.0, drop_path_rate=0.1, dtype="float32",
-              remat=False)
+              remat=False, distilled=False, backbone_dtype="float32",
+              locality_blocks=[])
   base.update(kw)
   return mlc.ConfigDict(base)
 
@@ -34,8 +35,29 @@ def count(model, size):
   return sum(x.size for x in jax.tree.leaves(shapes))
 
 
+# Hybrids and the distilled DeiT, against timm's counts (tools/timm_parity.py
+# table): (variant, image size, distilled) -> parameters without classifier.
+PINNED_TIMM = {
+    ("R50+B/16", 224, False): 97_890_112,   # vit_base_r50_s16_224
+    ("R50+B/16", 384, False): 98_181_952,   # vit_base_r50_s16_384
+    ("R26+S/32", 224, False): 36_046_912,   # vit_small_r26_s32_224
+    ("S/16", 224, True): 21_666_432,        # deit_small_distilled_patch16_224
+}
+
+
 def test_every_variant_has_a_pinned_count():
   assert set(PINNED) == set(vit.VARIANTS)
+  from vitret_jax.models import hybrid  # pylint: disable=g-import-not-at-top
+  assert {v.split("+")[0] for v, _, _ in PINNED_TIMM if "+" in v} == set(
+      hybrid.RESNETS)
+
+
+@pytest.mark.parametrize("key", sorted(PINNED_TIMM))
+def test_pinned_timm_counts(key):
+  variant, size, distilled = key
+  model = models.build_model(model_cfg(variant=variant, image_size=size,
+                                       distilled=distilled))
+  assert count(model, size) == PINNED_TIMM[key]
 
 
 @pytest.mark.parametrize("size,patch", [(s, p) for s in PINNED
@@ -85,3 +107,32 @@ def test_any_input_resolution_and_aspect():
     assert out.shape == (shape[0], 32) and np.all(np.isfinite(out))
   grid = vit.resample_posemb(jnp.arange(17.0).reshape(1, 17, 1), (4, 4))
   np.testing.assert_array_equal(grid, jnp.arange(17.0).reshape(1, 17, 1))
+
+
+def test_dtop_model_size_and_descriptor():
+  """configs/dtop.py: R50+B/16 at 384 px + locality blocks + DToP head;
+  the sum is worked out in docs/dtop.md."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "dtop_cfg", os.path.join(REPO, "configs", "dtop.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config().model
+  model = models.build_model(cfg)
+  assert count(model, 384) == 101_457_220
+  out = jax.eval_shape(lambda: model.apply(
+      model.init(jax.random.key(0), jnp.zeros((1, 384, 384, 3))),
+      jnp.zeros((2, 384, 384, 3))))
+  assert out.shape == (2, 512)
+
+
+def test_locality_blocks_only_where_asked():
+  model = models.build_model(model_cfg(locality_blocks=[-1]))
+  v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  blocks = v["encoder"]["Transformer"]
+  assert "dwconv" in blocks["encoderblock_1"]["MlpBlock_3"]
+  assert "dwconv" not in blocks["encoderblock_0"]["MlpBlock_3"]
+  x = jax.random.normal(jax.random.key(1), (2, 48, 32, 3))  # 6 x 4 grid
+  assert model.apply({"params": v}, x).shape == (2, 32)

@@ -158,3 +158,50 @@ def test_step_on_8_devices_equals_1_device(reduction):
   err = max(float(np.max(np.abs(a - b))) for a, b in
             zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])))
   assert err < 1e-5, err
+
+
+def test_dtop_config_trains(tmp_path):
+  """configs/dtop.py (runlocal: R26 hybrid + locality blocks + DToP head)
+  trains, on the embedded data until the landmark readers land."""
+  import dtop  # pylint: disable=g-import-not-at-top
+  c = dtop.get_config("runlocal=True")
+  d = demo.get_config("runlocal=True")
+  with c.unlocked():
+    c.input = d.input
+    c.input.pp_train = "decode|resize(72)|random_crop(64)|flip_lr|normalize"
+    c.evals = d.evals
+    c.evals.test.pp = "decode|resize(72)|center_crop(64)|normalize"
+    c.ckpt.best_metric = "recall@1"
+    c.eval_untrained = False
+    c.total_steps = 3
+  out = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert out["step"] == 3 and np.isfinite(out["recall@1"])
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  params = checkpoint.load_run_params(str(tmp_path / "run"))
+  assert params["head"]["projection"]["kernel"].shape == (4 * 32, 512)
+  assert "dwconv" in params["encoder"]["Transformer"]["encoderblock_1"][
+      "MlpBlock_3"]
+
+
+def test_init_from_timm_safetensors(tmp_path):
+  """model.init_from a timm .safetensors file: the encoder loads (equal to the
+  converted weights), the head stays freshly initialised."""
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitret_jax import weights  # pylint: disable=g-import-not-at-top
+  with np.load(os.path.join(REPO, "tests", "golden", "vit_tiny.npz")) as f:
+    sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
+  st_numpy.save_file(sd, str(tmp_path / "vit_tiny.safetensors"))
+  c = demo.get_config("runlocal=True")  # mu/8 at 32 px = the golden ViT
+  with c.unlocked():
+    c.model.proj_dim = 16
+  model = models.build_model(c.model)
+  real = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  got = checkpoint.make_init_params(str(tmp_path / "vit_tiny.safetensors"),
+                                    "auto", c.model)(real)
+  want = weights.convert_timm(weights.build_encoder("mu/8", 32), sd,
+                              32)["params"]["encoder"]
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got["encoder"])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  np.testing.assert_array_equal(got["head"]["projection"]["kernel"],
+                                real["head"]["projection"]["kernel"])

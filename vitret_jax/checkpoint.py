@@ -193,32 +193,62 @@ def load_run_params(workdir, step=None):
   return jax.tree.map(np.asarray, params)
 
 
-def _load_init_source(path, fmt):
-  """Parameters from `model.init_from`; formats: vitret_run, vitret_export."""
+INIT_FORMATS = ("auto", "vitret_run", "vitret_export", "timm", "npz")
+
+
+def _load_init_source(path, fmt, model_cfg):
+  """Parameters from `model.init_from` as a nested dict (see INIT_FORMATS)."""
   from vitret_jax import export  # pylint: disable=g-import-not-at-top
+  from vitret_jax import weights  # pylint: disable=g-import-not-at-top
   if fmt == "auto":
-    fmt = ("vitret_export" if os.path.isfile(os.path.join(path, "model.json"))
-           else "vitret_run")
+    if path.endswith((".safetensors", ".pth", ".bin")):
+      fmt = "timm"
+    elif path.endswith(".npz"):
+      fmt = "npz"
+    elif os.path.isfile(os.path.join(path, "model.json")):
+      fmt = "vitret_export"
+    else:
+      fmt = "vitret_run"
+  if fmt not in INIT_FORMATS:
+    raise UserError(f"model.init_format={fmt!r}; valid: {INIT_FORMATS}.")
+  if fmt in ("timm", "npz") and not os.path.isfile(path):
+    raise UserError(f"model.init_from={path!r}: no such file.")
   if fmt == "vitret_export":
     return export.Embedder(path).params
   if fmt == "vitret_run":
     return load_run_params(path)
-  raise UserError(f"model.init_format={fmt!r}; valid: 'auto', 'vitret_run', "
-                  f"'vitret_export'.")
+  # Encoder-only checkpoints: converted with the encoder of this config.
+  kw = dict(variant=model_cfg.variant, image_size=model_cfg.image_size,
+            distilled=model_cfg.get("distilled", False))
+  model = weights.build_encoder(**kw)
+  if fmt == "timm":
+    params = weights.convert_timm(model, weights.load_state_dict(path),
+                                  model_cfg.image_size, path)["params"]
+  else:
+    params = weights.from_npz(path, model_cfg.variant,
+                              model_cfg.image_size)[1]["params"]
+  return jax.tree.map(np.asarray, params)
 
 
-def make_init_params(path, fmt="auto"):
+def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
   """callable(template params) -> loaded params, or None when `path` is empty.
 
   Every name and shape must match the model's: a missing, unexpected or
-  misshaped entry is an error listing them.
+  misshaped entry is an error listing them, except that parameters whose
+  name contains one of `fresh` may be absent from the source (they keep
+  their initialisation: a new head, DToP's depth-wise convolutions).
   """
   if not path:
     return None
 
   def load(template):
-    loaded = _load_init_source(path, fmt)
+    loaded = _load_init_source(path, fmt, model_cfg)
     want, have = _shapes(template), _shapes(loaded)
+    kept = {k for k in set(want) - set(have) if any(f in k for f in fresh)}
+    if kept:
+      logging.info("init_from: %d parameters stay freshly initialised (%s)",
+                   len(kept), ", ".join(sorted(kept)[:4]))
+      want = {k: v for k, v in want.items() if k not in kept}
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
     misshaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
@@ -231,14 +261,16 @@ def make_init_params(path, fmt="auto"):
         lines.append(f"  misshaped ({len(misshaped)}): " + ", ".join(
             f"{k} {have[k]} vs {want[k]}" for k in misshaped[:8]))
       raise UserError("\n".join(lines))
-    return jax.tree.map(lambda t, x: np.asarray(x, t.dtype), template,
-                        _like(template, loaded))
+    return _like(template, loaded)
   return load
 
 
 def _like(template, loaded):
-  """`loaded` re-nested exactly like `template` (same names)."""
+  """`template` with every entry that `loaded` has replaced by it."""
   flat = {"/".join(_key_name(k) for k in p): x
           for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
-  return jax.tree_util.tree_map_with_path(
-      lambda p, _: flat["/".join(_key_name(k) for k in p)], template)
+
+  def pick(path, t):
+    name = "/".join(_key_name(k) for k in path)
+    return np.asarray(flat[name], t.dtype) if name in flat else t
+  return jax.tree_util.tree_map_with_path(pick, template)

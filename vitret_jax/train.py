@@ -162,7 +162,8 @@ def train_and_evaluate(config, workdir) -> dict:
   state, source = checkpoint.resume_or_init(
       run.ckpt, run.state, run.state_sharding, config.resume_from,
       checkpoint.make_init_params(config.model.init_from,
-                                  config.model.init_format))
+                                  config.model.init_format, config.model,
+                                  tuple(config.model.init_fresh)))
   untrained = None
   if config.eval_untrained:
     untrained = _untrained_eval(run, state.params, fresh=source != "workdir")

@@ -234,6 +234,9 @@ DATASETS = {
                        "Eval/list_eval_partition.txt beside img/"),
     "cub": _pending("CUB-200-2011", "images.txt, image_class_labels.txt, "
                     "train_test_split.txt beside images/"),
+    "sfm120k": _pending("retrieval-SfM-120k",
+                        "retrieval-SfM-120k.pkl beside ims/"),
+    "gldv2": _pending("GLDv2-clean", "train_clean.csv beside train/a/b/c/"),
 }
 
 

@@ -74,6 +74,9 @@ class DToPHead(nn.Module):
 
   @nn.compact
   def __call__(self, features):
+    if self.num_layers > len(features["hidden"]):
+      raise ValueError(f"model.dtop.num_layers={self.num_layers} exceeds the "
+                       f"encoder's {len(features['hidden'])} blocks.")
     hidden = features["hidden"][-self.num_layers:]
     prefix = features["num_prefix"]
     glob, loc = [], []
