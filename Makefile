@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo test parity clean-demo
 
 install: $(STAMP)
 
@@ -22,6 +22,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Full-size parity with timm: installs the reference stack (CPU torch, timm
+# without its torchvision pin pulling a CUDA torch) and prints the table.
+parity: $(STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps timm==1.0.31 torchvision==0.28.0
+	$(PY) -m pip install --quiet huggingface-hub pyyaml
+	$(PY) tools/timm_parity.py
+	$(PY) -m pytest -q -m parity tests/test_weights.py
 
 clean-demo:
 	rm -rf $(WORKDIR)

@@ -9,14 +9,14 @@ from vitret_jax import models
 from vitret_jax.errors import UserError
 from vitret_jax.models import vit
 
-# Parameter counts at 224 px, no classifier: timm's vit_*_patch*_224 totals
-# minus their 1000-class head (e.g. vit_small_patch16_224: 22,050,664 - 385,000).
+# Parameter counts at 224 px without classifier, as timm 1.0.31 counts
+# vit_*_patch*_224 with num_classes=0 (tools/timm_parity.py); "mu" is ours.
 PINNED = {
     "mu": {8: 56_800},
     "Ti": {16: 5_524_416},
     "S": {16: 21_665_664, 32: 22_493_952},
     "B": {16: 85_798_656, 32: 87_455_232},
-    "L": {16: 303_301_632},
+    "L": {16: 303_301_632, 32: 305_510_400},
 }
 
 

@@ -100,8 +100,8 @@ def _timm_available():
 
 @pytest.mark.parity
 @pytest.mark.skipif(not _timm_available(),
-                    reason="full-size parity needs torch and timm "
-                           "(pip install -e .[parity], see README)")
+                    reason="full-size parity needs torch and timm: run "
+                           "`make parity` (see README)")
 @pytest.mark.parametrize("name", sorted(weights.TIMM_MODELS))
 def test_full_size_parity_with_timm(name):
   sys.path.insert(0, os.path.join(REPO, "tools"))

@@ -241,7 +241,7 @@ def load_state_dict(path):
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise UserError(f"{path}: reading .pth files needs torch (pip install "
-                    f"-e .[parity]); .safetensors files need no torch.") from e
+                    f"torch==2.13.0); .safetensors files need no torch.") from e
   sd = torch.load(path, map_location="cpu", weights_only=True)
   sd = sd.get("state_dict", sd.get("model", sd))
   return {k: v.float().numpy() for k, v in sd.items()}
