@@ -86,12 +86,23 @@ class _Evaluator:
     train = self._embed(params, split, "embed whitening set", cache, "whiten")
     return whitening_lib.fit(train, self.whiten_dim, self.whiten)
 
-  def _search(self, query, reference, k, exclude_self):
-    """(indices [Q, k], extra metrics) with the configured backend."""
+  def _search(self, query, reference, k, exclude_self, cache=""):
+    """(indices [Q, k], extra metrics) with the configured backend; a ScaNN
+    index is saved beside the cached embeddings and reloaded next time."""
     k = max(1, min(k, len(reference) - int(exclude_self)))
-    _, idx = knn.search(query, reference, k, exclude_self, "exact"
-                        if self.backend == "exact" else "scann",
-                        self.scann_options)
+    searcher = None
+    if self.backend == "scann":
+      folder = f"{cache}-scann-k{k + int(exclude_self)}" if cache else ""
+      if folder and os.path.isdir(folder):
+        searcher = knn.load_scann(folder)
+      else:
+        searcher = knn.build_scann(reference, k + int(exclude_self),
+                                   **self.scann_options)
+        if folder:
+          os.makedirs(folder)
+          searcher.serialize(folder, relative_path=True)
+    _, idx = knn.search(query, reference, k, exclude_self, self.backend,
+                        self.scann_options, searcher=searcher)
     extra = {}
     if self.backend == "scann":
       _, exact = knn.search(query, reference, k, exclude_self)
@@ -141,9 +152,10 @@ class RetrievalEvaluator(_Evaluator):
     if white is not None:
       q, g = white(q), white(g)
     g_split = self.gallery or self.query
+    search = lambda *a: self._search(*a, cache=cache)
     out, idx = score_retrieval(q, self.query.labels, None if self.gallery
                                is None else g, g_split.labels, self.ks,
-                               self.map_at_r, search=self._search)
+                               self.map_at_r, search=search)
     q_lab, g_lab = self.query.labels, g_split.labels
     self.last = (self.query.paths, g_split.paths, idx,
                  lambda i, j: bool(q_lab[i] == g_lab[j]))
@@ -215,7 +227,7 @@ class RevisitedEvaluator(_Evaluator):
     if white is not None:
       q, db = white(q), white(db)
     depth = len(db) if not self.depth else min(self.depth, len(db))
-    idx, extra = self._search(q, db, depth, False)
+    idx, extra = self._search(q, db, depth, False, cache)
     out = metrics.revisited_metrics(idx, self.query.gnd, self.kappas)
     out.update(extra)
     gnd = self.query.gnd
