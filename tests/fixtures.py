@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 
+from vitret_jax.data import benchmarks
 from vitret_jax.data import datasets
 
 
@@ -53,3 +54,98 @@ def write_revisited(root, name="roxford5k", distractors=0):
     with open(os.path.join(d, "revisitop1m.txt"), "w") as f:
       f.write("\n".join(lines) + "\n")
   return root
+
+
+def _copy(src, root, rel):
+  dst = os.path.join(str(root), rel)
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  shutil.copy(src, dst)
+  return rel
+
+
+def write_sop(root, classes=6, per_class=4):
+  photos = grocery_photos(per_class, classes)
+  for split, keep in (("train", lambda c: c < classes // 2),
+                      ("test", lambda c: c >= classes // 2)):
+    lines = ["image_id class_id super_class_id path"]
+    for i, (p, c) in enumerate(photos):
+      if keep(c):
+        rel = _copy(p, root, f"bicycle_final/{c + 1}_{i}.JPG")
+        lines.append(f"{i + 1} {c + 1} 1 {rel}")
+    with open(os.path.join(str(root), f"Ebay_{split}.txt"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return str(root)
+
+
+def write_inshop(root, classes=6, per_class=4):
+  photos = grocery_photos(per_class, classes)
+  rows, boxes = [], []
+  for i, (p, c) in enumerate(photos):
+    rel = _copy(p, root, f"img/WOMEN/Dresses/id_{c:08d}/{i:02d}_1_front.jpg")
+    role = "train" if c < classes // 2 else ("query" if i % 2 else "gallery")
+    rows.append(f"{rel} id_{c:08d} {role}")
+    boxes.append(f"{rel} 1 1 4 4 60 60")
+  os.makedirs(os.path.join(str(root), "Eval"))
+  with open(os.path.join(str(root), "Eval", "list_eval_partition.txt"), "w") as f:
+    f.write(f"{len(rows)}\nimage_name item_id evaluation_status\n")
+    f.write("\n".join(rows) + "\n")
+  os.makedirs(os.path.join(str(root), "Anno"))
+  with open(os.path.join(str(root), "Anno", "list_bbox_inshop.txt"), "w") as f:
+    f.write(f"{len(rows)}\nimage_name clothes_type pose_type x_1 y_1 x_2 y_2\n")
+    f.write("\n".join(boxes) + "\n")
+  return str(root)
+
+
+def write_cub(root, per_class=2):
+  """Classes 1-3 and 101-103 (train / test sides of the 100/100 split)."""
+  photos = grocery_photos(per_class, 6)
+  images, labels, split, bbox = [], [], [], []
+  for i, (p, c) in enumerate(photos, 1):
+    cls = c + 1 if c < 3 else c + 98
+    rel = _copy(p, os.path.join(str(root), "images"),
+                f"{cls:03d}.Bird_{cls}/Bird_{cls}_{i:04d}.jpg")
+    images.append(f"{i} {rel}")
+    labels.append(f"{i} {cls}")
+    split.append(f"{i} {i % 2}")
+    bbox.append(f"{i} 5.0 6.0 50.0 40.0")
+  for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
+                      ("train_test_split.txt", split),
+                      ("bounding_boxes.txt", bbox)):
+    with open(os.path.join(str(root), name), "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return str(root)
+
+
+def write_sfm120k(root):
+  photos = grocery_photos(3, 4)
+  db = {}
+  for split, sel in (("train", photos[:9]), ("val", photos[9:])):
+    cids, cluster = [], []
+    for i, (p, c) in enumerate(sel):
+      cid = f"{split}{i:02d}{c:02d}abcdef{i:04d}"
+      _copy(p, root, os.path.relpath(benchmarks.sfm_path(str(root), cid),
+                                     str(root)))
+      cids.append(cid)
+      cluster.append(c)
+    db[split] = {"cids": cids, "cluster": cluster, "qidxs": [0], "pidxs": [1]}
+  with open(os.path.join(str(root), "retrieval-SfM-120k.pkl"), "wb") as f:
+    pickle.dump(db, f)
+  return str(root)
+
+
+def write_gldv2(root):
+  photos = grocery_photos(3, 4)
+  rows = {}
+  for i, (p, c) in enumerate(photos):
+    image = f"{i:x}{c:x}0f{i:012x}"
+    _copy(p, root, f"train/{image[0]}/{image[1]}/{image[2]}/{image}.jpg")
+    rows.setdefault(1000 + c, []).append(image)
+  with open(os.path.join(str(root), "train_clean.csv"), "w") as f:
+    f.write("landmark_id,images\n")
+    for lid, images in rows.items():
+      f.write(f"{lid},{' '.join(images)}\n")
+  return str(root)
+
+
+WRITERS = {"sop": write_sop, "inshop": write_inshop, "cub": write_cub,
+           "sfm120k": write_sfm120k, "gldv2": write_gldv2}

@@ -216,27 +216,22 @@ def _read_distractors(folder, check_counts):
   return paths
 
 
-def _pending(name, layout):
-  def load(data_dir, **unused):
-    raise UserError(
-        f"The {name} reader is not part of this release yet (it lands with "
-        f"the TFDS data builders, issue #4). Expected layout once it does: "
-        f"{layout}. Until then, use configs/grocery.py or configs/demo.py.")
+def _benchmark(name):
+  # Imported when used: benchmarks.py builds on this module.'s Split.
+  def load(data_dir, **options):
+    from vitret_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
+    return benchmarks.READERS[name](data_dir, **options)
   return load
 
 
 DATASETS = {
     "grocery": load_grocery,
     "revisited": load_revisited,
-    "sop": _pending("Stanford Online Products",
-                    "Ebay_train.txt / Ebay_test.txt beside the image folders"),
-    "inshop": _pending("In-Shop Clothes",
-                       "Eval/list_eval_partition.txt beside img/"),
-    "cub": _pending("CUB-200-2011", "images.txt, image_class_labels.txt, "
-                    "train_test_split.txt beside images/"),
-    "sfm120k": _pending("retrieval-SfM-120k",
-                        "retrieval-SfM-120k.pkl beside ims/"),
-    "gldv2": _pending("GLDv2-clean", "train_clean.csv beside train/a/b/c/"),
+    "sop": _benchmark("sop"),
+    "inshop": _benchmark("inshop"),
+    "cub": _benchmark("cub"),
+    "sfm120k": _benchmark("sfm120k"),
+    "gldv2": _benchmark("gldv2"),
 }
 
 
