@@ -4,8 +4,9 @@
       --config.input.data_dir=/data/CUB_200_2011 --workdir=DIR
 
 Paper (IRT_R, DeiT-S distilled): R@1 76.6; the public reimplementation 76.5.
-The CUB reader lands with the data issue (#4); until then this config stops
-with a message saying so.
+The folder is CUB_200_2011/ (images.txt, image_class_labels.txt, images/);
+classes 1-100 train, 101-200 are evaluated leave-one-out. Fine-tune from
+ImageNet weights with --config.model.init_from=<timm .safetensors>
 """
 import os
 import sys

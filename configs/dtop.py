@@ -12,9 +12,9 @@ on Revisited Oxford / Paris (multi-scale, Medium / Hard mAP).
 
 DToP's authors published no code: every choice the paper leaves open is a
 config value here, and docs/dtop.md says which are the paper's and which are
-defaults (GLAM's where the SPEC says so). The landmark training readers
-(GLDv2, SfM-120k) land with the data issue (#4): until then training stops
-with a message saying so. The paper trains with a classification-margin loss
+defaults (GLAM's where the SPEC says so). Training reads GLDv2-clean
+(train_clean.csv + train/); --config.input.dataset=sfm120k for
+retrieval-SfM-120k. The paper trains with a classification-margin loss
 (unverified); this release trains DToP with the IRT loss.
 Arg: variant=R50+B/16, runlocal=False.
 """

@@ -4,9 +4,10 @@
       --config.input.data_dir=/data/inshop --workdir=DIR
 
 Paper (IRT_R, DeiT-S distilled, 224 px): R@1 91.9. Memory ratio 0.2 (SPEC).
-The paper's momentum key encoder for the memory is not implemented yet: the
-memory holds the online encoder's descriptors. The In-Shop reader lands with
-the data issue (#4); until then this config stops with a message saying so.
+The folder holds Eval/list_eval_partition.txt and img/. The paper's momentum
+key encoder for the memory is not implemented yet: the memory holds the
+online encoder's descriptors. Fine-tune from ImageNet weights with
+--config.model.init_from=deit_small_patch16_224.safetensors
 """
 import os
 import sys

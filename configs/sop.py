@@ -3,9 +3,9 @@
   python -m vitret_jax.main --config=configs/sop.py:variant=S/16 \
       --config.input.data_dir=/data/Stanford_Online_Products --workdir=DIR
 
-Paper (IRT_R, DeiT-S distilled, 224 px): R@1 84.2. The SOP reader lands with
-the data issue (#4); until then this config stops with a message saying so.
-Fine-tuning needs ImageNet weights (model.init_from, weight-import issue).
+Paper (IRT_R, DeiT-S distilled, 224 px): R@1 84.2. The folder is the official
+Stanford_Online_Products/ (Ebay_train.txt, Ebay_test.txt). Fine-tune from
+ImageNet weights: --config.model.init_from=deit_small_patch16_224.safetensors
 """
 import os
 import sys

@@ -96,7 +96,7 @@ def write_inshop(root, classes=6, per_class=4):
   return str(root)
 
 
-def write_cub(root, per_class=2):
+def write_cub(root, per_class=4):
   """Classes 1-3 and 101-103 (train / test sides of the 100/100 split)."""
   photos = grocery_photos(per_class, 6)
   images, labels, split, bbox = [], [], [], []

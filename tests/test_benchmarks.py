@@ -13,7 +13,7 @@ from vitret_jax.errors import DataError
 EXPECTED = {  # split -> (images, classes) of the fixtures
     "sop": {"train": (12, 3), "test": (12, 3)},
     "inshop": {"train": (12, 3), "query": (6, 3), "gallery": (6, 3)},
-    "cub": {"train": (6, 3), "test": (6, 3)},
+    "cub": {"train": (12, 3), "test": (12, 3)},
     "sfm120k": {"train": (9, 3), "val": (3, 1)},
     "gldv2": {"train": (12, 4)},
 }

@@ -78,8 +78,8 @@ def test_missing_image_is_named(grocery_copy):
     datasets.load_grocery(str(grocery_copy), num_train_classes=2)
 
 
-def test_unknown_dataset_and_pending_readers():
+def test_unknown_dataset_and_empty_data_dir():
   with pytest.raises(UserError, match="valid"):
     datasets.load_dataset("imagenet", "/tmp")
-  with pytest.raises(UserError, match="issue #4"):
-    datasets.load_dataset("sop", "/tmp")
+  with pytest.raises(UserError, match="input.data_dir is empty"):
+    datasets.load_dataset("sop", "")

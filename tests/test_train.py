@@ -102,7 +102,7 @@ def test_cli_errors_are_clear(tmp_path):
   assert "Traceback" not in r.stderr
   r = run_cli("--config=configs/sop.py:runlocal=True",
               "--config.input.data_dir=/nonexistent", w)
-  assert r.returncode == 2 and "issue #4" in r.stderr
+  assert r.returncode == 2 and "cvgl.stanford.edu" in r.stderr
   assert "Traceback" not in r.stderr
   r = run_cli("--config=configs/grocery.py:runlocal=True",
               f"--config.input.data_dir={tmp_path}/none", w)
@@ -205,3 +205,29 @@ def test_init_from_timm_safetensors(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), b)
   np.testing.assert_array_equal(got["head"]["projection"]["kernel"],
                                 real["head"]["projection"]["kernel"])
+
+
+@pytest.mark.parametrize("name", ["sop", "inshop", "cub", "gldv2"])
+def test_benchmark_configs_train_on_fixtures(name, tmp_path):
+  """configs/<name>.py:runlocal=True end to end on a fixture written in the
+  data set's official layout (landmarks: ROxford fixture for evaluation)."""
+  import fixtures  # pylint: disable=g-import-not-at-top
+  mod = __import__(name)
+  c = mod.get_config("runlocal=True")
+  root = fixtures.WRITERS[name](tmp_path / "data")
+  with c.unlocked():
+    c.input.data_dir = root
+    c.input.options = {"check_counts": False}
+    c.input.batch_size = 8
+    c.input.m_per_class = 2
+    c.loss.xbm.ratio = 1.0 if c.loss.xbm.ratio else 0.0  # >= the batch of 8
+    c.eval_untrained = False
+    for ev in c.evals.values():
+      if ev.type == "revisited":
+        ev.data_dir = fixtures.write_revisited(tmp_path / ev.options.name,
+                                               name=ev.options.name)
+        ev.options.check_counts = False
+  out = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert out["step"] == 2
+  key = "roxford/medium/map" if name == "gldv2" else "recall@1"
+  assert 0 <= out[key] <= 1

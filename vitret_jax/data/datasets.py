@@ -235,11 +235,12 @@ DATASETS = {
 }
 
 
-def load_dataset(name: str, data_dir: Optional[str], **options) -> dict:
-  """Dispatches to the reader of `name`; see `DATASETS` for the valid names."""
-  if name not in DATASETS:
-    raise UserError(f"input.dataset={name!r}; valid: {sorted(DATASETS)}.")
+def load_dataset(dataset: str, data_dir: Optional[str], **options) -> dict:
+  """Dispatches to the reader of `dataset`; `DATASETS` lists the valid ones."""
+  if dataset not in DATASETS:
+    raise UserError(f"input.dataset={dataset!r}; valid: {sorted(DATASETS)}.")
   if not data_dir:
     raise UserError(f"input.data_dir is empty: set it to the folder holding "
-                    f"the {name} data, e.g. --config.input.data_dir=/data/{name}")
-  return DATASETS[name](data_dir, **options)
+                    f"the {dataset} data, e.g. --config.input.data_dir=/data/"
+                    f"{dataset}")
+  return DATASETS[dataset](data_dir, **options)

@@ -1,0 +1,21 @@
+"""IRT on landmarks: train on GLDv2-clean, evaluate on Revisited Oxford and
+Paris (Medium / Hard mAP, multi-scale).
+
+  python -m vitret_jax.main --config=configs/gldv2.py:variant=B/16 \
+      --config.input.data_dir=/data/gldv2 \
+      --config.evals.roxford.data_dir=/data/revisitop/roxford5k \
+      --config.evals.rparis.data_dir=/data/revisitop/rparis6k --workdir=DIR
+
+The folder holds train_clean.csv and train/<a>/<b>/<c>/. Beware (SPEC):
+GLDv2-clean shares landmarks with ROxford / RParis. Arg: variant=B/16,
+runlocal=False.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sfm120k  # pylint: disable=g-import-not-at-top
+
+
+def get_config(arg=None):
+  return sfm120k.landmark_config("gldv2", arg)
