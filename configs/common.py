@@ -51,10 +51,14 @@ def base_config():
       dtop=mlc.ConfigDict(dict(num_layers=4, gem_p=3.0, layer_norm=True)),
       init_from="", init_format="auto", init_fresh=["head/"]))
 
+  # num_workers: grain worker processes (0: num_threads threads in-process;
+  # use several per accelerator host). skip_corrupt: replace unreadable
+  # training images by another of their class, and count them.
   c.input = mlc.ConfigDict(dict(
       dataset="", data_dir="", options=mlc.ConfigDict(), train_split="train",
       batch_size=64, sampler="random", m_per_class=2,
-      pp_train=IRT_PP_TRAIN, num_workers=2, prefetch=2))
+      pp_train=IRT_PP_TRAIN, num_workers=0, num_threads=2, prefetch=2,
+      skip_corrupt=False))
 
   c.loss = mlc.ConfigDict(dict(
       margin=0.5, entropy_weight=0.7, reduction="anchor_mean", eps=1e-8,

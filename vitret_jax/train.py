@@ -140,12 +140,24 @@ def _check_finite(metrics, step, ckpt):
         f"(step {last}) is untouched in {ckpt.directory}.")
 
 
-def _meta(config, next_step):
+def _meta(config, next_step, loader=None):
   """What a checkpoint records beside the state: the config, and the input
-  position (batches are a pure function of the seed and the step)."""
-  return {"config": json.loads(config.to_json_best_effort()),
+  position (batches are a pure function of the seed and the step; grain's
+  iterator state is kept too)."""
+  meta = {"config": json.loads(config.to_json_best_effort()),
           "input": {"next_step": int(next_step), "seed": config.seed,
                     "sampler": config.input.sampler}}
+  if loader is not None and loader._it is not None:  # pylint: disable=protected-access
+    meta["input"]["grain"] = _jsonable(loader.state(next_step)["grain"])
+  return meta
+
+
+def _jsonable(x):
+  try:
+    json.dumps(x)
+    return x
+  except TypeError:
+    return repr(x)
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -178,10 +190,12 @@ def train_and_evaluate(config, workdir) -> dict:
   sampler = samplers.build_sampler(
       config.input.sampler, run.train_split.labels, config.input.batch_size,
       config.input.m_per_class, config.seed)
-  loader = pipeline.TrainLoader(
-      run.train_split, preprocess.build_pp(config.input.pp_train), sampler,
-      seed=config.seed + 1, num_workers=config.input.num_workers,
-      prefetch=config.input.prefetch)
+  preprocess.build_pp(config.input.pp_train)  # a bad spec fails here, early
+  loader = pipeline.GrainTrainLoader(
+      run.train_split, config.input.pp_train, sampler, seed=config.seed + 1,
+      num_workers=config.input.num_workers,
+      num_threads=config.input.num_threads, prefetch=config.input.prefetch,
+      skip_corrupt=config.input.skip_corrupt)
   writer = metric_writer.MetricWriter(workdir)
   start = int(jax.device_get(state.step))
   total = config.total_steps
@@ -194,9 +208,11 @@ def train_and_evaluate(config, workdir) -> dict:
                   disable=jax.process_index() != 0)
   t_last, n_last = time.time(), start
   in_flight = None
+  skipped = 0
   try:
     with preemption.Stopper() as stopper:
       for step, batch in loader.iterate(start, total):
+        skipped += int(batch.pop("skipped", 0))
         state, metrics = step_fn(state,
                                  sharding.to_global_batch(batch, run.mesh))
         # At most one step runs ahead of the host: the bar shows real
@@ -213,6 +229,8 @@ def train_and_evaluate(config, workdir) -> dict:
           metrics["lr"] = float(run.schedule(step))
           metrics["img_per_s"] = ((done - n_last) * config.input.batch_size
                                   / max(now - t_last, 1e-9))
+          if config.input.skip_corrupt:
+            metrics["skipped_images"] = skipped
           t_last, n_last = now, done
           writer.write(done, metrics)
           bar.set_postfix(loss=f"{metrics['loss']:.4f}",
@@ -224,14 +242,17 @@ def train_and_evaluate(config, workdir) -> dict:
           evals = run.evaluate(state.params, step=done)
           writer.write(done, {f"eval/{k}": v for k, v in evals.items()})
         if done % config.ckpt.every_steps == 0 or evals is not None:
-          run.ckpt.save(state, _meta(config, done), metrics=evals)
+          run.ckpt.save(state, _meta(config, done, loader), metrics=evals)
         if stopper.should_stop(done):
-          run.ckpt.save(state, _meta(config, done), force=True)
+          run.ckpt.save(state, _meta(config, done, loader), force=True)
           run.ckpt.wait()
           raise preemption.Preempted(done, run.ckpt.directory)
     bar.update(bar.total - bar.n)
     bar.close()
     end = int(jax.device_get(state.step))
+    if skipped:
+      logging.warning("Skipped %d unreadable training image(s) "
+                      "(input.skip_corrupt).", skipped)
     final = run.evaluate(state.params, step=end, report=True)
     run.ckpt.save(state, _meta(config, end), metrics=final, force=True)
     writer.write(end, {f"eval/{k}": v for k, v in final.items()})

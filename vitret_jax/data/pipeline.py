@@ -1,8 +1,10 @@
-"""Host-side loaders: decode + preprocess in worker threads, batch, prefetch.
+"""Input pipelines: grain for training, a thread pool for evaluation.
 
 Training batches are a pure function of (seed, step) (see samplers.py), each
-process loading only its own rows of the global batch. Evaluation batches are
-padded to a fixed size, with a mask marking the real rows.
+process loading only its own rows of the global batch, through grain (threads
+or worker processes; its iterator state is saved with checkpoints).
+Evaluation batches are padded to a fixed size, with a mask marking the real
+rows.
 """
 import collections
 import concurrent.futures
@@ -20,61 +22,6 @@ def process_rows(global_rows, process_index, process_count):
     raise UserError(f"batch of {n} does not split over {process_count} hosts.")
   per = n // process_count
   return global_rows[process_index * per:(process_index + 1) * per]
-
-
-class TrainLoader:
-  """Loads training batches for steps start, start+1, ... with prefetching.
-
-  Args:
-    split: datasets.Split of the training images.
-    pp_fn: fn(path, rng) -> float32 [H, W, 3] (preprocess.build_pp).
-    sampler: object with batch(step) -> global row indices.
-    seed: augmentation seed (an image's rng depends on seed, step and row).
-    num_workers: decoding threads (PIL releases the GIL while decoding).
-    prefetch: batches loaded ahead of the one being consumed.
-  """
-
-  def __init__(self, split, pp_fn, sampler, seed, num_workers=2, prefetch=2,
-               process_index=None, process_count=None):
-    self.split, self.pp_fn, self.sampler, self.seed = split, pp_fn, sampler, seed
-    self.prefetch = max(1, prefetch)
-    self.pool = concurrent.futures.ThreadPoolExecutor(max(1, num_workers))
-    self.pi = jax.process_index() if process_index is None else process_index
-    self.pc = jax.process_count() if process_count is None else process_count
-
-  def _image(self, step, pos, row):
-    rng = np.random.default_rng([self.seed, step, pos])
-    return self.pp_fn(self.split.paths[row], rng)
-
-  def _submit(self, step):
-    global_rows = self.sampler.batch(step)
-    base = self.pi * (len(global_rows) // self.pc)
-    rows = process_rows(global_rows, self.pi, self.pc)
-    futures = [self.pool.submit(self._image, step, base + i, r)
-               for i, r in enumerate(rows)]
-    return futures, self.split.labels[rows]
-
-  @staticmethod
-  def _collect(futures, labels):
-    images = np.stack([f.result() for f in futures])
-    return {"image": images, "label": labels.astype(np.int32)}
-
-  def load(self, step):
-    """The local batch of `step`: dict(image [b, H, W, 3], label [b])."""
-    return self._collect(*self._submit(step))
-
-  def iterate(self, start_step, end_step):
-    """Yields (step, local batch) for start_step <= step < end_step."""
-    queue = collections.deque()
-    nxt = start_step
-    for step in range(start_step, end_step):
-      while nxt < end_step and len(queue) <= self.prefetch:
-        queue.append(self._submit(nxt))
-        nxt += 1
-      yield step, self._collect(*queue.popleft())
-
-  def close(self):
-    self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def eval_batches(split, pp_fn, batch_size, num_workers=2, process_index=0,
@@ -122,3 +69,100 @@ def eval_batches(split, pp_fn, batch_size, num_workers=2, process_index=0,
       mask = np.zeros(batch_size, bool)
       mask[:n_real] = True
       yield {"image": np.stack(images), "mask": mask}
+
+
+class StepBatch:
+  """Picklable grain transform: step -> this process's batch of that step.
+
+  The batch is a pure function of (seed, step), so grain workers can build
+  any step's batch independently and a restored iterator resumes exactly.
+  With `skip_corrupt`, an unreadable image is replaced by another image of
+  its class (drawn from the same seeded stream) and counted in "skipped";
+  otherwise it raises DataError naming the file.
+  """
+
+  def __init__(self, split, pp_spec, sampler, seed, process_index,
+               process_count, skip_corrupt=False):
+    self.split, self.pp_spec, self.sampler = split, pp_spec, sampler
+    self.seed, self.pi, self.pc = seed, process_index, process_count
+    self.skip_corrupt = skip_corrupt
+    self._pp = None
+
+  def _image(self, step, pos, row):
+    from vitret_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+    from vitret_jax.errors import DataError  # pylint: disable=g-import-not-at-top
+    if self._pp is None:  # built in the worker process
+      self._pp = preprocess.build_pp(self.pp_spec)
+    rng = np.random.default_rng([self.seed, step, pos])
+    for attempt in range(8):
+      try:
+        return self._pp(self.split.paths[row], rng), attempt
+      except DataError:
+        if not self.skip_corrupt:
+          raise
+        same = np.flatnonzero(self.split.labels == self.split.labels[row])
+        row = int(rng.choice(same))
+    raise UserError(f"8 unreadable images in a row around "
+                    f"{self.split.paths[row]}: check the data folder.")
+
+  def __call__(self, step):
+    global_rows = self.sampler.batch(step)
+    base = self.pi * (len(global_rows) // self.pc)
+    rows = process_rows(global_rows, self.pi, self.pc)
+    images, skipped = [], 0
+    for i, r in enumerate(rows):
+      img, n = self._image(step, base + i, r)
+      images.append(img)
+      skipped += n
+    return {"image": np.stack(images),
+            "label": self.split.labels[rows].astype(np.int32),
+            "skipped": np.int64(skipped)}
+
+
+class GrainTrainLoader:
+  """Training batches through grain: a MapDataset over step numbers, mapped
+  to batches, read with `num_threads` threads or `num_workers` processes.
+
+  `iterate(start, end)` yields (step, local batch); `state()` gives grain's
+  iterator state, saved beside checkpoints) and `iterate(..., state=)`.
+  """
+
+  def __init__(self, split, pp_spec, sampler, seed, num_workers=0,
+               num_threads=2, prefetch=2, skip_corrupt=False,
+               process_index=None, process_count=None):
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    self.fn = StepBatch(split, pp_spec, sampler, seed, pi, pc, skip_corrupt)
+    self.num_workers, self.num_threads = num_workers, max(1, num_threads)
+    self.prefetch = max(1, prefetch)
+    self._it = None
+
+  def _dataset(self, start, end):
+    import grain  # pylint: disable=g-import-not-at-top
+    ds = grain.MapDataset.range(start, end).map(self.fn)
+    ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=self.num_threads, prefetch_buffer_size=self.prefetch))
+    if self.num_workers:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.num_workers, per_worker_buffer_size=self.prefetch))
+    return ds
+
+  def iterate(self, start_step, end_step, state=None):
+    """Yields (step, local batch); `state` from state() resumes mid-way."""
+    self._it = iter(self._dataset(start_step, end_step))
+    step = start_step
+    if state is not None:
+      self._it.set_state(state["grain"])
+      step = state["next_step"]
+    while step < end_step:
+      yield step, next(self._it)
+      step += 1
+
+  def state(self, next_step):
+    return {"grain": self._it.get_state(), "next_step": int(next_step)}
+
+  def load(self, step):
+    return self.fn(step)
+
+  def close(self):
+    self._it = None
