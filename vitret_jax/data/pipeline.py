@@ -123,8 +123,9 @@ class GrainTrainLoader:
   """Training batches through grain: a MapDataset over step numbers, mapped
   to batches, read with `num_threads` threads or `num_workers` processes.
 
-  `iterate(start, end)` yields (step, local batch); `state()` gives grain's
-  iterator state, saved beside checkpoints) and `iterate(..., state=)`.
+  `iterate(start, end)` yields (step, local batch); `state()` is grain's
+  iterator state (saved beside checkpoints), which `iterate(..., state=)`
+  resumes from.
   """
 
   def __init__(self, split, pp_spec, sampler, seed, num_workers=0,

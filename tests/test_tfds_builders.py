@@ -1,0 +1,59 @@
+"""TFDS builders (array_record, no TensorFlow) on every official-layout
+fixture, read back with data sources; Grocery from ../shared at full size."""
+import os
+
+import numpy as np
+import pytest
+
+import fixtures
+from conftest import SHARED_GROCERY
+from vitret_jax.data import tfds_builders
+from vitret_jax.errors import DataError
+
+
+@pytest.mark.parametrize("name", sorted(fixtures.WRITERS) + ["revisited"])
+def test_builder_roundtrip(name, tmp_path):
+  if name == "revisited":
+    root = fixtures.write_revisited(tmp_path / "src")
+  else:
+    root = fixtures.WRITERS[name](tmp_path / "src")
+  builder = tfds_builders.prepare(name, root, str(tmp_path / "tfds"),
+                                  check_counts=False)
+  sources = builder.as_data_source()
+  from vitret_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  splits = datasets.load_dataset(name, root, check_counts=False)
+  assert set(sources) == set(splits)
+  for split, src in sources.items():
+    # TFDS shuffles on write: match examples to the reader's rows by file.
+    rows = {os.path.relpath(p, root): i
+            for i, p in enumerate(splits[split].paths)}
+    assert len(src) == len(rows)
+    for j in range(len(src)):
+      ex = src[j]
+      i = rows[ex["file"].decode()]
+      assert ex["image"].ndim == 3 and ex["image"].shape[-1] == 3
+      assert ex["label"] == splits[split].labels[i]
+      if name == "revisited" and split == "query":
+        assert list(ex["easy"]) == list(splits["query"].gnd[i]["easy"])
+  assert any(f.endswith(".array_record-00000-of-00001") or "array_record" in f
+             for _, _, files in os.walk(tmp_path / "tfds") for f in files)
+
+
+def test_builder_missing_folder_gives_instructions(tmp_path):
+  with pytest.raises(DataError, match="cvgl.stanford.edu"):
+    tfds_builders.prepare("sop", str(tmp_path / "none"), str(tmp_path / "t"))
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_GROCERY),
+                    reason="../shared/data/grocery is not beside the repo")
+def test_grocery_full_set_counts(tmp_path):
+  builder = tfds_builders.prepare("grocery", SHARED_GROCERY,
+                                  str(tmp_path / "tfds"), protocol="official")
+  sources = builder.as_data_source()
+  counts = {k: len(v) for k, v in sources.items()}
+  assert counts == {"train": 2640, "val": 296, "test": 2485}
+  assert sum(counts.values()) == 5421
+  labels = set()
+  for src in sources.values():
+    labels |= {int(src[i]["label"]) for i in range(len(src))}
+  assert len(labels) == 81
