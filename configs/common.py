@@ -51,11 +51,14 @@ def base_config():
       dtop=mlc.ConfigDict(dict(num_layers=4, gem_p=3.0, layer_norm=True)),
       init_from="", init_format="auto", init_fresh=["head/"]))
 
+  # tfds_dir: prepare the data set once as TFDS array_record files there and
+  # read those (recommended on accelerator hosts); "" reads the folder.
   # num_workers: grain worker processes (0: num_threads threads in-process;
   # use several per accelerator host). skip_corrupt: replace unreadable
   # training images by another of their class, and count them.
   c.input = mlc.ConfigDict(dict(
-      dataset="", data_dir="", options=mlc.ConfigDict(), train_split="train",
+      dataset="", data_dir="", tfds_dir="", options=mlc.ConfigDict(),
+      train_split="train",
       batch_size=64, sampler="random", m_per_class=2,
       pp_train=IRT_PP_TRAIN, num_workers=0, num_threads=2, prefetch=2,
       skip_corrupt=False))

@@ -50,8 +50,15 @@ class Run:
   def __init__(self, config, workdir):
     self.config, self.workdir = config, workdir
     self.mesh = sharding.build_mesh(config.mesh)
-    self.splits = datasets.load_dataset(
-        config.input.dataset, config.input.data_dir, **config.input.options)
+    if config.input.tfds_dir:
+      # Read through the TFDS builder (prepared once from data_dir).
+      from vitret_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+      self.splits = tfds_builders.load_splits(
+          config.input.dataset, config.input.data_dir, config.input.tfds_dir,
+          **config.input.options)
+    else:
+      self.splits = datasets.load_dataset(
+          config.input.dataset, config.input.data_dir, **config.input.options)
     self.model = models.build_model(config.model)
     unit = sharding.batch_size_on(self.mesh) * config.optim.accum_steps
     if config.input.batch_size % unit:

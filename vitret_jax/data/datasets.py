@@ -30,11 +30,19 @@ class Split:
       after decoding (the query boxes of Revisited Oxford / Paris).
     gnd: optional per-image ground truth (Revisited: dicts with "easy",
       "hard", "junk" database indices).
+    source: optional random-access TFDS data source whose record i holds
+      row i's decoded "image" (then read instead of the file).
   """
   paths: tuple
   labels: np.ndarray
   boxes: Optional[np.ndarray] = None
   gnd: Optional[tuple] = None
+  source: Optional[object] = None
+
+  def item(self, i):
+    """What preprocessing takes for row i: the file path, or the decoded
+    image from the TFDS source."""
+    return self.paths[i] if self.source is None else self.source[i]["image"]
 
   def __len__(self):
     return len(self.paths)

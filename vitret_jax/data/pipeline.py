@@ -51,9 +51,9 @@ def eval_batches(split, pp_fn, batch_size, num_workers=2, process_index=0,
       n_real = min(real_rows, len(split) - start)
       lo = process_index * per
       mine = range(start + lo, start + min(lo + per, n_real))
-      futures = [pool.submit(pp_fn, split.paths[i], rng, box(i)) for i in mine]
+      futures = [pool.submit(pp_fn, split.item(i), rng, box(i)) for i in mine]
       # A process whose share holds no real row still needs the shape.
-      shape_of = None if futures else pool.submit(pp_fn, split.paths[start],
+      shape_of = None if futures else pool.submit(pp_fn, split.item(start),
                                                   rng, box(start))
       return n_real, futures, shape_of
 
@@ -96,7 +96,7 @@ class StepBatch:
     rng = np.random.default_rng([self.seed, step, pos])
     for attempt in range(8):
       try:
-        return self._pp(self.split.paths[row], rng), attempt
+        return self._pp(self.split.item(row), rng), attempt
       except DataError:
         if not self.skip_corrupt:
           raise

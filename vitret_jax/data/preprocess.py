@@ -125,7 +125,8 @@ def build_pp(spec: str):
   ops = [_parse(s) for s in names[1:]]
 
   def run(path, rng, box=None):
-    img = decode(path)
+    # A decoded image (from a TFDS source) skips the decoding.
+    img = path if isinstance(path, np.ndarray) else decode(path)
     if box is not None:
       x1, y1, x2, y2 = [int(round(v)) for v in box]
       img = img[max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)]

@@ -55,7 +55,11 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
             "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
             "easy": seq, "hard": seq, "junk": seq,
         }),
-        supervised_keys=("image", "label"))
+        supervised_keys=("image", "label"),
+        # Records keep the reader's order, so record i is row i of the
+        # reader's split and labels come from the reader without decoding
+        # any image.
+        disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
     root = os.fspath(dl_manager.manual_dir)
@@ -94,3 +98,14 @@ def prepare(name, manual_dir, data_dir, **options):
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir))
   return builder
+
+
+def load_splits(name, manual_dir, data_dir, **options):
+  """The reader's splits with `source` set to the prepared TFDS data source:
+  the input pipeline then reads encoded images from array_record files
+  instead of the original folder."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  splits = datasets.load_dataset(name, manual_dir, **options)
+  sources = prepare(name, manual_dir, data_dir, **options).as_data_source()
+  return {k: dataclasses.replace(v, source=sources[k])
+          for k, v in splits.items()}

@@ -1,0 +1,89 @@
+"""Images per second of the training input pipeline (grain, m-per-class
+batches, decode + resize 256 + random crop 224 + flip + normalise) on the
+Grocery set, with 0, 1 and 2 worker processes, against a plain
+single-process PIL loop doing the same work, measured in the same run.
+
+  python benchmarks/input_pipeline.py [--data ../shared/data/grocery]
+      [--batches 12] [--batch_size 64]
+
+For scale, what an accelerator consumes (an estimate, not a measurement: no
+GPU was lent for this work): DeiT (Touvron et al. 2021, Table 1) reports 940
+images/s for DeiT-S inference at 224 px on one V100; a training step costs
+about 3x a forward pass (~310 images/s on a V100), and an H100's dense bf16
+throughput is 3-8x a V100's, so a ViT-S/16 training step on one H100 takes
+roughly 900-2,500 images/s: several CPU cores' worth of this pipeline.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+from absl import flags
+
+from vitret_jax.data import datasets
+from vitret_jax.data import pipeline
+from vitret_jax.data import preprocess
+from vitret_jax.data import samplers
+
+PP = "decode|resize(256)|random_crop(224)|flip_lr|normalize"
+
+
+def plain_loop(split, sampler, n_batches):
+  """The reference: PIL decode + numpy ops, one image after another."""
+  pp = preprocess.build_pp(PP)
+  t0 = time.perf_counter()
+  for step in range(n_batches):
+    rows = sampler.batch(step)
+    rng = np.random.default_rng(step)
+    np.stack([pp(split.paths[r], rng) for r in rows])
+  return n_batches * sampler.batch_size / (time.perf_counter() - t0)
+
+
+def grain_loop(split, sampler, n_batches, workers, threads):
+  loader = pipeline.GrainTrainLoader(split, PP, sampler, seed=0,
+                                     num_workers=workers, num_threads=threads,
+                                     prefetch=2, process_index=0,
+                                     process_count=1)
+  it = loader.iterate(0, n_batches + 2)
+  next(it)  # start-up (worker processes, first batch) is not timed
+  t0 = time.perf_counter()
+  for _ in range(n_batches):
+    next(it)
+  rate = n_batches * sampler.batch_size / (time.perf_counter() - t0)
+  del it
+  loader.close()
+  return rate
+
+
+def main():
+  here = os.path.dirname(os.path.abspath(__file__))
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data", default=os.path.join(
+      here, "..", "..", "shared", "data", "grocery"))
+  parser.add_argument("--batches", type=int, default=12)
+  parser.add_argument("--batch_size", type=int, default=64)
+  args = parser.parse_args()
+  flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
+  splits = datasets.load_grocery(args.data, protocol="official")
+  split = splits["train"]
+  sampler = samplers.MPerClassSampler(split.labels, 4, args.batch_size, 0)
+  ref = plain_loop(split, sampler, args.batches)
+  rows = [("plain PIL loop, 1 process (reference)", ref)]
+  rows.append(("grain, 0 workers, 1 thread", grain_loop(
+      split, sampler, args.batches, 0, 1)))
+  rows.append(("grain, 0 workers, 2 threads", grain_loop(
+      split, sampler, args.batches, 0, 2)))
+  for w in (1, 2):
+    rows.append((f"grain, {w} worker process(es)", grain_loop(
+        split, sampler, args.batches, w, 1)))
+  print(f"Grocery train ({len(split)} photos, mostly 348x348 JPEG), "
+        f"{args.batches} batches of {args.batch_size}, {PP}, "
+        f"{os.cpu_count()} CPU cores")
+  print("| pipeline | images/s | vs plain loop |")
+  print("|---|---|---|")
+  for name, rate in rows:
+    print(f"| {name} | {rate:.0f} | {rate / ref:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
