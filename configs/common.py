@@ -131,3 +131,18 @@ def make_local(c):
     ev.pp = LOCAL_PP_EVAL
     ev.batch_size = 32
   return c
+
+
+def irt_category_config(arg, dataset, total_steps, xbm_ratio, evaluation):
+  """The IRT category-retrieval recipe (SOP, In-Shop, CUB) for `dataset`;
+  `arg` as for get_config (variant=..., runlocal=...)."""
+  arg = parse_arg(arg, variant="S/16", runlocal=False)
+  c = base_config()
+  c.total_steps = total_steps
+  c.model.variant = arg.variant
+  c.input.dataset = dataset
+  c.loss.xbm.ratio = xbm_ratio
+  c.evals.test = evaluation
+  if arg.runlocal:
+    make_local(c)
+  return c

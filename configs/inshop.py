@@ -17,14 +17,7 @@ import common  # pylint: disable=g-import-not-at-top
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="S/16", runlocal=False)
-  c = common.base_config()
-  c.total_steps = 35_000
-  c.model.variant = arg.variant
-  c.input.dataset = "inshop"
-  c.loss.xbm.ratio = 0.2
-  c.evals.test = common.retrieval_eval(query="query", gallery="gallery",
-                                       ks=(1, 10, 20, 30, 40))
-  if arg.runlocal:
-    common.make_local(c)
-  return c
+  return common.irt_category_config(
+      arg, "inshop", total_steps=35_000, xbm_ratio=0.2,
+      evaluation=common.retrieval_eval(query="query", gallery="gallery",
+                                       ks=(1, 10, 20, 30, 40)))

@@ -15,13 +15,6 @@ import common  # pylint: disable=g-import-not-at-top
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, variant="S/16", runlocal=False)
-  c = common.base_config()
-  c.total_steps = 35_000
-  c.model.variant = arg.variant
-  c.input.dataset = "sop"
-  c.loss.xbm.ratio = 1.0
-  c.evals.test = common.retrieval_eval(ks=(1, 10, 100, 1000))
-  if arg.runlocal:
-    common.make_local(c)
-  return c
+  return common.irt_category_config(
+      arg, "sop", total_steps=35_000, xbm_ratio=1.0,
+      evaluation=common.retrieval_eval(ks=(1, 10, 100, 1000)))

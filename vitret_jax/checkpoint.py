@@ -249,18 +249,8 @@ def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
       logging.info("init_from: %d parameters stay freshly initialised (%s)",
                    len(kept), ", ".join(sorted(kept)[:4]))
       want = {k: v for k, v in want.items() if k not in kept}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    misshaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or unexpected or misshaped:
-      lines = [f"model.init_from={path!r} does not fit the model:"]
-      for name, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-          lines.append(f"  {name} ({len(keys)}): {', '.join(keys[:8])}")
-      if misshaped:
-        lines.append(f"  misshaped ({len(misshaped)}): " + ", ".join(
-            f"{k} {have[k]} vs {want[k]}" for k in misshaped[:8]))
-      raise UserError("\n".join(lines))
+    from vitret_jax import weights  # pylint: disable=g-import-not-at-top
+    weights.check_fit(have, want, f"model.init_from={path!r}")
     return _like(template, loaded)
   return load
 

@@ -50,11 +50,12 @@ def template(model, image_size):
           for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
 
 
-def _check_and_nest(flat, tmpl, source):
-  missing = sorted(set(tmpl) - set(flat))
-  unexpected = sorted(set(flat) - set(tmpl))
-  misshaped = sorted(k for k in set(tmpl) & set(flat)
-                     if tuple(flat[k].shape) != tmpl[k])
+def check_fit(have, want, source):
+  """Raises UserError listing the missing, unexpected and misshaped names
+  when `have` ({name: shape} loaded) does not fit `want` (the model's)."""
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  misshaped = sorted(k for k in set(want) & set(have) if have[k] != want[k])
   if missing or unexpected or misshaped:
     lines = [f"{source} does not fit the model:"]
     for name, keys in (("missing", missing), ("unexpected", unexpected)):
@@ -62,8 +63,12 @@ def _check_and_nest(flat, tmpl, source):
         lines.append(f"  {name} ({len(keys)}): {', '.join(keys[:10])}")
     if misshaped:
       lines.append(f"  misshaped ({len(misshaped)}): " + ", ".join(
-          f"{k} {tuple(flat[k].shape)} vs {tmpl[k]}" for k in misshaped[:10]))
+          f"{k} {have[k]} vs {want[k]}" for k in misshaped[:10]))
     raise UserError("\n".join(lines))
+
+
+def _check_and_nest(flat, tmpl, source):
+  check_fit({k: tuple(v.shape) for k, v in flat.items()}, tmpl, source)
   params = {}
   for key, value in flat.items():
     node = params
