@@ -154,8 +154,9 @@ def _meta(config, next_step, loader=None):
   meta = {"config": json.loads(config.to_json_best_effort()),
           "input": {"next_step": int(next_step), "seed": config.seed,
                     "sampler": config.input.sampler}}
-  if loader is not None and loader._it is not None:  # pylint: disable=protected-access
-    meta["input"]["grain"] = _jsonable(loader.state(next_step)["grain"])
+  state = loader.state(next_step) if loader is not None else None
+  if state is not None:
+    meta["input"]["grain"] = _jsonable(state["grain"])
   return meta
 
 

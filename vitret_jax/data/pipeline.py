@@ -160,6 +160,9 @@ class GrainTrainLoader:
       step += 1
 
   def state(self, next_step):
+    """The iterator's state before `next_step`, or None before iterate()."""
+    if self._it is None:
+      return None
     return {"grain": self._it.get_state(), "next_step": int(next_step)}
 
   def load(self, step):
