@@ -6,11 +6,8 @@ import os
 
 from absl import logging
 
-from vitret_jax import checkpoint
 from vitret_jax import export
-from vitret_jax import models
 from vitret_jax import search
-from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
 from vitret_jax.eval import report
 
@@ -18,15 +15,10 @@ from vitret_jax.eval import report
 def export_run(config, workdir, export_dir="", overwrite=False):
   """--mode=export: the run's latest parameters as a pretrained artifact."""
   export_dir = export_dir or os.path.join(workdir, "export")
-  first = next(iter(config.evals.values()), None)
-  if first is None:
-    raise UserError("the config has no evals section to take the "
-                    "evaluation preprocessing from.")
-  model = models.build_model(config.model)
-  params = checkpoint.load_run_params(workdir)
+  run = search.RunEmbedder(config, workdir)
   path = export.export_artifact(
-      model, params, export_dir, model_config=config.model.to_dict(),
-      preprocess=first.pp, image_size=preprocess.output_size(first.pp),
+      run.model, run.params, export_dir, model_config=config.model.to_dict(),
+      preprocess=run.preprocess, image_size=run.image_size,
       overwrite=overwrite)
   return f"Exported to {path}; load it with vitret_jax.load_pretrained({path!r})."
 

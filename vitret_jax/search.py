@@ -78,8 +78,8 @@ def embed_files(embedder, paths, batch_size=64, desc="embed"):
     try:
       images.append(pp(p, rng))
       names.append(p)
-    except DataError as e:
-      skipped.append((p, str(e).split(": ", 1)[-1].split(". Replace")[0]))
+    except DataError as e:  # decode chains the decoder's own error
+      skipped.append((p, str(e.__cause__ or e)))
     if len(images) == batch_size:
       flush()
   flush()

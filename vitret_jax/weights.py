@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitret_jax import export
 from vitret_jax import models
 from vitret_jax.errors import UserError
 from vitret_jax.models import vit
@@ -69,14 +70,8 @@ def check_fit(have, want, source):
 
 def _check_and_nest(flat, tmpl, source):
   check_fit({k: tuple(v.shape) for k, v in flat.items()}, tmpl, source)
-  params = {}
-  for key, value in flat.items():
-    node = params
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = jnp.asarray(value, jnp.float32)
-  return {"params": params}
+  return {"params": export.unflatten_params(
+      {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})}
 
 
 def _heads_split(w, b, heads):

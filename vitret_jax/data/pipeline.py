@@ -12,6 +12,8 @@ import concurrent.futures
 import jax
 import numpy as np
 
+from vitret_jax.data import preprocess
+from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 
 
@@ -89,8 +91,6 @@ class StepBatch:
     self._pp = None
 
   def _image(self, step, pos, row):
-    from vitret_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-    from vitret_jax.errors import DataError  # pylint: disable=g-import-not-at-top
     if self._pp is None:  # built in the worker process
       self._pp = preprocess.build_pp(self.pp_spec)
     rng = np.random.default_rng([self.seed, step, pos])

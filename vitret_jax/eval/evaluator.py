@@ -23,7 +23,7 @@ from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
 from vitret_jax.eval import embed
-from vitret_jax.eval import knn
+from vitret_jax.eval import knn as knn_lib
 from vitret_jax.eval import metrics
 from vitret_jax.eval import whitening as whitening_lib
 
@@ -46,8 +46,8 @@ class _Evaluator:
     self.fixed_size = preprocess.is_fixed_size(pp)
     self.batch_size, self.num_workers = batch_size, num_workers
     self.scales = tuple(float(s) for s in scales)
-    if knn not in knn_backends():
-      raise UserError(f"evals: knn={knn!r}; valid: {knn_backends()}.")
+    if knn not in knn_lib.BACKENDS:
+      raise UserError(f"evals: knn={knn!r}; valid: {knn_lib.BACKENDS}.")
     self.backend, self.scann_options = knn, dict(scann or {})
     self.whiten_dim, self.whiten = whiten_dim, whiten
     self.whiten_max_images = whiten_max_images
@@ -94,20 +94,20 @@ class _Evaluator:
     if self.backend == "scann":
       folder = f"{cache}-scann-k{k + int(exclude_self)}" if cache else ""
       if folder and os.path.isdir(folder):
-        searcher = knn.load_scann(folder)
+        searcher = knn_lib.load_scann(folder)
       else:
-        searcher = knn.build_scann(reference, k + int(exclude_self),
+        searcher = knn_lib.build_scann(reference, k + int(exclude_self),
                                    **self.scann_options)
         if folder:
           os.makedirs(folder)
           searcher.serialize(folder, relative_path=True)
-    _, idx = knn.search(query, reference, k, exclude_self, self.backend,
+    _, idx = knn_lib.search(query, reference, k, exclude_self, self.backend,
                         self.scann_options, searcher=searcher)
     extra = {}
     if self.backend == "scann":
-      _, exact = knn.search(query, reference, k, exclude_self)
+      _, exact = knn_lib.search(query, reference, k, exclude_self)
       kk = min(10, k)
-      extra[f"scann_recall@{kk}"] = knn.neighbour_recall(idx[:, :kk],
+      extra[f"scann_recall@{kk}"] = knn_lib.neighbour_recall(idx[:, :kk],
                                                          exact[:, :kk])
     return idx, extra
 
@@ -123,10 +123,6 @@ class _Evaluator:
       rows.append((q_paths[i], [(g_paths[j], marks(i, j), f"#{r + 1}")
                                 for r, j in enumerate(idx[i, :k])]))
     return rows
-
-
-def knn_backends():
-  return knn.BACKENDS
 
 
 class RetrievalEvaluator(_Evaluator):
@@ -178,7 +174,7 @@ def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
     (dict of metrics, neighbour indices [Q, K]).
   """
   if search is None:
-    search = lambda q, r, k, ex: (knn.exact_knn(q, r, k, ex)[1], {})
+    search = lambda q, r, k, ex: (knn_lib.exact_knn(q, r, k, ex)[1], {})
   loo = g_emb is None
   if loo:
     g_emb, g_lab = q_emb, q_lab
