@@ -39,9 +39,11 @@ def get_config(arg=None):
   # New parts when starting from an ImageNet checkpoint.
   c.model.init_fresh = ["head/", "dwconv"]
   c.input.dataset = "gldv2"
-  c.input.pp_train = ("decode|resize(416)|random_crop(384)|flip_lr|"
-                      "normalize")
-  c.input.sampler = "m_per_class"
+  # Group-size sampling (SPEC; GLAM's choice): each batch comes from one
+  # aspect-ratio group, resized to its shape of area ~384^2, 8% margin for
+  # the random crop; m = 2 images per landmark for the pairwise loss.
+  c.input.sampler = "group_size"
+  c.input.pp_train = "decode|group_resize(1.08)|group_crop|flip_lr|normalize"
   c.input.m_per_class = 2
   c.input.batch_size = 64
   c.loss.entropy_weight = 4.0  # SPEC: lambda for landmarks (inferred)
@@ -59,10 +61,11 @@ def get_config(arg=None):
     c.model.variant = "R26+mu/32"
     c.model.locality_blocks = [-1]
     c.model.dtop.num_layers = 2
-    c.model.image_size = 64
-    c.input.pp_train = "decode|resize(72)|random_crop(64)|flip_lr|normalize"
+    c.model.image_size = 96  # groups 64x128, 96x96, 128x64 at stride 32
+    c.input.pp_train = ("decode|group_resize(1.08)|group_crop|flip_lr|"
+                        "normalize")
     c.input.batch_size = 8
     for ev in c.evals.values():
-      ev.pp = "decode|resize_max(64)|normalize"
+      ev.pp = "decode|resize_max(96)|normalize"
       ev.scales = [1.0]
   return c

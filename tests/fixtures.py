@@ -133,12 +133,30 @@ def write_sfm120k(root):
   return str(root)
 
 
-def write_gldv2(root):
-  photos = grocery_photos(3, 4)
+def _copy_cropped(src, root, rel, aspect):
+  """Writes the centre crop of `src` with width / height = aspect."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  dst = os.path.join(str(root), rel)
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  with Image.open(src) as im:
+    w, h = im.size
+    cw, ch = (w, round(w / aspect)) if aspect > w / h else (round(h * aspect), h)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    im.convert("RGB").crop((left, top, left + cw, top + ch)).save(dst)
+
+
+def write_gldv2(root, per_class=3, classes=4, mixed_aspect=False):
+  """GLDv2-clean layout; with `mixed_aspect`, the photos are cropped to
+  landscape (3:2) and portrait (2:3) in turn, as landmark photos come."""
+  photos = grocery_photos(per_class, classes)
   rows = {}
   for i, (p, c) in enumerate(photos):
     image = f"{i:x}{c:x}0f{i:012x}"
-    _copy(p, root, f"train/{image[0]}/{image[1]}/{image[2]}/{image}.jpg")
+    rel = f"train/{image[0]}/{image[1]}/{image[2]}/{image}.jpg"
+    if mixed_aspect:
+      _copy_cropped(p, root, rel, 1.5 if i % 2 else 2 / 3)
+    else:
+      _copy(p, root, rel)
     rows.setdefault(1000 + c, []).append(image)
   with open(os.path.join(str(root), "train_clean.csv"), "w") as f:
     f.write("landmark_id,images\n")

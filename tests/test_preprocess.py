@@ -45,3 +45,16 @@ def test_bad_specs():
     preprocess.build_pp("decode|rotate(3)")
   with pytest.raises(UserError, match="start with 'decode'"):
     preprocess.build_pp("resize(3)")
+
+
+def test_group_ops_take_the_batch_shape(photo):
+  pp = preprocess.build_pp("decode|group_resize(1.1)|group_crop|flip_lr|"
+                           "normalize")
+  assert pp(photo, np.random.default_rng(0), hw=(48, 80)).shape == (48, 80, 3)
+  assert preprocess.uses_group_shape("decode|group_resize(1.1)|group_crop")
+  assert not preprocess.uses_group_shape("decode|resize(72)|center_crop(64)")
+  with pytest.raises(UserError, match="input.sampler='group_size'"):
+    pp(photo, np.random.default_rng(0))
+  shrink = preprocess.build_pp("decode|group_resize(0.5)|group_crop")
+  with pytest.raises(UserError, match="scale >= 1"):
+    shrink(photo, np.random.default_rng(0), hw=(48, 80))

@@ -18,6 +18,9 @@ from vitret_jax import models
 from vitret_jax import sharding
 from vitret_jax import train
 from vitret_jax import train_step as ts
+from vitret_jax.data import datasets
+from vitret_jax.data import image_sizes
+from vitret_jax.data import samplers
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import demo  # pylint: disable=g-import-not-at-top
@@ -110,6 +113,9 @@ def test_cli_errors_are_clear(tmp_path):
   r = run_cli("--config=configs/demo.py:runlocal=True",
               "--config.input.batch_size=18", "--config.input.m_per_class=4", w)
   assert r.returncode == 2 and "not divisible" in r.stderr
+  r = run_cli("--config=configs/demo.py:runlocal=True",
+              "--config.input.sampler=group_size", w)
+  assert r.returncode == 2 and "group_* pp ops go together" in r.stderr
   r = run_cli("--config=configs/demo.py:runlocal=True", "--mode=eval",
               f"--workdir={tmp_path}/empty")
   assert r.returncode == 2 and "train first" in r.stderr
@@ -167,22 +173,30 @@ def test_step_on_8_devices_equals_1_device(reduction):
   assert err < 1e-5 * moved, (err, moved)
 
 
-def test_dtop_config_trains(tmp_path):
+def test_dtop_config_trains_with_group_size_batches(tmp_path):
   """configs/dtop.py (runlocal: R26 hybrid + locality blocks + DToP head)
-  trains, on the embedded data until the landmark readers land."""
+  on a GLDv2 fixture of landscape and portrait photos: group-size batches of
+  two shapes go through the one train step, evaluated on ROxford."""
   import dtop  # pylint: disable=g-import-not-at-top
+  import fixtures  # pylint: disable=g-import-not-at-top
   c = dtop.get_config("runlocal=True")
-  d = demo.get_config("runlocal=True")
   with c.unlocked():
-    c.input = d.input
-    c.input.pp_train = "decode|resize(72)|random_crop(64)|flip_lr|normalize"
-    c.evals = d.evals
-    c.evals.test.pp = "decode|resize(72)|center_crop(64)|normalize"
-    c.ckpt.best_metric = "recall@1"
+    c.input.data_dir = fixtures.write_gldv2(tmp_path / "gld", per_class=6,
+                                            mixed_aspect=True)
+    c.input.options = {"check_counts": False}
+    c.evals = {"roxford": c.evals.roxford}
+    c.evals.roxford.data_dir = fixtures.write_revisited(tmp_path / "rox")
+    c.evals.roxford.options.check_counts = False
+    c.ckpt.best_metric = "medium/map"
     c.eval_untrained = False
-    c.total_steps = 3
+    c.total_steps = 4
+  split = datasets.load_dataset("gldv2", c.input.data_dir,
+                                check_counts=False)["train"]
+  sampler = samplers.GroupSizeSampler(
+      split.labels, image_sizes.image_sizes(split), 2, 8, c.seed, 96, 32)
+  assert {sampler.shape(t) for t in range(4)} == {(64, 128), (128, 64)}
   out = train.train_and_evaluate(c, str(tmp_path / "run"))
-  assert out["step"] == 3 and np.isfinite(out["recall@1"])
+  assert out["step"] == 4 and 0 <= out["medium/map"] <= 1
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   params = checkpoint.load_run_params(str(tmp_path / "run"))
   assert params["head"]["projection"]["kernel"].shape == (4 * 32, 512)

@@ -22,6 +22,7 @@ from vitret_jax import preemption
 from vitret_jax import sharding
 from vitret_jax import train_step as ts
 from vitret_jax.data import datasets
+from vitret_jax.data import image_sizes
 from vitret_jax.data import pipeline
 from vitret_jax.data import preprocess
 from vitret_jax.data import samplers
@@ -69,7 +70,16 @@ class Run:
           f"{unit}.")
     self.tx, self.schedule = optim.build_optimizer(
         config.optim, config.schedule, config.total_steps)
-    self.image_size = preprocess.output_size(config.input.pp_train)
+    grouped = preprocess.uses_group_shape(config.input.pp_train)
+    if grouped != (config.input.sampler == "group_size"):
+      raise UserError(
+          f"input.sampler={config.input.sampler!r} with input.pp_train="
+          f"{config.input.pp_train!r}: group-size sampling and the group_* "
+          f"pp ops go together (e.g. sampler='group_size' with pp_train="
+          f"'decode|group_resize(1.1)|group_crop|flip_lr|normalize').")
+    # Group-size batches vary in shape around model.image_size squared.
+    self.image_size = (config.model.image_size if grouped
+                       else preprocess.output_size(config.input.pp_train))
     self.train_split = self.splits[config.input.train_split]
     self.state, self.state_sharding = ts.create_train_state(
         self.model, self.tx, jax.random.key(config.seed),
@@ -195,9 +205,7 @@ def train_and_evaluate(config, workdir) -> dict:
                                eps=config.loss.eps),
       run.mesh, run.state_sharding, xbm_start=config.loss.xbm.start_step,
       accum_steps=config.optim.accum_steps)
-  sampler = samplers.build_sampler(
-      config.input.sampler, run.train_split.labels, config.input.batch_size,
-      config.input.m_per_class, config.seed)
+  sampler = _build_sampler(config, run)
   preprocess.build_pp(config.input.pp_train)  # a bad spec fails here, early
   loader = pipeline.GrainTrainLoader(
       run.train_split, config.input.pp_train, sampler, seed=config.seed + 1,
@@ -270,6 +278,23 @@ def train_and_evaluate(config, workdir) -> dict:
     writer.close()
     run.ckpt.close()
   return _finish(workdir, final, untrained, end)
+
+
+def _build_sampler(config, run):
+  sizes, multiple = None, 1
+  if config.input.sampler == "group_size":
+    sizes = image_sizes.image_sizes(
+        run.train_split, os.path.join(run.workdir, "cache"),
+        skip_corrupt=config.input.skip_corrupt)
+    multiple = getattr(getattr(run.model, "encoder", None), "stride", 16)
+  sampler = samplers.build_sampler(
+      config.input.sampler, run.train_split.labels, config.input.batch_size,
+      config.input.m_per_class, config.seed, sizes=sizes,
+      image_size=run.image_size, multiple=multiple)
+  if sizes is not None:
+    logging.info("Group-size sampling, groups: %s", "; ".join(
+        sampler.describe()))
+  return sampler
 
 
 def _finish(workdir, final, untrained, step):

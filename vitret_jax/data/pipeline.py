@@ -90,13 +90,13 @@ class StepBatch:
     self.skip_corrupt = skip_corrupt
     self._pp = None
 
-  def _image(self, step, pos, row):
+  def _image(self, step, pos, row, hw):
     if self._pp is None:  # built in the worker process
       self._pp = preprocess.build_pp(self.pp_spec)
     rng = np.random.default_rng([self.seed, step, pos])
     for attempt in range(8):
       try:
-        return self._pp(self.split.item(row), rng), attempt
+        return self._pp(self.split.item(row), rng, hw=hw), attempt
       except DataError:
         if not self.skip_corrupt:
           raise
@@ -107,11 +107,12 @@ class StepBatch:
 
   def __call__(self, step):
     global_rows = self.sampler.batch(step)
+    hw = self.sampler.shape(step)  # group-size sampling: the batch's shape
     base = self.pi * (len(global_rows) // self.pc)
     rows = process_rows(global_rows, self.pi, self.pc)
     images, skipped = [], 0
     for i, r in enumerate(rows):
-      img, n = self._image(step, base + i, r)
+      img, n = self._image(step, base + i, r, hw)
       images.append(img)
       skipped += n
     return {"image": np.stack(images),

@@ -4,6 +4,9 @@
 `fn(path, rng) -> float32 [H, W, 3]`. Ops are looked up in the explicit `OPS`
 dict; an unknown op is an error listing the valid ones. Images are uint8
 `[H, W, 3]` until `normalize`.
+
+The `group_*` ops take their size from the batch (group-size sampling, see
+samplers.GroupSizeSampler): `fn(path, rng, hw=(h, w))`.
 """
 import re
 
@@ -81,6 +84,38 @@ def random_crop(size):
   return op
 
 
+class _GroupOp:
+  """An op whose output size is the batch's group shape `hw`."""
+  needs_hw = True
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, img, rng, hw):
+    if hw is None:
+      raise UserError("group_resize / group_crop take their size from the "
+                      "batch: use them with input.sampler='group_size'.")
+    return self.fn(img, rng, hw)
+
+
+def group_resize(scale=1.0):
+  """Resize to the group shape times `scale` (aspect of the group)."""
+  return _GroupOp(lambda img, rng, hw: _resize_to(
+      img, (round(hw[0] * scale), round(hw[1] * scale))))
+
+
+def group_crop():
+  """Random crop of exactly the group shape (after group_resize(s >= 1))."""
+  def fn(img, rng, hw):
+    h, w = img.shape[:2]
+    if h < hw[0] or w < hw[1]:
+      raise UserError(f"group_crop of {hw} from {h}x{w}: put "
+                      f"group_resize(scale >= 1) before it.")
+    top, left = rng.integers(0, h - hw[0] + 1), rng.integers(0, w - hw[1] + 1)
+    return img[top:top + hw[0], left:left + hw[1]]
+  return _GroupOp(fn)
+
+
 def flip_lr():
   return lambda img, rng: img[:, ::-1] if rng.random() < 0.5 else img
 
@@ -99,6 +134,8 @@ OPS = {
     "random_crop": random_crop,
     "flip_lr": flip_lr,
     "normalize": normalize,
+    "group_resize": group_resize,
+    "group_crop": group_crop,
 }
 
 _OP_RE = re.compile(r"^(\w+)(?:\((.*)\))?$")
@@ -117,21 +154,23 @@ def _parse(op_str):
 
 
 def build_pp(spec: str):
-  """`fn(path, rng, box=None) -> np.ndarray` from a spec starting with
-  "decode"; `box` (x1, y1, x2, y2) crops the decoded image first."""
+  """`fn(path, rng, box=None, hw=None) -> np.ndarray` from a spec starting
+  with "decode"; `box` (x1, y1, x2, y2) crops the decoded image first; `hw`
+  is the batch's group shape for the group_* ops."""
   names = spec.split("|")
   if names[0].strip() != "decode":
     raise UserError(f"pp spec {spec!r} must start with 'decode'.")
   ops = [_parse(s) for s in names[1:]]
 
-  def run(path, rng, box=None):
+  def run(path, rng, box=None, hw=None):
     # A decoded image (from a TFDS source) skips the decoding.
     img = path if isinstance(path, np.ndarray) else decode(path)
     if box is not None:
       x1, y1, x2, y2 = [int(round(v)) for v in box]
       img = img[max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)]
     for op in ops:
-      img = op(img, rng)
+      img = (op(img, rng, hw) if getattr(op, "needs_hw", False)
+             else op(img, rng))
     return np.ascontiguousarray(img)
   return run
 
@@ -147,6 +186,11 @@ def output_size(spec: str) -> int:
     raise UserError(f"pp spec {spec!r} gives no fixed size: end it with a "
                     f"resize(s), center_crop(s) or random_crop(s).")
   return size
+
+
+def uses_group_shape(spec: str) -> bool:
+  """True when the spec's size comes from the batch's group (group_* ops)."""
+  return any(op.strip().startswith("group_") for op in spec.split("|"))
 
 
 def is_fixed_size(spec: str) -> bool:

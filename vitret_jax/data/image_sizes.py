@@ -1,0 +1,64 @@
+"""Image sizes of a split, for group-size sampling.
+
+Read from the files' headers (no decoding) with a thread pool, or decoded
+from the TFDS source when the split reads one; cached as a .npy keyed by the
+split's file list, so a resumed or repeated run reads them once.
+"""
+import concurrent.futures
+import hashlib
+import os
+
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from vitret_jax.errors import DataError
+
+
+def _size_of(split, i):
+  if split.source is not None:
+    return split.item(i).shape[:2]
+  path = split.paths[i]
+  try:
+    with Image.open(path) as im:
+      w, h = im.size
+    return h, w
+  except (OSError, ValueError, SyntaxError) as e:
+    raise DataError(f"Cannot read image {path}: {e}. Replace or remove the "
+                    f"file (and its line in the list file), or set "
+                    f"input.skip_corrupt=True to leave it out.") from e
+
+
+def image_sizes(split, cache_dir="", num_threads=16, skip_corrupt=False):
+  """[N, 2] int (height, width) of every image of `split`.
+
+  With `skip_corrupt`, an unreadable image gets size (0, 0) (samplers leave
+  it out) and is counted in the log; otherwise it is a DataError naming it.
+  """
+  key = hashlib.sha1("\n".join(split.paths).encode()).hexdigest()[:16]
+  path = os.path.join(cache_dir, f"image_sizes-{key}.npy") if cache_dir else ""
+  if path and os.path.exists(path):
+    sizes = np.load(path)
+    if sizes.shape == (len(split), 2):
+      return sizes
+
+  def one(i):
+    try:
+      return _size_of(split, i)
+    except DataError:
+      if not skip_corrupt:
+        raise
+      return 0, 0
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    sizes = np.asarray(list(pool.map(one, range(len(split)), chunksize=256)),
+                       np.int32).reshape(len(split), 2)
+  bad = int((sizes == 0).any(axis=1).sum())
+  if bad:
+    logging.warning("%d unreadable training image(s) left out of group-size "
+                    "sampling (input.skip_corrupt).", bad)
+  if path:
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + ".tmp.npy"
+    np.save(tmp, sizes)
+    os.replace(tmp, path)
+  return sizes
