@@ -55,7 +55,9 @@ def base_config():
   # read those (recommended on accelerator hosts); "" reads the folder.
   # num_workers: grain worker processes (0: num_threads threads in-process;
   # use several per accelerator host). skip_corrupt: replace unreadable
-  # training images by another of their class, and count them.
+  # training images by another of their class and leave unreadable evaluation
+  # images out (metric "skipped_images"), counting them; False = an error
+  # naming the file.
   c.input = mlc.ConfigDict(dict(
       dataset="", data_dir="", tfds_dir="", options=mlc.ConfigDict(),
       train_split="train",

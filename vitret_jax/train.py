@@ -87,7 +87,8 @@ class Run:
         memory_slots(config.loss, len(self.train_split),
                      config.input.batch_size))
     self.evaluators = evaluator.build_evaluators(
-        config.evals, self._embed_fn_for, self.mesh, self.splits)
+        config.evals, self._embed_fn_for, self.mesh, self.splits,
+        skip_corrupt=config.input.skip_corrupt)
     self.ckpt = checkpoint.Checkpointer(
         workdir, keep=config.ckpt.keep, keep_best=config.ckpt.keep_best,
         best_metric=config.ckpt.best_metric)

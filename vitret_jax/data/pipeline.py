@@ -1,14 +1,11 @@
-"""Input pipelines: grain for training, a thread pool for evaluation.
+"""Input pipelines on grain, for training and evaluation.
 
 Training batches are a pure function of (seed, step) (see samplers.py), each
 process loading only its own rows of the global batch, through grain (threads
 or worker processes; its iterator state is saved with checkpoints).
 Evaluation batches are padded to a fixed size, with a mask marking the real
-rows.
+rows; grain threads decode them image by image.
 """
-import collections
-import concurrent.futures
-
 import jax
 import numpy as np
 
@@ -26,9 +23,69 @@ def process_rows(global_rows, process_index, process_count):
   return global_rows[process_index * per:(process_index + 1) * per]
 
 
+class _EvalImage:
+  """Grain map: one slot of this process's share of an evaluation batch.
+
+  A slot is (row, ref): row >= 0 is a real image; row == -1 with ref >= 0
+  is padding whose shape is taken from image `ref` (the first slot of a
+  share without real rows); (-1, -1) is padding shaped like the others
+  (an empty marker until batching).
+  An unreadable image is a DataError naming it, or, with `skip_corrupt`, an
+  image of NaNs: its descriptor comes out NaN (every op of the encoders acts
+  on each image alone) and evaluators leave it out.
+  """
+
+  def __init__(self, split, pp_fn, skip_corrupt, fallback_hw):
+    self.split, self.pp_fn = split, pp_fn
+    self.skip_corrupt, self.fallback_hw = skip_corrupt, fallback_hw
+    self.rng = np.random.default_rng(0)  # unused by deterministic ops
+
+  def _load(self, i):
+    box = None if self.split.boxes is None else self.split.boxes[i]
+    try:
+      return self.pp_fn(self.split.item(i), self.rng, box)
+    except DataError:
+      if not self.skip_corrupt:
+        raise
+      return np.full(self.fallback_hw + (3,), np.nan, np.float32)
+
+  def __call__(self, slot):
+    row, ref = (int(v) for v in slot)
+    if row >= 0:
+      return self._load(row)
+    if ref >= 0:
+      return np.zeros_like(self._load(ref))
+    return np.zeros(0, np.float32)  # (grain drops None: an empty marker)
+
+
+def _stack_share(images):
+  """Grain batch_fn: padding slots (empty) become zeros shaped like the
+  share's first image."""
+  shape = images[0].shape
+  return np.stack([np.zeros(shape, np.float32) if not img.size else img
+                   for img in images])
+
+
+def eval_slots(n, batch_size, real_rows, process_index, process_count):
+  """[(row, ref)] of this process's slots, batch after batch (_EvalImage)."""
+  per = batch_size // process_count
+  slots = []
+  for start in range(0, n, real_rows):
+    n_real = min(real_rows, n - start)
+    lo = process_index * per
+    for pos in range(lo, lo + per):
+      if pos < n_real:
+        slots.append((start + pos, -1))
+      else:
+        slots.append((-1, start if pos == lo else -1))
+  return np.asarray(slots, np.int64).reshape(-1, 2)
+
+
 def eval_batches(split, pp_fn, batch_size, num_workers=2, process_index=0,
-                 process_count=1, real_rows=None):
-  """Yields evaluation batches of exactly `batch_size` global rows.
+                 process_count=1, real_rows=None, skip_corrupt=False,
+                 fallback_hw=(32, 32)):
+  """Yields evaluation batches of exactly `batch_size` global rows, read
+  through grain with `num_workers` threads.
 
   Each global batch holds `real_rows` (default batch_size) consecutive images
   of the split, then zero images of the same shape up to `batch_size`; one
@@ -38,39 +95,27 @@ def eval_batches(split, pp_fn, batch_size, num_workers=2, process_index=0,
 
   Yields dict(image=[batch_size / process_count, H, W, 3] this process's
   rows, mask=[batch_size] bool over the global batch, True for real rows).
-  Preprocessing must be deterministic.
+  Preprocessing must be deterministic. With `skip_corrupt`, unreadable
+  images come as NaNs of shape `fallback_hw` (the pp's fixed output size;
+  see _EvalImage).
   """
+  import grain  # pylint: disable=g-import-not-at-top
   per = batch_size // process_count
   if per * process_count != batch_size:
     raise UserError(f"eval batch {batch_size} does not split over "
                     f"{process_count} hosts.")
   real_rows = real_rows or batch_size
-  rng = np.random.default_rng(0)  # unused by deterministic ops
-  box = lambda i: None if split.boxes is None else split.boxes[i]
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-
-    def submit(start):
-      n_real = min(real_rows, len(split) - start)
-      lo = process_index * per
-      mine = range(start + lo, start + min(lo + per, n_real))
-      futures = [pool.submit(pp_fn, split.item(i), rng, box(i)) for i in mine]
-      # A process whose share holds no real row still needs the shape.
-      shape_of = None if futures else pool.submit(pp_fn, split.item(start),
-                                                  rng, box(start))
-      return n_real, futures, shape_of
-
-    starts = list(range(0, len(split), real_rows))
-    pending = collections.deque()
-    for i in range(len(starts)):
-      while len(pending) < 2 and i + len(pending) < len(starts):
-        pending.append(submit(starts[i + len(pending)]))
-      n_real, futures, shape_of = pending.popleft()
-      images = [f.result() for f in futures]
-      shape = images[0].shape if images else shape_of.result().shape
-      images += [np.zeros(shape, np.float32)] * (per - len(images))
-      mask = np.zeros(batch_size, bool)
-      mask[:n_real] = True
-      yield {"image": np.stack(images), "mask": mask}
+  slots = eval_slots(len(split), batch_size, real_rows, process_index,
+                     process_count)
+  load = _EvalImage(split, pp_fn, skip_corrupt, tuple(fallback_hw))
+  ds = grain.MapDataset.source(slots).map(load).to_iter_dataset(
+      grain.ReadOptions(num_threads=max(1, num_workers),
+                        prefetch_buffer_size=2 * batch_size))
+  ds = ds.batch(per, batch_fn=_stack_share)
+  for b, images in enumerate(ds):
+    mask = np.zeros(batch_size, bool)
+    mask[:min(real_rows, len(split) - b * real_rows)] = True
+    yield {"image": images, "mask": mask}
 
 
 class StepBatch:

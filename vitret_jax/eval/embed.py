@@ -1,5 +1,7 @@
 """Embedding a split: sharded forward passes, padded last batch dropped,
-optionally at several scales (descriptors averaged, then re-normalised)."""
+optionally at several scales (descriptors averaged, then re-normalised).
+Unreadable images, when skipped, come out as rows of NaN (see
+pipeline.eval_batches); `readable_rows` finds the others."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,8 +52,14 @@ def make_embed_fn(model, mesh, param_sharding=None):
   return EmbedFn(model, mesh, param_sharding, multiple)
 
 
+def readable_rows(emb):
+  """Boolean [N]: rows whose descriptor is finite (not a skipped image)."""
+  return np.isfinite(emb).all(axis=1)
+
+
 def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
-                desc="embed", num_workers=2, scales=(1.0,), fixed_size=True):
+                desc="embed", num_workers=2, scales=(1.0,), fixed_size=True,
+                skip_corrupt=False, fallback_hw=(32, 32)):
   """Descriptors of every image of `split`, in order.
 
   Args:
@@ -62,6 +70,8 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
     batch_size: images per forward pass (rounded up to the device count);
       images of varying size (fixed_size=False) go one at a time.
     scales: descriptors at these scales are summed and L2-normalised.
+    skip_corrupt: unreadable images give NaN rows instead of an error;
+      fallback_hw is the pp's output size (the shape of their placeholders).
   Returns:
     (embeddings [N, E] float32 numpy, labels [N]).
   """
@@ -75,7 +85,8 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
                   disable=jax.process_index() != 0)
   for batch in pipeline.eval_batches(split, pp_fn, per_pass, num_workers,
                                      jax.process_index(), jax.process_count(),
-                                     real_rows=real):
+                                     real_rows=real, skip_corrupt=skip_corrupt,
+                                     fallback_hw=fallback_hw):
     images = sharding.to_global_batch({"image": batch["image"]}, mesh)["image"]
     emb = None
     for s in scales:

@@ -8,6 +8,9 @@ Each exposes `run(params, cache="") -> dict of metrics` and, after a run,
                             neighbours against exact search is reported
   whiten_dim (-1 = off, 0 = full), whiten (False = PCA only)
                             learned PCA whitening fitted on the training split
+  skip_corrupt              leave unreadable images out (counted in the
+                            metric "skipped_images") instead of failing;
+                            defaults to input.skip_corrupt
   dataset, data_dir, options
                             evaluate on another data set than the training
                             one (landmarks: train on SfM-120k, test on ROxford)
@@ -34,7 +37,7 @@ class _Evaluator:
   def __init__(self, embed_fn, mesh, splits, *, pp, batch_size=64,
                num_workers=2, scales=(1.0,), knn="exact", scann=None,
                whiten_dim=-1, whiten=True, whiten_max_images=20_000,
-               dataset="", data_dir="", options=None):
+               skip_corrupt=False, dataset="", data_dir="", options=None):
     # Whitening learns from the run's training split, even when the evaluator
     # reads a data set of its own.
     self.train_split = splits.get("train")
@@ -44,6 +47,10 @@ class _Evaluator:
     self.embed_fn, self.mesh = embed_fn, mesh
     self.pp_fn = preprocess.build_pp(pp)
     self.fixed_size = preprocess.is_fixed_size(pp)
+    self.skip_corrupt = skip_corrupt
+    # Shape of the placeholder of an unreadable image (see embed_split).
+    self.fallback_hw = ((preprocess.output_size(pp),) * 2 if self.fixed_size
+                        else (32, 32))
     self.batch_size, self.num_workers = batch_size, num_workers
     self.scales = tuple(float(s) for s in scales)
     if knn not in knn_lib.BACKENDS:
@@ -66,7 +73,13 @@ class _Evaluator:
       return np.load(path)
     emb, _ = embed.embed_split(self.embed_fn, params, split, self.pp_fn,
                                self.batch_size, self.mesh, desc,
-                               self.num_workers, self.scales, self.fixed_size)
+                               self.num_workers, self.scales, self.fixed_size,
+                               self.skip_corrupt, self.fallback_hw)
+    bad = np.flatnonzero(~embed.readable_rows(emb))
+    if len(bad):
+      logging.warning("%s: left out %d unreadable image(s) (skip_corrupt), "
+                      "e.g. %s", desc, len(bad),
+                      [split.paths[i] for i in bad[:3]])
     if path:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       np.save(path, emb)
@@ -84,6 +97,7 @@ class _Evaluator:
       split = datasets.Split(tuple(split.paths[i] for i in sorted(keep)),
                              split.labels[np.sort(keep)])
     train = self._embed(params, split, "embed whitening set", cache, "whiten")
+    train = train[embed.readable_rows(train)]
     return whitening_lib.fit(train, self.whiten_dim, self.whiten)
 
   def _search(self, query, reference, k, exclude_self, cache=""):
@@ -145,17 +159,47 @@ class RetrievalEvaluator(_Evaluator):
     q = self._embed(params, self.query, "embed queries", cache, "query")
     g = q if self.gallery is None else self._embed(
         params, self.gallery, "embed gallery", cache, "gallery")
+    # Unreadable images (skip_corrupt) are neither queries nor references.
+    q_ok, g_ok = embed.readable_rows(q), embed.readable_rows(g)
+    q_split = _take(self.query, q_ok)
+    g_split = q_split if self.gallery is None else _take(self.gallery, g_ok)
+    q, g = q[q_ok], g[g_ok]
     if white is not None:
       q, g = white(q), white(g)
-    g_split = self.gallery or self.query
     search = lambda *a: self._search(*a, cache=cache)
-    out, idx = score_retrieval(q, self.query.labels, None if self.gallery
+    out, idx = score_retrieval(q, q_split.labels, None if self.gallery
                                is None else g, g_split.labels, self.ks,
                                self.map_at_r, search=search)
-    q_lab, g_lab = self.query.labels, g_split.labels
-    self.last = (self.query.paths, g_split.paths, idx,
+    if self.skip_corrupt:
+      out["skipped_images"] = int((~q_ok).sum() + (
+          0 if self.gallery is None else (~g_ok).sum()))
+    q_lab, g_lab = q_split.labels, g_split.labels
+    self.last = (q_split.paths, g_split.paths, idx,
                  lambda i, j: bool(q_lab[i] == g_lab[j]))
     return out
+
+
+def _take(split, keep):
+  """The rows of `split` where `keep` (boxes follow; ground truth does not,
+  see RevisitedEvaluator)."""
+  if keep.all():
+    return split
+  rows = np.flatnonzero(keep)
+  return datasets.Split(
+      tuple(split.paths[i] for i in rows), np.asarray(split.labels)[rows],
+      None if split.boxes is None else np.asarray(split.boxes)[rows])
+
+
+def drop_unreadable_revisited(gnd, q_ok, db_ok):
+  """Revisited ground truth without the unreadable queries (q_ok False) and
+  with database indices renumbered over the readable database images."""
+  new_index = np.cumsum(db_ok) - 1
+  out = []
+  for g, ok in zip(gnd, q_ok):
+    if ok:
+      out.append(dict(g, **{k: [int(new_index[j]) for j in g[k] if db_ok[j]]
+                            for k in ("easy", "hard", "junk")}))
+  return tuple(out)
 
 
 def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
@@ -220,34 +264,46 @@ class RevisitedEvaluator(_Evaluator):
     q = self._embed(params, self.query, "embed queries", cache, "query")
     db = self._embed(params, self.database, "embed database", cache,
                      "database")
+    q_ok, db_ok = embed.readable_rows(q), embed.readable_rows(db)
+    gnd = self.query.gnd
+    q_paths, db_paths = self.query.paths, self.database.paths
+    if not (q_ok.all() and db_ok.all()):
+      gnd = drop_unreadable_revisited(gnd, q_ok, db_ok)
+      q_paths = _take(self.query, q_ok).paths
+      db_paths = _take(self.database, db_ok).paths
+      q, db = q[q_ok], db[db_ok]
     if white is not None:
       q, db = white(q), white(db)
     depth = len(db) if not self.depth else min(self.depth, len(db))
     idx, extra = self._search(q, db, depth, False, cache)
-    out = metrics.revisited_metrics(idx, self.query.gnd, self.kappas)
+    out = metrics.revisited_metrics(idx, gnd, self.kappas)
     out.update(extra)
-    gnd = self.query.gnd
+    if self.skip_corrupt:
+      out["skipped_images"] = int((~q_ok).sum() + (~db_ok).sum())
 
     def mark(i, j):
       if j in set(gnd[i]["easy"]) | set(gnd[i]["hard"]):
         return True
       return "junk" if j in set(gnd[i]["junk"]) else False
-    self.last = (self.query.paths, self.database.paths, idx, mark)
+    self.last = (q_paths, db_paths, idx, mark)
     return out
 
 
 EVALUATORS = {"retrieval": RetrievalEvaluator, "revisited": RevisitedEvaluator}
 
 
-def build_evaluators(evals_cfg, embed_fn_for, mesh, splits):
+def build_evaluators(evals_cfg, embed_fn_for, mesh, splits,
+                     skip_corrupt=False):
   """{name: evaluator} from `config.evals` (each entry has a `type`).
 
   embed_fn_for(dtype) -> EmbedFn: evaluators may embed in another precision
   than training (`dtype`, e.g. "bfloat16"; "" = the model's).
+  skip_corrupt: the default of each evaluator's own switch.
   """
   out = {}
   for name, cfg in evals_cfg.items():
     cfg = dict(cfg)
+    cfg.setdefault("skip_corrupt", skip_corrupt)
     kind = cfg.pop("type")
     dtype = cfg.pop("dtype", "")
     if kind not in EVALUATORS:
