@@ -63,7 +63,16 @@ def base_config():
       train_split="train",
       batch_size=64, sampler="random", m_per_class=2,
       pp_train=IRT_PP_TRAIN, num_workers=0, num_threads=2, prefetch=2,
-      skip_corrupt=False))
+      skip_corrupt=False,
+      # sampler="tuples" (retrieval-SfM-120k, cnnimageretrieval's recipe):
+      # per_batch tuples of query, positive and `negatives` negatives
+      # (batch_size = per_batch * (2 + negatives)); each epoch draws
+      # query_size pairs and a pool of pool_size images; with `mine`, the
+      # negatives are the pool images nearest to each query (one per other
+      # cluster), embedded at pp_mine ("" = resize to the training size).
+      tuples=mlc.ConfigDict(dict(
+          per_batch=5, negatives=5, query_size=2000, pool_size=20000,
+          mine=True, pp_mine="", mine_batch_size=64))))
 
   c.loss = mlc.ConfigDict(dict(
       margin=0.5, entropy_weight=0.7, reduction="anchor_mean", eps=1e-8,

@@ -117,9 +117,11 @@ def write_cub(root, per_class=4):
 
 
 def write_sfm120k(root):
-  photos = grocery_photos(3, 4)
+  """retrieval-SfM-120k layout: 4 train clusters of 4 photos with two
+  (query, positive) pairs each, 1 val cluster."""
+  photos = grocery_photos(4, 5)
   db = {}
-  for split, sel in (("train", photos[:9]), ("val", photos[9:])):
+  for split, sel in (("train", photos[:16]), ("val", photos[16:])):
     cids, cluster = [], []
     for i, (p, c) in enumerate(sel):
       cid = f"{split}{i:02d}{c:02d}abcdef{i:04d}"
@@ -127,7 +129,10 @@ def write_sfm120k(root):
                                      str(root)))
       cids.append(cid)
       cluster.append(c)
-    db[split] = {"cids": cids, "cluster": cluster, "qidxs": [0], "pidxs": [1]}
+    starts = range(0, len(sel), 4)
+    db[split] = {"cids": cids, "cluster": cluster,
+                 "qidxs": [s + j for s in starts for j in (0, 2)],
+                 "pidxs": [s + j for s in starts for j in (1, 3)]}
   with open(os.path.join(str(root), "retrieval-SfM-120k.pkl"), "wb") as f:
     pickle.dump(db, f)
   return str(root)

@@ -14,7 +14,7 @@ EXPECTED = {  # split -> (images, classes) of the fixtures
     "sop": {"train": (12, 3), "test": (12, 3)},
     "inshop": {"train": (12, 3), "query": (6, 3), "gallery": (6, 3)},
     "cub": {"train": (12, 3), "test": (12, 3)},
-    "sfm120k": {"train": (9, 3), "val": (3, 1)},
+    "sfm120k": {"train": (16, 4), "val": (4, 1)},
     "gldv2": {"train": (12, 4)},
 }
 
@@ -68,3 +68,20 @@ def test_malformed_lists(tmp_path):
     f.write("id,files\n")
   with pytest.raises(DataError, match="landmark_id,images"):
     datasets.load_dataset("gldv2", root, check_counts=False)
+
+
+def test_sfm120k_pairs_and_bad_indices(tmp_path):
+  import pickle  # pylint: disable=g-import-not-at-top
+  root = fixtures.write_sfm120k(tmp_path / "sfm")
+  train = datasets.load_dataset("sfm120k", root, check_counts=False)["train"]
+  assert train.pairs.tolist()[:3] == [[0, 1], [2, 3], [4, 5]]
+  assert (train.labels[train.pairs[:, 0]] == train.labels[train.pairs[:, 1]]
+          ).all()
+  path = os.path.join(root, "retrieval-SfM-120k.pkl")
+  with open(path, "rb") as f:
+    db = pickle.load(f)
+  db["train"]["pidxs"][0] = 99
+  with open(path, "wb") as f:
+    pickle.dump(db, f)
+  with pytest.raises(DataError, match="outside the 16 images"):
+    datasets.load_dataset("sfm120k", root, check_counts=False)

@@ -29,7 +29,11 @@ def test_all_configs_present():
 def test_config_builds(path, arg):
   c = load(path).get_config(arg)
   assert c.model.variant and c.input.dataset and c.evals
-  assert c.input.batch_size % c.input.m_per_class == 0
+  if c.input.sampler == "tuples":
+    t = c.input.tuples
+    assert c.input.batch_size == t.per_batch * (2 + t.negatives)
+  else:
+    assert c.input.batch_size % c.input.m_per_class == 0
   if arg:
     assert c.total_steps <= 2 and "mu/" in c.model.variant
 

@@ -107,3 +107,58 @@ def test_group_size_merges_poor_groups_and_skips_unreadable():
   sizes2[np.isin(labels, [0, 1, 2])] = (400, 400)
   s = samplers.GroupSizeSampler(labels, sizes2, 2, 8, 0, 384, 16)
   assert [len(g) for g in s.groups] == [len(labels) - 8]
+
+
+def _sfm_like():
+  clusters = np.repeat(np.arange(10), 4)  # 10 clusters of 4 images
+  pairs = np.asarray([(4 * c + j, 4 * c + j + 1) for c in range(10)
+                      for j in (0, 2)])
+  return pairs, clusters
+
+
+def test_tuple_batches_layout_and_random_negatives():
+  pairs, clusters = _sfm_like()
+  s = samplers.TupleSampler(pairs, clusters, batch_size=3 * 5, seed=0,
+                            per_batch=3, negatives=3, query_size=12,
+                            pool_size=30)
+  assert s.epoch_steps == 4
+  for step in range(8):
+    rows = s.batch(step).reshape(3, 5)
+    for q, p, *negs in rows:
+      assert clusters[q] == clusters[p] and [q, p] in pairs.tolist()
+      neg_c = clusters[negs]
+      assert len(set(neg_c.tolist())) == 3 and clusters[q] not in neg_c
+  # An epoch's queries are distinct pairs; deterministic per (seed, step).
+  q_rows = np.concatenate([s.batch(t).reshape(3, 5)[:, 0] for t in range(4)])
+  assert len(set(q_rows.tolist())) == 12
+  t = samplers.TupleSampler(pairs, clusters, 15, 0, 3, 3, 12, 30)
+  assert all(np.array_equal(s.batch(k), t.batch(k)) for k in range(8))
+  with pytest.raises(UserError, match="set it to 15"):
+    samplers.TupleSampler(pairs, clusters, 16, 0, 3, 3)
+
+
+def test_mined_negatives_are_nearest_of_other_clusters():
+  pairs, clusters = _sfm_like()
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(40, 8))
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  s = samplers.TupleSampler(pairs, clusters, 10, 0, 2, 3, query_size=6,
+                            pool_size=40)
+  e_pairs, pool = s.epoch(0)
+  table = samplers.mine_negatives(emb[e_pairs[:, 0]], emb[pool], e_pairs,
+                                  pool, clusters, 3)
+  for (q, _), negs in zip(e_pairs, table):
+    # brute force: walk the pool by similarity, first image per new cluster
+    want, seen = [], {clusters[q]}
+    for r in sorted(pool, key=lambda r: -emb[q] @ emb[r]):
+      if clusters[r] not in seen:
+        want.append(r)
+        seen.add(clusters[r])
+    assert negs.tolist() == want[:3]
+  s.set_mined(0, table)
+  assert np.array_equal(s.batch(1).reshape(2, 5)[:, 2:], table[2:4])
+  # The table travels with checkpoints (JSON) and comes back.
+  import json  # pylint: disable=g-import-not-at-top
+  t = samplers.TupleSampler(pairs, clusters, 10, 0, 2, 3, 6, 40)
+  t.restore(json.loads(json.dumps(s.state())))
+  assert t.has_mined(0) and np.array_equal(t.batch(2), s.batch(2))

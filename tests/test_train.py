@@ -228,7 +228,8 @@ def test_init_from_timm_safetensors(tmp_path):
                                 real["head"]["projection"]["kernel"])
 
 
-@pytest.mark.parametrize("name", ["sop", "inshop", "cub", "gldv2"])
+@pytest.mark.parametrize("name", ["sop", "inshop", "cub", "gldv2",
+                                  "sfm120k"])
 def test_benchmark_configs_train_on_fixtures(name, tmp_path):
   """configs/<name>.py:runlocal=True end to end on a fixture written in the
   data set's official layout (landmarks: ROxford fixture for evaluation)."""
@@ -250,5 +251,52 @@ def test_benchmark_configs_train_on_fixtures(name, tmp_path):
         ev.options.check_counts = False
   out = train.train_and_evaluate(c, str(tmp_path / "run"))
   assert out["step"] == 2
-  key = "roxford/medium/map" if name == "gldv2" else "recall@1"
+  key = ("roxford/medium/map" if name in ("gldv2", "sfm120k")
+         else "recall@1")
   assert 0 <= out[key] <= 1
+
+
+def test_sfm120k_tuples_mined_each_epoch_and_resumed(tmp_path, caplog):
+  """configs/sfm120k.py:runlocal=True: tuple batches with hard negatives
+  mined at each epoch's start (epochs of 2 steps here). A run stopped
+  mid-epoch (step 3) and resumed restores that epoch's mined table and ends
+  where an uninterrupted run does."""
+  import fixtures  # pylint: disable=g-import-not-at-top
+  import sfm120k  # pylint: disable=g-import-not-at-top
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  data = fixtures.write_sfm120k(tmp_path / "sfm")
+  rox = fixtures.write_revisited(tmp_path / "rox")
+
+  def config(total):
+    c = sfm120k.get_config("runlocal=True")
+    with c.unlocked():
+      c.input.data_dir = data
+      c.input.options = {"check_counts": False}
+      c.evals = {"roxford": c.evals.roxford}
+      c.evals.roxford.data_dir = rox
+      c.evals.roxford.options.check_counts = False
+      c.ckpt.best_metric = "medium/map"
+      c.eval_untrained = False
+      c.total_steps = total
+      c.optim.lr = 1e-3  # large enough for the steps to matter
+    return c
+  import logging  # pylint: disable=g-import-not-at-top
+  caplog.set_level(logging.INFO)
+  mined = lambda: [r.getMessage().split(":")[0] for r in caplog.records
+                   if r.getMessage().startswith("Mined hard negatives")]
+  train.train_and_evaluate(config(4), str(tmp_path / "straight"))
+  assert mined() == ["Mined hard negatives for epoch 0",
+                     "Mined hard negatives for epoch 1"]
+  caplog.clear()
+  train.train_and_evaluate(config(3), str(tmp_path / "resumed"))
+  meta = checkpoint.Checkpointer(str(tmp_path / "resumed")).read_meta(3)
+  assert list(meta["input"]["mined"]) == ["1"]  # epoch 1, mined at step 2
+  assert np.asarray(meta["input"]["mined"]["1"]).shape == (4, 2)
+  caplog.clear()
+  train.train_and_evaluate(config(4), str(tmp_path / "resumed"))
+  assert not mined()  # epoch 1's table came back from the checkpoint
+  a = checkpoint.load_run_params(str(tmp_path / "straight"))
+  b = checkpoint.load_run_params(str(tmp_path / "resumed"))
+  err = max(float(np.max(np.abs(x - y))) for x, y in
+            zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert err < 1e-6, err

@@ -76,6 +76,13 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta or {})
 
+  def read_meta(self, step=None):
+    """The JSON meta of `step` (default latest), without the state."""
+    step = self.latest_step() if step is None else step
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return dict(out.meta or {})
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -93,6 +93,10 @@ class Run:
         workdir, keep=config.ckpt.keep, keep_best=config.ckpt.keep_best,
         best_metric=config.ckpt.best_metric)
 
+  def embed_fn(self):
+    """The embedding function of the trained model (its precision)."""
+    return self._embed_fn_for()
+
   def _embed_fn_for(self, dtype=""):
     """The embedding function, in `dtype` if given (e.g. bf16 evaluation of
     an fp32 model: same parameters, another compute precision)."""
@@ -168,6 +172,9 @@ def _meta(config, next_step, loader=None):
   state = loader.state(next_step) if loader is not None else None
   if state is not None:
     meta["input"]["grain"] = _jsonable(state["grain"])
+  if loader is not None and hasattr(loader.sampler, "state"):
+    # Tuple sampling: the epoch's mined negatives, which batches depend on.
+    meta["input"]["mined"] = loader.sampler.state()
   return meta
 
 
@@ -213,6 +220,13 @@ def train_and_evaluate(config, workdir) -> dict:
       num_workers=config.input.num_workers,
       num_threads=config.input.num_threads, prefetch=config.input.prefetch,
       skip_corrupt=config.input.skip_corrupt)
+  before_segment = None
+  if config.input.sampler == "tuples":
+    if source == "workdir":
+      sampler.restore(run.ckpt.read_meta().get("input", {}).get("mined"))
+    if config.input.tuples.mine:
+      # Reads `state` when called: the parameters of the latest step.
+      before_segment = NegativeMiner(run, sampler, lambda: state.params)
   writer = metric_writer.MetricWriter(workdir)
   start = int(jax.device_get(state.step))
   total = config.total_steps
@@ -228,7 +242,8 @@ def train_and_evaluate(config, workdir) -> dict:
   skipped = 0
   try:
     with preemption.Stopper() as stopper:
-      for step, batch in loader.iterate(start, total):
+      for step, batch in loader.iterate(start, total,
+                                        before_segment=before_segment):
         skipped += int(batch.pop("skipped", 0))
         state, metrics = step_fn(state,
                                  sharding.to_global_batch(batch, run.mesh))
@@ -271,7 +286,8 @@ def train_and_evaluate(config, workdir) -> dict:
       logging.warning("Skipped %d unreadable training image(s) "
                       "(input.skip_corrupt).", skipped)
     final = run.evaluate(state.params, step=end, report=True)
-    run.ckpt.save(state, _meta(config, end), metrics=final, force=True)
+    run.ckpt.save(state, _meta(config, end, loader), metrics=final,
+                  force=True)
     writer.write(end, {f"eval/{k}": v for k, v in final.items()})
   finally:
     bar.close()
@@ -288,14 +304,72 @@ def _build_sampler(config, run):
         run.train_split, os.path.join(run.workdir, "cache"),
         skip_corrupt=config.input.skip_corrupt)
     multiple = getattr(getattr(run.model, "encoder", None), "stride", 16)
+  tuples = {k: v for k, v in config.input.tuples.items()
+            if k not in ("mine", "pp_mine", "mine_batch_size")}
   sampler = samplers.build_sampler(
       config.input.sampler, run.train_split.labels, config.input.batch_size,
       config.input.m_per_class, config.seed, sizes=sizes,
-      image_size=run.image_size, multiple=multiple)
+      image_size=run.image_size, multiple=multiple,
+      pairs=run.train_split.pairs, tuples=tuples)
   if sizes is not None:
     logging.info("Group-size sampling, groups: %s", "; ".join(
         sampler.describe()))
   return sampler
+
+
+class _Rows:
+  """Rows `rows` of a TFDS data source, as a source of their own."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, rows
+
+  def __getitem__(self, i):
+    return self.source[int(self.rows[i])]
+
+  def __len__(self):
+    return len(self.rows)
+
+
+class NegativeMiner:
+  """Hard-negative mining for tuple sampling, at each epoch's first step:
+  embeds the epoch's queries and negative pool with the current parameters
+  (every process takes part) and gives the sampler, per query, the nearest
+  pool images of other clusters, one per cluster."""
+
+  def __init__(self, run, sampler, params_fn):
+    self.run, self.sampler, self.params_fn = run, sampler, params_fn
+    cfg = run.config.input
+    self.pp_fn = preprocess.build_pp(
+        cfg.tuples.pp_mine or f"decode|resize({run.image_size})|normalize")
+    self.embed_fn = run.embed_fn()
+
+  def _embed(self, rows, desc):
+    split, cfg = self.run.train_split, self.run.config
+    sub = datasets.Split(
+        tuple(split.paths[i] for i in rows), split.labels[rows],
+        source=None if split.source is None else _Rows(split.source, rows))
+    emb, _ = embed.embed_split(
+        self.embed_fn, self.params_fn(), sub, self.pp_fn,
+        cfg.input.tuples.mine_batch_size, self.run.mesh, desc,
+        cfg.input.num_threads,
+        skip_corrupt=cfg.input.skip_corrupt,
+        fallback_hw=(self.run.image_size,) * 2)
+    return emb
+
+  def __call__(self, step):
+    e = self.sampler.epoch_of(step)
+    if self.sampler.has_mined(e):
+      return
+    t0 = time.time()
+    pairs, pool = self.sampler.epoch(e)
+    q = np.nan_to_num(self._embed(pairs[:, 0], f"mine: queries (epoch {e})"),
+                      nan=0.0)
+    p = self._embed(pool, f"mine: pool (epoch {e})")
+    p[~embed.readable_rows(p)] = 0.0  # unreadable pool images: never chosen
+    self.sampler.set_mined(e, samplers.mine_negatives(
+        q, p, pairs, pool, self.sampler.clusters, self.sampler.k))
+    logging.info("Mined hard negatives for epoch %d: %d queries, pool of %d "
+                 "(%.1fs).", e, len(pairs), len(pool), time.time() - t0)
 
 
 def _finish(workdir, final, untrained, step):

@@ -8,6 +8,7 @@ counts of ../shared/SPEC.md, saying what is missing on a mismatch.
 """
 import collections
 import csv
+import dataclasses
 import os
 import pickle
 
@@ -174,15 +175,25 @@ def sfm_path(root, cid):
 
 def load_sfm120k(data_dir, check_counts=True):
   """{"train", "val"} of retrieval-SfM-120k: images labelled by their 3D
-  cluster (the pkl's `cluster`), counts taken from the pkl (SPEC: the
+  cluster (the pkl's `cluster`), with the (query, positive) pairs of
+  `qidxs` / `pidxs` for tuple sampling; counts taken from the pkl (SPEC: the
   published counts are unverified)."""
   path = _need(os.path.join(data_dir, "retrieval-SfM-120k.pkl"), "sfm120k")
   try:
     with open(path, "rb") as f:
       db = pickle.load(f)
-    out = {s: _split([sfm_path(data_dir, c) for c in db[s]["cids"]],
-                     db[s]["cluster"]) for s in ("train", "val")}
-  except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
+    out = {}
+    for s in ("train", "val"):
+      split = _split([sfm_path(data_dir, c) for c in db[s]["cids"]],
+                     db[s]["cluster"])
+      pairs = np.stack([np.asarray(db[s]["qidxs"], np.int64),
+                        np.asarray(db[s]["pidxs"], np.int64)], axis=1)
+      if len(pairs) and (pairs.min() < 0 or pairs.max() >= len(split)):
+        raise ValueError(f"{s}: qidxs / pidxs outside the {len(split)} "
+                         f"images")
+      out[s] = dataclasses.replace(split, pairs=pairs)
+  except (pickle.UnpicklingError, EOFError, KeyError, TypeError,
+          ValueError) as e:
     raise DataError(f"{path} is not the retrieval-SfM-120k pkl ({e!r}).\n"
                     f"{INSTRUCTIONS['sfm120k']}") from e
   return _check("sfm120k", out, check_counts, data_dir)

@@ -32,12 +32,15 @@ class Split:
       "hard", "junk" database indices).
     source: optional random-access TFDS data source whose record i holds
       row i's decoded "image" (then read instead of the file).
+    pairs: optional [P, 2] (query row, positive row) training pairs
+      (retrieval-SfM-120k's qidxs / pidxs), for tuple sampling.
   """
   paths: tuple
   labels: np.ndarray
   boxes: Optional[np.ndarray] = None
   gnd: Optional[tuple] = None
   source: Optional[object] = None
+  pairs: Optional[np.ndarray] = None
 
   def item(self, i):
     """What preprocessing takes for row i: the file path, or the decoded

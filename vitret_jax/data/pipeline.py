@@ -182,7 +182,7 @@ class GrainTrainLoader:
     self.fn = StepBatch(split, pp_spec, sampler, seed, pi, pc, skip_corrupt)
     self.num_workers, self.num_threads = num_workers, max(1, num_threads)
     self.prefetch = max(1, prefetch)
-    self._it = None
+    self._it, self._segment_start = None, 0
 
   def _dataset(self, start, end):
     import grain  # pylint: disable=g-import-not-at-top
@@ -194,22 +194,45 @@ class GrainTrainLoader:
           num_workers=self.num_workers, per_worker_buffer_size=self.prefetch))
     return ds
 
-  def iterate(self, start_step, end_step, state=None):
-    """Yields (step, local batch); `state` from state() resumes mid-way."""
-    self._it = iter(self._dataset(start_step, end_step))
-    step = start_step
-    if state is not None:
-      self._it.set_state(state["grain"])
-      step = state["next_step"]
-    while step < end_step:
-      yield step, next(self._it)
-      step += 1
+  @property
+  def sampler(self):
+    return self.fn.sampler
+
+  def iterate(self, start_step, end_step, state=None, before_segment=None):
+    """Yields (step, local batch); `state` from state() resumes mid-way.
+
+    A sampler with epochs whose batches depend on work done at the epoch's
+    start (TupleSampler's mined negatives) is read one epoch at a time:
+    `before_segment(first_step)` runs before each epoch's reader is made,
+    so grain's threads or worker processes see that epoch's tables.
+    """
+    epoch_steps = getattr(self.sampler, "epoch_steps", None)
+    seg_start, resume = start_step, state
+    if resume is not None:
+      seg_start = resume.get("segment_start", start_step)
+    while seg_start < end_step:
+      seg_end = end_step
+      if epoch_steps:
+        seg_end = min(end_step, (seg_start // epoch_steps + 1) * epoch_steps)
+      if before_segment is not None:
+        before_segment(seg_start)
+      self._it = iter(self._dataset(seg_start, seg_end))
+      self._segment_start = seg_start
+      step = seg_start
+      if resume is not None:
+        self._it.set_state(resume["grain"])
+        step, resume = resume["next_step"], None
+      while step < seg_end:
+        yield step, next(self._it)
+        step += 1
+      seg_start = seg_end
 
   def state(self, next_step):
     """The iterator's state before `next_step`, or None before iterate()."""
     if self._it is None:
       return None
-    return {"grain": self._it.get_state(), "next_step": int(next_step)}
+    return {"grain": self._it.get_state(), "next_step": int(next_step),
+            "segment_start": int(self._segment_start)}
 
   def load(self, step):
     return self.fn(step)

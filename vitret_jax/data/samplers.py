@@ -171,12 +171,126 @@ class GroupSizeSampler:
             zip(self.shapes, self.groups)]
 
 
-SAMPLERS = ("random", "m_per_class", "group_size")
+class TupleSampler:
+  """SfM-120k training tuples, as cnnimageretrieval-pytorch makes them
+  (SPEC's IRT landmark recipe): a batch holds `per_batch` tuples of a query,
+  its positive and `negatives` negatives, laid out [q, p, n1..nk] per tuple.
+
+  Epoch e draws `query_size` (query, positive) pairs from the data set's
+  pairs and a pool of `pool_size` images, seeded by (seed, e); it lasts
+  query_size // per_batch steps. Negatives come from clusters other than
+  the query's, one image per cluster: the hardest ones (nearest to the query
+  by the current model's descriptors) once `set_mined(e, table)` has been
+  given the epoch's mined table (see mine_negatives), random pool images
+  otherwise. A batch is a pure function of (seed, step, that epoch's table),
+  and the table is saved with checkpoints (`state()` / `restore()`).
+
+  Labels are the clusters, so the pairwise loss sees the query / positive
+  pairs (and any other same-cluster pair) as positives.
+  """
+
+  def __init__(self, pairs, clusters, batch_size, seed, per_batch=5,
+               negatives=5, query_size=2000, pool_size=20000):
+    self.pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    self.clusters = np.asarray(clusters)
+    self.k, self.per_batch, self.seed = negatives, per_batch, seed
+    if batch_size != per_batch * (2 + negatives):
+      raise UserError(
+          f"input.batch_size={batch_size} does not hold input.tuples."
+          f"per_batch={per_batch} tuples of 2 + {negatives} images: set it "
+          f"to {per_batch * (2 + negatives)}.")
+    if not len(self.pairs):
+      raise UserError("tuple sampling needs the data set's query / positive "
+                      "pairs (retrieval-SfM-120k's qidxs / pidxs).")
+    self.query_size = min(query_size, len(self.pairs))
+    self.pool_size = min(pool_size, len(self.clusters))
+    self.epoch_steps = max(1, self.query_size // per_batch)
+    self._mined = {}  # epoch -> [query_size, negatives] rows
+
+  def epoch_of(self, step):
+    return step // self.epoch_steps
+
+  def epoch(self, e):
+    """(pairs [query_size, 2], pool [pool_size]) rows of epoch e."""
+    rng = np.random.default_rng([self.seed, e])
+    pairs = self.pairs[rng.choice(len(self.pairs), self.query_size, False)]
+    pool = rng.choice(len(self.clusters), self.pool_size, False)
+    return pairs, pool
+
+  def _random_negatives(self, e, pairs, pool):
+    rng = np.random.default_rng([self.seed, e, 2])
+    out = np.empty((len(pairs), self.k), np.int64)
+    for i, (q, _) in enumerate(pairs):
+      out[i] = pick_negatives(rng.permutation(pool), self.clusters,
+                              self.clusters[q], self.k)
+    return out
+
+  def has_mined(self, e):
+    return e in self._mined
+
+  def set_mined(self, e, table):
+    self._mined = {int(e): np.asarray(table, np.int64)}
+
+  def negatives_of(self, e):
+    if e in self._mined:
+      return self._mined[e]
+    pairs, pool = self.epoch(e)
+    return self._random_negatives(e, pairs, pool)
+
+  def batch(self, step):
+    e, i = divmod(step, self.epoch_steps)
+    pairs, _ = self.epoch(e)
+    negs = self.negatives_of(e)
+    sl = slice(i * self.per_batch, (i + 1) * self.per_batch)
+    return np.concatenate([pairs[sl], negs[sl]], axis=1).reshape(-1)
+
+  def shape(self, step):
+    del step
+    return None
+
+  def state(self):
+    return {int(e): t.tolist() for e, t in self._mined.items()}
+
+  def restore(self, state):
+    for e, table in (state or {}).items():
+      self.set_mined(int(e), table)
+
+
+def pick_negatives(ranked, clusters, query_cluster, k):
+  """The first k of `ranked` rows whose clusters differ from the query's and
+  from each other (cnnimageretrieval's rule)."""
+  out, seen = [], {query_cluster}
+  for r in ranked:
+    c = clusters[r]
+    if c not in seen:
+      out.append(r)
+      seen.add(c)
+      if len(out) == k:
+        return np.asarray(out, np.int64)
+  raise UserError(f"the negative pool has fewer than {k} clusters other "
+                  f"than the query's: raise input.tuples.pool_size or lower "
+                  f"input.tuples.negatives.")
+
+
+def mine_negatives(query_emb, pool_emb, pairs, pool, clusters, k):
+  """Hard negatives [len(pairs), k]: per query, the pool images nearest to
+  it (inner product of unit descriptors), one per cluster, none of its own.
+  """
+  scores = query_emb @ pool_emb.T
+  order = np.argsort(-scores, axis=1, kind="stable")
+  return np.stack([pick_negatives(pool[order[i]], clusters,
+                                  clusters[q], k)
+                   for i, (q, _) in enumerate(pairs)])
+
+
+SAMPLERS = ("random", "m_per_class", "group_size", "tuples")
 
 
 def build_sampler(kind: str, labels, batch_size: int, m: int, seed: int,
-                  sizes=None, image_size=224, multiple=16):
-  """A sampler by name; "group_size" needs the images' `sizes`."""
+                  sizes=None, image_size=224, multiple=16, pairs=None,
+                  tuples=None):
+  """A sampler by name; "group_size" needs the images' `sizes`, "tuples"
+  the data set's (query, positive) `pairs` and the `tuples` options."""
   if kind == "m_per_class":
     return MPerClassSampler(labels, m, batch_size, seed)
   if kind == "random":
@@ -186,4 +300,9 @@ def build_sampler(kind: str, labels, batch_size: int, m: int, seed: int,
       raise ValueError("group_size sampling needs the image sizes.")
     return GroupSizeSampler(labels, sizes, m, batch_size, seed, image_size,
                             multiple)
+  if kind == "tuples":
+    if pairs is None:
+      raise UserError("input.sampler='tuples' needs a data set with query / "
+                      "positive pairs (sfm120k).")
+    return TupleSampler(pairs, labels, batch_size, seed, **dict(tuples or {}))
   raise UserError(f"input.sampler={kind!r}; valid: {list(SAMPLERS)}.")
