@@ -1,0 +1,66 @@
+"""Hard-negative mining for SfM-120k tuple sampling (samplers.TupleSampler),
+run by the trainer at the start of each epoch."""
+import time
+
+import numpy as np
+from absl import logging
+
+from vitret_jax.data import datasets
+from vitret_jax.data import preprocess
+from vitret_jax.data import samplers
+from vitret_jax.eval import embed
+
+
+class _Rows:
+  """Rows `rows` of a TFDS data source, as a source of their own."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, rows
+
+  def __getitem__(self, i):
+    return self.source[int(self.rows[i])]
+
+  def __len__(self):
+    return len(self.rows)
+
+
+class NegativeMiner:
+  """Hard-negative mining for tuple sampling, at each epoch's first step:
+  embeds the epoch's queries and negative pool with the current parameters
+  (every process takes part) and gives the sampler, per query, the nearest
+  pool images of other clusters, one per cluster."""
+
+  def __init__(self, run, sampler, params_fn):
+    self.run, self.sampler, self.params_fn = run, sampler, params_fn
+    cfg = run.config.input
+    self.pp_fn = preprocess.build_pp(
+        cfg.tuples.pp_mine or f"decode|resize({run.image_size})|normalize")
+    self.embed_fn = run.embed_fn()
+
+  def _embed(self, rows, desc):
+    split, cfg = self.run.train_split, self.run.config
+    sub = datasets.Split(
+        tuple(split.paths[i] for i in rows), split.labels[rows],
+        source=None if split.source is None else _Rows(split.source, rows))
+    emb, _ = embed.embed_split(
+        self.embed_fn, self.params_fn(), sub, self.pp_fn,
+        cfg.input.tuples.mine_batch_size, self.run.mesh, desc,
+        cfg.input.num_threads,
+        skip_corrupt=cfg.input.skip_corrupt,
+        fallback_hw=(self.run.image_size,) * 2)
+    return emb
+
+  def __call__(self, step):
+    e = self.sampler.epoch_of(step)
+    if self.sampler.has_mined(e):
+      return
+    t0 = time.time()
+    pairs, pool = self.sampler.epoch(e)
+    q = np.nan_to_num(self._embed(pairs[:, 0], f"mine: queries (epoch {e})"),
+                      nan=0.0)
+    p = self._embed(pool, f"mine: pool (epoch {e})")
+    p[~embed.readable_rows(p)] = 0.0  # unreadable pool images: never chosen
+    self.sampler.set_mined(e, samplers.mine_negatives(
+        q, p, pairs, pool, self.sampler.clusters, self.sampler.k))
+    logging.info("Mined hard negatives for epoch %d: %d queries, pool of %d "
+                 "(%.1fs).", e, len(pairs), len(pool), time.time() - t0)
