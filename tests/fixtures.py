@@ -4,8 +4,6 @@ import os
 import pickle
 import shutil
 
-import numpy as np
-
 from vitret_jax.data import benchmarks
 from vitret_jax.data import datasets
 

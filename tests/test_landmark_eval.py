@@ -1,7 +1,6 @@
 """Revisited Oxford / Paris reader (revisitop layout fixture) and evaluator:
 boxes, multi-scale, whitening, +R1M, ScaNN, saved embeddings, report."""
 import os
-import pickle
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,6 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from conftest import REPO
 from vitret_jax import checkpoint

@@ -11,7 +11,6 @@ Resume order (`resume_or_init`): the workdir's own latest checkpoint, then
 `config.resume_from` (another run's workdir: its whole state), then
 `config.model.init_from` (parameters only), then the fresh state.
 """
-import json
 import os
 
 import jax

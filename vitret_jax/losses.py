@@ -23,9 +23,6 @@ Reductions of the contrastive term:
     positive and negative pair costs each averaged over the pairs whose cost is
     > 0, then added.
 """
-import functools
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
