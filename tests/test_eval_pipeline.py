@@ -3,6 +3,7 @@ share, unreadable images as an error or left out of the metrics."""
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from vitret_jax.data import datasets
 from vitret_jax.data import pipeline
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
+from vitret_jax.errors import UserError
 from vitret_jax.eval import embed
 from vitret_jax.eval import evaluator
 from vitret_jax.eval import knn
@@ -148,3 +150,13 @@ def test_revisited_evaluator_skips_an_unreadable_database_image(tmp_path):
                                      **kw).run(params)
   assert out.pop("skipped_images") == 1
   assert out == ref
+
+
+def test_non_finite_descriptors_from_the_model_are_an_error(photos):
+  fn, mesh, params = make_embed()
+  bad_params = jax.tree.map(lambda x: x * np.nan, params)
+  ev = evaluator.RetrievalEvaluator(
+      fn, mesh, {"test": split_of(photos, 8)}, query="test",
+      pp="decode|resize(36)|center_crop(32)|normalize")
+  with pytest.raises(UserError, match="8 of 8 descriptors are not finite"):
+    ev.run(bad_params)

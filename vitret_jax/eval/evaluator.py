@@ -76,6 +76,13 @@ class _Evaluator:
                                self.num_workers, self.scales, self.fixed_size,
                                self.skip_corrupt, self.fallback_hw)
     bad = np.flatnonzero(~embed.readable_rows(emb))
+    if len(bad) and not self.skip_corrupt:
+      # Not an unreadable file (that raised already): the model itself.
+      raise UserError(
+          f"{desc}: {len(bad)} of {len(emb)} descriptors are not finite "
+          f"(e.g. {split.paths[bad[0]]}): the parameters have diverged or "
+          f"the model overflows in its precision; check the checkpoint or "
+          f"evaluate in float32 (evals.*.dtype).")
     if len(bad):
       logging.warning("%s: left out %d unreadable image(s) (skip_corrupt), "
                       "e.g. %s", desc, len(bad),
