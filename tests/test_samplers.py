@@ -162,3 +162,17 @@ def test_mined_negatives_are_nearest_of_other_clusters():
   t = samplers.TupleSampler(pairs, clusters, 10, 0, 2, 3, 6, 40)
   t.restore(json.loads(json.dumps(s.state())))
   assert t.has_mined(0) and np.array_equal(t.batch(2), s.batch(2))
+
+
+def test_samplers_at_gldv2_size():
+  """1,580,470 images of 81,313 landmarks (GLDv2-clean's size): the samplers
+  index classes with one sort, not a scan per class."""
+  rng = np.random.default_rng(0)
+  labels = np.sort(rng.integers(0, 81_313, 1_580_470))
+  s = samplers.MPerClassSampler(labels, 2, 64, 0)
+  assert set(collections.Counter(labels[s.batch(5)]).values()) == {2}
+  sizes = rng.integers(300, 800, (len(labels), 2))
+  g = samplers.GroupSizeSampler(labels, sizes, 2, 64, 0, 384, 16)
+  assert len(g.groups) == 7 and sum(len(r) for r in g.groups) == len(labels)
+  rows = g.batch(3)
+  assert set(collections.Counter(labels[rows]).values()) == {2}

@@ -30,9 +30,12 @@ class MPerClassSampler:
           f"input.m_per_class={m}: choose a batch size that is a multiple of "
           f"m (e.g. {batch_size - batch_size % m or m}).")
     labels = np.asarray(labels)
-    self.classes, inverse = np.unique(labels, return_inverse=True)
-    self.per_class = [np.flatnonzero(inverse == c)
-                      for c in range(len(self.classes))]
+    self.classes, inverse, counts = np.unique(labels, return_inverse=True,
+                                              return_counts=True)
+    # Rows of each class in file order: one sort, O(N log N) (GLDv2 has
+    # 1.6M images of 81k classes).
+    order = np.argsort(inverse, kind="stable")
+    self.per_class = np.split(order, np.cumsum(counts)[:-1])
     self.m, self.batch_size, self.seed = m, batch_size, seed
     if batch_size // m > len(self.classes):
       raise UserError(
@@ -121,13 +124,18 @@ class GroupSizeSampler:
     group = np.full(len(labels), -1)
     group[ok] = np.abs(np.log(sizes[ok, 1] / sizes[ok, 0])[:, None]
                        - np.log(aspects)[None]).argmin(axis=1)
-    # A class's images alone in a group (fewer than m) join its largest group.
-    for c in np.unique(labels[ok]):
-      rows = np.flatnonzero((labels == c) & ok)
-      counts = np.bincount(group[rows], minlength=len(aspects))
-      small = (counts > 0) & (counts < m)
-      if small.any() and counts.sum() >= m:
-        group[rows[small[group[rows]]]] = counts.argmax()
+    # A class's images alone in a group (fewer than m) join its largest
+    # group, when the class has m in all. Vectorised over a (class, group)
+    # count table.
+    _, cls = np.unique(labels, return_inverse=True)
+    n_g = len(aspects)
+    rows = np.flatnonzero(ok)
+    counts = np.bincount(cls[rows] * n_g + group[rows],
+                         minlength=(cls.max() + 1) * n_g).reshape(-1, n_g)
+    movable = (counts > 0) & (counts < m) & (counts.sum(1, keepdims=True)
+                                             >= m)
+    move = rows[movable[cls[rows], group[rows]]]
+    group[move] = counts.argmax(1)[cls[move]]
     # Groups too poor in classes are merged towards the square group.
     need = batch_size // m if batch_size % m == 0 else 1
     square = int(np.abs(np.log(aspects)).argmin())
