@@ -176,3 +176,18 @@ def test_samplers_at_gldv2_size():
   assert len(g.groups) == 7 and sum(len(r) for r in g.groups) == len(labels)
   rows = g.batch(3)
   assert set(collections.Counter(labels[rows]).values()) == {2}
+
+
+def test_mining_leaves_out_unreadable_pool_images():
+  """A skipped pool image (NaN descriptor) is never a negative, even when
+  every readable pool image scores below zero."""
+  pairs, clusters = _sfm_like()
+  rng = np.random.default_rng(1)
+  query = np.eye(8)[:1]
+  pool = np.arange(8, 40)
+  pool_emb = -query + 0.1 * rng.normal(size=(len(pool), 8))
+  pool_emb /= np.linalg.norm(pool_emb, axis=1, keepdims=True)
+  pool_emb[3] = np.nan  # row 11, cluster 2
+  table = samplers.mine_negatives(query, pool_emb, pairs[:1], pool,
+                                  clusters, 3)
+  assert 11 not in table[0] and len(set(clusters[table[0]].tolist())) == 3

@@ -300,3 +300,31 @@ def test_sfm120k_tuples_mined_each_epoch_and_resumed(tmp_path, caplog):
   err = max(float(np.max(np.abs(x - y))) for x, y in
             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   assert err < 1e-6, err
+
+
+def test_sfm120k_mining_skips_unreadable_pool_images(tmp_path):
+  """With input.skip_corrupt, an unreadable SfM-120k image is left out of
+  the negative pool (and counted in training), never mined as a negative."""
+  import fixtures  # pylint: disable=g-import-not-at-top
+  import sfm120k  # pylint: disable=g-import-not-at-top
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  data = fixtures.write_sfm120k(tmp_path / "sfm")
+  split = datasets.load_dataset("sfm120k", data, check_counts=False)["train"]
+  bad_row = 5  # a positive of a pair, so its own tuples still train
+  with open(split.paths[bad_row], "wb") as f:
+    f.write(b"not a jpeg")
+  c = sfm120k.get_config("runlocal=True")
+  with c.unlocked():
+    c.input.data_dir = data
+    c.input.options = {"check_counts": False}
+    c.input.skip_corrupt = True
+    c.input.tuples.pool_size = 16  # every image is in the pool
+    c.evals = {"roxford": c.evals.roxford}
+    c.evals.roxford.data_dir = fixtures.write_revisited(tmp_path / "rox")
+    c.evals.roxford.options.check_counts = False
+    c.ckpt.best_metric = "medium/map"
+    c.eval_untrained = False
+  train.train_and_evaluate(c, str(tmp_path / "run"))
+  meta = checkpoint.Checkpointer(str(tmp_path / "run")).read_meta()
+  table = np.asarray(meta["input"]["mined"]["0"])
+  assert table.shape == (4, 2) and bad_row not in table

@@ -59,7 +59,6 @@ class NegativeMiner:
     q = np.nan_to_num(self._embed(pairs[:, 0], f"mine: queries (epoch {e})"),
                       nan=0.0)
     p = self._embed(pool, f"mine: pool (epoch {e})")
-    p[~embed.readable_rows(p)] = 0.0  # unreadable pool images: never chosen
     self.sampler.set_mined(e, samplers.mine_negatives(
         q, p, pairs, pool, self.sampler.clusters, self.sampler.k))
     logging.info("Mined hard negatives for epoch %d: %d queries, pool of %d "

@@ -283,7 +283,10 @@ def pick_negatives(ranked, clusters, query_cluster, k):
 def mine_negatives(query_emb, pool_emb, pairs, pool, clusters, k):
   """Hard negatives [len(pairs), k]: per query, the pool images nearest to
   it (inner product of unit descriptors), one per cluster, none of its own.
+  Pool rows that are not finite (unreadable images, skipped) are left out.
   """
+  ok = np.isfinite(pool_emb).all(axis=1)
+  pool_emb, pool = pool_emb[ok], np.asarray(pool)[ok]
   scores = query_emb @ pool_emb.T
   order = np.argsort(-scores, axis=1, kind="stable")
   return np.stack([pick_negatives(pool[order[i]], clusters,
