@@ -5,23 +5,9 @@ import time
 import numpy as np
 from absl import logging
 
-from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.data import samplers
 from vitret_jax.eval import embed
-
-
-class _Rows:
-  """Rows `rows` of a TFDS data source, as a source of their own."""
-
-  def __init__(self, source, rows):
-    self.source, self.rows = source, rows
-
-  def __getitem__(self, i):
-    return self.source[int(self.rows[i])]
-
-  def __len__(self):
-    return len(self.rows)
 
 
 class NegativeMiner:
@@ -38,15 +24,11 @@ class NegativeMiner:
     self.embed_fn = run.embed_fn()
 
   def _embed(self, rows, desc):
-    split, cfg = self.run.train_split, self.run.config
-    sub = datasets.Split(
-        tuple(split.paths[i] for i in rows), split.labels[rows],
-        source=None if split.source is None else _Rows(split.source, rows))
+    cfg = self.run.config
     emb, _ = embed.embed_split(
-        self.embed_fn, self.params_fn(), sub, self.pp_fn,
-        cfg.input.tuples.mine_batch_size, self.run.mesh, desc,
-        cfg.input.num_threads,
-        skip_corrupt=cfg.input.skip_corrupt,
+        self.embed_fn, self.params_fn(), self.run.train_split.take(rows),
+        self.pp_fn, cfg.input.tuples.mine_batch_size, self.run.mesh, desc,
+        cfg.input.num_threads, skip_corrupt=cfg.input.skip_corrupt,
         fallback_hw=(self.run.image_size,) * 2)
     return emb
 

@@ -304,7 +304,7 @@ def _build_sampler(config, run):
     sizes = image_sizes.image_sizes(
         run.train_split, os.path.join(run.workdir, "cache"),
         skip_corrupt=config.input.skip_corrupt)
-    multiple = getattr(getattr(run.model, "encoder", None), "stride", 16)
+    multiple = models.input_stride(run.model)
   tuples = {k: v for k, v in config.input.tuples.items()
             if k not in ("mine", "pp_mine", "mine_batch_size")}
   sampler = samplers.build_sampler(

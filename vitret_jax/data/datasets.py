@@ -42,6 +42,16 @@ class Split:
   source: Optional[object] = None
   pairs: Optional[np.ndarray] = None
 
+  def take(self, rows):
+    """The split of rows `rows` (an index array): paths, labels, boxes and a
+    TFDS source follow; ground truth and pairs, which index rows, do not."""
+    rows = np.asarray(rows)
+    return Split(tuple(self.paths[i] for i in rows),
+                 np.asarray(self.labels)[rows],
+                 None if self.boxes is None else np.asarray(self.boxes)[rows],
+                 source=(None if self.source is None
+                         else _SourceRows(self.source, rows)))
+
   def item(self, i):
     """What preprocessing takes for row i: the file path, or the decoded
     image from the TFDS source."""
@@ -53,6 +63,19 @@ class Split:
   @property
   def num_classes(self) -> int:
     return len(np.unique(self.labels))
+
+
+class _SourceRows:
+  """Rows `rows` of a random-access data source, as a source of their own."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, rows
+
+  def __getitem__(self, i):
+    return self.source[int(self.rows[i])]
+
+  def __len__(self):
+    return len(self.rows)
 
 
 GROCERY_INSTRUCTIONS = """\

@@ -214,16 +214,19 @@ class TupleSampler:
     self.pool_size = min(pool_size, len(self.clusters))
     self.epoch_steps = max(1, self.query_size // per_batch)
     self._mined = {}  # epoch -> [query_size, negatives] rows
+    self._epoch_cache = self._random_cache = (None, None)
 
   def epoch_of(self, step):
     return step // self.epoch_steps
 
   def epoch(self, e):
     """(pairs [query_size, 2], pool [pool_size]) rows of epoch e."""
-    rng = np.random.default_rng([self.seed, e])
-    pairs = self.pairs[rng.choice(len(self.pairs), self.query_size, False)]
-    pool = rng.choice(len(self.clusters), self.pool_size, False)
-    return pairs, pool
+    if self._epoch_cache[0] != e:  # drawn once per epoch, not per batch
+      rng = np.random.default_rng([self.seed, e])
+      pairs = self.pairs[rng.choice(len(self.pairs), self.query_size, False)]
+      pool = rng.choice(len(self.clusters), self.pool_size, False)
+      self._epoch_cache = (e, (pairs, pool))
+    return self._epoch_cache[1]
 
   def _random_negatives(self, e, pairs, pool):
     rng = np.random.default_rng([self.seed, e, 2])
@@ -242,8 +245,10 @@ class TupleSampler:
   def negatives_of(self, e):
     if e in self._mined:
       return self._mined[e]
-    pairs, pool = self.epoch(e)
-    return self._random_negatives(e, pairs, pool)
+    if self._random_cache[0] != e:  # drawn once per epoch, not per batch
+      pairs, pool = self.epoch(e)
+      self._random_cache = (e, self._random_negatives(e, pairs, pool))
+    return self._random_cache[1]
 
   def batch(self, step):
     e, i = divmod(step, self.epoch_steps)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from vitret_jax import models
 from vitret_jax import sharding
 from vitret_jax.data import pipeline
 
@@ -48,7 +49,7 @@ class EmbedFn:
 
 
 def make_embed_fn(model, mesh, param_sharding=None):
-  multiple = getattr(getattr(model, "encoder", None), "stride", 1)
+  multiple = models.input_stride(model)
   return EmbedFn(model, mesh, param_sharding, multiple)
 
 

@@ -101,8 +101,7 @@ class _Evaluator:
     if len(split) > self.whiten_max_images:
       keep = np.random.default_rng(0).choice(len(split),
                                              self.whiten_max_images, False)
-      split = datasets.Split(tuple(split.paths[i] for i in sorted(keep)),
-                             split.labels[np.sort(keep)])
+      split = split.take(np.sort(keep))
     train = self._embed(params, split, "embed whitening set", cache, "whiten")
     train = train[embed.readable_rows(train)]
     return whitening_lib.fit(train, self.whiten_dim, self.whiten)
@@ -187,14 +186,9 @@ class RetrievalEvaluator(_Evaluator):
 
 
 def _take(split, keep):
-  """The rows of `split` where `keep` (boxes follow; ground truth does not,
-  see RevisitedEvaluator)."""
-  if keep.all():
-    return split
-  rows = np.flatnonzero(keep)
-  return datasets.Split(
-      tuple(split.paths[i] for i in rows), np.asarray(split.labels)[rows],
-      None if split.boxes is None else np.asarray(split.boxes)[rows])
+  """The rows of `split` where `keep` (ground truth does not follow, see
+  RevisitedEvaluator)."""
+  return split if keep.all() else split.take(np.flatnonzero(keep))
 
 
 def drop_unreadable_revisited(gnd, q_ok, db_ok):

@@ -63,6 +63,12 @@ def _choose(table, kind, what):
   return table[kind]
 
 
+def input_stride(model) -> int:
+  """Input pixels per token side of a model's encoder (image sides must be
+  multiples of it); 1 for a model without one."""
+  return getattr(getattr(model, "encoder", None), "stride", 1)
+
+
 def build_model(cfg) -> RetrievalModel:
   """Builds the model from the `config.model` section."""
   if cfg.dtype not in DTYPES:
