@@ -5,6 +5,8 @@ path), and expose only `get_config(arg=None)`.
 """
 import ml_collections as mlc
 
+from vitret_jax.data import datasets
+
 IRT_PP_TRAIN = "decode|resize(256)|random_crop(224)|flip_lr|normalize"
 IRT_PP_EVAL = "decode|resize(256)|center_crop(224)|normalize"
 # runlocal: a tiny model on 32 px images for a smoke run of any config.
@@ -27,6 +29,10 @@ def parse_arg(arg, **defaults):
   return out
 
 
+# Sequences are tuples: the command line can override a tuple
+# (--config.evals.test.scales="(1.0, 1.4142)"), not a list.
+
+
 def base_config():
   """Every section with the IRT category-retrieval recipe's defaults
   (../shared/SPEC.md): DeiT-S, contrastive beta 0.5 + KoLeo lambda 0.7,
@@ -47,9 +53,9 @@ def base_config():
   c.model = mlc.ConfigDict(dict(
       encoder="vit", variant="S/16", image_size=224, head="irt", proj_dim=0,
       dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False,
-      distilled=False, backbone_dtype="float32", locality_blocks=[],
+      distilled=False, backbone_dtype="float32", locality_blocks=(),
       dtop=mlc.ConfigDict(dict(num_layers=4, gem_p=3.0, layer_norm=True)),
-      init_from="", init_format="auto", init_fresh=["head/"]))
+      init_from="", init_format="auto", init_fresh=("head/",)))
 
   # tfds_dir: prepare the data set once as TFDS array_record files there and
   # read those (recommended on accelerator hosts); "" reads the folder.
@@ -98,36 +104,50 @@ def base_config():
   return c
 
 
+def set_dataset(c, name, **options):
+  """input.dataset = name, with every option of its reader in input.options
+  (defaults, then `options`), so each one can be overridden, e.g.
+  --config.input.options.check_counts=False."""
+  c.input.dataset = name
+  opts = datasets.reader_options(name)
+  unknown = set(options) - set(opts)
+  if unknown:
+    raise ValueError(f"{sorted(unknown)} are not options of {name}.")
+  opts.update(options)
+  c.input.options = mlc.ConfigDict(opts)
+  return c
+
+
 def search_options():
   """k-NN and descriptor options every evaluator takes (see eval/evaluator)."""
   return dict(knn="exact", scann=mlc.ConfigDict(dict(
                   brute_force_below=20_000, num_leaves=0,
                   num_leaves_to_search=0, reorder=0)),
-              scales=[1.0], whiten_dim=-1, whiten=True, dtype="",
+              scales=(1.0,), whiten_dim=-1, whiten=True, dtype="",
               num_workers=2)
 
 
 def retrieval_eval(query="test", gallery="", ks=(1, 10, 100, 1000),
                    pp=IRT_PP_EVAL, batch_size=128):
   return mlc.ConfigDict(dict(type="retrieval", query=query, gallery=gallery,
-                             ks=list(ks), pp=pp, batch_size=batch_size,
+                             ks=tuple(ks), pp=pp, batch_size=batch_size,
                              map_at_r=True, **search_options()))
 
 
 # Landmark protocol: whole images, longer side 1024, three scales (SPEC).
 LANDMARK_PP_EVAL = "decode|resize_max(1024)|normalize"
-LANDMARK_SCALES = [0.7071, 1.0, 1.4142]
+LANDMARK_SCALES = (0.7071, 1.0, 1.4142)
 
 
 def revisited_eval(data_dir="", name="roxford5k", distractors_dir="",
                    pp=LANDMARK_PP_EVAL, scales=None):
   opts = search_options()
-  opts["scales"] = list(scales or LANDMARK_SCALES)
+  opts["scales"] = tuple(scales or LANDMARK_SCALES)
   return mlc.ConfigDict(dict(
       type="revisited", dataset="revisited", data_dir=data_dir,
       options=mlc.ConfigDict(dict(name=name, distractors_dir=distractors_dir,
                                   check_counts=True)),
-      pp=pp, batch_size=1, kappas=[1, 5, 10], ranking_depth=0, **opts))
+      pp=pp, batch_size=1, kappas=(1, 5, 10), ranking_depth=0, **opts))
 
 
 def make_local(c):
@@ -151,7 +171,7 @@ def irt_category_config(arg, dataset, total_steps, xbm_ratio, evaluation):
   c = base_config()
   c.total_steps = total_steps
   c.model.variant = arg.variant
-  c.input.dataset = dataset
+  set_dataset(c, dataset)
   c.loss.xbm.ratio = xbm_ratio
   c.evals.test = evaluation
   if arg.runlocal:

@@ -5,7 +5,9 @@
 
 Paper (IRT_R, DeiT-S distilled): R@1 76.6; the public reimplementation 76.5.
 The folder is CUB_200_2011/ (images.txt, image_class_labels.txt, images/);
-classes 1-100 train, 101-200 are evaluated leave-one-out. Fine-tune from
+classes 1-100 train, 101-200 are evaluated leave-one-out
+(--config.input.options.num_train_classes moves the boundary; a copy whose
+ids count from 0 is detected, or set input.options.class_id_base). Fine-tune from
 ImageNet weights with --config.model.init_from=<timm .safetensors>
 """
 import os

@@ -28,9 +28,9 @@ def get_config(arg=None):
   c.model.variant = "Ti/8"
   c.model.image_size = 64
   c.model.drop_path_rate = 0.0
-  c.input.dataset = "grocery"
+  common.set_dataset(c, "grocery", protocol="class_disjoint",
+                     num_train_classes=40)
   c.input.data_dir = datasets.EMBEDDED_GROCERY
-  c.input.options = dict(protocol="class_disjoint", num_train_classes=40)
   c.input.sampler = "m_per_class"
   c.input.m_per_class = 4
   c.input.batch_size = 64

@@ -33,12 +33,12 @@ def get_config(arg=None):
   c.model.image_size = 384
   c.model.head = "dtop"
   c.model.proj_dim = 512  # GLAM's output dimension (SPEC)
-  c.model.locality_blocks = [-4, -3, -2, -1]  # the last four (unverified)
+  c.model.locality_blocks = (-4, -3, -2, -1)  # the last four (unverified)
   c.model.dtop.num_layers = 4  # last four layers per branch (unverified)
   c.model.dtop.gem_p = 3.0
   # New parts when starting from an ImageNet checkpoint.
-  c.model.init_fresh = ["head/", "dwconv"]
-  c.input.dataset = "gldv2"
+  c.model.init_fresh = ("head/", "dwconv")
+  common.set_dataset(c, "gldv2")
   # Group-size sampling (SPEC; GLAM's choice): each batch comes from one
   # aspect-ratio group, resized to its shape of area ~384^2, 8% margin for
   # the random crop; m = 2 images per landmark for the pairwise loss.
@@ -59,7 +59,7 @@ def get_config(arg=None):
   if arg.runlocal:
     common.make_local(c)
     c.model.variant = "R26+mu/32"
-    c.model.locality_blocks = [-1]
+    c.model.locality_blocks = (-1,)
     c.model.dtop.num_layers = 2
     c.model.image_size = 96  # groups 64x128, 96x96, 128x64 at stride 32
     c.input.pp_train = ("decode|group_resize(1.08)|group_crop|flip_lr|"
@@ -67,5 +67,5 @@ def get_config(arg=None):
     c.input.batch_size = 8
     for ev in c.evals.values():
       ev.pp = "decode|resize_max(96)|normalize"
-      ev.scales = [1.0]
+      ev.scales = (1.0,)
   return c

@@ -24,9 +24,9 @@ def get_config(arg=None):
   c = common.base_config()
   c.total_steps = 3_000
   c.model.variant = arg.variant
-  c.input.dataset = "grocery"
+  common.set_dataset(c, "grocery", protocol="class_disjoint",
+                     num_train_classes=40)
   c.input.data_dir = ""  # required: --config.input.data_dir=...
-  c.input.options = dict(protocol="class_disjoint", num_train_classes=40)
   c.input.sampler = "m_per_class"
   c.input.m_per_class = 4
   c.optim.lr = 3e-4

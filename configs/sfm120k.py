@@ -31,7 +31,7 @@ def landmark_config(dataset, arg):
   c.total_steps = 20_000
   c.model.variant = arg.variant
   c.model.image_size = 384
-  c.input.dataset = dataset
+  common.set_dataset(c, dataset)
   c.input.pp_train = ("decode|resize(416)|random_crop(384)|flip_lr|"
                       "normalize")
   c.input.sampler = "m_per_class"
@@ -47,7 +47,7 @@ def landmark_config(dataset, arg):
     common.make_local(c)
     for ev in c.evals.values():
       ev.pp = "decode|resize_max(32)|normalize"
-      ev.scales = [1.0]
+      ev.scales = (1.0,)
   return c
 
 

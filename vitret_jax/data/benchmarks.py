@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import os
 import pickle
+import re
 
 import numpy as np
 
@@ -97,8 +98,12 @@ def _check(name, splits, check_counts, root):
           + (f" of {s.num_classes} classes" if n_cls else "")
           + f", the official split has {n_img}"
           + (f" of {n_cls}" if n_cls else "")
-          + f": {n_img - len(s)} images are missing from the lists in {root} "
-          "(or set input.options.check_counts=False for a custom subset).")
+          + (f": {n_img - len(s)} images are missing from the lists in "
+             f"{root}" if len(s) < n_img else
+             f": the lists in {root} name {len(s) - n_img} more" if len(s) >
+             n_img else ": the classes differ")
+          + " (set --config.input.options.check_counts=False for a custom "
+          "subset).")
   return splits
 
 
@@ -145,27 +150,98 @@ def load_inshop(data_dir, check_counts=True):
   return _check("inshop", out, check_counts, data_dir)
 
 
-def load_cub(data_dir, check_counts=True, use_boxes=False):
-  """{"train": classes 1-100, "test": classes 101-200} (the metric-learning
-  split; the official train_test_split.txt is not used by this protocol)."""
-  images = {r[0]: r[1] for r in _lines(os.path.join(data_dir, "images.txt"),
-                                       "cub")}
-  labels = {r[0]: int(r[1]) for r in _lines(
-      os.path.join(data_dir, "image_class_labels.txt"), "cub")}
+CUB_CLASSES = 200
+
+
+def _cub_table(data_dir, name, fields, want, use_commas=True):
+  """{image_id: [fields...]} of a CUB list file, every line validated:
+  `fields` values separated by spaces (or commas, as some copies have),
+  the first a unique integer image id; `want` describes a line."""
+  path = os.path.join(data_dir, name)
+  out = {}
+  with open(_need(path, "cub")) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      row = (re.split(r"\s*,\s*|\s+", line.strip()) if use_commas
+             else line.split())
+      if len(row) != fields or not row[0].isdigit():
+        _bad(path, lineno, row, want, "cub")
+      if row[0] in out:
+        raise DataError(f"{path}, line {lineno}: image id {row[0]} is listed "
+                        f"twice.\n{INSTRUCTIONS['cub']}")
+      out[row[0]] = (lineno, row[1:])
+  return path, out
+
+
+def load_cub(data_dir, check_counts=True, use_boxes=False,
+             num_train_classes=100, class_id_base=-1):
+  """{"train": the first `num_train_classes` class ids, "test": the others}
+  (the metric-learning split: classes 1-100 / 101-200; the official
+  train_test_split.txt is not used by this protocol).
+
+  Class ids count from `class_id_base`: 1 in the official files, 0 in some
+  copies; -1 detects it (0 if any id is 0). A subset may leave classes out;
+  an id beyond the 200 classes is an error naming its line. Image ids may
+  have any base; fields may be separated by spaces or commas.
+  """
+  _, images = _cub_table(data_dir, "images.txt", 2, "'image_id path'")
+  labels_path, rows = _cub_table(data_dir, "image_class_labels.txt", 2,
+                                 "'image_id class_id'")
+  labels = {}
+  for i, (lineno, (label,)) in rows.items():
+    if not label.isdigit():
+      _bad(labels_path, lineno, [i, label], "'image_id class_id'", "cub")
+    labels[i] = int(label)
+  if set(images) != set(labels):
+    only = sorted(set(images) ^ set(labels), key=int)
+    raise DataError(f"images.txt and image_class_labels.txt of {data_dir} "
+                    f"list different image ids (e.g. {only[:3]}).\n"
+                    f"{INSTRUCTIONS['cub']}")
+  classes = sorted(set(labels.values()))
+  if not classes:
+    raise DataError(f"{labels_path} lists no image.\n{INSTRUCTIONS['cub']}")
+  base = class_id_base if class_id_base >= 0 else min(1, classes[0])
+  stray = [c for c in classes if not base <= c < base + CUB_CLASSES]
+  if stray:
+    line = min(rows[i][0] for i in labels if labels[i] == stray[0])
+    raise DataError(
+        f"{labels_path}, line {line}: class id {stray[0]} is outside CUB's "
+        f"{base}..{base + CUB_CLASSES - 1} (ids counted from {base}"
+        f"{'' if class_id_base >= 0 else ', detected'}). Restore the file "
+        f"from the original download.\n{INSTRUCTIONS['cub']}")
+  if not 0 < num_train_classes < CUB_CLASSES:
+    raise DataError(f"input.options.num_train_classes={num_train_classes} "
+                    f"must be between 1 and {CUB_CLASSES - 1}.")
   boxes = {}
   if use_boxes:
-    for r in _lines(os.path.join(data_dir, "bounding_boxes.txt"), "cub"):
-      x, y, w, h = map(float, r[1:5])
-      boxes[r[0]] = [x, y, x + w, y + h]
-  if set(images) != set(labels):
-    raise DataError(f"images.txt and image_class_labels.txt of {data_dir} "
-                    f"list different image ids.\n{INSTRUCTIONS['cub']}")
+    box_path, box_rows = _cub_table(data_dir, "bounding_boxes.txt", 5,
+                                    "'image_id x y width height'")
+    for i, (lineno, r) in box_rows.items():
+      try:
+        x, y, w, h = map(float, r)
+      except ValueError:
+        _bad(box_path, lineno, [i, *r], "'image_id x y width height'", "cub")
+      boxes[i] = [x, y, x + w, y + h]
+    if set(boxes) != set(images):
+      raise DataError(f"{box_path} does not give a box for every image of "
+                      f"images.txt.\n{INSTRUCTIONS['cub']}")
+  first_test = base + num_train_classes
   out = {}
-  for split, keep in (("train", lambda c: c <= 100), ("test", lambda c: c > 100)):
+  if not any(c < first_test for c in classes) or not any(
+      c >= first_test for c in classes):
+    raise DataError(
+        f"{labels_path}: class ids {classes[0]}..{classes[-1]} (counted from "
+        f"{base}) leave the {'test' if classes[-1] < first_test else 'train'}"
+        f" split empty: ids {base}..{first_test - 1} train, the rest test. "
+        f"Set input.options.num_train_classes (or class_id_base).")
+  for split, keep in (("train", lambda c: c < first_test),
+                      ("test", lambda c: c >= first_test)):
     ids = sorted((i for i in images if keep(labels[i])), key=int)
-    out[split] = _split([os.path.join(data_dir, "images", images[i]) for i in ids],
-                        [labels[i] for i in ids],
-                        [boxes[i] for i in ids] if use_boxes else None)
+    out[split] = _split(
+        [os.path.join(data_dir, "images", images[i][1][0]) for i in ids],
+        [labels[i] for i in ids], [boxes[i] for i in ids] if use_boxes
+        else None)
   return _check("cub", out, check_counts, data_dir)
 
 

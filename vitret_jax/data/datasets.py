@@ -7,6 +7,8 @@ problem, where the data comes from and what the folder must hold.
 """
 import csv
 import dataclasses
+import hashlib
+import inspect
 import os
 from typing import Optional
 
@@ -51,6 +53,15 @@ class Split:
                  None if self.boxes is None else np.asarray(self.boxes)[rows],
                  source=(None if self.source is None
                          else _SourceRows(self.source, rows)))
+
+  def fingerprint(self) -> str:
+    """A hash of what the split holds (paths, labels, boxes): caches of
+    anything computed from it are keyed on this."""
+    h = hashlib.sha256("\n".join(self.paths).encode())
+    h.update(np.asarray(self.labels, np.int64).tobytes())
+    if self.boxes is not None:
+      h.update(np.asarray(self.boxes, np.float64).tobytes())
+    return h.hexdigest()[:16]
 
   def item(self, i):
     """What preprocessing takes for row i: the file path, or the decoded
@@ -251,10 +262,11 @@ def _read_distractors(folder, check_counts):
 
 
 def _benchmark(name):
-  # Imported when used: benchmarks.py builds on this module.'s Split.
+  # Imported when used: benchmarks.py builds on this module's Split.
   def load(data_dir, **options):
     from vitret_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
     return benchmarks.READERS[name](data_dir, **options)
+  load.reader_name = name
   return load
 
 
@@ -269,10 +281,31 @@ DATASETS = {
 }
 
 
-def load_dataset(dataset: str, data_dir: Optional[str], **options) -> dict:
-  """Dispatches to the reader of `dataset`; `DATASETS` lists the valid ones."""
+def _reader(dataset):
   if dataset not in DATASETS:
     raise UserError(f"input.dataset={dataset!r}; valid: {sorted(DATASETS)}.")
+  fn = DATASETS[dataset]
+  if hasattr(fn, "reader_name"):
+    from vitret_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
+    fn = benchmarks.READERS[fn.reader_name]
+  return fn
+
+
+def reader_options(dataset: str) -> dict:
+  """Every option of `dataset`'s reader with its default (what configs put
+  in input.options, so that each can be overridden on the command line)."""
+  params = list(inspect.signature(_reader(dataset)).parameters.values())[1:]
+  return {p.name: p.default for p in params}
+
+
+def load_dataset(dataset: str, data_dir: Optional[str], **options) -> dict:
+  """Dispatches to the reader of `dataset`; `DATASETS` lists the valid ones.
+  An option the reader does not take is an error listing the valid ones."""
+  valid = reader_options(dataset)
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise UserError(f"input.options {unknown} are not options of the "
+                    f"{dataset} reader; valid: {sorted(valid)}.")
   if not data_dir:
     raise UserError(f"input.data_dir is empty: set it to the folder holding "
                     f"the {dataset} data, e.g. --config.input.data_dir=/data/"

@@ -21,11 +21,33 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# Modes holding more than 8 bits per sample: 16-bit greyscale PNG / TIFF
+# ("I;16*"), and "I" (32-bit int), which PIL uses for 16-bit data too.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb8(im) -> np.ndarray:
+  """RGB uint8 [H, W, 3] of an opened PIL image of any mode."""
+  if im.mode in _WIDE_MODES:
+    # convert("RGB") clips these to 255 (a white image): scale 0..65535 down.
+    wide = np.asarray(im, np.float32)
+    gray = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+  if im.mode == "F":
+    raise ValueError("32-bit float pixels have no fixed range; save the "
+                     "image as 8- or 16-bit")
+  return np.asarray(im.convert("RGB"))
+
+
 def decode(path: str) -> np.ndarray:
-  """Reads an image file as RGB uint8 [H, W, 3]; a bad file is a DataError."""
+  """Reads an image file as RGB uint8 [H, W, 3]; a bad file is a DataError.
+
+  Any PIL mode is accepted: palette, greyscale, CMYK and alpha images are
+  converted to RGB (alpha dropped), 16-bit images are scaled to 8 bits.
+  """
   try:
     with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
+      return to_rgb8(im)
   except (OSError, ValueError, SyntaxError) as e:
     raise DataError(f"Cannot read image {path}: {e}. Replace or remove the "
                     f"file (and its line in the list file).") from e

@@ -12,6 +12,7 @@ and stores per image: the encoded image bytes, its label, its file name
 relative to the folder, its crop box (zeros = whole image) and, for Revisited
 queries, the easy / hard / junk database indices.
 """
+import hashlib
 import os
 
 import numpy as np
@@ -29,9 +30,10 @@ _INSTRUCTIONS = "\n\n".join(
 class RetrievalConfig(tfds.core.BuilderConfig):
   """A data set, and options for its reader (e.g. check_counts=False)."""
 
-  def __init__(self, *, name, options=None, **kwargs):
+  def __init__(self, *, name, dataset="", options=None, **kwargs):
     super().__init__(name=name, **kwargs)
     self.options = dict(options or {})
+    self.dataset = dataset or name
 
 
 class Retrieval(tfds.core.GeneratorBasedBuilder):
@@ -63,7 +65,7 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     root = os.fspath(dl_manager.manual_dir)
-    splits = datasets.load_dataset(self.builder_config.name, root,
+    splits = datasets.load_dataset(self.builder_config.dataset, root,
                                    **self.builder_config.options)
     return {name: self._generate_examples(split, root)
             for name, split in splits.items()}
@@ -81,8 +83,12 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
                 "junk": list(gnd.get("junk", []))}
 
 
-def prepare(name, manual_dir, data_dir, **options):
-  """Builds (once) and returns the builder of data set `name`."""
+def prepare(name, manual_dir, data_dir, key="", **options):
+  """Builds (once) and returns the builder of data set `name`.
+
+  `key` (a fingerprint of the reader's splits, see load_splits) names the
+  prepared copy, so that another folder, other reader options or an edited
+  list file prepare a new copy instead of reading a stale one."""
   if name not in datasets.DATASETS:
     raise datasets.UserError(f"TFDS builder {name!r}: valid names are "
                              f"{sorted(datasets.DATASETS)}.")
@@ -91,7 +97,8 @@ def prepare(name, manual_dir, data_dir, **options):
            "revisited": datasets.REVISITED_INSTRUCTIONS}[name]
     raise datasets.DataError(f"{manual_dir!r} does not exist or is empty.\n"
                              f"{how}")
-  config = RetrievalConfig(name=name, version=Retrieval.VERSION,
+  config = RetrievalConfig(name=f"{name}_{key}" if key else name,
+                           dataset=name, version=Retrieval.VERSION,
                            options=options)
   builder = Retrieval(config=config, data_dir=data_dir,
                       file_format="array_record")
@@ -106,6 +113,16 @@ def load_splits(name, manual_dir, data_dir, **options):
   instead of the original folder."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   splits = datasets.load_dataset(name, manual_dir, **options)
-  sources = prepare(name, manual_dir, data_dir, **options).as_data_source()
+  key = hashlib.sha256(" ".join(
+      f"{k}:{v.fingerprint()}" for k, v in sorted(splits.items())).encode())
+  sources = prepare(name, manual_dir, data_dir, key=key.hexdigest()[:12],
+                    **options).as_data_source()
+  for k, v in splits.items():
+    if len(sources[k]) != len(v):
+      raise datasets.DataError(
+          f"TFDS copy of {name} in {data_dir}: split {k} holds "
+          f"{len(sources[k])} records but the reader lists {len(v)} images; "
+          f"delete that folder's {name}_{key.hexdigest()[:12]} to prepare it "
+          f"again.")
   return {k: dataclasses.replace(v, source=sources[k])
           for k, v in splits.items()}

@@ -3,6 +3,8 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from vitret_jax.data import preprocess
+
 COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150),
            "junk": (230, 180, 30), "query": (40, 90, 210)}
 
@@ -10,9 +12,9 @@ COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150),
 def _thumb(path, size):
   try:
     with Image.open(path) as im:
-      im = im.convert("RGB")
-      im.thumbnail((size, size))
-  except OSError:
+      im = Image.fromarray(preprocess.to_rgb8(im))
+    im.thumbnail((size, size))
+  except (OSError, ValueError):
     im = Image.new("RGB", (size, size), (0, 0, 0))
   canvas = Image.new("RGB", (size, size), (255, 255, 255))
   canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
