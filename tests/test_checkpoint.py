@@ -10,6 +10,7 @@ from vitret_jax import checkpoint
 from vitret_jax import models
 from vitret_jax import sharding
 from vitret_jax import train_step as ts
+from vitret_jax import weights
 from vitret_jax.errors import UserError
 
 
@@ -72,7 +73,7 @@ def test_resume_order(tmp_path):
   mine = checkpoint.Checkpointer(str(tmp_path / "mine"))
   got, source = checkpoint.resume_or_init(mine, fresh, fresh_shard)
   assert source == "scratch" and int(got.step) == 0
-  init = checkpoint.make_init_params(str(tmp_path / "other"))
+  init = weights.make_init_params(str(tmp_path / "other"))
   got, source = checkpoint.resume_or_init(mine, fresh, fresh_shard,
                                           init_params=init)
   assert source == "init_from" and int(got.step) == 0
@@ -102,13 +103,13 @@ def test_init_from_lists_mismatched_names(tmp_path):
   template = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"]
   with pytest.raises(UserError, match=r"missing \(2\): head/projection"):
-    checkpoint.make_init_params(str(tmp_path / "other"), fresh=())(template)
+    weights.make_init_params(str(tmp_path / "other"), fresh=())(template)
   # By default a new head may stay freshly initialised; the rest loads.
   real = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]
-  got = checkpoint.make_init_params(str(tmp_path / "other"))(real)
+  got = weights.make_init_params(str(tmp_path / "other"))(real)
   np.testing.assert_array_equal(got["head"]["projection"]["kernel"],
                                 real["head"]["projection"]["kernel"])
   np.testing.assert_array_equal(got["encoder"]["cls"],
                                 state.params["encoder"]["cls"])
-  with pytest.raises(UserError, match="no checkpoints/ folder"):
-    checkpoint.make_init_params(str(tmp_path / "nothing"))(template)
+  with pytest.raises(UserError, match="model.init_from=.*does not exist"):
+    weights.make_init_params(str(tmp_path / "nothing"))(template)

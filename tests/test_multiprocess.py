@@ -2,9 +2,12 @@
 collectives) train the demo config and match one process with two devices."""
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -54,3 +57,55 @@ def test_two_processes_match_one(tmp_path):
   assert len(l_multi) == len(l_single) == 3
   np.testing.assert_allclose(l_multi, l_single, rtol=1e-6)
   assert r_multi == r_single
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
+  """SIGTERM reaches one process only (process 1, not the coordinator): JAX's
+  preemption sync point makes both stop after the same step, save it
+  together and exit 143; the same command then resumes and finishes with
+  every step logged once."""
+  workdir = str(tmp_path / "run")
+  args = ["-m", "vitret_jax.main", "--config=configs/demo.py:runlocal=True",
+          "--config.total_steps=30", "--config.eval_untrained=False",
+          "--config.log_every=1", "--config.ckpt.every_steps=1000",
+          f"--workdir={workdir}"]
+
+  def start():
+    port = free_port()
+    logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
+    procs = [subprocess.Popen(
+        [sys.executable, *args, f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=env(1),
+        stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    return procs, logs
+
+  procs, logs = start()
+  deadline = time.time() + 240
+  while "] step 3:" not in open(tmp_path / "p0.log").read():  # pylint: disable=consider-using-with
+    assert time.time() < deadline and procs[0].poll() is None, (
+        open(tmp_path / "p0.log").read()[-3000:])  # pylint: disable=consider-using-with
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  codes = [p.wait(timeout=300) for p in procs]
+  outs = [open(tmp_path / f"p{i}.log").read() for i in range(2)]  # pylint: disable=consider-using-with
+  for log in logs:
+    log.close()
+  assert codes == [143, 143], [o[-3000:] for o in outs]
+  stops = [re.search(r"Stopped by SIGTERM after step (\d+)", o) for o in outs]
+  assert all(stops), [o[-2000:] for o in outs]
+  step = int(stops[0].group(1))
+  assert int(stops[1].group(1)) == step and 3 <= step < 30
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  assert ckpt.latest_step() == step
+  assert checkpoint.verify_checksums(ckpt.step_dir(step)) is None
+  ckpt.close()
+  procs, logs = start()
+  codes = [p.wait(timeout=300) for p in procs]
+  for log in logs:
+    log.close()
+  assert codes == [0, 0], open(tmp_path / "p0.log").read()[-3000:]  # pylint: disable=consider-using-with
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(l)["step"] for l in f if '"loss"' in l]
+  assert steps == list(range(1, 31))

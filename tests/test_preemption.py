@@ -115,9 +115,11 @@ def test_keep_last_and_best(tmp_path):
                                  async_save=False)
   recalls = {1: 0.2, 2: 0.9, 3: 0.4, 4: 0.3, 5: 0.1}
   for step, r in recalls.items():
+    # As the trainer does: save first, evaluate, then record the metrics.
     ckpt.save(ts.TrainState(step=jnp.int32(step), params={"w": jnp.ones(3)},
-                            opt_state={}, rng=jnp.zeros((2,), jnp.uint32)),
-              metrics={"recall@1": r})
+                            opt_state={}, rng=jnp.zeros((2,), jnp.uint32)))
+    ckpt.wait()
+    ckpt.record_eval(step, {"recall@1": r})
   ckpt.wait()
   assert sorted(ckpt.all_steps()) == [2, 4, 5]  # best (2) + last two
   ckpt.close()

@@ -208,7 +208,6 @@ def test_init_from_timm_safetensors(tmp_path):
   """model.init_from a timm .safetensors file: the encoder loads (equal to the
   converted weights), the head stays freshly initialised."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vitret_jax import weights  # pylint: disable=g-import-not-at-top
   with np.load(os.path.join(REPO, "tests", "golden", "vit_tiny.npz")) as f:
     sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
@@ -218,7 +217,7 @@ def test_init_from_timm_safetensors(tmp_path):
     c.model.proj_dim = 16
   model = models.build_model(c.model)
   real = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  got = checkpoint.make_init_params(str(tmp_path / "vit_tiny.safetensors"),
+  got = weights.make_init_params(str(tmp_path / "vit_tiny.safetensors"),
                                     "auto", c.model)(real)
   want = weights.convert_timm(weights.build_encoder("mu/8", 32), sd,
                               32)["params"]["encoder"]

@@ -7,19 +7,113 @@ batch is a pure function of (seed, step), so that is the whole iterator state).
 Orbax writes to a temporary folder and renames it only when complete, so a
 save killed half-way leaves nothing that `latest_step` would pick up.
 
+Beside orbax's files each step folder gets:
+  vitret_checksums.json   size and SHA-256 of every file, written once the
+                          save is complete and verified before a restore
+  vitret_eval.json        the metrics of the evaluation of that step (the
+                          keep-best policy ranks by them)
+A checkpoint whose files do not match (bytes damaged, a file truncated or
+deleted) is moved to `<workdir>/checkpoints_damaged/<step>` with a one-line
+warning naming the file, and the previous good one is restored instead.
+
 Resume order (`resume_or_init`): the workdir's own latest checkpoint, then
 `config.resume_from` (another run's workdir: its whole state), then
 `config.model.init_from` (parameters only), then the fresh state.
 """
+import dataclasses
+import hashlib
+import json
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from vitret_jax import params_tree
 from vitret_jax.errors import UserError
+
+CHECKSUMS = "vitret_checksums.json"
+EVAL_METRICS = "vitret_eval.json"
+_OWN_FILES = (CHECKSUMS, EVAL_METRICS)
+
+
+def _write_json_atomic(path, obj):
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _sha256(path):
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_checksums(folder) -> dict:
+  """{relative path: [size, sha256]} of every file under `folder` (our own
+  sidecar files aside)."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, folder)
+      if rel not in _OWN_FILES:
+        out[rel] = [os.path.getsize(path), _sha256(path)]
+  return out
+
+
+def verify_checksums(folder):
+  """None if every file listed in `folder`'s checksums is intact; else a
+  short description of the first problem. "unverified" when the folder has
+  no checksums (written by an older version, or killed between the end of
+  orbax's save and the checksums)."""
+  path = os.path.join(folder, CHECKSUMS)
+  if not os.path.exists(path):
+    return "unverified"
+  try:
+    with open(path) as f:
+      listed = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"{path} is unreadable ({e})"
+  for rel, (size, digest) in sorted(listed.items()):
+    full = os.path.join(folder, rel)
+    if not os.path.exists(full):
+      return f"{full} is missing"
+    if os.path.getsize(full) != size:
+      return (f"{full} has {os.path.getsize(full)} bytes, {size} were "
+              f"written")
+    if _sha256(full) != digest:
+      return f"{full} does not match its checksum (damaged bytes)"
+  return None
+
+
+@dataclasses.dataclass
+class _BestByEvalFile:
+  """Orbax preservation policy: the `n` steps whose vitret_eval.json has the
+  highest `metric` (steps without one do not compete)."""
+  directory: str
+  metric: str
+  n: int
+
+  def _score(self, step):
+    try:
+      with open(os.path.join(self.directory, str(step), EVAL_METRICS)) as f:
+        value = json.load(f).get(self.metric)
+      return float(value) if value is not None else None
+    except (OSError, ValueError, TypeError):
+      return None
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    scores = {c.step: self._score(c.step) for c in checkpoints}
+    ranked = sorted((s for s, v in scores.items() if v is not None),
+                    key=lambda s: (scores[s], s), reverse=True)[:self.n]
+    return [c.step in ranked for c in checkpoints]
 
 
 class Checkpointer:
@@ -29,27 +123,32 @@ class Checkpointer:
     workdir: run folder; checkpoints go to workdir/checkpoints.
     keep: how many recent checkpoints to keep.
     keep_best: how many checkpoints with the best `best_metric` to keep as
-      well (0: none); only checkpoints saved with metrics compete.
+      well (0: none); only steps with recorded metrics (`record_eval`)
+      compete.
     best_metric: metric name, higher is better (e.g. "recall@1").
     async_save: write in a background thread while training goes on.
     read_only: open someone else's run (resume_from) without touching it.
+    flag: the config key or flag that named this run, for error messages.
   """
 
   def __init__(self, workdir, keep=3, keep_best=0, best_metric="recall@1",
-               async_save=True, read_only=False):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+               async_save=True, read_only=False, flag="--workdir"):
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.read_only, self.flag = read_only, flag
     policies = [checkpoint_managers.LatestN(n=keep)]
     if keep_best:
-      policies.append(checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m[best_metric], n=keep_best,
-          keep_checkpoints_without_metrics=False))
+      policies.append(_BestByEvalFile(self.directory, best_metric, keep_best))
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, create=not read_only,
-            read_only=read_only,
+            read_only=read_only, cleanup_tmp_directories=not read_only,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(
                 policies)))
+    self._unsealed = []
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -57,23 +156,108 @@ class Checkpointer:
   def all_steps(self):
     return list(self.manager.all_steps())
 
-  def save(self, state, meta=None, metrics=None, force=False):
-    """Saves `state` at its step (once per step); returns True if saved."""
+  def step_dir(self, step):
+    return os.path.join(self.directory, str(step))
+
+  def save(self, state, meta=None, force=False):
+    """Saves `state` at its step (once per step); returns True if saved.
+    Checksums are written when the save is complete (`wait`)."""
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
       return False
+    self._seal()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               meta=ocp.args.JsonSave(meta or {}))
-    return self.manager.save(step, args=args, metrics=metrics, force=force)
+    saved = self.manager.save(step, args=args, force=force)
+    if saved:
+      self._unsealed.append(step)
+    return saved
+
+  def _seal(self):
+    """Waits for saves in flight, then writes their checksums."""
+    self.manager.wait_until_finished()
+    steps, self._unsealed = self._unsealed, []
+    if jax.process_index() != 0:
+      return
+    for step in steps:
+      folder = self.step_dir(step)
+      if os.path.isdir(folder):  # else already removed by the keep policy
+        _write_json_atomic(os.path.join(folder, CHECKSUMS),
+                           {"step": step, "files": file_checksums(folder)})
+
+  def record_eval(self, step, metrics):
+    """Stores the evaluation of `step` beside its checkpoint (keep-best
+    ranks by it; nothing happens if that step has no checkpoint)."""
+    folder = self.step_dir(step)
+    if jax.process_index() == 0 and os.path.isdir(folder):
+      _write_json_atomic(os.path.join(folder, EVAL_METRICS),
+                         {k: float(v) for k, v in metrics.items()})
 
   def restore(self, abstract_state, step=None):
-    """(state, meta) of `step` (default latest) in `abstract_state`'s layout."""
-    step = self.latest_step() if step is None else step
+    """(state, meta) of `step` (default: the latest intact checkpoint) in
+    `abstract_state`'s layout. Damaged checkpoints met on the way are moved
+    aside (see module doc); a model of other shapes is a UserError."""
+    if step is None:
+      step = self._latest_intact()
     _check_shapes(self, step, abstract_state)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta or {})
+
+  def _latest_intact(self):
+    """The newest step whose files pass their checksums, decided by process
+    0 and shared with the others."""
+    step = -1
+    if jax.process_index() == 0:
+      step = self._find_intact()
+    if jax.process_count() > 1:
+      step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
+      self.manager.reload()
+    return step
+
+  def _find_intact(self):
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      problem = verify_checksums(self.step_dir(step))
+      if problem == "unverified":
+        logging.warning("Checkpoint %s has no checksums (written by an older "
+                        "version, or killed right after the save): restoring "
+                        "it unverified.", self.step_dir(step))
+        problem = self._try_meta(step)
+      if problem is None or problem == "unverified":
+        if damaged:
+          logging.warning("Restoring step %d, the newest intact checkpoint.",
+                          step)
+        return step
+      damaged.append(step)
+      self._set_aside(step, problem)
+    raise UserError(
+        f"Every checkpoint in {self.directory} is damaged (steps {damaged}; "
+        f"see the warnings above). Restore them from a backup, or move the "
+        f"folder away to train from scratch.")
+
+  def _try_meta(self, step):
+    try:
+      self.read_meta(step)
+      return None
+    except Exception as e:  # pylint: disable=broad-except
+      return f"its meta item is unreadable ({str(e).splitlines()[0][:200]})"
+
+  def _set_aside(self, step, problem):
+    folder = self.step_dir(step)
+    if self.read_only:
+      logging.warning("Checkpoint %s is damaged: %s. Skipping it.", folder,
+                      problem)
+      return
+    dest = os.path.join(self.workdir, "checkpoints_damaged", str(step))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    if os.path.exists(dest):
+      dest += f".{os.getpid()}"
+    os.rename(folder, dest)
+    self.manager.reload()
+    logging.warning("Checkpoint step %d is damaged: %s. Moved it to %s.",
+                    step, problem, dest)
 
   def read_meta(self, step=None):
     """The JSON meta of `step` (default latest), without the state."""
@@ -83,40 +267,28 @@ class Checkpointer:
     return dict(out.meta or {})
 
   def wait(self):
-    self.manager.wait_until_finished()
+    self._seal()
 
   def close(self):
-    self.manager.wait_until_finished()
+    self._seal()
     self.manager.close()
-
-
-def _key_name(k):
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _shapes(tree):
-  """{"params/encoder/...": shape}; dataclass fields and dict keys alike."""
-  return {"/".join(_key_name(k) for k in path): tuple(x.shape)
-          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _check_shapes(ckpt, step, abstract):
   saved = ckpt.manager.item_metadata(step)
   saved = saved.get("state") if saved is not None else None
   if saved is None:
-    return
-  want, have = _shapes(abstract), _shapes(saved)
+    raise UserError(f"Checkpoint {ckpt.step_dir(step)} has no state "
+                    f"metadata: it is not a vitret_jax checkpoint.")
+  want, have = params_tree.shapes(abstract), params_tree.shapes(saved)
   diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
   if diff:
     raise UserError(
-        f"Checkpoint {ckpt.directory}/{step} does not match this config's "
+        f"Checkpoint {ckpt.step_dir(step)} does not match this config's "
         f"model: {len(diff)} entries differ, e.g. " + "; ".join(
             f"{k}: checkpoint {have.get(k)} vs model {want.get(k)}"
             for k in diff[:5]) +
-        ". Train with the original config, or use a new --workdir.")
+        f". Use the config it was trained with, or a new {ckpt.flag}.")
 
 
 def abstract_like(state, state_sharding):
@@ -125,17 +297,21 @@ def abstract_like(state, state_sharding):
       state, state_sharding)
 
 
-def _run_checkpoints(path):
-  """A Checkpointer reading another run (its workdir or checkpoints folder)."""
+def _run_checkpoints(path, flag="resume_from"):
+  """A Checkpointer reading another run (its workdir or checkpoints folder);
+  `flag` is what the user set to name it (for the error messages)."""
   path = os.path.abspath(path)
   if os.path.basename(path) == "checkpoints":
     path = os.path.dirname(path)
   if not os.path.isdir(os.path.join(path, "checkpoints")):
-    raise UserError(f"resume_from={path!r} holds no checkpoints/ folder: "
-                    f"point it at a vitret_jax run's --workdir.")
-  ckpt = Checkpointer(path, read_only=True)
+    what = "does not exist" if not os.path.exists(path) else (
+        "holds no checkpoints/ folder")
+    raise UserError(f"{flag}={path!r} {what}: point it at a vitret_jax "
+                    f"run's --workdir.")
+  ckpt = Checkpointer(path, read_only=True, flag=flag)
   if ckpt.latest_step() is None:
-    raise UserError(f"resume_from={path!r}: its checkpoints/ folder is empty.")
+    raise UserError(f"{flag}={path!r}: its checkpoints/ folder is empty "
+                    f"(the run saved nothing yet).")
   return ckpt
 
 
@@ -154,10 +330,12 @@ def resume_or_init(ckpt, state, state_sharding, resume_from="", init_params=None
   """
   abstract = abstract_like(state, state_sharding)
   if ckpt.latest_step() is not None:
-    logging.info("Resuming from %s/%d", ckpt.directory, ckpt.latest_step())
-    return ckpt.restore(abstract)[0], "workdir"
+    restored = ckpt.restore(abstract)[0]
+    logging.info("Resuming from %s/%d", ckpt.directory,
+                 int(jax.device_get(restored.step)))
+    return restored, "workdir"
   if resume_from:
-    other = _run_checkpoints(resume_from)
+    other = _run_checkpoints(resume_from, "resume_from")
     logging.info("Continuing %s/%d", other.directory, other.latest_step())
     restored = other.restore(abstract)[0]
     other.close()
@@ -186,87 +364,36 @@ def write_config(config, workdir):
   return path
 
 
-def load_run_params(workdir, step=None):
-  """The parameters of a vitret_jax run's latest (or `step`) checkpoint, as
-  numpy arrays, without rebuilding its optimizer or data."""
-  ckpt = _run_checkpoints(workdir)
-  step = ckpt.latest_step() if step is None else step
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  ckpt.close()
+def load_run_params(workdir, step=None, flag="--workdir"):
+  """The parameters of a vitret_jax run's latest intact (or `step`)
+  checkpoint, as numpy arrays, without rebuilding its optimizer or data."""
+  ckpt = _run_checkpoints(workdir, flag)
+  try:
+    step = ckpt._latest_intact() if step is None else step  # pylint: disable=protected-access
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+  finally:
+    ckpt.close()
   state = restored.state
   params = state["params"] if isinstance(state, dict) else state.params
   return jax.tree.map(np.asarray, params)
 
 
-INIT_FORMATS = ("auto", "vitret_run", "vitret_export", "timm", "npz")
-
-
-def _load_init_source(path, fmt, model_cfg):
-  """Parameters from `model.init_from` as a nested dict (see INIT_FORMATS)."""
-  from vitret_jax import export  # pylint: disable=g-import-not-at-top
-  from vitret_jax import weights  # pylint: disable=g-import-not-at-top
-  if fmt == "auto":
-    if path.endswith((".safetensors", ".pth", ".bin")):
-      fmt = "timm"
-    elif path.endswith(".npz"):
-      fmt = "npz"
-    elif os.path.isfile(os.path.join(path, "model.json")):
-      fmt = "vitret_export"
-    else:
-      fmt = "vitret_run"
-  if fmt not in INIT_FORMATS:
-    raise UserError(f"model.init_format={fmt!r}; valid: {INIT_FORMATS}.")
-  if fmt in ("timm", "npz") and not os.path.isfile(path):
-    raise UserError(f"model.init_from={path!r}: no such file.")
-  if fmt == "vitret_export":
-    return export.Embedder(path).params
-  if fmt == "vitret_run":
-    return load_run_params(path)
-  # Encoder-only checkpoints: converted with the encoder of this config.
-  kw = dict(variant=model_cfg.variant, image_size=model_cfg.image_size,
-            distilled=model_cfg.get("distilled", False))
-  model = weights.build_encoder(**kw)
-  if fmt == "timm":
-    params = weights.convert_timm(model, weights.load_state_dict(path),
-                                  model_cfg.image_size, path)["params"]
-  else:
-    params = weights.from_npz(path, model_cfg.variant,
-                              model_cfg.image_size)[1]["params"]
-  return jax.tree.map(np.asarray, params)
-
-
-def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
-  """callable(template params) -> loaded params, or None when `path` is empty.
-
-  Every name and shape must match the model's: a missing, unexpected or
-  misshaped entry is an error listing them, except that parameters whose
-  name contains one of `fresh` may be absent from the source (they keep
-  their initialisation: a new head, DToP's depth-wise convolutions).
-  """
-  if not path:
-    return None
-
-  def load(template):
-    loaded = _load_init_source(path, fmt, model_cfg)
-    want, have = _shapes(template), _shapes(loaded)
-    kept = {k for k in set(want) - set(have) if any(f in k for f in fresh)}
-    if kept:
-      logging.info("init_from: %d parameters stay freshly initialised (%s)",
-                   len(kept), ", ".join(sorted(kept)[:4]))
-      want = {k: v for k, v in want.items() if k not in kept}
-    from vitret_jax import weights  # pylint: disable=g-import-not-at-top
-    weights.check_fit(have, want, f"model.init_from={path!r}")
-    return _like(template, loaded)
-  return load
-
-
-def _like(template, loaded):
-  """`template` with every entry that `loaded` has replaced by it."""
-  flat = {"/".join(_key_name(k) for k in p): x
-          for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
-
-  def pick(path, t):
-    name = "/".join(_key_name(k) for k in path)
-    return np.asarray(flat[name], t.dtype) if name in flat else t
-  return jax.tree_util.tree_map_with_path(pick, template)
+def read_run_config(workdir):
+  """The config a run was trained with, as a ConfigDict: from its latest
+  intact checkpoint's meta (exactly the config of those parameters), else
+  its config.json; None when it has neither."""
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+  saved = None
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    ckpt = Checkpointer(workdir, read_only=True)
+    try:
+      if ckpt.latest_step() is not None:
+        saved = ckpt.read_meta(ckpt._latest_intact()).get("config")  # pylint: disable=protected-access
+    finally:
+      ckpt.close()
+  path = os.path.join(workdir, "config.json")
+  if saved is None and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+  return None if saved is None else mlc.ConfigDict(saved)

@@ -2,18 +2,62 @@
 
 Each takes plain arguments (the parsed flags) and returns what main prints.
 """
+import json
 import os
 
 from absl import logging
 
+from vitret_jax import checkpoint
 from vitret_jax import export
 from vitret_jax import search
 from vitret_jax.errors import UserError
 from vitret_jax.eval import report
 
 
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def run_config(config, workdir, mode):
+  """The run's own saved config (see checkpoint.read_run_config), so that
+  the training overrides need not be repeated. A --config whose model
+  differs from it is an error (those parameters belong to the saved
+  model); other differences are reported and the run's values used."""
+  saved = checkpoint.read_run_config(workdir) if workdir else None
+  if saved is None:
+    if config is None:
+      raise UserError(f"--mode={mode}: --workdir={workdir} holds no saved "
+                      f"config (config.json or a checkpoint): pass the "
+                      f"training --config too, or point --workdir at a "
+                      f"vitret_jax run.")
+    return config
+  if config is not None:
+    mine = _flat(json.loads(config.to_json_best_effort()))
+    theirs = _flat(saved.to_dict())
+    diff = sorted(k for k in set(mine) | set(theirs)
+                  if mine.get(k) != theirs.get(k))
+    model = [k for k in diff if k.startswith("model.")]
+    if model:
+      shown = ", ".join(f"{k}={mine.get(k)!r} (run: {theirs.get(k)!r})"
+                        for k in model[:3])
+      raise UserError(
+          f"--mode={mode}: --config differs from the run's saved config in "
+          f"the model: {shown}. Leave --config out to use the run's own.")
+    if diff:
+      logging.warning("Using the run's saved config; --config differs in %s.",
+                      ", ".join(diff[:8]))
+  return saved
+
+
 def export_run(config, workdir, export_dir="", overwrite=False):
   """--mode=export: the run's latest parameters as a pretrained artifact."""
+  config = run_config(config, workdir, "export")
   export_dir = export_dir or os.path.join(workdir, "export")
   run = search.RunEmbedder(config, workdir)
   path = export.export_artifact(
@@ -26,9 +70,10 @@ def export_run(config, workdir, export_dir="", overwrite=False):
 def _embedder(config, workdir, pretrained):
   if pretrained:
     return export.load_pretrained(pretrained), pretrained
-  if config is None or not workdir:
-    raise UserError("index / search need --pretrained=ARTIFACT, or --config "
-                    "and --workdir of a training run.")
+  if not workdir:
+    raise UserError("index / search need --pretrained=ARTIFACT, or the "
+                    "--workdir of a training run.")
+  config = run_config(config, workdir, "index / search")
   return search.RunEmbedder(config, workdir), os.path.abspath(workdir)
 
 

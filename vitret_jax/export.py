@@ -11,6 +11,7 @@ An artifact is a folder:
 no model code of this repository runs, so an artifact keeps working when the
 code moves on.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as st_numpy
 
+from vitret_jax import params_tree
 from vitret_jax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -29,22 +31,9 @@ FILES = ("params.safetensors", "model.json", "embed.stablehlo")
 
 
 def flatten_params(params) -> dict:
-  """Nested param dict -> {"a/b/c": np.ndarray}."""
-  out = {}
-  for path, x in jax.tree_util.tree_leaves_with_path(params):
-    out["/".join(k.key for k in path)] = np.asarray(jax.device_get(x))
-  return out
-
-
-def unflatten_params(flat: dict) -> dict:
-  out = {}
-  for key, value in flat.items():
-    node = out
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
+  """Nested param dict -> {"a/b/c": np.ndarray} (the safetensors keys)."""
+  return {k: np.asarray(jax.device_get(x))
+          for k, x in params_tree.flatten(params).items()}
 
 
 def export_artifact(model, params, out_dir, *, model_config: dict,
@@ -97,6 +86,9 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     st_numpy.save_file(flat, os.path.join(tmp, "params.safetensors"))
     with open(os.path.join(tmp, "embed.stablehlo"), "wb") as f:
       f.write(exported.serialize())
+    # Checked by the loader: a truncated or damaged file is named.
+    meta["files"] = {name: _digest(os.path.join(tmp, name))
+                     for name in FILES if name != "model.json"}
     with open(os.path.join(tmp, "model.json"), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
     if os.path.exists(out_dir):
@@ -110,6 +102,12 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
   return out_dir
+
+
+def _digest(path):
+  """[size, sha256] of a file."""
+  with open(path, "rb") as f:
+    return [os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()]
 
 
 class Embedder:
@@ -127,16 +125,33 @@ class Embedder:
     if missing:
       raise UserError(f"{path} is not a vitret_jax artifact: missing "
                       f"{', '.join(missing)} (make one with --mode=export).")
-    with open(os.path.join(path, "model.json")) as f:
-      self.meta = json.load(f)
+    try:
+      with open(os.path.join(path, "model.json")) as f:
+        self.meta = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f"{path}/model.json is unreadable ({e}): the artifact "
+                      f"is damaged; export it again.") from e
     if self.meta.get("format_version") != FORMAT_VERSION:
       raise UserError(f"{path}: artifact format "
                       f"{self.meta.get('format_version')}, this version reads "
                       f"{FORMAT_VERSION}.")
-    self.params = unflatten_params(
-        st_numpy.load_file(os.path.join(path, "params.safetensors")))
-    with open(os.path.join(path, "embed.stablehlo"), "rb") as f:
-      self.exported = jax.export.deserialize(bytearray(f.read()))
+    for name, want in self.meta.get("files", {}).items():
+      got = _digest(os.path.join(path, name))
+      if got != want:
+        raise UserError(
+            f"{path}/{name} is damaged or truncated ({got[0]} bytes, "
+            f"{want[0]} were exported; checksum mismatch): export the "
+            f"artifact again or copy it anew.")
+    try:
+      self.params = params_tree.unflatten(
+          st_numpy.load_file(os.path.join(path, "params.safetensors")))
+      with open(os.path.join(path, "embed.stablehlo"), "rb") as f:
+        self.exported = jax.export.deserialize(bytearray(f.read()))
+    except Exception as e:  # pylint: disable=broad-except
+      # Artifacts from before checksums: the library's own error, in a line.
+      raise UserError(f"{path}: cannot load the artifact "
+                      f"({str(e).splitlines()[0][:200]}); export it "
+                      f"again.") from e
     self.path = path
 
   @property

@@ -9,6 +9,7 @@ index) and search (query it). Config values are overridden with
 import os
 import re
 import sys
+import traceback
 
 import jax
 from absl import app
@@ -51,9 +52,11 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 
 def _run_mode(mode, config, workdir):
   """The mode's result: a metrics dict (train, eval) or a message."""
-  if mode in ("train", "eval", "export"):
-    if config is None or not workdir:
-      raise app.UsageError(f"--mode={mode} needs --config and --workdir.")
+  if mode in ("train", "eval") and (config is None or not workdir):
+    raise app.UsageError(f"--mode={mode} needs --config and --workdir.")
+  if mode == "export" and not workdir:
+    raise app.UsageError("--mode=export needs the run's --workdir (its "
+                         "saved config is used; --config is optional).")
   if mode == "train":
     return train.train_and_evaluate(config, workdir)
   if mode == "eval":
@@ -139,6 +142,16 @@ def _parse_flags(argv):
   except (AttributeError, KeyError, TypeError, ValueError, UserError) as e:
     msg = re.sub(r"\\?'", "", str(e).replace("\\n", " ").replace("\n", " "))
     print(f"error: bad --config or override: {msg}", file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file itself raised (a NameError, an ImportError, ...): name
+    # its line rather than print absl's traceback.
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "/absl/" not in f.filename and "ml_collections" not in
+              f.filename and not f.filename.endswith("vitret_jax/main.py")]
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames \
+        else ""
+    print(f"error: the config file failed{where}: {type(e).__name__}: {e}",
+          file=sys.stderr)
   sys.exit(2)
 
 

@@ -11,15 +11,26 @@ from absl import logging
 
 
 class MetricWriter:
+  """Appends to metrics.jsonl and TensorBoard.
 
-  def __init__(self, workdir):
+  A run resumed at `resume_step` first drops the rows of later steps (a
+  killed run logged them, the resumed one logs them again), and TensorBoard
+  is told to purge its events past that step, so no step appears twice.
+  """
+
+  def __init__(self, workdir, resume_step=0):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step and os.path.exists(path):
+      _truncate_after(path, resume_step)
+    self.jsonl = open(path, "a")  # pylint: disable=consider-using-with
     import tensorboardX  # imported here: only process 0 needs it
-    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.tb = tensorboardX.SummaryWriter(
+        os.path.join(workdir, "tensorboard"),
+        purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, step: int, scalars: dict):
     if not self.enabled:
@@ -38,3 +49,27 @@ class MetricWriter:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+
+
+def _truncate_after(path, step):
+  """Rewrites metrics.jsonl without rows of steps after `step` (and without
+  a torn last line); atomic."""
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        dropped += 1
+        continue
+      if row.get("step", 0) > step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+    logging.info("metrics.jsonl: dropped %d row(s) after step %d, which the "
+                 "resumed run logs again.", dropped, step)

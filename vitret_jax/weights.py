@@ -9,14 +9,16 @@ arrays, as `safetensors.numpy.load_file` reads a timm `.safetensors` file
 The conversion is done once, here; a missing, unexpected or misshaped
 parameter is an error that lists the names.
 """
+import os
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from vitret_jax import export
 from vitret_jax import models
+from vitret_jax import params_tree
 from vitret_jax.errors import UserError
 from vitret_jax.models import vit
 
@@ -47,8 +49,7 @@ def template(model, image_size):
   """{flat name: shape} of the model's parameters (no initialisation)."""
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))))["params"]
-  return {"/".join(k.key for k in p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
+  return params_tree.shapes(shapes)
 
 
 def check_fit(have, want, source):
@@ -70,7 +71,7 @@ def check_fit(have, want, source):
 
 def _check_and_nest(flat, tmpl, source):
   check_fit({k: tuple(v.shape) for k, v in flat.items()}, tmpl, source)
-  return {"params": export.unflatten_params(
+  return {"params": params_tree.unflatten(
       {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})}
 
 
@@ -245,3 +246,67 @@ def load_state_dict(path):
   sd = torch.load(path, map_location="cpu", weights_only=True)
   sd = sd.get("state_dict", sd.get("model", sd))
   return {k: v.float().numpy() for k, v in sd.items()}
+
+
+# model.init_from: where a run's parameters start (see checkpoint.resume_or_init).
+
+INIT_FORMATS = ("auto", "vitret_run", "vitret_export", "timm", "npz")
+
+
+def _load_init_source(path, fmt, model_cfg):
+  """Parameters from `model.init_from` as a nested dict (see INIT_FORMATS)."""
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitret_jax import export  # pylint: disable=g-import-not-at-top
+  if fmt == "auto":
+    if path.endswith((".safetensors", ".pth", ".bin")):
+      fmt = "timm"
+    elif path.endswith(".npz"):
+      fmt = "npz"
+    elif os.path.isfile(os.path.join(path, "model.json")):
+      fmt = "vitret_export"
+    else:
+      fmt = "vitret_run"
+  if fmt not in INIT_FORMATS:
+    raise UserError(f"model.init_format={fmt!r}; valid: {INIT_FORMATS}.")
+  if fmt in ("timm", "npz") and not os.path.isfile(path):
+    raise UserError(f"model.init_from={path!r}: no such file.")
+  if fmt == "vitret_export":
+    return export.Embedder(path).params
+  if fmt == "vitret_run":
+    return checkpoint.load_run_params(path, flag="model.init_from")
+  # Encoder-only checkpoints: converted with the encoder of this config.
+  kw = dict(variant=model_cfg.variant, image_size=model_cfg.image_size,
+            distilled=model_cfg.get("distilled", False))
+  model = build_encoder(**kw)
+  if fmt == "timm":
+    params = convert_timm(model, load_state_dict(path),
+                                  model_cfg.image_size, path)["params"]
+  else:
+    params = from_npz(path, model_cfg.variant,
+                              model_cfg.image_size)[1]["params"]
+  return jax.tree.map(np.asarray, params)
+
+
+def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
+  """callable(template params) -> loaded params, or None when `path` is empty.
+
+  Every name and shape must match the model's: a missing, unexpected or
+  misshaped entry is an error listing them, except that parameters whose
+  name contains one of `fresh` may be absent from the source (they keep
+  their initialisation: a new head, DToP's depth-wise convolutions).
+  """
+  if not path:
+    return None
+
+  def load(template):
+    loaded = _load_init_source(path, fmt, model_cfg)
+    want, have = params_tree.shapes(template), params_tree.shapes(loaded)
+    kept = {k for k in set(want) - set(have) if any(f in k for f in fresh)}
+    if kept:
+      logging.info("init_from: %d parameters stay freshly initialised (%s)",
+                   len(kept), ", ".join(sorted(kept)[:4]))
+      want = {k: v for k, v in want.items() if k not in kept}
+    check_fit(have, want, f"model.init_from={path!r}")
+    return params_tree.like(template, loaded)
+  return load
+

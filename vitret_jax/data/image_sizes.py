@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from vitret_jax import workdir as workdir_lib
 from vitret_jax.errors import DataError
 
 
@@ -35,12 +36,18 @@ def image_sizes(split, cache_dir="", num_threads=16, skip_corrupt=False):
   With `skip_corrupt`, an unreadable image gets size (0, 0) (samplers leave
   it out) and is counted in the log; otherwise it is a DataError naming it.
   """
-  key = hashlib.sha1("\n".join(split.paths).encode()).hexdigest()[:16]
+  # Keyed on the file list and on skip_corrupt (which decides whether an
+  # unreadable image is a (0, 0) entry or an error).
+  key = hashlib.sha1(("\n".join(split.paths) + f"\n{skip_corrupt}").encode()
+                     ).hexdigest()[:16]
   path = os.path.join(cache_dir, f"image_sizes-{key}.npy") if cache_dir else ""
-  if path and os.path.exists(path):
-    sizes = np.load(path)
-    if sizes.shape == (len(split), 2):
-      return sizes
+  if path and workdir_lib.all_agree(os.path.exists(path)):
+    try:
+      sizes = np.load(path)
+      if sizes.shape == (len(split), 2):
+        return sizes
+    except (OSError, ValueError, EOFError) as e:
+      logging.warning("Ignoring unreadable %s (%s).", path, e)
 
   def one(i):
     try:
@@ -57,8 +64,8 @@ def image_sizes(split, cache_dir="", num_threads=16, skip_corrupt=False):
     logging.warning("%d unreadable training image(s) left out of group-size "
                     "sampling (input.skip_corrupt).", bad)
   if path:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, sizes)
-    os.replace(tmp, path)
+    def save(tmp):
+      with open(tmp, "wb") as f:
+        np.save(f, sizes)
+    workdir_lib.write_once(path, save)
   return sizes

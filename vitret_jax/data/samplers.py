@@ -13,6 +13,36 @@ import numpy as np
 from vitret_jax.errors import UserError
 
 
+def _check_m(m, batch_size):
+  if m < 2:
+    raise UserError(f"input.m_per_class={m}: at least 2 are needed so each "
+                    f"anchor has a positive.")
+  if batch_size % m:
+    raise UserError(
+        f"input.batch_size={batch_size} is not divisible by "
+        f"input.m_per_class={m}: choose a batch size that is a multiple of "
+        f"m (e.g. {batch_size - batch_size % m or m}).")
+
+
+def _check_tuples(batch_size, per_batch=5, negatives=5, **unused):
+  del unused
+  if batch_size != per_batch * (2 + negatives):
+    raise UserError(
+        f"input.batch_size={batch_size} does not hold input.tuples."
+        f"per_batch={per_batch} tuples of 2 + {negatives} images: set it "
+        f"to {per_batch * (2 + negatives)}.")
+
+
+def check_config(kind, batch_size, m, tuples=None):
+  """The sampler's checks that need no data (run before loading any)."""
+  if kind not in SAMPLERS:
+    raise UserError(f"input.sampler={kind!r}; valid: {list(SAMPLERS)}.")
+  if kind in ("m_per_class", "group_size"):
+    _check_m(m, batch_size)
+  if kind == "tuples":
+    _check_tuples(batch_size, **dict(tuples or {}))
+
+
 class MPerClassSampler:
   """Batches of `batch_size // m` distinct classes with m images each.
 
@@ -21,14 +51,7 @@ class MPerClassSampler:
   """
 
   def __init__(self, labels, m: int, batch_size: int, seed: int):
-    if m < 2:
-      raise UserError(f"input.m_per_class={m}: at least 2 are needed so each "
-                      f"anchor has a positive.")
-    if batch_size % m:
-      raise UserError(
-          f"input.batch_size={batch_size} is not divisible by "
-          f"input.m_per_class={m}: choose a batch size that is a multiple of "
-          f"m (e.g. {batch_size - batch_size % m or m}).")
+    _check_m(m, batch_size)
     labels = np.asarray(labels)
     self.classes, inverse, counts = np.unique(labels, return_inverse=True,
                                               return_counts=True)
@@ -202,11 +225,7 @@ class TupleSampler:
     self.pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     self.clusters = np.asarray(clusters)
     self.k, self.per_batch, self.seed = negatives, per_batch, seed
-    if batch_size != per_batch * (2 + negatives):
-      raise UserError(
-          f"input.batch_size={batch_size} does not hold input.tuples."
-          f"per_batch={per_batch} tuples of 2 + {negatives} images: set it "
-          f"to {per_batch * (2 + negatives)}.")
+    _check_tuples(batch_size, per_batch, negatives)
     if not len(self.pairs):
       raise UserError("tuple sampling needs the data set's query / positive "
                       "pairs (retrieval-SfM-120k's qidxs / pidxs).")

@@ -17,11 +17,13 @@ Each exposes `run(params, cache="") -> dict of metrics` and, after a run,
 `cache` names a file prefix: embeddings are saved there and reused, so a
 re-evaluation of the same checkpoint needs no forward pass.
 """
+import hashlib
 import os
 
 import numpy as np
 from absl import logging
 
+from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
@@ -67,10 +69,14 @@ class _Evaluator:
     return self.splits[name]
 
   def _embed(self, params, split, desc, cache, tag):
-    path = f"{cache}-{tag}.npy" if cache else ""
-    if path and os.path.exists(path):
-      logging.info("Reusing saved embeddings %s", path)
-      return np.load(path)
+    # Keyed on the split's images too (the caller's prefix covers the
+    # evaluator's settings, the model and the parameters).
+    path = f"{cache}-{tag}-{_content_key(split)}.npy" if cache else ""
+    if path and workdir_lib.all_agree(os.path.exists(path)):
+      emb = _load_cached(path, len(split))
+      if emb is not None:
+        logging.info("Reusing saved embeddings %s", path)
+        return emb
     emb, _ = embed.embed_split(self.embed_fn, params, split, self.pp_fn,
                                self.batch_size, self.mesh, desc,
                                self.num_workers, self.scales, self.fixed_size,
@@ -88,8 +94,7 @@ class _Evaluator:
                       "e.g. %s", desc, len(bad),
                       [split.paths[i] for i in bad[:3]])
     if path:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      np.save(path, emb)
+      workdir_lib.write_once(path, lambda tmp: _save_npy(tmp, emb))
     return emb
 
   def _whitening(self, params, cache):
@@ -112,15 +117,18 @@ class _Evaluator:
     k = max(1, min(k, len(reference) - int(exclude_self)))
     searcher = None
     if self.backend == "scann":
-      folder = f"{cache}-scann-k{k + int(exclude_self)}" if cache else ""
-      if folder and os.path.isdir(folder):
+      folder = ""
+      if cache:  # keyed on the very reference vectors it indexes
+        ref_key = hashlib.sha256(np.ascontiguousarray(reference)).hexdigest()
+        folder = f"{cache}-scann-k{k + int(exclude_self)}-{ref_key[:12]}"
+      if folder and workdir_lib.all_agree(os.path.isdir(folder)):
         searcher = knn_lib.load_scann(folder)
       else:
         searcher = knn_lib.build_scann(reference, k + int(exclude_self),
-                                   **self.scann_options)
+                                       **self.scann_options)
         if folder:
-          os.makedirs(folder)
-          searcher.serialize(folder, relative_path=True)
+          workdir_lib.write_once(folder, lambda tmp: _serialize(searcher,
+                                                                tmp))
     _, idx = knn_lib.search(query, reference, k, exclude_self, self.backend,
                         self.scann_options, searcher=searcher)
     extra = {}
@@ -183,6 +191,47 @@ class RetrievalEvaluator(_Evaluator):
     self.last = (q_split.paths, g_split.paths, idx,
                  lambda i, j: bool(q_lab[i] == g_lab[j]))
     return out
+
+
+def _content_key(split):
+  """The split's fingerprint (paths, labels, boxes) and its files' sizes and
+  modification times: an image replaced under the same name changes it."""
+  h = hashlib.sha256(split.fingerprint().encode())
+  if split.source is None:
+    stats = []
+    for p in split.paths:
+      try:
+        st = os.stat(p)
+        stats.append((st.st_size, st.st_mtime_ns))
+      except OSError:
+        stats.append((-1, -1))
+    h.update(np.asarray(stats, np.int64).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _save_npy(path, array):
+  with open(path, "wb") as f:
+    np.save(f, array)
+
+
+def _load_cached(path, rows):
+  """A saved embedding array, or None (with a warning) when it is
+  unreadable or of the wrong length, e.g. a file damaged after writing."""
+  try:
+    emb = np.load(path)
+  except (OSError, ValueError, EOFError) as e:
+    logging.warning("Ignoring unreadable cached embeddings %s (%s).", path, e)
+    return None
+  if emb.ndim != 2 or len(emb) != rows:
+    logging.warning("Ignoring cached embeddings %s: shape %s, expected %d "
+                    "rows.", path, emb.shape, rows)
+    return None
+  return emb
+
+
+def _serialize(searcher, folder):
+  os.makedirs(folder)
+  searcher.serialize(folder, relative_path=True)
 
 
 def _take(split, keep):

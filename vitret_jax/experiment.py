@@ -1,0 +1,182 @@
+"""What training and evaluation share, built once from the config: the mesh,
+the data, the model and its fresh train state, the evaluators and the
+checkpointer (`Run`), and the config checks that need no data
+(`check_config`), which every mode runs before anything heavy.
+"""
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from vitret_jax import checkpoint
+from vitret_jax import models
+from vitret_jax import optim
+from vitret_jax import sharding
+from vitret_jax import train_step as ts
+from vitret_jax.data import datasets
+from vitret_jax.data import preprocess
+from vitret_jax.data import samplers
+from vitret_jax.errors import UserError
+from vitret_jax.eval import embed
+from vitret_jax.eval import evaluator
+from vitret_jax.eval import report as report_lib
+
+
+def memory_slots(loss_cfg, num_train: int, global_batch: int) -> int:
+  """Cross-batch memory size: ratio x training-set size (0 = no memory)."""
+  if not loss_cfg.xbm.ratio:
+    return 0
+  size = int(round(loss_cfg.xbm.ratio * num_train))
+  if size < global_batch:
+    raise UserError(
+        f"loss.xbm.ratio={loss_cfg.xbm.ratio} gives a memory of {size} slots, "
+        f"smaller than the batch of {global_batch}; raise the ratio or set it "
+        f"to 0 to train without memory.")
+  return size
+
+
+def check_config(config, mesh):
+  """The checks that need no data: run before anything heavy, so a config
+  mistake stops the run in seconds with one line."""
+  cfg = config.input
+  if cfg.batch_size < 1:
+    raise UserError(f"input.batch_size={cfg.batch_size}: it must be >= 1.")
+  unit = sharding.batch_size_on(mesh) * config.optim.accum_steps
+  if cfg.batch_size % unit:
+    raise UserError(
+        f"input.batch_size={cfg.batch_size} does not split into "
+        f"{config.optim.accum_steps} micro-batch(es) over "
+        f"{sharding.batch_size_on(mesh)} device(s): use a multiple of "
+        f"{unit}.")
+  if config.total_steps < 1:
+    raise UserError(f"total_steps={config.total_steps}: it must be >= 1.")
+  if config.ckpt.every_steps < 1:
+    raise UserError(f"ckpt.every_steps={config.ckpt.every_steps}: it must be "
+                    f">= 1.")
+  samplers.check_config(cfg.sampler, cfg.batch_size, cfg.m_per_class,
+                        cfg.tuples)
+  preprocess.build_pp(cfg.pp_train)  # a bad spec fails here
+  grouped = preprocess.uses_group_shape(cfg.pp_train)
+  if grouped != (cfg.sampler == "group_size"):
+    raise UserError(
+        f"input.sampler={cfg.sampler!r} with input.pp_train="
+        f"{cfg.pp_train!r}: group-size sampling and the group_* "
+        f"pp ops go together (e.g. sampler='group_size' with pp_train="
+        f"'decode|group_resize(1.1)|group_crop|flip_lr|normalize').")
+  model = models.build_model(config.model)
+  stride = models.input_stride(model)
+  size = (config.model.image_size if grouped
+          else preprocess.output_size(cfg.pp_train))
+  if size % stride:
+    what = ("model.image_size" if grouped else
+            f"the training crop of input.pp_train={cfg.pp_train!r}")
+    raise UserError(f"{what} is {size} px, not a multiple of the encoder's "
+                    f"stride of {stride} px (model.variant="
+                    f"{config.model.variant!r}): use e.g. "
+                    f"{max(stride, size // stride * stride)}.")
+  for name, ev in config.evals.items():
+    preprocess.build_pp(ev.pp)
+    if ev.type not in evaluator.EVALUATORS:
+      raise UserError(f"evals.{name}.type={ev.type!r}; valid: "
+                      f"{sorted(evaluator.EVALUATORS)}.")
+  return model, size
+
+
+class Run:
+  """What training and evaluation share, built once from the config."""
+
+  def __init__(self, config, workdir):
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding.build_mesh(config.mesh)
+    self.model, self.image_size = check_config(config, self.mesh)
+    if config.input.tfds_dir:
+      # Read through the TFDS builder (prepared once from data_dir).
+      from vitret_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+      self.splits = tfds_builders.load_splits(
+          config.input.dataset, config.input.data_dir, config.input.tfds_dir,
+          **config.input.options)
+    else:
+      self.splits = datasets.load_dataset(
+          config.input.dataset, config.input.data_dir, **config.input.options)
+    if config.input.train_split not in self.splits:
+      raise UserError(f"input.train_split={config.input.train_split!r}; the "
+                      f"data set has {sorted(self.splits)}.")
+    self.tx, self.schedule = optim.build_optimizer(
+        config.optim, config.schedule, config.total_steps)
+    self.train_split = self.splits[config.input.train_split]
+    self.state, self.state_sharding = ts.create_train_state(
+        self.model, self.tx, jax.random.key(config.seed),
+        (self.image_size, self.image_size, 3), self.mesh,
+        memory_slots(config.loss, len(self.train_split),
+                     config.input.batch_size))
+    self.evaluators = evaluator.build_evaluators(
+        config.evals, self._embed_fn_for, self.mesh, self.splits,
+        skip_corrupt=config.input.skip_corrupt)
+    self.ckpt = checkpoint.Checkpointer(
+        workdir, keep=config.ckpt.keep, keep_best=config.ckpt.keep_best,
+        best_metric=config.ckpt.best_metric)
+
+  def embed_fn(self):
+    """The embedding function of the trained model (its precision)."""
+    return self._embed_fn_for()
+
+  def _embed_fn_for(self, dtype=""):
+    """The embedding function, in `dtype` if given (e.g. bf16 evaluation of
+    an fp32 model: same parameters, another compute precision)."""
+    model = self.model
+    if dtype and dtype != self.config.model.dtype:
+      cfg = self.config.model.copy_and_resolve_references()
+      with cfg.unlocked():
+        cfg.dtype = dtype
+      model = models.build_model(cfg)
+    return embed.make_embed_fn(model, self.mesh, self.state_sharding.params)
+
+  def _cache_prefix(self, name, params, step):
+    """workdir/embeddings/<name>-step<step>-<key>: the key covers what
+    changes a descriptor besides the images (the evaluator's config, the
+    model's, the parameters themselves); the evaluator adds each split's
+    fingerprint."""
+    if step is None or not self.config.eval_cache:
+      return ""
+    key = hashlib.sha256(json.dumps(
+        [self.config.evals[name].to_dict(), self.config.model.to_dict()],
+        sort_keys=True, default=str).encode())
+    key.update(_params_fingerprint(params))
+    return os.path.join(self.workdir, "embeddings",
+                        f"{name}-step{step}-{key.hexdigest()[:12]}")
+
+  def evaluate(self, params, step=None, report=False) -> dict:
+    """Runs every evaluator. With `step`, embeddings are saved under
+    workdir/embeddings and reused by a later evaluation of the same
+    parameters with the same settings; with `report`, a PNG grid of queries
+    and results is written per evaluator (workdir/report_<name>.png)."""
+    out = {}
+    for name, ev in self.evaluators.items():
+      t0 = time.time()
+      res = ev.run(params, self._cache_prefix(name, params, step))
+      if report and jax.process_index() == 0:
+        rows = ev.report_rows(self.config.report.queries, self.config.report.k)
+        if rows:
+          report_lib.write_grid(
+              os.path.join(self.workdir, f"report_{name}.png"), rows)
+      logging.info("eval %s (%.1fs): %s", name, time.time() - t0, res)
+      prefix = "" if len(self.evaluators) == 1 else f"{name}/"
+      out.update({prefix + k: v for k, v in res.items()})
+    return out
+
+
+@jax.jit
+def _leaf_sums(params):
+  return jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                               jnp.sum(jnp.abs(x.astype(jnp.float32)))])
+                    for x in jax.tree.leaves(params)])
+
+
+def _params_fingerprint(params) -> bytes:
+  """A few bytes that change whenever the parameters do (per-leaf sums)."""
+  return np.asarray(jax.device_get(_leaf_sums(params)), np.float32).tobytes()

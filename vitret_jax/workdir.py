@@ -1,0 +1,134 @@
+"""What a run may do in its workdir: one run at a time, and one writer.
+
+`Lock(workdir, mode)` is held by process 0 of a run for as long as it trains
+or evaluates: a second run on the same workdir stops with a message naming
+the first (pid, host, start time). The lock is an advisory `flock`, which the
+kernel releases when the holder exits, even on kill -9; the holder's details
+stay in the file until a clean exit, so a run that finds them in a free lock
+says that the previous run ended without releasing it (crash or kill).
+
+`write_once(path, write_fn)`: caches (embeddings, image sizes, ScaNN folders)
+are written by process 0 alone, into a temporary name renamed into place,
+while the other processes wait at a barrier.
+"""
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+
+import jax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from vitret_jax.errors import UserError
+
+LOCK_FILE = ".vitret.lock"
+
+
+def _unwritable(workdir, e):
+  why = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+  return UserError(f"Cannot write in --workdir={workdir} ({why}): choose a "
+                   f"folder you can write to, or fix its permissions.")
+
+
+def check_writable(workdir):
+  """Creates `workdir` if needed and checks that a file can be written in
+  it; a one-line UserError otherwise."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise _unwritable(workdir, e) from e
+
+
+class Lock:
+  """Context manager holding the workdir's lock (process 0 only)."""
+
+  def __init__(self, workdir, mode="train"):
+    self.workdir, self.mode = os.path.abspath(workdir), mode
+    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self._file = None
+
+  def __enter__(self):
+    if jax.process_index() != 0:
+      return self
+    check_writable(self.workdir)
+    try:
+      f = open(self.path, "a+")  # pylint: disable=consider-using-with
+    except OSError as e:
+      raise _unwritable(self.workdir, e) from e
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      f.seek(0)
+      holder = f.read().strip()
+      f.close()
+      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        raise _unwritable(self.workdir, e) from e
+      raise UserError(
+          f"Another vitret_jax run is using --workdir={self.workdir} "
+          f"({_describe(holder)}): wait for it to end, stop it, or use "
+          f"another --workdir.") from None
+    f.seek(0)
+    previous = f.read().strip()
+    if previous:
+      logging.warning("The previous run on %s (%s) ended without releasing "
+                      "its lock (killed or crashed); taking over.",
+                      self.workdir, _describe(previous))
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "mode": self.mode, "started": datetime.datetime.now(
+                            datetime.timezone.utc).isoformat(
+                                timespec="seconds")}))
+    f.flush()
+    self._file = f
+    return self
+
+  def __exit__(self, *exc):
+    if self._file is not None:
+      self._file.seek(0)
+      self._file.truncate()  # empty: released cleanly
+      self._file.flush()
+      fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+    return False
+
+
+def _describe(text):
+  try:
+    d = json.loads(text)
+    return (f"pid {d['pid']} on host {d['host']}, --mode={d['mode']}, "
+            f"started {d['started']}")
+  except (ValueError, KeyError, TypeError):
+    return "holder unknown"
+
+
+def barrier(name):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def all_agree(flag: bool) -> bool:
+  """Process 0's `flag`, on every process (e.g. "this cache exists")."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(int(bool(flag))))
+
+
+def write_once(path, write_fn):
+  """Process 0 calls write_fn(tmp_path) and renames tmp_path to `path`;
+  every process returns once `path` is complete. `write_fn` must write
+  exactly tmp_path (a file, or a folder it creates)."""
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write_fn(tmp)
+    os.replace(tmp, path)
+  barrier(f"write_once {path}")
