@@ -20,7 +20,7 @@ import time
 import numpy as np
 from absl import flags
 
-from vitret_jax.data import datasets
+from vitret_jax.data import readers
 from vitret_jax.data import pipeline
 from vitret_jax.data import preprocess
 from vitret_jax.data import samplers
@@ -64,7 +64,7 @@ def main():
   parser.add_argument("--batch_size", type=int, default=64)
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
-  splits = datasets.load_grocery(args.data, protocol="official")
+  splits = readers.load_grocery(args.data, protocol="official")
   split = splits["train"]
   sampler = samplers.MPerClassSampler(split.labels, 4, args.batch_size, 0)
   ref = plain_loop(split, sampler, args.batches)

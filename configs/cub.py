@@ -10,11 +10,7 @@ classes 1-100 train, 101-200 are evaluated leave-one-out
 ids count from 0 is detected, or set input.options.class_id_base). Fine-tune from
 ImageNet weights with --config.model.init_from=<timm .safetensors>
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top
+from vitret_jax import config_common as common
 
 
 def get_config(arg=None):

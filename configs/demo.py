@@ -8,13 +8,8 @@ gallery (leave one out), as in the SOP / CUB protocol. A ViT-Ti with 8 px
 patches on 64 px crops is trained from scratch (no pretrained weights can be
 fetched here) with the IRT loss (contrastive + KoLeo, cross-batch memory).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top
-
-from vitret_jax.data import datasets  # pylint: disable=g-import-not-at-top
+from vitret_jax import config_common as common
+from vitret_jax.data import datasets
 
 PP_TRAIN = "decode|resize(72)|random_crop(64)|flip_lr|normalize"
 PP_EVAL = "decode|resize(72)|center_crop(64)|normalize"

@@ -18,11 +18,7 @@ retrieval-SfM-120k. The paper trains with a classification-margin loss
 (unverified); this release trains DToP with the IRT loss.
 Arg: variant=R50+B/16, runlocal=False.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top
+from vitret_jax import config_common as common
 
 
 def get_config(arg=None):

@@ -10,12 +10,8 @@ The folder holds train_clean.csv and train/<a>/<b>/<c>/. Beware (SPEC):
 GLDv2-clean shares landmarks with ROxford / RParis. Arg: variant=B/16,
 runlocal=False.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sfm120k  # pylint: disable=g-import-not-at-top
+from vitret_jax import config_common as common
 
 
 def get_config(arg=None):
-  return sfm120k.landmark_config("gldv2", arg)
+  return common.landmark_config("gldv2", arg)

@@ -12,11 +12,7 @@ m-per-class batches; no pretrained weights yet (model.init_from lands with the
 weight-import issue), so this trains from scratch. Arg: variant=S/16,
 runlocal=False.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top
+from vitret_jax import config_common as common
 
 
 def get_config(arg=None):

@@ -9,11 +9,7 @@ key encoder for the memory is not implemented yet: the memory holds the
 online encoder's descriptors. Fine-tune from ImageNet weights with
 --config.model.init_from=deit_small_patch16_224.safetensors
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top
+from vitret_jax import config_common as common
 
 
 def get_config(arg=None):

@@ -17,42 +17,11 @@ not split over 2, 4 or 8 devices: there, raise input.tuples.per_batch (8
 tuples = 56 images) and input.batch_size with it. The folder holds
 retrieval-SfM-120k.pkl and ims/. Arg: variant=B/16, runlocal=False.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top
-
-
-def landmark_config(dataset, arg):
-  """The landmark recipe shared by sfm120k.py and gldv2.py."""
-  arg = common.parse_arg(arg, variant="B/16", runlocal=False)
-  c = common.base_config()
-  c.total_steps = 20_000
-  c.model.variant = arg.variant
-  c.model.image_size = 384
-  common.set_dataset(c, dataset)
-  c.input.pp_train = ("decode|resize(416)|random_crop(384)|flip_lr|"
-                      "normalize")
-  c.input.sampler = "m_per_class"
-  c.input.m_per_class = 2
-  c.input.batch_size = 64
-  c.loss.entropy_weight = 4.0
-  c.loss.xbm.ratio = 0.0
-  c.optim.lr = 1e-5
-  c.evals.roxford = common.revisited_eval(name="roxford5k")
-  c.evals.rparis = common.revisited_eval(name="rparis6k")
-  c.ckpt.best_metric = "roxford/medium/map"
-  if arg.runlocal:
-    common.make_local(c)
-    for ev in c.evals.values():
-      ev.pp = "decode|resize_max(32)|normalize"
-      ev.scales = (1.0,)
-  return c
+from vitret_jax import config_common as common
 
 
 def get_config(arg=None):
-  c = landmark_config("sfm120k", arg)
+  c = common.landmark_config("sfm120k", arg)
   c.input.sampler = "tuples"
   c.input.tuples.per_batch, c.input.tuples.negatives = 5, 5
   c.input.batch_size = 35

@@ -7,11 +7,7 @@ Paper (IRT_R, DeiT-S distilled, 224 px): R@1 84.2. The folder is the official
 Stanford_Online_Products/ (Ebay_train.txt, Ebay_test.txt). Fine-tune from
 ImageNet weights: --config.model.init_from=deit_small_patch16_224.safetensors
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top
+from vitret_jax import config_common as common
 
 
 def get_config(arg=None):

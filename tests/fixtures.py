@@ -4,13 +4,13 @@ import os
 import pickle
 import shutil
 
-from vitret_jax.data import benchmarks
+from vitret_jax.data import readers
 from vitret_jax.data import datasets
 
 
 def grocery_photos(per_class=4, classes=6):
   """[(path, class)] of real photos from the embedded set."""
-  split = datasets.load_grocery(datasets.EMBEDDED_GROCERY, protocol="official")
+  split = readers.load_grocery(datasets.EMBEDDED_GROCERY, protocol="official")
   out = []
   for c in range(classes):
     rows = [p for p, y in zip(split["train"].paths, split["train"].labels)
@@ -123,7 +123,7 @@ def write_sfm120k(root):
     cids, cluster = [], []
     for i, (p, c) in enumerate(sel):
       cid = f"{split}{i:02d}{c:02d}abcdef{i:04d}"
-      _copy(p, root, os.path.relpath(benchmarks.sfm_path(str(root), cid),
+      _copy(p, root, os.path.relpath(readers.sfm_path(str(root), cid),
                                      str(root)))
       cids.append(cid)
       cluster.append(c)

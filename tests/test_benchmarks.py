@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fixtures
-from vitret_jax.data import benchmarks
+from vitret_jax.data import readers
 from vitret_jax.data import datasets
 from vitret_jax.errors import DataError
 
@@ -29,7 +29,7 @@ def test_reader_on_official_layout(name, tmp_path):
     assert all(os.path.isfile(p) for p in s.paths)
   # The official counts are checked by default, naming what is missing
   # (SfM-120k has none to check: its pkl is the reference).
-  if name in benchmarks.OFFICIAL:
+  if name in readers.OFFICIAL:
     with pytest.raises(DataError, match="official split has"):
       datasets.load_dataset(name, root)
   # A missing listed image is named.

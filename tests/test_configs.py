@@ -7,8 +7,7 @@ import pytest
 
 from conftest import REPO
 
-CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
-                 if not p.endswith("common.py"))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 
 
 def load(path):
@@ -41,3 +40,11 @@ def test_config_builds(path, arg):
 def test_unknown_arg_rejected():
   with pytest.raises(ValueError, match="valid"):
     load(CONFIGS[0]).get_config("varient=S/16")
+
+
+def test_configs_are_plain_imports():
+  """Shared pieces live in the package (vitret_jax.config_common): no
+  config edits sys.path."""
+  for path in CONFIGS:
+    with open(path) as f:
+      assert "sys.path" not in f.read(), path

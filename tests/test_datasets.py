@@ -7,6 +7,7 @@ import pytest
 
 from conftest import SHARED_GROCERY
 from vitret_jax.data import datasets
+from vitret_jax.data import readers
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 
@@ -32,7 +33,7 @@ def test_embedded_keeps_licence():
 @pytest.mark.skipif(not os.path.isdir(SHARED_GROCERY),
                     reason="../shared/data/grocery is not beside the repo")
 def test_full_grocery_official_counts():
-  splits = datasets.load_grocery(SHARED_GROCERY, protocol="official")
+  splits = readers.load_grocery(SHARED_GROCERY, protocol="official")
   assert {k: len(v) for k, v in splits.items()} == {
       "train": 2640, "val": 296, "test": 2485}
   assert len(np.unique(np.concatenate([s.labels for s in splits.values()]))) == 81
@@ -67,7 +68,7 @@ def test_malformed_list_names_file_and_line(grocery_copy):
   with open(grocery_copy / "val.txt", "a") as f:
     f.write("val/Fruit/broken.jpg; 2\n")
   with pytest.raises(DataError, match=r"val.txt, line \d+"):
-    datasets.load_grocery(str(grocery_copy), num_train_classes=2)
+    readers.load_grocery(str(grocery_copy), num_train_classes=2)
 
 
 def test_missing_image_is_named(grocery_copy):
@@ -75,7 +76,7 @@ def test_missing_image_is_named(grocery_copy):
     first = f.readline().split(",")[0]
   os.remove(grocery_copy / first)
   with pytest.raises(DataError, match="missing, e.g."):
-    datasets.load_grocery(str(grocery_copy), num_train_classes=2)
+    readers.load_grocery(str(grocery_copy), num_train_classes=2)
 
 
 def test_unknown_dataset_and_empty_data_dir():

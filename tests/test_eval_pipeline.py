@@ -10,7 +10,7 @@ import pytest
 
 import fixtures
 from test_landmark_eval import make_embed
-from vitret_jax.data import datasets
+from vitret_jax.data import split as split_lib
 from vitret_jax.data import pipeline
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
@@ -34,7 +34,7 @@ def split_of(photos, n, broken=None):
   if broken is not None:
     for i in broken[1]:
       paths[i] = broken[0]
-  return datasets.Split(tuple(paths), np.asarray([c for _, c in photos[:n]],
+  return split_lib.Split(tuple(paths), np.asarray([c for _, c in photos[:n]],
                                                  np.int32))
 
 
@@ -110,7 +110,7 @@ def test_retrieval_evaluator_leaves_unreadable_images_out(photos,
   assert out["skipped_images"] == 2
   # The same as evaluating the readable rows alone.
   keep = [i for i in range(16) if i not in (0, 5)]
-  alone = datasets.Split(tuple(clean.paths[i] for i in keep),
+  alone = split_lib.Split(tuple(clean.paths[i] for i in keep),
                          clean.labels[keep])
   ref = evaluator.RetrievalEvaluator(fn, mesh, {"test": alone},
                                      **common).run(params)

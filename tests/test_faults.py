@@ -31,7 +31,7 @@ from vitret_jax import preemption
 from vitret_jax import train
 from vitret_jax import train_step as ts
 from vitret_jax import workdir as workdir_lib
-from vitret_jax.data import benchmarks
+from vitret_jax.data import readers
 from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
@@ -77,7 +77,7 @@ def grocery_copy(tmp_path, broken_test_image=False):
   root = str(tmp_path / "grocery")
   shutil.copytree(datasets.EMBEDDED_GROCERY, root)
   if broken_test_image:
-    split = datasets.load_grocery(root, num_train_classes=40)["test"]
+    split = readers.load_grocery(root, num_train_classes=40)["test"]
     with open(split.paths[3], "wb") as f:
       f.write(b"not an image")
   return root
@@ -275,6 +275,14 @@ def test_3_second_run_on_a_workdir_stops_and_a_crash_is_detected(
     assert not any("ended without" in r.getMessage() for r in caplog.records)
 
 
+def test_3_unfinished_saves_are_cleaned_up(tmp_path):
+  tmp = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234" / "state"
+  tmp.mkdir(parents=True)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == []
+  ckpt.close()
+
+
 def test_3_resumed_metrics_have_each_step_once(tmp_path):
   workdir = str(tmp_path)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
@@ -327,7 +335,7 @@ def test_4_eval_cache_follows_pp_dtype_and_data(tmp_path):
     cfg.input.options.num_train_classes = 50
   _cached_equals_fresh(cfg, workdir)
   # Nor does a test photo replaced by another under the same name.
-  test = datasets.load_grocery(data, num_train_classes=40)["test"]
+  test = readers.load_grocery(data, num_train_classes=40)["test"]
   shutil.copy(test.paths[0], test.paths[1])
   _cached_equals_fresh(config(), workdir)
   assert not [f for f in os.listdir(os.path.join(workdir, "embeddings"))
@@ -389,20 +397,20 @@ def _rewrite(path, fn):
 
 def test_6_cub_with_zero_based_ids_and_commas(tmp_path):
   root = fixtures.write_cub(tmp_path / "cub")
-  official = benchmarks.load_cub(root, check_counts=False)
+  official = readers.load_cub(root, check_counts=False)
   # Image ids from 0, class ids from 0, fields separated by ", ".
   _rewrite(os.path.join(root, "images.txt"),
            lambda l: f"{int(l[0]) - 1}, {l[1]}")
   _rewrite(os.path.join(root, "image_class_labels.txt"),
            lambda l: f"{int(l[0]) - 1},{int(l[1]) - 1}")
-  copy = benchmarks.load_cub(root, check_counts=False)
+  copy = readers.load_cub(root, check_counts=False)
   for split in ("train", "test"):
     assert copy[split].paths == official[split].paths
     np.testing.assert_array_equal(copy[split].labels,
                                   official[split].labels - 1)
   assert len(copy["test"]) == 12
   # The class boundary is an option: 2 training classes.
-  fewer = benchmarks.load_cub(root, check_counts=False, num_train_classes=2)
+  fewer = readers.load_cub(root, check_counts=False, num_train_classes=2)
   assert fewer["train"].num_classes == 2 and fewer["test"].num_classes == 4
 
 
@@ -411,24 +419,24 @@ def test_6_cub_bad_labels_and_lines_name_the_line(tmp_path):
   labels = os.path.join(root, "image_class_labels.txt")
   _rewrite(labels, lambda l: f"{l[0]} {9999 if l[0] == '5' else l[1]}")
   with pytest.raises(DataError, match=r"line 5: class id 9999 is outside"):
-    benchmarks.load_cub(root, check_counts=False)
+    readers.load_cub(root, check_counts=False)
   _rewrite(labels, lambda l: f"{l[0]} {'x' if l[0] == '5' else l[1]}")
   with pytest.raises(DataError, match=r"line 5: expected 'image_id class_id'"):
-    benchmarks.load_cub(root, check_counts=False)
+    readers.load_cub(root, check_counts=False)
   _rewrite(labels, lambda l: f"{l[0]} {int(l[1]) % 100 if l[1] != 'x' else 2}")
   with pytest.raises(DataError, match="leave the test split empty"):
-    benchmarks.load_cub(root, check_counts=False)
+    readers.load_cub(root, check_counts=False)
   _rewrite(labels, lambda l: f"{l[0]}")
   with pytest.raises(DataError, match=r"line 1: expected"):
-    benchmarks.load_cub(root, check_counts=False)
+    readers.load_cub(root, check_counts=False)
 
 
 def test_6_count_message_says_more_or_fewer(tmp_path):
   root = fixtures.write_cub(tmp_path / "cub")
   with pytest.raises(DataError, match=r"5852 images are missing"):
-    benchmarks.load_cub(root)
+    readers.load_cub(root)
   with pytest.raises(DataError, match="check_counts=False"):
-    benchmarks.load_cub(root)
+    readers.load_cub(root)
 
 
 # 7. Every reader option can be overridden from the command line.

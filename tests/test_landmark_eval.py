@@ -11,7 +11,8 @@ import pytest
 import fixtures
 from vitret_jax import models
 from vitret_jax import sharding
-from vitret_jax.data import datasets
+from vitret_jax.data import split as split_lib
+from vitret_jax.data import readers
 from vitret_jax.errors import DataError
 from vitret_jax.eval import embed
 from vitret_jax.eval import evaluator
@@ -25,20 +26,20 @@ def revisited(tmp_path_factory):
 
 
 def test_reader_and_errors(revisited, tmp_path):
-  s = datasets.load_revisited(revisited, check_counts=False)
+  s = readers.load_revisited(revisited, check_counts=False)
   assert len(s["query"]) == 6 and len(s["database"]) == 24
   assert s["query"].boxes.shape == (6, 4) and len(s["query"].gnd) == 6
-  s = datasets.load_revisited(revisited, distractors_dir=os.path.join(
+  s = readers.load_revisited(revisited, distractors_dir=os.path.join(
       revisited, "r1m"), check_counts=False)
   assert len(s["database"]) == 29
   with pytest.raises(DataError, match=r"official roxford5k has \(4993, 70\)"):
-    datasets.load_revisited(revisited)
+    readers.load_revisited(revisited)
   with pytest.raises(DataError, match="revisitop"):
-    datasets.load_revisited(str(tmp_path))
+    readers.load_revisited(str(tmp_path))
   os.remove(os.path.join(revisited, "jpg", "db_005.jpg"))
   try:
     with pytest.raises(DataError, match="1 of the 30 images"):
-      datasets.load_revisited(revisited, check_counts=False)
+      readers.load_revisited(revisited, check_counts=False)
   finally:
     import shutil  # pylint: disable=g-import-not-at-top
     shutil.copy(os.path.join(revisited, "jpg", "db_004.jpg"),
@@ -46,7 +47,7 @@ def test_reader_and_errors(revisited, tmp_path):
   bad = tmp_path / "gnd_rparis6k.pkl"
   bad.write_bytes(b"garbage")
   with pytest.raises(DataError, match="not a revisitop ground-truth"):
-    datasets.load_revisited(str(tmp_path))
+    readers.load_revisited(str(tmp_path))
 
 
 def make_embed(dtype="float32"):
@@ -64,7 +65,7 @@ def test_revisited_evaluator(revisited, tmp_path, knn):
   if knn == "scann":
     pytest.importorskip("scann")
   fn, mesh, params = make_embed()
-  train = datasets.Split(tuple(p for p, _ in fixtures.grocery_photos(3, 8)),
+  train = split_lib.Split(tuple(p for p, _ in fixtures.grocery_photos(3, 8)),
                          np.zeros(24, np.int32))
   ev = evaluator.RevisitedEvaluator(
       fn, mesh, {"train": train}, data_dir=revisited,
@@ -100,7 +101,7 @@ def test_revisited_evaluator(revisited, tmp_path, knn):
 
 def test_multiscale_is_normalised_mean_of_scales():
   fn, mesh, params = make_embed()
-  split = datasets.Split(tuple(p for p, _ in fixtures.grocery_photos(1, 8)),
+  split = split_lib.Split(tuple(p for p, _ in fixtures.grocery_photos(1, 8)),
                          np.zeros(8, np.int32))
   from vitret_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   pp = preprocess.build_pp("decode|resize(32)|normalize")

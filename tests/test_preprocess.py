@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from vitret_jax.data import datasets
+from vitret_jax.data import readers
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
@@ -10,7 +11,7 @@ from vitret_jax.errors import UserError
 
 @pytest.fixture(scope="module")
 def photo():
-  return datasets.load_grocery(datasets.EMBEDDED_GROCERY)["train"].paths[0]
+  return readers.load_grocery(datasets.EMBEDDED_GROCERY)["train"].paths[0]
 
 
 def test_train_and_eval_specs(photo):

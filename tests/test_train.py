@@ -51,6 +51,11 @@ def test_two_train_steps(memory):
   after = jax.device_get(state.params)
   assert any(not np.allclose(a, b) for a, b in
              zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+  # The trainer steps under transfer_guard("disallow"): a batch that was not
+  # explicitly put on the devices (an implicit transfer) fails.
+  with pytest.raises(Exception, match="[Dd]isallowed"):
+    with jax.transfer_guard("disallow"):
+      step(state, batch)
   if memory:
     assert int(state.mem_ptr) == 32
     assert int((state.memory["labels"] >= 0).sum()) == 32

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -145,10 +146,24 @@ class Checkpointer:
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save, create=not read_only,
-            read_only=read_only, cleanup_tmp_directories=not read_only,
+            read_only=read_only,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(
                 policies)))
     self._unsealed = []
+    if not read_only:
+      self._remove_unfinished()
+
+  def _remove_unfinished(self):
+    """Deletes the temporary folders of saves that never finished (a run
+    killed while saving). Safe: the workdir's lock says no other run is
+    saving here."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        logging.warning("Removed %s/%s, an unfinished save of a run that "
+                        "was killed.", self.directory, name)
 
   def latest_step(self):
     return self.manager.latest_step()

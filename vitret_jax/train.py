@@ -148,8 +148,9 @@ class _Trainer:
       for step, batch in self.loader.iterate(start, total, before_segment=
                                              before_segment):
         self.skipped += int(batch.pop("skipped", 0))
-        state, metrics = step_fn(state,
-                                 sharding.to_global_batch(batch, run.mesh))
+        batch = sharding.to_global_batch(batch, run.mesh)  # explicit copy
+        with jax.transfer_guard("disallow"):  # and no implicit one
+          state, metrics = step_fn(state, batch)
         latest["params"] = state.params
         # At most one step runs ahead of the host: the bar shows real
         # progress and queued batches do not pile up in device memory.

@@ -169,9 +169,9 @@ class GrainTrainLoader:
   """Training batches through grain: a MapDataset over step numbers, mapped
   to batches, read with `num_threads` threads or `num_workers` processes.
 
-  `iterate(start, end)` yields (step, local batch); `state()` is grain's
-  iterator state (saved beside checkpoints), which `iterate(..., state=)`
-  resumes from.
+  `iterate(start, end)` yields (step, local batch). Batches are a pure
+  function of (seed, step), so a resumed run starts at its checkpoint's step
+  and grain's own iterator state is never saved.
   """
 
   def __init__(self, split, pp_spec, sampler, seed, num_workers=0,
@@ -182,7 +182,7 @@ class GrainTrainLoader:
     self.fn = StepBatch(split, pp_spec, sampler, seed, pi, pc, skip_corrupt)
     self.num_workers, self.num_threads = num_workers, max(1, num_threads)
     self.prefetch = max(1, prefetch)
-    self._it, self._segment_start = None, 0
+    self._it = None
 
   def _dataset(self, start, end):
     import grain  # pylint: disable=g-import-not-at-top
@@ -198,8 +198,8 @@ class GrainTrainLoader:
   def sampler(self):
     return self.fn.sampler
 
-  def iterate(self, start_step, end_step, state=None, before_segment=None):
-    """Yields (step, local batch); `state` from state() resumes mid-way.
+  def iterate(self, start_step, end_step, before_segment=None):
+    """Yields (step, local batch) for start_step <= step < end_step.
 
     A sampler with epochs whose batches depend on work done at the epoch's
     start (TupleSampler's mined negatives) is read one epoch at a time:
@@ -207,9 +207,7 @@ class GrainTrainLoader:
     so grain's threads or worker processes see that epoch's tables.
     """
     epoch_steps = getattr(self.sampler, "epoch_steps", None)
-    seg_start, resume = start_step, state
-    if resume is not None:
-      seg_start = resume.get("segment_start", start_step)
+    seg_start = start_step
     while seg_start < end_step:
       seg_end = end_step
       if epoch_steps:
@@ -217,22 +215,11 @@ class GrainTrainLoader:
       if before_segment is not None:
         before_segment(seg_start)
       self._it = iter(self._dataset(seg_start, seg_end))
-      self._segment_start = seg_start
       step = seg_start
-      if resume is not None:
-        self._it.set_state(resume["grain"])
-        step, resume = resume["next_step"], None
       while step < seg_end:
         yield step, next(self._it)
         step += 1
       seg_start = seg_end
-
-  def state(self, next_step):
-    """The iterator's state before `next_step`, or None before iterate()."""
-    if self._it is None:
-      return None
-    return {"grain": self._it.get_state(), "next_step": int(next_step),
-            "segment_start": int(self._segment_start)}
 
   def load(self, step):
     return self.fn(step)

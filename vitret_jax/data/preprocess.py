@@ -161,28 +161,67 @@ OPS = {
 }
 
 _OP_RE = re.compile(r"^(\w+)(?:\((.*)\))?$")
+# Ops after which every image is square of the op's first argument.
+_SQUARE = ("resize", "center_crop", "random_crop")
+# Ops after which the size varies with the image.
+_VARYING = ("resize_max", "resize_small")
 
 
-def _parse(op_str):
+class PPSpec:
+  """A pp spec string parsed once: its ops, and what it produces.
+
+  Attributes:
+    spec: the string, e.g. "decode|resize(256)|center_crop(224)|normalize".
+    ops: [(name, args)] after "decode".
+    fixed_size: every image comes out square of one size (batchable).
+    size: that side in pixels (None unless fixed_size).
+    uses_group_shape: the size comes from the batch's group (group_* ops).
+  """
+
+  def __init__(self, spec: str):
+    self.spec = spec
+    names = spec.split("|")
+    if names[0].strip() != "decode":
+      raise UserError(f"pp spec {spec!r} must start with 'decode'.")
+    self.ops = [_parse_op(s) for s in names[1:]]
+    sizing = [(n, a) for n, a in self.ops if n in _SQUARE + _VARYING]
+    self.fixed_size = bool(sizing) and sizing[-1][0] in _SQUARE
+    self.size = int(sizing[-1][1][0]) if self.fixed_size else None
+    self.uses_group_shape = any(n.startswith("group_") for n, _ in self.ops)
+
+  def output_size(self) -> int:
+    """The side of the square images the spec produces; an error if it
+    produces images of varying size."""
+    if self.size is None:
+      raise UserError(f"pp spec {self.spec!r} gives no fixed size: end it "
+                      f"with a resize(s), center_crop(s) or random_crop(s).")
+    return self.size
+
+
+def _parse_op(op_str):
   match = _OP_RE.match(op_str.strip())
   if not match:
     raise UserError(f"Malformed pp op {op_str!r}: write name or name(args).")
   name, args = match.groups()
   if name not in OPS:
     raise UserError(f"Unknown pp op {name!r}; valid: {['decode'] + sorted(OPS)}.")
-  values = [int(a) if a.strip().isdigit() else float(a)
-            for a in args.split(",")] if args else []
-  return OPS[name](*values)
+  try:
+    values = [int(a) if a.strip().isdigit() else float(a)
+              for a in args.split(",")] if args else []
+  except ValueError as e:
+    raise UserError(f"pp op {op_str!r}: arguments must be numbers.") from e
+  return name, values
 
 
-def build_pp(spec: str):
-  """`fn(path, rng, box=None, hw=None) -> np.ndarray` from a spec starting
-  with "decode"; `box` (x1, y1, x2, y2) crops the decoded image first; `hw`
-  is the batch's group shape for the group_* ops."""
-  names = spec.split("|")
-  if names[0].strip() != "decode":
-    raise UserError(f"pp spec {spec!r} must start with 'decode'.")
-  ops = [_parse(s) for s in names[1:]]
+def build_pp(spec):
+  """`fn(path, rng, box=None, hw=None) -> np.ndarray` from a spec (string or
+  PPSpec) starting with "decode"; `box` (x1, y1, x2, y2) crops the decoded
+  image first; `hw` is the batch's group shape for the group_* ops."""
+  spec = spec if isinstance(spec, PPSpec) else PPSpec(spec)
+  try:
+    ops = [OPS[name](*args) for name, args in spec.ops]
+  except TypeError as e:
+    raise UserError(f"pp spec {spec.spec!r}: {e}") from e
 
   def run(path, rng, box=None, hw=None):
     # A decoded image (from a TFDS source) skips the decoding.
@@ -199,26 +238,14 @@ def build_pp(spec: str):
 
 def output_size(spec: str) -> int:
   """The side of the square images a spec produces (last crop / resize)."""
-  size = None
-  for op in spec.split("|"):
-    m = re.match(r"\s*(resize|center_crop|random_crop)\((\d+)\)", op)
-    if m:
-      size = int(m.group(2))
-  if size is None:
-    raise UserError(f"pp spec {spec!r} gives no fixed size: end it with a "
-                    f"resize(s), center_crop(s) or random_crop(s).")
-  return size
+  return PPSpec(spec).output_size()
 
 
 def uses_group_shape(spec: str) -> bool:
   """True when the spec's size comes from the batch's group (group_* ops)."""
-  return any(op.strip().startswith("group_") for op in spec.split("|"))
+  return PPSpec(spec).uses_group_shape
 
 
 def is_fixed_size(spec: str) -> bool:
   """True when every image comes out square of one size (batchable)."""
-  last = [op.strip().split("(")[0] for op in spec.split("|")
-          if op.strip().split("(")[0] in ("resize", "center_crop",
-                                          "random_crop", "resize_max",
-                                          "resize_small")]
-  return bool(last) and last[-1] in ("resize", "center_crop", "random_crop")
+  return PPSpec(spec).fixed_size

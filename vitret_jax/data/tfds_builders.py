@@ -18,13 +18,13 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vitret_jax.data import benchmarks
 from vitret_jax.data import datasets
+from vitret_jax.data import readers
+from vitret_jax.errors import DataError
+from vitret_jax.errors import UserError
 
 _INSTRUCTIONS = "\n\n".join(
-    [f"[{k}]\n{v}" for k, v in benchmarks.INSTRUCTIONS.items()]
-    + [f"[grocery]\n{datasets.GROCERY_INSTRUCTIONS}",
-       f"[revisited]\n{datasets.REVISITED_INSTRUCTIONS}"])
+    f"[{k}]\n{v}" for k, v in readers.INSTRUCTIONS.items())
 
 
 class RetrievalConfig(tfds.core.BuilderConfig):
@@ -90,13 +90,11 @@ def prepare(name, manual_dir, data_dir, key="", **options):
   prepared copy, so that another folder, other reader options or an edited
   list file prepare a new copy instead of reading a stale one."""
   if name not in datasets.DATASETS:
-    raise datasets.UserError(f"TFDS builder {name!r}: valid names are "
-                             f"{sorted(datasets.DATASETS)}.")
+    raise UserError(f"TFDS builder {name!r}: valid names are "
+                    f"{sorted(datasets.DATASETS)}.")
   if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-    how = {**benchmarks.INSTRUCTIONS, "grocery": datasets.GROCERY_INSTRUCTIONS,
-           "revisited": datasets.REVISITED_INSTRUCTIONS}[name]
-    raise datasets.DataError(f"{manual_dir!r} does not exist or is empty.\n"
-                             f"{how}")
+    raise DataError(f"{manual_dir!r} does not exist or is empty.\n"
+                    f"{readers.INSTRUCTIONS[name]}")
   config = RetrievalConfig(name=f"{name}_{key}" if key else name,
                            dataset=name, version=Retrieval.VERSION,
                            options=options)
@@ -119,7 +117,7 @@ def load_splits(name, manual_dir, data_dir, **options):
                     **options).as_data_source()
   for k, v in splits.items():
     if len(sources[k]) != len(v):
-      raise datasets.DataError(
+      raise DataError(
           f"TFDS copy of {name} in {data_dir}: split {k} holds "
           f"{len(sources[k])} records but the reader lists {len(v)} images; "
           f"delete that folder's {name}_{key.hexdigest()[:12]} to prepare it "

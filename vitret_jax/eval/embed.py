@@ -66,7 +66,7 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
   Args:
     embed_fn: an EmbedFn.
     params: model parameters.
-    split: datasets.Split (its boxes, if any, crop the images first);
+    split: split.Split (its boxes, if any, crop the images first);
       pp_fn: deterministic preprocessing.
     batch_size: images per forward pass (rounded up to the device count);
       images of varying size (fixed_size=False) go one at a time.

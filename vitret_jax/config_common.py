@@ -1,7 +1,9 @@
-"""Shared config pieces: the argument parser and the IRT defaults.
+"""Shared config pieces: the argument parser, the IRT defaults, the
+evaluation and landmark recipes.
 
-Config files import this module as `common` (their own folder is put on the
-path), and expose only `get_config(arg=None)`.
+Config files (configs/*.py) import this module as
+`from vitret_jax import config_common as common` and expose only
+`get_config(arg=None)`; they need nothing on sys.path.
 """
 import ml_collections as mlc
 
@@ -176,4 +178,31 @@ def irt_category_config(arg, dataset, total_steps, xbm_ratio, evaluation):
   c.evals.test = evaluation
   if arg.runlocal:
     make_local(c)
+  return c
+
+
+def landmark_config(dataset, arg):
+  """The landmark recipe shared by sfm120k.py and gldv2.py."""
+  arg = parse_arg(arg, variant="B/16", runlocal=False)
+  c = base_config()
+  c.total_steps = 20_000
+  c.model.variant = arg.variant
+  c.model.image_size = 384
+  set_dataset(c, dataset)
+  c.input.pp_train = ("decode|resize(416)|random_crop(384)|flip_lr|"
+                      "normalize")
+  c.input.sampler = "m_per_class"
+  c.input.m_per_class = 2
+  c.input.batch_size = 64
+  c.loss.entropy_weight = 4.0
+  c.loss.xbm.ratio = 0.0
+  c.optim.lr = 1e-5
+  c.evals.roxford = revisited_eval(name="roxford5k")
+  c.evals.rparis = revisited_eval(name="rparis6k")
+  c.ckpt.best_metric = "roxford/medium/map"
+  if arg.runlocal:
+    make_local(c)
+    for ev in c.evals.values():
+      ev.pp = "decode|resize_max(32)|normalize"
+      ev.scales = (1.0,)
   return c

@@ -1,10 +1,8 @@
-"""Readers of the category-retrieval and landmark-training benchmarks in their
-official on-disk layouts: Stanford Online Products, In-Shop Clothes,
-CUB-200-2011, retrieval-SfM-120k and GLDv2-clean.
-
-Each returns a dict of `datasets.Split`s, checks the images it names exist,
-and (check_counts=True, the default) compares what it read with the official
-counts of ../shared/SPEC.md, saying what is missing on a mismatch.
+"""Every data set's reader, from its official on-disk layout: Grocery, SOP,
+In-Shop, CUB-200-2011, retrieval-SfM-120k, GLDv2-clean, Revisited Oxford /
+Paris (+R1M). Each returns {name: Split}, validates every line it reads,
+checks the images exist and (check_counts=True) compares with the official
+counts (layouts.py), naming what is wrong and where the data comes from.
 """
 import collections
 import csv
@@ -15,47 +13,13 @@ import re
 
 import numpy as np
 
-from vitret_jax.data.datasets import Split
+from vitret_jax.data import layouts
+from vitret_jax.data.split import Split
 from vitret_jax.errors import DataError
+from vitret_jax.errors import UserError
 
-INSTRUCTIONS = {
-    "sop": """\
-Stanford Online Products (Song et al., CVPR 2016): download
-Stanford_Online_Products.zip from https://cvgl.stanford.edu/projects/lifted_struct/
-and point input.data_dir at the unzipped folder, which holds Ebay_train.txt,
-Ebay_test.txt ('image_id class_id super_class_id path' lines after a header)
-and the <category>_final/ image folders they name.""",
-    "inshop": """\
-In-Shop Clothes Retrieval (DeepFashion, Liu et al., CVPR 2016): request it at
-https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html and point
-input.data_dir at the folder holding Eval/list_eval_partition.txt (a count
-line, a header, then 'image_name item_id evaluation_status') and img/; the
-optional Anno/list_bbox_inshop.txt gives boxes.""",
-    "cub": """\
-CUB-200-2011 (Wah et al., 2011): download CUB_200_2011.tgz from
-https://www.vision.caltech.edu/datasets/cub_200_2011/ and point input.data_dir
-at CUB_200_2011/, which holds images.txt, image_class_labels.txt,
-train_test_split.txt, bounding_boxes.txt and images/.""",
-    "sfm120k": """\
-retrieval-SfM-120k (Radenovic et al., TPAMI 2018): download the images
-(ims.tar.gz) and retrieval-SfM-120k.pkl from
-http://cmp.felk.cvut.cz/cnnimageretrieval/ and point input.data_dir at the
-folder holding the pkl and ims/ (ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>).""",
-    "gldv2": """\
-Google Landmarks v2, clean training set (Weyand et al., CVPR 2020): download
-train_clean.csv and the train/ tar files listed at
-https://github.com/cvdfoundation/google-landmark and point input.data_dir at
-the folder holding train_clean.csv ('landmark_id,images' with space-separated
-ids) and train/<a>/<b>/<c>/<abc...>.jpg.""",
-}
-
-OFFICIAL = {  # (images, classes) per split
-    "sop": {"train": (59_551, 11_318), "test": (60_502, 11_316)},
-    "inshop": {"train": (25_882, 3_997), "query": (14_218, None),
-               "gallery": (12_612, None)},
-    "cub": {"train": (5_864, 100), "test": (5_924, 100)},
-    "gldv2": {"train": (1_580_470, 81_313)},
-}
+INSTRUCTIONS = layouts.INSTRUCTIONS
+OFFICIAL = layouts.OFFICIAL
 
 
 def _need(path, name):
@@ -154,9 +118,9 @@ CUB_CLASSES = 200
 
 
 def _cub_table(data_dir, name, fields, want, use_commas=True):
-  """{image_id: [fields...]} of a CUB list file, every line validated:
-  `fields` values separated by spaces (or commas, as some copies have),
-  the first a unique integer image id; `want` describes a line."""
+  """(path, {image_id: (line number, [other fields])}) of a CUB list file:
+  `fields` values a line (spaces or commas), the first a unique integer id;
+  `want` describes a line for the error."""
   path = os.path.join(data_dir, name)
   out = {}
   with open(_need(path, "cub")) as f:
@@ -294,5 +258,135 @@ def load_gldv2(data_dir, check_counts=True):
                 data_dir)
 
 
-READERS = {"sop": load_sop, "inshop": load_inshop, "cub": load_cub,
+def _read_grocery_list(data_dir, name):
+  path = os.path.join(data_dir, name)
+  rows = []
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      parts = [p.strip() for p in line.split(",")]
+      if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+        raise DataError(
+            f"{path}, line {lineno}: expected 'relative/path.jpg, fine_id, "
+            f"coarse_id', got {line.strip()!r}. The file is malformed: restore "
+            f"it from the original data set.\n{INSTRUCTIONS['grocery']}")
+      rows.append((os.path.join(data_dir, parts[0]), int(parts[1])))
+  return rows
+
+
+def load_grocery(data_dir: str, protocol: str = "class_disjoint",
+                 num_train_classes: int = 40) -> dict:
+  """The Grocery Store set: {"train", "test"} with protocol
+  "class_disjoint" (as SOP / CUB: classes 0 .. num_train_classes-1 train,
+  the others are the test set, each photo querying all the others), or the
+  set's own {"train", "val", "test"} lists ("official", same classes)."""
+  lists = ("train.txt", "val.txt", "test.txt")
+  if not os.path.isdir(data_dir):
+    raise DataError(f"No Grocery data at {data_dir!r}: the folder does not "
+                    f"exist.\n{INSTRUCTIONS['grocery']}")
+  missing = [n for n in lists + ("classes.csv",)
+             if not os.path.isfile(os.path.join(data_dir, n))]
+  if missing:
+    raise DataError(f"No Grocery data at {data_dir!r}: missing "
+                    f"{', '.join(missing)}.\n{INSTRUCTIONS['grocery']}")
+  with open(os.path.join(data_dir, "classes.csv")) as f:
+    num_classes = sum(1 for _ in csv.DictReader(f))
+  rows = {n.split(".")[0]: _read_grocery_list(data_dir, n) for n in lists}
+  absent = [p for split in rows.values() for p, _ in split
+            if not os.path.isfile(p)]
+  if absent:
+    raise DataError(
+        f"{len(absent)} image(s) named in the Grocery lists are missing, e.g. "
+        f"{absent[0]}. Re-copy the image folders.\n{INSTRUCTIONS['grocery']}")
+  bad = [y for split in rows.values() for _, y in split
+         if not 0 <= y < num_classes]
+  if bad:
+    raise DataError(f"Grocery lists name class {bad[0]}, but classes.csv "
+                    f"holds only {num_classes} classes.")
+
+  def make(pairs):
+    return Split(tuple(p for p, _ in pairs),
+                 np.asarray([y for _, y in pairs], np.int32))
+
+  if protocol == "official":
+    return {k: make(v) for k, v in rows.items()}
+  if protocol != "class_disjoint":
+    raise UserError(f"input.protocol={protocol!r} for Grocery; valid: "
+                    f"'class_disjoint', 'official'.")
+  if not 0 < num_train_classes < num_classes:
+    raise UserError(f"input.num_train_classes={num_train_classes} must be "
+                    f"between 1 and {num_classes - 1}.")
+  everything = [r for k in ("train", "val", "test") for r in rows[k]]
+  return {"train": make([r for r in everything if r[1] < num_train_classes]),
+          "test": make([r for r in everything if r[1] >= num_train_classes])}
+
+
+def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",
+                   check_counts: bool = True) -> dict:
+  """Revisited Oxford / Paris from data_dir/gnd_<name>.pkl and jpg/ (name
+  "roxford5k" or "rparis6k"; "" = the one there): {"query": Split(labels =
+  query index, boxes, gnd), "database": Split(labels -1)}. `distractors_dir`
+  (a revisitop1m folder, the +R1M setting) appends never-relevant images."""
+  if not os.path.isdir(data_dir):
+    raise DataError(f"No Revisited data at {data_dir!r}: the folder does not "
+                    f"exist.\n{INSTRUCTIONS['revisited']}")
+  names = [name] if name else [n for n in layouts.REVISITED_COUNTS if os.path.isfile(
+      os.path.join(data_dir, f"gnd_{n}.pkl"))]
+  if not names or not os.path.isfile(
+      os.path.join(data_dir, f"gnd_{names[0]}.pkl")):
+    raise DataError(f"No gnd_roxford5k.pkl or gnd_rparis6k.pkl in "
+                    f"{data_dir}.\n{INSTRUCTIONS['revisited']}")
+  name = names[0]
+  pkl = os.path.join(data_dir, f"gnd_{name}.pkl")
+  try:
+    with open(pkl, "rb") as f:
+      cfg = pickle.load(f)
+    imlist, qimlist, gnd = cfg["imlist"], cfg["qimlist"], cfg["gnd"]
+    boxes = np.asarray([g["bbx"] for g in gnd], np.float32).reshape(-1, 4)
+    gnd = tuple({k: np.asarray(g[k], np.int64) for k in ("easy", "hard", "junk")}
+                for g in gnd)
+  except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+    raise DataError(f"{pkl} is not a revisitop ground-truth file ({e!r}): "
+                    f"download it again.\n{INSTRUCTIONS['revisited']}") from e
+  if len(gnd) != len(qimlist):
+    raise DataError(f"{pkl}: {len(qimlist)} queries but {len(gnd)} gnd "
+                    f"entries.")
+  path = lambda n: os.path.join(data_dir, "jpg", n + ".jpg")
+  db, queries = [path(n) for n in imlist], [path(n) for n in qimlist]
+  absent = [p for p in db + queries if not os.path.isfile(p)]
+  if absent:
+    raise DataError(f"{len(absent)} of the {len(db) + len(queries)} images "
+                    f"of {name} are missing under {data_dir}/jpg, e.g. "
+                    f"{absent[0]}.\n{INSTRUCTIONS['revisited']}")
+  if check_counts and (len(db), len(queries)) != layouts.REVISITED_COUNTS[name]:
+    raise DataError(
+        f"{pkl} lists {len(db)} database images and {len(queries)} queries; "
+        f"the official {name} has {layouts.REVISITED_COUNTS[name]}: the file is not "
+        f"the official one (set check_counts=False for a custom subset).")
+  if distractors_dir:
+    db += _read_distractors(distractors_dir, check_counts)
+  return {"query": Split(tuple(queries), np.arange(len(queries), dtype=np.int32),
+                         boxes=boxes, gnd=gnd),
+          "database": Split(tuple(db), np.full(len(db), -1, np.int32))}
+
+
+def _read_distractors(folder, check_counts):
+  listing = os.path.join(folder, "revisitop1m.txt")
+  if not os.path.isfile(listing):
+    raise DataError(f"No revisitop1m.txt in {folder}.\n{INSTRUCTIONS['revisited']}")
+  with open(listing) as f:
+    paths = [os.path.join(folder, l.strip()) for l in f if l.strip()]
+  absent = [p for p in paths if not os.path.isfile(p)]
+  if absent:
+    raise DataError(f"{len(absent)} of the {len(paths)} distractors listed in "
+                    f"{listing} are missing, e.g. {absent[0]}.")
+  if check_counts and len(paths) != layouts.R1M_COUNT:
+    raise DataError(f"{listing} lists {len(paths)} distractors; the official "
+                    f"R1M has {layouts.R1M_COUNT} (check_counts=False to allow it).")
+  return paths
+
+
+READERS = {"grocery": load_grocery, "revisited": load_revisited,
+           "sop": load_sop, "inshop": load_inshop, "cub": load_cub,
            "sfm120k": load_sfm120k, "gldv2": load_gldv2}

@@ -1,0 +1,74 @@
+"""A split of a data set: image paths, labels and what travels with them."""
+import dataclasses
+import hashlib
+from typing import Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Image paths and their integer class labels.
+
+  Attributes:
+    paths: N absolute file paths.
+    labels: [N] int32 class ids (-1 where a protocol has none).
+    boxes: optional [N, 4] crop boxes (x1, y1, x2, y2) in pixels, applied
+      after decoding (the query boxes of Revisited Oxford / Paris).
+    gnd: optional per-image ground truth (Revisited: dicts with "easy",
+      "hard", "junk" database indices).
+    source: optional random-access TFDS data source whose record i holds
+      row i's decoded "image" (then read instead of the file).
+    pairs: optional [P, 2] (query row, positive row) training pairs
+      (retrieval-SfM-120k's qidxs / pidxs), for tuple sampling.
+  """
+  paths: tuple
+  labels: np.ndarray
+  boxes: Optional[np.ndarray] = None
+  gnd: Optional[tuple] = None
+  source: Optional[object] = None
+  pairs: Optional[np.ndarray] = None
+
+  def take(self, rows):
+    """The split of rows `rows` (an index array): paths, labels, boxes and a
+    TFDS source follow; ground truth and pairs, which index rows, do not."""
+    rows = np.asarray(rows)
+    return Split(tuple(self.paths[i] for i in rows),
+                 np.asarray(self.labels)[rows],
+                 None if self.boxes is None else np.asarray(self.boxes)[rows],
+                 source=(None if self.source is None
+                         else _SourceRows(self.source, rows)))
+
+  def fingerprint(self) -> str:
+    """A hash of what the split holds (paths, labels, boxes): caches of
+    anything computed from it are keyed on this."""
+    h = hashlib.sha256("\n".join(self.paths).encode())
+    h.update(np.asarray(self.labels, np.int64).tobytes())
+    if self.boxes is not None:
+      h.update(np.asarray(self.boxes, np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+  def item(self, i):
+    """What preprocessing takes for row i: the file path, or the decoded
+    image from the TFDS source."""
+    return self.paths[i] if self.source is None else self.source[i]["image"]
+
+  def __len__(self):
+    return len(self.paths)
+
+  @property
+  def num_classes(self) -> int:
+    return len(np.unique(self.labels))
+
+
+class _SourceRows:
+  """Rows `rows` of a random-access data source, as a source of their own."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, rows
+
+  def __getitem__(self, i):
+    return self.source[int(self.rows[i])]
+
+  def __len__(self):
+    return len(self.rows)
