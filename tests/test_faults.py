@@ -26,6 +26,7 @@ from conftest import REPO
 from vitret_jax import checkpoint
 from vitret_jax import commands
 from vitret_jax import export
+from vitret_jax import integrity
 from vitret_jax import metric_writer
 from vitret_jax import preemption
 from vitret_jax import train
@@ -98,7 +99,7 @@ def test_1_final_state_saved_before_a_failing_evaluation(tmp_path):
   assert "Cannot read image" in str(e.value)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.latest_step() == 3
-  assert checkpoint.verify_checksums(ckpt.step_dir(3)) is None
+  assert integrity.verify_checksums(ckpt.step_dir(3)) is None
   ckpt.close()
 
 
@@ -122,7 +123,7 @@ def test_1_sigterm_during_final_evaluation_keeps_the_final_state(tmp_path):
   assert not os.path.exists(os.path.join(workdir, "eval.json"))
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.latest_step() == 3
-  assert checkpoint.verify_checksums(ckpt.step_dir(3)) is None
+  assert integrity.verify_checksums(ckpt.step_dir(3)) is None
   ckpt.close()
   # Run again: nothing to train, the evaluation is done.
   r = cli(*args)
@@ -194,7 +195,7 @@ def test_2_damaged_latest_checkpoint_falls_back(tmp_path, kind, caplog):
   assert os.path.isdir(os.path.join(workdir, "checkpoints_damaged", "2"))
   ckpt.save(tiny_state(2, 5.0))
   ckpt.close()
-  assert checkpoint.verify_checksums(
+  assert integrity.verify_checksums(
       os.path.join(workdir, "checkpoints", "2")) is None
 
 

@@ -97,9 +97,10 @@ def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
   step = int(stops[0].group(1))
   assert int(stops[1].group(1)) == step and 3 <= step < 30
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitret_jax import integrity  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.latest_step() == step
-  assert checkpoint.verify_checksums(ckpt.step_dir(step)) is None
+  assert integrity.verify_checksums(ckpt.step_dir(step)) is None
   ckpt.close()
   procs, logs = start()
   codes = [p.wait(timeout=300) for p in procs]

@@ -294,8 +294,8 @@ def test_sfm120k_tuples_mined_each_epoch_and_resumed(tmp_path, caplog):
   caplog.clear()
   train.train_and_evaluate(config(3), str(tmp_path / "resumed"))
   meta = checkpoint.Checkpointer(str(tmp_path / "resumed")).read_meta(3)
-  assert list(meta["input"]["mined"]) == ["1"]  # epoch 1, mined at step 2
-  assert np.asarray(meta["input"]["mined"]["1"]).shape == (4, 2)
+  assert list(meta["input"]["sampler_state"]) == ["1"]  # epoch 1, mined at step 2
+  assert np.asarray(meta["input"]["sampler_state"]["1"]).shape == (4, 2)
   caplog.clear()
   train.train_and_evaluate(config(4), str(tmp_path / "resumed"))
   assert not mined()  # epoch 1's table came back from the checkpoint
@@ -330,5 +330,31 @@ def test_sfm120k_mining_skips_unreadable_pool_images(tmp_path):
     c.eval_untrained = False
   train.train_and_evaluate(c, str(tmp_path / "run"))
   meta = checkpoint.Checkpointer(str(tmp_path / "run")).read_meta()
-  table = np.asarray(meta["input"]["mined"]["0"])
+  table = np.asarray(meta["input"]["sampler_state"]["0"])
   assert table.shape == (4, 2) and bad_row not in table
+
+
+def test_evaluators_are_lazy_and_keep_their_own_cadence(tmp_path):
+  c = small_config(2)
+  with c.unlocked():
+    c.eval_untrained = False
+    c.eval_every = 1
+    c.evals.late = c.evals.test.copy_and_resolve_references()
+    c.evals.late.every = 0  # only at the end
+  workdir = str(tmp_path / "run")
+  out = train.train_and_evaluate(c, workdir)
+  rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  evaluated = {r["step"]: sorted({k.split("/")[1] for k in r if "/" in k})
+               for r in rows if any(k.startswith("eval/") for k in r)}
+  assert evaluated == {1: ["test"], 2: ["late", "test"]}, evaluated
+  assert out["late/recall@1"] == out["test/recall@1"]
+  # Built on first use: an evaluator whose data cannot be read fails only
+  # when it is used.
+  from vitret_jax.eval import evaluator  # pylint: disable=g-import-not-at-top
+  evs = evaluator.Evaluators(
+      {"rox": dict(type="revisited", data_dir=str(tmp_path), pp="decode",
+                   options={"check_counts": False})}, lambda dtype: None,
+      None, {})
+  assert evs.due(5) == [] and evs.names() == ["rox"]
+  with pytest.raises(train.UserError, match="gnd_roxford5k"):
+    evs.get("rox")

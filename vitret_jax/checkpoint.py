@@ -21,7 +21,6 @@ Resume order (`resume_or_init`): the workdir's own latest checkpoint, then
 `config.model.init_from` (parameters only), then the fresh state.
 """
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -33,64 +32,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from vitret_jax import integrity
 from vitret_jax import params_tree
 from vitret_jax.errors import UserError
 
-CHECKSUMS = "vitret_checksums.json"
+CHECKSUMS = integrity.CHECKSUMS
 EVAL_METRICS = "vitret_eval.json"
 _OWN_FILES = (CHECKSUMS, EVAL_METRICS)
-
-
-def _write_json_atomic(path, obj):
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _sha256(path):
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def file_checksums(folder) -> dict:
-  """{relative path: [size, sha256]} of every file under `folder` (our own
-  sidecar files aside)."""
-  out = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, folder)
-      if rel not in _OWN_FILES:
-        out[rel] = [os.path.getsize(path), _sha256(path)]
-  return out
-
-
-def verify_checksums(folder):
-  """None if every file listed in `folder`'s checksums is intact; else a
-  short description of the first problem. "unverified" when the folder has
-  no checksums (written by an older version, or killed between the end of
-  orbax's save and the checksums)."""
-  path = os.path.join(folder, CHECKSUMS)
-  if not os.path.exists(path):
-    return "unverified"
-  try:
-    with open(path) as f:
-      listed = json.load(f)["files"]
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    return f"{path} is unreadable ({e})"
-  for rel, (size, digest) in sorted(listed.items()):
-    full = os.path.join(folder, rel)
-    if not os.path.exists(full):
-      return f"{full} is missing"
-    if os.path.getsize(full) != size:
-      return (f"{full} has {os.path.getsize(full)} bytes, {size} were "
-              f"written")
-    if _sha256(full) != digest:
-      return f"{full} does not match its checksum (damaged bytes)"
-  return None
 
 
 @dataclasses.dataclass
@@ -197,16 +145,17 @@ class Checkpointer:
     for step in steps:
       folder = self.step_dir(step)
       if os.path.isdir(folder):  # else already removed by the keep policy
-        _write_json_atomic(os.path.join(folder, CHECKSUMS),
-                           {"step": step, "files": file_checksums(folder)})
+        files = integrity.file_checksums(folder, skip=_OWN_FILES)
+        integrity.write_json_atomic(os.path.join(folder, CHECKSUMS),
+                                    {"step": step, "files": files})
 
   def record_eval(self, step, metrics):
     """Stores the evaluation of `step` beside its checkpoint (keep-best
     ranks by it; nothing happens if that step has no checkpoint)."""
     folder = self.step_dir(step)
     if jax.process_index() == 0 and os.path.isdir(folder):
-      _write_json_atomic(os.path.join(folder, EVAL_METRICS),
-                         {k: float(v) for k, v in metrics.items()})
+      integrity.write_json_atomic(os.path.join(folder, EVAL_METRICS),
+                                  {k: float(v) for k, v in metrics.items()})
 
   def restore(self, abstract_state, step=None):
     """(state, meta) of `step` (default: the latest intact checkpoint) in
@@ -234,7 +183,7 @@ class Checkpointer:
   def _find_intact(self):
     damaged = []
     for step in sorted(self.all_steps(), reverse=True):
-      problem = verify_checksums(self.step_dir(step))
+      problem = integrity.verify_checksums(self.step_dir(step))
       if problem == "unverified":
         logging.warning("Checkpoint %s has no checksums (written by an older "
                         "version, or killed right after the save): restoring "

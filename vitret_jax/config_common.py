@@ -35,6 +35,32 @@ def parse_arg(arg, **defaults):
 # (--config.evals.test.scales="(1.0, 1.4142)"), not a list.
 
 
+def input_config():
+  """The input section: data, batches, sampler, pipeline."""
+  # tfds_dir: prepare the data set once as TFDS array_record files there and
+  # read those (recommended on accelerator hosts); "" reads the folder.
+  # num_workers: grain worker processes (0: num_threads threads in-process;
+  # use several per accelerator host). skip_corrupt: replace unreadable
+  # training images by another of their class and leave unreadable evaluation
+  # images out (metric "skipped_images"), counting them; False = an error
+  # naming the file.
+  return mlc.ConfigDict(dict(
+      dataset="", data_dir="", tfds_dir="", options=mlc.ConfigDict(),
+      train_split="train",
+      batch_size=64, sampler="random", m_per_class=2,
+      pp_train=IRT_PP_TRAIN, num_workers=0, num_threads=2, prefetch=2,
+      skip_corrupt=False,
+      # sampler="tuples" (retrieval-SfM-120k, cnnimageretrieval's recipe):
+      # per_batch tuples of query, positive and `negatives` negatives
+      # (batch_size = per_batch * (2 + negatives)); each epoch draws
+      # query_size pairs and a pool of pool_size images; with `mine`, the
+      # negatives are the pool images nearest to each query (one per other
+      # cluster), embedded at pp_mine ("" = resize to the training size).
+      tuples=mlc.ConfigDict(dict(
+          per_batch=5, negatives=5, query_size=2000, pool_size=20000,
+          mine=True, pp_mine="", mine_batch_size=64))))
+
+
 def base_config():
   """Every section with the IRT category-retrieval recipe's defaults
   (../shared/SPEC.md): DeiT-S, contrastive beta 0.5 + KoLeo lambda 0.7,
@@ -59,28 +85,7 @@ def base_config():
       dtop=mlc.ConfigDict(dict(num_layers=4, gem_p=3.0, layer_norm=True)),
       init_from="", init_format="auto", init_fresh=("head/",)))
 
-  # tfds_dir: prepare the data set once as TFDS array_record files there and
-  # read those (recommended on accelerator hosts); "" reads the folder.
-  # num_workers: grain worker processes (0: num_threads threads in-process;
-  # use several per accelerator host). skip_corrupt: replace unreadable
-  # training images by another of their class and leave unreadable evaluation
-  # images out (metric "skipped_images"), counting them; False = an error
-  # naming the file.
-  c.input = mlc.ConfigDict(dict(
-      dataset="", data_dir="", tfds_dir="", options=mlc.ConfigDict(),
-      train_split="train",
-      batch_size=64, sampler="random", m_per_class=2,
-      pp_train=IRT_PP_TRAIN, num_workers=0, num_threads=2, prefetch=2,
-      skip_corrupt=False,
-      # sampler="tuples" (retrieval-SfM-120k, cnnimageretrieval's recipe):
-      # per_batch tuples of query, positive and `negatives` negatives
-      # (batch_size = per_batch * (2 + negatives)); each epoch draws
-      # query_size pairs and a pool of pool_size images; with `mine`, the
-      # negatives are the pool images nearest to each query (one per other
-      # cluster), embedded at pp_mine ("" = resize to the training size).
-      tuples=mlc.ConfigDict(dict(
-          per_batch=5, negatives=5, query_size=2000, pool_size=20000,
-          mine=True, pp_mine="", mine_batch_size=64))))
+  c.input = input_config()
 
   c.loss = mlc.ConfigDict(dict(
       margin=0.5, entropy_weight=0.7, reduction="anchor_mean", eps=1e-8,
@@ -121,8 +126,9 @@ def set_dataset(c, name, **options):
 
 
 def search_options():
-  """k-NN and descriptor options every evaluator takes (see eval/evaluator)."""
-  return dict(knn="exact", scann=mlc.ConfigDict(dict(
+  """k-NN and descriptor options every evaluator takes (see eval/evaluator);
+  every: this evaluator's cadence in steps (-1: eval_every, 0: at the end)."""
+  return dict(every=-1, knn="exact", scann=mlc.ConfigDict(dict(
                   brute_force_below=20_000, num_leaves=0,
                   num_leaves_to_search=0, reorder=0)),
               scales=(1.0,), whiten_dim=-1, whiten=True, dtype="",

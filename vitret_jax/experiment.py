@@ -20,6 +20,7 @@ from vitret_jax import sharding
 from vitret_jax import train_step as ts
 from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
+from vitret_jax.data import readers
 from vitret_jax.data import samplers
 from vitret_jax.errors import UserError
 from vitret_jax.eval import embed
@@ -84,6 +85,13 @@ def check_config(config, mesh):
     if ev.type not in evaluator.EVALUATORS:
       raise UserError(f"evals.{name}.type={ev.type!r}; valid: "
                       f"{sorted(evaluator.EVALUATORS)}.")
+    # Evaluators are built when first used: their own data folder is
+    # checked here, before training.
+    if ev.get("dataset") and not os.path.isdir(ev.get("data_dir") or ""):
+      raise UserError(
+          f"evals.{name}.data_dir={ev.get('data_dir')!r} is not a folder: "
+          f"set it to the {ev.dataset} data (--config.evals.{name}.data_dir="
+          f"...).\n{readers.INSTRUCTIONS.get(ev.dataset, '')}")
   return model, size
 
 
@@ -114,9 +122,10 @@ class Run:
         (self.image_size, self.image_size, 3), self.mesh,
         memory_slots(config.loss, len(self.train_split),
                      config.input.batch_size))
-    self.evaluators = evaluator.build_evaluators(
+    self.evaluators = evaluator.Evaluators(
         config.evals, self._embed_fn_for, self.mesh, self.splits,
-        skip_corrupt=config.input.skip_corrupt)
+        skip_corrupt=config.input.skip_corrupt,
+        default_every=config.eval_every)
     self.ckpt = checkpoint.Checkpointer(
         workdir, keep=config.ckpt.keep, keep_best=config.ckpt.keep_best,
         best_metric=config.ckpt.best_metric)
@@ -150,13 +159,14 @@ class Run:
     return os.path.join(self.workdir, "embeddings",
                         f"{name}-step{step}-{key.hexdigest()[:12]}")
 
-  def evaluate(self, params, step=None, report=False) -> dict:
-    """Runs every evaluator. With `step`, embeddings are saved under
-    workdir/embeddings and reused by a later evaluation of the same
-    parameters with the same settings; with `report`, a PNG grid of queries
-    and results is written per evaluator (workdir/report_<name>.png)."""
+  def evaluate(self, params, step=None, report=False, names=None) -> dict:
+    """Runs the evaluators `names` (default all). With `step`, embeddings
+    are saved under workdir/embeddings and reused by a later evaluation of
+    the same parameters with the same settings; with `report`, a PNG grid of
+    queries and results is written per evaluator (report_<name>.png)."""
     out = {}
-    for name, ev in self.evaluators.items():
+    for name in self.evaluators.names() if names is None else names:
+      ev = self.evaluators.get(name)
       t0 = time.time()
       res = ev.run(params, self._cache_prefix(name, params, step))
       if report and jax.process_index() == 0:

@@ -11,7 +11,6 @@ An artifact is a folder:
 no model code of this repository runs, so an artifact keeps working when the
 code moves on.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as st_numpy
 
+from vitret_jax import integrity
 from vitret_jax import params_tree
 from vitret_jax.errors import UserError
 
@@ -87,7 +87,7 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     with open(os.path.join(tmp, "embed.stablehlo"), "wb") as f:
       f.write(exported.serialize())
     # Checked by the loader: a truncated or damaged file is named.
-    meta["files"] = {name: _digest(os.path.join(tmp, name))
+    meta["files"] = {name: integrity.file_digest(os.path.join(tmp, name))
                      for name in FILES if name != "model.json"}
     with open(os.path.join(tmp, "model.json"), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
@@ -102,12 +102,6 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
   return out_dir
-
-
-def _digest(path):
-  """[size, sha256] of a file."""
-  with open(path, "rb") as f:
-    return [os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()]
 
 
 class Embedder:
@@ -136,7 +130,7 @@ class Embedder:
                       f"{self.meta.get('format_version')}, this version reads "
                       f"{FORMAT_VERSION}.")
     for name, want in self.meta.get("files", {}).items():
-      got = _digest(os.path.join(path, name))
+      got = integrity.file_digest(os.path.join(path, name))
       if got != want:
         raise UserError(
             f"{path}/{name} is damaged or truncated ({got[0]} bytes, "

@@ -11,37 +11,44 @@ from vitret_jax.eval import embed
 
 
 class NegativeMiner:
-  """Hard-negative mining for tuple sampling, at each epoch's first step:
-  embeds the epoch's queries and negative pool with the current parameters
-  (every process takes part) and gives the sampler, per query, the nearest
-  pool images of other clusters, one per cluster."""
+  """Hard-negative mining for tuple sampling: `miner(sampler, epoch,
+  params)` embeds the epoch's queries and negative pool with `params`
+  (every process takes part) and returns, per query, the nearest pool
+  images of other clusters, one per cluster (samplers.mine_negatives).
 
-  def __init__(self, run, sampler, params_fn):
-    self.run, self.sampler, self.params_fn = run, sampler, params_fn
-    cfg = run.config.input
-    self.pp_fn = preprocess.build_pp(
-        cfg.tuples.pp_mine or f"decode|resize({run.image_size})|normalize")
-    self.embed_fn = run.embed_fn()
+  Args:
+    embed_fn: eval.embed.EmbedFn of the model being trained.
+    mesh: the device mesh.
+    split: the training split (the sampler's rows index it).
+    pp_spec: preprocessing of the mined images (deterministic).
+    batch_size, num_threads: embedding batch and reader threads.
+    skip_corrupt: unreadable images get NaN descriptors and are never mined.
+    image_size: the placeholder size of unreadable images.
+  """
 
-  def _embed(self, rows, desc):
-    cfg = self.run.config
+  def __init__(self, embed_fn, mesh, split, pp_spec, batch_size=64,
+               num_threads=2, skip_corrupt=False, image_size=224):
+    self.embed_fn, self.mesh, self.split = embed_fn, mesh, split
+    self.pp_fn = preprocess.build_pp(pp_spec)
+    self.batch_size, self.num_threads = batch_size, num_threads
+    self.skip_corrupt, self.image_size = skip_corrupt, image_size
+
+  def _embed(self, params, rows, desc):
     emb, _ = embed.embed_split(
-        self.embed_fn, self.params_fn(), self.run.train_split.take(rows),
-        self.pp_fn, cfg.input.tuples.mine_batch_size, self.run.mesh, desc,
-        cfg.input.num_threads, skip_corrupt=cfg.input.skip_corrupt,
-        fallback_hw=(self.run.image_size,) * 2)
+        self.embed_fn, params, self.split.take(rows), self.pp_fn,
+        self.batch_size, self.mesh, desc, self.num_threads,
+        skip_corrupt=self.skip_corrupt,
+        fallback_hw=(self.image_size,) * 2)
     return emb
 
-  def __call__(self, step):
-    e = self.sampler.epoch_of(step)
-    if self.sampler.has_mined(e):
-      return
+  def __call__(self, sampler, e, params):
     t0 = time.time()
-    pairs, pool = self.sampler.epoch(e)
-    q = np.nan_to_num(self._embed(pairs[:, 0], f"mine: queries (epoch {e})"),
-                      nan=0.0)
-    p = self._embed(pool, f"mine: pool (epoch {e})")
-    self.sampler.set_mined(e, samplers.mine_negatives(
-        q, p, pairs, pool, self.sampler.clusters, self.sampler.k))
+    pairs, pool = sampler.epoch(e)
+    q = np.nan_to_num(self._embed(params, pairs[:, 0],
+                                  f"mine: queries (epoch {e})"), nan=0.0)
+    p = self._embed(params, pool, f"mine: pool (epoch {e})")
+    table = samplers.mine_negatives(q, p, pairs, pool, sampler.clusters,
+                                    sampler.k)
     logging.info("Mined hard negatives for epoch %d: %d queries, pool of %d "
                  "(%.1fs).", e, len(pairs), len(pool), time.time() - t0)
+    return table

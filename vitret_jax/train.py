@@ -73,12 +73,13 @@ def _check_finite(metrics, step, ckpt):
 def _meta(config, next_step, loader=None):
   """What a checkpoint records beside the state: the config, and the input
   position. Batches are a pure function of (seed, step), so that is the
-  whole iterator state; tuple sampling adds the epoch's mined negatives."""
+  whole iterator state; a sampler with state (tuple sampling: the epoch's
+  mined negatives) adds it."""
   meta = {"config": json.loads(config.to_json_best_effort()),
           "input": {"next_step": int(next_step), "seed": config.seed,
                     "sampler": config.input.sampler}}
-  if loader is not None and hasattr(loader.sampler, "state"):
-    meta["input"]["mined"] = loader.sampler.state()
+  if loader is not None and loader.sampler.state() is not None:
+    meta["input"]["sampler_state"] = loader.sampler.state()
   return meta
 
 
@@ -97,12 +98,13 @@ class _Trainer:
                        force=force)
     return step
 
-  def evaluate_saved(self, state, step, report=False):
-    """Evaluates `step`, whose checkpoint is already saved: SIGTERM or an
-    error here loses no training."""
+  def evaluate_saved(self, state, step, report=False, names=None):
+    """Evaluates `step` (evaluators `names`, default all), whose checkpoint
+    is already saved: SIGTERM or an error here loses no training."""
     try:
       with self.stopper.interruptible(step, f"the evaluation of step {step}"):
-        res = self.run.evaluate(state.params, step=step, report=report)
+        res = self.run.evaluate(state.params, step=step, report=report,
+                                names=names)
     except UserError as e:
       raise UserError(f"{e} (Evaluation of step {step} failed; its "
                       f"checkpoint is saved: fix this, then run the same "
@@ -132,8 +134,10 @@ class _Trainer:
     start, total = int(jax.device_get(state.step)), config.total_steps
     self.n_last = start
     step_fn = _build_step(config, run)
-    latest = {"params": state.params}
-    before_segment = self._segment_hook(source, start, latest)
+    sampler, latest = self.loader.sampler, {"params": state.params}
+    if source == "workdir":  # e.g. the epoch's mined negatives
+      saved = run.ckpt.read_meta(start).get("input", {})
+      sampler.restore(saved.get("sampler_state", saved.get("mined")))
     logging.info("Training steps %d..%d (start: %s) on %d device(s) of %d "
                  "process(es), mesh %s, global batch %d, %d training "
                  "images.", start, total, source, run.mesh.devices.size,
@@ -145,8 +149,9 @@ class _Trainer:
                     disable=jax.process_index() != 0)
     in_flight = None
     try:
-      for step, batch in self.loader.iterate(start, total, before_segment=
-                                             before_segment):
+      for step, batch in self.loader.iterate(
+          start, total, before_segment=lambda first: sampler.start_epoch(
+              first, latest["params"])):
         self.skipped += int(batch.pop("skipped", 0))
         batch = sharding.to_global_batch(batch, run.mesh)  # explicit copy
         with jax.transfer_guard("disallow"):  # and no implicit one
@@ -175,41 +180,26 @@ class _Trainer:
   def after_step(self, state, done):
     """Periodic save and evaluation (a step is saved before it is
     evaluated), then a stop if SIGTERM came."""
-    if done % self.config.ckpt.every_steps == 0 or self.eval_due(done):
+    due = self.run.evaluators.due(done)
+    if done % self.config.ckpt.every_steps == 0 or due:
       self.save(state)
-    if self.eval_due(done):
-      self.evaluate_saved(state, done)
+    if due:
+      self.evaluate_saved(state, done, names=due)
     if self.stopper.should_stop(done):
       self.save(state, force=True)
       self.run.ckpt.wait()
       raise preemption.Preempted(done, self.run.ckpt.directory)
 
-  def _segment_hook(self, source, start, latest):
-    """Tuple sampling: restores a resumed run's mined negatives, and mines
-    at each epoch's start with the latest parameters (`latest`)."""
-    config, run, sampler = self.config, self.run, self.loader.sampler
-    if config.input.sampler != "tuples":
-      return None
-    if source == "workdir":
-      meta = run.ckpt.read_meta(start)
-      sampler.restore(meta.get("input", {}).get("mined"))
-    if not config.input.tuples.mine:
-      return None
-    return mining.NegativeMiner(run, sampler, lambda: latest["params"])
-
-  def eval_due(self, step):
-    every = self.config.eval_every
-    return bool(every) and step % every == 0
-
   def pending_eval(self, state, start):
     """A resumed run whose last evaluation was interrupted evaluates that
     step first (its checkpoint has no recorded metrics)."""
-    if start and start < self.config.total_steps and self.eval_due(start):
+    due = self.run.evaluators.due(start) if start else []
+    if due and start < self.config.total_steps:
       folder = self.run.ckpt.step_dir(start)
       if not os.path.exists(os.path.join(folder, checkpoint.EVAL_METRICS)):
         logging.info("Step %d's evaluation did not finish before the run "
                      "stopped: evaluating it now.", start)
-        self.evaluate_saved(state, start)
+        self.evaluate_saved(state, start, names=due)
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -287,6 +277,13 @@ def _build_sampler(config, run):
   if sizes is not None:
     logging.info("Group-size sampling, groups: %s", "; ".join(
         sampler.describe()))
+  t = config.input.tuples
+  if config.input.sampler == "tuples" and t.mine:
+    sampler.miner = mining.NegativeMiner(
+        run.embed_fn(), run.mesh, run.train_split,
+        t.pp_mine or f"decode|resize({run.image_size})|normalize",
+        t.mine_batch_size, config.input.num_threads,
+        config.input.skip_corrupt, run.image_size)
   return sampler
 
 

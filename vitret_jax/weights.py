@@ -91,6 +91,36 @@ def _conv(w):
   return np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO
 
 
+def _timm_block(i, rest, name, take, heads, t):
+  """Our flat names of timm's `blocks.<i>.<rest>` entry `name`."""
+  blk = f"{t}encoderblock_{i}/"
+  attn = blk + "MultiHeadDotProductAttention_1/"
+  simple = {"norm1.weight": "LayerNorm_0/scale", "norm1.bias":
+            "LayerNorm_0/bias", "norm2.weight": "LayerNorm_2/scale",
+            "norm2.bias": "LayerNorm_2/bias"}
+  if rest in simple:
+    return {blk + simple[rest]: take(name)}
+  if rest.startswith(("mlp.fc1.", "mlp.fc2.")):
+    dense = f"MlpBlock_3/Dense_{0 if 'fc1' in rest else 1}/"
+    value = take(name)
+    if rest.endswith("weight"):
+      return {blk + dense + "kernel": value.T}
+    return {blk + dense + "bias": value}
+  if rest == "attn.qkv.weight":
+    parts = _heads_split(take(name), take(f"blocks.{i}.attn.qkv.bias"), heads)
+    out = {}
+    for k, (w, b) in parts.items():
+      out[attn + f"{k}/kernel"], out[attn + f"{k}/bias"] = w, b
+    return out
+  if rest == "attn.proj.weight":
+    w = take(name)
+    d = w.shape[0]
+    return {attn + "out/kernel": w.T.reshape(heads, d // heads, d)}
+  if rest == "attn.proj.bias":
+    return {attn + "out/bias": take(name)}
+  return {}  # e.g. attn.qkv.bias, taken with the weight
+
+
 def _timm_to_flat(sd, heads, grid, num_prefix):
   """timm names -> our flat names ("encoder/Transformer/...")."""
   e = "encoder/"
@@ -105,31 +135,7 @@ def _timm_to_flat(sd, heads, grid, num_prefix):
   for name in sd:
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     if m:
-      i, rest = m.groups()
-      blk = f"{t}encoderblock_{i}/"
-      simple = {"norm1.weight": "LayerNorm_0/scale", "norm1.bias":
-                "LayerNorm_0/bias", "norm2.weight": "LayerNorm_2/scale",
-                "norm2.bias": "LayerNorm_2/bias"}
-      if rest in simple:
-        flat[blk + simple[rest]] = take(name)
-      elif rest.startswith(("mlp.fc1.", "mlp.fc2.")):
-        dense = f"MlpBlock_3/Dense_{0 if 'fc1' in rest else 1}/"
-        value = take(name)
-        flat[blk + dense + ("kernel" if rest.endswith("weight") else "bias")] = (
-            value.T if rest.endswith("weight") else value)
-      elif rest == "attn.qkv.weight":
-        parts = _heads_split(take(name), take(f"blocks.{i}.attn.qkv.bias"),
-                             heads)
-        for k, (w, b) in parts.items():
-          flat[blk + f"MultiHeadDotProductAttention_1/{k}/kernel"] = w
-          flat[blk + f"MultiHeadDotProductAttention_1/{k}/bias"] = b
-      elif rest == "attn.proj.weight":
-        w = take(name)
-        d = w.shape[0]
-        flat[blk + "MultiHeadDotProductAttention_1/out/kernel"] = (
-            w.T.reshape(heads, d // heads, d))
-      elif rest == "attn.proj.bias":
-        flat[blk + "MultiHeadDotProductAttention_1/out/bias"] = take(name)
+      flat.update(_timm_block(*m.groups(), name, take, heads, t))
       continue
     m = re.fullmatch(r"patch_embed\.backbone\.(.+)", name)
     if m:

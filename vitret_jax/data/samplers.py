@@ -43,7 +43,38 @@ def check_config(kind, batch_size, m, tuples=None):
     _check_tuples(batch_size, **dict(tuples or {}))
 
 
-class MPerClassSampler:
+class Sampler:
+  """The protocol of every sampler, as the loader and the trainer use it.
+
+  batch(step) -> row indices of the global batch of that step.
+  shape(step) -> (height, width) the batch's images are brought to, or None.
+  epoch_steps: steps per epoch when batches depend on work done at an
+    epoch's start (the loader then reads one epoch at a time); else None.
+  start_epoch(step, params): that work, before the epoch holding `step` is
+    read, given the latest parameters explicitly; nothing by default.
+  state() / restore(state): what batches depend on beyond (seed, step), as
+    JSON for the checkpoint's meta; None by default.
+  """
+  epoch_steps = None
+
+  def batch(self, step: int) -> np.ndarray:
+    raise NotImplementedError
+
+  def shape(self, step):
+    del step
+    return None
+
+  def start_epoch(self, step, params):
+    del step, params
+
+  def state(self):
+    return None
+
+  def restore(self, state):
+    del state
+
+
+class MPerClassSampler(Sampler):
   """Batches of `batch_size // m` distinct classes with m images each.
 
   A class with fewer than m images is sampled with replacement; the others
@@ -77,12 +108,8 @@ class MPerClassSampler:
       out.append(rng.choice(rows, self.m, replace=len(rows) < self.m))
     return np.concatenate(out)
 
-  def shape(self, step):
-    del step
-    return None
 
-
-class RandomSampler:
+class RandomSampler(Sampler):
   """Uniform batches: each epoch is a seeded permutation of all rows."""
 
   def __init__(self, labels, batch_size: int, seed: int):
@@ -102,9 +129,6 @@ class RandomSampler:
       rows = np.concatenate([rows, self._epoch(e + 1)[:self.batch_size - len(rows)]])
     return rows
 
-  def shape(self, step):
-    del step
-    return None
 
 
 # Aspect ratios (width / height) of the group-size buckets: from 1:2 portrait
@@ -120,7 +144,7 @@ def group_shape(aspect, image_size, multiple):
   return snap(image_size / r), snap(image_size * r)
 
 
-class GroupSizeSampler:
+class GroupSizeSampler(Sampler):
   """Group-size sampling for landmark images (SPEC, DToP / GLAM): every batch
   is drawn from one aspect-ratio group and its images are resized to that
   group's shape (area about image_size**2, aspect kept) instead of all being
@@ -202,7 +226,7 @@ class GroupSizeSampler:
             zip(self.shapes, self.groups)]
 
 
-class TupleSampler:
+class TupleSampler(Sampler):
   """SfM-120k training tuples, as cnnimageretrieval-pytorch makes them
   (SPEC's IRT landmark recipe): a batch holds `per_batch` tuples of a query,
   its positive and `negatives` negatives, laid out [q, p, n1..nk] per tuple.
@@ -215,6 +239,8 @@ class TupleSampler:
   given the epoch's mined table (see mine_negatives), random pool images
   otherwise. A batch is a pure function of (seed, step, that epoch's table),
   and the table is saved with checkpoints (`state()` / `restore()`).
+  `miner(sampler, epoch, params) -> table` (mining.NegativeMiner), when
+  set, mines each epoch's table in `start_epoch`.
 
   Labels are the clusters, so the pairwise loss sees the query / positive
   pairs (and any other same-cluster pair) as positives.
@@ -234,6 +260,12 @@ class TupleSampler:
     self.epoch_steps = max(1, self.query_size // per_batch)
     self._mined = {}  # epoch -> [query_size, negatives] rows
     self._epoch_cache = self._random_cache = (None, None)
+    self.miner = None
+
+  def start_epoch(self, step, params):
+    e = self.epoch_of(step)
+    if self.miner is not None and not self.has_mined(e):
+      self.set_mined(e, self.miner(self, e, params))
 
   def epoch_of(self, step):
     return step // self.epoch_steps
@@ -275,10 +307,6 @@ class TupleSampler:
     negs = self.negatives_of(e)
     sl = slice(i * self.per_batch, (i + 1) * self.per_batch)
     return np.concatenate([pairs[sl], negs[sl]], axis=1).reshape(-1)
-
-  def shape(self, step):
-    del step
-    return None
 
   def state(self):
     return {int(e): t.tolist() for e, t in self._mined.items()}

@@ -342,24 +342,51 @@ class RevisitedEvaluator(_Evaluator):
 EVALUATORS = {"retrieval": RetrievalEvaluator, "revisited": RevisitedEvaluator}
 
 
-def build_evaluators(evals_cfg, embed_fn_for, mesh, splits,
-                     skip_corrupt=False):
-  """{name: evaluator} from `config.evals` (each entry has a `type`).
+class Evaluators:
+  """The config's evaluators, each built when first used (an R1M evaluator
+  lists a million files: not before it is needed), each with its cadence:
+  `evals.<name>.every` steps (-1: the config's eval_every; 0: only at the
+  end of training).
 
   embed_fn_for(dtype) -> EmbedFn: evaluators may embed in another precision
   than training (`dtype`, e.g. "bfloat16"; "" = the model's).
   skip_corrupt: the default of each evaluator's own switch.
   """
-  out = {}
-  for name, cfg in evals_cfg.items():
-    cfg = dict(cfg)
-    cfg.setdefault("skip_corrupt", skip_corrupt)
-    kind = cfg.pop("type")
-    dtype = cfg.pop("dtype", "")
-    if kind not in EVALUATORS:
-      raise UserError(f"evals.{name}.type={kind!r}; valid: {sorted(EVALUATORS)}.")
-    try:
-      out[name] = EVALUATORS[kind](embed_fn_for(dtype), mesh, splits, **cfg)
-    except TypeError as e:
-      raise UserError(f"evals.{name}: {e}") from e
-  return out
+
+  def __init__(self, evals_cfg, embed_fn_for, mesh, splits,
+               skip_corrupt=False, default_every=0):
+    self.configs = {}
+    for name, cfg in evals_cfg.items():
+      cfg = dict(cfg)
+      cfg.setdefault("skip_corrupt", skip_corrupt)
+      every = cfg.pop("every", -1)
+      kind = cfg.get("type")
+      if kind not in EVALUATORS:
+        raise UserError(f"evals.{name}.type={kind!r}; valid: "
+                        f"{sorted(EVALUATORS)}.")
+      self.configs[name] = (cfg, default_every if every < 0 else every)
+    self._args = (embed_fn_for, mesh, splits)
+    self._built = {}
+
+  def __len__(self):
+    return len(self.configs)
+
+  def names(self):
+    return list(self.configs)
+
+  def due(self, step) -> list:
+    """The evaluators whose cadence falls on `step`."""
+    return [n for n, (_, every) in self.configs.items()
+            if every and step % every == 0]
+
+  def get(self, name):
+    if name not in self._built:
+      embed_fn_for, mesh, splits = self._args
+      cfg = dict(self.configs[name][0])
+      kind, dtype = cfg.pop("type"), cfg.pop("dtype", "")
+      try:
+        self._built[name] = EVALUATORS[kind](embed_fn_for(dtype), mesh,
+                                             splits, **cfg)
+      except TypeError as e:
+        raise UserError(f"evals.{name}: {e}") from e
+    return self._built[name]
