@@ -130,8 +130,20 @@ def test_nan_loss_is_reported(tmp_path):
   c = small_config(2)
   with c.unlocked():
     c.optim.lr = float("nan")
-  with pytest.raises(train.UserError, match="Non-finite"):
+  with pytest.raises(train.UserError, match="[Nn]on-finite|not finite"):
     train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_diverged_state_is_never_saved(tmp_path):
+  # Logged every 10 steps, saved every step: the NaN parameters of step 1
+  # are caught by the save, not written as the checkpoint to resume from.
+  c = small_config(2)
+  with c.unlocked():
+    c.optim.lr = float("nan")
+    c.log_every = 10
+  with pytest.raises(train.UserError, match="step 1 are not finite"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert not os.listdir(os.path.join(str(tmp_path), "checkpoints"))
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_GROCERY),

@@ -122,8 +122,10 @@ class Run:
         (self.image_size, self.image_size, 3), self.mesh,
         memory_slots(config.loss, len(self.train_split),
                      config.input.batch_size))
+    self.embed_fn_for = make_embed_fn_for(config.model, self.mesh,
+                                          self.state_sharding.params)
     self.evaluators = evaluator.Evaluators(
-        config.evals, self._embed_fn_for, self.mesh, self.splits,
+        config.evals, self.embed_fn_for, self.mesh, self.splits,
         skip_corrupt=config.input.skip_corrupt,
         default_every=config.eval_every)
     self.ckpt = checkpoint.Checkpointer(
@@ -132,18 +134,7 @@ class Run:
 
   def embed_fn(self):
     """The embedding function of the trained model (its precision)."""
-    return self._embed_fn_for()
-
-  def _embed_fn_for(self, dtype=""):
-    """The embedding function, in `dtype` if given (e.g. bf16 evaluation of
-    an fp32 model: same parameters, another compute precision)."""
-    model = self.model
-    if dtype and dtype != self.config.model.dtype:
-      cfg = self.config.model.copy_and_resolve_references()
-      with cfg.unlocked():
-        cfg.dtype = dtype
-      model = models.build_model(cfg)
-    return embed.make_embed_fn(model, self.mesh, self.state_sharding.params)
+    return self.embed_fn_for("")
 
   def _cache_prefix(self, name, params, step):
     """workdir/embeddings/<name>-step<step>-<key>: the key covers what
@@ -190,3 +181,17 @@ def _leaf_sums(params):
 def _params_fingerprint(params) -> bytes:
   """A few bytes that change whenever the parameters do (per-leaf sums)."""
   return np.asarray(jax.device_get(_leaf_sums(params)), np.float32).tobytes()
+
+
+def make_embed_fn_for(model_cfg, mesh, param_sharding):
+  """embed_fn_for(dtype) -> EmbedFn of the model of `model_cfg`, in `dtype`
+  if given (e.g. bf16 evaluation of an fp32 model: same parameters, another
+  compute precision). What evaluators get instead of the Run."""
+  def embed_fn_for(dtype=""):
+    cfg = model_cfg
+    if dtype and dtype != model_cfg.dtype:
+      cfg = model_cfg.copy_and_resolve_references()
+      with cfg.unlocked():
+        cfg.dtype = dtype
+    return embed.make_embed_fn(models.build_model(cfg), mesh, param_sharding)
+  return embed_fn_for

@@ -14,6 +14,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import tqdm
 from absl import logging
 
@@ -83,6 +84,12 @@ def _meta(config, next_step, loader=None):
   return meta
 
 
+@jax.jit
+def _all_finite(params):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(params)]))
+
+
 class _Trainer:
   """The loop's state between steps: saving, evaluating and logging at the
   config's cadence (train_and_evaluate drives it)."""
@@ -93,7 +100,16 @@ class _Trainer:
     self.t_last, self.n_last, self.skipped = time.time(), 0, 0
 
   def save(self, state, force=False):
+    """Saves the state, never a diverged one (a NaN between two log steps
+    must not become the checkpoint a resumed run starts from)."""
     step = int(jax.device_get(state.step))
+    if not bool(jax.device_get(_all_finite(state.params))):
+      raise UserError(
+          f"The parameters of step {step} are not finite: training "
+          f"diverged. Not saved; the latest checkpoint (step "
+          f"{self.run.ckpt.latest_step()}) is untouched in "
+          f"{self.run.ckpt.directory}. Lower optim.lr or set "
+          f"optim.clip_norm.")
     self.run.ckpt.save(state, _meta(self.config, step, self.loader),
                        force=force)
     return step
