@@ -10,6 +10,7 @@ with TF "SAME" padding, GroupNorm(32), a 7x7/2 stem and a 3x3/2 max pool,
 bottleneck units with the stride on the 3x3 conv. Names follow the Google
 checkpoints: conv_root, gn_root, block{i}/unit{j}/{conv,gn}{1,2,3,_proj}.
 """
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -51,28 +52,41 @@ class StdConv(nn.Module):
     return y.astype(self.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvNorm:
+  """How every backbone layer convolves and normalises: the weight
+  standardisation eps (1e-8 in timm's hybrids), the GroupNorm(32) eps and
+  the compute dtype. `conv` and `norm` make the named layers."""
+  ws_eps: float = 1e-8
+  gn_eps: float = 1e-5
+  dtype: Any = jnp.float32
+
+  def conv(self, features, kernel, strides, name):
+    return StdConv(features, kernel, strides, self.ws_eps, self.dtype,
+                   name=name)
+
+  def norm(self, name):
+    return nn.GroupNorm(32, epsilon=self.gn_eps, dtype=self.dtype, name=name)
+
+
 class BottleneckUnit(nn.Module):
   """1x1 -> 3x3 (stride) -> 1x1 with GroupNorm, projection shortcut when the
   shape changes; `[B, H, W, C] -> [B, H/s, W/s, 4 * features]`."""
   features: int
   strides: int = 1
-  ws_eps: float = 1e-8
-  gn_eps: float = 1e-5
-  dtype: Any = jnp.float32
+  cn: ConvNorm = ConvNorm()
 
   @nn.compact
   def __call__(self, x):
-    out = 4 * self.features
-    conv = lambda f, k, s, name: StdConv(f, k, s, self.ws_eps, self.dtype,
-                                         name=name)
-    gn = lambda name: nn.GroupNorm(32, epsilon=self.gn_eps, dtype=self.dtype,
-                                   name=name)
+    out, cn = 4 * self.features, self.cn
     residual = x
     if x.shape[-1] != out or self.strides != 1:
-      residual = gn("gn_proj")(conv(out, 1, self.strides, "conv_proj")(x))
-    y = nn.relu(gn("gn1")(conv(self.features, 1, 1, "conv1")(x)))
-    y = nn.relu(gn("gn2")(conv(self.features, 3, self.strides, "conv2")(y)))
-    y = gn("gn3")(conv(out, 1, 1, "conv3")(y))
+      residual = cn.norm("gn_proj")(cn.conv(out, 1, self.strides,
+                                            "conv_proj")(x))
+    y = nn.relu(cn.norm("gn1")(cn.conv(self.features, 1, 1, "conv1")(x)))
+    y = nn.relu(cn.norm("gn2")(cn.conv(self.features, 3, self.strides,
+                                       "conv2")(y)))
+    y = cn.norm("gn3")(cn.conv(out, 1, 1, "conv3")(y))
     # Residual sum in float32 (bf16 only inside the convolutions).
     return nn.relu(residual.astype(jnp.float32) + y.astype(jnp.float32))
 
@@ -84,23 +98,21 @@ class ResNetV2(nn.Module):
   Attributes:
     units: units per stage, e.g. (3, 4, 9) for R50 (3 stages, stride 16).
     width: stem width (64).
+    cn: eps values and compute dtype of every layer.
   """
   units: Sequence[int]
   width: int = 64
-  ws_eps: float = 1e-8
-  gn_eps: float = 1e-5
-  dtype: Any = jnp.float32
+  cn: ConvNorm = ConvNorm()
 
   @nn.compact
   def __call__(self, x):
-    x = StdConv(self.width, 7, 2, self.ws_eps, self.dtype, name="conv_root")(x)
-    x = nn.relu(nn.GroupNorm(32, epsilon=self.gn_eps, dtype=self.dtype,
-                             name="gn_root")(x))
+    x = self.cn.conv(self.width, 7, 2, "conv_root")(x)
+    x = nn.relu(self.cn.norm("gn_root")(x))
     # "SAME" max pooling pads with -inf, as TF and timm's MaxPool2dSame do.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     for i, n in enumerate(self.units):
-      x = ResNetStage(n, self.width * 2 ** i, 2 if i > 0 else 1, self.ws_eps,
-                      self.gn_eps, self.dtype, name=f"block{i + 1}")(x)
+      x = ResNetStage(n, self.width * 2 ** i, 2 if i > 0 else 1, self.cn,
+                      name=f"block{i + 1}")(x)
     return x
 
 
@@ -109,16 +121,13 @@ class ResNetStage(nn.Module):
   units: int
   features: int
   strides: int
-  ws_eps: float
-  gn_eps: float
-  dtype: Any
+  cn: ConvNorm
 
   @nn.compact
   def __call__(self, x):
     for j in range(self.units):
       x = BottleneckUnit(self.features, self.strides if j == 0 else 1,
-                         self.ws_eps, self.gn_eps, self.dtype,
-                         name=f"unit{j + 1}")(x)
+                         self.cn, name=f"unit{j + 1}")(x)
     return x
 
 

@@ -120,7 +120,8 @@ class VisionTransformer(nn.Module):
                        f"the encoder's stride {self.stride}.")
     x = images
     if self.resnet:
-      x = hybrid.ResNetV2(self.resnet, dtype=self.backbone_dtype,
+      x = hybrid.ResNetV2(self.resnet,
+                          cn=hybrid.ConvNorm(dtype=self.backbone_dtype),
                           name="backbone")(x)
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size,
                 padding="VALID", dtype=self.dtype, name="embedding")(x)
