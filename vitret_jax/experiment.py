@@ -136,17 +136,17 @@ class Run:
     """The embedding function of the trained model (its precision)."""
     return self.embed_fn_for("")
 
-  def _cache_prefix(self, name, params, step):
+  def _cache_prefix(self, name, params_key, step):
     """workdir/embeddings/<name>-step<step>-<key>: the key covers what
     changes a descriptor besides the images (the evaluator's config, the
-    model's, the parameters themselves); the evaluator adds each split's
-    fingerprint."""
-    if step is None or not self.config.eval_cache:
+    model's, the parameters themselves, `params_key`); the evaluator adds
+    each split's fingerprint."""
+    if params_key is None:
       return ""
     key = hashlib.sha256(json.dumps(
         [self.config.evals[name].to_dict(), self.config.model.to_dict()],
         sort_keys=True, default=str).encode())
-    key.update(_params_fingerprint(params))
+    key.update(params_key)
     return os.path.join(self.workdir, "embeddings",
                         f"{name}-step{step}-{key.hexdigest()[:12]}")
 
@@ -156,10 +156,13 @@ class Run:
     the same parameters with the same settings; with `report`, a PNG grid of
     queries and results is written per evaluator (report_<name>.png)."""
     out = {}
+    # One parameter fingerprint for every evaluator of this call.
+    params_key = (_params_fingerprint(params) if step is not None and
+                  self.config.eval_cache else None)
     for name in self.evaluators.names() if names is None else names:
       ev = self.evaluators.get(name)
       t0 = time.time()
-      res = ev.run(params, self._cache_prefix(name, params, step))
+      res = ev.run(params, self._cache_prefix(name, params_key, step))
       if report and jax.process_index() == 0:
         rows = ev.report_rows(self.config.report.queries, self.config.report.k)
         if rows:

@@ -10,10 +10,11 @@ import os
 CHECKSUMS = "vitret_checksums.json"
 
 
-def write_json_atomic(path, obj):
+def write_json_atomic(path, obj, indent=1):
+  """Writes `obj` as JSON to a temporary file, synced, renamed to `path`."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
+    json.dump(obj, f, indent=indent, sort_keys=True)
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)

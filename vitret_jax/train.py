@@ -7,7 +7,6 @@ Data flow: check_config (no data) -> Run (data, fresh state) -> config.json
 save, evaluate the saved step, stop on SIGTERM) -> final save -> final
 evaluation -> eval.json. No model or loss maths lives here.
 """
-import contextlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from absl import logging
 
 from vitret_jax import checkpoint
 from vitret_jax import experiment
+from vitret_jax import integrity
 from vitret_jax import losses
 from vitret_jax import metric_writer
 from vitret_jax import mining
@@ -37,13 +37,10 @@ from vitret_jax.errors import UserError
 
 def _write_json(path, obj):
   if jax.process_index() == 0:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    integrity.write_json_atomic(path, obj, indent=2)
 
 
-def _untrained_eval(run, params, fresh, stopper=None):
+def _untrained_eval(run, params, fresh, stopper):
   """The untrained model's metrics: computed by a fresh run (every process
   takes part, so the decision must not depend on files another process may
   be writing) and kept in eval_untrained.json; a resumed run reads them."""
@@ -53,8 +50,7 @@ def _untrained_eval(run, params, fresh, stopper=None):
       return None
     with open(path) as f:
       return json.load(f)
-  with (stopper.interruptible(0, "the untrained evaluation") if stopper
-        else contextlib.nullcontext()):
+  with stopper.interruptible(0, "the untrained evaluation"):
     res = run.evaluate(params)
   _write_json(path, res)
   return res
@@ -79,8 +75,9 @@ def _meta(config, next_step, loader=None):
   meta = {"config": json.loads(config.to_json_best_effort()),
           "input": {"next_step": int(next_step), "seed": config.seed,
                     "sampler": config.input.sampler}}
-  if loader is not None and loader.sampler.state() is not None:
-    meta["input"]["sampler_state"] = loader.sampler.state()
+  sampler_state = loader.sampler.state() if loader is not None else None
+  if sampler_state is not None:
+    meta["input"]["sampler_state"] = sampler_state
   return meta
 
 
@@ -325,7 +322,7 @@ def evaluate_only(config, workdir) -> dict:
           checkpoint.abstract_like(run.state, run.state_sharding))
     finally:
       run.ckpt.close()
-    untrained = _untrained_eval(run, None, fresh=False)
+    untrained = _untrained_eval(run, None, fresh=False, stopper=None)
     step = int(jax.device_get(state.step))
     final = run.evaluate(state.params, step=step, report=True)
     run.ckpt.record_eval(step, final)

@@ -5,7 +5,6 @@ from the TFDS source when the split reads one; cached as a .npy keyed by the
 split's file list, so a resumed or repeated run reads them once.
 """
 import concurrent.futures
-import hashlib
 import os
 
 import numpy as np
@@ -36,10 +35,9 @@ def image_sizes(split, cache_dir="", num_threads=16, skip_corrupt=False):
   With `skip_corrupt`, an unreadable image gets size (0, 0) (samplers leave
   it out) and is counted in the log; otherwise it is a DataError naming it.
   """
-  # Keyed on the file list and on skip_corrupt (which decides whether an
+  # Keyed on the split and on skip_corrupt (which decides whether an
   # unreadable image is a (0, 0) entry or an error).
-  key = hashlib.sha1(("\n".join(split.paths) + f"\n{skip_corrupt}").encode()
-                     ).hexdigest()[:16]
+  key = f"{split.fingerprint()}-{int(skip_corrupt)}"
   path = os.path.join(cache_dir, f"image_sizes-{key}.npy") if cache_dir else ""
   if path and workdir_lib.all_agree(os.path.exists(path)):
     try:
