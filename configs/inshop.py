@@ -15,5 +15,6 @@ from vitret_jax import config_common as common
 def get_config(arg=None):
   return common.irt_category_config(
       arg, "inshop", total_steps=35_000, xbm_ratio=0.2,
+      sampler="m_per_class",
       evaluation=common.retrieval_eval(query="query", gallery="gallery",
                                        ks=(1, 10, 20, 30, 40)))

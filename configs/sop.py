@@ -13,4 +13,5 @@ from vitret_jax import config_common as common
 def get_config(arg=None):
   return common.irt_category_config(
       arg, "sop", total_steps=35_000, xbm_ratio=1.0,
+      sampler="m_per_class",
       evaluation=common.retrieval_eval(ks=(1, 10, 100, 1000)))

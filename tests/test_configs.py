@@ -48,3 +48,12 @@ def test_configs_are_plain_imports():
   for path in CONFIGS:
     with open(path) as f:
       assert "sys.path" not in f.read(), path
+
+
+def test_irt_category_samplers_follow_the_public_reimplementation():
+  """SOP and In-Shop: 2 images per class per batch; CUB: uniform batches."""
+  by_name = {os.path.basename(p)[:-3]: load(p).get_config() for p in CONFIGS}
+  for name in ("sop", "inshop"):
+    assert by_name[name].input.sampler == "m_per_class", name
+    assert by_name[name].input.m_per_class == 2, name
+  assert by_name["cub"].input.sampler == "random"

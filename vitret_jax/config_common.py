@@ -172,15 +172,20 @@ def make_local(c):
   return c
 
 
-def irt_category_config(arg, dataset, total_steps, xbm_ratio, evaluation):
+def irt_category_config(arg, dataset, total_steps, xbm_ratio, evaluation,
+                        sampler="random"):
   """The IRT category-retrieval recipe (SOP, In-Shop, CUB) for `dataset`;
-  `arg` as for get_config (variant=..., runlocal=...)."""
+  `arg` as for get_config (variant=..., runlocal=...). `sampler`: the
+  public IRT reimplementation draws SOP and In-Shop batches with 2 images
+  per class ("m_per_class", m = 2) and CUB batches uniformly ("random")."""
   arg = parse_arg(arg, variant="S/16", runlocal=False)
   c = base_config()
   c.total_steps = total_steps
   c.model.variant = arg.variant
   set_dataset(c, dataset)
   c.loss.xbm.ratio = xbm_ratio
+  c.input.sampler = sampler
+  c.input.m_per_class = 2
   c.evals.test = evaluation
   if arg.runlocal:
     make_local(c)

@@ -4,16 +4,30 @@ import optax
 
 from vitret_jax.errors import UserError
 
-# Parameters that never get weight decay besides biases and norm scales (all
-# of rank < 2): the class token and the position embedding, as in DeiT/timm.
-NO_DECAY_NAMES = ("cls", "pos_embedding", "dist")
+# Weight decay by role, not by rank (timm's DeiT recipe: no decay on biases,
+# norm scales, the position embedding or the class / distillation tokens).
+# Flax stores attention biases as [heads, head_dim], so a rank rule would
+# decay them; the leaf name says what a parameter is.
+DECAYED = ("kernel", "class_weights")  # Dense / Conv weights, ArcFace centres
+NOT_DECAYED = ("bias", "scale", "cls", "dist", "pos_embedding", "p")
 
 
 def decay_mask(params):
-  """True for the weights that weight decay applies to (rank >= 2 kernels)."""
-  def keep(path, x):
+  """True for the parameters weight decay applies to: Dense and Conv kernels
+  (attention q/k/v/out, MLP, patch embedding, CNN and depth-wise convs, head
+  projection) and ArcFace class centres; False for biases, norm scales,
+  position embedding, class / distillation tokens and GeM exponents. A leaf
+  of unknown role is an error naming it (so a new module cannot be decayed
+  or spared by accident)."""
+  def keep(path, _):
     name = getattr(path[-1], "key", str(path[-1]))
-    return x.ndim >= 2 and name not in NO_DECAY_NAMES
+    if name in DECAYED:
+      return True
+    if name in NOT_DECAYED:
+      return False
+    raise ValueError(
+        f"optim.decay_mask: parameter {jax.tree_util.keystr(path)} has no "
+        f"known role; add its name to optim.DECAYED or optim.NOT_DECAYED.")
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
