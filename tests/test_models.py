@@ -136,3 +136,94 @@ def test_locality_blocks_only_where_asked():
   assert "dwconv" not in blocks["encoderblock_0"]["MlpBlock_3"]
   x = jax.random.normal(jax.random.key(1), (2, 48, 32, 3))  # 6 x 4 grid
   assert model.apply({"params": v}, x).shape == (2, 32)
+
+
+def _golden_with_locality(form):
+  """The vit_tiny golden (a real timm state dict) loaded into an encoder
+  whose first block (of 2) is locality-enhanced, so that the class token
+  output depends on it; its convolution freshly initialised (what
+  model.init_fresh=("dwconv",) does)."""
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from tests.test_weights import GOLDEN, load_golden  # pylint: disable=g-import-not-at-top
+  from vitret_jax import weights  # pylint: disable=g-import-not-at-top
+  plain, sd, size, x, want = load_golden(
+      [p for p in GOLDEN if p.endswith("vit_tiny.npz")][0])
+  loaded = weights.convert_timm(plain, sd, size)["params"]
+  enc = plain.encoder.clone(locality_blocks=(0,), locality_form=form,
+                            parent=None)
+  model = models.PooledEncoder(enc)
+  fresh = model.init(jax.random.key(3), jnp.asarray(x[:1]))["params"]
+  flat = traverse_util.flatten_dict(fresh)
+  flat.update({k: v for k, v in traverse_util.flatten_dict(loaded).items()})
+  params = traverse_util.unflatten_dict(flat)
+  return model, params, x, want
+
+
+def test_locality_residual_form_leaves_a_pretrained_model_unchanged():
+  """Step 0 of a DToP run from ImageNet weights computes the checkpoint's
+  function: the zero-initialised depth-wise branch adds exactly nothing."""
+  model, params, x, want = _golden_with_locality("residual")
+  conv = params["encoder"]["Transformer"]["encoderblock_0"]["MlpBlock_3"][
+      "dwconv"]
+  assert not np.any(np.asarray(conv["kernel"]))
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
+  assert np.max(np.abs(got - want)) <= 1e-6 + 1e-5  # golden's own tolerance
+  no_blocks = models.PooledEncoder(model.encoder.clone(
+      locality_blocks=(), parent=None))
+  plain = dict(params)
+  plain_enc = jax.tree.map(lambda a: a, params["encoder"])
+  del plain_enc["Transformer"]["encoderblock_0"]["MlpBlock_3"]["dwconv"]
+  plain["encoder"] = plain_enc
+  ref = np.asarray(no_blocks.apply({"params": plain}, jnp.asarray(x)))
+  assert np.max(np.abs(got - ref)) <= 1e-6
+  enc = model.encoder.clone(parent=None)
+  tokens = lambda e, p: e.apply({"params": p}, jnp.asarray(x))["tokens"]
+  err = np.max(np.abs(np.asarray(tokens(enc, params["encoder"]))
+                      - np.asarray(tokens(no_blocks.encoder.clone(
+                          parent=None), plain["encoder"]))))
+  assert err <= 1e-6
+  # ... and the branch learns: its kernel gets a non-zero gradient.
+  g = jax.grad(lambda p: jnp.sum(tokens(enc, p) ** 2))(params["encoder"])
+  gk = g["Transformer"]["encoderblock_0"]["MlpBlock_3"]["dwconv"]
+  assert np.abs(np.asarray(gk["kernel"])).max() > 0
+
+
+def test_locality_inverted_form_kept_for_older_runs():
+  """The LocalViT form changes a pretrained model at step 0; runs saved
+  without `locality_form` in their config build it (their parameters were
+  trained with it)."""
+  model, params, x, want = _golden_with_locality("inverted")
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
+  assert np.max(np.abs(got - want)) > 1e-3
+  legacy = models.build_model(model_cfg(locality_blocks=[-1]))
+  assert legacy.encoder.locality_form == "inverted"
+  with pytest.raises(ValueError, match="locality_form"):
+    models.build_model(model_cfg(locality_blocks=[-1], locality_form="x")
+                       ).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_gem_positive_mapping():
+  """On LayerNorm-like inputs the clamp floors about half of the values (no
+  gradient through them); softplus keeps a gradient for every value."""
+  from vitret_jax.models import heads  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 196, 64))
+  outs, grads = {}, {}
+  for kind in heads.GEM_INPUTS:
+    pool = heads.GeMPool(3.0, positive=kind)
+    v = pool.init(jax.random.key(0), x)
+    outs[kind] = pool.apply(v, x)
+    grads[kind] = jax.grad(lambda x_: jnp.sum(pool.apply(v, x_)))(x)
+  dead = float(np.mean(np.asarray(grads["clamp"]) == 0))
+  assert 0.4 < dead < 0.6
+  assert np.all(np.asarray(grads["softplus"]) > 0)
+  assert np.all(np.isfinite(np.asarray(outs["softplus"])))
+  sp = np.log1p(np.exp(np.asarray(x, np.float64)))
+  want = np.mean(sp ** 3, axis=1) ** (1 / 3)
+  assert np.max(np.abs(np.asarray(outs["softplus"]) - want)) < 1e-5
+  # Very negative inputs: the floor keeps d/dp finite.
+  v = heads.GeMPool(3.0).init(jax.random.key(0), x)
+  gp = jax.grad(lambda v_: jnp.sum(heads.GeMPool(3.0).apply(
+      v_, jnp.full((1, 4, 2), -200.0))))(v)
+  assert np.isfinite(float(gp["params"]["p"]))
+  cfg = model_cfg(head="dtop", locality_blocks=[-1])
+  assert models.build_model(cfg).head.gem_input == "clamp"  # older runs

@@ -82,7 +82,11 @@ def base_config():
       encoder="vit", variant="S/16", image_size=224, head="irt", proj_dim=0,
       dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False,
       distilled=False, backbone_dtype="float32", locality_blocks=(),
-      dtop=mlc.ConfigDict(dict(num_layers=4, gem_p=3.0, layer_norm=True)),
+      # locality_form: "residual" (zero-initialised, identity at step 0) or
+      # "inverted" (LocalViT's); gem_input: "softplus" or "clamp" (heads.py).
+      locality_form="residual",
+      dtop=mlc.ConfigDict(dict(num_layers=4, gem_p=3.0, gem_input="softplus",
+                               layer_norm=True)),
       init_from="", init_format="auto", init_fresh=("head/",)))
 
   c.input = input_config()

@@ -38,7 +38,9 @@ def _build_vit(cfg, dtype):
       drop_path_rate=cfg.drop_path_rate, dtype=dtype, remat=cfg.remat,
       distilled=cfg.get("distilled", False),
       backbone_dtype=DTYPES[cfg.get("backbone_dtype", "float32")],
-      locality_blocks=tuple(cfg.get("locality_blocks", ())), name="encoder")
+      locality_blocks=tuple(cfg.get("locality_blocks", ())),
+      # A run saved before `locality_form` existed used "inverted".
+      locality_form=cfg.get("locality_form", "inverted"), name="encoder")
 
 
 def _build_irt_head(cfg, dtype):
@@ -49,6 +51,8 @@ def _build_dtop_head(cfg, dtype):
   d = cfg.get("dtop", {})
   return heads.DToPHead(num_layers=d.get("num_layers", 4),
                         out_dim=cfg.proj_dim or 512, gem_p=d.get("gem_p", 3.0),
+                        # Runs saved before `gem_input` existed clamped.
+                        gem_input=d.get("gem_input", "clamp"),
                         layer_norm=d.get("layer_norm", True), dtype=dtype,
                         name="head")
 

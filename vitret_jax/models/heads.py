@@ -2,6 +2,7 @@
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -34,21 +35,39 @@ class IrtHead(nn.Module):
     return l2_normalize(x)
 
 
+GEM_INPUTS = ("softplus", "clamp")
+
+
 class GeMPool(nn.Module):
-  """Generalised mean over tokens: (mean(max(x, eps)^p))^(1/p), `[B, N, D] ->
+  """Generalised mean over tokens: (mean(f(x)^p))^(1/p), `[B, N, D] ->
   [B, D]`; p is learnable (initial `p`), clamped at 1 from below.
+
+  GeM needs non-negative inputs. `positive` chooses f:
+    "softplus" (default): log(1 + e^x), floored at eps: smooth, every
+      value keeps a gradient, large activations pass almost unchanged.
+    "clamp": max(x, eps), GeM's usual form on post-ReLU CNN maps. On
+      LayerNorm outputs (zero-mean per token) it sets about half of the
+      values to eps, with no gradient through them.
 
   Attributes:
     p: initial exponent (3, the usual landmark-retrieval value).
-    eps: floor that keeps the power defined for non-positive activations.
+    eps: floor that keeps the power and its gradient in p finite.
+    positive: "softplus" or "clamp".
   """
   p: float = 3.0
   eps: float = 1e-6
+  positive: str = "softplus"
 
   @nn.compact
   def __call__(self, x):
+    if self.positive not in GEM_INPUTS:
+      raise ValueError(f"model.dtop.gem_input={self.positive!r}; valid: "
+                       f"{GEM_INPUTS}.")
     p = jnp.maximum(self.param("p", nn.initializers.constant(self.p), ()), 1.0)
-    x = jnp.maximum(x.astype(jnp.float32), self.eps)
+    x = x.astype(jnp.float32)
+    if self.positive == "softplus":
+      x = jax.nn.softplus(x)
+    x = jnp.maximum(x, self.eps)
     return jnp.mean(x ** p, axis=1) ** (1.0 / p)
 
 
@@ -61,7 +80,7 @@ class DToPHead(nn.Module):
   Attributes:
     num_layers: blocks collected per branch (default 4, the last four).
     out_dim: descriptor dimension.
-    gem_p: initial GeM exponent.
+    gem_p: initial GeM exponent; gem_input: GeMPool's positive mapping.
     layer_norm: normalise each collected block output with its own LayerNorm
       (the last block's output is otherwise the only normalised one).
     dtype: compute dtype of the projection.
@@ -69,6 +88,7 @@ class DToPHead(nn.Module):
   num_layers: int = 4
   out_dim: int = 512
   gem_p: float = 3.0
+  gem_input: str = "softplus"
   layer_norm: bool = True
   dtype: Any = jnp.float32
 
@@ -84,7 +104,8 @@ class DToPHead(nn.Module):
       if self.layer_norm:
         h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"norm_{i}")(h)
       glob.append(h[:, 0])
-      loc.append(GeMPool(self.gem_p, name=f"gem_{i}")(h[:, prefix:]))
+      loc.append(GeMPool(self.gem_p, positive=self.gem_input,
+                         name=f"gem_{i}")(h[:, prefix:]))
     x = jnp.concatenate(glob + loc, axis=-1)
     x = nn.Dense(self.out_dim, dtype=self.dtype, name="projection")(x)
     return l2_normalize(x)

@@ -60,36 +60,55 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout)(x, deterministic)
 
 
+LOCALITY_FORMS = ("residual", "inverted")
+
+
 class LocalityMlp(nn.Module):
   """MLP with a depth-wise 3x3 convolution over the patch-token grid between
-  its two Dense layers (inverted residual, as LocalViT; DToP's locality
-  enhancement). Prefix tokens (class, distillation) bypass the convolution.
-  Names keep Dense_0 / Dense_1 of MlpBlock, so pretrained MLP weights load.
+  its two Dense layers (DToP's locality enhancement, after LocalViT). Prefix
+  tokens (class, distillation) bypass the convolution. Names keep Dense_0 /
+  Dense_1 of MlpBlock, so pretrained MLP weights load.
+
+  Forms (`form`):
+    "residual" (default): h + GELU(dwconv(h)) with the convolution
+      zero-initialised, so a block loaded from a pretrained checkpoint
+      computes exactly its plain MLP at step 0 and the locality branch
+      grows from there.
+    "inverted": GELU(dwconv(h)), LocalViT's inverted residual as is; the
+      fresh convolution replaces the pretrained MLP's hidden features at
+      step 0 (runs saved before the residual form existed).
 
   Attributes:
     mlp_dim, dropout, dtype: as MlpBlock.
     grid_hw: (h, w) of the patch-token grid.
     num_prefix: tokens before the grid.
+    form: "residual" or "inverted".
   """
   mlp_dim: int
   grid_hw: Tuple[int, int]
   num_prefix: int = 1
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  form: str = "residual"
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
+    if self.form not in LOCALITY_FORMS:
+      raise ValueError(f"model.locality_form={self.form!r}; valid: "
+                       f"{LOCALITY_FORMS}.")
     d = x.shape[-1]
     x = gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x))
     prefix, grid = x[:, :self.num_prefix], x[:, self.num_prefix:]
     b = grid.shape[0]
     h, w = self.grid_hw
     grid = grid.reshape(b, h, w, self.mlp_dim)
-    grid = nn.Conv(self.mlp_dim, (3, 3), padding="SAME",
-                   feature_group_count=self.mlp_dim, dtype=self.dtype,
-                   name="dwconv")(grid)
-    grid = gelu(grid).reshape(b, h * w, self.mlp_dim)
-    x = jnp.concatenate([prefix, grid], axis=1)
+    residual = self.form == "residual"
+    init = nn.initializers.zeros if residual else nn.linear.default_kernel_init
+    local = gelu(nn.Conv(self.mlp_dim, (3, 3), padding="SAME",
+                         feature_group_count=self.mlp_dim, dtype=self.dtype,
+                         kernel_init=init, name="dwconv")(grid))
+    grid = (grid + local) if residual else local
+    x = jnp.concatenate([prefix, grid.reshape(b, h * w, self.mlp_dim)], axis=1)
     x = nn.Dropout(self.dropout)(x, deterministic)
     x = nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
     return nn.Dropout(self.dropout)(x, deterministic)
@@ -105,7 +124,8 @@ class EncoderBlock(nn.Module):
     drop_path: stochastic-depth rate of this block.
     dtype: compute dtype.
     locality_grid: (h, w) of the patch grid to use a LocalityMlp, or None
-      for the plain MLP; num_prefix: tokens before the grid.
+      for the plain MLP; num_prefix: tokens before the grid; locality_form:
+      the LocalityMlp's form.
   """
   mlp_dim: int
   num_heads: int
@@ -114,6 +134,7 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
   locality_grid: Optional[Tuple[int, int]] = None
   num_prefix: int = 1
+  locality_form: str = "residual"
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -129,7 +150,8 @@ class EncoderBlock(nn.Module):
       mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="MlpBlock_3")
     else:
       mlp = LocalityMlp(self.mlp_dim, self.locality_grid, self.num_prefix,
-                        self.dropout, self.dtype, name="MlpBlock_3")
+                        self.dropout, self.dtype, self.locality_form,
+                        name="MlpBlock_3")
     y = mlp(y, deterministic)
     return x + DropPath(self.drop_path)(y, deterministic)
 
@@ -144,7 +166,8 @@ class Encoder(nn.Module):
       0 at the first block (the DeiT / timm schedule).
     remat: recompute each block's activations in the backward pass.
     locality_blocks: indices of the blocks whose MLP is a LocalityMlp
-      (negative counts from the end); they need `grid_hw` and `num_prefix`.
+      (negative counts from the end); they need `grid_hw` and `num_prefix`;
+      locality_form: their form (LocalityMlp).
   Returns (final-normed tokens, list of every block's raw output).
   """
   depth: int
@@ -157,6 +180,7 @@ class Encoder(nn.Module):
   locality_blocks: Sequence[int] = ()
   grid_hw: Optional[Tuple[int, int]] = None
   num_prefix: int = 1
+  locality_form: str = "residual"
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -169,7 +193,8 @@ class Encoder(nn.Module):
       rate = self.drop_path_rate * i / max(1, self.depth - 1)
       x = block_cls(self.mlp_dim, self.num_heads, self.dropout, rate,
                     self.dtype, self.grid_hw if i in local else None,
-                    self.num_prefix, name=f"encoderblock_{i}")(x, deterministic)
+                    self.num_prefix, self.locality_form,
+                    name=f"encoderblock_{i}")(x, deterministic)
       hidden.append(x)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="encoder_norm")(x)
     return x, hidden

@@ -75,7 +75,8 @@ class VisionTransformer(nn.Module):
     dropout: dropout rate; drop_path_rate: stochastic depth of the last block.
     dtype: compute dtype (bfloat16 for mixed precision; parameters stay fp32).
     remat: rematerialise blocks in the backward pass.
-    locality_blocks: blocks with a locality-enhanced MLP (DToP).
+    locality_blocks: blocks with a locality-enhanced MLP (DToP);
+      locality_form: its form (layers.LocalityMlp).
     backbone_dtype: compute dtype of a hybrid's CNN. float32 by default even
       when `dtype` is bfloat16: bf16 activations through a ResNet roughly
       double the descriptor error per stage (R26: 4e-2 relative vs 1e-2 for
@@ -102,6 +103,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   locality_blocks: Sequence[int] = ()
   backbone_dtype: Any = jnp.float32
+  locality_form: str = "residual"
 
   @property
   def stride(self) -> int:
@@ -144,7 +146,8 @@ class VisionTransformer(nn.Module):
         dropout=self.dropout, drop_path_rate=self.drop_path_rate,
         dtype=self.dtype, remat=self.remat,
         locality_blocks=tuple(self.locality_blocks), grid_hw=(h, w),
-        num_prefix=self.num_prefix, name="Transformer")(x, not train)
+        num_prefix=self.num_prefix, locality_form=self.locality_form,
+        name="Transformer")(x, not train)
     out = {"cls": x[:, 0], "tokens": x[:, self.num_prefix:], "hidden": hidden,
            "num_prefix": self.num_prefix, "pooled": x[:, 0]}
     if self.distilled:
