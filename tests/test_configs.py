@@ -57,3 +57,11 @@ def test_irt_category_samplers_follow_the_public_reimplementation():
     assert by_name[name].input.sampler == "m_per_class", name
     assert by_name[name].input.m_per_class == 2, name
   assert by_name["cub"].input.sampler == "random"
+
+
+def test_inshop_memory_filled_by_a_momentum_encoder():
+  c = load(os.path.join(REPO, "configs", "inshop.py")).get_config()
+  assert c.loss.xbm.ratio == 0.2 and c.loss.xbm.momentum == 0.999
+  for name in ("sop", "cub"):
+    c = load(os.path.join(REPO, "configs", f"{name}.py")).get_config()
+    assert c.loss.xbm.momentum == 0.0

@@ -246,6 +246,14 @@ def _check_shapes(ckpt, step, abstract):
                     f"metadata: it is not a vitret_jax checkpoint.")
   want, have = params_tree.shapes(abstract), params_tree.shapes(saved)
   diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+  if diff and all(k.startswith("ema_params") for k in diff):
+    has = any(k.startswith("ema_params") for k in have)
+    raise UserError(
+        f"Checkpoint {ckpt.step_dir(step)} was trained "
+        f"{'with' if has else 'without'} a momentum encoder for the memory "
+        f"and this config {'has none' if has else 'asks for one'}: set "
+        f"--config.loss.xbm.momentum={'0.999' if has else '0'} as the run "
+        f"had it, or a new {ckpt.flag}.")
   if diff:
     raise UserError(
         f"Checkpoint {ckpt.step_dir(step)} does not match this config's "
@@ -307,7 +315,7 @@ def resume_or_init(ckpt, state, state_sharding, resume_from="", init_params=None
   if init_params is not None:
     params = init_params(state.params)
     params = jax.device_put(params, state_sharding.params)
-    return state.replace(params=params), "init_from"
+    return state.with_params(params), "init_from"
   return state, "scratch"
 
 

@@ -93,7 +93,10 @@ def base_config():
 
   c.loss = mlc.ConfigDict(dict(
       margin=0.5, entropy_weight=0.7, reduction="anchor_mean", eps=1e-8,
-      xbm=mlc.ConfigDict(dict(ratio=1.0, start_step=0))))
+      # xbm: cross-batch memory of ratio x training-set size, counted from
+      # start_step; momentum > 0 fills it with an EMA (key) encoder's
+      # descriptors (In-Shop: 0.999), 0 with the trained encoder's.
+      xbm=mlc.ConfigDict(dict(ratio=1.0, start_step=0, momentum=0.0))))
 
   # accum_steps: the global batch is processed as k micro-batches (pairs are
   # formed within each); gradients are averaged.

@@ -41,6 +41,17 @@ def memory_slots(loss_cfg, num_train: int, global_batch: int) -> int:
   return size
 
 
+def check_loss(loss_cfg):
+  momentum = loss_cfg.xbm.get("momentum", 0.0)
+  if not 0.0 <= momentum < 1.0:
+    raise UserError(f"loss.xbm.momentum={momentum}: use a value in [0, 1) "
+                    f"(0: no momentum encoder; In-Shop's recipe: 0.999).")
+  if momentum and not loss_cfg.xbm.ratio:
+    raise UserError(f"loss.xbm.momentum={momentum} fills the cross-batch "
+                    f"memory, but loss.xbm.ratio=0 (no memory): set a "
+                    f"ratio, or momentum=0.")
+
+
 def check_config(config, mesh):
   """The checks that need no data: run before anything heavy, so a config
   mistake stops the run in seconds with one line."""
@@ -56,6 +67,7 @@ def check_config(config, mesh):
         f"{unit}.")
   if config.total_steps < 1:
     raise UserError(f"total_steps={config.total_steps}: it must be >= 1.")
+  check_loss(config.loss)
   if config.ckpt.every_steps < 1:
     raise UserError(f"ckpt.every_steps={config.ckpt.every_steps}: it must be "
                     f">= 1.")
@@ -121,7 +133,8 @@ class Run:
         self.model, self.tx, jax.random.key(config.seed),
         (self.image_size, self.image_size, 3), self.mesh,
         memory_slots(config.loss, len(self.train_split),
-                     config.input.batch_size))
+                     config.input.batch_size),
+        momentum_encoder=bool(config.loss.xbm.get("momentum", 0.0)))
     self.embed_fn_for = make_embed_fn_for(config.model, self.mesh,
                                           self.state_sharding.params)
     self.evaluators = evaluator.Evaluators(

@@ -74,8 +74,9 @@ def param_spec(shape, fsdp_size: int) -> P:
 
 
 def state_shardings(abstract_state, mesh):
-  """Shardings of a TrainState: params and optimizer state by the FSDP rule,
-  everything else (step, rng, memory) replicated."""
+  """Shardings of a TrainState: params, the momentum encoder's copy and the
+  optimizer state by the FSDP rule, everything else (step, rng, memory)
+  replicated."""
   fsdp = mesh.shape[FSDP]
   by_rule = lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp))
   rep = replicated(mesh)
@@ -83,6 +84,7 @@ def state_shardings(abstract_state, mesh):
       step=rep, rng=rep, mem_ptr=rep,
       params=jax.tree.map(by_rule, abstract_state.params),
       opt_state=jax.tree.map(by_rule, abstract_state.opt_state),
+      ema_params=jax.tree.map(by_rule, abstract_state.ema_params),
       memory=jax.tree.map(lambda _: rep, abstract_state.memory))
 
 

@@ -270,7 +270,8 @@ def _build_step(config, run):
                                reduction=config.loss.reduction,
                                eps=config.loss.eps),
       run.mesh, run.state_sharding, xbm_start=config.loss.xbm.start_step,
-      accum_steps=config.optim.accum_steps)
+      accum_steps=config.optim.accum_steps,
+      momentum=config.loss.xbm.get("momentum", 0.0))
 
 
 def _build_sampler(config, run):

@@ -22,6 +22,9 @@ class TrainState(flax.struct.PyTreeNode):
       arrays); step t uses fold_in(wrap_key_data(rng), t).
     memory: cross-batch memory dict(emb=[M, E], labels=[M]) or None.
     mem_ptr: int32 scalar, next memory slot to overwrite.
+    ema_params: the momentum (key) encoder's parameters, an exponential
+      moving average of `params` sharded like them, or None. When present,
+      the memory is filled with its descriptors (IRT on In-Shop).
   """
   step: jax.Array
   params: Any
@@ -29,6 +32,14 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jax.Array
   memory: Optional[dict] = None
   mem_ptr: jax.Array = flax.struct.field(default_factory=lambda: jnp.int32(0))
+  ema_params: Any = None
+
+  def with_params(self, params):
+    """This state with new starting parameters (model.init_from): the
+    momentum encoder, if any, starts from the same ones."""
+    ema = None if self.ema_params is None else jax.tree.map(
+        jnp.copy, params)
+    return self.replace(params=params, ema_params=ema)
 
 
 def init_memory(size: int, dim: int) -> dict:
@@ -37,7 +48,8 @@ def init_memory(size: int, dim: int) -> dict:
           "labels": jnp.full((size,), -1, jnp.int32)}
 
 
-def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0):
+def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0,
+                       momentum_encoder=False):
   """Initialises the state directly in its shardings on `mesh` (params and
   optimizer state split over the FSDP axis, the rest replicated).
 
@@ -48,6 +60,8 @@ def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0):
     image_shape: (H, W, 3) of one training image.
     mesh: device mesh.
     memory_size: cross-batch memory slots (0 = no memory).
+    momentum_encoder: keep an EMA copy of the parameters (`ema_params`)
+      whose descriptors fill the memory.
   Returns:
     (state, state_sharding).
   """
@@ -64,7 +78,9 @@ def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0):
     return TrainState(step=jnp.int32(0), params=params,
                       opt_state=tx.init(params),
                       rng=jax.random.key_data(loop_rng), memory=memory,
-                      mem_ptr=jnp.int32(0))
+                      mem_ptr=jnp.int32(0),
+                      ema_params=(jax.tree.map(jnp.copy, params)
+                                  if momentum_encoder else None))
 
   abstract = jax.eval_shape(init)
   state_sharding = sharding.state_shardings(abstract, mesh)
@@ -82,7 +98,8 @@ def _micro_batches(x, k, num_shards):
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
-               xbm_start: int = 0, accum_steps: int = 1, num_shards: int = 1):
+               xbm_start: int = 0, accum_steps: int = 1, num_shards: int = 1,
+               momentum: float = 0.999):
   """One optimisation step on one global batch; pure, so it is jitted once.
 
   Args:
@@ -98,6 +115,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
       whose gradients are averaged (pairs are formed within a micro-batch;
       the memory is updated after each); activation memory drops k-fold.
     num_shards: devices the batch is split over (for the micro-batch split).
+    momentum: of the momentum encoder, when the state has one: after the
+      update, ema <- momentum * ema + (1 - momentum) * params. The memory
+      then receives its descriptors of the batch (computed without dropout
+      or drop-path, as constants) instead of the online encoder's.
   Returns:
     (new state, metrics dict of scalars).
   """
@@ -105,6 +126,11 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
   weight = (state.step >= xbm_start).astype(jnp.float32)
 
   def grad_of(images, labels, memory, ptr, key):
+    keys = None
+    if memory is not None and state.ema_params is not None:
+      keys = jax.lax.stop_gradient(
+          model.apply({"params": state.ema_params}, images, train=False))
+
     def compute(params):
       emb = model.apply({"params": params}, images, train=True,
                         rngs={"dropout": key})
@@ -112,7 +138,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
         loss, metrics = loss_fn(emb, labels)
         return loss, (metrics, None, ptr)
       # XBM: the batch is enqueued first, then anchors meet the whole memory.
-      new_memory, new_ptr = losses.enqueue(memory, emb, labels, ptr)
+      new_memory, new_ptr = losses.enqueue(
+          memory, emb if keys is None else keys, labels, ptr)
       loss, metrics = loss_fn(emb, labels, new_memory, ptr, weight)
       return loss, (metrics, new_memory, new_ptr)
     (_, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
@@ -142,19 +169,25 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  ema = state.ema_params
+  if ema is not None:
+    ema = jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p,
+                       ema, params)
   new_state = state.replace(step=state.step + 1, params=params,
-                            opt_state=opt_state, memory=memory, mem_ptr=ptr)
+                            opt_state=opt_state, memory=memory, mem_ptr=ptr,
+                            ema_params=ema)
   return new_state, metrics
 
 
 def make_train_step(model, tx, loss_fn, mesh, state_sharding, xbm_start=0,
-                    accum_steps=1):
+                    accum_steps=1, momentum=0.999):
   """`train_step` jitted once with the state's shardings in and out (state
   donated) and the batch split over the mesh's batch axes. The step's whole
   sharding contract is here."""
   step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
                            xbm_start=xbm_start, accum_steps=accum_steps,
-                           num_shards=sharding.batch_size_on(mesh))
+                           num_shards=sharding.batch_size_on(mesh),
+                           momentum=momentum)
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(
       step,
