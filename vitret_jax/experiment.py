@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from vitret_jax import arcface
 from vitret_jax import checkpoint
+from vitret_jax import losses
 from vitret_jax import models
 from vitret_jax import optim
 from vitret_jax import sharding
@@ -41,7 +43,20 @@ def memory_slots(loss_cfg, num_train: int, global_batch: int) -> int:
   return size
 
 
+LOSS_KINDS = ("irt", "arcface")
+
+
 def check_loss(loss_cfg):
+  kind = loss_cfg.get("kind", "irt")
+  if kind not in LOSS_KINDS:
+    raise UserError(f"loss.kind={kind!r}; valid: {LOSS_KINDS}.")
+  if kind == "arcface" and loss_cfg.xbm.ratio:
+    raise UserError(f"loss.kind='arcface' with loss.xbm.ratio="
+                    f"{loss_cfg.xbm.ratio}: the cross-batch memory belongs "
+                    f"to the contrastive loss; set loss.xbm.ratio=0.")
+  if kind == "arcface" and not 0.0 <= loss_cfg.arcface.margin < 1.5:
+    raise UserError(f"loss.arcface.margin={loss_cfg.arcface.margin}: an "
+                    f"angle in radians in [0, 1.5) (GLAM's: 0.3).")
   momentum = loss_cfg.xbm.get("momentum", 0.0)
   if not 0.0 <= momentum < 1.0:
     raise UserError(f"loss.xbm.momentum={momentum}: use a value in [0, 1) "
@@ -50,6 +65,25 @@ def check_loss(loss_cfg):
     raise UserError(f"loss.xbm.momentum={momentum} fills the cross-batch "
                     f"memory, but loss.xbm.ratio=0 (no memory): set a "
                     f"ratio, or momentum=0.")
+
+
+def build_loss(loss_cfg, mesh, num_classes):
+  """(loss_fn, init_loss_params) of `config.loss` on `mesh`; see
+  train_step.train_step for loss_fn's signatures. init_loss_params is None
+  for the IRT loss; for ArcFace it draws the class centres."""
+  if loss_cfg.get("kind", "irt") == "arcface":
+    a = loss_cfg.arcface
+    fn = arcface.make_sharded_arcface(
+        mesh, num_classes=num_classes, margin=a.margin, scale=a.scale,
+        entropy_weight=loss_cfg.entropy_weight, eps=loss_cfg.eps)
+    n = sharding.batch_size_on(mesh)
+    init = lambda rng, dim: {arcface.CLASS_WEIGHTS: arcface.init_class_weights(
+        rng, num_classes, dim, n)}
+    return fn, init
+  fn = losses.make_sharded_loss(
+      mesh, margin=loss_cfg.margin, entropy_weight=loss_cfg.entropy_weight,
+      reduction=loss_cfg.reduction, eps=loss_cfg.eps)
+  return fn, None
 
 
 def check_config(config, mesh):
@@ -129,12 +163,18 @@ class Run:
     self.tx, self.schedule = optim.build_optimizer(
         config.optim, config.schedule, config.total_steps)
     self.train_split = self.splits[config.input.train_split]
+    if config.loss.get("kind", "irt") == "arcface":
+      # A classifier's rows are indexed 0..C-1.
+      self.train_split = self.train_split.with_class_indices()
+    self.loss_fn, init_loss_params = build_loss(
+        config.loss, self.mesh, self.train_split.num_classes)
     self.state, self.state_sharding = ts.create_train_state(
         self.model, self.tx, jax.random.key(config.seed),
         (self.image_size, self.image_size, 3), self.mesh,
         memory_slots(config.loss, len(self.train_split),
                      config.input.batch_size),
-        momentum_encoder=bool(config.loss.xbm.get("momentum", 0.0)))
+        momentum_encoder=bool(config.loss.xbm.get("momentum", 0.0)),
+        init_loss_params=init_loss_params)
     self.embed_fn_for = make_embed_fn_for(config.model, self.mesh,
                                           self.state_sharding.params)
     self.evaluators = evaluator.Evaluators(

@@ -73,18 +73,36 @@ def param_spec(shape, fsdp_size: int) -> P:
   return P()
 
 
+# Parameters whose first dimension is split over every device (classes of a
+# classifier: ArcFace's centres), with their optimizer state.
+CLASS_SPLIT_NAMES = ("class_weights",)
+
+
+def class_sharding(mesh) -> NamedSharding:
+  """[C, E] with the classes split over all devices (BATCH_AXES)."""
+  return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
 def state_shardings(abstract_state, mesh):
   """Shardings of a TrainState: params, the momentum encoder's copy and the
-  optimizer state by the FSDP rule, everything else (step, rng, memory)
-  replicated."""
+  optimizer state by the FSDP rule; class centres (and their optimizer
+  state) split along the classes over every device; everything else (step,
+  rng, memory) replicated."""
   fsdp = mesh.shape[FSDP]
-  by_rule = lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp))
+
+  def by_rule(path, x):
+    if any(getattr(k, "key", None) in CLASS_SPLIT_NAMES for k in path):
+      return class_sharding(mesh)
+    return NamedSharding(mesh, param_spec(x.shape, fsdp))
+
+  rule = lambda tree: jax.tree_util.tree_map_with_path(by_rule, tree)
   rep = replicated(mesh)
   return abstract_state.replace(
       step=rep, rng=rep, mem_ptr=rep,
-      params=jax.tree.map(by_rule, abstract_state.params),
-      opt_state=jax.tree.map(by_rule, abstract_state.opt_state),
-      ema_params=jax.tree.map(by_rule, abstract_state.ema_params),
+      params=rule(abstract_state.params),
+      opt_state=rule(abstract_state.opt_state),
+      ema_params=rule(abstract_state.ema_params),
+      loss_params=rule(abstract_state.loss_params),
       memory=jax.tree.map(lambda _: rep, abstract_state.memory))
 
 

@@ -20,7 +20,6 @@ from absl import logging
 from vitret_jax import checkpoint
 from vitret_jax import experiment
 from vitret_jax import integrity
-from vitret_jax import losses
 from vitret_jax import metric_writer
 from vitret_jax import mining
 from vitret_jax import models
@@ -264,12 +263,8 @@ def _build_loader(config, run):
 
 def _build_step(config, run):
   return ts.make_train_step(
-      run.model, run.tx,
-      losses.make_sharded_loss(run.mesh, margin=config.loss.margin,
-                               entropy_weight=config.loss.entropy_weight,
-                               reduction=config.loss.reduction,
-                               eps=config.loss.eps),
-      run.mesh, run.state_sharding, xbm_start=config.loss.xbm.start_step,
+      run.model, run.tx, run.loss_fn, run.mesh, run.state_sharding,
+      xbm_start=config.loss.xbm.start_step,
       accum_steps=config.optim.accum_steps,
       momentum=config.loss.xbm.get("momentum", 0.0))
 

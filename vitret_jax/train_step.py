@@ -25,6 +25,10 @@ class TrainState(flax.struct.PyTreeNode):
     ema_params: the momentum (key) encoder's parameters, an exponential
       moving average of `params` sharded like them, or None. When present,
       the memory is filled with its descriptors (IRT on In-Shop).
+    loss_params: parameters of the loss, trained with the model but not part
+      of it (ArcFace: {"class_weights": [C_pad, E]}, split over the devices
+      along the classes), or None. The optimizer then updates the pair
+      (params, loss_params).
   """
   step: jax.Array
   params: Any
@@ -33,6 +37,13 @@ class TrainState(flax.struct.PyTreeNode):
   memory: Optional[dict] = None
   mem_ptr: jax.Array = flax.struct.field(default_factory=lambda: jnp.int32(0))
   ema_params: Any = None
+  loss_params: Any = None
+
+  @property
+  def trainable(self):
+    """What the optimizer updates: params, or (params, loss_params)."""
+    return self.params if self.loss_params is None else (self.params,
+                                                         self.loss_params)
 
   def with_params(self, params):
     """This state with new starting parameters (model.init_from): the
@@ -49,7 +60,7 @@ def init_memory(size: int, dim: int) -> dict:
 
 
 def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0,
-                       momentum_encoder=False):
+                       momentum_encoder=False, init_loss_params=None):
   """Initialises the state directly in its shardings on `mesh` (params and
   optimizer state split over the FSDP axis, the rest replicated).
 
@@ -62,6 +73,7 @@ def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0,
     memory_size: cross-batch memory slots (0 = no memory).
     momentum_encoder: keep an EMA copy of the parameters (`ema_params`)
       whose descriptors fill the memory.
+    init_loss_params: callable(rng, descriptor_dim) -> loss_params, or None.
   Returns:
     (state, state_sharding).
   """
@@ -71,12 +83,15 @@ def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0,
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     variables = model.init({"params": init_rng, "dropout": init_rng}, dummy)
     params = variables["params"]
-    memory = None
+    memory = loss_params = None
+    dim = jax.eval_shape(lambda: model.apply(variables, dummy)).shape[-1]
     if memory_size:
-      dim = model.apply(variables, dummy).shape[-1]
       memory = init_memory(memory_size, dim)
+    if init_loss_params is not None:
+      loss_params = init_loss_params(jax.random.fold_in(init_rng, 1), dim)
+    trainable = params if loss_params is None else (params, loss_params)
     return TrainState(step=jnp.int32(0), params=params,
-                      opt_state=tx.init(params),
+                      opt_state=tx.init(trainable), loss_params=loss_params,
                       rng=jax.random.key_data(loop_rng), memory=memory,
                       mem_ptr=jnp.int32(0),
                       ema_params=(jax.tree.map(jnp.copy, params)
@@ -109,7 +124,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
     model: module with apply(variables, images, train) -> [B, E].
     tx: optax transformation.
     loss_fn: loss_fn(emb, labels[, memory, mem_ptr, xbm_weight]) ->
-      (loss, metrics), e.g. `losses.make_sharded_loss(...)`.
+      (loss, metrics), e.g. `losses.make_sharded_loss(...)`; with
+      loss_params in the state, loss_fn(emb, labels, loss_params), e.g.
+      `arcface.make_sharded_loss(...)`.
     xbm_start: step from which the memory term counts (warm-up).
     accum_steps: the batch is processed as this many micro-batches of B/k
       whose gradients are averaged (pairs are formed within a micro-batch;
@@ -131,9 +148,14 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
       keys = jax.lax.stop_gradient(
           model.apply({"params": state.ema_params}, images, train=False))
 
-    def compute(params):
+    def compute(trainable):
+      params, loss_params = (trainable, None) if state.loss_params is None \
+          else trainable
       emb = model.apply({"params": params}, images, train=True,
                         rngs={"dropout": key})
+      if loss_params is not None:
+        loss, metrics = loss_fn(emb, labels, loss_params)
+        return loss, (metrics, memory, ptr)
       if memory is None:
         loss, metrics = loss_fn(emb, labels)
         return loss, (metrics, None, ptr)
@@ -142,7 +164,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
           memory, emb if keys is None else keys, labels, ptr)
       loss, metrics = loss_fn(emb, labels, new_memory, ptr, weight)
       return loss, (metrics, new_memory, new_ptr)
-    (_, aux), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
+    (_, aux), grads = jax.value_and_grad(compute, has_aux=True)(
+        state.trainable)
     return grads, aux
 
   if accum_steps == 1:
@@ -159,15 +182,17 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
                                     jax.random.fold_in(rng, i))
       return (jax.tree.map(jnp.add, acc, g), memory, ptr), m
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
     (grads, memory, ptr), metrics = jax.lax.scan(
         body, (zeros, state.memory, state.mem_ptr),
         (jnp.arange(accum_steps), micro))
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
     metrics = jax.tree.map(jnp.mean, metrics)
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+  trainable = optax.apply_updates(state.trainable, updates)
+  params, loss_params = (trainable, None) if state.loss_params is None \
+      else trainable
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   ema = state.ema_params
   if ema is not None:
@@ -175,7 +200,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
                        ema, params)
   new_state = state.replace(step=state.step + 1, params=params,
                             opt_state=opt_state, memory=memory, mem_ptr=ptr,
-                            ema_params=ema)
+                            ema_params=ema, loss_params=loss_params)
   return new_state, metrics
 
 

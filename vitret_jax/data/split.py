@@ -60,6 +60,14 @@ class Split:
   def num_classes(self) -> int:
     return len(np.unique(self.labels))
 
+  def with_class_indices(self):
+    """This split with labels renumbered 0..C-1 in the order of the sorted
+    original labels (what a classifier's rows are indexed by). Equal labels
+    stay equal and the order of classes is kept, so samplers draw the same
+    batches."""
+    _, inverse = np.unique(self.labels, return_inverse=True)
+    return dataclasses.replace(self, labels=inverse.astype(np.int32))
+
 
 class _SourceRows:
   """Rows `rows` of a random-access data source, as a source of their own."""
