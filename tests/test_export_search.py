@@ -94,3 +94,63 @@ def test_index_search_rank1_equals_recall_at_1(trained, tmp_path):
                             str(tmp_path / "index"), top_k=3,
                             grid=str(tmp_path / "grid.png"))
   assert "  1. " in out and os.path.getsize(tmp_path / "grid.png") > 1000
+
+
+def check_landmark_export(config, workdir, tmp_path):
+  """A landmark run (varying image sizes, several scales, learned
+  whitening): its artifact gives the evaluator's own descriptors (queries
+  cropped to their boxes, database images at their own aspect ratio) to
+  1e-5, and --mode=index / --mode=search work on the run and on the
+  artifact. Called by tests/test_train.py's DToP test on its run."""
+  from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitret_jax import export  # pylint: disable=g-import-not-at-top
+  name = next(iter(config.evals))
+  run = experiment.Run(config, workdir)
+  try:
+    ev = run.evaluators.get(name)
+    params, step = checkpoint.load_run_params(workdir, with_step=True)
+    # The final evaluation's saved descriptors (its cache), not recomputed.
+    cache = experiment.cache_prefix(workdir, config, name,
+                                    experiment.params_fingerprint(params),
+                                    step)
+    white = ev._whitening(params, cache)  # pylint: disable=protected-access
+    want_q = white(ev._embed(params, ev.query, "q", cache, "query"))  # pylint: disable=protected-access
+    want_db = white(ev._embed(params, ev.database, "db", cache, "database"))  # pylint: disable=protected-access
+  finally:
+    run.ckpt.close()
+  art = str(tmp_path / "artifact")
+  commands.export_run(None, workdir, art)  # the run's own config
+  assert "whitening.safetensors" in os.listdir(art)
+  meta = json.load(open(os.path.join(art, "model.json")))
+  assert meta["scales"] == list(config.evals[name].scales)
+  assert meta["embedding_dim"] == config.evals[name].whiten_dim
+  art = export.load_pretrained(art)
+  pp = preprocess.build_pp(art.preprocess)
+  shapes = set()
+  for split, want in ((ev.query, want_q[:3]), (ev.database, want_db[:8])):
+    got = []
+    for i, path in enumerate(split.paths[:len(want)]):
+      box = None if split.boxes is None else split.boxes[i]
+      img = pp(path, None, box)
+      shapes.add(img.shape)
+      got.append(art(img[None])[0])
+    err = float(np.max(np.abs(np.stack(got) - want)))
+    print(f"artifact vs evaluator ({len(got)} images): max abs diff {err:.2e}")
+    assert err <= 1e-5
+  assert len(shapes) >= 2  # images of several sizes went through
+  # index / search on the landmark run and on its artifact.
+  folder = tmp_path / "to_index"
+  folder.mkdir()
+  for p in ev.database.paths[:4]:
+    os.symlink(p, folder / os.path.basename(p))
+  folder = str(folder)
+  for pretrained in ("", str(tmp_path / "artifact")):
+    index_dir = str(tmp_path / f"index{len(pretrained)}")
+    msg = commands.index(None, "" if pretrained else workdir, pretrained,
+                         folder, index_dir)
+    assert "Indexed 4 images" in msg
+    out = commands.run_search(None, "" if pretrained else workdir,
+                              pretrained, ev.database.paths[0], index_dir,
+                              top_k=2)
+    assert "  1. " in out

@@ -122,3 +122,24 @@ def test_bf16_embedding_close_to_fp32():
   x = jax.device_put(x, sharding.batch_sharding(mesh))
   a, b = np.asarray(fn32(params, x)), np.asarray(fn16(params, x))
   assert np.max(np.abs(a - b)) < 5e-2 and np.mean(np.sum(a * b, 1)) > 0.99
+
+
+def test_ranking_depth_finite_by_default_with_distractors(revisited,
+                                                         monkeypatch):
+  """ranking_depth=-1 (the configs' default): the whole database without
+  distractors, RevisitedEvaluator.DISTRACTOR_DEPTH with them (reported)."""
+  fn, mesh, params = make_embed()
+  monkeypatch.setattr(evaluator.RevisitedEvaluator, "DISTRACTOR_DEPTH", 10)
+  common = dict(data_dir=revisited, pp="decode|resize_max(32)|normalize",
+                batch_size=8)
+  full = evaluator.RevisitedEvaluator(
+      fn, mesh, {}, options=dict(check_counts=False), **common)
+  with_r1m = evaluator.RevisitedEvaluator(
+      fn, mesh, {}, options=dict(check_counts=False,
+                                 distractors_dir=os.path.join(revisited,
+                                                              "r1m")),
+      **common)
+  assert full.depth == 0 and with_r1m.depth == 10
+  a, b = full.run(params), with_r1m.run(params)
+  assert "ranking_depth" not in a and b["ranking_depth"] == 10
+  assert b["easy/mp@1"] == a["easy/mp@1"] == 1.0

@@ -204,6 +204,9 @@ def test_dtop_config_trains_with_group_size_batches(tmp_path):
     c.evals = {"roxford": c.evals.roxford}
     c.evals.roxford.data_dir = fixtures.write_revisited(tmp_path / "rox")
     c.evals.roxford.options.check_counts = False
+    # Two scales and a learned whitening, for the export check below.
+    c.evals.roxford.scales = (1.0, 1.4142)
+    c.evals.roxford.whiten_dim = 16
     c.ckpt.best_metric = "medium/map"
     c.eval_untrained = False
     c.total_steps = 4
@@ -219,6 +222,8 @@ def test_dtop_config_trains_with_group_size_batches(tmp_path):
   assert params["head"]["projection"]["kernel"].shape == (4 * 32, 512)
   assert "dwconv" in params["encoder"]["Transformer"]["encoderblock_1"][
       "MlpBlock_3"]
+  from test_export_search import check_landmark_export  # pylint: disable=g-import-not-at-top
+  check_landmark_export(c, str(tmp_path / "run"), tmp_path)
 
 
 def test_init_from_timm_safetensors(tmp_path):

@@ -336,9 +336,10 @@ def write_config(config, workdir):
   return path
 
 
-def load_run_params(workdir, step=None, flag="--workdir"):
+def load_run_params(workdir, step=None, flag="--workdir", with_step=False):
   """The parameters of a vitret_jax run's latest intact (or `step`)
-  checkpoint, as numpy arrays, without rebuilding its optimizer or data."""
+  checkpoint, as numpy arrays, without rebuilding its optimizer or data
+  (with `with_step`: (params, step))."""
   ckpt = _run_checkpoints(workdir, flag)
   try:
     step = ckpt._latest_intact() if step is None else step  # pylint: disable=protected-access
@@ -348,7 +349,8 @@ def load_run_params(workdir, step=None, flag="--workdir"):
     ckpt.close()
   state = restored.state
   params = state["params"] if isinstance(state, dict) else state.params
-  return jax.tree.map(np.asarray, params)
+  params = jax.tree.map(np.asarray, params)
+  return (params, step) if with_step else params
 
 
 def read_run_config(workdir):

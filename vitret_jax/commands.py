@@ -55,26 +55,31 @@ def run_config(config, workdir, mode):
   return saved
 
 
-def export_run(config, workdir, export_dir="", overwrite=False):
-  """--mode=export: the run's latest parameters as a pretrained artifact."""
+def export_run(config, workdir, export_dir="", overwrite=False,
+               eval_name=""):
+  """--mode=export: the run's latest parameters as a pretrained artifact
+  that computes the descriptors of evaluator `eval_name` (default: the
+  first): its preprocessing, scales and whitening."""
   config = run_config(config, workdir, "export")
   export_dir = export_dir or os.path.join(workdir, "export")
-  run = search.RunEmbedder(config, workdir)
+  run = search.RunEmbedder(config, workdir, eval_name)
   path = export.export_artifact(
       run.model, run.params, export_dir, model_config=config.model.to_dict(),
       preprocess=run.preprocess, image_size=run.image_size,
+      multiple=run.multiple, scales=run.scales, whitening=run.whitening,
       overwrite=overwrite)
   return f"Exported to {path}; load it with vitret_jax.load_pretrained({path!r})."
 
 
-def _embedder(config, workdir, pretrained):
+def _embedder(config, workdir, pretrained, eval_name=""):
   if pretrained:
     return export.load_pretrained(pretrained), pretrained
   if not workdir:
     raise UserError("index / search need --pretrained=ARTIFACT, or the "
                     "--workdir of a training run.")
   config = run_config(config, workdir, "index / search")
-  return search.RunEmbedder(config, workdir), os.path.abspath(workdir)
+  return (search.RunEmbedder(config, workdir, eval_name),
+          os.path.abspath(workdir))
 
 
 def _index_dir(index_dir, workdir):
@@ -86,11 +91,12 @@ def _index_dir(index_dir, workdir):
   return os.path.join(workdir, "index")
 
 
-def index(config, workdir, pretrained, images, index_dir, overwrite=False):
+def index(config, workdir, pretrained, images, index_dir, overwrite=False,
+          eval_name=""):
   """--mode=index: every image under `images` into a saved ScaNN index."""
   if not images:
     raise UserError("--mode=index needs --images=FOLDER.")
-  embedder, source = _embedder(config, workdir, pretrained)
+  embedder, source = _embedder(config, workdir, pretrained, eval_name)
   index_dir = _index_dir(index_dir, workdir)
   n, skipped = search.build_index(embedder, images, index_dir,
                                   overwrite=overwrite, source=source)
@@ -102,9 +108,9 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False):
 
 
 def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
-               grid=""):
+               grid="", eval_name=""):
   """--mode=search: top-k files of the index for each query image."""
-  embedder, _ = _embedder(config, workdir, pretrained)
+  embedder, _ = _embedder(config, workdir, pretrained, eval_name)
   idx = search.Index(_index_dir(index_dir, workdir))
   paths = search.query_paths(query)
   emb, kept, skipped = search.embed_files(embedder, paths, desc="queries")

@@ -169,7 +169,10 @@ def revisited_eval(data_dir="", name="roxford5k", distractors_dir="",
       type="revisited", dataset="revisited", data_dir=data_dir,
       options=mlc.ConfigDict(dict(name=name, distractors_dir=distractors_dir,
                                   check_counts=True)),
-      pp=pp, batch_size=1, kappas=(1, 5, 10), ranking_depth=0, **opts))
+      # batch_size: images of one shape per forward pass (rounded up to the
+      # device count; images are grouped by their shape). ranking_depth:
+      # -1 = whole database, 10,000 when distractors_dir is set; 0 = whole.
+      pp=pp, batch_size=1, kappas=(1, 5, 10), ranking_depth=-1, **opts))
 
 
 def make_local(c):

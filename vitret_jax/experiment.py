@@ -148,15 +148,7 @@ class Run:
     self.config, self.workdir = config, workdir
     self.mesh = sharding.build_mesh(config.mesh)
     self.model, self.image_size = check_config(config, self.mesh)
-    if config.input.tfds_dir:
-      # Read through the TFDS builder (prepared once from data_dir).
-      from vitret_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-      self.splits = tfds_builders.load_splits(
-          config.input.dataset, config.input.data_dir, config.input.tfds_dir,
-          **config.input.options)
-    else:
-      self.splits = datasets.load_dataset(
-          config.input.dataset, config.input.data_dir, **config.input.options)
+    self.splits = load_splits(config)
     if config.input.train_split not in self.splits:
       raise UserError(f"input.train_split={config.input.train_split!r}; the "
                       f"data set has {sorted(self.splits)}.")
@@ -189,20 +181,6 @@ class Run:
     """The embedding function of the trained model (its precision)."""
     return self.embed_fn_for("")
 
-  def _cache_prefix(self, name, params_key, step):
-    """workdir/embeddings/<name>-step<step>-<key>: the key covers what
-    changes a descriptor besides the images (the evaluator's config, the
-    model's, the parameters themselves, `params_key`); the evaluator adds
-    each split's fingerprint."""
-    if params_key is None:
-      return ""
-    key = hashlib.sha256(json.dumps(
-        [self.config.evals[name].to_dict(), self.config.model.to_dict()],
-        sort_keys=True, default=str).encode())
-    key.update(params_key)
-    return os.path.join(self.workdir, "embeddings",
-                        f"{name}-step{step}-{key.hexdigest()[:12]}")
-
   def evaluate(self, params, step=None, report=False, names=None) -> dict:
     """Runs the evaluators `names` (default all). With `step`, embeddings
     are saved under workdir/embeddings and reused by a later evaluation of
@@ -210,12 +188,13 @@ class Run:
     queries and results is written per evaluator (report_<name>.png)."""
     out = {}
     # One parameter fingerprint for every evaluator of this call.
-    params_key = (_params_fingerprint(params) if step is not None and
+    params_key = (params_fingerprint(params) if step is not None and
                   self.config.eval_cache else None)
     for name in self.evaluators.names() if names is None else names:
       ev = self.evaluators.get(name)
       t0 = time.time()
-      res = ev.run(params, self._cache_prefix(name, params_key, step))
+      res = ev.run(params, cache_prefix(self.workdir, self.config, name,
+                                        params_key, step))
       if report and jax.process_index() == 0:
         rows = ev.report_rows(self.config.report.queries, self.config.report.k)
         if rows:
@@ -234,9 +213,53 @@ def _leaf_sums(params):
                     for x in jax.tree.leaves(params)])
 
 
-def _params_fingerprint(params) -> bytes:
+def params_fingerprint(params) -> bytes:
   """A few bytes that change whenever the parameters do (per-leaf sums)."""
   return np.asarray(jax.device_get(_leaf_sums(params)), np.float32).tobytes()
+
+
+def cache_prefix(workdir, config, name, params_key, step):
+  """workdir/embeddings/<name>-step<step>-<key>: the key covers what
+  changes a descriptor besides the images (the evaluator's config, the
+  model's, the parameters themselves, `params_key`); the evaluator adds
+  each split's fingerprint. "" (no caching) when params_key is None."""
+  if params_key is None:
+    return ""
+  key = hashlib.sha256(json.dumps(
+      [config.evals[name].to_dict(), config.model.to_dict()],
+      sort_keys=True, default=str).encode())
+  key.update(params_key)
+  return os.path.join(workdir, "embeddings",
+                      f"{name}-step{step}-{key.hexdigest()[:12]}")
+
+
+def load_splits(config):
+  """The training data set's splits (config.input), read from its folder
+  or its prepared TFDS copy."""
+  cfg = config.input
+  if cfg.tfds_dir:
+    from vitret_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+    return tfds_builders.load_splits(cfg.dataset, cfg.data_dir, cfg.tfds_dir,
+                                     **cfg.options)
+  return datasets.load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
+
+
+def run_whitening(config, workdir, name, params, step, model, mesh):
+  """The whitening evaluator `name` learns for these parameters (None when
+  it has none): exactly the evaluation's, from the cached embeddings of its
+  whitening set when that step was evaluated, else embedding them (the
+  training data must then be at config.input.data_dir)."""
+  cfg = config.evals[name]
+  if cfg.get("whiten_dim", -1) < 0:
+    return None
+  embed_fn_for = make_embed_fn_for(config.model, mesh, None)
+  evaluators = evaluator.Evaluators(
+      {name: cfg}, embed_fn_for, mesh, load_splits(config),
+      skip_corrupt=config.input.skip_corrupt)
+  key = params_fingerprint(params) if config.eval_cache else None
+  white = evaluators.get(name)._whitening(  # pylint: disable=protected-access
+      params, cache_prefix(workdir, config, name, key, step))
+  return white.mean, white.projection
 
 
 def make_embed_fn_for(model_cfg, mesh, param_sharding):

@@ -2,14 +2,20 @@
 
 An artifact is a folder:
   params.safetensors   the parameters, keys "encoder/Transformer/.../kernel"
-  model.json           the model config, descriptor size, preprocessing
-  embed.stablehlo      the embedding function serialised with `jax.export`
-                       (StableHLO, batch dimension symbolic, lowered for
-                       cpu, cuda and tpu)
+  model.json           the model config, descriptor size, preprocessing,
+                       scales, stride, whitening, file checksums
+  embed.stablehlo      the model's forward pass serialised with `jax.export`
+                       (StableHLO, lowered for cpu, cuda and tpu) with a
+                       symbolic batch size, height and width (multiples of
+                       the encoder's stride): any image size, any batch
+  whitening.safetensors  the learned whitening (mean, projection), when the
+                       evaluator it follows has one
 
 `load_pretrained(path)` needs only that folder, JAX, safetensors and pillow:
 no model code of this repository runs, so an artifact keeps working when the
-code moves on.
+code moves on. Around the exported forward pass it applies the evaluator's
+multi-scale and whitening steps (vitret_jax/descriptor.py), so its
+descriptors are the evaluator's.
 """
 import json
 import os
@@ -21,13 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import numpy as st_numpy
 
+from vitret_jax import descriptor
 from vitret_jax import integrity
 from vitret_jax import params_tree
 from vitret_jax.errors import UserError
 
-FORMAT_VERSION = 1
+# 2: symbolic height and width, scales, stride and whitening (version 1
+# artifacts, fixed square size and one scale, still load).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PLATFORMS = ("cpu", "cuda", "tpu")
 FILES = ("params.safetensors", "model.json", "embed.stablehlo")
+WHITENING = "whitening.safetensors"
 
 
 def flatten_params(params) -> dict:
@@ -37,7 +48,8 @@ def flatten_params(params) -> dict:
 
 
 def export_artifact(model, params, out_dir, *, model_config: dict,
-                    preprocess: str, image_size: int, overwrite=False):
+                    preprocess: str, image_size: int, multiple: int = 1,
+                    scales=(1.0,), whitening=None, overwrite=False):
   """Writes the artifact of `model` with `params` to `out_dir`.
 
   Args:
@@ -46,7 +58,10 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     out_dir: target folder; an existing one is an error unless `overwrite`.
     model_config: the config's model section, as a plain dict.
     preprocess: deterministic pp spec the model expects (evaluation's).
-    image_size: input side the function is exported for.
+    image_size: the model's nominal input side (recorded).
+    multiple: the encoder's stride: the exported function takes images
+      whose sides are multiples of it.
+    scales: the evaluator's scales; whitening: its (mean, projection).
   Returns:
     out_dir.
   """
@@ -61,17 +76,20 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
   def embed(params, images):
     return model.apply({"params": params}, images, train=False)
 
-  batch, = jax.export.symbolic_shape("batch")
+  shape = jax.export.symbolic_shape(f"batch, {multiple}*h, {multiple}*w")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           params)
-  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3),
-                                jnp.float32)
+  images = jax.ShapeDtypeStruct(tuple(shape) + (3,), jnp.float32)
   exported = jax.export.export(jax.jit(embed), platforms=PLATFORMS)(
       abstract, images)
   dim = int(exported.out_avals[0].shape[-1])
+  if whitening is not None:
+    dim = int(np.shape(whitening[1])[1])
   meta = {"format_version": FORMAT_VERSION, "model": model_config,
           "image_size": image_size, "embedding_dim": dim,
           "preprocess": preprocess, "platforms": list(PLATFORMS),
+          "multiple": int(multiple), "scales": [float(s) for s in scales],
+          "whitening": whitening is not None,
           "jax_version": jax.__version__}
 
   parent = os.path.dirname(out_dir)
@@ -86,9 +104,16 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     st_numpy.save_file(flat, os.path.join(tmp, "params.safetensors"))
     with open(os.path.join(tmp, "embed.stablehlo"), "wb") as f:
       f.write(exported.serialize())
+    names = [n for n in FILES if n != "model.json"]
+    if whitening is not None:
+      st_numpy.save_file(
+          {"mean": np.asarray(whitening[0], np.float64),
+           "projection": np.asarray(whitening[1], np.float64)},
+          os.path.join(tmp, WHITENING))
+      names.append(WHITENING)
     # Checked by the loader: a truncated or damaged file is named.
     meta["files"] = {name: integrity.file_digest(os.path.join(tmp, name))
-                     for name in FILES if name != "model.json"}
+                     for name in names}
     with open(os.path.join(tmp, "model.json"), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
     if os.path.exists(out_dir):
@@ -109,9 +134,11 @@ class Embedder:
 
   Attributes:
     meta: model.json's contents (model config, image_size, embedding_dim,
-      preprocess spec).
+      preprocess spec, scales, stride, whitening).
     params: parameters as a nested dict of numpy arrays.
-  `embedder(images [B, H, W, 3] float32, preprocessed) -> [B, E]` for any B.
+  `embedder(images [B, H, W, 3] float32, preprocessed) -> [B, E]` for any B
+  and (format 2) any H and W: the evaluator's descriptors (multi-scale,
+  whitening).
   """
 
   def __init__(self, path):
@@ -125,10 +152,10 @@ class Embedder:
     except (OSError, ValueError) as e:
       raise UserError(f"{path}/model.json is unreadable ({e}): the artifact "
                       f"is damaged; export it again.") from e
-    if self.meta.get("format_version") != FORMAT_VERSION:
+    if self.meta.get("format_version") not in READABLE_VERSIONS:
       raise UserError(f"{path}: artifact format "
                       f"{self.meta.get('format_version')}, this version reads "
-                      f"{FORMAT_VERSION}.")
+                      f"{READABLE_VERSIONS}.")
     for name, want in self.meta.get("files", {}).items():
       got = integrity.file_digest(os.path.join(path, name))
       if got != want:
@@ -141,12 +168,20 @@ class Embedder:
           st_numpy.load_file(os.path.join(path, "params.safetensors")))
       with open(os.path.join(path, "embed.stablehlo"), "rb") as f:
         self.exported = jax.export.deserialize(bytearray(f.read()))
+      whitening = None
+      if self.meta.get("whitening"):
+        w = st_numpy.load_file(os.path.join(path, WHITENING))
+        whitening = (w["mean"], w["projection"])
     except Exception as e:  # pylint: disable=broad-except
       # Artifacts from before checksums: the library's own error, in a line.
       raise UserError(f"{path}: cannot load the artifact "
                       f"({str(e).splitlines()[0][:200]}); export it "
                       f"again.") from e
     self.path = path
+    self._describe = descriptor.MultiScale(
+        lambda x: self.exported.call(self.params, x),
+        self.meta.get("scales", (1.0,)), self.meta.get("multiple", 1),
+        whitening)
 
   @property
   def image_size(self) -> int:
@@ -157,8 +192,12 @@ class Embedder:
     return self.meta["preprocess"]
 
   def __call__(self, images):
-    return np.asarray(self.exported.call(self.params,
-                                         jnp.asarray(images, jnp.float32)))
+    images = np.asarray(images, np.float32)
+    if self.meta["format_version"] == 1:  # fixed size, one scale
+      return np.asarray(self.exported.call(self.params,
+                                           jnp.asarray(images)))
+    # Sides are rounded to the stride at every scale, as in evaluation.
+    return self._describe(images)
 
 
 def load_pretrained(path) -> Embedder:

@@ -36,6 +36,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "export / index: replace "
 _PRETRAINED = flags.DEFINE_string("pretrained", "", "index / search: an "
                                   "exported artifact instead of a run.")
 _IMAGES = flags.DEFINE_string("images", "", "index: folder of images.")
+_EXPORT_EVAL = flags.DEFINE_string(
+    "export_eval", "", "export / index / search on a run: the evaluator "
+    "whose preprocessing, scales and whitening the descriptors follow "
+    "(default: the config's first).")
 _INDEX_DIR = flags.DEFINE_string("index_dir", "", "index / search: index "
                                  "folder (default WORKDIR/index).")
 _QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
@@ -63,12 +67,14 @@ def _run_mode(mode, config, workdir):
     return train.evaluate_only(config, workdir)
   if mode == "export":
     return commands.export_run(config, workdir, _EXPORT_DIR.value,
-                               _OVERWRITE.value)
+                               _OVERWRITE.value, _EXPORT_EVAL.value)
   if mode == "index":
     return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
-                          _INDEX_DIR.value, _OVERWRITE.value)
+                          _INDEX_DIR.value, _OVERWRITE.value,
+                          _EXPORT_EVAL.value)
   return commands.run_search(config, workdir, _PRETRAINED.value, _QUERY.value,
-                             _INDEX_DIR.value, _TOP_K.value, _GRID.value)
+                             _INDEX_DIR.value, _TOP_K.value, _GRID.value,
+                             _EXPORT_EVAL.value)
 
 
 def _print_table(result):

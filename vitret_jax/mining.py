@@ -37,6 +37,7 @@ class NegativeMiner:
     emb, _ = embed.embed_split(
         self.embed_fn, params, self.split.take(rows), self.pp_fn,
         self.batch_size, self.mesh, desc, self.num_threads,
+        fixed_size=self.pp_fn.spec.fixed_size,
         skip_corrupt=self.skip_corrupt,
         fallback_hw=(self.image_size,) * 2)
     return emb

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import tqdm
 
+from vitret_jax import descriptor
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
@@ -24,29 +25,49 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif",
 
 
 class RunEmbedder:
-  """The embedding function of a training run's latest checkpoint.
+  """The descriptors of a training run's latest checkpoint, as its
+  evaluator computes them: that evaluator's preprocessing, scales and
+  learned whitening (experiment.run_whitening), around the model.
 
   Args:
-    config: the run's config (its model and first evaluator's pp are used).
+    config: the run's config.
     workdir: the run folder.
+    eval_name: the evaluator to follow (default: the config's first).
   """
 
-  def __init__(self, config, workdir):
+  def __init__(self, config, workdir, eval_name=""):
     from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
     from vitret_jax import models  # pylint: disable=g-import-not-at-top
-    self.model = models.build_model(config.model)
-    self.params = checkpoint.load_run_params(workdir)
-    first = next(iter(config.evals.values()), None)
-    if first is None:
+    from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
+    if not config.evals:
       raise UserError("the config has no evals section to take the "
                       "evaluation preprocessing from.")
-    self.preprocess = first.pp
-    self.image_size = preprocess.output_size(self.preprocess)
-    self._apply = jax.jit(
-        lambda p, x: self.model.apply({"params": p}, x, train=False))
+    self.eval_name = eval_name or next(iter(config.evals))
+    if self.eval_name not in config.evals:
+      raise UserError(f"--export_eval={self.eval_name!r}: the run's "
+                      f"evaluators are {sorted(config.evals)}.")
+    ev = config.evals[self.eval_name]
+    self.model = models.build_model(config.model)
+    self.params, self.step = checkpoint.load_run_params(workdir,
+                                                        with_step=True)
+    self.preprocess = ev.pp
+    spec = preprocess.PPSpec(self.preprocess)
+    self.image_size = spec.size if spec.fixed_size else config.model.image_size
+    self.fixed_size = spec.fixed_size
+    self.scales = tuple(float(s) for s in ev.get("scales", (1.0,)))
+    self.multiple = models.input_stride(self.model)
+    self.whitening = experiment.run_whitening(
+        config, workdir, self.eval_name, self.params, self.step, self.model,
+        sharding.make_mesh())
+    apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
+                                                  train=False))
+    self._describe = descriptor.MultiScale(
+        lambda x: apply(self.params, x), self.scales, self.multiple,
+        self.whitening)
 
   def __call__(self, images):
-    return np.asarray(self._apply(self.params, images))
+    return self._describe(images)
 
 
 def list_images(folder):
@@ -62,28 +83,33 @@ def list_images(folder):
 
 def embed_files(embedder, paths, batch_size=64, desc="embed"):
   """(embeddings [n, E], kept paths, skipped [(path, reason)]) for `paths`;
-  unreadable files are skipped and reported, not fatal."""
+  unreadable files are skipped and reported, not fatal. Images of a
+  varying-size preprocessing (landmarks) are batched with others of the
+  same shape; the output keeps the order of `paths`."""
   pp = preprocess.build_pp(embedder.preprocess)
   rng = np.random.default_rng(0)
-  chunks, kept, skipped, images, names = [], [], [], [], []
+  pending = {}  # shape -> [(position, image)]
+  done, kept, skipped = {}, [], []
 
-  def flush():
-    if images:
-      chunks.append(embedder(np.stack(images)))
-      kept.extend(names)
-      images.clear()
-      names.clear()
+  def flush(shape):
+    group = pending.pop(shape)
+    emb = embedder(np.stack([img for _, img in group]))
+    done.update({pos: e for (pos, _), e in zip(group, emb)})
 
   for p in tqdm.tqdm(paths, desc=desc, unit="img", leave=False):
     try:
-      images.append(pp(p, rng))
-      names.append(p)
+      img = pp(p, rng)
     except DataError as e:  # decode chains the decoder's own error
       skipped.append((p, str(e.__cause__ or e)))
-    if len(images) == batch_size:
-      flush()
-  flush()
-  emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+      continue
+    pending.setdefault(img.shape, []).append((len(kept), img))
+    kept.append(p)
+    if len(pending[img.shape]) == batch_size:
+      flush(img.shape)
+  for shape in list(pending):
+    flush(shape)
+  emb = (np.stack([done[i] for i in range(len(kept))]) if kept
+         else np.zeros((0, 0), np.float32))
   return emb, kept, skipped
 
 

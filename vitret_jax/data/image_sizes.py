@@ -59,8 +59,8 @@ def image_sizes(split, cache_dir="", num_threads=16, skip_corrupt=False):
                        np.int32).reshape(len(split), 2)
   bad = int((sizes == 0).any(axis=1).sum())
   if bad:
-    logging.warning("%d unreadable training image(s) left out of group-size "
-                    "sampling (input.skip_corrupt).", bad)
+    logging.warning("%d unreadable image(s): size recorded as 0x0 and the "
+                    "image left out (skip_corrupt).", bad)
   if path:
     def save(tmp):
       with open(tmp, "wb") as f:

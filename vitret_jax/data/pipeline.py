@@ -33,21 +33,36 @@ class _EvalImage:
   An unreadable image is a DataError naming it, or, with `skip_corrupt`, an
   image of NaNs: its descriptor comes out NaN (every op of the encoders acts
   on each image alone) and evaluators leave it out.
+  `expected_hw` [N, 2] (optional): the shape each image was bucketed by; a
+  decoded image of another shape is an error naming it, and the NaN image
+  of an unreadable one takes that shape.
   """
 
-  def __init__(self, split, pp_fn, skip_corrupt, fallback_hw):
+  def __init__(self, split, pp_fn, skip_corrupt, fallback_hw,
+               expected_hw=None):
     self.split, self.pp_fn = split, pp_fn
     self.skip_corrupt, self.fallback_hw = skip_corrupt, fallback_hw
+    self.expected_hw = expected_hw
     self.rng = np.random.default_rng(0)  # unused by deterministic ops
 
   def _load(self, i):
     box = None if self.split.boxes is None else self.split.boxes[i]
+    want = None if self.expected_hw is None else tuple(
+        int(v) for v in self.expected_hw[i])
     try:
-      return self.pp_fn(self.split.item(i), self.rng, box)
+      img = self.pp_fn(self.split.item(i), self.rng, box)
     except DataError:
       if not self.skip_corrupt:
         raise
-      return np.full(self.fallback_hw + (3,), np.nan, np.float32)
+      return np.full((want or self.fallback_hw) + (3,), np.nan, np.float32)
+    if want is not None and img.shape[:2] != want:
+      raise DataError(
+          f"{self.split.paths[i]}: its header gave an image of "
+          f"{want[0]}x{want[1]} after preprocessing, decoding gave "
+          f"{img.shape[0]}x{img.shape[1]}; the file may be damaged: "
+          f"replace it, or evaluate with one image per pass "
+          f"(embed_split(bucket=False)).")
+    return img
 
   def __call__(self, slot):
     row, ref = (int(v) for v in slot)
@@ -66,56 +81,79 @@ def _stack_share(images):
                    for img in images])
 
 
-def eval_slots(n, batch_size, real_rows, process_index, process_count):
+def eval_plan(n, per_pass, real_rows=None, groups=None):
+  """The rows of every evaluation batch: int64 [num_batches, per_pass],
+  -1 marking padding (always after the real rows of a batch).
+
+  Args:
+    n: images in the split.
+    per_pass: global batch size (a multiple of the device count).
+    real_rows: at most this many real rows a batch (default per_pass).
+    groups: optional [n] hashable key per row (e.g. its shape): a batch then
+      only holds rows of one group, consecutive in split order within it;
+      groups come in order of first appearance.
+  """
+  real_rows = min(real_rows or per_pass, per_pass)
+  if groups is None:
+    members = [np.arange(n)]
+  else:
+    by_key = {}
+    for i, k in enumerate(groups):
+      by_key.setdefault(k, []).append(i)
+    members = [np.asarray(v, np.int64) for v in by_key.values()]
+  plan = []
+  for rows in members:
+    for start in range(0, len(rows), real_rows):
+      chunk = rows[start:start + real_rows]
+      plan.append(np.concatenate([chunk, np.full(per_pass - len(chunk), -1)]))
+  return np.asarray(plan, np.int64).reshape(-1, per_pass)
+
+
+def eval_slots(plan, process_index, process_count):
   """[(row, ref)] of this process's slots, batch after batch (_EvalImage)."""
-  per = batch_size // process_count
+  per = plan.shape[1] // process_count
+  lo = process_index * per
   slots = []
-  for start in range(0, n, real_rows):
-    n_real = min(real_rows, n - start)
-    lo = process_index * per
+  for batch in plan:
     for pos in range(lo, lo + per):
-      if pos < n_real:
-        slots.append((start + pos, -1))
+      if batch[pos] >= 0:
+        slots.append((batch[pos], -1))
       else:
-        slots.append((-1, start if pos == lo else -1))
+        slots.append((-1, batch[0] if pos == lo else -1))
   return np.asarray(slots, np.int64).reshape(-1, 2)
 
 
-def eval_batches(split, pp_fn, batch_size, num_workers=2, process_index=0,
-                 process_count=1, real_rows=None, skip_corrupt=False,
-                 fallback_hw=(32, 32)):
-  """Yields evaluation batches of exactly `batch_size` global rows, read
-  through grain with `num_workers` threads.
+def eval_batches(split, pp_fn, plan, num_workers=2, process_index=0,
+                 process_count=1, skip_corrupt=False, fallback_hw=(32, 32),
+                 expected_hw=None):
+  """Yields the evaluation batches of `plan` (eval_plan), read through grain
+  with `num_workers` threads.
 
-  Each global batch holds `real_rows` (default batch_size) consecutive images
-  of the split, then zero images of the same shape up to `batch_size`; one
-  real row per batch lets images of different sizes be embedded one at a
-  time on any number of devices. Each process decodes only the rows of its
-  own contiguous share of every batch.
+  A batch holds the plan's rows, then zero images of the same shape up to
+  the global batch size; each process decodes only the rows of its own
+  contiguous share of every batch.
 
-  Yields dict(image=[batch_size / process_count, H, W, 3] this process's
-  rows, mask=[batch_size] bool over the global batch, True for real rows).
-  Preprocessing must be deterministic. With `skip_corrupt`, unreadable
-  images come as NaNs of shape `fallback_hw` (the pp's fixed output size;
-  see _EvalImage).
+  Yields dict(image=[per_pass / process_count, H, W, 3] this process's
+  rows, mask=[per_pass] bool over the global batch, True for real rows,
+  rows=[per_pass] the split rows, -1 for padding). Preprocessing must be
+  deterministic. With `skip_corrupt`, unreadable images come as NaNs (see
+  _EvalImage).
   """
   import grain  # pylint: disable=g-import-not-at-top
+  batch_size = plan.shape[1]
   per = batch_size // process_count
   if per * process_count != batch_size:
     raise UserError(f"eval batch {batch_size} does not split over "
                     f"{process_count} hosts.")
-  real_rows = real_rows or batch_size
-  slots = eval_slots(len(split), batch_size, real_rows, process_index,
-                     process_count)
-  load = _EvalImage(split, pp_fn, skip_corrupt, tuple(fallback_hw))
+  slots = eval_slots(plan, process_index, process_count)
+  load = _EvalImage(split, pp_fn, skip_corrupt, tuple(fallback_hw),
+                    expected_hw)
   ds = grain.MapDataset.source(slots).map(load).to_iter_dataset(
       grain.ReadOptions(num_threads=max(1, num_workers),
                         prefetch_buffer_size=2 * batch_size))
   ds = ds.batch(per, batch_fn=_stack_share)
-  for b, images in enumerate(ds):
-    mask = np.zeros(batch_size, bool)
-    mask[:min(real_rows, len(split) - b * real_rows)] = True
-    yield {"image": images, "mask": mask}
+  for rows, images in zip(plan, ds):
+    yield {"image": images, "mask": rows >= 0, "rows": rows}
 
 
 class StepBatch:

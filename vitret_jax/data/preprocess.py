@@ -189,6 +189,29 @@ class PPSpec:
     self.size = int(sizing[-1][1][0]) if self.fixed_size else None
     self.uses_group_shape = any(n.startswith("group_") for n, _ in self.ops)
 
+  def output_hw(self, hw, box=None):
+    """(height, width) of the image the spec makes from an image of size
+    `hw` (cropped to `box` first), computed without decoding, so images
+    can be grouped by shape before they are read (evaluation buckets)."""
+    h, w = int(hw[0]), int(hw[1])
+    if box is not None:
+      x1, y1, x2, y2 = [int(round(v)) for v in box]
+      h = max(0, min(h, max(y1 + 1, y2)) - min(h, max(0, y1)))
+      w = max(0, min(w, max(x1 + 1, x2)) - min(w, max(0, x1)))
+    for name, args in self.ops:
+      if name in _SQUARE:
+        h = w = int(args[0])
+      elif name == "resize_max":
+        s = args[0] / max(h, w)
+        h, w = max(1, round(h * s)), max(1, round(w * s))
+      elif name == "resize_small":
+        s = args[0] / min(h, w)
+        h, w = (max(args[0], round(h * s)), max(args[0], round(w * s)))
+      elif name.startswith("group_"):
+        raise UserError(f"pp spec {self.spec!r}: group_* ops take the "
+                        f"batch's shape; they are for training only.")
+    return int(h), int(w)
+
   def output_size(self) -> int:
     """The side of the square images the spec produces; an error if it
     produces images of varying size."""
@@ -216,7 +239,8 @@ def _parse_op(op_str):
 def build_pp(spec):
   """`fn(path, rng, box=None, hw=None) -> np.ndarray` from a spec (string or
   PPSpec) starting with "decode"; `box` (x1, y1, x2, y2) crops the decoded
-  image first; `hw` is the batch's group shape for the group_* ops."""
+  image first; `hw` is the batch's group shape for the group_* ops. The
+  function's `spec` attribute is the parsed PPSpec."""
   spec = spec if isinstance(spec, PPSpec) else PPSpec(spec)
   try:
     ops = [OPS[name](*args) for name, args in spec.ops]
@@ -233,6 +257,7 @@ def build_pp(spec):
       img = (op(img, rng, hw) if getattr(op, "needs_hw", False)
              else op(img, rng))
     return np.ascontiguousarray(img)
+  run.spec = spec
   return run
 
 

@@ -3,12 +3,13 @@ optionally at several scales (descriptors averaged, then re-normalised).
 Unreadable images, when skipped, come out as rows of NaN (see
 pipeline.eval_batches); `readable_rows` finds the others."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from vitret_jax import descriptor
 from vitret_jax import models
 from vitret_jax import sharding
+from vitret_jax.data import image_sizes
 from vitret_jax.data import pipeline
 
 
@@ -26,20 +27,13 @@ class EmbedFn:
     self.param_sharding = param_sharding or sharding.replicated(mesh)
     self._compiled = {}
 
-  def _size(self, n, scale):
-    return max(self.multiple, int(round(n * scale / self.multiple))
-               * self.multiple)
-
   def __call__(self, params, images, scale=1.0):
-    b, h, w, c = images.shape
-    out_hw = (self._size(h, scale), self._size(w, scale))
-    key = (out_hw, images.shape)
+    key = (images.shape, scale)
     if key not in self._compiled:
-      model = self.model
+      model, multiple = self.model, self.multiple
 
       def embed(params, images):
-        if images.shape[1:3] != out_hw:
-          images = jax.image.resize(images, (b,) + out_hw + (c,), "bilinear")
+        images = descriptor.resize_for_scale(images, scale, multiple)
         return model.apply({"params": params}, images, train=False)
       self._compiled[key] = jax.jit(
           embed, in_shardings=(self.param_sharding,
@@ -58,18 +52,34 @@ def readable_rows(emb):
   return np.isfinite(emb).all(axis=1)
 
 
+def _bucket_shapes(split, spec, fallback_hw, skip_corrupt):
+  """[N, 2] output shape of every image, from the file headers (no
+  decoding); an unreadable image gets `fallback_hw` (with skip_corrupt)."""
+  sizes = image_sizes.image_sizes(split, skip_corrupt=skip_corrupt)
+  out = np.empty((len(split), 2), np.int64)
+  for i, hw in enumerate(sizes):
+    box = None if split.boxes is None else split.boxes[i]
+    out[i] = fallback_hw if not hw.all() else spec.output_hw(hw, box)
+  return out
+
+
 def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
                 desc="embed", num_workers=2, scales=(1.0,), fixed_size=True,
-                skip_corrupt=False, fallback_hw=(32, 32)):
+                skip_corrupt=False, fallback_hw=(32, 32), bucket=True):
   """Descriptors of every image of `split`, in order.
 
   Args:
     embed_fn: an EmbedFn.
     params: model parameters.
     split: split.Split (its boxes, if any, crop the images first);
-      pp_fn: deterministic preprocessing.
-    batch_size: images per forward pass (rounded up to the device count);
-      images of varying size (fixed_size=False) go one at a time.
+      pp_fn: deterministic preprocessing (from preprocess.build_pp).
+    batch_size: images per forward pass, rounded up to the device count.
+    fixed_size: the pp makes images of one size. Otherwise, with `bucket`,
+      images are grouped by their preprocessed shape (computed from the file
+      headers) and each pass holds up to batch_size images of one shape,
+      spread over every device; without `bucket` (or for a pp function
+      without a spec) each pass holds one image. Either way the padding
+      rows of a pass are masked out, so descriptors do not depend on it.
     scales: descriptors at these scales are summed and L2-normalised.
     skip_corrupt: unreadable images give NaN rows instead of an error;
       fallback_hw is the pp's output size (the shape of their placeholders).
@@ -77,26 +87,34 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
     (embeddings [N, E] float32 numpy, labels [N]).
   """
   n_dev = mesh.devices.size
-  # Fixed-size images fill whole passes; others go one real image a pass,
-  # padded with zeros of its shape up to the device count.
-  per_pass = -(-(batch_size if fixed_size else 1) // n_dev) * n_dev
-  real = per_pass if fixed_size else 1
-  chunks = []
+  per_pass = -(-max(1, batch_size) // n_dev) * n_dev
+  spec = getattr(pp_fn, "spec", None)
+  expected = None
+  if fixed_size:
+    plan = pipeline.eval_plan(len(split), per_pass)
+  elif bucket and spec is not None:
+    expected = _bucket_shapes(split, spec, tuple(fallback_hw), skip_corrupt)
+    plan = pipeline.eval_plan(len(split), per_pass,
+                              groups=[tuple(x) for x in expected])
+  else:  # one real image a pass, padded to the device count
+    plan = pipeline.eval_plan(len(split), n_dev, real_rows=1)
+  out = None
   bar = tqdm.tqdm(total=len(split), desc=desc, unit="img", leave=False,
                   disable=jax.process_index() != 0)
-  for batch in pipeline.eval_batches(split, pp_fn, per_pass, num_workers,
+  for batch in pipeline.eval_batches(split, pp_fn, plan, num_workers,
                                      jax.process_index(), jax.process_count(),
-                                     real_rows=real, skip_corrupt=skip_corrupt,
-                                     fallback_hw=fallback_hw):
+                                     skip_corrupt=skip_corrupt,
+                                     fallback_hw=fallback_hw,
+                                     expected_hw=expected):
     images = sharding.to_global_batch({"image": batch["image"]}, mesh)["image"]
-    emb = None
-    for s in scales:
-      e = jnp.asarray(embed_fn(params, images, s), jnp.float32)
-      emb = e if emb is None else emb + e
-    if len(scales) > 1:
-      emb = emb / jnp.maximum(jnp.linalg.norm(emb, axis=1, keepdims=True),
-                              1e-12)
-    chunks.append(np.asarray(jax.device_get(emb))[batch["mask"]])
+    emb = descriptor.combine_scales([embed_fn(params, images, s)
+                                     for s in scales])
+    emb = np.asarray(jax.device_get(emb))
+    if out is None:
+      out = np.full((len(split), emb.shape[1]), np.nan, np.float32)
+    out[batch["rows"][batch["mask"]]] = emb[batch["mask"]]
     bar.update(int(batch["mask"].sum()))
   bar.close()
-  return np.concatenate(chunks), np.asarray(split.labels)
+  if out is None:  # an empty split
+    out = np.zeros((0, 0), np.float32)
+  return out, np.asarray(split.labels)

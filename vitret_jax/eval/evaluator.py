@@ -294,13 +294,21 @@ class RevisitedEvaluator(_Evaluator):
   """Revisited Oxford / Paris: mAP and mP@k for Easy, Medium and Hard.
 
   Queries are cropped to their boxes; the database is ranked to depth
-  `ranking_depth` (0 = the whole database, which reproduces revisitop
-  exactly; +R1M runs use a finite depth). Default data set "revisited" with
+  `ranking_depth`: 0 = the whole database, which reproduces revisitop
+  exactly; -1 (default) = the whole database without distractors and
+  DISTRACTOR_DEPTH with them (+R1M: 1M rankings of a million entries would
+  not fit; positives ranked deeper count as not retrieved, and the metrics
+  report "ranking_depth"). Default data set "revisited" with
   `options=dict(name=..., distractors_dir=...)`.
   """
 
+  DISTRACTOR_DEPTH = 10_000
+
   def __init__(self, embed_fn, mesh, splits, *, kappas=(1, 5, 10),
-               ranking_depth=0, **common):
+               ranking_depth=-1, **common):
+    if ranking_depth < 0:
+      distractors = dict(common.get("options") or {}).get("distractors_dir")
+      ranking_depth = self.DISTRACTOR_DEPTH if distractors else 0
     common.setdefault("dataset", "revisited")
     super().__init__(embed_fn, mesh, splits, **common)
     self.query, self.database = self._split("query"), self._split("database")
@@ -328,6 +336,8 @@ class RevisitedEvaluator(_Evaluator):
     idx, extra = self._search(q, db, depth, False, cache)
     out = metrics.revisited_metrics(idx, gnd, self.kappas)
     out.update(extra)
+    if depth < len(db):
+      out["ranking_depth"] = depth
     if self.skip_corrupt:
       out["skipped_images"] = int((~q_ok).sum() + (~db_ok).sum())
 

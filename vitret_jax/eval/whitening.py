@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from vitret_jax import descriptor
+
 
 @dataclasses.dataclass
 class Whitening:
@@ -18,9 +20,7 @@ class Whitening:
   projection: np.ndarray
 
   def __call__(self, x):
-    y = (np.asarray(x, np.float64) - self.mean) @ self.projection
-    y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-    return y.astype(np.float32)
+    return descriptor.apply_whitening(x, self.mean, self.projection)
 
   def save(self, path):
     np.savez(path, mean=self.mean, projection=self.projection)
