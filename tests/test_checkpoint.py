@@ -113,3 +113,42 @@ def test_init_from_lists_mismatched_names(tmp_path):
                                 state.params["encoder"]["cls"])
   with pytest.raises(UserError, match="model.init_from=.*does not exist"):
     weights.make_init_params(str(tmp_path / "nothing"))(template)
+
+
+def test_checkpoint_of_the_first_release_layout_restores(tmp_path):
+  """A checkpoint written before TrainState had ema_params / loss_params
+  (the first release's layout: six fields) restores into today's state when
+  the run uses neither, and is refused with a clear line when it does."""
+  import flax.struct  # pylint: disable=g-import-not-at-top
+  from typing import Any  # pylint: disable=g-import-not-at-top
+
+  class FirstReleaseState(flax.struct.PyTreeNode):
+    step: Any
+    params: Any
+    opt_state: Any
+    rng: Any
+    memory: Any = None
+    mem_ptr: Any = None
+
+  state, shard = make_state()
+  state = state.replace(step=jnp.int32(5), mem_ptr=jnp.int32(2))
+  old = FirstReleaseState(**{f: getattr(state, f) for f in (
+      "step", "params", "opt_state", "rng", "memory", "mem_ptr")})
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save(old)
+  ckpt.wait()
+  saved = ckpt.manager.item_metadata(5)["state"]
+  assert "ema_params" not in saved.keys()
+  fresh, fresh_shard = make_state()
+  restored, source = checkpoint.resume_or_init(ckpt, fresh, fresh_shard)
+  assert source == "workdir" and int(restored.step) == 5
+  assert restored.ema_params is None and restored.loss_params is None
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  # This run keeps a momentum encoder the checkpoint does not have.
+  fresh = fresh.with_params(fresh.params)
+  with_ema = fresh.replace(ema_params=fresh.params)
+  with pytest.raises(UserError, match="without a momentum encoder"):
+    checkpoint.resume_or_init(ckpt, with_ema, fresh_shard.replace(
+        ema_params=fresh_shard.params))
+  ckpt.close()

@@ -154,3 +154,36 @@ def check_landmark_export(config, workdir, tmp_path):
                               pretrained, ev.database.paths[0], index_dir,
                               top_k=2)
     assert "  1. " in out
+
+
+def test_embed_files_batches_by_shape_and_keeps_the_order(tmp_path):
+  """Landmark-style folders: images of several shapes are batched per
+  shape (never two shapes in one batch), memory stays bounded, and rows
+  come back in the order of the paths; unreadable files are skipped."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(23):
+    w, h = [(40, 30), (30, 40), (40, 40), (40, 20 + i)][i % 4]
+    path = str(tmp_path / f"{i:02d}.png")
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(path)
+    paths.append(path)
+  (tmp_path / "bad.png").write_bytes(b"no")
+  paths.insert(5, str(tmp_path / "bad.png"))
+
+  class Fake:
+    preprocess = "decode|resize_max(40)|normalize"
+    batches = []
+
+    def __call__(self, images):
+      self.batches.append(images.shape)
+      return np.stack([[x.mean(), x.shape[0], x.shape[1]] for x in images])
+
+  fake = Fake()
+  emb, kept, skipped = search.embed_files(fake, paths, batch_size=2)
+  assert [p for p, _ in skipped] == [str(tmp_path / "bad.png")]
+  assert kept == [p for p in paths if not p.endswith("bad.png")]
+  pp = preprocess.build_pp(Fake.preprocess)
+  want = np.stack([Fake()(pp(p, None)[None])[0] for p in kept])
+  np.testing.assert_array_equal(emb, want)
+  assert max(b[0] for b in fake.batches) <= 2

@@ -164,10 +164,16 @@ class Checkpointer:
     if step is None:
       step = self._latest_intact()
     _check_shapes(self, step, abstract_state)
+    saved = self.manager.item_metadata(step)["state"]
+    target, absent = _older_state_target(saved, abstract_state)
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=ocp.args.StandardRestore(target),
         meta=ocp.args.JsonRestore()))
-    return out.state, dict(out.meta or {})
+    state = out.state
+    if absent:
+      state = abstract_state.replace(**dict(state), **{k: None
+                                                       for k in absent})
+    return state, dict(out.meta or {})
 
   def _latest_intact(self):
     """The newest step whose files pass their checksums, decided by process
@@ -261,6 +267,22 @@ def _check_shapes(ckpt, step, abstract):
             f"{k}: checkpoint {have.get(k)} vs model {want.get(k)}"
             for k in diff[:5]) +
         f". Use the config it was trained with, or a new {ckpt.flag}.")
+
+
+def _older_state_target(saved, abstract):
+  """(restore target, absent fields). A checkpoint written before a
+  TrainState field existed (ema_params, loss_params) lacks it; when this
+  run does not use that field either (None), the fields the checkpoint has
+  are restored and the others stay None. (A field this run does use is a
+  shape mismatch, reported by _check_shapes.)"""
+  if not dataclasses.is_dataclass(abstract) or not hasattr(saved, "keys"):
+    return abstract, []
+  fields = {f.name: getattr(abstract, f.name)
+            for f in dataclasses.fields(abstract)}
+  absent = [k for k in fields if k not in set(saved.keys())]
+  if not absent or any(fields[k] is not None for k in absent):
+    return abstract, []
+  return {k: v for k, v in fields.items() if k not in absent}, absent
 
 
 def abstract_like(state, state_sharding):

@@ -85,7 +85,9 @@ def embed_files(embedder, paths, batch_size=64, desc="embed"):
   """(embeddings [n, E], kept paths, skipped [(path, reason)]) for `paths`;
   unreadable files are skipped and reported, not fatal. Images of a
   varying-size preprocessing (landmarks) are batched with others of the
-  same shape; the output keeps the order of `paths`."""
+  same shape, at most 4 x batch_size images waiting at a time (so a folder
+  of all-different shapes is not held in memory); the output keeps the
+  order of `paths`."""
   pp = preprocess.build_pp(embedder.preprocess)
   rng = np.random.default_rng(0)
   pending = {}  # shape -> [(position, image)]
@@ -106,6 +108,9 @@ def embed_files(embedder, paths, batch_size=64, desc="embed"):
     kept.append(p)
     if len(pending[img.shape]) == batch_size:
       flush(img.shape)
+    elif sum(len(v) for v in pending.values()) >= 4 * batch_size:
+      for shape in list(pending):
+        flush(shape)
   for shape in list(pending):
     flush(shape)
   emb = (np.stack([done[i] for i in range(len(kept))]) if kept
