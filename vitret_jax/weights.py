@@ -263,6 +263,11 @@ def _load_init_source(path, fmt, model_cfg):
   """Parameters from `model.init_from` as a nested dict (see INIT_FORMATS)."""
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vitret_jax import export  # pylint: disable=g-import-not-at-top
+  from vitret_jax import hub  # pylint: disable=g-import-not-at-top
+  if fmt in ("auto", "timm") and hub.is_hub_name(path):
+    path, arch = hub.fetch(path)
+    _check_timm_architecture(arch, model_cfg)
+    fmt = "timm"
   if fmt == "auto":
     if path.endswith((".safetensors", ".pth", ".bin")):
       fmt = "timm"
@@ -291,6 +296,22 @@ def _load_init_source(path, fmt, model_cfg):
     params = from_npz(path, model_cfg.variant,
                               model_cfg.image_size)[1]["params"]
   return jax.tree.map(np.asarray, params)
+
+
+def _check_timm_architecture(arch, model_cfg):
+  """A known timm architecture must be the config's model (a mismatch says
+  which variant to set); an unknown one is left to the shape check."""
+  if arch not in TIMM_MODELS or model_cfg is None:
+    return
+  variant, _, distilled = TIMM_MODELS[arch]
+  mine = (model_cfg.variant, bool(model_cfg.get("distilled", False)))
+  if mine != (variant, distilled):
+    raise UserError(
+        f"model.init_from is timm's {arch} ({variant}"
+        f"{', distilled' if distilled else ''}); the config's model is "
+        f"{mine[0]}{', distilled' if mine[1] else ''}: set "
+        f"--config.model.variant={variant} --config.model.distilled="
+        f"{distilled}.")
 
 
 def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):

@@ -1,0 +1,151 @@
+"""Weights by Hub name, against a loopback HTTP server in the Hub's URL
+layout (no internet): fetched into the HF cache, converted like a local
+timm file, then offline use, missing names and mismatched models."""
+import hashlib
+import http.server
+import json
+import os
+import re
+import threading
+
+import jax
+import ml_collections as mlc
+import numpy as np
+import pytest
+from safetensors import numpy as st_numpy
+
+from test_weights import GOLDEN, load_golden
+from vitret_jax import hub
+from vitret_jax import weights
+from vitret_jax.errors import UserError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+  """GET / HEAD /{owner}/{repo}/resolve/{revision}/{file}, as the Hub
+  answers them (X-Repo-Commit, ETag, Content-Length; X-Error-Code on 404)."""
+  files = {}
+  requests = []
+
+  def _answer(self, body):
+    self.requests.append(self.path)
+    m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path)
+    repo = m and m.group(1)
+    if not m or not any(k.startswith(repo + "/") for k in self.files):
+      self.send_response(404)
+      self.send_header("X-Error-Code", "RepoNotFound")
+      self.end_headers()
+      return
+    data = self.files.get(f"{repo}/{m.group(3)}")
+    if data is None:
+      self.send_response(404)
+      self.send_header("X-Error-Code", "EntryNotFound")
+      self.end_headers()
+      return
+    self.send_response(200)
+    self.send_header("X-Repo-Commit", COMMIT)
+    self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    if body:
+      self.wfile.write(data)
+
+  def do_HEAD(self):  # pylint: disable=invalid-name
+    self._answer(False)
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    self._answer(True)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+  """The vit_tiny golden (a real timm state dict of a mu/8 ViT at 32 px)
+  served as timm/vit_mu8.golden, and a config naming a real timm model."""
+  pytest.importorskip("huggingface_hub")
+  _, sd, _, _, _ = load_golden([p for p in GOLDEN if "vit_tiny" in p][0])
+  st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in sd.items()},
+                     str(tmp_path / "w.safetensors"))
+  _Hub.files = {
+      "timm/vit_mu8.golden/model.safetensors":
+          (tmp_path / "w.safetensors").read_bytes(),
+      "timm/vit_mu8.golden/config.json": b'{"architecture": "vit_mu8"}',
+      "timm/deit_small_patch16_224.fb_in1k/model.safetensors": b"x",
+      "timm/deit_small_patch16_224.fb_in1k/config.json":
+          json.dumps({"architecture": "deit_small_patch16_224"}).encode(),
+  }
+  _Hub.requests = []
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  yield sd
+  server.shutdown()
+
+
+def _cfg(**kw):
+  return mlc.ConfigDict(dict(dict(
+      encoder="vit", variant="mu/8", image_size=32, head="irt", proj_dim=0,
+      dropout=0.0, drop_path_rate=0.0, dtype="float32", remat=False,
+      distilled=False), **kw))
+
+
+def _template(cfg):
+  from vitret_jax import models  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return models.build_model(cfg).init(jax.random.key(0),
+                                      jnp.zeros((1, 32, 32, 3)))["params"]
+
+
+def test_weights_by_hub_name_fetched_cached_and_offline(served, tmp_path,
+                                                        monkeypatch):
+  cfg = _cfg()
+  want = weights.convert_timm(weights.build_encoder("mu/8", 32), served,
+                              32)["params"]
+  for name in ("timm/vit_mu8.golden", "hf-hub:timm/vit_mu8.golden"):
+    got = weights.make_init_params(name, "auto", cfg)(_template(cfg))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got["encoder"])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  cached = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "hf")
+            for f in fs if f == "model.safetensors"]
+  assert cached  # in HF_HOME's hub cache
+  # Offline: from the cache, without a request.
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  before = len(_Hub.requests)
+  weights.make_init_params("timm/vit_mu8.golden", "auto", cfg)(
+      _template(cfg))
+  assert len(_Hub.requests) == before
+  with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+    weights.make_init_params("timm/vit_small_patch16_224.augreg_in1k",
+                             "auto", cfg)(_template(cfg))
+
+
+def test_hub_name_errors(served, monkeypatch):
+  cfg = _cfg()
+  with pytest.raises(UserError, match="no repository 'timm/nope"):
+    weights.make_init_params("timm/nope.x", "auto", cfg)(_template(cfg))
+  # A known timm architecture that is not the config's model.
+  with pytest.raises(UserError, match="set --config.model.variant=S/16"):
+    weights.make_init_params("timm/deit_small_patch16_224.fb_in1k", "auto",
+                             cfg)(_template(cfg))
+  monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing there
+  with pytest.raises(UserError, match="cannot reach"):
+    weights.make_init_params("timm/other.x", "auto", cfg)(_template(cfg))
+
+
+def test_what_counts_as_a_hub_name(tmp_path):
+  assert hub.is_hub_name("timm/deit_small_patch16_224.fb_in1k")
+  assert hub.is_hub_name("hf-hub:timm/x")
+  assert hub.is_hub_name("timm/x@main")
+  assert not hub.is_hub_name("./runs/demo")
+  assert not hub.is_hub_name("/abs/path")
+  assert not hub.is_hub_name("weights.safetensors")
+  local = tmp_path / "timm" / "x.safetensors"
+  local.parent.mkdir()
+  local.write_bytes(b"")
+  assert not hub.is_hub_name(str(local))  # an existing path wins
