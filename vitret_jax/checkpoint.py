@@ -258,8 +258,9 @@ def _check_shapes(ckpt, step, abstract):
         f"Checkpoint {ckpt.step_dir(step)} was trained "
         f"{'with' if has else 'without'} a momentum encoder for the memory "
         f"and this config {'has none' if has else 'asks for one'}: set "
-        f"--config.loss.xbm.momentum={'0.999' if has else '0'} as the run "
-        f"had it, or a new {ckpt.flag}.")
+        f"--config.loss.xbm.momentum "
+        f"{'to the run' + chr(39) + 's value (In-Shop: 0.999)' if has else '=0'}"
+        f", or use a new {ckpt.flag}.")
   if diff:
     raise UserError(
         f"Checkpoint {ckpt.step_dir(step)} does not match this config's "

@@ -126,7 +126,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
     loss_fn: loss_fn(emb, labels[, memory, mem_ptr, xbm_weight]) ->
       (loss, metrics), e.g. `losses.make_sharded_loss(...)`; with
       loss_params in the state, loss_fn(emb, labels, loss_params), e.g.
-      `arcface.make_sharded_loss(...)`.
+      `arcface.make_sharded_arcface(...)`.
     xbm_start: step from which the memory term counts (warm-up).
     accum_steps: the batch is processed as this many micro-batches of B/k
       whose gradients are averaged (pairs are formed within a micro-batch;
