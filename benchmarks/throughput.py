@@ -1,0 +1,269 @@
+"""Train-step and embedding throughput: vitret_jax against PyTorch + timm on
+the same work, measured in one run with the two alternating.
+
+Same model (timm's ViT of the variant, drop-path 0.1), same loss (IRT
+contrastive, beta 0.5, anchor mean, + KoLeo 0.7, written here in torch),
+AdamW (lr 3e-5, weight decay 5e-4 on kernels only, timm's groups), same
+batch (random images, 2 per class). Each framework runs in its own worker
+process, so its memory is its own; the parent sends "run N steps" to one,
+then the other, alternating which goes first, and reports medians.
+
+  python benchmarks/throughput.py [--models Ti/16,S/16,B/16,Ti/8@64]
+      [--repeats 3] [--steps 2] [--train_batch 32] [--embed_batch 64]
+
+Needs the reference stack (`make parity`: torch 2.13.0 CPU, timm 1.0.31).
+Columns: images/s (median of the repeats), ratio vitret_jax / torch (> 1:
+vitret_jax faster), vitret_jax compile time, peak memory (XLA's compiled
+memory analysis of the step, and each worker's peak RSS growth).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Our variant -> timm constructor (name, extra kwargs).
+TIMM = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
+        "B": "vit_base_patch16_224", "L": "vit_large_patch16_224"}
+MARGIN, LAMBDA, LR, WD, DROP_PATH = 0.5, 0.7, 3e-5, 5e-4, 0.1
+
+
+def parse_model(spec):
+  """"S/16" -> ("S/16", 224); "Ti/8@64" -> ("Ti/8", 64)."""
+  variant, _, size = spec.partition("@")
+  return variant, int(size or 224)
+
+
+def batch(n, size, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(n, size, size, 3)).astype(np.float32)
+  labels = np.repeat(np.arange(n // 2), 2).astype(np.int32)
+  return images, labels
+
+
+def rss_mib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- workers
+
+
+class JaxWorker:
+  """vitret_jax's own jitted train step (the trainer's) and embedding."""
+
+  def __init__(self, variant, size, train_b, embed_b):
+    import jax  # pylint: disable=g-import-not-at-top
+    import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+    from vitret_jax import losses, models, optim, sharding  # pylint: disable=g-import-not-at-top
+    from vitret_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+    self.jax = jax
+    base = rss_mib()
+    model = models.build_model(mlc.ConfigDict(dict(
+        encoder="vit", variant=variant, image_size=size, head="irt",
+        proj_dim=0, dropout=0.0, drop_path_rate=DROP_PATH, dtype="float32",
+        remat=False)))
+    mesh = sharding.make_mesh(1)
+    tx = optim.make_optimizer(optim.make_schedule("constant", LR, 1),
+                              weight_decay=WD)
+    state, shard = ts.create_train_state(model, tx, jax.random.key(0),
+                                         (size, size, 3), mesh)
+    step = ts.make_train_step(
+        model, tx, losses.make_sharded_loss(mesh, margin=MARGIN,
+                                            entropy_weight=LAMBDA),
+        mesh, shard)
+    x, y = batch(train_b, size)
+    self.batch = sharding.to_global_batch({"image": x, "label": y}, mesh)
+    t0 = time.perf_counter()
+    self.step = step.lower(state, self.batch).compile()
+    self.compile_train = time.perf_counter() - t0
+    m = self.step.memory_analysis()
+    self.xla_train_mib = (m.argument_size_in_bytes + m.output_size_in_bytes
+                          + m.temp_size_in_bytes
+                          - m.alias_size_in_bytes) / 2 ** 20
+    self.state = state
+    embed = jax.jit(lambda p, im: model.apply({"params": p}, im, train=False))
+    self.images = jax.device_put(batch(embed_b, size, 1)[0])
+    t0 = time.perf_counter()
+    self.embed = embed.lower(state.params, self.images).compile()
+    self.compile_embed = time.perf_counter() - t0
+    self.base = base
+    self.run("train", 1)  # warm-up
+    self.run("embed", 1)
+
+  def run(self, task, n):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      if task == "train":
+        self.state, metrics = self.step(self.state, self.batch)
+        self.jax.block_until_ready(metrics["loss"])
+      else:
+        self.jax.block_until_ready(self.embed(self.state.params, self.images))
+    return time.perf_counter() - t0
+
+  def info(self):
+    return {"compile_train_s": self.compile_train,
+            "compile_embed_s": self.compile_embed,
+            "xla_train_mib": self.xla_train_mib,
+            "rss_growth_mib": rss_mib() - self.base}
+
+
+class TorchWorker:
+  """timm's ViT with the same loss and AdamW, eager PyTorch."""
+
+  def __init__(self, variant, size, train_b, embed_b):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import timm_parity  # pylint: disable=g-import-not-at-top
+    torch, timm = timm_parity.import_timm()
+    from timm.optim import _param_groups  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    base = rss_mib()
+    size_name, patch = variant.split("/")
+    self.model = timm.create_model(
+        TIMM[size_name], pretrained=False, num_classes=0, img_size=size,
+        patch_size=int(patch), drop_path_rate=DROP_PATH)
+    groups = _param_groups.param_groups_weight_decay(
+        self.model, WD, no_weight_decay_list=self.model.no_weight_decay())
+    self.opt = torch.optim.AdamW(groups, lr=LR)
+    x, y = batch(train_b, size)
+    self.x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    self.y = torch.from_numpy(y).long()
+    self.images = torch.from_numpy(batch(embed_b, size, 1)[0]).permute(
+        0, 3, 1, 2).contiguous()
+    self.base = base
+    self.run("train", 1)
+    self.run("embed", 1)
+
+  def loss(self, z, y):
+    torch = self.torch
+    z = torch.nn.functional.normalize(z, dim=1)
+    n = z.shape[0]
+    sim = z @ z.T
+    eye = torch.eye(n, dtype=torch.bool)
+    same = (y[:, None] == y[None, :]) & ~eye
+    diff = y[:, None] != y[None, :]
+    contr = ((1 - sim) * same).sum() + (torch.relu(sim - MARGIN) * diff).sum()
+    with torch.no_grad():
+      d2 = torch.cdist(z, z).masked_fill(eye, float("inf"))
+      nn = d2.argmin(dim=1)
+    rho = (z - z[nn]).norm(dim=1)
+    koleo = -torch.log(rho + 1e-8).mean()
+    return contr / n + LAMBDA * koleo
+
+  def run(self, task, n):
+    torch = self.torch
+    t0 = time.perf_counter()
+    for _ in range(n):
+      if task == "train":
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+      else:
+        self.model.eval()
+        with torch.inference_mode():
+          torch.nn.functional.normalize(self.model(self.images), dim=1)
+    return time.perf_counter() - t0
+
+  def info(self):
+    return {"rss_growth_mib": rss_mib() - self.base}
+
+
+def worker_main(kind, model, train_b, embed_b):
+  variant, size = parse_model(model)
+  cls = JaxWorker if kind == "jax" else TorchWorker
+  w = cls(variant, size, train_b, embed_b)
+  print(json.dumps({"ready": True}), flush=True)
+  for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "run":
+      out = {"seconds": w.run(cmd["task"], cmd["n"])}
+    else:
+      out = w.info()
+    print(json.dumps(out), flush=True)
+    if cmd["op"] == "info":
+      return
+
+
+# ---------------------------------------------------------------- parent
+
+
+class Worker:
+  def __init__(self, kind, model, args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    self.p = subprocess.Popen(
+        [sys.executable, __file__, "--worker", kind, "--models", model,
+         "--train_batch", str(args.train_batch), "--embed_batch",
+         str(args.embed_batch)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    self._read()
+
+  def _read(self):
+    for line in self.p.stdout:
+      if line.startswith("{"):
+        return json.loads(line)
+    raise RuntimeError("worker ended early (see its stderr above)")
+
+  def ask(self, **cmd):
+    self.p.stdin.write(json.dumps(cmd) + "\n")
+    self.p.stdin.flush()
+    return self._read()
+
+
+def measure(model, args):
+  workers = {"jax": Worker("jax", model, args),
+             "torch": Worker("torch", model, args)}
+  per = {"train": args.train_batch, "embed": args.embed_batch}
+  rates = {(k, t): [] for k in workers for t in per}
+  for r in range(args.repeats):
+    order = ["jax", "torch"] if r % 2 == 0 else ["torch", "jax"]
+    for task in per:
+      for kind in order:
+        s = workers[kind].ask(op="run", task=task, n=args.steps)["seconds"]
+        rates[(kind, task)].append(per[task] * args.steps / s)
+  info = {k: w.ask(op="info") for k, w in workers.items()}
+  rows = []
+  for task in per:
+    j = statistics.median(rates[("jax", task)])
+    t = statistics.median(rates[("torch", task)])
+    rows.append((model, task, per[task], j, t, j / t,
+                 info["jax"][f"compile_{task}_s"],
+                 info["jax"]["xla_train_mib"] if task == "train" else None,
+                 info["jax"]["rss_growth_mib"],
+                 info["torch"]["rss_growth_mib"]))
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default="Ti/16,S/16,B/16,Ti/8@64")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--train_batch", type=int, default=32)
+  parser.add_argument("--embed_batch", type=int, default=64)
+  parser.add_argument("--worker", default="")
+  args = parser.parse_args()
+  if args.worker:
+    return worker_main(args.worker, args.models, args.train_batch,
+                       args.embed_batch)
+  print(f"vitret_jax vs PyTorch + timm, {os.cpu_count()} CPU cores, fp32, "
+        f"alternating, median of {args.repeats} x {args.steps} steps")
+  print("| model | task | batch | vitret_jax img/s | torch+timm img/s | "
+        "ratio | JAX compile s | XLA step MiB | JAX RSS MiB | torch RSS MiB |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for model in args.models.split(","):
+    for row in measure(model, args):
+      m, task, b, j, t, ratio, comp, xla, jr, tr = row
+      print(f"| {m} | {task} | {b} | {j:.2f} | {t:.2f} | {ratio:.2f} | "
+            f"{comp:.1f} | {'-' if xla is None else f'{xla:.0f}'} | "
+            f"{jr:.0f} | {tr:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
