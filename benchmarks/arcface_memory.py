@@ -9,7 +9,8 @@ centres), no timing.
       [--batch 64] [--devices 8]
 """
 import argparse
-import os
+
+import _devices  # benchmarks/_devices.py
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--classes", type=int, default=81_313)
@@ -17,9 +18,7 @@ parser.add_argument("--dim", type=int, default=512)
 parser.add_argument("--batch", type=int, default=64)
 parser.add_argument("--devices", type=int, default=8)
 args = parser.parse_args()
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_"
-                           f"host_platform_device_count={args.devices}")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_devices.simulate(args.devices)
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -58,10 +57,7 @@ def per_device_bytes(n):
 
   compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
       params, opt, emb, lab).compile()
-  m = compiled.memory_analysis()
-  peak = (m.argument_size_in_bytes + m.output_size_in_bytes
-          + m.temp_size_in_bytes - m.alias_size_in_bytes)
-  return c * args.dim * 4 // n, peak
+  return c * args.dim * 4 // n, _devices.peak_bytes(compiled)
 
 
 def main():

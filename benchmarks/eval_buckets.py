@@ -20,6 +20,8 @@ import os
 import tempfile
 import time
 
+import _devices  # benchmarks/_devices.py
+
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--images", type=int, default=2000)
 parser.add_argument("--side", type=int, default=64)
@@ -28,9 +30,7 @@ parser.add_argument("--batch", type=int, default=8,
                     help="images per bucketed pass (rounded up to the "
                          "device count)")
 args = parser.parse_args()
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_"
-                           f"host_platform_device_count={args.devices}")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_devices.simulate(args.devices)
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top

@@ -6,16 +6,15 @@ analysis per device (arguments + outputs + temporaries), no timing.
   python benchmarks/loss_memory.py [--batch 4096] [--dim 384] [--devices 8]
 """
 import argparse
-import os
+
+import _devices  # benchmarks/_devices.py
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--batch", type=int, default=4096)
 parser.add_argument("--dim", type=int, default=384)
 parser.add_argument("--devices", type=int, default=8)
 args = parser.parse_args()
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_"
-                           f"host_platform_device_count={args.devices}")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_devices.simulate(args.devices)
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -25,10 +24,7 @@ from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
 
 
 def peak_bytes(fn, *specs):
-  compiled = jax.jit(fn).lower(*specs).compile()
-  m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes
-          + m.temp_size_in_bytes)
+  return _devices.peak_bytes(jax.jit(fn).lower(*specs).compile())
 
 
 def main():
