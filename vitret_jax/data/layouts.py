@@ -49,6 +49,21 @@ The +1M distractors (revisitop1m) go in their own folder holding
 revisitop1m.txt (one relative image path a line) and those images.""",
 }
 
+# The command that fetches, verifies and lays out each one (data/prepare.py).
+PREPARE = {
+    "sop": "Or: python -m vitret_jax.prepare sop --data_dir=/data",
+    "inshop": "With its files downloaded: python -m vitret_jax.prepare inshop "
+              "--data_dir=/data --download_dir=<those files>",
+    "cub": "Or: python -m vitret_jax.prepare cub --data_dir=/data",
+    "sfm120k": "Or: python -m vitret_jax.prepare sfm120k --data_dir=/data",
+    "gldv2": "Or: python -m vitret_jax.prepare gldv2 --data_dir=/data "
+             "(about 500 GB)",
+    "revisited": "Or: python -m vitret_jax.prepare roxford5k (or rparis6k) "
+                 "--data_dir=/data/revisitop",
+}
+INSTRUCTIONS = {k: v + ("\n" + PREPARE[k] if k in PREPARE else "")
+                for k, v in INSTRUCTIONS.items()}
+
 OFFICIAL = {  # (images, classes) per split
     "sop": {"train": (59_551, 11_318), "test": (60_502, 11_316)},
     "inshop": {"train": (25_882, 3_997), "query": (14_218, None),
