@@ -149,3 +149,80 @@ def test_what_counts_as_a_hub_name(tmp_path):
   local.parent.mkdir()
   local.write_bytes(b"")
   assert not hub.is_hub_name(str(local))  # an existing path wins
+
+
+class _Bucket(http.server.BaseHTTPRequestHandler):
+  """GET /{bucket}/{object}, as storage.googleapis.com serves public
+  objects."""
+  files = {}
+  requests = []
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    self.requests.append(self.path)
+    data = self.files.get(self.path.lstrip("/"))
+    if data is None:
+      self.send_error(404)
+      return
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    self.wfile.write(data)
+
+  def log_message(self, *args):
+    pass
+
+
+def test_google_npz_by_gs_name_fetched_cached_checked_and_offline(
+    tmp_path, monkeypatch):
+  """gs://vit_models/... names: the vit_tiny golden written in Google's
+  naming, served in the bucket's URL layout, loads as the local file does;
+  the cache serves later runs and offline use; a changed cached file and
+  a missing object are clear errors."""
+  model, sd, _, _, _ = load_golden([p for p in GOLDEN if "vit_tiny" in p][0])
+  enc = weights.convert_timm(model, sd, 32)["params"]["encoder"]
+  flat = {}
+  for path, v in jax.tree_util.tree_leaves_with_path(enc):
+    name = "/".join(k.key for k in path)
+    if name == "pos_embedding":
+      name = "Transformer/posembed_input/pos_embedding"
+    flat[name] = np.asarray(v)
+  flat["head/kernel"] = np.zeros((32, 10), np.float32)
+  local = tmp_path / "mu8.npz"
+  np.savez(local, **flat)
+  _Bucket.files = {"vit_models/test/mu8.npz": local.read_bytes()}
+  _Bucket.requests = []
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Bucket)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  monkeypatch.setenv("VITRET_GCS_ENDPOINT",
+                     f"http://127.0.0.1:{server.server_port}")
+  monkeypatch.setenv("VITRET_CACHE", str(tmp_path / "cache"))
+  monkeypatch.delenv("VITRET_OFFLINE", raising=False)
+  monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+  try:
+    cfg = _cfg()
+    want = weights.make_init_params(str(local), "auto", cfg)(_template(cfg))
+    name = "gs://vit_models/test/mu8.npz"
+    got = weights.make_init_params(name, "auto", cfg)(_template(cfg))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    cached = tmp_path / "cache" / "gcs" / "vit_models" / "test" / "mu8.npz"
+    assert cached.is_file()
+    monkeypatch.setenv("VITRET_OFFLINE", "1")
+    weights.make_init_params(name, "auto", cfg)(_template(cfg))
+    assert _Bucket.requests == ["/vit_models/test/mu8.npz"]
+    with pytest.raises(UserError, match="offline .* not in the cache"):
+      weights.make_init_params("gs://vit_models/test/other.npz", "auto",
+                               cfg)(_template(cfg))
+    # The sha256 recorded on the first download guards the cached copy.
+    data = bytearray(cached.read_bytes())
+    data[-10] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="fails its check"):
+      weights.make_init_params(name, "auto", cfg)(_template(cfg))
+    monkeypatch.delenv("VITRET_OFFLINE")
+    with pytest.raises(UserError, match="(?s)HTTP 404.*vision_transformer"):
+      weights.make_init_params("gs://vit_models/test/nope.npz", "auto",
+                               cfg)(_template(cfg))
+  finally:
+    server.shutdown()
+    server.server_close()

@@ -76,7 +76,9 @@ def base_config():
   c.resume_from = ""
 
   # init_from: a run's workdir, an exported artifact, a timm .safetensors /
-  # .pth file (init_format="timm") or a Google .npz (init_format="npz");
+  # .pth file (init_format="timm") or a Google .npz (init_format="npz"); or
+  # by name: timm/<model>.<tag> (Hugging Face Hub) or gs://vit_models/...npz
+  # (Google's bucket), fetched into a cache (hub.py);
   # init_fresh: parameter name parts allowed to stay freshly initialised.
   c.model = mlc.ConfigDict(dict(
       encoder="vit", variant="S/16", image_size=224, head="irt", proj_dim=0,

@@ -12,6 +12,19 @@ HF_HUB_CACHE; HF_ENDPOINT for a mirror), then converted like a local timm
 `.safetensors` file (weights.py). A local path of the same spelling wins.
 HF_HUB_OFFLINE=1 uses the cache only. Environment variables are read when a
 name is fetched, not when the module is imported.
+
+Google's own ViT / R50+ViT checkpoints (`.npz`, in the naming of the
+vision_transformer and big_vision repositories) are named by their Cloud
+Storage address, e.g.
+
+  gs://vit_models/augreg/S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz
+  gs://vit_models/imagenet21k/R50+ViT-B_16.npz
+
+and fetched over HTTPS from the public bucket (VITRET_GCS_ENDPOINT, default
+https://storage.googleapis.com, for a mirror) into VITRET_CACHE (default
+~/.cache/vitret_jax)/gcs/, resumably, with the sha256 recorded on first
+download and checked on later use (data/download.py). VITRET_OFFLINE=1 (or
+HF_HUB_OFFLINE=1) uses the cache only.
 """
 import json
 import os
@@ -34,6 +47,52 @@ def is_hub_name(path: str) -> bool:
   if path.startswith(PREFIXES):
     return True
   return bool(_NAME.fullmatch(path)) and not path.startswith((".", "/"))
+
+
+GCS_PREFIX = "gs://"
+GCS_ENDPOINT = "https://storage.googleapis.com"
+
+
+def is_gcs_name(path: str) -> bool:
+  return bool(path) and path.startswith(GCS_PREFIX) and not os.path.exists(
+      path)
+
+
+def _truthy(value):
+  return (value or "").lower() in ("1", "true", "yes", "on")
+
+
+def fetch_gcs(name: str) -> str:
+  """Local path of a public gs://bucket/path object, downloaded into
+  VITRET_CACHE/gcs/bucket/... when it is not there yet."""
+  from vitret_jax.data import download  # pylint: disable=g-import-not-at-top
+  bucket, _, obj = name[len(GCS_PREFIX):].partition("/")
+  if not bucket or not obj or obj.endswith("/"):
+    raise UserError(f"model.init_from={name!r}: a Cloud Storage name is "
+                    f"gs://<bucket>/<path>.npz.")
+  env = os.environ
+  cache = os.path.join(env.get("VITRET_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "vitret_jax"), "gcs", bucket,
+                       os.path.dirname(obj))
+  local = os.path.join(cache, os.path.basename(obj))
+  offline = _truthy(env.get("VITRET_OFFLINE")) or _truthy(
+      env.get("HF_HUB_OFFLINE"))
+  if offline and not os.path.isfile(local):
+    raise UserError(f"model.init_from={name!r}: offline (VITRET_OFFLINE / "
+                    f"HF_HUB_OFFLINE) and not in the cache at {local}: "
+                    f"fetch it once online, or pass a local file.")
+  endpoint = (env.get("VITRET_GCS_ENDPOINT") or GCS_ENDPOINT).rstrip("/")
+  res = download.Resource(os.path.basename(obj),
+                          (f"{endpoint}/{bucket}/{obj}",))
+  try:
+    path = download.fetch(res, cache, retries=2, wait=True)
+  except UserError as e:
+    raise UserError(
+        f"model.init_from={name!r}: {e}\nGoogle's checkpoints are listed in "
+        f"the vision_transformer repository's README (gs://vit_models/"
+        f"...).") from e
+  logging.info("model.init_from: %s fetched to %s", name, path)
+  return path
 
 
 def _split(name):

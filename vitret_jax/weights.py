@@ -268,6 +268,9 @@ def _load_init_source(path, fmt, model_cfg):
     path, arch = hub.fetch(path)
     _check_timm_architecture(arch, model_cfg)
     fmt = "timm"
+  if fmt in ("auto", "npz") and hub.is_gcs_name(path):
+    path = hub.fetch_gcs(path)
+    fmt = "npz"
   if fmt == "auto":
     if path.endswith((".safetensors", ".pth", ".bin")):
       fmt = "timm"
