@@ -12,6 +12,16 @@ then the other, alternating which goes first, and reports medians.
       [--repeats 3] [--steps 2] [--train_batch 32] [--embed_batch 64]
 
 Needs the reference stack (`make parity`: torch 2.13.0 CPU, timm 1.0.31).
+
+  python benchmarks/throughput.py --project [--mfu 0.3]
+
+prints instead the projected wall time of each paper's recipe (README,
+"Reproduce the papers") on one H100 and on a TPU v5e-8: the FLOPs of the
+config's model counted by XLA's cost analysis (forward at the training
+size, x3 for the backward pass, +1 forward for In-Shop's key encoder; the
+evaluation at its real sizes and scales), divided by the accelerator's
+peak bf16 rate times an assumed model-FLOPs utilisation. A projection, not
+a measurement: no torch needed, nothing is run.
 Columns: images/s (median of the repeats), ratio vitret_jax / torch (> 1:
 vitret_jax faster), vitret_jax compile time, peak memory (XLA's compiled
 memory analysis of the step, and each worker's peak RSS growth).
@@ -240,8 +250,89 @@ def measure(model, args):
   return rows
 
 
+# ---------------------------------------------------------------- projection
+
+# Peak dense bf16 FLOP/s (vendor figures): H100 SXM; TPU v5e-8 = 8 chips.
+PEAK = {"H100": 989e12, "TPU v5e-8": 8 * 197e12}
+# (row, config file, config arg, overrides, evaluation images per eval).
+REVISITED = (4_993 + 70) + (6_322 + 70)  # ROxford + RParis, db + queries
+RECIPES = (
+    ("IRT CUB-200-2011", "cub", "variant=S/16", {"model.distilled": True},
+     5_924),
+    ("IRT SOP", "sop", "variant=S/16", {"model.distilled": True}, 60_502),
+    ("IRT In-Shop", "inshop", "variant=S/16", {"model.distilled": True},
+     14_218 + 12_612),
+    ("IRT ROxf/RPar (SfM-120k)", "sfm120k", "variant=B/16",
+     {"model.distilled": True}, REVISITED),
+    ("DToP ROxf/RPar (GLDv2 / SfM-120k)", "dtop", "variant=R50+B/16", {},
+     REVISITED),
+)
+
+
+def _forward_flops(model, h, w):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
+      variables, x)
+  return lowered.cost_analysis()["flops"]
+
+
+def project(mfu):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, REPO)
+  from vitret_jax import models  # pylint: disable=g-import-not-at-top
+  print(f"Projected wall time, model-FLOPs utilisation {mfu:.0%} assumed "
+        f"(not measured here); FLOPs from XLA's cost analysis.")
+  print("| recipe | model | train images | fwd GFLOP/img | train PFLOP | "
+        "eval PFLOP | " + " | ".join(PEAK) + " | H100 train img/s |")
+  print("|---|---|---|---|---|---|" + "---|" * (len(PEAK) + 1))
+  for row, name, arg, overrides, n_eval in RECIPES:
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    for key, value in overrides.items():
+      section, field = key.split(".")
+      c[section][field] = value
+    model = models.build_model(c.model)
+    size = c.model.image_size
+    fwd = _forward_flops(model, size, size)
+    passes = 3 + (1 if c.loss.xbm.get("momentum", 0.0) else 0)
+    images = c.total_steps * c.input.batch_size
+    train = passes * fwd * images
+    evals = (1 if c.get("eval_untrained", False) else 0) + 1 + (
+        c.total_steps // c.eval_every if c.eval_every else 0)
+    ev = next(iter(c.evals.values()))
+    if ev.type == "revisited":  # whole images, longer side 1024, 4:3
+      patch = 32 if "/32" in c.model.variant else 16
+      per_image = sum(_forward_flops(
+          model, *(max(patch, round(s * d / patch) * patch)
+                   for d in (768, 1024))) for s in ev.scales)
+    else:
+      per_image = fwd
+    evaluation = evals * n_eval * per_image
+    seconds = [(train + evaluation) / (peak * mfu) for peak in PEAK.values()]
+    # The decode + augmentation rate the host must sustain to keep up.
+    feed = images / (train / (PEAK["H100"] * mfu))
+    print(f"| {row} | {c.model.variant} @ {size} | {images:,} | "
+          f"{fwd / 1e9:.1f} | {train / 1e15:,.0f} | {evaluation / 1e15:,.1f} "
+          "| " + " | ".join(_duration(t) for t in seconds)
+          + f" | {feed:,.0f} |")
+
+
+def _duration(seconds):
+  return (f"{seconds / 60:.1f} min" if seconds < 600 else
+          f"{seconds / 60:.0f} min" if seconds < 5400 else
+          f"{seconds / 3600:.1f} h")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--project", action="store_true")
+  parser.add_argument("--mfu", type=float, default=0.3)
   parser.add_argument("--models", default="Ti/16,S/16,B/16,Ti/8@64")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--steps", type=int, default=2)
@@ -249,6 +340,9 @@ def main():
   parser.add_argument("--embed_batch", type=int, default=64)
   parser.add_argument("--worker", default="")
   args = parser.parse_args()
+  if args.project:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    return project(args.mfu)
   if args.worker:
     return worker_main(args.worker, args.models, args.train_batch,
                        args.embed_batch)

@@ -8,7 +8,8 @@ The folder is CUB_200_2011/ (images.txt, image_class_labels.txt, images/);
 classes 1-100 train, 101-200 are evaluated leave-one-out
 (--config.input.options.num_train_classes moves the boundary; a copy whose
 ids count from 0 is detected, or set input.options.class_id_base). Fine-tune from
-ImageNet weights with --config.model.init_from=<timm .safetensors>
+ImageNet weights with --config.model.init_from=timm/deit_small_distilled_patch16_224.fb_in1k
+--config.model.distilled=True (README, "Reproduce the papers")
 """
 from vitret_jax import config_common as common
 

@@ -7,7 +7,7 @@ on Revisited Oxford / Paris (multi-scale, Medium / Hard mAP).
       --config.input.data_dir=/data/gldv2 \
       --config.evals.roxford.data_dir=/data/revisitop/roxford5k \
       --config.evals.rparis.data_dir=/data/revisitop/rparis6k \
-      --config.model.init_from=/weights/vit_base_r50_s16_384.safetensors \
+      --config.model.init_from=timm/vit_base_r50_s16_384.orig_in21k_ft_in1k \
       --workdir=DIR
 
 DToP's authors published no code: every choice the paper leaves open is a

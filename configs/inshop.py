@@ -8,7 +8,8 @@ by a momentum (key) encoder, momentum 0.999 (SPEC): an EMA copy of the
 parameters in the train state, saved and resumed with it.
 The folder holds Eval/list_eval_partition.txt and img/. Fine-tune from
 ImageNet weights with
---config.model.init_from=deit_small_patch16_224.safetensors
+--config.model.init_from=timm/deit_small_distilled_patch16_224.fb_in1k
+--config.model.distilled=True (README, "Reproduce the papers")
 """
 from vitret_jax import config_common as common
 

@@ -5,7 +5,7 @@ and Paris (Medium / Hard mAP, multi-scale).
       --config.input.data_dir=/data/sfm120k \
       --config.evals.roxford.data_dir=/data/revisitop/roxford5k \
       --config.evals.rparis.data_dir=/data/revisitop/rparis6k \
-      --config.model.init_from=deit_base_distilled_patch16_384.safetensors \
+      --config.model.init_from=timm/deit_base_distilled_patch16_384.fb_in1k \
       --workdir=DIR
 
 Paper (IRT_R, DeiT-B distilled, 384 px, 768-d): ROxford M / H 55.1 / 28.3,

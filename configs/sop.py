@@ -5,7 +5,8 @@
 
 Paper (IRT_R, DeiT-S distilled, 224 px): R@1 84.2. The folder is the official
 Stanford_Online_Products/ (Ebay_train.txt, Ebay_test.txt). Fine-tune from
-ImageNet weights: --config.model.init_from=deit_small_patch16_224.safetensors
+ImageNet weights: --config.model.init_from=timm/deit_small_distilled_patch16_224.fb_in1k
+--config.model.distilled=True (README, "Reproduce the papers")
 """
 from vitret_jax import config_common as common
 

@@ -432,6 +432,9 @@ def test_inshop_is_laid_out_from_files_downloaded_by_hand(tmp_path):
   assert out["counts"] == _read("inshop", src)
   split = readers.load_inshop(out["folder"], check_counts=False)
   assert split["train"].boxes is not None
+  # The hand-placed files' hashes were recorded and now guard them.
+  assert set(download.read_checksums(str(downloads))) == {
+      "img.zip", "list_eval_partition.txt"}
 
 
 def test_list_and_usage(tmp_path):

@@ -30,6 +30,7 @@ TIMM_MODELS = {
     "deit_small_patch16_224": ("S/16", 224, False),
     "deit_base_patch16_224": ("B/16", 224, False),
     "deit_small_distilled_patch16_224": ("S/16", 224, True),
+    "deit_base_distilled_patch16_384": ("B/16", 384, True),
     "vit_base_r50_s16_224": ("R50+B/16", 224, False),
     "vit_base_r50_s16_384": ("R50+B/16", 384, False),
     "vit_small_r26_s32_224": ("R26+S/32", 224, False),

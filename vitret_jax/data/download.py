@@ -216,11 +216,15 @@ def _fetch_locked(res, download_dir, mirror, retries, timeout, progress):
     md5 = _published_md5(res, mirror, timeout)
   if os.path.isfile(final):
     try:
-      verify(final, res, download_dir, md5)
+      sha = verify(final, res, download_dir, md5)
     except DataError as e:
       raise DataError(f"{final} is already there but fails its check: {e} "
                       f"Delete it (or put the right file there) and run "
                       f"again.") from e
+    if not res.sha256 and res.name not in read_checksums(download_dir):
+      # A file put there by hand: its hash guards it from now on.
+      _record(download_dir, res.name, os.path.getsize(final), sha,
+              "placed by hand")
     return final
   if res.manual:
     raise DataError(f"{res.name} must be downloaded by hand: it is not in "
