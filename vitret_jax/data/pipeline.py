@@ -6,6 +6,8 @@ or worker processes; its iterator state is saved with checkpoints).
 Evaluation batches are padded to a fixed size, with a mask marking the real
 rows; grain threads decode them image by image.
 """
+import threading
+
 import jax
 import numpy as np
 
@@ -157,10 +159,15 @@ def eval_batches(split, pp_fn, plan, num_workers=2, process_index=0,
 
 
 class StepBatch:
-  """Picklable grain transform: step -> this process's batch of that step.
+  """Picklable grain transforms: a training batch, one image at a time.
 
-  The batch is a pure function of (seed, step), so grain workers can build
-  any step's batch independently and a restored iterator resumes exactly.
+  `item(index)` is image `index % local_batch` of step `index //
+  local_batch` (decoded and augmented alone, so grain's threads share one
+  batch's images between them); `collate` stacks a step's items. Calling
+  the object on a step builds the whole batch serially (`load`). Either way
+  the batch is a pure function of (seed, step) - each image's random
+  stream is seeded by (seed, step, position) - so a restored iterator
+  resumes exactly, whichever way it was read.
   With `skip_corrupt`, an unreadable image is replaced by another image of
   its class (drawn from the same seeded stream) and counted in "skipped";
   otherwise it raises DataError naming the file.
@@ -172,6 +179,35 @@ class StepBatch:
     self.seed, self.pi, self.pc = seed, process_index, process_count
     self.skip_corrupt = skip_corrupt
     self._pp = None
+    self._steps = {}  # step -> (rows, hw, base): the sampler runs once a step
+    self._lock = threading.Lock()
+
+  def __getstate__(self):
+    state = dict(self.__dict__, _pp=None, _steps={})
+    del state["_lock"]
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def _step(self, step):
+    with self._lock:
+      if step in self._steps:
+        return self._steps[step]
+    global_rows = self.sampler.batch(step)
+    out = (process_rows(global_rows, self.pi, self.pc),
+           self.sampler.shape(step),  # group-size sampling: batch's shape
+           self.pi * (len(global_rows) // self.pc))
+    with self._lock:
+      if len(self._steps) > 64:  # threads work a few steps ahead at most
+        for old in sorted(self._steps)[:32]:
+          del self._steps[old]
+      self._steps[step] = out
+    return out
+
+  def local_batch(self, step=0):
+    return len(self._step(step)[0])
 
   def _image(self, step, pos, row, hw):
     if self._pp is None:  # built in the worker process
@@ -188,19 +224,35 @@ class StepBatch:
     raise UserError(f"8 unreadable images in a row around "
                     f"{self.split.paths[row]}: check the data folder.")
 
-  def __call__(self, step):
-    global_rows = self.sampler.batch(step)
-    hw = self.sampler.shape(step)  # group-size sampling: the batch's shape
-    base = self.pi * (len(global_rows) // self.pc)
-    rows = process_rows(global_rows, self.pi, self.pc)
-    images, skipped = [], 0
-    for i, r in enumerate(rows):
-      img, n = self._image(step, base + i, r, hw)
-      images.append(img)
-      skipped += n
-    return {"image": np.stack(images),
-            "label": self.split.labels[rows].astype(np.int32),
+  def item(self, index, local_batch):
+    step, i = divmod(index, local_batch)
+    rows, hw, base = self._step(step)
+    if len(rows) != local_batch:
+      raise ValueError(f"step {step}: {len(rows)} rows, expected "
+                       f"{local_batch}: the sampler's batch size varies.")
+    img, skipped = self._image(step, base + i, rows[i], hw)
+    return {"image": img, "label": np.int32(self.split.labels[rows[i]]),
             "skipped": np.int64(skipped)}
+
+  @staticmethod
+  def collate(items):
+    return {"image": np.stack([x["image"] for x in items]),
+            "label": np.asarray([x["label"] for x in items], np.int32),
+            "skipped": np.int64(sum(int(x["skipped"]) for x in items))}
+
+  def __call__(self, step):
+    n = self.local_batch(step)
+    return self.collate([self.item(step * n + i, n) for i in range(n)])
+
+
+class _Item:
+  """Picklable `index -> StepBatch.item(index, local_batch)`."""
+
+  def __init__(self, fn, local_batch):
+    self.fn, self.local_batch = fn, local_batch
+
+  def __call__(self, index):
+    return self.fn.item(index, self.local_batch)
 
 
 class GrainTrainLoader:
@@ -223,14 +275,23 @@ class GrainTrainLoader:
     self._it = None
 
   def _dataset(self, start, end):
+    """Threads (num_workers=0): one element per image, so the threads
+    decode a batch's images side by side, then batched in order. Worker
+    processes: one element per step (each process builds whole batches;
+    grain hands steps round-robin to the processes)."""
     import grain  # pylint: disable=g-import-not-at-top
-    ds = grain.MapDataset.range(start, end).map(self.fn)
-    ds = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=self.num_threads, prefetch_buffer_size=self.prefetch))
     if self.num_workers:
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+      ds = grain.MapDataset.range(start, end).map(self.fn)
+      ds = ds.to_iter_dataset(grain.ReadOptions(
+          num_threads=self.num_threads, prefetch_buffer_size=self.prefetch))
+      return ds.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.num_workers, per_worker_buffer_size=self.prefetch))
-    return ds
+    n = self.fn.local_batch(start)
+    ds = grain.MapDataset.range(start * n, end * n).map(_Item(self.fn, n))
+    ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=self.num_threads,
+        prefetch_buffer_size=self.prefetch * n))
+    return ds.batch(n, batch_fn=StepBatch.collate)
 
   @property
   def sampler(self):

@@ -10,13 +10,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitret_jax.models import attention
+
 # timm and the Google checkpoints both use LayerNorm eps 1e-6 and exact GELU;
 # the tanh approximation moves pooled features by ~1e-3, far above parity.
 LN_EPS = 1e-6
 
 
+@jax.custom_vjp
 def gelu(x):
+  """Exact (erf) GELU, with its derivative written out: Phi(x) + x phi(x),
+  one fused pass where autodiff of Flax's form makes several (measured
+  ~10% of the MLP's backward on CPU)."""
   return nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, dy):
+  xf = x.astype(jnp.float32)
+  cdf = 0.5 * (1.0 + jax.lax.erf(xf * 0.7071067811865476))
+  pdf = jnp.exp(-0.5 * xf * xf) * 0.3989422804014327
+  return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class DropPath(nn.Module):
@@ -141,7 +161,7 @@ class EncoderBlock(nn.Module):
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="LayerNorm_0")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
-        force_fp32_for_softmax=True,
+        force_fp32_for_softmax=True, attention_fn=attention.attention,
         name="MultiHeadDotProductAttention_1")(y, y, deterministic=True)
     y = nn.Dropout(self.dropout)(y, deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic)
