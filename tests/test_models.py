@@ -254,3 +254,42 @@ def test_attention_equals_flax_values_and_gradients(dtype, tol):
     assert err < tol, err
   with pytest.raises(NotImplementedError, match="mask"):
     attention.attention(q, k, v, mask=jnp.ones((3, 6, 197, 197), bool))
+
+
+@pytest.mark.parametrize("head", ["irt", "dtop"])
+def test_scan_over_blocks_same_parameters_values_and_gradients(head):
+  """model.scan: the same parameter tree as the unrolled blocks (so every
+  checkpoint and weight file loads either way), the same descriptors, the
+  same gradients (drop-path off), also with remat, with a locality block
+  and DToP's per-layer outputs; drop-path still draws masks."""
+  def cfg(**kw):
+    d = dict(encoder="vit", variant="mu/8", image_size=32, head=head,
+             proj_dim=0, dropout=0.0, drop_path_rate=0.0, dtype="float32",
+             remat=False, distilled=True, locality_blocks=(-1,),
+             locality_form="residual", scan=False,
+             dtop=mlc.ConfigDict(dict(num_layers=2, gem_p=3.0,
+                                      gem_input="softplus",
+                                      layer_norm=True)))
+    d.update(kw)
+    return mlc.ConfigDict(d)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)),
+                  jnp.float32)
+  plain = models.build_model(cfg())
+  v = plain.init(jax.random.key(0), x)
+  assert (jax.tree.structure(v) == jax.tree.structure(
+      models.build_model(cfg(scan=True)).init(jax.random.key(0), x)))
+  want = plain.apply(v, x)
+  w = jnp.arange(1.0, 1.0 + want.shape[-1])
+  loss = lambda m: lambda v: jnp.sum(m.apply(v, x, train=True) * w)
+  g_want = jax.grad(loss(plain))(v)
+  top = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_want))
+  for kw in (dict(scan=True), dict(scan=True, remat=True)):
+    m = models.build_model(cfg(**kw))
+    np.testing.assert_allclose(m.apply(v, x), want, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_want), jax.tree.leaves(
+        jax.grad(loss(m))(v))):
+      assert float(jnp.abs(a - b).max()) < 1e-5 * top
+  noisy = models.build_model(cfg(scan=True, drop_path_rate=0.9))
+  outs = [noisy.apply(v, x, train=True, rngs={"dropout": jax.random.key(s)})
+          for s in (1, 2)]
+  assert float(jnp.abs(outs[0] - outs[1]).max()) > 0

@@ -83,6 +83,9 @@ def base_config():
   c.model = mlc.ConfigDict(dict(
       encoder="vit", variant="S/16", image_size=224, head="irt", proj_dim=0,
       dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False,
+      # scan: one lax.scan over the blocks (shorter compiles for deep
+      # models; same parameters and checkpoints, other drop-path masks).
+      scan=False,
       distilled=False, backbone_dtype="float32", locality_blocks=(),
       # locality_form: "residual" (zero-initialised, identity at step 0) or
       # "inverted" (LocalViT's); gem_input: "softplus" or "clamp" (heads.py).

@@ -40,7 +40,8 @@ def _build_vit(cfg, dtype):
       backbone_dtype=DTYPES[cfg.get("backbone_dtype", "float32")],
       locality_blocks=tuple(cfg.get("locality_blocks", ())),
       # A run saved before `locality_form` existed used "inverted".
-      locality_form=cfg.get("locality_form", "inverted"), name="encoder")
+      locality_form=cfg.get("locality_form", "inverted"),
+      scan=cfg.get("scan", False), name="encoder")
 
 
 def _build_irt_head(cfg, dtype):

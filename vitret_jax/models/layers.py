@@ -50,7 +50,9 @@ class DropPath(nn.Module):
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    if deterministic or self.rate == 0.0:
+    # `rate` may be a traced value (Encoder's scanned blocks).
+    if deterministic or (isinstance(self.rate, (int, float)) and
+                         self.rate == 0.0):
       return x
     keep = 1.0 - self.rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -185,6 +187,11 @@ class Encoder(nn.Module):
     drop_path_rate: stochastic depth of the last block; it grows linearly from
       0 at the first block (the DeiT / timm schedule).
     remat: recompute each block's activations in the backward pass.
+    scan: run each stretch of identical blocks as one `lax.scan` over their
+      stacked parameters (one compiled block instead of `depth`: shorter
+      compiles for deep models). The parameter tree is the unscanned one
+      (`encoderblock_{i}`), so checkpoints and weight files work either way;
+      drop-path draws other random masks than the unrolled loop.
     locality_blocks: indices of the blocks whose MLP is a LocalityMlp
       (negative counts from the end); they need `grid_hw` and `num_prefix`;
       locality_form: their form (LocalityMlp).
@@ -201,20 +208,68 @@ class Encoder(nn.Module):
   grid_hw: Optional[Tuple[int, int]] = None
   num_prefix: int = 1
   locality_form: str = "residual"
+  scan: bool = False
+
+  def _rate(self, i):
+    return self.drop_path_rate * i / max(1, self.depth - 1)
+
+  def _block_args(self, i, rate):
+    local = {j % self.depth for j in self.locality_blocks}
+    return (self.mlp_dim, self.num_heads, self.dropout, rate, self.dtype,
+            self.grid_hw if i in local else None, self.num_prefix,
+            self.locality_form)
+
+  def _runs(self):
+    """[start, end) stretches of blocks of one kind (plain / locality)."""
+    local = {j % self.depth for j in self.locality_blocks}
+    runs, start = [], 0
+    for i in range(1, self.depth + 1):
+      if i == self.depth or (i in local) != (start in local):
+        runs.append((start, i))
+        start = i
+    return runs
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     block_cls = EncoderBlock
     if self.remat:
       block_cls = nn.remat(EncoderBlock, static_argnums=(2,))
-    local = {i % self.depth for i in self.locality_blocks}
+    blocks = [block_cls(*self._block_args(i, self._rate(i)),
+                        name=f"encoderblock_{i}") for i in range(self.depth)]
     hidden = []
-    for i in range(self.depth):
-      rate = self.drop_path_rate * i / max(1, self.depth - 1)
-      x = block_cls(self.mlp_dim, self.num_heads, self.dropout, rate,
-                    self.dtype, self.grid_hw if i in local else None,
-                    self.num_prefix, self.locality_form,
-                    name=f"encoderblock_{i}")(x, deterministic)
-      hidden.append(x)
+    if self.scan and not self.is_initializing():
+      for start, end in self._runs():
+        x, outs = self._scan_run(x, deterministic, start, end)
+        hidden += outs
+    else:
+      for block in blocks:
+        x = block(x, deterministic)
+        hidden.append(x)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="encoder_norm")(x)
     return x, hidden
+
+  def _scan_run(self, x, deterministic, start, end):
+    """Blocks start..end-1 as one lax.scan over their stacked parameters."""
+    params = self.variables["params"]
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), *[
+        params[f"encoderblock_{i}"] for i in range(start, end)])
+    rates = jnp.asarray([self._rate(i) for i in range(start, end)],
+                        jnp.float32)
+    n = end - start
+    random = not deterministic and (self.drop_path_rate > 0 or
+                                    self.dropout > 0)
+    keys = (jax.random.split(self.make_rng("dropout"), n) if random
+            else jnp.zeros((n,), jnp.uint32))
+
+    def body(h, inputs):
+      p, rate, key = inputs
+      block = EncoderBlock(*self._block_args(
+          start, rate if self.drop_path_rate > 0 else 0.0), parent=None)
+      rngs = {"dropout": key} if random else None
+      h = block.apply({"params": p}, h, deterministic, rngs=rngs)
+      return h, h
+
+    if self.remat:
+      body = jax.checkpoint(body)
+    x, ys = jax.lax.scan(body, x, (stacked, rates, keys))
+    return x, [ys[i] for i in range(n)]

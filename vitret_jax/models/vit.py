@@ -75,6 +75,7 @@ class VisionTransformer(nn.Module):
     dropout: dropout rate; drop_path_rate: stochastic depth of the last block.
     dtype: compute dtype (bfloat16 for mixed precision; parameters stay fp32).
     remat: rematerialise blocks in the backward pass.
+    scan: scan over the transformer blocks (layers.Encoder), same parameters.
     locality_blocks: blocks with a locality-enhanced MLP (DToP);
       locality_form: its form (layers.LocalityMlp).
     backbone_dtype: compute dtype of a hybrid's CNN. float32 by default even
@@ -103,6 +104,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   locality_blocks: Sequence[int] = ()
   backbone_dtype: Any = jnp.float32
+  scan: bool = False
   locality_form: str = "residual"
 
   @property
@@ -147,7 +149,7 @@ class VisionTransformer(nn.Module):
         dtype=self.dtype, remat=self.remat,
         locality_blocks=tuple(self.locality_blocks), grid_hw=(h, w),
         num_prefix=self.num_prefix, locality_form=self.locality_form,
-        name="Transformer")(x, not train)
+        scan=self.scan, name="Transformer")(x, not train)
     out = {"cls": x[:, 0], "tokens": x[:, self.num_prefix:], "hidden": hidden,
            "num_prefix": self.num_prefix, "pooled": x[:, 0]}
     if self.distilled:
