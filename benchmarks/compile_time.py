@@ -16,32 +16,14 @@ import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 
 def compile_step(variant, size, batch, scan, remat):
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from vitret_jax import losses, models, optim, sharding  # pylint: disable=g-import-not-at-top
-  from vitret_jax import train_step as ts  # pylint: disable=g-import-not-at-top
-  model = models.build_model(mlc.ConfigDict(dict(
-      encoder="vit", variant=variant, image_size=size, head="irt",
-      proj_dim=0, dropout=0.0, drop_path_rate=0.0, dtype="float32",
-      remat=remat, scan=scan)))
-  mesh = sharding.make_mesh(1)
-  tx = optim.make_optimizer(optim.make_schedule("constant", 3e-5, 1),
-                            weight_decay=5e-4)
-  state, shard = ts.create_train_state(model, tx, jax.random.key(0),
-                                       (size, size, 3), mesh)
-  step = ts.make_train_step(
-      model, tx, losses.make_sharded_loss(mesh, margin=0.5,
-                                          entropy_weight=0.7), mesh, shard)
-  rng = np.random.default_rng(0)
-  data = sharding.to_global_batch({
-      "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-      "label": np.repeat(np.arange(batch // 2), 2).astype(np.int32)}, mesh)
+  import throughput  # pylint: disable=g-import-not-at-top
+  _, state, step, data = throughput.jax_train_step(
+      variant, size, batch, drop_path=0.0, scan=scan, remat=remat)
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
   seconds = time.perf_counter() - t0

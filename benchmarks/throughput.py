@@ -64,31 +64,40 @@ def rss_mib():
 # ---------------------------------------------------------------- workers
 
 
+def jax_train_step(variant, size, train_b, drop_path=DROP_PATH, scan=False,
+                   remat=False):
+  """(model, state, jitted train step, batch): vitret_jax's own step, as
+  the trainer builds it, on one device (also used by compile_time.py)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+  from vitret_jax import losses, models, optim, sharding  # pylint: disable=g-import-not-at-top
+  from vitret_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  model = models.build_model(mlc.ConfigDict(dict(
+      encoder="vit", variant=variant, image_size=size, head="irt",
+      proj_dim=0, dropout=0.0, drop_path_rate=drop_path, dtype="float32",
+      remat=remat, scan=scan)))
+  mesh = sharding.make_mesh(1)
+  tx = optim.make_optimizer(optim.make_schedule("constant", LR, 1),
+                            weight_decay=WD)
+  state, shard = ts.create_train_state(model, tx, jax.random.key(0),
+                                       (size, size, 3), mesh)
+  step = ts.make_train_step(
+      model, tx, losses.make_sharded_loss(mesh, margin=MARGIN,
+                                          entropy_weight=LAMBDA),
+      mesh, shard)
+  x, y = batch(train_b, size)
+  return model, state, step, sharding.to_global_batch(
+      {"image": x, "label": y}, mesh)
+
+
 class JaxWorker:
   """vitret_jax's own jitted train step (the trainer's) and embedding."""
 
   def __init__(self, variant, size, train_b, embed_b):
     import jax  # pylint: disable=g-import-not-at-top
-    import ml_collections as mlc  # pylint: disable=g-import-not-at-top
-    from vitret_jax import losses, models, optim, sharding  # pylint: disable=g-import-not-at-top
-    from vitret_jax import train_step as ts  # pylint: disable=g-import-not-at-top
     self.jax = jax
     base = rss_mib()
-    model = models.build_model(mlc.ConfigDict(dict(
-        encoder="vit", variant=variant, image_size=size, head="irt",
-        proj_dim=0, dropout=0.0, drop_path_rate=DROP_PATH, dtype="float32",
-        remat=False)))
-    mesh = sharding.make_mesh(1)
-    tx = optim.make_optimizer(optim.make_schedule("constant", LR, 1),
-                              weight_decay=WD)
-    state, shard = ts.create_train_state(model, tx, jax.random.key(0),
-                                         (size, size, 3), mesh)
-    step = ts.make_train_step(
-        model, tx, losses.make_sharded_loss(mesh, margin=MARGIN,
-                                            entropy_weight=LAMBDA),
-        mesh, shard)
-    x, y = batch(train_b, size)
-    self.batch = sharding.to_global_batch({"image": x, "label": y}, mesh)
+    model, state, step, self.batch = jax_train_step(variant, size, train_b)
     t0 = time.perf_counter()
     self.step = step.lower(state, self.batch).compile()
     self.compile_train = time.perf_counter() - t0

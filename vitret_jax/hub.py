@@ -120,8 +120,7 @@ def architecture(repo: str, config_path: str = "") -> str:
 
 def _options():
   env = os.environ
-  offline = env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes",
-                                                      "on")
+  offline = _truthy(env.get("HF_HUB_OFFLINE"))
   cache = env.get("HF_HUB_CACHE") or (
       os.path.join(env["HF_HOME"], "hub") if env.get("HF_HOME") else None)
   return dict(endpoint=env.get("HF_ENDPOINT") or None, cache_dir=cache,

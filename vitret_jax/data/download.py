@@ -11,7 +11,9 @@ A file with no recorded hash is hashed on first download and its sha256 is
 written to `<download_dir>/checksums.tsv` (said in the log); later runs
 check against that record, so a changed or damaged copy is still caught.
 A file the user placed in the download folder by hand (a manual download,
-or an archive behind a sign-in) is used as is, after the same checks.
+or an archive behind a sign-in) is used as is, after the same checks. A
+file that passed its check is not re-read while its size and modification
+time stay those recorded in `.<name>.verified`.
 """
 import contextlib
 import dataclasses
@@ -48,12 +50,33 @@ class Resource:
   instructions: str = ""
 
 
-def _hash(path, algo):
-  h = hashlib.new(algo)
+def _hashes(path, *algos):
+  """Hex digests of the file for each algorithm, in one read."""
+  hs = [hashlib.new(a) for a in algos]
   with open(path, "rb") as f:
     while chunk := f.read(CHUNK):
-      h.update(chunk)
-  return h.hexdigest()
+      for h in hs:
+        h.update(chunk)
+  return [h.hexdigest() for h in hs]
+
+
+def _stamp_path(download_dir, name):
+  return os.path.join(download_dir, f".{name}.verified")
+
+
+def _stamp(path):
+  st = os.stat(path)
+  return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def _still_verified(download_dir, name, path):
+  """Whether `path` is unchanged (size, mtime) since it last passed its
+  check: a rerun then skips re-reading it (GLDv2 is 500 GB)."""
+  try:
+    with open(_stamp_path(download_dir, name)) as f:
+      return f.read().strip() == _stamp(path)
+  except OSError:
+    return False
 
 
 def read_checksums(download_dir):
@@ -78,18 +101,22 @@ def _record(download_dir, name, size, sha256, url):
     f.write(f"{name}\t{size}\t{sha256}\t{url}\n")
 
 
-def _urls(res, mirror):
+def _on_mirror(url_or_name, mirror):
+  """The address of a file on the mirror (--mirror or VITRET_DATA_MIRROR),
+  by its file name; None without a mirror."""
   mirror = mirror or os.environ.get(MIRROR_ENV, "")
-  if mirror:
-    return (mirror.rstrip("/") + "/" + res.name,)
-  return res.urls
+  if not mirror:
+    return None
+  return mirror.rstrip("/") + "/" + url_or_name.rsplit("/", 1)[-1]
+
+
+def _urls(res, mirror):
+  url = _on_mirror(res.name, mirror)
+  return (url,) if url else res.urls
 
 
 def _published_md5(res, mirror, timeout):
-  url = res.md5_url
-  if mirror or os.environ.get(MIRROR_ENV):
-    base = (mirror or os.environ[MIRROR_ENV]).rstrip("/")
-    url = base + "/" + url.rsplit("/", 1)[-1]
+  url = _on_mirror(res.md5_url, mirror) or res.md5_url
   try:
     with urllib.request.urlopen(url, timeout=timeout) as r:
       text = r.read(4096).decode("ascii", "replace")
@@ -117,13 +144,12 @@ def verify(path, res, download_dir, expected_md5=None):
         f"{res.name}: {size:,} bytes, expected {want_size:,}. The download "
         f"is damaged or the server sent something else (an error page, a "
         f"newer release).")
-  sha = _hash(path, "sha256")
+  md5 = res.md5 or expected_md5
+  sha, got = _hashes(path, "sha256", "md5")
   if want_sha and sha != want_sha:
     raise DataError(f"{res.name}: sha256 {sha}, expected {want_sha}. The "
                     f"download is damaged or is not the official file.")
-  md5 = res.md5 or expected_md5
   if md5:
-    got = _hash(path, "md5")
     if got != md5:
       raise DataError(f"{res.name}: md5 {got}, expected the published "
                       f"{md5}. The download is damaged.")
@@ -211,6 +237,8 @@ def fetch(res: Resource, download_dir: str, mirror: str = "",
 def _fetch_locked(res, download_dir, mirror, retries, timeout, progress):
   final = os.path.join(download_dir, res.name)
   part = final + ".part"
+  if os.path.isfile(final) and _still_verified(download_dir, res.name, final):
+    return final
   md5 = None
   if res.md5_url and not res.md5:
     md5 = _published_md5(res, mirror, timeout)
@@ -225,6 +253,7 @@ def _fetch_locked(res, download_dir, mirror, retries, timeout, progress):
       # A file put there by hand: its hash guards it from now on.
       _record(download_dir, res.name, os.path.getsize(final), sha,
               "placed by hand")
+    _mark_verified(download_dir, res.name, final)
     return final
   if res.manual:
     raise DataError(f"{res.name} must be downloaded by hand: it is not in "
@@ -274,5 +303,11 @@ def _fetch_locked(res, download_dir, mirror, retries, timeout, progress):
                     "check against it.", res.name, sha,
                     os.path.join(download_dir, CHECKSUMS))
   os.replace(part, final)
+  _mark_verified(download_dir, res.name, final)
   return final
+
+
+def _mark_verified(download_dir, name, path):
+  with open(_stamp_path(download_dir, name), "w") as f:
+    f.write(_stamp(path))
 
