@@ -20,8 +20,13 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(PY) -m vitret_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
+# Two pytest workers (pytest-xdist) share the JAX compilation cache; on a
+# larger machine TEST_WORKERS=4 (each worker holds 8 simulated devices and
+# up to ~6 GiB), TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # Full-size parity with timm: installs the reference stack (CPU torch, timm
 # without its torchvision pin pulling a CUDA torch) and prints the table.

@@ -2,8 +2,16 @@
 import os
 
 # Must be set before jax initialises its backends.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8")
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "") + (
+    " --xla_force_host_platform_device_count=8")
+# The suite compiles a few thousand small programs and runs each a few
+# times: LLVM's optimisation passes were ~30% of its time and buy nothing on
+# these sizes. Values are unchanged to the tests' tolerances (the numeric
+# checks pass at either level). VITRET_TEST_XLA_OPT=1 keeps XLA's default.
+if os.environ.get("VITRET_TEST_XLA_OPT") != "1":
+  _XLA_FLAGS += (" --xla_backend_optimization_level=0"
+                 " --xla_llvm_disable_expensive_passes=true")
+os.environ["XLA_FLAGS"] = _XLA_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # JAX's persistent compilation cache, shared by every test and the
 # subprocesses they start (they inherit the environment): the many tests
@@ -34,3 +42,65 @@ SHARED_GROCERY = os.path.join(os.path.dirname(REPO), "shared", "data",
 @pytest.fixture(scope="session")
 def repo():
   return REPO
+
+
+def main_in_process(*args):
+  """`python -m vitret_jax.main ARGS` in this process: the same flag parsing
+  (`main._parse_flags`), `main.main` with its error handling and exit
+  status, stdout and stderr captured; a `subprocess.CompletedProcess`. For
+  the error checks, where a fresh interpreter only adds its start-up (~2 s);
+  each test keeps real subprocesses where the process itself is the point.
+  The 8 simulated devices of the suite apply (a subprocess gets one)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from vitret_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  argv = ["vitret_jax.main", *args]
+  out, err = io.StringIO(), io.StringIO()
+  saved_argv, cwd = sys.argv, os.getcwd()
+  # Parsing sets absl's --verbosity, which sets these levels: restored after.
+  loggers = [logging.getLogger(), absl_logging.get_absl_logger()]
+  levels = [l.level for l in loggers]
+  handler = absl_logging.get_absl_handler()
+  filters = list(handler.filters)
+  # ml_collections reads the --config.* overrides from sys.argv.
+  sys.argv = argv
+  flags.FLAGS.unparse_flags()
+  rc = 0
+  try:
+    os.chdir(REPO)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      try:
+        main_lib.main(main_lib._parse_flags(argv))  # pylint: disable=protected-access
+      except SystemExit as e:
+        rc = 0 if e.code is None else e.code
+      except app.UsageError as e:  # app.run prints these, exit status 1
+        print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+        rc = 1
+  finally:
+    sys.argv = saved_argv
+    os.chdir(cwd)
+    # ml_collections defines a flag per --config.* override it parsed: drop
+    # them, or the next call's same override is a duplicate definition.
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS.mark_as_parsed()
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+    handler.filters[:] = filters
+  return subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+
+
+def pytest_collection_modifyitems(items):
+  """Tests marked `slow(seconds)` first, longest first (the others in their
+  order), so that with several pytest-xdist workers the long ones start
+  early instead of ending the run on one worker."""
+  def key(item):
+    mark = item.get_closest_marker("slow")
+    return -(mark.args[0] if mark and mark.args else 0) if mark else 1
+  items.sort(key=key)

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+from conftest import main_in_process
 from vitret_jax import checkpoint
 from vitret_jax import commands
 from vitret_jax import export
@@ -103,6 +104,7 @@ def test_1_final_state_saved_before_a_failing_evaluation(tmp_path):
   ckpt.close()
 
 
+@pytest.mark.slow(12)  # seconds, cold, 2 cores
 def test_1_sigterm_during_final_evaluation_keeps_the_final_state(tmp_path):
   workdir = str(tmp_path / "run")
   args = ["--config=configs/demo.py:runlocal=True", f"--workdir={workdir}",
@@ -310,6 +312,7 @@ def _cached_equals_fresh(cfg, workdir):
   return cached
 
 
+@pytest.mark.slow(30)  # seconds, cold, 2 cores
 def test_4_eval_cache_follows_pp_dtype_and_data(tmp_path):
   data = grocery_copy(tmp_path)
 
@@ -461,8 +464,8 @@ def test_7_check_counts_override_is_accepted(tmp_path):
           "--config.eval_untrained=False", "--config.input.batch_size=8",
           "--config.loss.xbm.ratio=0")
   assert r.returncode == 0, r.stderr[-3000:]
-  r = cli("--config=configs/cub.py:runlocal=True",
-          "--config.input.options.check_count=False",
+  r = main_in_process("--config=configs/cub.py:runlocal=True",
+                      "--config.input.options.check_count=False",
           f"--workdir={tmp_path / 'run2'}")
   assert r.returncode == 2 and "check_count" in r.stderr
   assert "Traceback" not in r.stderr
@@ -470,48 +473,55 @@ def test_7_check_counts_override_is_accepted(tmp_path):
 
 # 8-11. One-line errors, before anything heavy, naming the flag given.
 
+@pytest.mark.slow(25)  # seconds, cold, 2 cores
 def test_8_to_11_command_line_errors(tmp_path):
+  """The CLI's parsing and error handling in this process (`main_in_process`,
+  no interpreter start-up each), and in real processes for a config file
+  that fails and for a damaged artifact."""
+  run_main = main_in_process
   run = str(tmp_path / "run")
   base = ["--config=configs/demo.py:runlocal=True", "--config.total_steps=1",
           "--config.eval_untrained=False"]
-  assert cli(*base, f"--workdir={run}").returncode == 0
-  # 8: another model in this run's own workdir, in a fresh process.
-  one_line_error(cli(*base, f"--workdir={run}",
-                     "--config.model.variant=mu/16"),
+  assert run_main(*base, f"--workdir={run}").returncode == 0
+  # 8: another model in this run's own workdir (checked from the workdir's
+  # files, not from this process's memory).
+  one_line_error(run_main(*base, f"--workdir={run}",
+                          "--config.model.variant=mu/16"),
                  "does not match this config's model", "--workdir")
   # 9: an unwritable workdir (read-only file system).
-  one_line_error(cli(*base, "--workdir=/proc/vitret_workdir"),
+  one_line_error(run_main(*base, "--workdir=/proc/vitret_workdir"),
                  "Cannot write in --workdir=/proc/vitret_workdir")
-  one_line_error(cli(*base, f"--workdir={tmp_path}/ro",
-                     "--config.input.pp_train=decode|resize(36)|"
-                     "random_crop(30)|normalize"),
+  one_line_error(run_main(*base, f"--workdir={tmp_path}/ro",
+                          "--config.input.pp_train=decode|resize(36)|"
+                          "random_crop(30)|normalize"),
                  "not a multiple of the encoder's stride of 8")
-  one_line_error(cli(*base, f"--workdir={tmp_path}/b0",
-                     "--config.input.batch_size=0"), "batch_size=0")
+  one_line_error(run_main(*base, f"--workdir={tmp_path}/b0",
+                          "--config.input.batch_size=0"), "batch_size=0")
   bad_config = tmp_path / "bad_config.py"
   bad_config.write_text("def get_config():\n  return undefined_name\n")
-  r = cli(f"--config={bad_config}", f"--workdir={tmp_path}/bc")
-  one_line_error(r, "undefined_name")
+  one_line_error(cli(f"--config={bad_config}", f"--workdir={tmp_path}/bc"),
+                 "undefined_name")
   # 10: the flag the user gave is the one named.
-  one_line_error(cli(*base, f"--workdir={tmp_path}/i",
-                     f"--config.model.init_from={tmp_path}/missing"),
+  one_line_error(run_main(*base, f"--workdir={tmp_path}/i",
+                          f"--config.model.init_from={tmp_path}/missing"),
                  "model.init_from=")
-  one_line_error(cli("--mode=export", f"--workdir={tmp_path}/none"),
+  one_line_error(run_main("--mode=export", f"--workdir={tmp_path}/none"),
                  f"--workdir={tmp_path}/none")
   # 11: config checks come before the data is read, and config.json after.
-  r = cli(*base, f"--workdir={tmp_path}/m", "--config.input.m_per_class=1",
-          "--config.input.data_dir=/nonexistent")
-  one_line_error(r, "m_per_class=1")
-  r = cli(*base, f"--workdir={tmp_path}/d",
-          "--config.input.data_dir=/nonexistent")
-  one_line_error(r, "/nonexistent")
+  one_line_error(run_main(*base, f"--workdir={tmp_path}/m",
+                          "--config.input.m_per_class=1",
+                          "--config.input.data_dir=/nonexistent"),
+                 "m_per_class=1")
+  one_line_error(run_main(*base, f"--workdir={tmp_path}/d",
+                          "--config.input.data_dir=/nonexistent"),
+                 "/nonexistent")
   assert not os.path.exists(f"{tmp_path}/d/config.json")
   # 9: export and index read the run's own config; a differing model is
   # an error, not a traceback.
-  r = cli("--mode=export", f"--workdir={run}")
+  r = run_main("--mode=export", f"--workdir={run}")
   assert r.returncode == 0, r.stderr[-3000:]
-  one_line_error(cli("--mode=export", f"--workdir={run}", *base,
-                     "--config.model.variant=mu/16", "--overwrite"),
+  one_line_error(run_main("--mode=export", f"--workdir={run}", *base,
+                          "--config.model.variant=mu/16", "--overwrite"),
                  "model.variant='mu/16' (run: 'mu/8')")
   art = os.path.join(run, "export")
   with open(os.path.join(art, "params.safetensors"), "r+b") as f:

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import threading
+import time
+import types
 
 import jax
 import ml_collections as mlc
@@ -134,8 +136,15 @@ def test_hub_name_errors(served, monkeypatch):
     weights.make_init_params("timm/deit_small_patch16_224.fb_in1k", "auto",
                              cfg)(_template(cfg))
   monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing there
+  # huggingface_hub retries a refused connection 5 times, 23 s of backoff;
+  # the waits are recorded here instead of slept.
+  from huggingface_hub.utils import _http  # pylint: disable=g-import-not-at-top
+  waits = []
+  monkeypatch.setattr(_http, "time", types.SimpleNamespace(
+      sleep=waits.append, time=time.time, monotonic=time.monotonic))
   with pytest.raises(UserError, match="cannot reach"):
     weights.make_init_params("timm/other.x", "auto", cfg)(_template(cfg))
+  assert waits, "huggingface_hub no longer retries: drop the stub"
 
 
 def test_what_counts_as_a_hub_name(tmp_path):

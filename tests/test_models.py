@@ -1,4 +1,6 @@
 """ViT encoder + IRT head: forward passes, normalisation, pinned sizes."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -274,22 +276,25 @@ def test_scan_over_blocks_same_parameters_values_and_gradients(head):
     return mlc.ConfigDict(d)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)),
                   jnp.float32)
+  # Jitted: op by op, these models cost ~250 small compiles.
+  init = lambda m: jax.jit(m.init)(jax.random.key(0), x)
+  apply = lambda m, **kw: jax.jit(functools.partial(m.apply, **kw))
   plain = models.build_model(cfg())
-  v = plain.init(jax.random.key(0), x)
+  v = init(plain)
   assert (jax.tree.structure(v) == jax.tree.structure(
-      models.build_model(cfg(scan=True)).init(jax.random.key(0), x)))
-  want = plain.apply(v, x)
+      init(models.build_model(cfg(scan=True)))))
+  want = apply(plain)(v, x)
   w = jnp.arange(1.0, 1.0 + want.shape[-1])
-  loss = lambda m: lambda v: jnp.sum(m.apply(v, x, train=True) * w)
-  g_want = jax.grad(loss(plain))(v)
+  grad = lambda m: jax.jit(jax.grad(
+      lambda v: jnp.sum(m.apply(v, x, train=True) * w)))(v)
+  g_want = grad(plain)
   top = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_want))
   for kw in (dict(scan=True), dict(scan=True, remat=True)):
     m = models.build_model(cfg(**kw))
-    np.testing.assert_allclose(m.apply(v, x), want, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_want), jax.tree.leaves(
-        jax.grad(loss(m))(v))):
+    np.testing.assert_allclose(apply(m)(v, x), want, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_want), jax.tree.leaves(grad(m))):
       assert float(jnp.abs(a - b).max()) < 1e-5 * top
-  noisy = models.build_model(cfg(scan=True, drop_path_rate=0.9))
-  outs = [noisy.apply(v, x, train=True, rngs={"dropout": jax.random.key(s)})
-          for s in (1, 2)]
+  noisy = apply(models.build_model(cfg(scan=True, drop_path_rate=0.9)),
+                train=True)
+  outs = [noisy(v, x, rngs={"dropout": jax.random.key(s)}) for s in (1, 2)]
   assert float(jnp.abs(outs[0] - outs[1]).max()) > 0

@@ -69,6 +69,7 @@ def _config(steps):
   return c
 
 
+@pytest.mark.slow(19)  # seconds, cold, 2 cores
 def test_momentum_encoder_saved_and_resumed(tmp_path):
   """2 steps, stop, 2 more: the same parameters and key encoder as 4 steps
   in one go; the checkpoint holds the EMA copy."""

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -36,6 +37,7 @@ def losses_of(workdir):
           [r for r in rows if "eval/recall@1" in r][-1]["eval/recall@1"])
 
 
+@pytest.mark.slow(28)  # seconds, cold, 2 cores
 def test_two_processes_match_one(tmp_path):
   port = free_port()
   multi = str(tmp_path / "multi")
@@ -59,6 +61,7 @@ def test_two_processes_match_one(tmp_path):
   assert r_multi == r_single
 
 
+@pytest.mark.slow(35)  # seconds, cold, 2 cores
 def test_sigterm_to_one_process_stops_both_at_one_step(tmp_path):
   """SIGTERM reaches one process only (process 1, not the coordinator): JAX's
   preemption sync point makes both stop after the same step, save it

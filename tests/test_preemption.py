@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import REPO
 from vitret_jax import checkpoint
@@ -30,6 +31,7 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+@pytest.mark.slow(19)  # seconds, cold, 2 cores
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
   ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
   r = subprocess.run(cli(ref), cwd=REPO, env=ENV, capture_output=True,

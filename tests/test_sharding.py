@@ -74,6 +74,7 @@ def test_fsdp_step_equals_single_device(monkeypatch):
   assert max_diff(ref.params, got.params) < 1e-5
 
 
+@pytest.mark.slow(23)  # seconds, cold, 2 cores
 def test_accumulation_averages_micro_batch_gradients():
   data = batch(16)
   mesh = sharding.make_mesh(1)
@@ -83,16 +84,18 @@ def test_accumulation_averages_micro_batch_gradients():
                                    (16, 16, 3), mesh)
   loss_fn = losses.make_sharded_loss(mesh)
 
-  def grad(rows):
+  @jax.jit  # one program, not one per operation (~600 compiles eagerly)
+  def grad(images, labels):
     def f(p):
-      emb = m.apply({"params": p}, data["image"][rows], train=True,
+      emb = m.apply({"params": p}, images, train=True,
                     rngs={"dropout": jax.random.key(0)})
-      return loss_fn(emb, jnp.asarray(data["label"][rows]))[0]
+      return loss_fn(emb, labels)[0]
     return jax.grad(f)(state.params)
 
-  g = jax.tree.map(lambda a, b: (a + b) / 2, grad(slice(0, 8)),
-                   grad(slice(8, 16)))
-  want = jax.tree.map(lambda p, d: p - d, state.params, g)
+  halves = [grad(data["image"][r], jnp.asarray(data["label"][r]))
+            for r in (slice(0, 8), slice(8, 16))]
+  want = jax.jit(lambda p, a, b: jax.tree.map(
+      lambda p, a, b: p - (a + b) / 2, p, a, b))(state.params, *halves)
   assert max_diff(want, got.params) < 1e-5
 
 
