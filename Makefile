@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # Two pytest workers (pytest-xdist) share the JAX compilation cache; on a
 # larger machine TEST_WORKERS=4 (each worker holds 8 simulated devices and
-# up to ~6 GiB), TEST_WORKERS=0 runs in one process.
+# up to ~7 GiB), TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

@@ -53,12 +53,12 @@ def main_in_process(*args):
   The 8 simulated devices of the suite apply (a subprocess gets one)."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from absl import app  # pylint: disable=g-import-not-at-top
-  from vitret_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-  import logging  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from vitret_jax import main as main_lib  # pylint: disable=g-import-not-at-top
   argv = ["vitret_jax.main", *args]
   out, err = io.StringIO(), io.StringIO()
   saved_argv, cwd = sys.argv, os.getcwd()

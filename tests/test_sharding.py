@@ -74,7 +74,6 @@ def test_fsdp_step_equals_single_device(monkeypatch):
   assert max_diff(ref.params, got.params) < 1e-5
 
 
-@pytest.mark.slow(23)  # seconds, cold, 2 cores
 def test_accumulation_averages_micro_batch_gradients():
   data = batch(16)
   mesh = sharding.make_mesh(1)
