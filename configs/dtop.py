@@ -58,7 +58,7 @@ def get_config(arg=None):
   c.ckpt.best_metric = "roxford/medium/map"
   if arg.runlocal:
     common.make_local(c)
-    c.model.variant = "R26+mu/32"
+    c.model.variant = "Rmu+mu/32"  # R26's stride, 1/7 of its parameters
     c.model.locality_blocks = (-1,)
     c.model.dtop.num_layers = 2
     c.model.image_size = 96  # groups 64x128, 96x96, 128x64 at stride 32

@@ -48,11 +48,34 @@ PINNED_TIMM = {
 }
 
 
+# Our test-size backbone (no timm counterpart): the count recorded when it
+# was added (R26+mu/32 at 96 px has 14,037,568), so a change of structure
+# shows here.
+PINNED_OURS = {("Rmu+mu/32", 96): 2_069_792}
+
+
 def test_every_variant_has_a_pinned_count():
   assert set(PINNED) == set(vit.VARIANTS)
   from vitret_jax.models import hybrid  # pylint: disable=g-import-not-at-top
-  assert {v.split("+")[0] for v, _, _ in PINNED_TIMM if "+" in v} == set(
-      hybrid.RESNETS)
+  pinned = {v.split("+")[0] for v, _, _ in PINNED_TIMM if "+" in v}
+  pinned |= {v.split("+")[0] for v, _ in PINNED_OURS}
+  assert pinned == set(hybrid.RESNETS)
+
+
+def test_test_size_hybrid():
+  """Rmu+mu/32: R26's stride (32) and structure, stem width 32."""
+  (variant, size), want = next(iter(PINNED_OURS.items()))
+  model = models.build_model(model_cfg(variant=variant, image_size=size))
+  assert count(model, size) == want
+  assert models.input_stride(model) == 32
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  backbone = shapes["params"]["encoder"]["backbone"]
+  assert backbone["conv_root"]["kernel"].shape == (7, 7, 3, 32)
+  assert sorted(backbone) == ["block1", "block2", "block3", "block4",
+                              "conv_root", "gn_root"]
+  assert backbone["block4"]["unit1"]["conv3"]["kernel"].shape == (
+      1, 1, 256, 1024)
 
 
 @pytest.mark.parametrize("key", sorted(PINNED_TIMM))

@@ -38,12 +38,14 @@ def decode_variant(variant: str) -> dict:
         f"'<cnn>+<size>/<stride>' with cnn one of {sorted(hybrid.RESNETS)} "
         f"(e.g. 'R50+B/16').")
   if not plus:
-    return dict(VARIANTS[size], patch_size=int(patch), resnet=())
+    return dict(VARIANTS[size], patch_size=int(patch), resnet=(),
+                resnet_width=64)
   units = hybrid.RESNETS[cnn]
   if hybrid.stride_of(units) != int(patch):
     raise UserError(f"{variant!r}: {cnn} gives stride "
                     f"{hybrid.stride_of(units)}, not {patch}.")
-  return dict(VARIANTS[size], patch_size=1, resnet=tuple(units))
+  return dict(VARIANTS[size], patch_size=1, resnet=tuple(units),
+              resnet_width=hybrid.WIDTHS.get(cnn, 64))
 
 
 def resample_posemb(posemb, grid_hw, num_prefix=1):
@@ -71,6 +73,7 @@ class VisionTransformer(nn.Module):
     width, depth, mlp_dim, num_heads: transformer size.
     image_size: input side the position embedding is made for.
     resnet: units per ResNetV2 stage for a hybrid; () = plain ViT.
+    resnet_width: the ResNetV2's stem width (64 as published).
     distilled: add DeiT's distillation token after the class token.
     dropout: dropout rate; drop_path_rate: stochastic depth of the last block.
     dtype: compute dtype (bfloat16 for mixed precision; parameters stay fp32).
@@ -97,6 +100,7 @@ class VisionTransformer(nn.Module):
   num_heads: int
   image_size: int = 224
   resnet: Sequence[int] = ()
+  resnet_width: int = 64
   distilled: bool = False
   dropout: float = 0.0
   drop_path_rate: float = 0.0
@@ -124,7 +128,7 @@ class VisionTransformer(nn.Module):
                        f"the encoder's stride {self.stride}.")
     x = images
     if self.resnet:
-      x = hybrid.ResNetV2(self.resnet,
+      x = hybrid.ResNetV2(self.resnet, self.resnet_width,
                           cn=hybrid.ConvNorm(dtype=self.backbone_dtype),
                           name="backbone")(x)
     x = nn.Conv(self.width, (self.patch_size,) * 2, strides=self.patch_size,
