@@ -40,6 +40,34 @@ def test_save_restore_roundtrip(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_replicated_arrays_small_and_large_roundtrip(tmp_path):
+  """Our jax.Array handler (replica-parallel only for slices >= 64 KiB) is
+  the one in effect, and saves replicated arrays below and above the
+  threshold, and a sharded one, back exactly on the 8 devices."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  assert handler._min_slice_bytes_for_replica_parallel == 64 << 10  # pylint: disable=protected-access
+  assert handler._array_metadata_store is not None  # pylint: disable=protected-access
+  mesh = sharding.make_mesh()
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rng = np.random.default_rng(0)
+  tree = {"bias": rng.normal(size=(7,)).astype(np.float32),      # 28 B
+          "kernel": rng.normal(size=(256, 1024)).astype(np.float32),  # 1 MiB
+          "batch": rng.normal(size=(8, 3)).astype(np.float32)}
+  on_dev = {k: jax.device_put(v, split if k == "batch" else rep)
+            for k, v in tree.items()}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "c", on_dev)
+    ckptr.wait_until_finished()
+    back = ckptr.restore(tmp_path / "c", jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+        on_dev))
+  for k, v in tree.items():
+    np.testing.assert_array_equal(np.asarray(back[k]), v)
+    assert back[k].sharding == on_dev[k].sharding
+
+
 def test_wrong_shape_checkpoint_is_refused(tmp_path):
   state, _ = make_state(memory=8)
   ckpt = checkpoint.Checkpointer(str(tmp_path))

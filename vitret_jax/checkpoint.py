@@ -31,6 +31,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+# orbax's default jax.Array handler keeps this store, and its registry's
+# `add` can override without a warning (orbax-checkpoint pinned).
+from orbax.checkpoint._src.metadata import array_metadata_store
+from orbax.checkpoint._src.serialization import type_handler_registry
 
 from vitret_jax import integrity
 from vitret_jax import params_tree
@@ -39,6 +43,30 @@ from vitret_jax.errors import UserError
 CHECKSUMS = integrity.CHECKSUMS
 EVAL_METRICS = "vitret_eval.json"
 _OWN_FILES = (CHECKSUMS, EVAL_METRICS)
+
+# Replica-parallel saving (orbax's default off GPU): each replica of a
+# replicated array writes a slice of it, through one small compiled slice per
+# (array, device). For biases and norms the slices are a few bytes and that
+# per-slice cost dominates: a data-parallel save of a 2M-parameter model on 8
+# devices took 10.5 s on its first save and 1.4-2.0 s after, 2.7 s and
+# 0.7-1.2 s with slices of at least 64 KiB (smaller ones are written whole
+# by one replica). Large kernels are still split, also over a pod's many
+# replicas (ViT-B's 768x3072 kernels: 147 KiB a slice over 64 replicas).
+# The files written are the same either way.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 64 << 10
+
+
+def _register_array_handler():
+  # Quietly: orbax's public register_type_handler warns on every import.
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          array_metadata_store=array_metadata_store.Store(),
+          min_slice_bytes_for_replica_parallel=(
+              MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)),
+      override=True, ignore_warnings=True)
+
+
+_register_array_handler()
 
 
 @dataclasses.dataclass
