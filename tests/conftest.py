@@ -1,17 +1,21 @@
 """Test setup: 8 simulated CPU devices, absl flags parsed, shared fixtures."""
 import os
 
-# Must be set before jax initialises its backends.
-_XLA_FLAGS = os.environ.get("XLA_FLAGS", "") + (
-    " --xla_force_host_platform_device_count=8")
+# Must be set before jax initialises its backends. The device count is ours
+# to set (xdist workers inherit the controller's, which already has it).
+_XLA_FLAGS = " ".join(
+    f for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count="))
 # The suite compiles a few thousand small programs and runs each a few
 # times: LLVM's optimisation passes were ~30% of its time and buy nothing on
 # these sizes. Values are unchanged to the tests' tolerances (the numeric
 # checks pass at either level). VITRET_TEST_XLA_OPT=1 keeps XLA's default.
-if os.environ.get("VITRET_TEST_XLA_OPT") != "1":
+if (os.environ.get("VITRET_TEST_XLA_OPT") != "1"
+    and "--xla_backend_optimization_level" not in _XLA_FLAGS):
   _XLA_FLAGS += (" --xla_backend_optimization_level=0"
                  " --xla_llvm_disable_expensive_passes=true")
-os.environ["XLA_FLAGS"] = _XLA_FLAGS
+os.environ["XLA_FLAGS"] = (
+    _XLA_FLAGS + " --xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # JAX's persistent compilation cache, shared by every test and the
 # subprocesses they start (they inherit the environment): the many tests
@@ -42,6 +46,15 @@ SHARED_GROCERY = os.path.join(os.path.dirname(REPO), "shared", "data",
 @pytest.fixture(scope="session")
 def repo():
   return REPO
+
+
+def subprocess_env(devices=1, **extra):
+  """The environment for a `python -m vitret_jax...` child process: the
+  suite's XLA flags and compilation cache, with `devices` CPU devices."""
+  flags_ = _XLA_FLAGS
+  if devices != 1:
+    flags_ += f" --xla_force_host_platform_device_count={devices}"
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags_, **extra)
 
 
 def main_in_process(*args):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import subprocess_env
 from vitret_jax import commands
 from vitret_jax import train
 from vitret_jax.data import datasets
@@ -57,7 +58,7 @@ def test_export_roundtrip_in_fresh_process(trained, tmp_path):
                       str(tmp_path / "images.npy"), str(tmp_path / "a.npy"),
                       str(tmp_path / "b.npy")], cwd=REPO, capture_output=True,
                      text=True, timeout=300,
-                     env=dict(os.environ, XLA_FLAGS=""))
+                     env=subprocess_env())
   assert r.returncode == 0, r.stderr[-2000:]
   got = np.load(tmp_path / "a.npy")
   assert got.shape == want.shape

@@ -24,6 +24,7 @@ from PIL import Image
 
 from conftest import REPO
 from conftest import main_in_process
+from conftest import subprocess_env
 from vitret_jax import checkpoint
 from vitret_jax import commands
 from vitret_jax import export
@@ -43,7 +44,7 @@ sys.path.insert(0, os.path.join(REPO, "configs"))
 import demo  # pylint: disable=g-import-not-at-top
 import fixtures  # pylint: disable=g-import-not-at-top
 
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+ENV = subprocess_env()
 
 
 def small_config(steps=2, data_dir=None):
@@ -73,11 +74,25 @@ def one_line_error(r, *needles):
     assert n in r.stderr, (n, r.stderr[-3000:])
 
 
-def grocery_copy(tmp_path, broken_test_image=False):
-  """A copy of the embedded set; optionally one test-class photo replaced
-  by bytes no decoder reads."""
+def grocery_copy(tmp_path, broken_test_image=False, every=1):
+  """A copy of the embedded set (with `every` > 1, every `every`-th photo of
+  each list, the others neither listed nor copied); optionally one
+  test-class photo replaced by bytes no decoder reads."""
   root = str(tmp_path / "grocery")
-  shutil.copytree(datasets.EMBEDDED_GROCERY, root)
+  src = datasets.EMBEDDED_GROCERY
+  if every == 1:
+    shutil.copytree(src, root)
+  else:
+    shutil.copytree(src, root, ignore=lambda d, names: [
+        n for n in names if n.endswith(".jpg")])
+    for name in ("train.txt", "val.txt", "test.txt"):
+      with open(os.path.join(src, name)) as f:
+        lines = [l for l in f if l.strip()][::every]
+      with open(os.path.join(root, name), "w") as f:
+        f.writelines(lines)
+      for line in lines:
+        rel = line.split(",")[0].strip()
+        shutil.copyfile(os.path.join(src, rel), os.path.join(root, rel))
   if broken_test_image:
     split = readers.load_grocery(root, num_train_classes=40)["test"]
     with open(split.paths[3], "wb") as f:
@@ -314,7 +329,7 @@ def _cached_equals_fresh(cfg, workdir):
 
 @pytest.mark.slow(30)  # seconds, cold, 2 cores
 def test_4_eval_cache_follows_pp_dtype_and_data(tmp_path):
-  data = grocery_copy(tmp_path)
+  data = grocery_copy(tmp_path, every=3)  # 12 evaluations: ~430 test photos
 
   def config():
     c = small_config(1, data)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import subprocess_env
 
 ARGS = ["-m", "vitret_jax.main", "--config=configs/demo.py:runlocal=True",
         "--config.total_steps=3", "--config.eval_untrained=False"]
@@ -25,9 +26,7 @@ def free_port():
 
 
 def env(devices):
-  e = dict(os.environ, JAX_PLATFORMS="cpu",
-           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return e
+  return subprocess_env(devices)
 
 
 def losses_of(workdir):
@@ -49,7 +48,8 @@ def test_two_processes_match_one(tmp_path):
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
-  assert "2 device(s) of 2 process(es)" in outs[0]
+  assert "2 device(s) of 2 process(es)" in outs[0], [
+      l for l in outs[0].splitlines() if "device" in l or "rror" in l]
   assert "metric" not in outs[1].splitlines()[-1]  # only process 0 reports
   single = str(tmp_path / "single")
   r = subprocess.run([sys.executable, *ARGS, f"--workdir={single}"], cwd=REPO,

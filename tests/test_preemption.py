@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import subprocess_env
 from vitret_jax import checkpoint
 from vitret_jax import preemption
 
 ARGS = ["-m", "vitret_jax.main", "--config=configs/demo.py:runlocal=True",
         "--config.total_steps=40", "--config.eval_untrained=False",
         "--config.ckpt.every_steps=1000"]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu",
-           XLA_FLAGS="--xla_force_host_platform_device_count=2")
+ENV = subprocess_env(devices=2)
 
 
 def cli(workdir, *extra):

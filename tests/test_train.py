@@ -13,6 +13,7 @@ import pytest
 
 from conftest import REPO
 from conftest import main_in_process
+from conftest import subprocess_env
 from conftest import SHARED_GROCERY
 from vitret_jax import losses
 from vitret_jax import models
@@ -102,7 +103,7 @@ def run_cli(*args):
   return subprocess.run(
       [sys.executable, "-m", "vitret_jax.main", *args], cwd=REPO,
       capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, XLA_FLAGS=""))
+      env=subprocess_env())
 
 
 def test_cli_errors_are_clear(tmp_path):
