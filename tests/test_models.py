@@ -63,7 +63,8 @@ def test_every_variant_has_a_pinned_count():
 
 
 def test_test_size_hybrid():
-  """Rmu+mu/32: R26's stride (32) and structure, stem width 32."""
+  """Rmu+mu/32: R26's four stages and stride (32), one unit per stage,
+  stem width 32."""
   (variant, size), want = next(iter(PINNED_OURS.items()))
   model = models.build_model(model_cfg(variant=variant, image_size=size))
   assert count(model, size) == want

@@ -196,9 +196,9 @@ def test_step_on_8_devices_equals_1_device(reduction):
   assert err < 1e-5 * moved, (err, moved)
 
 
-@pytest.mark.slow(160)  # seconds, cold, 2 cores
+@pytest.mark.slow(130)  # seconds, cold, 2 cores
 def test_dtop_config_trains_with_group_size_batches(tmp_path):
-  """configs/dtop.py (runlocal: R26 hybrid + locality blocks + DToP head)
+  """configs/dtop.py (runlocal: Rmu hybrid + locality blocks + DToP head)
   on a GLDv2 fixture of landscape and portrait photos: group-size batches of
   two shapes go through the one train step, evaluated on ROxford."""
   import dtop  # pylint: disable=g-import-not-at-top

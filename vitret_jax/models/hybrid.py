@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 # Units per stage of the backbones the hybrids use. "Rmu" is a test-size
 # backbone of ours (one unit per stage, stem width 32 instead of 64; no
-# published checkpoint): R26's structure and stride at ~1/7 of its
+# published checkpoint): R26's four stages and stride at ~1/7 of its
 # parameters, for runlocal configs and tests.
 RESNETS = {"R50": (3, 4, 9), "R26": (2, 2, 2, 2), "Rmu": (1, 1, 1, 1)}
 # Stem width where not the published 64 (GroupNorm(32) needs a multiple of
