@@ -13,6 +13,12 @@ then the other, alternating which goes first, and reports medians.
 
 Needs the reference stack (`make parity`: torch 2.13.0 CPU, timm 1.0.31).
 
+The vitret_jax worker runs as `python -m vitret_jax.main` does: with
+`vitret_jax.host_memory`'s glibc malloc settings on a CPU-only machine
+(VITRET_MALLOC=off for glibc's defaults). The torch worker runs as users
+run torch, with glibc's defaults; `--torch_malloc keep` gives it the same
+settings, to show what they are worth to torch.
+
   python benchmarks/throughput.py --project [--mfu 0.3]
 
 prints instead the projected wall time of each paper's recipe (README,
@@ -194,8 +200,14 @@ class TorchWorker:
     return {"rss_growth_mib": rss_mib() - self.base}
 
 
-def worker_main(kind, model, train_b, embed_b):
+def worker_main(kind, model, train_b, embed_b, torch_malloc):
   variant, size = parse_model(model)
+  if kind == "jax" or torch_malloc == "keep":  # before JAX's backend starts
+    sys.path.insert(0, REPO)
+    from vitret_jax import host_memory  # pylint: disable=g-import-not-at-top
+    malloc = host_memory.configure(None if kind == "jax" else "keep")
+  else:
+    malloc = "glibc malloc defaults"
   cls = JaxWorker if kind == "jax" else TorchWorker
   w = cls(variant, size, train_b, embed_b)
   print(json.dumps({"ready": True}), flush=True)
@@ -204,7 +216,7 @@ def worker_main(kind, model, train_b, embed_b):
     if cmd["op"] == "run":
       out = {"seconds": w.run(cmd["task"], cmd["n"])}
     else:
-      out = w.info()
+      out = dict(w.info(), malloc=malloc)
     print(json.dumps(out), flush=True)
     if cmd["op"] == "info":
       return
@@ -219,7 +231,8 @@ class Worker:
     self.p = subprocess.Popen(
         [sys.executable, __file__, "--worker", kind, "--models", model,
          "--train_batch", str(args.train_batch), "--embed_batch",
-         str(args.embed_batch)], stdin=subprocess.PIPE,
+         str(args.embed_batch), "--torch_malloc", args.torch_malloc],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     self._read()
 
@@ -247,6 +260,9 @@ def measure(model, args):
         s = workers[kind].ask(op="run", task=task, n=args.steps)["seconds"]
         rates[(kind, task)].append(per[task] * args.steps / s)
   info = {k: w.ask(op="info") for k, w in workers.items()}
+  for kind in workers:
+    print(f"<!-- {model} {kind} worker: {info[kind]['malloc']} -->",
+          flush=True)
   rows = []
   for task in per:
     j = statistics.median(rates[("jax", task)])
@@ -347,6 +363,9 @@ def main():
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--train_batch", type=int, default=32)
   parser.add_argument("--embed_batch", type=int, default=64)
+  parser.add_argument("--torch_malloc", choices=("default", "keep"),
+                      default="default", help="keep: the torch worker "
+                      "gets vitret_jax.host_memory's malloc settings too.")
   parser.add_argument("--worker", default="")
   args = parser.parse_args()
   if args.project:
@@ -354,9 +373,10 @@ def main():
     return project(args.mfu)
   if args.worker:
     return worker_main(args.worker, args.models, args.train_batch,
-                       args.embed_batch)
+                       args.embed_batch, args.torch_malloc)
   print(f"vitret_jax vs PyTorch + timm, {os.cpu_count()} CPU cores, fp32, "
-        f"alternating, median of {args.repeats} x {args.steps} steps")
+        f"alternating, median of {args.repeats} x {args.steps} steps; torch "
+        f"malloc: {args.torch_malloc}")
   print("| model | task | batch | vitret_jax img/s | torch+timm img/s | "
         "ratio | JAX compile s | XLA step MiB | JAX RSS MiB | torch RSS MiB |")
   print("|---|---|---|---|---|---|---|---|---|---|")

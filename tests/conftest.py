@@ -37,6 +37,11 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_threefry_partitionable", True)
 flags.FLAGS.mark_as_parsed()
+# This process keeps glibc's malloc defaults (main_in_process calls
+# host_memory.configure, which could otherwise apply its settings here);
+# `python -m vitret_jax...` children choose for themselves (VITRET_MALLOC).
+from vitret_jax import host_memory  # pylint: disable=g-import-not-at-top,g-bad-import-order
+host_memory.configure("off")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_GROCERY = os.path.join(os.path.dirname(REPO), "shared", "data",

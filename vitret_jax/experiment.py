@@ -15,6 +15,7 @@ from absl import logging
 
 from vitret_jax import arcface
 from vitret_jax import checkpoint
+from vitret_jax import host_memory
 from vitret_jax import losses
 from vitret_jax import models
 from vitret_jax import optim
@@ -203,6 +204,9 @@ class Run:
       logging.info("eval %s (%.1fs): %s", name, time.time() - t0, res)
       prefix = "" if len(self.evaluators) == 1 else f"{name}/"
       out.update({prefix + k: v for k, v in res.items()})
+    # The embedding's blocks stay in the heap between the train step's
+    # (host_memory): hand them back rather than let the two interleave.
+    host_memory.release()
     return out
 
 

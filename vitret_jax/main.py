@@ -18,6 +18,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from vitret_jax import commands
+from vitret_jax import host_memory
 from vitret_jax import preemption
 from vitret_jax import train
 from vitret_jax.errors import UserError
@@ -114,6 +115,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:  # before anything starts JAX's backend
+    logging.info("%s", host_memory.configure())
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   _init_distributed()
   # Partitionable threefry: random bits do not depend on the device layout.
   jax.config.update("jax_threefry_partitionable", True)
