@@ -48,7 +48,7 @@ def _child(mode, **env):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
 def test_kept_heap_stops_per_call_page_faults():
   kept, default = _child("keep"), _child("off")
   assert "keeps freed memory" in kept["message"]
@@ -95,7 +95,6 @@ def test_too_late_or_mistyped_is_said(monkeypatch):
 def test_cli_rejects_a_mistyped_mode(monkeypatch, tmp_path):
   monkeypatch.setattr(host_memory, "_applied", None)
   monkeypatch.setenv("VITRET_MALLOC", "always")
-  proc = main_in_process("--config=configs/demo.py",
-                                  f"--workdir={tmp_path}")
+  proc = main_in_process("--config=configs/demo.py", f"--workdir={tmp_path}")
   assert proc.returncode != 0
   assert "VITRET_MALLOC='always'" in proc.stderr

@@ -93,8 +93,10 @@ def cpu_only(platforms=None):
 
 
 def _backend_started():
+  """JAX's own answer (xla_bridge.backends_are_initialized), without
+  importing JAX when nothing has yet."""
   xla_bridge = sys.modules.get("jax._src.xla_bridge")
-  return bool(xla_bridge and getattr(xla_bridge, "_backends", None))
+  return bool(xla_bridge and xla_bridge.backends_are_initialized())
 
 
 def configure(mode=None):
@@ -127,8 +129,9 @@ def configure(mode=None):
           "host memory: glibc malloc keeps freed memory for reuse (one "
           "arena, no mmap, no trim; XLA:CPU's per-step temporaries are not "
           f"faulted in again each step; {ENV}=off for glibc's defaults)."
-          if ok else "host memory: glibc refused the malloc settings; "
-          "its defaults apply.")
+          if ok else "host memory: glibc refused one of the malloc "
+          "settings (one arena, no mmap, no trim); the heap is not relied "
+          "on to keep memory, and release() does nothing.")
   return _applied
 
 

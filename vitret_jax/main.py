@@ -117,8 +117,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:  # before anything starts JAX's backend
     logging.info("%s", host_memory.configure())
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  except ValueError as e:  # a mistyped VITRET_MALLOC
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   _init_distributed()
   # Partitionable threefry: random bits do not depend on the device layout.
   jax.config.update("jax_threefry_partitionable", True)
