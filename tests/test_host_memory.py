@@ -17,7 +17,7 @@ from vitret_jax import host_memory
 # is a temporary that XLA:CPU allocates at every call; each call's page
 # faults and what releasing the heap does to the resident size.
 _CHILD = r"""
-import json, resource, sys
+import json, resource, sys, time
 from vitret_jax import host_memory
 message = host_memory.configure()
 import jax, jax.numpy as jnp, numpy as np
@@ -27,6 +27,7 @@ faults = []
 for _ in range(10):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(a, b).block_until_ready()
+  time.sleep(0.2)  # XLA frees the temporaries after the result is ready
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def rss():
   return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])

@@ -27,9 +27,12 @@ trainer calls it after each evaluation, so resident memory stays near one
 program's peak, at the cost of faulting the next step's block in once.
 `benchmarks/throughput.py` has the figures.
 
-`VITRET_MALLOC` chooses: `auto` (default: the settings when JAX can only
-run on the CPU, i.e. JAX_PLATFORMS is "cpu", or no GPU / TPU plugin is
-installed), `keep` (always), `off` (glibc's defaults). `configure()` says
+`VITRET_MALLOC` chooses: `off` (default: glibc's defaults), `auto` (the
+settings when JAX can only run on the CPU, i.e. JAX_PLATFORMS is "cpu", or
+no GPU / TPU plugin is installed), `keep` (always). Opt-in, because in a
+tight loop of one small program (a 64 MiB temporary called back to back on
+a loaded machine) the heap grew by a block at every call for 10 calls
+instead of reusing one: the growth is not shown to stop. `configure()` says
 what it did; `python -m vitret_jax.main` logs it.
 """
 import ctypes
@@ -105,7 +108,7 @@ def configure(mode=None):
   global _applied, _libc
   if _applied is not None:
     return _applied
-  mode = (mode or os.environ.get(ENV) or "auto").strip().lower()
+  mode = (mode or os.environ.get(ENV) or "off").strip().lower()
   if mode not in MODES:
     raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}.")
   if mode == "off":
