@@ -98,8 +98,21 @@ def write_golden():
     print(f"wrote {name}.npz ({sum(v.size for v in out.values() if v.dtype != object):,} numbers)")
 
 
+def parity_ok(err32, rel16, amp16):
+  """fp32: equal to timm within 1e-4 (absolute). bf16: the relative L2
+  error against timm's fp32 output at most twice timm's own under
+  torch.autocast bf16 on the same input. Measured (README), ours is 1.2-1.45x
+  timm's for the plain ViTs (the two round to bf16 in different places)
+  and below it for the hybrids, whose CNN stays fp32. A fixed bound (1e-2
+  before) sat inside that spread: vit_tiny_patch16_224 measured 9.75e-3,
+  then 1.03e-2 once later changes moved where bf16 rounds.
+  """
+  return err32 <= 1e-4 and rel16 <= 2 * amp16
+
+
 def full_size_parity(names=None, batch=2, bf16=True):
-  """[(name, params, max |diff| fp32, rel. diff bf16)] against timm."""
+  """[(name, params, max |diff| fp32, rel. diff bf16, timm's own rel. diff
+  under torch.autocast bf16)] against timm's fp32 output."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vitret_jax import weights  # pylint: disable=g-import-not-at-top
   torch, timm = import_timm()
@@ -114,10 +127,14 @@ def full_size_parity(names=None, batch=2, bf16=True):
     ours, variables = weights.from_timm(name, sd)
     x_nhwc = jnp.asarray(x.permute(0, 2, 3, 1).numpy())
     got = np.asarray(ours.apply(variables, x_nhwc))
-    rel16 = rel16_cnn = float("nan")
+    rel16 = rel16_cnn = amp16 = float("nan")
     rel = lambda a: float(np.linalg.norm(np.asarray(a, np.float32) - want)
                           / np.linalg.norm(want))
     if bf16:
+      # The reference's own bf16 error: timm under torch's autocast (bf16
+      # matmuls and convolutions, fp32 elsewhere) against timm in fp32.
+      with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp16 = rel(pooled(model, x))
       ours16, v16 = weights.from_timm(name, sd, dtype=jnp.bfloat16)
       rel16 = rel(ours16.apply(v16, x_nhwc))
       if weights.TIMM_MODELS[name][0].startswith("R"):
@@ -125,9 +142,10 @@ def full_size_parity(names=None, batch=2, bf16=True):
                                         backbone_dtype=jnp.bfloat16)
         rel16_cnn = rel(ours16.apply(v16, x_nhwc))
     n_params = sum(p.numel() for p in model.parameters())
-    rows.append((name, n_params, float(np.max(np.abs(got - want))), rel16))
+    rows.append((name, n_params, float(np.max(np.abs(got - want))), rel16,
+                 amp16))
     print(f"| {name} | {n_params:,} | {rows[-1][2]:.2e} | {rel16:.2e} | "
-          f"{rel16_cnn:.2e} |".replace("nan", "-"), flush=True)
+          f"{rel16_cnn:.2e} | {amp16:.2e} |".replace("nan", "-"), flush=True)
   return rows
 
 
@@ -143,10 +161,10 @@ def main():
   print(f"torch {torch.__version__}, timm {timm.__version__}; random weights, "
         f"batch 2; pooled = timm's pre-logits features")
   print("| timm model | params | max abs diff fp32 | rel. L2 diff bf16 "
-        "| same, CNN in bf16 too |")
-  print("|---|---|---|---|---|")
+        "| same, CNN in bf16 too | timm autocast bf16 |")
+  print("|---|---|---|---|---|---|")
   rows = full_size_parity(args.models)
-  sys.exit(0 if all(r[2] <= 1e-4 and r[3] <= 1e-2 for r in rows) else 1)
+  sys.exit(0 if all(parity_ok(*r[2:]) for r in rows) else 1)
 
 
 if __name__ == "__main__":
