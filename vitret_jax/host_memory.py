@@ -32,8 +32,9 @@ settings when JAX can only run on the CPU, i.e. JAX_PLATFORMS is "cpu", or
 no GPU / TPU plugin is installed), `keep` (always). Opt-in, because in a
 tight loop of one small program (a 64 MiB temporary called back to back on
 a loaded machine) the heap grew by a block at every call for 10 calls
-instead of reusing one: the growth is not shown to stop. `configure()` says
-what it did; `python -m vitret_jax.main` logs it.
+instead of reusing one: the growth is not shown to stop. `make demo` opts
+in (README "Demo results"). `configure()` says what it did;
+`python -m vitret_jax.main` logs it.
 """
 import ctypes
 import ctypes.util
