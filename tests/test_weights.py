@@ -108,3 +108,16 @@ def test_full_size_parity_with_timm(name):
   import timm_parity  # pylint: disable=g-import-not-at-top
   (_, _, err32, rel16, amp16), = timm_parity.full_size_parity([name])
   assert timm_parity.parity_ok(err32, rel16, amp16), (err32, rel16, amp16)
+
+
+def test_parity_bound_is_relative_to_timms_own_bf16_error():
+  """tools/timm_parity.parity_ok (no torch needed): bf16 within twice timm's
+  autocast error passes, a bf16 path far off or an fp32 mismatch fails."""
+  sys.path.insert(0, os.path.join(REPO, "tools"))
+  import timm_parity  # pylint: disable=g-import-not-at-top
+  nan = float("nan")
+  assert timm_parity.parity_ok(3.6e-6, 1.03e-2, 7.13e-3)  # vit_tiny, measured
+  assert not timm_parity.parity_ok(3.6e-6, 1.5e-2, 7.13e-3)
+  assert not timm_parity.parity_ok(2e-4, 1.03e-2, 7.13e-3)
+  assert not timm_parity.parity_ok(3.6e-6, nan, 7.13e-3)  # bf16 output NaN
+  assert timm_parity.parity_ok(3.6e-6, nan, nan)  # bf16 not compared
