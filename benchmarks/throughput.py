@@ -14,9 +14,10 @@ then the other, alternating which goes first, and reports medians.
 Needs the reference stack (`make parity`: torch 2.13.0 CPU, timm 1.0.31).
 
 The vitret_jax worker follows VITRET_MALLOC as `python -m vitret_jax.main`
-does (`vitret_jax.host_memory`; the README's table: VITRET_MALLOC=keep). The torch worker runs as users
-run torch, with glibc's defaults; `--torch_malloc keep` gives it the same
-settings, to show what they are worth to torch.
+does (`vitret_jax.host_memory`; the README's table: VITRET_MALLOC=keep).
+The torch worker runs as users run torch, with glibc's defaults;
+`--torch_malloc keep` gives it the same settings, to show what they are
+worth to torch.
 
   python benchmarks/throughput.py --project [--mfu 0.3]
 

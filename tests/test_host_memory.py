@@ -49,7 +49,8 @@ def _child(mode, **env):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="glibc malloc settings: Linux only")
 def test_kept_heap_stops_per_call_page_faults():
   kept, default = _child("keep"), _child("off")
   assert "keeps freed memory" in kept["message"]

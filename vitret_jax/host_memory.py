@@ -44,6 +44,8 @@ import os
 import pkgutil
 import sys
 
+from vitret_jax.errors import UserError
+
 ENV = "VITRET_MALLOC"
 MODES = ("auto", "keep", "off")
 # mallopt parameters (glibc's malloc.h).
@@ -53,6 +55,10 @@ _ACCELERATOR_MODULES = ("libtpu", "libtpu_nightly")
 
 _applied = None  # what the first configure() call did
 _libc = None  # glibc, once configure() has applied the settings
+
+
+class ModeError(UserError, ValueError):
+  """A VITRET_MALLOC value that is not one of MODES."""
 
 
 def _glibc():
@@ -111,7 +117,7 @@ def configure(mode=None):
     return _applied
   mode = (mode or os.environ.get(ENV) or "off").strip().lower()
   if mode not in MODES:
-    raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}.")
+    raise ModeError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}.")
   if mode == "off":
     _applied = f"host memory: glibc malloc defaults ({ENV}=off)."
   elif mode == "auto" and not cpu_only():

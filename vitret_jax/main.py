@@ -115,17 +115,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  try:  # before anything starts JAX's backend
-    logging.info("%s", host_memory.configure())
-  except ValueError as e:  # a mistyped VITRET_MALLOC
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  _init_distributed()
-  # Partitionable threefry: random bits do not depend on the device layout.
-  jax.config.update("jax_threefry_partitionable", True)
-  logging.info("process %d of %d; devices: %s", jax.process_index(),
-               jax.process_count(), jax.devices())
   try:
+    # Before anything starts JAX's backend; a mistyped VITRET_MALLOC is a
+    # UserError like any other.
+    logging.info("%s", host_memory.configure())
+    _init_distributed()
+    # Partitionable threefry: random bits do not depend on the device layout.
+    jax.config.update("jax_threefry_partitionable", True)
+    logging.info("process %d of %d; devices: %s", jax.process_index(),
+                 jax.process_count(), jax.devices())
     result = _run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
