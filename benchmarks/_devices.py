@@ -3,6 +3,7 @@
 `simulate(n)` must run before jax is imported: XLA reads the device count
 when its CPU backend starts.
 """
+import glob
 import os
 
 
@@ -19,3 +20,65 @@ def peak_bytes(compiled):
   m = compiled.memory_analysis()
   return (m.argument_size_in_bytes + m.output_size_in_bytes
           + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def describe_cpu():
+  """One line naming the CPU the figures were taken on: model, family /
+  model number, cores, caches, vector ISA, and any ISA cap in force (XLA's
+  --xla_cpu_max_isa, torch's ATEN_CPU_CAPABILITY, oneDNN's
+  ONEDNN_MAX_CPU_ISA). Ratios against torch moved from 0.84 to 1.79 between
+  two 2-core machines of this project, so a figure without this is not
+  comparable with another."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key and key not in info:
+          info[key] = value.strip()
+        if not line.strip() and info:
+          break  # the first processor's block is enough
+  except OSError:
+    import platform  # pylint: disable=g-import-not-at-top
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+  flags_ = set(info.get("flags", "").split())
+  isa = next((name for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"),
+                                       ("AVX", "avx")) if flag in flags_),
+             "SSE")
+  extras = [name for name, flag in (("bf16", "avx512_bf16"),
+                                     ("VNNI", "avx512_vnni"),
+                                     ("AMX", "amx_tile")) if flag in flags_]
+  caches = []
+  for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+    try:
+      with open(os.path.join(index, "level")) as f:
+        level = f.read().strip()
+      with open(os.path.join(index, "type")) as f:
+        kind = f.read().strip()
+      with open(os.path.join(index, "size")) as f:
+        size = f.read().strip()
+    except OSError:
+      continue
+    if kind != "Instruction":
+      caches.append(f"L{level} {size}")
+  caps = [f"{name}={value}" for name, value in (
+      ("xla_cpu_max_isa", _xla_flag("xla_cpu_max_isa")),
+      ("ATEN_CPU_CAPABILITY", os.environ.get("ATEN_CPU_CAPABILITY")),
+      ("ONEDNN_MAX_CPU_ISA", os.environ.get("ONEDNN_MAX_CPU_ISA"))) if value]
+  parts = [info.get("model name", "unknown CPU"),
+           f"family {info.get('cpu family', '?')} model "
+           f"{info.get('model', '?')}",
+           f"{os.cpu_count()} cores", "/".join(caches) or "caches unknown",
+           " + ".join([isa] + extras)]
+  if caps:
+    parts.append("capped: " + ", ".join(caps))
+  return ", ".join(parts)
+
+
+def _xla_flag(name):
+  for flag in os.environ.get("XLA_FLAGS", "").split():
+    key, _, value = flag.lstrip("-").partition("=")
+    if key == name:
+      return value
+  return None

@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 
+import _devices  # benchmarks/_devices.py
+
 SIZES = {"Rmu+mu/32": 96, "Ti/8": 64, "S/16": 224}
 
 
@@ -87,7 +89,7 @@ def main():
   a = p.parse_args()
   if a.child:
     return child(a.child, a.models, a.saves)
-  print(f"{a.devices} simulated CPU devices, {os.cpu_count()} cores; "
+  print(f"{a.devices} simulated CPU devices, {_devices.describe_cpu()}; "
         f"{a.repeats} processes per handler, alternating; {a.saves} saves "
         "each.\n")
   print("| model | arrays | state MiB | first save s, orbax / vitret_jax "

@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+import _devices  # benchmarks/_devices.py
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
@@ -49,7 +51,7 @@ def main():
                                        scan, args.remat))
   print(f"ViT-{args.variant} train step, {args.size} px, batch {args.batch}, "
         f"remat={args.remat}, {jax.devices()[0].platform}, "
-        f"{os.cpu_count()} cores")
+        f"{_devices.describe_cpu()}")
   print("| model.scan | compile s | XLA step MiB | loss after 1 step |")
   print("|---|---|---|---|")
   for scan, seconds, mib, loss in rows:

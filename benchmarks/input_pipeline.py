@@ -23,6 +23,7 @@ import time
 import numpy as np
 from absl import flags
 
+import _devices  # benchmarks/_devices.py
 from vitret_jax.data import readers
 from vitret_jax.data import pipeline
 from vitret_jax.data import preprocess
@@ -92,7 +93,7 @@ def main():
         split, sampler, args.batches, w, 1)))
   print(f"Grocery train ({len(split)} photos, mostly 348x348 JPEG), "
         f"{args.batches} batches of {args.batch_size}, {PP}, "
-        f"{os.cpu_count()} CPU cores")
+        f"{_devices.describe_cpu()}")
   print("| pipeline | images/s | vs plain loop |")
   print("|---|---|---|")
   for name, rate in rows:

@@ -11,11 +11,11 @@ Data: unit vectors around 20,000 random centres (within-cluster cosine about
 approximate index does well (../shared/ENVIRONMENT.md).
 """
 import argparse
-import os
 import time
 
 import numpy as np
 
+import _devices  # benchmarks/_devices.py
 from vitret_jax.eval import knn
 
 
@@ -76,7 +76,7 @@ def main():
                    t_exact / t_faiss, "-"))
     del searcher, base
   print(f"{args.n:,} vectors, {args.queries} queries, k={args.k}, "
-        f"{os.cpu_count()} CPU cores" +
+        f"{_devices.describe_cpu()}" +
         ("" if faiss else "; faiss-cpu not installed"))
   print("| dim | method | queries/s | recall@1 | recall@10 | speed-up vs exact "
         "| build |")

@@ -43,6 +43,8 @@ import time
 
 import numpy as np
 
+import _devices  # benchmarks/_devices.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Our variant -> timm constructor (name, extra kwargs).
 TIMM = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
@@ -197,7 +199,11 @@ class TorchWorker:
     return time.perf_counter() - t0
 
   def info(self):
-    return {"rss_growth_mib": rss_mib() - self.base}
+    torch = self.torch
+    return {"rss_growth_mib": rss_mib() - self.base,
+            "kernels": f"torch {torch.__version__}, ATen CPU capability "
+                       f"{torch.backends.cpu.get_cpu_capability()}, "
+                       f"{torch.get_num_threads()} threads"}
 
 
 def worker_main(kind, model, train_b, embed_b, torch_malloc):
@@ -261,8 +267,9 @@ def measure(model, args):
         rates[(kind, task)].append(per[task] * args.steps / s)
   info = {k: w.ask(op="info") for k, w in workers.items()}
   for kind in workers:
-    print(f"<!-- {model} {kind} worker: {info[kind]['malloc']} -->",
-          flush=True)
+    kernels = info[kind].get("kernels")
+    print(f"<!-- {model} {kind} worker: {info[kind]['malloc']}"
+          f"{'; ' + kernels if kernels else ''} -->", flush=True)
   rows = []
   for task in per:
     j = statistics.median(rates[("jax", task)])
@@ -374,7 +381,7 @@ def main():
   if args.worker:
     return worker_main(args.worker, args.models, args.train_batch,
                        args.embed_batch, args.torch_malloc)
-  print(f"vitret_jax vs PyTorch + timm, {os.cpu_count()} CPU cores, fp32, "
+  print(f"vitret_jax vs PyTorch + timm, {_devices.describe_cpu()}; fp32, "
         f"alternating, median of {args.repeats} x {args.steps} steps; torch "
         f"malloc: {args.torch_malloc}")
   print("| model | task | batch | vitret_jax img/s | torch+timm img/s | "
