@@ -268,7 +268,7 @@ def measure(model, args):
   info = {k: w.ask(op="info") for k, w in workers.items()}
   for kind in workers:
     kernels = info[kind].get("kernels")
-    print(f"<!-- {model} {kind} worker: {info[kind]['malloc']}"
+    print(f"<!-- {model} {kind} worker: {info[kind]['malloc'].rstrip('.')}"
           f"{'; ' + kernels if kernels else ''} -->", flush=True)
   rows = []
   for task in per:
