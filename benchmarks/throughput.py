@@ -58,6 +58,24 @@ def parse_model(spec):
   return variant, int(size or 224)
 
 
+def check_models(spec):
+  """The --models list, or a message naming what is wrong with it (before
+  any worker starts: a worker's own traceback comes after its compile)."""
+  models = []
+  for m in spec.split(","):
+    try:
+      variant, size = parse_model(m.strip())
+    except ValueError:
+      return None, f"--models: {m!r}: the size after '@' must be an integer."
+    size_name, _, patch = variant.partition("/")
+    if size_name not in TIMM or not patch.isdigit():
+      return None, (f"--models: {m!r}: expected <size>/<patch>[@<pixels>] "
+                    f"with size one of {sorted(TIMM)} (plain ViTs, the "
+                    "ones timm builds the same way), e.g. S/16 or Ti/8@64.")
+    models.append(m.strip())
+  return models, None
+
+
 def batch(n, size, seed=0):
   rng = np.random.default_rng(seed)
   images = rng.normal(size=(n, size, size, 3)).astype(np.float32)
@@ -381,13 +399,21 @@ def main():
   if args.worker:
     return worker_main(args.worker, args.models, args.train_batch,
                        args.embed_batch, args.torch_malloc)
+  models, problem = check_models(args.models)
+  if problem:
+    parser.error(problem)
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if not all(importlib.util.find_spec(n) for n in ("torch", "timm")):
+    parser.error("the reference needs torch and timm: `make parity` installs "
+                 "them (torch 2.13.0 CPU, timm 1.0.31), or --project, which "
+                 "needs neither.")
   print(f"vitret_jax vs PyTorch + timm, {_devices.describe_cpu()}; fp32, "
         f"alternating, median of {args.repeats} x {args.steps} steps; torch "
         f"malloc: {args.torch_malloc}")
   print("| model | task | batch | vitret_jax img/s | torch+timm img/s | "
         "ratio | JAX compile s | XLA step MiB | JAX RSS MiB | torch RSS MiB |")
   print("|---|---|---|---|---|---|---|---|---|---|")
-  for model in args.models.split(","):
+  for model in models:
     for row in measure(model, args):
       m, task, b, j, t, ratio, comp, xla, jr, tr = row
       print(f"| {m} | {task} | {b} | {j:.2f} | {t:.2f} | {ratio:.2f} | "

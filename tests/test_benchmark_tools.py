@@ -1,16 +1,24 @@
-"""benchmarks/_devices.py: each benchmark's header names the CPU it ran on
-(ratios against torch differ between machines of this project)."""
+"""The benchmarks' own helpers, without torch: each header names the CPU it
+ran on (ratios against torch differ between machines of this project), and
+throughput.py rejects a bad --models list before starting any worker."""
 import importlib.util
 import os
+import sys
 
 from conftest import REPO
 
-# Loaded from its file: benchmarks/ is not put on sys.path, where its
-# scripts' names (knn, throughput, ...) could shadow other modules.
-_SPEC = importlib.util.spec_from_file_location(
-    "_devices", os.path.join(REPO, "benchmarks", "_devices.py"))
-_devices = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(_devices)
+
+def _load(name):
+  """benchmarks/<name>.py loaded from its file: benchmarks/ is not put on
+  sys.path, where its scripts' names (knn, ...) could shadow others."""
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_devices = _load("_devices")
 
 
 def test_describe_cpu_names_cores_isa_and_caps(monkeypatch):
@@ -39,3 +47,14 @@ def test_describe_cpu_without_proc(monkeypatch):
 
   monkeypatch.setattr("builtins.open", no_proc)
   assert f"{os.cpu_count()} cores" in _devices.describe_cpu()
+
+
+def test_throughput_models_checked_before_any_worker(monkeypatch):
+  monkeypatch.setitem(sys.modules, "_devices", _devices)  # its own import
+  throughput = _load("throughput")
+  assert throughput.check_models("S/16, Ti/8@64") == (["S/16", "Ti/8@64"],
+                                                      None)
+  for bad, says in (("X/16", "size one of"), ("S/x", "size one of"),
+                    ("R50+B/16", "size one of"), ("S/16@big", "integer")):
+    models, problem = throughput.check_models(f"Ti/16,{bad}")
+    assert models is None and repr(bad) in problem and says in problem
