@@ -22,16 +22,17 @@ def peak_bytes(compiled):
           + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def describe_cpu():
+def describe_cpu(cpuinfo="/proc/cpuinfo"):
   """One line naming the CPU the figures were taken on: model, family /
-  model number, cores, caches, vector ISA, and any ISA cap in force (XLA's
-  --xla_cpu_max_isa, torch's ATEN_CPU_CAPABILITY, oneDNN's
-  ONEDNN_MAX_CPU_ISA). Ratios against torch moved from 0.84 to 1.79 between
-  two 2-core machines of this project, so a figure without this is not
-  comparable with another."""
+  model number (x86) or implementer / part (Arm), cores, caches, vector ISA,
+  and any ISA cap in force (XLA's --xla_cpu_max_isa, torch's
+  ATEN_CPU_CAPABILITY, oneDNN's ONEDNN_MAX_CPU_ISA). Ratios against torch
+  moved from 0.84 to 1.79 between two 2-core machines of this project, so a
+  figure without this is not comparable with another."""
+  import platform  # pylint: disable=g-import-not-at-top
   info = {}
   try:
-    with open("/proc/cpuinfo") as f:
+    with open(cpuinfo) as f:
       for line in f:
         key, _, value = line.partition(":")
         key = key.strip()
@@ -40,15 +41,25 @@ def describe_cpu():
         if not line.strip() and info:
           break  # the first processor's block is enough
   except OSError:
-    import platform  # pylint: disable=g-import-not-at-top
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-  flags_ = set(info.get("flags", "").split())
-  isa = next((name for name, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"),
-                                       ("AVX", "avx")) if flag in flags_),
-             "SSE")
-  extras = [name for name, flag in (("bf16", "avx512_bf16"),
-                                     ("VNNI", "avx512_vnni"),
-                                     ("AMX", "amx_tile")) if flag in flags_]
+    pass
+  if "flags" in info:  # x86
+    flags_ = set(info["flags"].split())
+    isa = [next((name for name, flag in (
+        ("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx"))
+                 if flag in flags_), "SSE")]
+    isa += [name for name, flag in (("bf16", "avx512_bf16"),
+                                    ("VNNI", "avx512_vnni"),
+                                    ("AMX", "amx_tile")) if flag in flags_]
+    ident = (f"family {info.get('cpu family', '?')} model "
+             f"{info.get('model', '?')}")
+  elif "Features" in info:  # Arm
+    features = set(info["Features"].split())
+    isa = [f for f in ("asimd", "sve", "sve2", "bf16", "i8mm")
+           if f in features] or ["no SIMD listed"]
+    ident = (f"implementer {info.get('CPU implementer', '?')} part "
+             f"{info.get('CPU part', '?')}")
+  else:
+    isa, ident = ["ISA unknown"], platform.machine() or "machine unknown"
   caches = []
   for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
     try:
@@ -66,11 +77,9 @@ def describe_cpu():
       ("xla_cpu_max_isa", _xla_flag("xla_cpu_max_isa")),
       ("ATEN_CPU_CAPABILITY", os.environ.get("ATEN_CPU_CAPABILITY")),
       ("ONEDNN_MAX_CPU_ISA", os.environ.get("ONEDNN_MAX_CPU_ISA"))) if value]
-  parts = [info.get("model name", "unknown CPU"),
-           f"family {info.get('cpu family', '?')} model "
-           f"{info.get('model', '?')}",
+  parts = [info.get("model name") or platform.processor() or "CPU", ident,
            f"{os.cpu_count()} cores", "/".join(caches) or "caches unknown",
-           " + ".join([isa] + extras)]
+           " + ".join(isa)]
   if caps:
     parts.append("capped: " + ", ".join(caps))
   return ", ".join(parts)

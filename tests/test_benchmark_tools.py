@@ -36,17 +36,18 @@ def test_describe_cpu_names_cores_isa_and_caps(monkeypatch):
   assert "capped: xla_cpu_max_isa=AVX2, ONEDNN_MAX_CPU_ISA=AVX2" in line
 
 
-def test_describe_cpu_without_proc(monkeypatch):
-  """Where /proc/cpuinfo cannot be read (macOS, a sandbox), still a line."""
-  real_open = open
-
-  def no_proc(path, *a, **k):
-    if str(path).startswith("/proc/"):
-      raise OSError("no /proc here")
-    return real_open(path, *a, **k)
-
-  monkeypatch.setattr("builtins.open", no_proc)
-  assert f"{os.cpu_count()} cores" in _devices.describe_cpu()
+def test_describe_cpu_other_machines(tmp_path):
+  """An Arm /proc/cpuinfo (no flags, no model name), and none at all (macOS,
+  a sandbox): still a line with the cores, never an x86 ISA made up."""
+  arm = tmp_path / "cpuinfo"
+  arm.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd "
+                 "sve sve2 bf16 i8mm\nCPU implementer\t: 0x41\nCPU part\t: "
+                 "0xd4f\n\nprocessor\t: 1\n")
+  line = _devices.describe_cpu(str(arm))
+  assert "implementer 0x41 part 0xd4f" in line
+  assert "asimd + sve + sve2 + bf16 + i8mm" in line and "AVX" not in line
+  line = _devices.describe_cpu(str(tmp_path / "missing"))
+  assert f"{os.cpu_count()} cores" in line and "ISA unknown" in line
 
 
 def test_throughput_models_checked_before_any_worker(monkeypatch):
