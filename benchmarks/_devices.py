@@ -63,12 +63,8 @@ def describe_cpu(cpuinfo="/proc/cpuinfo"):
   caches = []
   for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
     try:
-      with open(os.path.join(index, "level")) as f:
-        level = f.read().strip()
-      with open(os.path.join(index, "type")) as f:
-        kind = f.read().strip()
-      with open(os.path.join(index, "size")) as f:
-        size = f.read().strip()
+      level, kind, size = (_read(os.path.join(index, name))
+                           for name in ("level", "type", "size"))
     except OSError:
       continue
     if kind != "Instruction":
@@ -83,6 +79,11 @@ def describe_cpu(cpuinfo="/proc/cpuinfo"):
   if caps:
     parts.append("capped: " + ", ".join(caps))
   return ", ".join(parts)
+
+
+def _read(path):
+  with open(path) as f:
+    return f.read().strip()
 
 
 def _xla_flag(name):

@@ -57,6 +57,24 @@ def repo():
   return REPO
 
 
+_SCRIPTS = {}
+
+
+def load_script(relpath):
+  """A repository script (tools/timm_parity.py, benchmarks/_devices.py) as a
+  module, loaded once from its file. Its folder is not put on sys.path,
+  where the scripts' names (knn, throughput, ...) could shadow modules."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if relpath not in _SCRIPTS:
+    name = os.path.splitext(os.path.basename(relpath))[0]
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO, relpath))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _SCRIPTS[relpath] = module
+  return _SCRIPTS[relpath]
+
+
 def subprocess_env(devices=1, **extra):
   """The environment for a `python -m vitret_jax...` child process: the
   suite's XLA flags and compilation cache, with `devices` CPU devices."""

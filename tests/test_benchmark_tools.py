@@ -1,24 +1,12 @@
 """The benchmarks' own helpers, without torch: each header names the CPU it
 ran on (ratios against torch differ between machines of this project), and
 throughput.py rejects a bad --models list before starting any worker."""
-import importlib.util
 import os
 import sys
 
-from conftest import REPO
+from conftest import load_script
 
-
-def _load(name):
-  """benchmarks/<name>.py loaded from its file: benchmarks/ is not put on
-  sys.path, where its scripts' names (knn, ...) could shadow others."""
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_devices = _load("_devices")
+_devices = load_script("benchmarks/_devices.py")
 
 
 def test_describe_cpu_names_cores_isa_and_caps(monkeypatch):
@@ -52,7 +40,7 @@ def test_describe_cpu_other_machines(tmp_path):
 
 def test_throughput_models_checked_before_any_worker(monkeypatch):
   monkeypatch.setitem(sys.modules, "_devices", _devices)  # its own import
-  throughput = _load("throughput")
+  throughput = load_script("benchmarks/throughput.py")
   assert throughput.check_models("S/16, Ti/8@64") == (["S/16", "Ti/8@64"],
                                                       None)
   for bad, says in (("X/16", "size one of"), ("S/x", "size one of"),

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_script
 from vitret_jax import models
 from vitret_jax import optim
 from vitret_jax import weights
@@ -81,10 +82,7 @@ def test_decay_mask_names_a_parameter_of_unknown_role():
                     reason="needs torch and timm: `make parity`")
 @pytest.mark.parametrize("name", sorted(weights.TIMM_MODELS))
 def test_decay_mask_equals_timm_on_full_size_models(name):
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), "tools"))
-  import timm_parity  # pylint: disable=g-import-not-at-top
+  timm_parity = load_script("tools/timm_parity.py")
   _, timm = timm_parity.import_timm()  # torchvision's CPU shim first
   from timm.optim import _param_groups  # pylint: disable=g-import-not-at-top
   tmodel = timm.create_model(name, pretrained=False)

@@ -5,7 +5,6 @@ import ast
 import glob
 import importlib.util
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import load_script
 from vitret_jax import models
 from vitret_jax import weights
 from vitret_jax.errors import UserError
@@ -98,22 +98,13 @@ def _timm_available():
           and importlib.util.find_spec("timm") is not None)
 
 
-def _timm_parity():
-  """tools/timm_parity.py as a module (its torch imports are deferred)."""
-  tools = os.path.join(REPO, "tools")
-  if tools not in sys.path:
-    sys.path.insert(0, tools)
-  import timm_parity  # pylint: disable=g-import-not-at-top
-  return timm_parity
-
-
 @pytest.mark.parity
 @pytest.mark.skipif(not _timm_available(),
                     reason="full-size parity needs torch and timm: run "
                            "`make parity` (see README)")
 @pytest.mark.parametrize("name", sorted(weights.TIMM_MODELS))
 def test_full_size_parity_with_timm(name):
-  timm_parity = _timm_parity()
+  timm_parity = load_script("tools/timm_parity.py")
   (_, _, err32, rel16, amp16), = timm_parity.full_size_parity([name])
   assert timm_parity.parity_ok(err32, rel16, amp16), (err32, rel16, amp16)
 
@@ -121,7 +112,7 @@ def test_full_size_parity_with_timm(name):
 def test_parity_bound_is_relative_to_timms_own_bf16_error():
   """tools/timm_parity.parity_ok (no torch needed): bf16 within twice timm's
   autocast error passes, a bf16 path far off or an fp32 mismatch fails."""
-  timm_parity = _timm_parity()
+  timm_parity = load_script("tools/timm_parity.py")
   nan = float("nan")
   assert timm_parity.parity_ok(3.6e-6, 1.03e-2, 7.13e-3)  # vit_tiny, measured
   assert not timm_parity.parity_ok(3.6e-6, 1.5e-2, 7.13e-3)
