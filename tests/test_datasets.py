@@ -71,6 +71,21 @@ def test_malformed_list_names_file_and_line(grocery_copy):
     readers.load_grocery(str(grocery_copy), num_train_classes=2)
 
 
+def test_lists_with_another_id_base_are_refused(grocery_copy):
+  """Lists renumbered from another base (here +80, so the copy's last class
+  passes the end of classes.csv, as 1-based ids of the full set do), written
+  without spaces and with CRLF line ends (a copy we did not make): the ids
+  are checked against classes.csv, and the error says they count from 0."""
+  for split in ("train", "val", "test"):
+    with open(grocery_copy / f"{split}.txt") as f:
+      rows = [l.strip().split(",") for l in f if l.strip()]
+    with open(grocery_copy / f"{split}.txt", "w", newline="") as f:
+      f.write("".join(f"{p.strip()},{int(y) + 80},{c.strip()}\r\n"
+                      for p, y, c in rows))
+  with pytest.raises(DataError, match=r"class 81, .*\(ids 0\.\.80.*from 0"):
+    readers.load_grocery(str(grocery_copy), num_train_classes=2)
+
+
 def test_missing_image_is_named(grocery_copy):
   with open(grocery_copy / "train.txt") as f:
     first = f.readline().split(",")[0]

@@ -302,8 +302,11 @@ def load_grocery(data_dir: str, protocol: str = "class_disjoint",
   bad = [y for split in rows.values() for _, y in split
          if not 0 <= y < num_classes]
   if bad:
-    raise DataError(f"Grocery lists name class {bad[0]}, but classes.csv "
-                    f"holds only {num_classes} classes.")
+    raise DataError(
+        f"Grocery lists name class {bad[0]}, but classes.csv holds only "
+        f"{num_classes} classes (ids 0..{num_classes - 1}: the lists' second "
+        "column is classes.csv's 'Class ID', counted from 0). Use the lists "
+        f"and classes.csv of one copy of the set.\n{INSTRUCTIONS['grocery']}")
 
   def make(pairs):
     return Split(tuple(p for p, _ in pairs),
