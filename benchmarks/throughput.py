@@ -91,17 +91,20 @@ def rss_mib():
 
 
 def jax_train_step(variant, size, train_b, drop_path=DROP_PATH, scan=False,
-                   remat=False):
+                   remat=False, model_cfg=None):
   """(model, state, jitted train step, batch): vitret_jax's own step, as
-  the trainer builds it, on one device (also used by compile_time.py)."""
+  the trainer builds it, on one device (also used by compile_time.py and
+  device_check.py). `model_cfg`: a whole model section instead (its
+  variant, size, dtype and attention); default float32."""
   import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
-  from vitret_jax import losses, models, optim, sharding  # pylint: disable=g-import-not-at-top
+  from vitret_jax import config_common, losses, models, optim, sharding  # pylint: disable=g-import-not-at-top
   from vitret_jax import train_step as ts  # pylint: disable=g-import-not-at-top
-  model = models.build_model(mlc.ConfigDict(dict(
-      encoder="vit", variant=variant, image_size=size, head="irt",
-      proj_dim=0, dropout=0.0, drop_path_rate=drop_path, dtype="float32",
-      remat=remat, scan=scan)))
+  if model_cfg is None:
+    model_cfg = config_common.base_config().model
+    model_cfg.update(dict(variant=variant, image_size=size,
+                          drop_path_rate=drop_path, dtype="float32",
+                          remat=remat, scan=scan))
+  model = models.build_model(model_cfg)
   mesh = sharding.make_mesh(1)
   tx = optim.make_optimizer(optim.make_schedule("constant", LR, 1),
                             weight_decay=WD)

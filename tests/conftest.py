@@ -52,6 +52,16 @@ SHARED_GROCERY = os.path.join(os.path.dirname(REPO), "shared", "data",
                               "grocery")
 
 
+def model_config(**overrides):
+  """The model section of base_config() with `overrides`: the tests' one way
+  to make a model config (every key has its library default)."""
+  from vitret_jax import config_common  # pylint: disable=g-import-not-at-top
+  cfg = config_common.base_config().model
+  for key, value in overrides.items():
+    cfg[key] = tuple(value) if isinstance(value, list) else value
+  return cfg
+
+
 @pytest.fixture(scope="session")
 def repo():
   return REPO

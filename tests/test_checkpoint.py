@@ -13,12 +13,12 @@ from vitret_jax import train_step as ts
 from vitret_jax import weights
 from vitret_jax.errors import UserError
 
+from conftest import model_config
+
 
 def make_state(width_variant="mu/8", memory=8):
-  cfg = mlc.ConfigDict(dict(
-      encoder="vit", variant=width_variant, image_size=16, head="irt",
-      proj_dim=0, dropout=0.0, drop_path_rate=0.0, dtype="float32",
-      remat=False))
+  cfg = model_config(variant=width_variant, image_size=16,
+                     drop_path_rate=0.0, dtype="float32")
   mesh = sharding.make_mesh()
   return ts.create_train_state(models.build_model(cfg), optax.adamw(1e-3),
                                jax.random.key(0), (16, 16, 3), mesh, memory)
@@ -124,9 +124,8 @@ def test_init_from_lists_mismatched_names(tmp_path):
   other = checkpoint.Checkpointer(str(tmp_path / "other"))
   other.save(state)
   other.close()
-  cfg = mlc.ConfigDict(dict(
-      encoder="vit", variant="mu/8", image_size=16, head="irt", proj_dim=8,
-      dropout=0.0, drop_path_rate=0.0, dtype="float32", remat=False))
+  cfg = model_config(variant="mu/8", image_size=16, proj_dim=8,
+                     drop_path_rate=0.0, dtype="float32")
   model = models.build_model(cfg)
   template = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 16, 16, 3))))["params"]

@@ -65,3 +65,34 @@ def test_inshop_memory_filled_by_a_momentum_encoder():
   for name in ("sop", "cub"):
     c = load(os.path.join(REPO, "configs", f"{name}.py")).get_config()
     assert c.loss.xbm.momentum == 0.0
+
+
+def test_training_crop_and_model_size_must_agree():
+  """model.image_size alone changed (the first-hour mistake): a one-line
+  error naming both before anything heavy; res= sets both and the
+  evaluation crop, and passes the check."""
+  from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
+  from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vitret_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  mod = load(os.path.join(REPO, "configs", "grocery.py"))
+  c = mod.get_config("variant=Ti/16")
+  with c.unlocked():
+    c.model.image_size = 64
+  with pytest.raises(UserError, match=r"224 px crops but model.image_size=64"
+                     ) as e:
+    experiment.check_config(c, sharding.make_mesh())
+  assert "\n" not in str(e.value) and "res=64" in str(e.value)
+  c = mod.get_config("variant=Ti/16,res=64")
+  assert c.model.image_size == 64
+  assert c.input.pp_train.endswith("random_crop(64)|flip_lr|normalize")
+  assert "center_crop(64)" in c.evals.test.pp
+  _, size = experiment.check_config(c, sharding.make_mesh())
+  assert size == 64
+
+
+@pytest.mark.parametrize("name", ["sop", "inshop", "cub"])
+def test_category_configs_take_a_resolution(name):
+  c = load(os.path.join(REPO, "configs", f"{name}.py")).get_config("res=112")
+  assert c.model.image_size == 112
+  assert "resize(128)|random_crop(112)" in c.input.pp_train
+  assert "resize(128)|center_crop(112)" in c.evals.test.pp

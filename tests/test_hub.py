@@ -11,7 +11,6 @@ import time
 import types
 
 import jax
-import ml_collections as mlc
 import numpy as np
 import pytest
 from safetensors import numpy as st_numpy
@@ -20,6 +19,8 @@ from test_weights import GOLDEN, load_golden
 from vitret_jax import hub
 from vitret_jax import weights
 from vitret_jax.errors import UserError
+
+from conftest import model_config
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -91,10 +92,8 @@ def served(tmp_path, monkeypatch):
 
 
 def _cfg(**kw):
-  return mlc.ConfigDict(dict(dict(
-      encoder="vit", variant="mu/8", image_size=32, head="irt", proj_dim=0,
-      dropout=0.0, drop_path_rate=0.0, dtype="float32", remat=False,
-      distilled=False), **kw))
+  return model_config(**dict(dict(variant="mu/8", image_size=32,
+                                  drop_path_rate=0.0, dtype="float32"), **kw))
 
 
 def _template(cfg):

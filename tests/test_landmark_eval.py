@@ -4,7 +4,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import pytest
 
@@ -17,6 +16,8 @@ from vitret_jax.errors import DataError
 from vitret_jax.eval import embed
 from vitret_jax.eval import evaluator
 from vitret_jax.eval import report
+
+from conftest import model_config
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +52,8 @@ def test_reader_and_errors(revisited, tmp_path):
 
 
 def make_embed(dtype="float32"):
-  cfg = mlc.ConfigDict(dict(
-      encoder="vit", variant="mu/8", image_size=32, head="irt", proj_dim=0,
-      dropout=0.0, drop_path_rate=0.0, dtype=dtype, remat=False))
+  cfg = model_config(variant="mu/8", image_size=32, drop_path_rate=0.0,
+                     dtype=dtype)
   model = models.build_model(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   mesh = sharding.make_mesh()

@@ -4,13 +4,14 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import pytest
 
 from vitret_jax import models
 from vitret_jax.errors import UserError
 from vitret_jax.models import vit
+
+from conftest import model_config
 
 # Parameter counts at 224 px without classifier, as timm 1.0.31 counts
 # vit_*_patch*_224 with num_classes=0 (tools/timm_parity.py); "mu" is ours.
@@ -24,12 +25,9 @@ PINNED = {
 
 
 def model_cfg(**kw):
-  base = dict(encoder="vit", variant="mu/8", image_size=32, head="irt",
-              proj_dim=0, dropout=0.0, drop_path_rate=0.1, dtype="float32",
-              remat=False, distilled=False, backbone_dtype="float32",
-              locality_blocks=[])
+  base = dict(variant="mu/8", image_size=32, dtype="float32")
   base.update(kw)
-  return mlc.ConfigDict(base)
+  return model_config(**base)
 
 
 def count(model, size):
@@ -215,15 +213,14 @@ def test_locality_residual_form_leaves_a_pretrained_model_unchanged():
   assert np.abs(np.asarray(gk["kernel"])).max() > 0
 
 
-def test_locality_inverted_form_kept_for_older_runs():
-  """The LocalViT form changes a pretrained model at step 0; runs saved
-  without `locality_form` in their config build it (their parameters were
-  trained with it)."""
+def test_locality_inverted_form():
+  """The LocalViT form changes a pretrained model at step 0 (the residual
+  form, the default, does not); an unknown form is an error."""
   model, params, x, want = _golden_with_locality("inverted")
   got = np.asarray(model.apply({"params": params}, jnp.asarray(x)))
   assert np.max(np.abs(got - want)) > 1e-3
-  legacy = models.build_model(model_cfg(locality_blocks=[-1]))
-  assert legacy.encoder.locality_form == "inverted"
+  default = models.build_model(model_cfg(locality_blocks=[-1]))
+  assert default.encoder.locality_form == "residual"
   with pytest.raises(ValueError, match="locality_form"):
     models.build_model(model_cfg(locality_blocks=[-1], locality_form="x")
                        ).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -253,7 +250,7 @@ def test_gem_positive_mapping():
       v_, jnp.full((1, 4, 2), -200.0))))(v)
   assert np.isfinite(float(gp["params"]["p"]))
   cfg = model_cfg(head="dtop", locality_blocks=[-1])
-  assert models.build_model(cfg).head.gem_input == "clamp"  # older runs
+  assert models.build_model(cfg).head.gem_input == "softplus"  # default
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6),
@@ -289,15 +286,13 @@ def test_scan_over_blocks_same_parameters_values_and_gradients(head):
   same gradients (drop-path off), also with remat, with a locality block
   and DToP's per-layer outputs; drop-path still draws masks."""
   def cfg(**kw):
-    d = dict(encoder="vit", variant="mu/8", image_size=32, head=head,
-             proj_dim=0, dropout=0.0, drop_path_rate=0.0, dtype="float32",
-             remat=False, distilled=True, locality_blocks=(-1,),
-             locality_form="residual", scan=False,
-             dtop=mlc.ConfigDict(dict(num_layers=2, gem_p=3.0,
-                                      gem_input="softplus",
-                                      layer_norm=True)))
+    d = dict(variant="mu/8", image_size=32, head=head, drop_path_rate=0.0,
+             dtype="float32", distilled=True, locality_blocks=(-1,),
+             locality_form="residual", scan=False)
     d.update(kw)
-    return mlc.ConfigDict(d)
+    cfg = model_config(**d)
+    cfg.dtop.num_layers = 2
+    return cfg
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)),
                   jnp.float32)
   # Jitted: op by op, these models cost ~250 small compiles.

@@ -1,7 +1,6 @@
 """Mesh and FSDP shardings, gradient accumulation, bf16 and remat switches."""
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 import pytest
@@ -12,13 +11,14 @@ from vitret_jax import sharding
 from vitret_jax import train_step as ts
 from vitret_jax.errors import UserError
 
+from conftest import model_config
+
 
 def model(**kw):
-  cfg = dict(encoder="vit", variant="mu/8", image_size=16, head="irt",
-             proj_dim=0, dropout=0.0, drop_path_rate=0.0, dtype="float32",
-             remat=False)
+  cfg = dict(variant="mu/8", image_size=16, drop_path_rate=0.0,
+             dtype="float32")
   cfg.update(kw)
-  return models.build_model(mlc.ConfigDict(cfg))
+  return models.build_model(model_config(**cfg))
 
 
 def batch(n=32, seed=0):

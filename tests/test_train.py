@@ -1,12 +1,13 @@
 """Train step and the whole trainer: tiny steps, resume, CLI errors."""
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 import pytest
@@ -15,6 +16,7 @@ from conftest import REPO
 from conftest import main_in_process
 from conftest import subprocess_env
 from conftest import SHARED_GROCERY
+from conftest import model_config
 from vitret_jax import losses
 from vitret_jax import models
 from vitret_jax import sharding
@@ -23,15 +25,15 @@ from vitret_jax import train_step as ts
 from vitret_jax.data import datasets
 from vitret_jax.data import image_sizes
 from vitret_jax.data import samplers
+from vitret_jax.errors import UserError
 
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import demo  # pylint: disable=g-import-not-at-top
 
 
 def tiny_model():
-  return models.build_model(mlc.ConfigDict(dict(
-      encoder="vit", variant="mu/8", image_size=16, head="irt", proj_dim=0,
-      dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False)))
+  return models.build_model(model_config(variant="mu/8", image_size=16,
+                                         dtype="float32"))
 
 
 @pytest.mark.parametrize("memory", [0, 48])
@@ -385,3 +387,32 @@ def test_evaluators_are_lazy_and_keep_their_own_cadence(tmp_path):
   assert evs.due(5) == [] and evs.names() == ["rox"]
   with pytest.raises(train.UserError, match="gnd_roxford5k"):
     evs.get("rox")
+
+
+def test_init_from_says_what_it_did(tmp_path, caplog):
+  """A local timm file of another variant gets the one-line hint (not a
+  list of names); a fitting one logs loaded / resampled / fresh counts,
+  here with the 4x4 grid resampled for 64 px."""
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  from vitret_jax import weights  # pylint: disable=g-import-not-at-top
+  with np.load(os.path.join(REPO, "tests", "golden", "vit_tiny.npz")) as f:
+    sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
+  path = str(tmp_path / "vit_tiny.safetensors")
+  st_numpy.save_file(sd, path)
+  c = demo.get_config("runlocal=True")
+  with c.unlocked():
+    c.model.variant = "mu/16"
+  with pytest.raises(UserError) as e:
+    weights.make_init_params(path, "auto", c.model)(None)
+  assert str(e.value).count("\n") == 0
+  assert "set --config.model.variant=mu/8" in str(e.value)
+  with c.unlocked():
+    c.model.variant, c.model.image_size = "mu/8", 64
+  model = models.build_model(c.model)
+  real = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  with caplog.at_level(logging.INFO):
+    weights.make_init_params(path, "auto", c.model)(real)
+  text = caplog.text
+  assert "grid to 8x8" in text and "from the weights' 4x4" in text
+  assert re.search(r"loaded \d+ tensors .*of which 1 resampled "
+                   r"\(encoder/pos_embedding\); 0 left freshly", text), text

@@ -371,10 +371,15 @@ def resume_or_init(ckpt, state, state_sharding, resume_from="", init_params=None
   return state, "scratch"
 
 
-def write_config(config, workdir):
-  """Writes config.json; an existing different one is kept, the new one is
-  written beside it as config.<n>.json so nothing is overwritten."""
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
+def write_config(config, workdir, resolved=None):
+  """Writes config.json, with `resolved` (what the "auto" settings resolved
+  to on this run's backend) under "resolved"; an existing different one is
+  kept, the new one is written beside it as config.<n>.json so nothing is
+  overwritten."""
+  record = json.loads(config.to_json_best_effort())
+  if resolved:
+    record["resolved"] = resolved
+  text = json.dumps(record, indent=2, sort_keys=True)
   path = os.path.join(workdir, "config.json")
   n = 1
   while os.path.exists(path):
@@ -422,4 +427,6 @@ def read_run_config(workdir):
   if saved is None and os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
+  if saved is not None:
+    saved.pop("resolved", None)  # a record of the run, not a setting
   return None if saved is None else mlc.ConfigDict(saved)

@@ -9,6 +9,7 @@ from absl import logging
 
 from vitret_jax import checkpoint
 from vitret_jax import export
+from vitret_jax import models
 from vitret_jax import search
 from vitret_jax.errors import UserError
 from vitret_jax.eval import report
@@ -56,7 +57,7 @@ def run_config(config, workdir, mode):
 
 
 def export_run(config, workdir, export_dir="", overwrite=False,
-               eval_name=""):
+               eval_name="", platforms=export.PLATFORMS):
   """--mode=export: the run's latest parameters as a pretrained artifact
   that computes the descriptors of evaluator `eval_name` (default: the
   first): its preprocessing, scales and whitening."""
@@ -64,10 +65,11 @@ def export_run(config, workdir, export_dir="", overwrite=False,
   export_dir = export_dir or os.path.join(workdir, "export")
   run = search.RunEmbedder(config, workdir, eval_name)
   path = export.export_artifact(
-      run.model, run.params, export_dir, model_config=config.model.to_dict(),
+      models.for_export(run.model, platforms), run.params, export_dir,
+      model_config=config.model.to_dict(),
       preprocess=run.preprocess, image_size=run.image_size,
       multiple=run.multiple, scales=run.scales, whitening=run.whitening,
-      overwrite=overwrite)
+      overwrite=overwrite, platforms=platforms)
   return f"Exported to {path}; load it with vitret_jax.load_pretrained({path!r})."
 
 
@@ -110,6 +112,8 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
 def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
                grid="", eval_name=""):
   """--mode=search: top-k files of the index for each query image."""
+  if top_k < 1:
+    raise UserError(f"--top_k={top_k}: ask for at least one result.")
   embedder, _ = _embedder(config, workdir, pretrained, eval_name)
   idx = search.Index(_index_dir(index_dir, workdir))
   paths = search.query_paths(query)

@@ -16,6 +16,28 @@ LOCAL_PP_TRAIN = "decode|resize(36)|random_crop(32)|flip_lr|normalize"
 LOCAL_PP_EVAL = "decode|resize(36)|center_crop(32)|normalize"
 
 
+def irt_pp(size):
+  """(training, evaluation) pp specs of the IRT recipe at `size` px: resize
+  the short side to 8/7 of the crop (256 for 224), then crop (random with a
+  flip for training, central for evaluation)."""
+  short = round(size * 8 / 7)
+  return (f"decode|resize({short})|random_crop({size})|flip_lr|normalize",
+          f"decode|resize({short})|center_crop({size})|normalize")
+
+
+def set_resolution(c, size):
+  """Trains and evaluates at `size` px: model.image_size, the training crop
+  and every category evaluator's crop, from the one number."""
+  if size < 8:
+    raise ValueError(f"res={size}: an image side in pixels, e.g. 224.")
+  c.model.image_size = size
+  c.input.pp_train, pp_eval = irt_pp(size)
+  for ev in c.evals.values():
+    if ev.type == "retrieval":
+      ev.pp = pp_eval
+  return c
+
+
 def parse_arg(arg, **defaults):
   """"variant=S/16,runlocal=True" -> ConfigDict over `defaults` (typed)."""
   out = mlc.ConfigDict(defaults)
@@ -82,7 +104,12 @@ def base_config():
   # init_fresh: parameter name parts allowed to stay freshly initialised.
   c.model = mlc.ConfigDict(dict(
       encoder="vit", variant="S/16", image_size=224, head="irt", proj_dim=0,
-      dropout=0.0, drop_path_rate=0.1, dtype="float32", remat=False,
+      dropout=0.0, drop_path_rate=0.1, remat=False,
+      # dtype: compute precision, "auto" (bfloat16 on GPU / TPU, float32 on
+      # CPU), "float32" or "bfloat16"; parameters, optimizer state, loss,
+      # LayerNorm statistics and softmax are float32 whatever it is.
+      # attention: "auto", "xla", "cudnn" (GPU) or "cpu" (models/attention.py).
+      dtype="auto", attention="auto",
       # scan: one lax.scan over the blocks (shorter compiles for deep
       # models; same parameters and checkpoints, other drop-path masks).
       scan=False,
@@ -123,6 +150,9 @@ def base_config():
   c.evals = mlc.ConfigDict()
   c.eval_cache = True  # save embeddings per checkpoint step, reuse them
   c.report = mlc.ConfigDict(dict(queries=8, k=5))  # report_<eval>.png grid
+  # A jax.profiler trace of steps start_step .. start_step + num_steps - 1
+  # under <workdir>/tensorboard (num_steps 0: none; vitret_jax/profiling.py).
+  c.profile = mlc.ConfigDict(dict(start_step=1, num_steps=0))
   # keep the last `keep` checkpoints and the `keep_best` best by best_metric
   # (among those saved with an evaluation: set eval_every).
   c.ckpt = mlc.ConfigDict(dict(every_steps=1000, keep=3, keep_best=1,
@@ -197,10 +227,12 @@ def make_local(c):
 def irt_category_config(arg, dataset, total_steps, xbm_ratio, evaluation,
                         sampler="random"):
   """The IRT category-retrieval recipe (SOP, In-Shop, CUB) for `dataset`;
-  `arg` as for get_config (variant=..., runlocal=...). `sampler`: the
+  `arg` as for get_config (variant=..., res=..., runlocal=...); `res` (px,
+  0 = the recipe's 224) sets the training and evaluation resolution
+  (set_resolution). `sampler`: the
   public IRT reimplementation draws SOP and In-Shop batches with 2 images
   per class ("m_per_class", m = 2) and CUB batches uniformly ("random")."""
-  arg = parse_arg(arg, variant="S/16", runlocal=False)
+  arg = parse_arg(arg, variant="S/16", res=0, runlocal=False)
   c = base_config()
   c.total_steps = total_steps
   c.model.variant = arg.variant
@@ -209,6 +241,8 @@ def irt_category_config(arg, dataset, total_steps, xbm_ratio, evaluation,
   c.input.sampler = sampler
   c.input.m_per_class = 2
   c.evals.test = evaluation
+  if arg.res:
+    set_resolution(c, arg.res)
   if arg.runlocal:
     make_local(c)
   return c

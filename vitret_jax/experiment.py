@@ -87,6 +87,29 @@ def build_loss(loss_cfg, mesh, num_classes):
   return fn, None
 
 
+def check_resolution(config, train_size):
+  """The training crop and model.image_size (the grid the position
+  embedding is made for) must agree: otherwise every step resamples the
+  embedding to the crop's grid, slower and from a degraded table. A fixed
+  evaluation size that differs is legitimate (testing at a higher
+  resolution) and is said once."""
+  image_size = config.model.image_size
+  if train_size != image_size:
+    raise UserError(
+        f"input.pp_train={config.input.pp_train!r} makes {train_size} px "
+        f"crops but model.image_size={image_size}: set them to one size "
+        f"(the category configs take it as an argument, e.g. "
+        f"configs/grocery.py:res={image_size}, which sets both and the "
+        f"evaluation crop).")
+  for name, ev in config.evals.items():
+    spec = preprocess.PPSpec(ev.pp)
+    if spec.fixed_size and spec.size != image_size:
+      logging.warning(
+          "evals.%s evaluates %d px images of a model trained at %d px: the "
+          "position embedding is resampled from %dx%d to the larger grid.",
+          name, spec.size, image_size, image_size, image_size)
+
+
 def check_config(config, mesh):
   """The checks that need no data: run before anything heavy, so a config
   mistake stops the run in seconds with one line."""
@@ -116,6 +139,10 @@ def check_config(config, mesh):
         f"{cfg.pp_train!r}: group-size sampling and the group_* "
         f"pp ops go together (e.g. sampler='group_size' with pp_train="
         f"'decode|group_resize(1.1)|group_crop|flip_lr|normalize').")
+  resolved = models.resolve(config.model)
+  logging.info("model: %s compute, %s attention (%s), on %s.",
+               resolved.dtype, resolved.attention, resolved.why,
+               resolved.platform)
   model = models.build_model(config.model)
   stride = models.input_stride(model)
   size = (config.model.image_size if grouped
@@ -139,6 +166,7 @@ def check_config(config, mesh):
           f"evals.{name}.data_dir={ev.get('data_dir')!r} is not a folder: "
           f"set it to the {ev.dataset} data (--config.evals.{name}.data_dir="
           f"...).\n{readers.INSTRUCTIONS.get(ev.dataset, '')}")
+  check_resolution(config, size)
   return model, size
 
 

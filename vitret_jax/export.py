@@ -5,7 +5,8 @@ An artifact is a folder:
   model.json           the model config, descriptor size, preprocessing,
                        scales, stride, whitening, file checksums
   embed.stablehlo      the model's forward pass serialised with `jax.export`
-                       (StableHLO, lowered for cpu, cuda and tpu) with a
+                       (StableHLO, lowered for cpu, cuda and tpu unless
+                       the exporter names fewer platforms) with a
                        symbolic batch size, height and width (multiples of
                        the encoder's stride): any image size, any batch
   whitening.safetensors  the learned whitening (mean, projection), when the
@@ -49,7 +50,8 @@ def flatten_params(params) -> dict:
 
 def export_artifact(model, params, out_dir, *, model_config: dict,
                     preprocess: str, image_size: int, multiple: int = 1,
-                    scales=(1.0,), whitening=None, overwrite=False):
+                    scales=(1.0,), whitening=None, overwrite=False,
+                    platforms=PLATFORMS):
   """Writes the artifact of `model` with `params` to `out_dir`.
 
   Args:
@@ -62,6 +64,9 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     multiple: the encoder's stride: the exported function takes images
       whose sides are multiples of it.
     scales: the evaluator's scales; whitening: its (mean, projection).
+    platforms: what the forward is lowered for (jax.export platform names,
+      "cpu", "cuda", "tpu"); `model` should carry the attention
+      models.for_export chooses for them (recorded in model.json).
   Returns:
     out_dir.
   """
@@ -70,6 +75,15 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     raise UserError(f"{out_dir} exists: refusing to overwrite an artifact. "
                     f"Pass --overwrite to replace it, or choose another "
                     f"--export_dir.")
+  platforms = tuple(platforms)
+  unknown = sorted(set(platforms) - set(PLATFORMS))
+  if unknown or not platforms:
+    raise UserError(f"--export_platforms: {unknown or 'none'}; choose from "
+                    f"{', '.join(PLATFORMS)}.")
+  impl = model.encoder.attention
+  if impl == "cudnn" and platforms != ("cuda",):
+    raise UserError(f"A model with cuDNN attention exports for cuda alone, "
+                    f"not {platforms}: build it with models.for_export.")
   params = jax.device_get(params)
   flat = flatten_params(params)
 
@@ -80,14 +94,16 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           params)
   images = jax.ShapeDtypeStruct(tuple(shape) + (3,), jnp.float32)
-  exported = jax.export.export(jax.jit(embed), platforms=PLATFORMS)(
+  exported = jax.export.export(jax.jit(embed), platforms=platforms)(
       abstract, images)
   dim = int(exported.out_avals[0].shape[-1])
   if whitening is not None:
     dim = int(np.shape(whitening[1])[1])
   meta = {"format_version": FORMAT_VERSION, "model": model_config,
           "image_size": image_size, "embedding_dim": dim,
-          "preprocess": preprocess, "platforms": list(PLATFORMS),
+          "preprocess": preprocess, "platforms": list(platforms),
+          "attention": impl,
+          "dtype": jnp.dtype(model.encoder.dtype).name,
           "multiple": int(multiple), "scales": [float(s) for s in scales],
           "whitening": whitening is not None,
           "jax_version": jax.__version__}

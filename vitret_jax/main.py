@@ -32,6 +32,10 @@ _MODE = flags.DEFINE_enum("mode", "train",
                           "What to run.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", "", "export: artifact folder "
                                   "(default WORKDIR/export).")
+_EXPORT_PLATFORMS = flags.DEFINE_list(
+    "export_platforms", ["cpu", "cuda", "tpu"], "export: the platforms the "
+    "artifact's forward is lowered for; several get XLA's attention (runs "
+    "everywhere), one gets that platform's own (e.g. --export_platforms=cpu).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "export / index: replace "
                                "an existing artifact or index.")
 _PRETRAINED = flags.DEFINE_string("pretrained", "", "index / search: an "
@@ -68,7 +72,8 @@ def _run_mode(mode, config, workdir):
     return train.evaluate_only(config, workdir)
   if mode == "export":
     return commands.export_run(config, workdir, _EXPORT_DIR.value,
-                               _OVERWRITE.value, _EXPORT_EVAL.value)
+                               _OVERWRITE.value, _EXPORT_EVAL.value,
+                               tuple(_EXPORT_PLATFORMS.value))
   if mode == "index":
     return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
                           _INDEX_DIR.value, _OVERWRITE.value,
@@ -79,9 +84,12 @@ def _run_mode(mode, config, workdir):
 
 
 def _print_table(result):
-  rows = [(k, v) for k, v in sorted(result.items()) if k not in ("untrained", "step")]
+  rows = [(k, v) for k, v in sorted(result.items())
+          if k not in ("untrained", "step", "start")]
   base = result.get("untrained", {})
-  print(f"\n{'metric':<14}{'untrained':>12}{'trained':>12}   (step {result.get('step')})")
+  start = result.get("start", "untrained")
+  print(f"\n{'metric':<14}{start:>12}{'trained':>12}   "
+        f"(step {result.get('step')})")
   for k, v in rows:
     u = f"{base[k]:.4f}" if k in base else "-"
     print(f"{k:<14}{u:>12}{v:>12.4f}")

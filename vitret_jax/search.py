@@ -168,15 +168,25 @@ class Index:
     self._pos = {os.path.abspath(p): i for i, p in enumerate(self.paths)}
     self.searcher = knn.load_scann(os.path.join(index_dir, "scann"))
 
+  def __len__(self):
+    return len(self.paths)
+
   def search(self, queries, query_paths, k):
-    """Top-k [(path, score)] per query; a query file that is itself in the
-    index is left out of its own results."""
-    scores, idx = knn.scann_search(self.searcher, queries, k + 1)
+    """Top-k [(path, score)] per query, best first; a query file that is
+    itself in the index is left out of its own results. A query gets at
+    most as many results as the index holds other images: never a padded
+    row."""
+    if k < 1:
+      raise UserError(f"top_k={k}: ask for at least one result.")
+    # One more than asked, in case the query itself is found, but never
+    # more than the index holds (ScaNN would pad the rest).
+    scores, idx = knn.scann_search(self.searcher, queries,
+                                   min(k + 1, len(self.paths)))
     out = []
     for qp, s_row, i_row in zip(query_paths, scores, idx):
       me = self._pos.get(os.path.abspath(qp), -1)
       hits = [(self.paths[i], float(s)) for s, i in zip(s_row, i_row)
-              if i != me and i >= 0]
+              if i != me and 0 <= i < len(self.paths)]
       out.append(hits[:k])
     return out
 

@@ -24,6 +24,7 @@ from vitret_jax import metric_writer
 from vitret_jax import mining
 from vitret_jax import models
 from vitret_jax import preemption
+from vitret_jax import profiling
 from vitret_jax import sharding
 from vitret_jax import train_step as ts
 from vitret_jax import weights
@@ -135,6 +136,8 @@ class _Trainer:
                             max(now - self.t_last, 1e-9))
     if self.config.input.skip_corrupt:
       metrics["skipped_images"] = self.skipped
+    # Per step since the last row: waiting for the input vs computing.
+    metrics.update(self.clock.row())
     self.t_last, self.n_last = now, done
     self.writer.write(done, metrics)
     return metrics
@@ -145,7 +148,10 @@ class _Trainer:
     config, run = self.config, self.run
     start, total = int(jax.device_get(state.step)), config.total_steps
     self.n_last = start
-    step_fn = _build_step(config, run)
+    step_fn = profiling.CompiledStep(_build_step(config, run))
+    tracer = profiling.Tracer(run.workdir, config.profile.start_step,
+                              config.profile.num_steps)
+    self.clock = profiling.StepClock()
     sampler, latest = self.loader.sampler, {"params": state.params}
     if source == "workdir":  # e.g. the epoch's mined negatives
       saved = run.ckpt.read_meta(start).get("input", {})
@@ -164,10 +170,13 @@ class _Trainer:
       for step, batch in self.loader.iterate(
           start, total, before_segment=lambda first: sampler.start_epoch(
               first, latest["params"])):
+        self.clock.got_batch()
         self.skipped += int(batch.pop("skipped", 0))
         batch = sharding.to_global_batch(batch, run.mesh)  # explicit copy
+        tracer.before_step(step)
         with jax.transfer_guard("disallow"):  # and no implicit one
           state, metrics = step_fn(state, batch)
+        tracer.after_step(step, metrics)
         latest["params"] = state.params
         # At most one step runs ahead of the host: the bar shows real
         # progress and queued batches do not pile up in device memory.
@@ -175,14 +184,17 @@ class _Trainer:
           jax.block_until_ready(in_flight)
           bar.update(1)
         in_flight, done = metrics, step + 1
+        self.clock.step_done()
         if done % config.log_every == 0 or done == total:
           metrics = self.log(metrics, done, step)
           bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                           lr=f"{metrics['lr']:.2e}")
         if done < total:
           self.after_step(state, done)
+        self.clock.restart()
       bar.update(bar.total - bar.n)
     finally:
+      tracer.stop()
       bar.close()
     if self.skipped:
       logging.warning("Skipped %d unreadable training image(s) "
@@ -225,13 +237,16 @@ def train_and_evaluate(config, workdir) -> dict:
   experiment.check_config(config, sharding.build_mesh(config.mesh))
   with workdir_lib.Lock(workdir, "train"):
     run = experiment.Run(config, workdir)
-    if jax.process_index() == 0:
-      checkpoint.write_config(config, workdir)  # the data passed its checks
     state, source = checkpoint.resume_or_init(
         run.ckpt, run.state, run.state_sharding, config.resume_from,
         weights.make_init_params(config.model.init_from,
                                  config.model.init_format, config.model,
                                  tuple(config.model.init_fresh)))
+    if jax.process_index() == 0:
+      # Only now: the data and the starting weights passed their checks, so
+      # a run that failed them leaves no config behind.
+      checkpoint.write_config(config, workdir,
+                              models.resolve(config.model).as_dict())
     loader = _build_loader(config, run)
     start = int(jax.device_get(state.step))
     writer = metric_writer.MetricWriter(workdir, resume_step=start)
@@ -250,7 +265,20 @@ def train_and_evaluate(config, workdir) -> dict:
       loader.close()
       writer.close()
       run.ckpt.close()
-    return _finish(workdir, final, untrained, end)
+    out = _finish(workdir, final, untrained, end, start_name(config))
+  if jax.process_index() == 0:
+    logging.info("Done: metrics in %s (eval.json, metrics.jsonl), "
+                 "checkpoints in %s, retrieval grids report_<eval>.png.",
+                 workdir, run.ckpt.directory)
+  return out
+
+
+def start_name(config):
+  """What the metrics before the first step are of: weights loaded by
+  model.init_from (or a run continued with resume_from) are "pretrained",
+  a fresh initialisation "untrained"."""
+  return ("pretrained" if config.model.init_from or config.resume_from
+          else "untrained")
 
 
 def _build_loader(config, run):
@@ -296,10 +324,14 @@ def _build_sampler(config, run):
   return sampler
 
 
-def _finish(workdir, final, untrained, step):
+def _finish(workdir, final, untrained, step, start="untrained"):
+  """eval.json: the final metrics, with the metrics before the first step
+  under "untrained" and what they were of (`start`: "untrained" or
+  "pretrained") under "start"."""
   out = dict(final, step=step)
   if untrained is not None:
     out["untrained"] = untrained
+    out["start"] = start
   _write_json(os.path.join(workdir, "eval.json"), out)
   return out
 
@@ -322,4 +354,4 @@ def evaluate_only(config, workdir) -> dict:
     step = int(jax.device_get(state.step))
     final = run.evaluate(state.params, step=step, report=True)
     run.ckpt.record_eval(step, final)
-    return _finish(workdir, final, untrained, step)
+    return _finish(workdir, final, untrained, step, start_name(config))

@@ -20,6 +20,7 @@ from absl import logging
 from vitret_jax import models
 from vitret_jax import params_tree
 from vitret_jax.errors import UserError
+from vitret_jax.models import hybrid
 from vitret_jax.models import vit
 
 # timm model name -> (variant, image size, distilled)
@@ -122,6 +123,12 @@ def _timm_block(i, rest, name, take, heads, t):
   return {}  # e.g. attn.qkv.bias, taken with the weight
 
 
+def log_resample(side, grid):
+  logging.info("Position embedding resampled from the weights' %dx%d grid "
+               "to %dx%d (model.image_size / patch size).", side, side, grid,
+               grid)
+
+
 def _timm_to_flat(sd, heads, grid, num_prefix):
   """timm names -> our flat names ("encoder/Transformer/...")."""
   e = "encoder/"
@@ -157,6 +164,7 @@ def _timm_to_flat(sd, heads, grid, num_prefix):
       pe = take(name)
       side = int(round((pe.shape[1] - num_prefix) ** 0.5))
       if side != grid:  # checkpoint made for another resolution
+        log_resample(side, grid)
         pe = np.asarray(vit.resample_posemb(jnp.asarray(pe), (grid, grid),
                                             num_prefix))
       flat[e + "pos_embedding"] = pe
@@ -229,6 +237,9 @@ def from_npz(checkpoint, variant, image_size=224, dtype=jnp.float32):
     value = np.asarray(value, np.float32)
     if name == "Transformer/posembed_input/pos_embedding":
       grid = image_size // enc.stride
+      side = int(round((value.shape[1] - enc.num_prefix) ** 0.5))
+      if side != grid:
+        log_resample(side, grid)
       value = np.asarray(vit.resample_posemb(jnp.asarray(value), (grid, grid)))
       flat["encoder/pos_embedding"] = value
     elif re.match(r"(conv_root|gn_root|block\d+)/", name):
@@ -261,7 +272,8 @@ INIT_FORMATS = ("auto", "vitret_run", "vitret_export", "timm", "npz")
 
 
 def _load_init_source(path, fmt, model_cfg):
-  """Parameters from `model.init_from` as a nested dict (see INIT_FORMATS)."""
+  """(parameters from `model.init_from` as a nested dict (see
+  INIT_FORMATS), the flat names of those resampled to the model's grid)."""
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vitret_jax import export  # pylint: disable=g-import-not-at-top
   from vitret_jax import hub  # pylint: disable=g-import-not-at-top
@@ -286,20 +298,36 @@ def _load_init_source(path, fmt, model_cfg):
   if fmt in ("timm", "npz") and not os.path.isfile(path):
     raise UserError(f"model.init_from={path!r}: no such file.")
   if fmt == "vitret_export":
-    return export.Embedder(path).params
+    return export.Embedder(path).params, []
   if fmt == "vitret_run":
-    return checkpoint.load_run_params(path, flag="model.init_from")
-  # Encoder-only checkpoints: converted with the encoder of this config.
-  kw = dict(variant=model_cfg.variant, image_size=model_cfg.image_size,
-            distilled=model_cfg.get("distilled", False))
-  model = build_encoder(**kw)
+    return checkpoint.load_run_params(path, flag="model.init_from"), []
+  # Encoder-only checkpoints: converted with the encoder of this config,
+  # after a check that they are of its variant (a one-line hint, not a
+  # list of every misfitting name).
+  model = build_encoder(model_cfg.variant, model_cfg.image_size,
+                        model_cfg.distilled)
   if fmt == "timm":
-    params = convert_timm(model, load_state_dict(path),
-                                  model_cfg.image_size, path)["params"]
+    sd = load_state_dict(path)
+    found = timm_variant(sd)
+    if found:
+      _check_variant(f"a timm {found[0]} file", *found, model_cfg)
+    params = convert_timm(model, sd, model_cfg.image_size, path)["params"]
+    source_pe = sd.get("pos_embed")
   else:
-    params = from_npz(path, model_cfg.variant,
-                              model_cfg.image_size)[1]["params"]
-  return jax.tree.map(np.asarray, params)
+    with np.load(path) as f:
+      ckpt = dict(f)
+    found = npz_variant(ckpt)
+    if found:
+      _check_variant(f"a {found[0]} npz file", *found, model_cfg)
+    params = from_npz(ckpt, model_cfg.variant,
+                      model_cfg.image_size)[1]["params"]
+    source_pe = ckpt.get("Transformer/posembed_input/pos_embedding")
+  # The position embedding is the one tensor the converters resample
+  # (weights made for another grid).
+  pe = params["encoder"]["pos_embedding"]
+  resampled = ([] if source_pe is None or source_pe.shape == pe.shape
+               else ["encoder/pos_embedding"])
+  return jax.tree.map(np.asarray, params), resampled
 
 
 def _check_timm_architecture(arch, model_cfg):
@@ -308,14 +336,82 @@ def _check_timm_architecture(arch, model_cfg):
   if arch not in TIMM_MODELS or model_cfg is None:
     return
   variant, _, distilled = TIMM_MODELS[arch]
-  mine = (model_cfg.variant, bool(model_cfg.get("distilled", False)))
+  _check_variant(f"timm's {arch}", variant, distilled, model_cfg)
+
+
+def _check_variant(what, variant, distilled, model_cfg):
+  """One line naming the variant to set when weights of `variant` meet a
+  config of another."""
+  mine = (model_cfg.variant, bool(model_cfg.distilled))
   if mine != (variant, distilled):
     raise UserError(
-        f"model.init_from is timm's {arch} ({variant}"
+        f"model.init_from is {what} ({variant}"
         f"{', distilled' if distilled else ''}); the config's model is "
         f"{mine[0]}{', distilled' if mine[1] else ''}: set "
         f"--config.model.variant={variant} --config.model.distilled="
         f"{distilled}.")
+
+
+def _size_name(width, depth):
+  for name, arch in vit.VARIANTS.items():
+    if (arch["width"], arch["depth"]) == (width, depth):
+      return name
+  return None
+
+
+def _cnn_name(units):
+  for name, known in hybrid.RESNETS.items():
+    if tuple(known) == tuple(units):
+      return name
+  return None
+
+
+def _variant_of(width, depth, patch, units):
+  """"S/16" / "R50+B/16" from a checkpoint's sizes; None when they are not
+  one of the variant table's."""
+  size = _size_name(width, depth)
+  if size is None:
+    return None
+  if not units:
+    return f"{size}/{patch}"
+  cnn = _cnn_name(units)
+  return cnn and f"{cnn}+{size}/{hybrid.stride_of(units) * patch}"
+
+
+def _units(names, pattern):
+  """Units per stage of a ResNet from parameter names matching `pattern`
+  (groups: stage, unit)."""
+  per_stage = {}
+  for name in names:
+    m = re.match(pattern, name)
+    if m:
+      stage, unit = int(m.group(1)), int(m.group(2))
+      per_stage[stage] = max(per_stage.get(stage, 0), unit)
+  return tuple(per_stage[k] for k in sorted(per_stage))
+
+
+def timm_variant(sd):
+  """(variant, distilled) of a timm ViT / hybrid state dict, or None."""
+  w = sd.get("patch_embed.proj.weight")
+  if w is None:
+    return None
+  depth = len({n.split(".")[1] for n in sd if n.startswith("blocks.")})
+  units = _units(sd, r"patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.")
+  units = tuple(u + 1 for u in units)  # timm counts blocks from 0
+  variant = _variant_of(w.shape[0], depth, w.shape[-1], units)
+  return variant and (variant, "dist_token" in sd)
+
+
+def npz_variant(ckpt):
+  """(variant, False) of a Google ViT / R50+ViT npz mapping, or None."""
+  w = ckpt.get("embedding/kernel")
+  if w is None:
+    return None
+  depth = len({n.split("/")[1] for n in ckpt
+               if n.startswith("Transformer/encoderblock_")})
+  units = _units(ckpt, r"block(\d+)/unit(\d+)/")
+  variant = _variant_of(w.shape[-1], depth, w.shape[0], units)
+  return variant and (variant, False)
 
 
 def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
@@ -330,14 +426,19 @@ def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
     return None
 
   def load(template):
-    loaded = _load_init_source(path, fmt, model_cfg)
+    loaded, resampled = _load_init_source(path, fmt, model_cfg)
     want, have = params_tree.shapes(template), params_tree.shapes(loaded)
     kept = {k for k in set(want) - set(have) if any(f in k for f in fresh)}
-    if kept:
-      logging.info("init_from: %d parameters stay freshly initialised (%s)",
-                   len(kept), ", ".join(sorted(kept)[:4]))
-      want = {k: v for k, v in want.items() if k not in kept}
-    check_fit(have, want, f"model.init_from={path!r}")
+    want_loaded = {k: v for k, v in want.items() if k not in kept}
+    check_fit(have, want_loaded, f"model.init_from={path!r}")
+    size = lambda names: sum(int(np.prod(want[k])) for k in names)
+    logging.info(
+        "init_from %s: loaded %d tensors (%s values), of which %d resampled "
+        "(%s); %d left freshly initialised (%s values: %s).", path,
+        len(want_loaded), f"{size(want_loaded):,}", len(resampled),
+        ", ".join(resampled) or "none", len(kept), f"{size(kept):,}",
+        ", ".join(sorted(kept)[:4]) or "none")
     return params_tree.like(template, loaded)
   return load
+
 

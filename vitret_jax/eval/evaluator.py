@@ -148,8 +148,9 @@ class _Evaluator:
     # Queries spread evenly over the split (lists are often sorted by class).
     picks = np.unique(np.linspace(0, len(q_paths) - 1, num_queries).astype(int))
     for i in picks:
+      # An empty slot (-1: fewer references than k) is not a result.
       rows.append((q_paths[i], [(g_paths[j], marks(i, j), f"#{r + 1}")
-                                for r, j in enumerate(idx[i, :k])]))
+                                for r, j in enumerate(idx[i, :k]) if j >= 0]))
     return rows
 
 

@@ -107,10 +107,19 @@ def load_scann(directory):
 
 
 def scann_search(searcher, query, k):
-  """(scores [Q, k], indices [Q, k]) from a ScaNN searcher, best first."""
+  """(scores [Q, k], indices [Q, k]) from a ScaNN searcher, best first.
+
+  ScaNN pads a row that found fewer than k neighbours (an index smaller
+  than k, or a tree search whose leaves held fewer) with index 0 and a NaN
+  score; those slots come back as index -1 and score -inf, as exact_knn's
+  empty slots, so no caller can take the padding for database row 0.
+  """
   idx, scores = searcher.search_batched(np.asarray(query, np.float32),
                                         final_num_neighbors=k)
-  return np.asarray(scores, np.float32), np.asarray(idx, np.int64)
+  scores = np.asarray(scores, np.float32).reshape(len(query), -1)
+  idx = np.asarray(idx, np.int64).reshape(len(query), -1)
+  pad = ~np.isfinite(scores)
+  return np.where(pad, -np.inf, scores), np.where(pad, -1, idx)
 
 
 BACKENDS = ("exact", "scann")

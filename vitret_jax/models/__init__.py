@@ -1,16 +1,76 @@
 """Model zoo: `build_model(model_cfg)` = encoder + retrieval head.
 
 Dispatch goes through the explicit `ENCODERS` / `HEADS` dicts; an unknown name
-is an error that lists the valid ones.
+is an error that lists the valid ones. `model.dtype` and `model.attention`
+may be "auto": `resolve` turns them into what runs on this backend (bfloat16
+compute and cuDNN / XLA attention on accelerators, float32 and the CPU kernel
+on CPUs); the parameters are the same whatever they resolve to.
 """
+import dataclasses
+
+from absl import logging
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vitret_jax.errors import UserError
+from vitret_jax.models import attention
 from vitret_jax.models import heads
 from vitret_jax.models import vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Compute precision of model.dtype="auto" per platform; parameters, optimizer
+# state, the loss, LayerNorm statistics and softmax stay float32 regardless.
+AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """What `model.dtype` and `model.attention` mean on a platform."""
+  platform: str
+  dtype: str
+  attention: str
+  why: str
+
+  def as_dict(self):
+    return dataclasses.asdict(self)
+
+
+def platform_name(platform=None):
+  """"cpu", "gpu" or "tpu": `platform` (a jax platform name) or the default
+  backend's."""
+  platform = platform or jax.default_backend()
+  return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+
+
+def _is_hopper_or_later():
+  try:
+    cc = jax.devices()[0].compute_capability
+  except (AttributeError, RuntimeError):
+    return False
+  return float(cc) >= 9.0
+
+
+def resolve(cfg, platform=None, hopper=None) -> Resolved:
+  """The dtype and attention the `config.model` section `cfg` runs with on
+  `platform` (default: this process's backend). A choice the platform
+  cannot run is a UserError that names it and suggests "auto"."""
+  platform = platform_name(platform)
+  dtype = cfg.dtype
+  if dtype == "auto":
+    dtype = AUTO_DTYPE.get(platform, "float32")
+  if dtype not in DTYPES:
+    raise UserError(f"model.dtype={cfg.dtype!r}; valid: "
+                    f"{sorted(DTYPES) + ['auto']}.")
+  arch = vit.decode_variant(cfg.variant)
+  if hopper is None:
+    hopper = platform == "gpu" and _is_hopper_or_later()
+  try:
+    impl, why = attention.resolve(cfg.attention, platform, dtype,
+                                  arch["width"] // arch["num_heads"], hopper)
+  except ValueError as e:
+    raise UserError(str(e)) from e
+  return Resolved(platform, dtype, impl, why)
 
 
 class RetrievalModel(nn.Module):
@@ -31,17 +91,15 @@ class PooledEncoder(nn.Module):
     return self.encoder(images, train=train)["pooled"]
 
 
-def _build_vit(cfg, dtype):
+def _build_vit(cfg, dtype, impl):
   arch = vit.decode_variant(cfg.variant)
   return vit.VisionTransformer(
       **arch, image_size=cfg.image_size, dropout=cfg.dropout,
       drop_path_rate=cfg.drop_path_rate, dtype=dtype, remat=cfg.remat,
-      distilled=cfg.get("distilled", False),
-      backbone_dtype=DTYPES[cfg.get("backbone_dtype", "float32")],
-      locality_blocks=tuple(cfg.get("locality_blocks", ())),
-      # A run saved before `locality_form` existed used "inverted".
-      locality_form=cfg.get("locality_form", "inverted"),
-      scan=cfg.get("scan", False), name="encoder")
+      distilled=cfg.distilled, backbone_dtype=DTYPES[cfg.backbone_dtype],
+      locality_blocks=tuple(cfg.locality_blocks),
+      locality_form=cfg.locality_form, scan=cfg.scan, attention=impl,
+      name="encoder")
 
 
 def _build_irt_head(cfg, dtype):
@@ -49,13 +107,10 @@ def _build_irt_head(cfg, dtype):
 
 
 def _build_dtop_head(cfg, dtype):
-  d = cfg.get("dtop", {})
-  return heads.DToPHead(num_layers=d.get("num_layers", 4),
-                        out_dim=cfg.proj_dim or 512, gem_p=d.get("gem_p", 3.0),
-                        # Runs saved before `gem_input` existed clamped.
-                        gem_input=d.get("gem_input", "clamp"),
-                        layer_norm=d.get("layer_norm", True), dtype=dtype,
-                        name="head")
+  d = cfg.dtop
+  return heads.DToPHead(num_layers=d.num_layers, out_dim=cfg.proj_dim or 512,
+                        gem_p=d.gem_p, gem_input=d.gem_input,
+                        layer_norm=d.layer_norm, dtype=dtype, name="head")
 
 
 ENCODERS = {"vit": _build_vit}
@@ -74,11 +129,32 @@ def input_stride(model) -> int:
   return getattr(getattr(model, "encoder", None), "stride", 1)
 
 
-def build_model(cfg) -> RetrievalModel:
-  """Builds the model from the `config.model` section."""
-  if cfg.dtype not in DTYPES:
-    raise UserError(f"model.dtype={cfg.dtype!r}; valid: {sorted(DTYPES)}.")
-  dtype = DTYPES[cfg.dtype]
-  encoder = _choose(ENCODERS, cfg.encoder, "model.encoder")(cfg, dtype)
+def build_model(cfg, platform=None, attention_impl="") -> RetrievalModel:
+  """Builds the model of the `config.model` section for `platform` (default:
+  this process's backend); `attention_impl` forces a resolved attention
+  (export: "xla" for a forward that runs on every platform)."""
+  resolved = resolve(cfg, platform)
+  dtype = DTYPES[resolved.dtype]
+  encoder = _choose(ENCODERS, cfg.encoder, "model.encoder")(
+      cfg, dtype, attention_impl or resolved.attention)
   head = _choose(HEADS, cfg.head, "model.head")(cfg, dtype)
   return RetrievalModel(encoder=encoder, head=head)
+
+
+def for_export(model, platforms):
+  """`model` with the attention an artifact for `platforms` (jax.export
+  names) is exported with: XLA's, which runs everywhere, for several; for
+  one, what "auto" chooses there (the CPU kernel on cpu; cuDNN's on cuda
+  where it can be lowered, that is, when exporting on a GPU)."""
+  impl = "xla"
+  if len(platforms) == 1:
+    enc = model.encoder
+    impl, _ = attention.resolve("auto", platforms[0],
+                                jnp.dtype(enc.dtype).name,
+                                enc.width // enc.num_heads)
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+      logging.info("Exporting for cuda from a %s host: cuDNN attention "
+                   "cannot be lowered without a GPU; XLA's is exported.",
+                   jax.default_backend())
+      impl = "xla"
+  return model.clone(encoder=model.encoder.clone(attention=impl))

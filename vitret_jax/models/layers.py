@@ -148,6 +148,8 @@ class EncoderBlock(nn.Module):
     locality_grid: (h, w) of the patch grid to use a LocalityMlp, or None
       for the plain MLP; num_prefix: tokens before the grid; locality_form:
       the LocalityMlp's form.
+    attention: the resolved attention implementation ("cpu", "xla",
+      "cudnn"; models/attention.py).
   """
   mlp_dim: int
   num_heads: int
@@ -157,13 +159,15 @@ class EncoderBlock(nn.Module):
   locality_grid: Optional[Tuple[int, int]] = None
   num_prefix: int = 1
   locality_form: str = "residual"
+  attention: str = "cpu"
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="LayerNorm_0")(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
-        force_fp32_for_softmax=True, attention_fn=attention.attention,
+        force_fp32_for_softmax=True,
+        attention_fn=attention.make_attention_fn(self.attention),
         name="MultiHeadDotProductAttention_1")(y, y, deterministic=True)
     y = nn.Dropout(self.dropout)(y, deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic)
@@ -195,6 +199,7 @@ class Encoder(nn.Module):
     locality_blocks: indices of the blocks whose MLP is a LocalityMlp
       (negative counts from the end); they need `grid_hw` and `num_prefix`;
       locality_form: their form (LocalityMlp).
+    attention: the blocks' attention implementation (EncoderBlock).
   Returns (final-normed tokens, list of every block's raw output).
   """
   depth: int
@@ -209,6 +214,7 @@ class Encoder(nn.Module):
   num_prefix: int = 1
   locality_form: str = "residual"
   scan: bool = False
+  attention: str = "cpu"
 
   def _rate(self, i):
     return self.drop_path_rate * i / max(1, self.depth - 1)
@@ -217,7 +223,7 @@ class Encoder(nn.Module):
     local = {j % self.depth for j in self.locality_blocks}
     return (self.mlp_dim, self.num_heads, self.dropout, rate, self.dtype,
             self.grid_hw if i in local else None, self.num_prefix,
-            self.locality_form)
+            self.locality_form, self.attention)
 
   def _runs(self):
     """[start, end) stretches of blocks of one kind (plain / locality)."""

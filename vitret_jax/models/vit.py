@@ -81,6 +81,8 @@ class VisionTransformer(nn.Module):
     scan: scan over the transformer blocks (layers.Encoder), same parameters.
     locality_blocks: blocks with a locality-enhanced MLP (DToP);
       locality_form: its form (layers.LocalityMlp).
+    attention: the resolved attention implementation ("cpu", "xla",
+      "cudnn"; models/attention.py). It changes no parameter.
     backbone_dtype: compute dtype of a hybrid's CNN. float32 by default even
       when `dtype` is bfloat16: bf16 activations through a ResNet roughly
       double the descriptor error per stage (R26: 4e-2 relative vs 1e-2 for
@@ -110,6 +112,7 @@ class VisionTransformer(nn.Module):
   backbone_dtype: Any = jnp.float32
   scan: bool = False
   locality_form: str = "residual"
+  attention: str = "cpu"
 
   @property
   def stride(self) -> int:
@@ -153,7 +156,8 @@ class VisionTransformer(nn.Module):
         dtype=self.dtype, remat=self.remat,
         locality_blocks=tuple(self.locality_blocks), grid_hw=(h, w),
         num_prefix=self.num_prefix, locality_form=self.locality_form,
-        scan=self.scan, name="Transformer")(x, not train)
+        scan=self.scan, attention=self.attention,
+        name="Transformer")(x, not train)
     out = {"cls": x[:, 0], "tokens": x[:, self.num_prefix:], "hidden": hidden,
            "num_prefix": self.num_prefix, "pooled": x[:, 0]}
     if self.distilled:

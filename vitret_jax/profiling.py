@@ -1,0 +1,136 @@
+"""What a run spends its time on: a `jax.profiler` trace of chosen steps,
+the seconds each step waited for its batch against the seconds it computed,
+and XLA's FLOP and memory figures of the compiled train step.
+
+`config.profile.start_step` / `num_steps` choose the traced steps (counted
+as the trainer counts them, from 0); the trace goes to
+`<workdir>/tensorboard/plugins/profile/<date>/`, where TensorBoard's profile
+plugin reads it, beside a `.trace.json.gz` that Perfetto (ui.perfetto.dev)
+opens.
+"""
+import os
+import time
+
+import jax
+from absl import logging
+
+
+class Tracer:
+  """Starts a jax.profiler trace before step `start_step` and stops it
+  after `num_steps` steps (num_steps 0: never)."""
+
+  def __init__(self, workdir, start_step, num_steps):
+    self.logdir = os.path.join(workdir, "tensorboard")
+    self.first, self.last = start_step, start_step + num_steps
+    self.enabled = num_steps > 0 and jax.process_index() == 0
+    self.active = False
+
+  def before_step(self, step):
+    if self.enabled and not self.active and self.first <= step < self.last:
+      jax.profiler.start_trace(self.logdir, create_perfetto_trace=True)
+      self.active = True
+      logging.info("Profiling steps %d..%d into %s.", step, self.last - 1,
+                   self.logdir)
+
+  def after_step(self, step, outputs):
+    """`step` has been dispatched; its `outputs` are waited for before the
+    trace ends, so the trace holds the steps' device work."""
+    if self.active and step + 1 >= self.last:
+      self.stop(outputs)
+
+  def stop(self, outputs=None):
+    if self.active:
+      if outputs is not None:
+        jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info("Profile written under %s (TensorBoard's profile tab, or "
+                   "the .trace.json.gz in Perfetto).", self.logdir)
+
+
+class StepClock:
+  """Seconds waiting for batches and seconds computing, summed between
+  two log rows. The host waits for step n-1 while step n is queued, so
+  "compute" is the device's time unless the input starves it, which shows
+  as "wait"."""
+
+  def __init__(self):
+    self.wait = self.compute = 0.0
+    self.steps = 0
+    self._mark = time.perf_counter()
+
+  def got_batch(self):
+    now = time.perf_counter()
+    self.wait += now - self._mark
+    self._mark = now
+
+  def step_done(self):
+    now = time.perf_counter()
+    self.compute += now - self._mark
+    self._mark = now
+    self.steps += 1
+
+  def restart(self):
+    """After the loop's own work (logging, saving, evaluating), which is
+    neither waiting for input nor the step."""
+    self._mark = time.perf_counter()
+
+  def row(self):
+    """{"time/wait_s", "time/compute_s"}: means per step since the last
+    row; then starts a new interval."""
+    n = max(self.steps, 1)
+    out = {"time/wait_s": self.wait / n, "time/compute_s": self.compute / n}
+    self.wait = self.compute = 0.0
+    self.steps = 0
+    return out
+
+
+def describe_compiled(compiled):
+  """XLA's figures of a compiled program, per device: FLOPs, and the bytes
+  of its arguments, outputs and temporaries."""
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  out = {"flops": float(cost.get("flops", float("nan")))}
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    m = None
+  if m is not None:
+    out.update(argument_bytes=m.argument_size_in_bytes,
+               output_bytes=m.output_size_in_bytes,
+               temp_bytes=m.temp_size_in_bytes,
+               alias_bytes=m.alias_size_in_bytes)
+  return out
+
+
+class CompiledStep:
+  """The jitted train step compiled ahead of time once per batch shape, so
+  the program that runs is the one whose FLOPs and memory are logged (no
+  second compilation). The first compilation is logged once per run."""
+
+  def __init__(self, step_fn):
+    self.step_fn, self.compiled, self.first = step_fn, {}, None
+
+  def __call__(self, state, batch):
+    key = tuple((k, tuple(v.shape), str(v.dtype))
+                for k, v in sorted(batch.items()))
+    if key not in self.compiled:
+      t0 = time.perf_counter()
+      self.compiled[key] = self.step_fn.lower(state, batch).compile()
+      if self.first is None:
+        self.first = describe_compiled(self.compiled[key])
+        self.first["compile_s"] = time.perf_counter() - t0
+        _log_compiled(self.first, key)
+    return self.compiled[key](state, batch)
+
+
+def _log_compiled(info, key):
+  mib = lambda name: info.get(name, 0) / 2 ** 20
+  logging.info(
+      "Train step compiled in %.1f s for batch %s: %.3g GFLOP per device "
+      "per step (XLA's count); memory per device: arguments %.0f MiB, "
+      "outputs %.0f MiB, temporaries %.0f MiB, donated %.0f MiB.",
+      info["compile_s"], dict((k, s) for k, s, _ in key),
+      info["flops"] / 1e9, mib("argument_bytes"), mib("output_bytes"),
+      mib("temp_bytes"), mib("alias_bytes"))
