@@ -45,9 +45,12 @@ def get_config(arg=None):
   c.input.pp_train = "decode|group_resize(1.08)|group_crop|flip_lr|normalize"
   c.input.m_per_class = 2
   c.input.batch_size = 64
-  c.loss.entropy_weight = 4.0  # SPEC: lambda for landmarks (inferred)
+  # lambda of the contrastive loss for landmarks (docs/dtop.md; inferred),
+  # used with --config.loss.kind=irt; ArcFace trains without KoLeo
+  # (loss.arcface.entropy_weight 0).
+  c.loss.entropy_weight = 4.0
   c.loss.xbm.ratio = 0.0
-  common.use_arcface(c)  # entropy_weight 0: ArcFace alone
+  common.use_arcface(c)
   c.optim.lr = 1e-4
   c.optim.weight_decay = 0.05
   c.optim.clip_norm = 1.0

@@ -102,14 +102,13 @@ def test_train_step_with_class_centres_split_over_8_devices():
   """The whole train step with ArcFace: the centres and their optimizer
   state are split along the classes, and 2 steps on 8 devices move the
   parameters as on 1 device."""
-  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
   from vitret_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   from test_train import tiny_model  # pylint: disable=g-import-not-at-top
-  loss_cfg = mlc.ConfigDict(dict(
-      kind="arcface", entropy_weight=0.0, eps=1e-8,
-      arcface=dict(margin=0.3, scale=30.0), xbm=dict(ratio=0.0)))
+  from vitret_jax import config_common  # pylint: disable=g-import-not-at-top
+  loss_cfg = config_common.base_config().loss
+  loss_cfg.kind, loss_cfg.xbm.ratio = "arcface", 0.0
   rng = np.random.default_rng(3)
   batch = {"image": rng.normal(size=(24, 16, 16, 3)).astype(np.float32),
            "label": rng.integers(0, 37, 24).astype(np.int32)}

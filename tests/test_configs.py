@@ -96,3 +96,29 @@ def test_category_configs_take_a_resolution(name):
   assert c.model.image_size == 112
   assert "resize(128)|random_crop(112)" in c.input.pp_train
   assert "resize(128)|center_crop(112)" in c.evals.test.pp
+
+
+@pytest.mark.parametrize("name", ["dtop", "gldv2", "sfm120k"])
+def test_landmark_configs_koleo_weight_follows_the_loss(name, monkeypatch):
+  """loss.kind=irt on the landmark configs trains with KoLeo lambda = 4 (as
+  their docs say); their ArcFace trains without it unless asked."""
+  from vitret_jax import arcface  # pylint: disable=g-import-not-at-top
+  from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
+  from vitret_jax import losses  # pylint: disable=g-import-not-at-top
+  from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
+  seen = {}
+  monkeypatch.setattr(losses, "make_sharded_loss",
+                      lambda mesh, **kw: seen.update(irt=kw))
+  monkeypatch.setattr(arcface, "make_sharded_arcface",
+                      lambda mesh, **kw: seen.update(arcface=kw))
+  c = load(os.path.join(REPO, "configs", f"{name}.py")).get_config()
+  mesh = sharding.make_mesh()
+  for kind, weight in (("irt", 4.0), ("arcface", 0.0)):
+    with c.unlocked():
+      c.loss.kind = kind
+    experiment.build_loss(c.loss, mesh, 8)
+    assert seen[kind]["entropy_weight"] == weight, (name, kind)
+  with c.unlocked():
+    c.loss.arcface.entropy_weight = 1.5
+  experiment.build_loss(c.loss, mesh, 8)
+  assert seen["arcface"]["entropy_weight"] == 1.5

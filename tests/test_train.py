@@ -416,3 +416,27 @@ def test_init_from_says_what_it_did(tmp_path, caplog):
   assert "grid to 8x8" in text and "from the weights' 4x4" in text
   assert re.search(r"loaded \d+ tensors .*of which 1 resampled "
                    r"\(encoder/pos_embedding\); 0 left freshly", text), text
+
+
+def test_profile_steps_and_step_times(tmp_path, caplog):
+  """--config.profile.start_step=2 --config.profile.num_steps=2 on the
+  runlocal demo leaves a trace TensorBoard and Perfetto read; each log row
+  has the step's input wait and compute seconds; the compiled step's FLOPs
+  and memory are logged once."""
+  c = small_config(steps=4)
+  with c.unlocked():
+    c.eval_untrained = False
+    c.profile.start_step, c.profile.num_steps = 2, 2
+  workdir = str(tmp_path / "run")
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(c, workdir)
+  traces = [os.path.join(r, f) for r, _, fs in os.walk(
+      os.path.join(workdir, "tensorboard", "plugins", "profile")) for f in fs]
+  assert any(t.endswith(".xplane.pb") for t in traces), traces
+  assert any(t.endswith(".trace.json.gz") for t in traces), traces
+  rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "loss" in r]
+  assert len(rows) == 4
+  assert all(r["time/wait_s"] >= 0 and r["time/compute_s"] > 0 for r in rows)
+  assert caplog.text.count("GFLOP per device per step") == 1
+  assert "Profiling steps 2..3" in caplog.text

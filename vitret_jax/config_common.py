@@ -123,15 +123,18 @@ def base_config():
 
   c.input = input_config()
 
-  # kind: "irt" (contrastive with margin + KoLeo, cross-batch memory) or
-  # "arcface" (additive angular margin over the training classes, centres
-  # split over the devices; entropy_weight adds KoLeo to it, 0 = none).
+  # kind: "irt" (contrastive with margin + KoLeo of weight entropy_weight,
+  # cross-batch memory) or "arcface" (additive angular margin over the
+  # training classes, centres split over the devices; its own
+  # arcface.entropy_weight adds KoLeo to it, 0 = none). Each kind has its
+  # own KoLeo weight, so switching kind keeps the other's recipe intact.
   c.loss = mlc.ConfigDict(dict(
       kind="irt", margin=0.5, entropy_weight=0.7, reduction="anchor_mean",
       eps=1e-8,
-      # GLAM's margin (SPEC); scale 30 is the usual ArcFace value (GLAM's
-      # own is not verified here).
-      arcface=mlc.ConfigDict(dict(margin=0.3, scale=30.0)),
+      # GLAM's margin (docs/dtop.md); scale 30 is the usual ArcFace value
+      # (GLAM's own is not stated).
+      arcface=mlc.ConfigDict(dict(margin=0.3, scale=30.0,
+                                  entropy_weight=0.0)),
       # xbm: cross-batch memory of ratio x training-set size, counted from
       # start_step; momentum > 0 fills it with an EMA (key) encoder's
       # descriptors (In-Shop: 0.999), 0 with the trained encoder's.
@@ -249,10 +252,11 @@ def irt_category_config(arg, dataset, total_steps, xbm_ratio, evaluation,
 
 
 def use_arcface(c):
-  """ArcFace over the training classes (the landmark practice, SPEC), no
-  KoLeo term and no memory (both belong to the contrastive recipe)."""
+  """ArcFace over the training classes (the landmark practice,
+  docs/dtop.md), with no KoLeo term (loss.arcface.entropy_weight 0) and no
+  memory. The contrastive recipe's loss.entropy_weight is left as it is,
+  so --config.loss.kind=irt trains with it."""
   c.loss.kind = "arcface"
-  c.loss.entropy_weight = 0.0
   c.loss.xbm.ratio = 0.0
   return c
 

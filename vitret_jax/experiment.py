@@ -48,7 +48,7 @@ LOSS_KINDS = ("irt", "arcface")
 
 
 def check_loss(loss_cfg):
-  kind = loss_cfg.get("kind", "irt")
+  kind = loss_cfg.kind
   if kind not in LOSS_KINDS:
     raise UserError(f"loss.kind={kind!r}; valid: {LOSS_KINDS}.")
   if kind == "arcface" and loss_cfg.xbm.ratio:
@@ -58,7 +58,7 @@ def check_loss(loss_cfg):
   if kind == "arcface" and not 0.0 <= loss_cfg.arcface.margin < 1.5:
     raise UserError(f"loss.arcface.margin={loss_cfg.arcface.margin}: an "
                     f"angle in radians in [0, 1.5) (GLAM's: 0.3).")
-  momentum = loss_cfg.xbm.get("momentum", 0.0)
+  momentum = loss_cfg.xbm.momentum
   if not 0.0 <= momentum < 1.0:
     raise UserError(f"loss.xbm.momentum={momentum}: use a value in [0, 1) "
                     f"(0: no momentum encoder; In-Shop's recipe: 0.999).")
@@ -72,11 +72,11 @@ def build_loss(loss_cfg, mesh, num_classes):
   """(loss_fn, init_loss_params) of `config.loss` on `mesh`; see
   train_step.train_step for loss_fn's signatures. init_loss_params is None
   for the IRT loss; for ArcFace it draws the class centres."""
-  if loss_cfg.get("kind", "irt") == "arcface":
+  if loss_cfg.kind == "arcface":
     a = loss_cfg.arcface
     fn = arcface.make_sharded_arcface(
         mesh, num_classes=num_classes, margin=a.margin, scale=a.scale,
-        entropy_weight=loss_cfg.entropy_weight, eps=loss_cfg.eps)
+        entropy_weight=a.entropy_weight, eps=loss_cfg.eps)
     n = sharding.batch_size_on(mesh)
     init = lambda rng, dim: {arcface.CLASS_WEIGHTS: arcface.init_class_weights(
         rng, num_classes, dim, n)}
@@ -184,7 +184,7 @@ class Run:
     self.tx, self.schedule = optim.build_optimizer(
         config.optim, config.schedule, config.total_steps)
     self.train_split = self.splits[config.input.train_split]
-    if config.loss.get("kind", "irt") == "arcface":
+    if config.loss.kind == "arcface":
       # A classifier's rows are indexed 0..C-1.
       self.train_split = self.train_split.with_class_indices()
     self.loss_fn, init_loss_params = build_loss(
@@ -194,7 +194,7 @@ class Run:
         (self.image_size, self.image_size, 3), self.mesh,
         memory_slots(config.loss, len(self.train_split),
                      config.input.batch_size),
-        momentum_encoder=bool(config.loss.xbm.get("momentum", 0.0)),
+        momentum_encoder=bool(config.loss.xbm.momentum),
         init_loss_params=init_loss_params)
     self.embed_fn_for = make_embed_fn_for(config.model, self.mesh,
                                           self.state_sharding.params)

@@ -294,7 +294,7 @@ def _build_step(config, run):
       run.model, run.tx, run.loss_fn, run.mesh, run.state_sharding,
       xbm_start=config.loss.xbm.start_step,
       accum_steps=config.optim.accum_steps,
-      momentum=config.loss.xbm.get("momentum", 0.0))
+      momentum=config.loss.xbm.momentum)
 
 
 def _build_sampler(config, run):
