@@ -85,6 +85,12 @@ def load_script(relpath):
   return _SCRIPTS[relpath]
 
 
+def load_config(name, arg=None):
+  """configs/<name>.py's get_config(arg): the tests' one config loader (the
+  config files are loaded from their paths, not through sys.path)."""
+  return load_script(f"configs/{name}.py").get_config(arg)
+
+
 def subprocess_env(devices=1, **extra):
   """The environment for a `python -m vitret_jax...` child process: the
   suite's XLA flags and compilation cache, with `devices` CPU devices."""

@@ -7,12 +7,16 @@ import sys
 import numpy as np
 import pytest
 
+import vitret_jax
+
 from conftest import REPO
 from conftest import subprocess_env
 from vitret_jax import commands
+from vitret_jax import image_files
 from vitret_jax import train
 from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
+from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 from vitret_jax.eval import evaluator
 from vitret_jax import search
@@ -49,21 +53,31 @@ def test_export_roundtrip_in_fresh_process(trained, tmp_path):
   want = search.RunEmbedder(config, workdir)(images)
   # The artifact alone, in a process that imports nothing of the model code,
   # on batch sizes (7 and 3) the export was never traced with.
-  code = ("import sys, numpy as np, vitret_jax\n"
+  # From the JPEG files too, in one call (the artifact's own preprocessing).
+  code = ("import sys, json, numpy as np, vitret_jax\n"
           "e = vitret_jax.load_pretrained(sys.argv[1])\n"
           "x = np.load(sys.argv[2])\n"
           "np.save(sys.argv[3], e(x)); np.save(sys.argv[4], e(x[:3]))\n"
+          "np.save(sys.argv[5], e.embed_files(json.loads(sys.argv[6]),\n"
+          "                                   batch_size=4))\n"
           "assert 'vitret_jax.models' not in sys.modules\n")
   r = subprocess.run([sys.executable, "-c", code, art,
                       str(tmp_path / "images.npy"), str(tmp_path / "a.npy"),
-                      str(tmp_path / "b.npy")], cwd=REPO, capture_output=True,
-                     text=True, timeout=300,
+                      str(tmp_path / "b.npy"), str(tmp_path / "c.npy"),
+                      json.dumps(list(split.paths[:7]))], cwd=REPO,
+                     capture_output=True, text=True, timeout=300,
                      env=subprocess_env())
   assert r.returncode == 0, r.stderr[-2000:]
   got = np.load(tmp_path / "a.npy")
   assert got.shape == want.shape
   assert np.max(np.abs(got - want)) < 1e-5
   assert np.max(np.abs(np.load(tmp_path / "b.npy") - want[:3])) < 1e-5
+  assert np.max(np.abs(np.load(tmp_path / "c.npy") - want)) < 1e-5
+  art_embedder = vitret_jax.load_pretrained(art)
+  with pytest.raises(DataError, match="not-an-image.jpg: not a readable"):
+    bad = tmp_path / "not-an-image.jpg"
+    bad.write_bytes(b"text")
+    art_embedder.embed_files([split.paths[0], str(bad)])
   meta = json.load(open(os.path.join(art, "model.json")))
   assert meta["embedding_dim"] == want.shape[1] and meta["image_size"] == 32
 
@@ -82,7 +96,7 @@ def test_index_search_rank1_equals_recall_at_1(trained, tmp_path):
   assert f"Indexed {len(split)} images" in msg and "skipped 1" in msg
   embedder = search.RunEmbedder(config, workdir)
   paths = search.list_images(str(folder))
-  emb, kept, _ = search.embed_files(embedder, paths)
+  emb, kept, _ = image_files.embed_files(embedder, paths)
   hits = search.Index(str(tmp_path / "index")).search(emb, kept, 1)
   label = lambda p: os.path.basename(os.path.dirname(p))
   rank1 = np.mean([label(h[0][0]) == label(q) for q, h in zip(kept, hits)])
@@ -181,7 +195,7 @@ def test_embed_files_batches_by_shape_and_keeps_the_order(tmp_path):
       return np.stack([[x.mean(), x.shape[0], x.shape[1]] for x in images])
 
   fake = Fake()
-  emb, kept, skipped = search.embed_files(fake, paths, batch_size=2)
+  emb, kept, skipped = image_files.embed_files(fake, paths, batch_size=2)
   assert [p for p, _ in skipped] == [str(tmp_path / "bad.png")]
   assert kept == [p for p in paths if not p.endswith("bad.png")]
   pp = preprocess.build_pp(Fake.preprocess)

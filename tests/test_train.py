@@ -132,6 +132,22 @@ def test_cli_errors_are_clear(tmp_path):
   r = main_in_process("--config=configs/demo.py:runlocal=True",
                       "--mode=eval", f"--workdir={tmp_path}/empty")
   assert r.returncode == 2 and "train first" in r.stderr
+  # The first hour's rough edges: a missing config file, a mistyped reader
+  # option, eval without --config on a folder that is no run, --help.
+  r = main_in_process("--config=configs/demoo.py", w)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines() == [
+      "error: --config: cannot load the config file ([Errno 2] No such file "
+      "or directory: 'configs/demoo.py')."]
+  r = main_in_process("--config=configs/demo.py:runlocal=True",
+                      "--config.input.options.protocl=official", w)
+  assert r.returncode == 2 and "valid: ['num_train_classes', 'protocol']" \
+      in r.stderr
+  r = main_in_process("--mode=eval", f"--workdir={tmp_path}/empty")
+  assert r.returncode == 2 and "holds no saved config" in r.stderr
+  r = main_in_process("--help")
+  assert r.returncode == 0 and "Modes: train" in r.stdout
+  assert len(r.stdout.splitlines()) < 25
 
 
 def test_nan_loss_is_reported(tmp_path):
@@ -440,3 +456,47 @@ def test_profile_steps_and_step_times(tmp_path, caplog):
   assert all(r["time/wait_s"] >= 0 and r["time/compute_s"] > 0 for r in rows)
   assert caplog.text.count("GFLOP per device per step") == 1
   assert "Profiling steps 2..3" in caplog.text
+
+
+def _event_tags(folder):
+  """{tag: [(step, value)]} of the TensorBoard event files in `folder`
+  (TFRecord framing: length, its CRC, the Event proto, its CRC)."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in os.listdir(folder):
+    with open(os.path.join(folder, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def test_tensorboard_tags_are_the_metric_names(tmp_path):
+  from vitret_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  w = metric_writer.MetricWriter(str(tmp_path))
+  w.write(3, {"eval/recall@1": 0.5, "loss": 1.25, "bad": float("nan")})
+  w.close()
+  tags = _event_tags(str(tmp_path / "tensorboard"))
+  assert tags == {"eval/recall@1": [(3, 0.5)], "loss": [(3, 1.25)]}
+  row = read_jsonl(str(tmp_path / "metrics.jsonl"))[0]
+  assert set(row) - {"step", "bad"} == set(tags)
+
+
+def test_start_of_a_fine_tune_is_called_pretrained(capsys):
+  from vitret_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  c = small_config()
+  assert train.start_name(c) == "untrained"
+  with c.unlocked():
+    c.model.init_from = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+  assert train.start_name(c) == "pretrained"
+  main_lib._print_table({"recall@1": 0.9, "step": 5, "start": "pretrained",  # pylint: disable=protected-access
+                         "untrained": {"recall@1": 0.7}})
+  header, row = capsys.readouterr().out.strip().splitlines()
+  assert header.split()[:3] == ["metric", "pretrained", "trained"]
+  assert row.split() == ["recall@1", "0.7000", "0.9000"]

@@ -9,6 +9,7 @@ from absl import logging
 
 from vitret_jax import checkpoint
 from vitret_jax import export
+from vitret_jax import image_files
 from vitret_jax import models
 from vitret_jax import search
 from vitret_jax.errors import UserError
@@ -117,7 +118,8 @@ def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
   embedder, _ = _embedder(config, workdir, pretrained, eval_name)
   idx = search.Index(_index_dir(index_dir, workdir))
   paths = search.query_paths(query)
-  emb, kept, skipped = search.embed_files(embedder, paths, desc="queries")
+  emb, kept, skipped = image_files.embed_files(embedder, paths,
+                                               desc="queries")
   results = idx.search(emb, kept, top_k) if kept else []
   lines = [f"unreadable query {p}: {why}" for p, why in skipped]
   for q, hits in zip(kept, results):

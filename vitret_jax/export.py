@@ -29,6 +29,7 @@ import numpy as np
 from safetensors import numpy as st_numpy
 
 from vitret_jax import descriptor
+from vitret_jax import image_files
 from vitret_jax import integrity
 from vitret_jax import params_tree
 from vitret_jax.errors import UserError
@@ -206,6 +207,12 @@ class Embedder:
   @property
   def preprocess(self) -> str:
     return self.meta["preprocess"]
+
+  def embed_files(self, paths, batch_size=64):
+    """Descriptors [N, E] of image files (paths, or one path), in order:
+    this artifact's own preprocessing, scales and whitening, images batched
+    by shape. An unreadable file is an error naming it."""
+    return image_files.embed_all(self, paths, batch_size)
 
   def __call__(self, images):
     images = np.asarray(images, np.float32)

@@ -6,6 +6,7 @@ as a pretrained artifact), index (embed a folder of images into a ScaNN
 index) and search (query it). Config values are overridden with
 --config.section.key=value; a mistyped key is an error.
 """
+import importlib.util
 import os
 import re
 import sys
@@ -59,10 +60,49 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index, 0..num_processes-1.")
 
+USAGE = """\
+vitret_jax: train, evaluate, export and search image-retrieval models.
+
+  python -m vitret_jax.main --mode=MODE [--config=FILE[:ARGS]] --workdir=DIR
+      [--config.section.key=value ...]
+
+Modes: train (default; resumes DIR), eval (DIR's latest checkpoint; the run's
+saved config unless --config is given), export (DIR as an artifact), index
+(embed a folder into a search index), search (query an index).
+
+Examples:
+  python -m vitret_jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m vitret_jax.main --config=configs/folder.py:variant=S/16,res=224 \\
+      --config.input.data_dir=~/photos --workdir=runs/photos
+  python -m vitret_jax.main --mode=search --pretrained=runs/demo/export \\
+      --index_dir=runs/demo/index --query=photo.jpg --top_k=5
+
+Every flag: --helpfull. The guide: README.md."""
+
+
+def _config():
+  """The --config flag's value; a file that cannot be loaded is a one-line
+  error naming it."""
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.keys()  # the file is loaded on first use
+    return config
+  except (IOError, OSError) as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    raise UserError(f"--config: cannot load the config file "
+                    f"({lines[-1] if lines else e}).") from e
+
+
 def _run_mode(mode, config, workdir):
   """The mode's result: a metrics dict (train, eval) or a message."""
-  if mode in ("train", "eval") and (config is None or not workdir):
-    raise app.UsageError(f"--mode={mode} needs --config and --workdir.")
+  if mode == "train" and (config is None or not workdir):
+    raise app.UsageError("--mode=train needs --config and --workdir.")
+  if mode == "eval" and not workdir:
+    raise app.UsageError("--mode=eval needs the run's --workdir (its saved "
+                         "config is used unless --config is given).")
+  if mode == "eval" and config is None:
+    config = commands.run_config(None, workdir, "eval")
   if mode == "export" and not workdir:
     raise app.UsageError("--mode=export needs the run's --workdir (its "
                          "saved config is used; --config is optional).")
@@ -96,11 +136,20 @@ def _print_table(result):
 
 
 class _QuietLibraries:
-  """Drops the INFO chatter of orbax and TFDS; their warnings still show."""
+  """Drops the INFO chatter of orbax and TFDS (their warnings still show),
+  JAX's note that a machine without a TPU has no TPU, and orbax's warnings
+  that a checkpoint opened for reading is read-only."""
+
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/tensorboardX/")
+  EXPECTED = ("Unable to initialize backend", "read_only=True",
+              "Given directory is read only")
 
   def filter(self, record):
-    noisy = ("/orbax/", "/tensorflow_datasets/", "/tensorboardX/")
-    return record.levelno > 20 or not any(n in record.pathname for n in noisy)
+    if record.levelno <= 30 and any(
+        m in str(record.msg) for m in self.EXPECTED):
+      return False
+    return record.levelno > 20 or not any(n in record.pathname
+                                          for n in self.NOISY)
 
 
 def _init_distributed():
@@ -132,7 +181,7 @@ def main(argv):
     jax.config.update("jax_threefry_partitionable", True)
     logging.info("process %d of %d; devices: %s", jax.process_index(),
                  jax.process_count(), jax.devices())
-    result = _run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
+    result = _run_mode(_MODE.value, _config(), _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -146,9 +195,35 @@ def main(argv):
       print(result)
 
 
+def _reader_options_hint(argv):
+  """For a mistyped --config.input.options.KEY: the options of the config's
+  reader, from the config file without overrides ("" when not that case)."""
+  keys = [a.split("=")[0][len("--config.input.options."):] for a in argv
+          if a.startswith("--config.input.options.")]
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+              "")
+  if not keys or not path:
+    return ""
+  file, _, arg = path.partition(":")
+  spec = importlib.util.spec_from_file_location("_vitret_config", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  valid = sorted(config.input.options)
+  wrong = [k for k in keys if k not in valid]
+  if not wrong:
+    return ""
+  return (f" input.options.{wrong[0]} is not an option of the "
+          f"{config.input.dataset} reader; valid: {valid}.")
+
+
 def _parse_flags(argv):
   """absl's parsing, with config mistakes (unknown key, wrong type, a failing
-  config file) reported in one line instead of a traceback."""
+  config file) reported in one line instead of a traceback; --help prints
+  the short usage (absl's flag list: --helpfull)."""
+  if any(a in ("--help", "-h", "-?") for a in argv[1:]):
+    print(USAGE)
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -159,6 +234,10 @@ def _parse_flags(argv):
     print(f"error: {msg}\nPass --help for the flags.", file=sys.stderr)
   except (AttributeError, KeyError, TypeError, ValueError, UserError) as e:
     msg = re.sub(r"\\?'", "", str(e).replace("\\n", " ").replace("\n", " "))
+    try:
+      msg += _reader_options_hint(argv)
+    except Exception:  # pylint: disable=broad-except
+      pass  # the hint is a courtesy; the error stands without it
     print(f"error: bad --config or override: {msg}", file=sys.stderr)
   except Exception as e:  # pylint: disable=broad-except
     # The config file itself raised (a NameError, an ImportError, ...): name

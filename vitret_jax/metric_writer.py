@@ -1,4 +1,5 @@
-"""Metrics to `<workdir>/metrics.jsonl`, TensorBoard event files and the log.
+"""Metrics to `<workdir>/metrics.jsonl`, TensorBoard event files under
+`<workdir>/tensorboard` (tags equal to the jsonl names) and the log.
 
 Only process 0 writes. Each jsonl line is {"step": int, "<name>": float, ...}.
 """
@@ -7,7 +8,9 @@ import math
 import os
 
 import jax
+import tensorboardX
 from absl import logging
+from tensorboardX.proto import summary_pb2
 
 
 class MetricWriter:
@@ -27,7 +30,6 @@ class MetricWriter:
     if resume_step and os.path.exists(path):
       _truncate_after(path, resume_step)
     self.jsonl = open(path, "a")  # pylint: disable=consider-using-with
-    import tensorboardX  # imported here: only process 0 needs it
     self.tb = tensorboardX.SummaryWriter(
         os.path.join(workdir, "tensorboard"),
         purge_step=resume_step + 1 if resume_step else None)
@@ -38,9 +40,12 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     self.jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
     self.jsonl.flush()
-    for k, v in scalars.items():
-      if math.isfinite(v):  # TensorBoard tags allow no '@'
-        self.tb.add_scalar(k.replace("@", "_at_"), v, step)
+    # Written as Summary protos, so TensorBoard's tags are metrics.jsonl's
+    # names exactly (tensorboardX's add_scalar would rewrite "recall@1").
+    values = [summary_pb2.Summary.Value(tag=k, simple_value=v)
+              for k, v in scalars.items() if math.isfinite(v)]
+    self.tb._get_file_writer().add_summary(  # pylint: disable=protected-access
+        summary_pb2.Summary(value=values), step)
     self.tb.flush()
     logging.info("step %d: %s", step, ", ".join(
         f"{k}={v:.4g}" for k, v in sorted(scalars.items())))

@@ -15,13 +15,14 @@ import numpy as np
 import tqdm
 
 from vitret_jax import descriptor
+from vitret_jax import image_files
+from vitret_jax.data import folder as folder_data
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 from vitret_jax.eval import knn
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif",
-                    ".tiff")
+IMAGE_EXTENSIONS = folder_data.IMAGE_EXTENSIONS
 
 
 class RunEmbedder:
@@ -69,53 +70,18 @@ class RunEmbedder:
   def __call__(self, images):
     return self._describe(images)
 
+  def embed_files(self, paths, batch_size=64):
+    """Descriptors [N, E] of image files, in order (as
+    export.Embedder.embed_files)."""
+    return image_files.embed_all(self, paths, batch_size)
+
 
 def list_images(folder):
-  """Every image file under `folder` (recursively), sorted."""
+  """Every image file under `folder` (recursively, hidden entries left
+  out), sorted."""
   if not os.path.isdir(folder):
     raise DataError(f"--images={folder!r} is not a folder.")
-  out = []
-  for root, _, files in os.walk(folder):
-    out += [os.path.join(root, f) for f in files
-            if f.lower().endswith(IMAGE_EXTENSIONS)]
-  return sorted(out)
-
-
-def embed_files(embedder, paths, batch_size=64, desc="embed"):
-  """(embeddings [n, E], kept paths, skipped [(path, reason)]) for `paths`;
-  unreadable files are skipped and reported, not fatal. Images of a
-  varying-size preprocessing (landmarks) are batched with others of the
-  same shape, at most 4 x batch_size images waiting at a time (so a folder
-  of all-different shapes is not held in memory); the output keeps the
-  order of `paths`."""
-  pp = preprocess.build_pp(embedder.preprocess)
-  rng = np.random.default_rng(0)
-  pending = {}  # shape -> [(position, image)]
-  done, kept, skipped = {}, [], []
-
-  def flush(shape):
-    group = pending.pop(shape)
-    emb = embedder(np.stack([img for _, img in group]))
-    done.update({pos: e for (pos, _), e in zip(group, emb)})
-
-  for p in tqdm.tqdm(paths, desc=desc, unit="img", leave=False):
-    try:
-      img = pp(p, rng)
-    except DataError as e:  # decode chains the decoder's own error
-      skipped.append((p, str(e.__cause__ or e)))
-      continue
-    pending.setdefault(img.shape, []).append((len(kept), img))
-    kept.append(p)
-    if len(pending[img.shape]) == batch_size:
-      flush(img.shape)
-    elif sum(len(v) for v in pending.values()) >= 4 * batch_size:
-      for shape in list(pending):
-        flush(shape)
-  for shape in list(pending):
-    flush(shape)
-  emb = (np.stack([done[i] for i in range(len(kept))]) if kept
-         else np.zeros((0, 0), np.float32))
-  return emb, kept, skipped
+  return folder_data.list_images(folder)
 
 
 def build_index(embedder, folder, index_dir, *, overwrite=False, source="",
@@ -131,7 +97,8 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, source="",
   if not paths:
     raise DataError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) under "
                     f"{folder}.")
-  emb, kept, skipped = embed_files(embedder, paths, batch_size, "index")
+  emb, kept, skipped = image_files.embed_files(embedder, paths, batch_size,
+                                                 "index")
   if not kept:
     raise DataError(f"None of the {len(paths)} images under {folder} could "
                     f"be read.")

@@ -9,13 +9,15 @@ import inspect
 import os
 from typing import Optional
 
+from vitret_jax.data import folder
 from vitret_jax.data import readers
 from vitret_jax.errors import UserError
 
 EMBEDDED_GROCERY = os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                 "assets", "grocery_mini")
 
-DATASETS = readers.READERS
+# The benchmarks' official layouts, and a folder of one's own photos.
+DATASETS = dict(readers.READERS, folder=folder.load_folder)
 
 
 def _reader(dataset):

@@ -3,6 +3,11 @@ and its official sizes: the text of every "data not found" error, in one
 table."""
 
 INSTRUCTIONS = {
+    "folder": """\
+Your own photos: point input.data_dir at a folder laid out as DIR/<class>/<image>
+(classes split into training and test classes), DIR/train/<class>/<image> and
+DIR/test/<class>/<image>, or with a CSV of path,label[,split] rows
+(input.options.csv_file); see docs/data.md.""",
     "sop": """\
 Stanford Online Products (Song et al., CVPR 2016): download
 Stanford_Online_Products.zip from https://cvgl.stanford.edu/projects/lifted_struct/

@@ -1,0 +1,134 @@
+"""The image-folder data set on folders made from the embedded Grocery
+photos: its three layouts, odd names, nesting, non-images and empty
+classes, and a run trained, evaluated, prepared as TFDS and indexed."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from vitret_jax import commands
+from vitret_jax import train
+from vitret_jax.data import datasets
+from vitret_jax.data import folder
+from vitret_jax.errors import DataError
+from vitret_jax.errors import UserError
+
+# Class names as users have them: spaces, non-ASCII, punctuation.
+NAMES = ["Äpfel rot", "banana (ripe)", "carrot", "dill & co", "eggplant",
+         "fig", "grape", "honeydew"]
+
+
+def make_folder(root, per_class=6, nested=True):
+  """DIR/<class>/[sub/]<image>, from the embedded set's first classes."""
+  grocery = datasets.load_dataset("grocery", datasets.EMBEDDED_GROCERY)
+  split = grocery["train"]
+  for k, name in enumerate(NAMES):
+    rows = np.flatnonzero(split.labels == np.unique(split.labels)[k])
+    for i, row in enumerate(rows[:per_class]):
+      sub = os.path.join(root, name, "shelf 2" if nested and i % 2 else "")
+      os.makedirs(sub, exist_ok=True)
+      shutil.copy(split.paths[row], os.path.join(sub, f"photo {i} é.jpg"))
+  return str(root)
+
+
+def test_classes_layout_with_odd_names_nesting_and_skips(tmp_path, caplog):
+  root = make_folder(tmp_path / "photos")
+  (tmp_path / "photos" / "carrot" / "notes.txt").write_text("not an image")
+  (tmp_path / "photos" / ".hidden").mkdir()
+  os.makedirs(tmp_path / "photos" / "empty class")
+  only_one = tmp_path / "photos" / "zucchini"
+  only_one.mkdir()
+  shutil.copy(os.path.join(root, "fig", "photo 0 é.jpg"), only_one / "z.jpg")
+  with caplog.at_level("INFO"):
+    splits = datasets.load_dataset("folder", root, **datasets.reader_options(
+        "folder"))
+  assert sorted(splits) == ["test", "train"]
+  assert len(splits["train"]) == 24 and splits["train"].num_classes == 4
+  assert len(splits["test"]) == 24 and splits["test"].num_classes == 4
+  assert not set(splits["train"].labels) & set(splits["test"].labels)
+  assert any("shelf 2" in p for p in splits["train"].paths)  # nested
+  text = caplog.text
+  assert "skipped 1 non-image file(s), e.g." in text and "notes.txt" in text
+  assert "skipped 1 empty class(es), e.g. ./empty class" in text
+  assert "skipped 1 class(es) with fewer than 2 images, e.g. zucchini" in text
+  # An explicit list of test classes.
+  splits = folder.load_folder(root, test_classes=("carrot", "fig"))
+  assert splits["test"].num_classes == 2
+  with pytest.raises(UserError, match="not classes of the folder"):
+    folder.load_folder(root, test_classes=("kiwi",))
+  with pytest.raises(UserError, match="test_fraction"):
+    folder.load_folder(root, test_fraction=1.5)
+  with pytest.raises(UserError, match="layout='tree'; valid"):
+    folder.load_folder(root, layout="tree")
+
+
+def test_split_and_csv_layouts(tmp_path):
+  src = make_folder(tmp_path / "src", nested=False)
+  for split, names in (("train", NAMES[:5]), ("test", NAMES[5:])):
+    for name in names:
+      shutil.copytree(os.path.join(src, name),
+                      tmp_path / "split" / split / name)
+  got = folder.load_folder(str(tmp_path / "split"))
+  assert len(got["train"]) == 30 and len(got["test"]) == 18
+  rows = ["path,label,split"]
+  for k, name in enumerate(NAMES):
+    for f in sorted(os.listdir(os.path.join(src, name))):
+      rows.append(f'"{name}/{f}",{name},{"test" if k % 2 else "train"}')
+  (tmp_path / "src" / "labels.csv").write_text("\n".join(rows) + "\n")
+  got = folder.load_folder(src, csv_file="labels.csv")
+  assert got["train"].num_classes == 4 and got["test"].num_classes == 4
+  (tmp_path / "src" / "bad.csv").write_text("a.jpg\n")
+  with pytest.raises(DataError, match="line 1: expected 'path,label'"):
+    folder.load_folder(src, csv_file="bad.csv")
+  (tmp_path / "src" / "gone.csv").write_text("nothere.jpg,x\n")
+  with pytest.raises(DataError, match="missing, e.g. .*nothere.jpg"):
+    folder.load_folder(src, csv_file="gone.csv")
+  with pytest.raises(DataError, match="No folder"):
+    folder.load_folder(str(tmp_path / "absent"))
+
+
+@pytest.mark.slow(15)
+def test_folder_config_trains_evaluates_prepares_and_indexes(tmp_path):
+  """configs/folder.py:runlocal=True end to end on a folder, from the image
+  files and from a prepared TFDS copy (same losses), then --mode=index."""
+  root = make_folder(tmp_path / "photos")
+  losses = []
+  for tfds_dir in ("", str(tmp_path / "tfds")):
+    c = load_config("folder", "runlocal=True")
+    with c.unlocked():
+      c.input.data_dir, c.input.tfds_dir = root, tfds_dir
+      c.input.batch_size = 8
+      c.eval_untrained = False
+    wd = str(tmp_path / ("tfds" if tfds_dir else "files") / "run")
+    out = train.train_and_evaluate(c, wd)
+    assert 0.0 <= out["recall@1"] <= 1.0 and "map@r" in out
+    with open(os.path.join(wd, "config.json")) as f:
+      assert json.load(f)["input"]["options"]["test_fraction"] == 0.5
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+      losses.append([r["loss"] for r in map(json.loads, f) if "loss" in r])
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+  msg = commands.index(None, wd, "", root, str(tmp_path / "index"))
+  assert msg.startswith("Indexed 48 images")
+
+
+@pytest.mark.parametrize("kind", ["random", "m_per_class", "group_size",
+                                  "tuples"])
+def test_every_sampler_draws_from_a_folder(kind, tmp_path):
+  """The folder's training split has what each sampler needs: labels, the
+  images' sizes (group_size) and same-class pairs (tuples)."""
+  from vitret_jax.data import image_sizes  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import samplers  # pylint: disable=g-import-not-at-top
+  split = folder.load_folder(make_folder(tmp_path / "photos"))["train"]
+  sizes = image_sizes.image_sizes(split) if kind == "group_size" else None
+  batch = 6 if kind == "tuples" else 8
+  s = samplers.build_sampler(
+      kind, split.labels, batch, 2, 0, sizes=sizes, image_size=64,
+      multiple=16, pairs=split.pairs,
+      tuples=dict(per_batch=2, negatives=1, query_size=8, pool_size=16))
+  rows = s.batch(0)
+  assert len(rows) == batch and set(rows) <= set(range(len(split)))
+  if kind == "tuples":  # query and positive of one class
+    assert split.labels[rows[0]] == split.labels[rows[1]]
