@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 
-.PHONY: install demo test parity clean-demo
+.PHONY: install demo test lint parity clean-demo
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
+
+# pyflakes + pycodestyle at 80 columns (pyproject.toml [tool.ruff]).
+lint: $(STAMP)
+	$(PY) -m ruff check --no-cache .
 
 # Full-size parity with timm: installs the reference stack (CPU torch, timm
 # without its torchvision pin pulling a CUDA torch) and prints the table.

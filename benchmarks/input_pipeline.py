@@ -6,8 +6,10 @@ process), against a plain single-process PIL loop doing the same work, and
 against what vitret_jax's own ViT-S/16 train step (batch 32, 224 px)
 consumes on the same machine, all measured in the same run.
 
-  python benchmarks/input_pipeline.py [--data ../shared/data/grocery]
-      [--batches 12] [--batch_size 64] [--no_step]
+  python benchmarks/input_pipeline.py [--data DIR] [--batches 12]
+      [--batch_size 64] [--no_step]
+
+--data: a Grocery Store `dataset/` folder (default: the embedded subset).
 
 For scale, what an accelerator consumes (an estimate, not a measurement: no
 GPU was lent for this work): DeiT (Touvron et al. 2021, Table 1) reports 940
@@ -24,7 +26,8 @@ import numpy as np
 from absl import flags
 
 import _devices  # benchmarks/_devices.py
-from vitret_jax.data import readers
+from vitret_jax.data import grocery
+from vitret_jax.data import datasets
 from vitret_jax.data import pipeline
 from vitret_jax.data import preprocess
 from vitret_jax.data import samplers
@@ -70,17 +73,15 @@ def step_rate():
 
 
 def main():
-  here = os.path.dirname(os.path.abspath(__file__))
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", default=os.path.join(
-      here, "..", "..", "shared", "data", "grocery"))
+  parser.add_argument("--data", default=datasets.EMBEDDED_GROCERY)
   parser.add_argument("--batches", type=int, default=12)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--no_step", action="store_true",
                       help="skip measuring the train step's consumption")
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
-  splits = readers.load_grocery(args.data, protocol="official")
+  splits = grocery.load_grocery(args.data, protocol="official")
   split = splits["train"]
   sampler = samplers.MPerClassSampler(split.labels, 4, args.batch_size, 0)
   ref = plain_loop(split, sampler, args.batches)

@@ -43,7 +43,8 @@ def main():
   many = peak_bytes(sharded, emb_s, lab_s)
   mib = 2 ** 20
   print(f"IRT loss + gradient, global batch {b}, dim {e}")
-  print("| layout | per-device similarity block | peak MiB per device | ratio |")
+  print("| layout | per-device similarity block | peak MiB per device | "
+        "ratio |")
   print("|---|---|---|---|")
   print(f"| 1 device (reference) | [{b}, {b}] | {one / mib:.1f} | 1.00 |")
   print(f"| {n} devices, shard_map | [{b // n}, {b}] | {many / mib:.1f} | "

@@ -12,10 +12,10 @@ on Revisited Oxford / Paris (multi-scale, Medium / Hard mAP).
 
 DToP's authors published no code: every choice the paper leaves open is a
 config value here, and docs/dtop.md says which are the paper's and which are
-defaults (GLAM's where the SPEC says so). Training reads GLDv2-clean
+defaults (GLAM's where the paper is silent). Training reads GLDv2-clean
 (train_clean.csv + train/); --config.input.dataset=sfm120k for
 retrieval-SfM-120k. Loss: ArcFace (margin 0.3, GLAM's; scale 30), the
-landmark practice the SPEC names (the paper's own loss is unverified), with
+usual landmark practice (the paper's own loss is unverified), with
 the 81,313 GLDv2-clean class centres split over every device;
 --config.loss.kind=irt trains with the contrastive loss + KoLeo (lambda 4)
 instead.
@@ -31,14 +31,14 @@ def get_config(arg=None):
   c.model.variant = arg.variant
   c.model.image_size = 384
   c.model.head = "dtop"
-  c.model.proj_dim = 512  # GLAM's output dimension (SPEC)
+  c.model.proj_dim = 512  # GLAM's output dimension (docs/dtop.md)
   c.model.locality_blocks = (-4, -3, -2, -1)  # the last four (unverified)
   c.model.dtop.num_layers = 4  # last four layers per branch (unverified)
   c.model.dtop.gem_p = 3.0
   # New parts when starting from an ImageNet checkpoint.
   c.model.init_fresh = ("head/", "dwconv")
   common.set_dataset(c, "gldv2")
-  # Group-size sampling (SPEC; GLAM's choice): each batch comes from one
+  # Group-size sampling (GLAM's choice, docs/dtop.md): each batch comes from one
   # aspect-ratio group, resized to its shape of area ~384^2, 8% margin for
   # the random crop; m = 2 images per landmark for the pairwise loss.
   c.input.sampler = "group_size"

@@ -9,7 +9,7 @@ Paris (Medium / Hard mAP, multi-scale).
 Loss: ArcFace (margin 0.3, scale 30) over the 81,313 landmarks, the class
 centres split over every device (--config.loss.kind=irt for the contrastive
 loss with KoLeo, lambda 4). The folder holds train_clean.csv and
-train/<a>/<b>/<c>/. Beware (SPEC):
+train/<a>/<b>/<c>/. Beware (docs/dtop.md):
 GLDv2-clean shares landmarks with ROxford / RParis. Arg: variant=B/16,
 runlocal=False.
 """

@@ -1,10 +1,10 @@
-"""IRT on In-Shop Clothes (SPEC: DeiT-S, 35k steps, queries vs gallery).
+"""IRT on In-Shop Clothes (docs/irt.md: DeiT-S, 35k steps, queries vs gallery).
 
   python -m vitret_jax.main --config=configs/inshop.py:variant=S/16 \
       --config.input.data_dir=/data/inshop --workdir=DIR
 
 Paper (IRT_R, DeiT-S distilled, 224 px): R@1 91.9. Memory ratio 0.2, filled
-by a momentum (key) encoder, momentum 0.999 (SPEC): an EMA copy of the
+by a momentum (key) encoder, momentum 0.999 (the paper): an EMA copy of the
 parameters in the train state, saved and resumed with it.
 The folder holds Eval/list_eval_partition.txt and img/. Fine-tune from
 ImageNet weights with

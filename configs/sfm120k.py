@@ -12,7 +12,8 @@ Paper (IRT_R, DeiT-B distilled, 384 px, 768-d): ROxford M / H 55.1 / 28.3,
 RParis 72.7 / 49.6. As the paper (and cnnimageretrieval-pytorch), batches are
 5 tuples of a query, its positive and 5 hard negatives mined each epoch
 (2,000 queries, pool of 20,000; input.tuples), Adam lr 5e-7 for 100 epochs
-(40,000 steps), with the IRT loss (lambda 4, inferred by SPEC). 35 images do
+(40,000 steps), with the IRT loss (lambda 4, inferred from the paper's
+tables). 35 images do
 not split over 2, 4 or 8 devices: there, raise input.tuples.per_batch (8
 tuples = 56 images) and input.batch_size with it. The folder holds
 retrieval-SfM-120k.pkl and ims/. Arg: variant=B/16, runlocal=False.

@@ -48,8 +48,6 @@ from vitret_jax import host_memory  # pylint: disable=g-import-not-at-top,g-bad-
 host_memory.configure("off")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_GROCERY = os.path.join(os.path.dirname(REPO), "shared", "data",
-                              "grocery")
 
 
 def model_config(**overrides):
@@ -89,6 +87,28 @@ def load_config(name, arg=None):
   """configs/<name>.py's get_config(arg): the tests' one config loader (the
   config files are loaded from their paths, not through sys.path)."""
   return load_script(f"configs/{name}.py").get_config(arg)
+
+
+def small_config(steps=2, data_dir=None, eval_untrained=True):
+  """The runlocal demo (a test-size model on the embedded set), `steps`
+  long and saved every step: the tests' one small training config."""
+  c = load_config("demo", "runlocal=True")
+  with c.unlocked():
+    c.total_steps = steps
+    c.ckpt.every_steps = 1
+    c.eval_untrained = eval_untrained
+    if data_dir:
+      c.input.data_dir = data_dir
+  return c
+
+
+def run_cli(*args, timeout=300, env=None):
+  """`python -m vitret_jax.main ARGS` in a subprocess of the repository."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, "-m", "vitret_jax.main", *args],
+                        cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env=env or subprocess_env())
 
 
 def subprocess_env(devices=1, **extra):

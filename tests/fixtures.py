@@ -4,13 +4,14 @@ import os
 import pickle
 import shutil
 
+from vitret_jax.data import grocery
 from vitret_jax.data import readers
 from vitret_jax.data import datasets
 
 
 def grocery_photos(per_class=4, classes=6):
   """[(path, class)] of real photos from the embedded set."""
-  split = readers.load_grocery(datasets.EMBEDDED_GROCERY, protocol="official")
+  split = grocery.load_grocery(datasets.EMBEDDED_GROCERY, protocol="official")
   out = []
   for c in range(classes):
     rows = [p for p, y in zip(split["train"].paths, split["train"].labels)
@@ -84,7 +85,8 @@ def write_inshop(root, classes=6, per_class=4):
     rows.append(f"{rel} id_{c:08d} {role}")
     boxes.append(f"{rel} 1 1 4 4 60 60")
   os.makedirs(os.path.join(str(root), "Eval"))
-  with open(os.path.join(str(root), "Eval", "list_eval_partition.txt"), "w") as f:
+  with open(os.path.join(str(root), "Eval", "list_eval_partition.txt"),
+            "w") as f:
     f.write(f"{len(rows)}\nimage_name item_id evaluation_status\n")
     f.write("\n".join(rows) + "\n")
   os.makedirs(os.path.join(str(root), "Anno"))
@@ -106,7 +108,8 @@ def write_cub(root, per_class=4):
     labels.append(f"{i} {cls}")
     split.append(f"{i} {i % 2}")
     bbox.append(f"{i} 5.0 6.0 50.0 40.0")
-  for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
+  for name, lines in (("images.txt", images),
+                      ("image_class_labels.txt", labels),
                       ("train_test_split.txt", split),
                       ("bounding_boxes.txt", bbox)):
     with open(os.path.join(str(root), name), "w") as f:
@@ -143,7 +146,8 @@ def _copy_cropped(src, root, rel, aspect):
   os.makedirs(os.path.dirname(dst), exist_ok=True)
   with Image.open(src) as im:
     w, h = im.size
-    cw, ch = (w, round(w / aspect)) if aspect > w / h else (round(h * aspect), h)
+    cw, ch = ((w, round(w / aspect)) if aspect > w / h
+              else (round(h * aspect), h))
     left, top = (w - cw) // 2, (h - ch) // 2
     im.convert("RGB").crop((left, top, left + cw, top + ch)).save(dst)
 

@@ -80,7 +80,8 @@ def test_sharded_equals_unsharded_with_gradients(n, koleo):
 
   @jax.jit
   def sharded(z_, w_):
-    return jax.value_and_grad(lambda a, b: loss_fn(a, ys, {"class_weights": b})[0],
+    return jax.value_and_grad(
+        lambda a, b: loss_fn(a, ys, {"class_weights": b})[0],
                               argnums=(0, 1))(z_, w_)
   l8, g8 = sharded(zs, ws)
   errs = [abs(float(l1) - float(l8))] + [
@@ -94,7 +95,8 @@ def test_sharded_equals_unsharded_with_gradients(n, koleo):
   assert max(errs) <= 1e-6
   assert float(np.abs(np.asarray(g1[1])).max()) > 1e-4  # not trivially 0
   acc1 = arcface.arcface_loss(z, y, w, num_classes=37)[1]["accuracy"]
-  acc8 = jax.jit(lambda a, b: loss_fn(a, ys, {"class_weights": b})[1])(zs, ws)["accuracy"]
+  acc8 = jax.jit(lambda a, b: loss_fn(a, ys, {"class_weights": b})[1])(
+      zs, ws)["accuracy"]
   assert float(acc1) == float(acc8)
 
 

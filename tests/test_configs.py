@@ -122,3 +122,25 @@ def test_landmark_configs_koleo_weight_follows_the_loss(name, monkeypatch):
     c.loss.arcface.entropy_weight = 1.5
   experiment.build_loss(c.loss, mesh, 8)
   assert seen["arcface"]["entropy_weight"] == 1.5
+
+
+def test_saved_config_completed_from_base_config(tmp_path, caplog):
+  """A run's config.json without keys added since (here the profile section
+  and model.attention) reads back complete, and the log names what was
+  filled; the run's own values and sections are kept."""
+  import json  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  c = load_config("demo", "runlocal=True")
+  saved = json.loads(c.to_json_best_effort())
+  del saved["profile"], saved["model"]["attention"]
+  saved["model"]["variant"] = "mu/16"
+  saved["resolved"] = {"attention": "cpu"}
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with caplog.at_level(logging.INFO):
+    got = checkpoint.read_run_config(str(tmp_path))
+  assert got.model.attention == "auto" and got.profile.num_steps == 0
+  assert got.model.variant == "mu/16"
+  assert got.evals.test.pp == c.evals.test.pp and "resolved" not in got
+  assert "lacks model.attention, profile: filled" in caplog.text

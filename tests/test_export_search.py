@@ -9,9 +9,11 @@ import pytest
 
 import vitret_jax
 
+from conftest import load_config
 from conftest import REPO
 from conftest import subprocess_env
 from vitret_jax import commands
+from vitret_jax import experiment
 from vitret_jax import image_files
 from vitret_jax import train
 from vitret_jax.data import datasets
@@ -21,14 +23,12 @@ from vitret_jax.errors import UserError
 from vitret_jax.eval import evaluator
 from vitret_jax import search
 
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import demo  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = demo.get_config("runlocal=True")
+  config = load_config("demo", "runlocal=True")
   with config.unlocked():
     config.eval_untrained = False
   result = train.train_and_evaluate(config, workdir)
@@ -50,7 +50,7 @@ def test_export_roundtrip_in_fresh_process(trained, tmp_path):
   pp = preprocess.build_pp(config.evals.test.pp)
   images = np.stack([pp(p, None) for p in split.paths[:7]])
   np.save(tmp_path / "images.npy", images)
-  want = search.RunEmbedder(config, workdir)(images)
+  want = experiment.RunEmbedder(config, workdir)(images)
   # The artifact alone, in a process that imports nothing of the model code,
   # on batch sizes (7 and 3) the export was never traced with.
   # From the JPEG files too, in one call (the artifact's own preprocessing).
@@ -94,7 +94,7 @@ def test_index_search_rank1_equals_recall_at_1(trained, tmp_path):
   msg = commands.index(config, workdir, "", str(folder),
                        str(tmp_path / "index"))
   assert f"Indexed {len(split)} images" in msg and "skipped 1" in msg
-  embedder = search.RunEmbedder(config, workdir)
+  embedder = experiment.RunEmbedder(config, workdir)
   paths = search.list_images(str(folder))
   emb, kept, _ = image_files.embed_files(embedder, paths)
   hits = search.Index(str(tmp_path / "index")).search(emb, kept, 1)
@@ -129,7 +129,7 @@ def check_landmark_export(config, workdir, tmp_path):
     cache = experiment.cache_prefix(workdir, config, name,
                                     experiment.params_fingerprint(params),
                                     step)
-    white = ev._whitening(params, cache)  # pylint: disable=protected-access
+    white = ev.whitening(params, cache)
     want_q = white(ev._embed(params, ev.query, "q", cache, "query"))  # pylint: disable=protected-access
     want_db = white(ev._embed(params, ev.database, "db", cache, "database"))  # pylint: disable=protected-access
   finally:

@@ -1,11 +1,9 @@
-"""Fault injection: each fault of issue #11, and what must survive it.
-
-Numbers in the test names follow the issue's list: 1 final save before the
-final evaluation; 2 damaged checkpoints; 3 two runs on one workdir and
-metrics on resume; 4 evaluation cache keys; 5 16-bit and other image modes;
-6 CUB copies of other id bases and separators; 7 reader-option overrides;
-8 a checkpoint of another model; 9-11 one-line errors, early; 12 one writer
-of caches; 13 several processes stopping at one step (test_multiprocess).
+"""Faults and what must survive them: the final save before the final
+evaluation, damaged checkpoints, two runs on one workdir, metrics on resume,
+evaluation-cache keys, 16-bit and other image modes, CUB copies of other id
+bases and separators, reader-option overrides, one-line command-line errors
+before anything heavy, damaged exports, and one writer of caches (several
+processes stopping at one step: test_multiprocess.py).
 """
 import json
 import os
@@ -22,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import conftest
 from conftest import REPO
 from conftest import main_in_process
 from conftest import subprocess_env
@@ -34,34 +33,24 @@ from vitret_jax import preemption
 from vitret_jax import train
 from vitret_jax import train_step as ts
 from vitret_jax import workdir as workdir_lib
+from vitret_jax.data import grocery
 from vitret_jax.data import readers
 from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import demo  # pylint: disable=g-import-not-at-top
 import fixtures  # pylint: disable=g-import-not-at-top
 
 ENV = subprocess_env()
 
 
 def small_config(steps=2, data_dir=None):
-  c = demo.get_config("runlocal=True")
-  with c.unlocked():
-    c.total_steps = steps
-    c.ckpt.every_steps = 1
-    c.eval_untrained = False
-    if data_dir:
-      c.input.data_dir = data_dir
-  return c
+  return conftest.small_config(steps, data_dir, eval_untrained=False)
 
 
 def cli(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "vitret_jax.main", *args],
-                        cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env=ENV)
+  return conftest.run_cli(*args, timeout=timeout, env=ENV)
 
 
 def one_line_error(r, *needles):
@@ -94,7 +83,7 @@ def grocery_copy(tmp_path, broken_test_image=False, every=1):
         rel = line.split(",")[0].strip()
         shutil.copyfile(os.path.join(src, rel), os.path.join(root, rel))
   if broken_test_image:
-    split = readers.load_grocery(root, num_train_classes=40)["test"]
+    split = grocery.load_grocery(root, num_train_classes=40)["test"]
     with open(split.paths[3], "wb") as f:
       f.write(b"not an image")
   return root
@@ -105,9 +94,9 @@ def read_rows(workdir):
     return [json.loads(l) for l in f]
 
 
-# 1. Work that is lost: the final state is saved before the final evaluation.
+# Work that is lost: the final state is saved before the final evaluation.
 
-def test_1_final_state_saved_before_a_failing_evaluation(tmp_path):
+def test_final_state_saved_before_a_failing_evaluation(tmp_path):
   data = grocery_copy(tmp_path, broken_test_image=True)
   workdir = str(tmp_path / "run")
   with pytest.raises(UserError, match="checkpoint is saved") as e:
@@ -120,7 +109,7 @@ def test_1_final_state_saved_before_a_failing_evaluation(tmp_path):
 
 
 @pytest.mark.slow(12)  # seconds, cold, 2 cores
-def test_1_sigterm_during_final_evaluation_keeps_the_final_state(tmp_path):
+def test_sigterm_during_final_evaluation_keeps_the_final_state(tmp_path):
   workdir = str(tmp_path / "run")
   args = ["--config=configs/demo.py:runlocal=True", f"--workdir={workdir}",
           "--config.total_steps=3", "--config.eval_untrained=False",
@@ -150,7 +139,7 @@ def test_1_sigterm_during_final_evaluation_keeps_the_final_state(tmp_path):
   assert [r["step"] for r in read_rows(workdir) if "loss" in r] == [1, 2, 3]
 
 
-# 2. Damaged checkpoints: detected, reported in one line, set aside.
+# Damaged checkpoints: detected, reported in one line, set aside.
 
 def tiny_state(step, value):
   return ts.TrainState(step=jnp.int32(step),
@@ -194,7 +183,7 @@ def damage(step_dir, kind):
 
 @pytest.mark.parametrize("kind", ["random_bytes", "truncated_data",
                                   "deleted_manifest", "truncated_meta"])
-def test_2_damaged_latest_checkpoint_falls_back(tmp_path, kind, caplog):
+def test_damaged_latest_checkpoint_falls_back(tmp_path, kind, caplog):
   workdir = str(tmp_path)
   saved_steps(workdir)
   path = damage(os.path.join(workdir, "checkpoints", "2"), kind)
@@ -216,7 +205,7 @@ def test_2_damaged_latest_checkpoint_falls_back(tmp_path, kind, caplog):
       os.path.join(workdir, "checkpoints", "2")) is None
 
 
-def test_2_checkpoint_without_checksums_is_restored_with_a_warning(
+def test_checkpoint_without_checksums_is_restored_with_a_warning(
     tmp_path, caplog):
   # kill -9 between the end of orbax's save and the checksums: the step is
   # complete but unverified; it is restored, and the log says so.
@@ -233,7 +222,7 @@ def test_2_checkpoint_without_checksums_is_restored_with_a_warning(
              for r in caplog.records)
 
 
-def test_2_every_checkpoint_damaged_is_an_error(tmp_path):
+def test_every_checkpoint_damaged_is_an_error(tmp_path):
   workdir = str(tmp_path)
   saved_steps(workdir)
   for s in (1, 2):
@@ -246,7 +235,7 @@ def test_2_every_checkpoint_damaged_is_an_error(tmp_path):
   ckpt.close()
 
 
-def test_2_training_resumes_from_the_last_good_checkpoint(tmp_path):
+def test_training_resumes_from_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(small_config(2), workdir)
   damage(os.path.join(workdir, "checkpoints", "2"), "random_bytes")
@@ -257,7 +246,7 @@ def test_2_training_resumes_from_the_last_good_checkpoint(tmp_path):
   assert os.path.isdir(os.path.join(workdir, "checkpoints_damaged", "2"))
 
 
-# 3. One run per workdir; no step logged twice.
+# One run per workdir; no step logged twice.
 
 HOLD_LOCK = """
 import sys, time
@@ -268,7 +257,7 @@ with workdir.Lock(sys.argv[1], "train"):
 """
 
 
-def test_3_second_run_on_a_workdir_stops_and_a_crash_is_detected(
+def test_second_run_on_a_workdir_stops_and_a_crash_is_detected(
     tmp_path, caplog):
   workdir = str(tmp_path / "run")
   holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, workdir],
@@ -293,7 +282,7 @@ def test_3_second_run_on_a_workdir_stops_and_a_crash_is_detected(
     assert not any("ended without" in r.getMessage() for r in caplog.records)
 
 
-def test_3_unfinished_saves_are_cleaned_up(tmp_path):
+def test_unfinished_saves_are_cleaned_up(tmp_path):
   tmp = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1234" / "state"
   tmp.mkdir(parents=True)
   ckpt = checkpoint.Checkpointer(str(tmp_path))
@@ -301,7 +290,7 @@ def test_3_unfinished_saves_are_cleaned_up(tmp_path):
   ckpt.close()
 
 
-def test_3_resumed_metrics_have_each_step_once(tmp_path):
+def test_resumed_metrics_have_each_step_once(tmp_path):
   workdir = str(tmp_path)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for s in range(1, 6):
@@ -315,7 +304,7 @@ def test_3_resumed_metrics_have_each_step_once(tmp_path):
   assert rows[-1]["loss"] == 40.0
 
 
-# 4. The evaluation cache is keyed on what changes a descriptor.
+# The evaluation cache is keyed on what changes a descriptor.
 
 def _cached_equals_fresh(cfg, workdir):
   """Evaluates through the cache, then without it: they must agree."""
@@ -328,7 +317,7 @@ def _cached_equals_fresh(cfg, workdir):
 
 
 @pytest.mark.slow(30)  # seconds, cold, 2 cores
-def test_4_eval_cache_follows_pp_dtype_and_data(tmp_path):
+def test_eval_cache_follows_pp_dtype_and_data(tmp_path):
   data = grocery_copy(tmp_path, every=3)  # 12 evaluations: ~430 test photos
 
   def config():
@@ -354,14 +343,14 @@ def test_4_eval_cache_follows_pp_dtype_and_data(tmp_path):
     cfg.input.options.num_train_classes = 50
   _cached_equals_fresh(cfg, workdir)
   # Nor does a test photo replaced by another under the same name.
-  test = readers.load_grocery(data, num_train_classes=40)["test"]
+  test = grocery.load_grocery(data, num_train_classes=40)["test"]
   shutil.copy(test.paths[0], test.paths[1])
   _cached_equals_fresh(config(), workdir)
   assert not [f for f in os.listdir(os.path.join(workdir, "embeddings"))
               if ".tmp" in f]
 
 
-# 5. Image modes: 16-bit, palette, alpha, CMYK.
+# Image modes: 16-bit, palette, alpha, CMYK.
 
 def _png16_rgb(path, rgb16):
   """A 16-bit-per-channel RGB PNG (PIL cannot write one)."""
@@ -378,7 +367,7 @@ def _png16_rgb(path, rgb16):
             raw)) + chunk(b"IEND", b""))
 
 
-def test_5_image_modes_decode_to_the_right_pixels(tmp_path):
+def test_image_modes_decode_to_the_right_pixels(tmp_path):
   gray = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
   Image.fromarray(gray).save(tmp_path / "g16.png")
   got = preprocess.decode(str(tmp_path / "g16.png"))
@@ -405,7 +394,7 @@ def test_5_image_modes_decode_to_the_right_pixels(tmp_path):
     preprocess.decode(str(tmp_path / "f.tif"))
 
 
-# 6. CUB copies that are not ours.
+# CUB copies that are not ours.
 
 def _rewrite(path, fn):
   with open(path) as f:
@@ -414,7 +403,7 @@ def _rewrite(path, fn):
     f.write("\n".join(fn(l) for l in lines) + "\n")
 
 
-def test_6_cub_with_zero_based_ids_and_commas(tmp_path):
+def test_cub_with_zero_based_ids_and_commas(tmp_path):
   root = fixtures.write_cub(tmp_path / "cub")
   official = readers.load_cub(root, check_counts=False)
   # Image ids from 0, class ids from 0, fields separated by ", ".
@@ -433,7 +422,7 @@ def test_6_cub_with_zero_based_ids_and_commas(tmp_path):
   assert fewer["train"].num_classes == 2 and fewer["test"].num_classes == 4
 
 
-def test_6_cub_bad_labels_and_lines_name_the_line(tmp_path):
+def test_cub_bad_labels_and_lines_name_the_line(tmp_path):
   root = fixtures.write_cub(tmp_path / "cub")
   labels = os.path.join(root, "image_class_labels.txt")
   _rewrite(labels, lambda l: f"{l[0]} {9999 if l[0] == '5' else l[1]}")
@@ -450,7 +439,7 @@ def test_6_cub_bad_labels_and_lines_name_the_line(tmp_path):
     readers.load_cub(root, check_counts=False)
 
 
-def test_6_count_message_says_more_or_fewer(tmp_path):
+def test_count_message_says_more_or_fewer(tmp_path):
   root = fixtures.write_cub(tmp_path / "cub")
   with pytest.raises(DataError, match=r"5852 images are missing"):
     readers.load_cub(root)
@@ -458,18 +447,17 @@ def test_6_count_message_says_more_or_fewer(tmp_path):
     readers.load_cub(root)
 
 
-# 7. Every reader option can be overridden from the command line.
+# Every reader option can be overridden from the command line.
 
 @pytest.mark.parametrize("name", ["cub", "sop", "inshop", "sfm120k", "gldv2",
-                                  "grocery", "demo", "dtop"])
-def test_7_configs_list_every_reader_option(name):
-  module = __import__(name)
-  c = module.get_config()
+                                  "grocery", "demo", "dtop", "folder"])
+def test_configs_list_every_reader_option(name):
+  c = conftest.load_config(name)
   assert set(c.input.options) == set(
       datasets.reader_options(c.input.dataset)), name
 
 
-def test_7_check_counts_override_is_accepted(tmp_path):
+def test_check_counts_override_is_accepted(tmp_path):
   root = fixtures.write_cub(tmp_path / "cub")
   r = cli("--config=configs/cub.py:runlocal=True",
           f"--config.input.data_dir={root}",
@@ -486,10 +474,10 @@ def test_7_check_counts_override_is_accepted(tmp_path):
   assert "Traceback" not in r.stderr
 
 
-# 8-11. One-line errors, before anything heavy, naming the flag given.
+# One-line errors, before anything heavy, naming the flag given.
 
 @pytest.mark.slow(25)  # seconds, cold, 2 cores
-def test_8_to_11_command_line_errors(tmp_path):
+def test_command_line_errors(tmp_path):
   """The CLI's parsing and error handling in this process (`main_in_process`,
   no interpreter start-up each), and in real processes for a config file
   that fails and for a damaged artifact."""
@@ -549,7 +537,7 @@ def test_8_to_11_command_line_errors(tmp_path):
 
 @pytest.mark.parametrize("name", ["params.safetensors", "embed.stablehlo",
                                   "model.json"])
-def test_9_truncated_export_files(tmp_path, name):
+def test_truncated_export_files(tmp_path, name):
   workdir = str(tmp_path / "run")
   c = small_config(1)
   train.train_and_evaluate(c, workdir)
@@ -567,9 +555,9 @@ def test_9_truncated_export_files(tmp_path, name):
     train.train_and_evaluate(c2, str(tmp_path / "run2"))
 
 
-# 12. Caches have one writer.
+# Caches have one writer.
 
-def test_12_only_process_0_writes_caches(tmp_path, monkeypatch):
+def test_only_process_0_writes_caches(tmp_path, monkeypatch):
   target = str(tmp_path / "cache.npy")
   calls = []
   monkeypatch.setattr(jax, "process_index", lambda: 1)

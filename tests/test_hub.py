@@ -17,6 +17,7 @@ from safetensors import numpy as st_numpy
 
 from test_weights import GOLDEN, load_golden
 from vitret_jax import hub
+from vitret_jax import init_from
 from vitret_jax import weights
 from vitret_jax.errors import UserError
 
@@ -109,7 +110,7 @@ def test_weights_by_hub_name_fetched_cached_and_offline(served, tmp_path,
   want = weights.convert_timm(weights.build_encoder("mu/8", 32), served,
                               32)["params"]
   for name in ("timm/vit_mu8.golden", "hf-hub:timm/vit_mu8.golden"):
-    got = weights.make_init_params(name, "auto", cfg)(_template(cfg))
+    got = init_from.make_init_params(name, "auto", cfg)(_template(cfg))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got["encoder"])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   cached = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "hf")
@@ -118,21 +119,21 @@ def test_weights_by_hub_name_fetched_cached_and_offline(served, tmp_path,
   # Offline: from the cache, without a request.
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   before = len(_Hub.requests)
-  weights.make_init_params("timm/vit_mu8.golden", "auto", cfg)(
+  init_from.make_init_params("timm/vit_mu8.golden", "auto", cfg)(
       _template(cfg))
   assert len(_Hub.requests) == before
   with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
-    weights.make_init_params("timm/vit_small_patch16_224.augreg_in1k",
+    init_from.make_init_params("timm/vit_small_patch16_224.augreg_in1k",
                              "auto", cfg)(_template(cfg))
 
 
 def test_hub_name_errors(served, monkeypatch):
   cfg = _cfg()
   with pytest.raises(UserError, match="no repository 'timm/nope"):
-    weights.make_init_params("timm/nope.x", "auto", cfg)(_template(cfg))
+    init_from.make_init_params("timm/nope.x", "auto", cfg)(_template(cfg))
   # A known timm architecture that is not the config's model.
   with pytest.raises(UserError, match="set --config.model.variant=S/16"):
-    weights.make_init_params("timm/deit_small_patch16_224.fb_in1k", "auto",
+    init_from.make_init_params("timm/deit_small_patch16_224.fb_in1k", "auto",
                              cfg)(_template(cfg))
   monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing there
   # huggingface_hub retries a refused connection 5 times, 23 s of backoff;
@@ -142,7 +143,7 @@ def test_hub_name_errors(served, monkeypatch):
   monkeypatch.setattr(_http, "time", types.SimpleNamespace(
       sleep=waits.append, time=time.time, monotonic=time.monotonic))
   with pytest.raises(UserError, match="cannot reach"):
-    weights.make_init_params("timm/other.x", "auto", cfg)(_template(cfg))
+    init_from.make_init_params("timm/other.x", "auto", cfg)(_template(cfg))
   assert waits, "huggingface_hub no longer retries: drop the stub"
 
 
@@ -208,28 +209,28 @@ def test_google_npz_by_gs_name_fetched_cached_checked_and_offline(
   monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
   try:
     cfg = _cfg()
-    want = weights.make_init_params(str(local), "auto", cfg)(_template(cfg))
+    want = init_from.make_init_params(str(local), "auto", cfg)(_template(cfg))
     name = "gs://vit_models/test/mu8.npz"
-    got = weights.make_init_params(name, "auto", cfg)(_template(cfg))
+    got = init_from.make_init_params(name, "auto", cfg)(_template(cfg))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     cached = tmp_path / "cache" / "gcs" / "vit_models" / "test" / "mu8.npz"
     assert cached.is_file()
     monkeypatch.setenv("VITRET_OFFLINE", "1")
-    weights.make_init_params(name, "auto", cfg)(_template(cfg))
+    init_from.make_init_params(name, "auto", cfg)(_template(cfg))
     assert _Bucket.requests == ["/vit_models/test/mu8.npz"]
     with pytest.raises(UserError, match="offline .* not in the cache"):
-      weights.make_init_params("gs://vit_models/test/other.npz", "auto",
+      init_from.make_init_params("gs://vit_models/test/other.npz", "auto",
                                cfg)(_template(cfg))
     # The sha256 recorded on the first download guards the cached copy.
     data = bytearray(cached.read_bytes())
     data[-10] ^= 0xFF
     cached.write_bytes(bytes(data))
     with pytest.raises(UserError, match="fails its check"):
-      weights.make_init_params(name, "auto", cfg)(_template(cfg))
+      init_from.make_init_params(name, "auto", cfg)(_template(cfg))
     monkeypatch.delenv("VITRET_OFFLINE")
     with pytest.raises(UserError, match="(?s)HTTP 404.*vision_transformer"):
-      weights.make_init_params("gs://vit_models/test/nope.npz", "auto",
+      init_from.make_init_params("gs://vit_models/test/nope.npz", "auto",
                                cfg)(_template(cfg))
   finally:
     server.shutdown()

@@ -15,7 +15,7 @@ def unit(x):
 
 def numpy_loss(z, y, beta, lam, reduction, mem=None, mem_y=None, slots=None,
                eps=1e-8):
-  """Straight loops over the SPEC's formulas (float64)."""
+  """Straight loops over the paper's formulas (docs/irt.md) (float64)."""
   z = z.astype(np.float64)
   n = len(z)
 

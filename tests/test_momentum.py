@@ -15,7 +15,7 @@ from vitret_jax import sharding
 from vitret_jax import train
 from vitret_jax import train_step as ts
 from vitret_jax.errors import UserError
-from test_train import small_config
+from conftest import small_config
 from test_train import tiny_model
 
 

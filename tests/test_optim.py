@@ -62,7 +62,8 @@ def test_decay_mask_of_the_dtop_parts():
           patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=2,
           image_size=32, locality_blocks=(-1,), name="encoder"),
       head=heads.DToPHead(num_layers=2, out_dim=16, name="head"))
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = model.init(jax.random.PRNGKey(0),
+                      jnp.zeros((1, 32, 32, 3)))["params"]
   mask = optim.decay_mask(params)
   blk = mask["encoder"]["Transformer"]["encoderblock_1"]["MlpBlock_3"]
   assert blk["dwconv"]["kernel"] and not blk["dwconv"]["bias"]

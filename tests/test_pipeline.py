@@ -3,9 +3,9 @@ multi-process workers, per-host rows, corrupt-image switch."""
 import numpy as np
 import pytest
 
+from vitret_jax.data import grocery
 from vitret_jax.data import datasets
 from vitret_jax.data import split as split_lib
-from vitret_jax.data import readers
 from vitret_jax.data import pipeline
 from vitret_jax.data import samplers
 from vitret_jax.errors import DataError
@@ -15,7 +15,7 @@ PP = "decode|resize(40)|random_crop(32)|flip_lr|normalize"
 
 @pytest.fixture(scope="module")
 def split():
-  return readers.load_grocery(datasets.EMBEDDED_GROCERY)["train"]
+  return grocery.load_grocery(datasets.EMBEDDED_GROCERY)["train"]
 
 
 def loader(split, workers=0, seed=0, **kw):

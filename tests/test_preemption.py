@@ -22,7 +22,7 @@ ARGS = ["-m", "vitret_jax.main", "--config=configs/demo.py:runlocal=True",
 ENV = subprocess_env(devices=2)
 
 
-def cli(workdir, *extra):
+def cli_args(workdir, *extra):
   return [sys.executable, *ARGS, f"--workdir={workdir}", *extra]
 
 
@@ -34,10 +34,10 @@ def losses(workdir):
 @pytest.mark.slow(19)  # seconds, cold, 2 cores
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
   ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-  r = subprocess.run(cli(ref), cwd=REPO, env=ENV, capture_output=True,
+  r = subprocess.run(cli_args(ref), cwd=REPO, env=ENV, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
-  proc = subprocess.Popen(cli(cut), cwd=REPO, env=ENV, text=True,
+  proc = subprocess.Popen(cli_args(cut), cwd=REPO, env=ENV, text=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   for line in proc.stderr:  # absl logs each step's metrics to stderr
     if "] step 3:" in line:
@@ -48,7 +48,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
   assert "Stopped by SIGTERM after step" in err
   stopped = checkpoint.Checkpointer(cut, read_only=True).latest_step()
   assert 3 <= stopped < 40
-  r = subprocess.run(cli(cut), cwd=REPO, env=ENV, capture_output=True,
+  r = subprocess.run(cli_args(cut), cwd=REPO, env=ENV, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   a, b = losses(ref), losses(cut)
@@ -66,7 +66,8 @@ import sys, numpy as np, jax, jax.numpy as jnp
 from vitret_jax import checkpoint, train_step as ts
 ckpt = checkpoint.Checkpointer(sys.argv[1], keep=5, async_save=False)
 def state(step, value, n):
-  return ts.TrainState(step=jnp.int32(step), params={"w": jnp.full((n,), value)},
+  return ts.TrainState(step=jnp.int32(step),
+                       params={"w": jnp.full((n,), value)},
                        opt_state={}, rng=jnp.zeros((2,), jnp.uint32))
 ckpt.save(state(1, 1.0, 1000))
 ckpt.wait()

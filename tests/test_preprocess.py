@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
+from vitret_jax.data import grocery
 from vitret_jax.data import datasets
-from vitret_jax.data import readers
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
@@ -11,12 +11,13 @@ from vitret_jax.errors import UserError
 
 @pytest.fixture(scope="module")
 def photo():
-  return readers.load_grocery(datasets.EMBEDDED_GROCERY)["train"].paths[0]
+  return grocery.load_grocery(datasets.EMBEDDED_GROCERY)["train"].paths[0]
 
 
 def test_train_and_eval_specs(photo):
   rng = np.random.default_rng(0)
-  train = preprocess.build_pp("decode|resize(72)|random_crop(64)|flip_lr|normalize")
+  train = preprocess.build_pp(
+      "decode|resize(72)|random_crop(64)|flip_lr|normalize")
   x = train(photo, rng)
   assert x.shape == (64, 64, 3) and x.dtype == np.float32
   assert -3 < x.mean() < 3

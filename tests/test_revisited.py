@@ -36,7 +36,8 @@ def test_hand_built_ap_and_junk():
   m_ap, m_pr, aps = metrics.map_and_precision(
       [[0, 1, 2, 3, 4, 5]], [[0, 3]], [[1]], kappas=(1, 5))
   want = ((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2) / 2
-  assert aps[0] == pytest.approx(want, abs=1e-12) and m_ap == pytest.approx(want)
+  assert aps[0] == pytest.approx(want, abs=1e-12)
+  assert m_ap == pytest.approx(want)
   # mP@5: last positive at (junk-free) rank 3 -> precision at 3 = 2/3.
   assert m_pr[1] == 1.0 and m_pr[5] == pytest.approx(2 / 3)
 

@@ -6,6 +6,7 @@ from PIL import Image
 
 from vitret_jax import commands
 from vitret_jax import search
+from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
 from vitret_jax.eval import evaluator
 from vitret_jax.eval import knn
@@ -52,7 +53,7 @@ def test_scann_search_marks_padding_as_empty_slots():
 def test_index_smaller_than_k_query_outside(small_index, tmp_path):
   paths, index = small_index
   outside = _images(tmp_path / "queries", 1, seed=7)
-  emb = _MeanColour()(np.stack([search.preprocess.build_pp(
+  emb = _MeanColour()(np.stack([preprocess.build_pp(
       _MeanColour.preprocess)(outside[0], None)]))
   hits = index.search(emb, outside, 5)[0]
   assert sorted(p for p, _ in hits) == sorted(paths)
@@ -63,7 +64,7 @@ def test_index_smaller_than_k_query_outside(small_index, tmp_path):
 
 def test_index_smaller_than_k_query_inside(small_index):
   paths, index = small_index
-  pp = search.preprocess.build_pp(_MeanColour.preprocess)
+  pp = preprocess.build_pp(_MeanColour.preprocess)
   emb = _MeanColour()(np.stack([pp(p, None) for p in paths]))
   for q, hits in zip(paths, index.search(emb, paths, 100)):
     assert sorted(p for p, _ in hits) == sorted(set(paths) - {q})

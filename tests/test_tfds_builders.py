@@ -1,12 +1,13 @@
 """TFDS builders (array_record, no TensorFlow) on every official-layout
-fixture, read back with data sources; Grocery from ../shared at full size."""
+fixture, read back with data sources; the embedded Grocery photos."""
 import os
 
 import numpy as np
 import pytest
 
 import fixtures
-from conftest import SHARED_GROCERY
+from vitret_jax.data import datasets
+from conftest import load_config
 from vitret_jax.data import tfds_builders
 from vitret_jax.errors import DataError
 
@@ -44,15 +45,12 @@ def test_builder_missing_folder_gives_instructions(tmp_path):
     tfds_builders.prepare("sop", str(tmp_path / "none"), str(tmp_path / "t"))
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_GROCERY),
-                    reason="../shared/data/grocery is not beside the repo")
-def test_grocery_full_set_counts(tmp_path):
-  builder = tfds_builders.prepare("grocery", SHARED_GROCERY,
+def test_grocery_embedded_set_counts(tmp_path):
+  builder = tfds_builders.prepare("grocery", datasets.EMBEDDED_GROCERY,
                                   str(tmp_path / "tfds"), protocol="official")
   sources = builder.as_data_source()
   counts = {k: len(v) for k, v in sources.items()}
-  assert counts == {"train": 2640, "val": 296, "test": 2485}
-  assert sum(counts.values()) == 5421
+  assert counts == {"train": 1308, "val": 147, "test": 1137}
   labels = set()
   for src in sources.values():
     labels |= {int(src[i]["label"]) for i in range(len(src))}
@@ -63,14 +61,10 @@ def test_training_reads_the_tfds_source(tmp_path):
   """The grocery demo trained from TFDS array_record files gives the same
   losses as from the image folder (same decoded pixels, same batches)."""
   import json  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  from conftest import REPO  # pylint: disable=g-import-not-at-top
   from vitret_jax import train  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import demo  # pylint: disable=g-import-not-at-top
   losses = []
   for tfds_dir in ("", str(tmp_path / "tfds")):
-    c = demo.get_config("runlocal=True")
+    c = load_config("demo", "runlocal=True")
     with c.unlocked():
       c.input.tfds_dir = tfds_dir
       c.eval_untrained = False

@@ -3,8 +3,6 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +11,10 @@ import optax
 import pytest
 
 from conftest import REPO
+from conftest import load_config
+from conftest import run_cli
+from conftest import small_config
 from conftest import main_in_process
-from conftest import subprocess_env
-from conftest import SHARED_GROCERY
 from conftest import model_config
 from vitret_jax import losses
 from vitret_jax import models
@@ -27,8 +26,6 @@ from vitret_jax.data import image_sizes
 from vitret_jax.data import samplers
 from vitret_jax.errors import UserError
 
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import demo  # pylint: disable=g-import-not-at-top
 
 
 def tiny_model():
@@ -65,12 +62,6 @@ def test_two_train_steps(memory):
     assert int((state.memory["labels"] >= 0).sum()) == 32
 
 
-def small_config(steps=2):
-  c = demo.get_config("runlocal=True")
-  with c.unlocked():
-    c.total_steps = steps
-    c.ckpt.every_steps = 1
-  return c
 
 
 def read_jsonl(path):
@@ -101,11 +92,6 @@ def test_train_evaluate_and_resume(tmp_path):
   assert again["recall@1"] == pytest.approx(out["recall@1"])
 
 
-def run_cli(*args):
-  return subprocess.run(
-      [sys.executable, "-m", "vitret_jax.main", *args], cwd=REPO,
-      capture_output=True, text=True, timeout=300,
-      env=subprocess_env())
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -170,14 +156,10 @@ def test_diverged_state_is_never_saved(tmp_path):
   assert not os.listdir(os.path.join(str(tmp_path), "checkpoints"))
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_GROCERY),
-                    reason="../shared/data/grocery is not beside the repo")
-def test_grocery_config_on_the_full_set(tmp_path):
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import grocery  # pylint: disable=g-import-not-at-top
-  c = grocery.get_config("runlocal=True")
+def test_grocery_config_on_the_embedded_set(tmp_path):
+  c = load_config("grocery", "runlocal=True")
   with c.unlocked():
-    c.input.data_dir = SHARED_GROCERY
+    c.input.data_dir = datasets.EMBEDDED_GROCERY
     c.eval_untrained = False
   out = train.train_and_evaluate(c, str(tmp_path))
   assert out["step"] == 2 and 0 < out["recall@1"] <= 1
@@ -219,9 +201,8 @@ def test_dtop_config_trains_with_group_size_batches(tmp_path):
   """configs/dtop.py (runlocal: Rmu hybrid + locality blocks + DToP head)
   on a GLDv2 fixture of landscape and portrait photos: group-size batches of
   two shapes go through the one train step, evaluated on ROxford."""
-  import dtop  # pylint: disable=g-import-not-at-top
   import fixtures  # pylint: disable=g-import-not-at-top
-  c = dtop.get_config("runlocal=True")
+  c = load_config("dtop", "runlocal=True")
   with c.unlocked():
     c.input.data_dir = fixtures.write_gldv2(tmp_path / "gld", per_class=6,
                                             mixed_aspect=True)
@@ -256,16 +237,17 @@ def test_init_from_timm_safetensors(tmp_path):
   """model.init_from a timm .safetensors file: the encoder loads (equal to the
   converted weights), the head stays freshly initialised."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  from vitret_jax import init_from  # pylint: disable=g-import-not-at-top
   from vitret_jax import weights  # pylint: disable=g-import-not-at-top
   with np.load(os.path.join(REPO, "tests", "golden", "vit_tiny.npz")) as f:
     sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
   st_numpy.save_file(sd, str(tmp_path / "vit_tiny.safetensors"))
-  c = demo.get_config("runlocal=True")  # mu/8 at 32 px = the golden ViT
+  c = load_config("demo", "runlocal=True")  # mu/8 at 32 px = the golden ViT
   with c.unlocked():
     c.model.proj_dim = 16
   model = models.build_model(c.model)
   real = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  got = weights.make_init_params(str(tmp_path / "vit_tiny.safetensors"),
+  got = init_from.make_init_params(str(tmp_path / "vit_tiny.safetensors"),
                                     "auto", c.model)(real)
   want = weights.convert_timm(weights.build_encoder("mu/8", 32), sd,
                               32)["params"]["encoder"]
@@ -281,8 +263,7 @@ def test_benchmark_configs_train_on_fixtures(name, tmp_path):
   """configs/<name>.py:runlocal=True end to end on a fixture written in the
   data set's official layout (landmarks: ROxford fixture for evaluation)."""
   import fixtures  # pylint: disable=g-import-not-at-top
-  mod = __import__(name)
-  c = mod.get_config("runlocal=True")
+  c = load_config(name, "runlocal=True")
   root = fixtures.WRITERS[name](tmp_path / "data")
   with c.unlocked():
     c.input.data_dir = root
@@ -311,13 +292,12 @@ def test_sfm120k_tuples_mined_each_epoch_and_resumed(tmp_path, caplog):
   mid-epoch (step 3) and resumed restores that epoch's mined table and ends
   where an uninterrupted run does."""
   import fixtures  # pylint: disable=g-import-not-at-top
-  import sfm120k  # pylint: disable=g-import-not-at-top
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   data = fixtures.write_sfm120k(tmp_path / "sfm")
   rox = fixtures.write_revisited(tmp_path / "rox")
 
   def config(total):
-    c = sfm120k.get_config("runlocal=True")
+    c = load_config("sfm120k", "runlocal=True")
     with c.unlocked():
       c.input.data_dir = data
       c.input.options = {"check_counts": False}
@@ -339,7 +319,8 @@ def test_sfm120k_tuples_mined_each_epoch_and_resumed(tmp_path, caplog):
   caplog.clear()
   train.train_and_evaluate(config(3), str(tmp_path / "resumed"))
   meta = checkpoint.Checkpointer(str(tmp_path / "resumed")).read_meta(3)
-  assert list(meta["input"]["sampler_state"]) == ["1"]  # epoch 1, mined at step 2
+  # Epoch 1, mined at step 2.
+  assert list(meta["input"]["sampler_state"]) == ["1"]
   assert np.asarray(meta["input"]["sampler_state"]["1"]).shape == (4, 2)
   caplog.clear()
   train.train_and_evaluate(config(4), str(tmp_path / "resumed"))
@@ -355,14 +336,13 @@ def test_sfm120k_mining_skips_unreadable_pool_images(tmp_path):
   """With input.skip_corrupt, an unreadable SfM-120k image is left out of
   the negative pool (and counted in training), never mined as a negative."""
   import fixtures  # pylint: disable=g-import-not-at-top
-  import sfm120k  # pylint: disable=g-import-not-at-top
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   data = fixtures.write_sfm120k(tmp_path / "sfm")
   split = datasets.load_dataset("sfm120k", data, check_counts=False)["train"]
   bad_row = 5  # a positive of a pair, so its own tuples still train
   with open(split.paths[bad_row], "wb") as f:
     f.write(b"not a jpeg")
-  c = sfm120k.get_config("runlocal=True")
+  c = load_config("sfm120k", "runlocal=True")
   with c.unlocked():
     c.input.data_dir = data
     c.input.options = {"check_counts": False}
@@ -410,16 +390,16 @@ def test_init_from_says_what_it_did(tmp_path, caplog):
   list of names); a fitting one logs loaded / resampled / fresh counts,
   here with the 4x4 grid resampled for 64 px."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  from vitret_jax import weights  # pylint: disable=g-import-not-at-top
+  from vitret_jax import init_from  # pylint: disable=g-import-not-at-top
   with np.load(os.path.join(REPO, "tests", "golden", "vit_tiny.npz")) as f:
     sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
   path = str(tmp_path / "vit_tiny.safetensors")
   st_numpy.save_file(sd, path)
-  c = demo.get_config("runlocal=True")
+  c = load_config("demo", "runlocal=True")
   with c.unlocked():
     c.model.variant = "mu/16"
   with pytest.raises(UserError) as e:
-    weights.make_init_params(path, "auto", c.model)(None)
+    init_from.make_init_params(path, "auto", c.model)(None)
   assert str(e.value).count("\n") == 0
   assert "set --config.model.variant=mu/8" in str(e.value)
   with c.unlocked():
@@ -427,7 +407,7 @@ def test_init_from_says_what_it_did(tmp_path, caplog):
   model = models.build_model(c.model)
   real = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
   with caplog.at_level(logging.INFO):
-    weights.make_init_params(path, "auto", c.model)(real)
+    init_from.make_init_params(path, "auto", c.model)(real)
   text = caplog.text
   assert "grid to 8x8" in text and "from the weights' 4x4" in text
   assert re.search(r"loaded \d+ tensors .*of which 1 resampled "

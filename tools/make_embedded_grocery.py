@@ -8,7 +8,8 @@ the class's lines in the three lists, and every photo is re-encoded as a JPEG
 whose shorter side is ``--size`` pixels.
 
 Usage:
-  python tools/make_embedded_grocery.py --src ../shared/data/grocery \
+  python tools/make_embedded_grocery.py \
+      --src /path/to/GroceryStoreDataset/dataset \
       --dst vitret_jax/assets/grocery_mini
 """
 import argparse
@@ -51,7 +52,8 @@ def main():
   for fine in sorted(by_class):
     rows = by_class[fine]
     step = max(1, len(rows) / args.per_class)
-    picks = sorted({int(i * step) for i in range(min(args.per_class, len(rows)))})
+    picks = sorted({int(i * step)
+                    for i in range(min(args.per_class, len(rows)))})
     for i in picks:
       split, rel, _, coarse = rows[i]
       kept[split].append((rel, fine, coarse))
@@ -63,7 +65,8 @@ def main():
       with Image.open(os.path.join(args.src, rel)) as im:
         im = im.convert("RGB")
         scale = args.size / min(im.size)
-        new = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+        new = (max(1, round(im.width * scale)),
+               max(1, round(im.height * scale)))
         im.resize(new, Image.BICUBIC).save(out, quality=args.quality)
     with open(os.path.join(args.dst, f"{split}.txt"), "w") as f:
       for rel, fine, coarse in kept[split]:

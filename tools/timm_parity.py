@@ -5,7 +5,7 @@
 
 timm 1.0.31 imports torchvision, whose PyPI build (0.28.0) is CUDA-only; on a
 CPU machine it imports once its two custom op schemas exist, which
-`import_timm` defines first (../shared/ENVIRONMENT.md). Weights are random
+`import_timm` defines first. Weights are random
 (no pretrained weights can be downloaded here) and every tensor is drawn
 afresh, norm scales included, so no path hides behind a zero init (timm
 zero-initialises each bottleneck's last GroupNorm).
@@ -26,7 +26,8 @@ def import_timm():
   try:
     lib = torch.library.Library("torchvision", "DEF")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) "
+               "-> Tensor")
   except RuntimeError:
     pass  # already defined (a real torchvision, or a second call)
   import timm  # pylint: disable=g-import-not-at-top
@@ -88,14 +89,16 @@ def write_golden():
   os.makedirs(GOLDEN, exist_ok=True)
   for name, (model, arch, distilled, size) in tiny_models().items():
     randomize(model)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, size, size,
+                    generator=torch.Generator().manual_seed(1))
     out = {"input_nhwc": x.permute(0, 2, 3, 1).numpy(),
            "output": pooled(model, x),
            "arch": np.asarray(repr(dict(arch, distilled=distilled,
                                         image_size=size)))}
     out.update({"sd/" + k: v for k, v in state_dict(model).items()})
     np.savez_compressed(os.path.join(GOLDEN, f"{name}.npz"), **out)
-    print(f"wrote {name}.npz ({sum(v.size for v in out.values() if v.dtype != object):,} numbers)")
+    numbers = sum(v.size for v in out.values() if v.dtype != object)
+    print(f"wrote {name}.npz ({numbers:,} numbers)")
 
 
 def parity_ok(err32, rel16, amp16):
@@ -170,5 +173,6 @@ def main():
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(0, os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
   main()

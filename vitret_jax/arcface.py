@@ -119,8 +119,9 @@ def make_sharded_arcface(mesh, *, num_classes, margin=0.3, scale=30.0,
 
   Returns:
     loss_fn(emb [B, E], labels [B], loss_params) -> (loss, metrics), with
-    loss_params = {"class_weights": [C_pad, E]}, to be called inside jit; memory per device is O(B * C_pad / n) for the
-    logits and O(C_pad * E / n) for the centres.
+    loss_params = {"class_weights": [C_pad, E]}, to be called inside jit;
+    memory per device is O(B * C_pad / n) for the logits and
+    O(C_pad * E / n) for the centres.
   """
   axes = sharding.BATCH_AXES
 

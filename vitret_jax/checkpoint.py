@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the TrainState, and the one place the resume order lives.
+"""Orbax checkpoints of the TrainState, and the one place the resume order
+lives.
 
 A checkpoint `<workdir>/checkpoints/<step>/` holds two items: `state` (the
 TrainState: params, optimizer state, step, loop RNG, cross-batch memory) and
@@ -31,12 +32,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
-# orbax's default jax.Array handler keeps this store, and its registry's
-# `add` can override without a warning (orbax-checkpoint pinned).
-from orbax.checkpoint._src.metadata import array_metadata_store
-from orbax.checkpoint._src.serialization import type_handler_registry
 
+from vitret_jax import config_common
 from vitret_jax import integrity
+from vitret_jax import orbax_compat
 from vitret_jax import params_tree
 from vitret_jax.errors import UserError
 
@@ -44,30 +43,7 @@ CHECKSUMS = integrity.CHECKSUMS
 EVAL_METRICS = "vitret_eval.json"
 _OWN_FILES = (CHECKSUMS, EVAL_METRICS)
 
-# Replica-parallel saving (orbax's default off GPU): each replica of a
-# replicated array writes a slice of it, through one small compiled slice per
-# (array, device). For biases and norms the slices are a few bytes and that
-# per-slice cost dominates. With slices of at least 64 KiB (smaller arrays
-# are written whole by one replica), benchmarks/checkpoint_save.py on 8
-# simulated devices: a 2.1M-parameter model's first save 10.3 s -> 2.4 s,
-# later saves 1.2 s -> 0.6 s; ViT-S/16's 6.1 s -> 4.2 s and 4.1 s -> 2.5 s.
-# Large kernels are still split, also over a pod's many replicas (ViT-B's
-# 768x3072 kernels: 147 KiB a slice over 64 replicas). The files written
-# are the same either way.
-MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 64 << 10
-
-
-def _register_array_handler():
-  # Quietly: orbax's public register_type_handler warns on every import.
-  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
-      jax.Array, ocp.type_handlers.ArrayHandler(
-          array_metadata_store=array_metadata_store.Store(),
-          min_slice_bytes_for_replica_parallel=(
-              MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)),
-      override=True, ignore_warnings=True)
-
-
-_register_array_handler()
+orbax_compat.register_array_handler()
 
 
 @dataclasses.dataclass
@@ -191,7 +167,7 @@ class Checkpointer:
     `abstract_state`'s layout. Damaged checkpoints met on the way are moved
     aside (see module doc); a model of other shapes is a UserError."""
     if step is None:
-      step = self._latest_intact()
+      step = self.latest_intact()
     _check_shapes(self, step, abstract_state)
     saved = self.manager.item_metadata(step)["state"]
     target, absent = _older_state_target(saved, abstract_state)
@@ -204,7 +180,7 @@ class Checkpointer:
                                                        for k in absent})
     return state, dict(out.meta or {})
 
-  def _latest_intact(self):
+  def latest_intact(self):
     """The newest step whose files pass their checksums, decided by process
     0 and shared with the others."""
     step = -1
@@ -288,8 +264,8 @@ def _check_shapes(ckpt, step, abstract):
         f"{'with' if has else 'without'} a momentum encoder for the memory "
         f"and this config {'has none' if has else 'asks for one'}: set "
         f"--config.loss.xbm.momentum "
-        f"{'to the run' + chr(39) + 's value (In-Shop: 0.999)' if has else '=0'}"
-        f", or use a new {ckpt.flag}.")
+        + ("to the run's value (In-Shop: 0.999)" if has else "=0")
+        + f", or use a new {ckpt.flag}.")
   if diff:
     raise UserError(
         f"Checkpoint {ckpt.step_dir(step)} does not match this config's "
@@ -339,7 +315,8 @@ def _run_checkpoints(path, flag="resume_from"):
   return ckpt
 
 
-def resume_or_init(ckpt, state, state_sharding, resume_from="", init_params=None):
+def resume_or_init(ckpt, state, state_sharding, resume_from="",
+                   init_params=None):
   """The resume order, in one place.
 
   Args:
@@ -371,35 +348,13 @@ def resume_or_init(ckpt, state, state_sharding, resume_from="", init_params=None
   return state, "scratch"
 
 
-def write_config(config, workdir, resolved=None):
-  """Writes config.json, with `resolved` (what the "auto" settings resolved
-  to on this run's backend) under "resolved"; an existing different one is
-  kept, the new one is written beside it as config.<n>.json so nothing is
-  overwritten."""
-  record = json.loads(config.to_json_best_effort())
-  if resolved:
-    record["resolved"] = resolved
-  text = json.dumps(record, indent=2, sort_keys=True)
-  path = os.path.join(workdir, "config.json")
-  n = 1
-  while os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return path
-    path = os.path.join(workdir, f"config.{n}.json")
-    n += 1
-  with open(path, "w") as f:
-    f.write(text)
-  return path
-
-
 def load_run_params(workdir, step=None, flag="--workdir", with_step=False):
   """The parameters of a vitret_jax run's latest intact (or `step`)
   checkpoint, as numpy arrays, without rebuilding its optimizer or data
   (with `with_step`: (params, step))."""
   ckpt = _run_checkpoints(workdir, flag)
   try:
-    step = ckpt._latest_intact() if step is None else step  # pylint: disable=protected-access
+    step = ckpt.latest_intact() if step is None else step
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))
   finally:
@@ -414,19 +369,19 @@ def read_run_config(workdir):
   """The config a run was trained with, as a ConfigDict: from its latest
   intact checkpoint's meta (exactly the config of those parameters), else
   its config.json; None when it has neither."""
-  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
   saved = None
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     ckpt = Checkpointer(workdir, read_only=True)
     try:
       if ckpt.latest_step() is not None:
-        saved = ckpt.read_meta(ckpt._latest_intact()).get("config")  # pylint: disable=protected-access
+        saved = ckpt.read_meta(ckpt.latest_intact()).get("config")
     finally:
       ckpt.close()
   path = os.path.join(workdir, "config.json")
   if saved is None and os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-  if saved is not None:
-    saved.pop("resolved", None)  # a record of the run, not a setting
-  return None if saved is None else mlc.ConfigDict(saved)
+  if saved is None:
+    return None
+  saved.pop("resolved", None)  # a record of the run, not a setting
+  return config_common.complete(saved)

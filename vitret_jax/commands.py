@@ -8,6 +8,7 @@ import os
 from absl import logging
 
 from vitret_jax import checkpoint
+from vitret_jax import experiment
 from vitret_jax import export
 from vitret_jax import image_files
 from vitret_jax import models
@@ -64,14 +65,15 @@ def export_run(config, workdir, export_dir="", overwrite=False,
   first): its preprocessing, scales and whitening."""
   config = run_config(config, workdir, "export")
   export_dir = export_dir or os.path.join(workdir, "export")
-  run = search.RunEmbedder(config, workdir, eval_name)
+  run = experiment.RunEmbedder(config, workdir, eval_name)
   path = export.export_artifact(
       models.for_export(run.model, platforms), run.params, export_dir,
       model_config=config.model.to_dict(),
       preprocess=run.preprocess, image_size=run.image_size,
       multiple=run.multiple, scales=run.scales, whitening=run.whitening,
       overwrite=overwrite, platforms=platforms)
-  return f"Exported to {path}; load it with vitret_jax.load_pretrained({path!r})."
+  return (f"Exported to {path}; load it with "
+          f"vitret_jax.load_pretrained({path!r}).")
 
 
 def _embedder(config, workdir, pretrained, eval_name=""):
@@ -81,7 +83,7 @@ def _embedder(config, workdir, pretrained, eval_name=""):
     raise UserError("index / search need --pretrained=ARTIFACT, or the "
                     "--workdir of a training run.")
   config = run_config(config, workdir, "index / search")
-  return (search.RunEmbedder(config, workdir, eval_name),
+  return (experiment.RunEmbedder(config, workdir, eval_name),
           os.path.abspath(workdir))
 
 

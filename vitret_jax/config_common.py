@@ -6,6 +6,7 @@ Config files (configs/*.py) import this module as
 `get_config(arg=None)`; they need nothing on sys.path.
 """
 import ml_collections as mlc
+from absl import logging
 
 from vitret_jax.data import datasets
 
@@ -83,26 +84,14 @@ def input_config():
           mine=True, pp_mine="", mine_batch_size=64))))
 
 
-def base_config():
-  """Every section with the IRT category-retrieval recipe's defaults
-  (../shared/SPEC.md): DeiT-S, contrastive beta 0.5 + KoLeo lambda 0.7,
-  AdamW lr 3e-5 wd 5e-4, batch 64, constant lr, 256 -> crop 224 + flip."""
-  c = mlc.ConfigDict()
-  c.seed = 0
-  c.total_steps = 35_000
-  c.log_every = 50
-  c.eval_every = 0  # 0: evaluate only at the end
-  c.eval_untrained = True
-  # Resume order: the workdir's own checkpoint, then resume_from (another
-  # run's workdir, whole state), then model.init_from (parameters only).
-  c.resume_from = ""
-
+def model_config():
+  """The model section: encoder, head, precision, attention, weights."""
   # init_from: a run's workdir, an exported artifact, a timm .safetensors /
   # .pth file (init_format="timm") or a Google .npz (init_format="npz"); or
   # by name: timm/<model>.<tag> (Hugging Face Hub) or gs://vit_models/...npz
   # (Google's bucket), fetched into a cache (hub.py);
   # init_fresh: parameter name parts allowed to stay freshly initialised.
-  c.model = mlc.ConfigDict(dict(
+  return mlc.ConfigDict(dict(
       encoder="vit", variant="S/16", image_size=224, head="irt", proj_dim=0,
       dropout=0.0, drop_path_rate=0.1, remat=False,
       # dtype: compute precision, "auto" (bfloat16 on GPU / TPU, float32 on
@@ -121,6 +110,22 @@ def base_config():
                                layer_norm=True)),
       init_from="", init_format="auto", init_fresh=("head/",)))
 
+
+def base_config():
+  """Every section with the IRT category-retrieval recipe's defaults
+  (docs/irt.md): DeiT-S, contrastive beta 0.5 + KoLeo lambda 0.7,
+  AdamW lr 3e-5 wd 5e-4, batch 64, constant lr, 256 -> crop 224 + flip."""
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.total_steps = 35_000
+  c.log_every = 50
+  c.eval_every = 0  # 0: evaluate only at the end
+  c.eval_untrained = True
+  # Resume order: the workdir's own checkpoint, then resume_from (another
+  # run's workdir, whole state), then model.init_from (parameters only).
+  c.resume_from = ""
+
+  c.model = model_config()
   c.input = input_config()
 
   # kind: "irt" (contrastive with margin + KoLeo of weight entropy_weight,
@@ -194,7 +199,8 @@ def retrieval_eval(query="test", gallery="", ks=(1, 10, 100, 1000),
                              map_at_r=True, **search_options()))
 
 
-# Landmark protocol: whole images, longer side 1024, three scales (SPEC).
+# Landmark protocol: whole images, longer side 1024, three scales
+# (docs/dtop.md).
 LANDMARK_PP_EVAL = "decode|resize_max(1024)|normalize"
 LANDMARK_SCALES = (0.7071, 1.0, 1.4142)
 
@@ -286,3 +292,26 @@ def landmark_config(dataset, arg):
       ev.pp = "decode|resize_max(32)|normalize"
       ev.scales = (1.0,)
   return c
+
+
+def complete(saved: dict) -> mlc.ConfigDict:
+  """A saved run's config (a dict from its JSON) over base_config(): keys
+  the run did not save get their defaults here, and a log line names them.
+  Sections without defaults (evals, input.options) are the run's own."""
+  filled = []
+
+  def merge(base, values, prefix):
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(base.get(key), mlc.ConfigDict):
+        merge(base[key], value, f"{prefix}{key}.")
+      else:
+        base[key] = value
+    filled.extend(f"{prefix}{k}" for k in base if k not in values)
+
+  config = base_config()
+  with config.ignore_type():
+    merge(config, saved, "")
+  if filled:
+    logging.info("The run's saved config lacks %s: filled with the defaults.",
+                 ", ".join(sorted(filled)))
+  return config

@@ -1,7 +1,8 @@
 """What training and evaluation share, built once from the config: the mesh,
 the data, the model and its fresh train state, the evaluators and the
-checkpointer (`Run`), and the config checks that need no data
-(`check_config`), which every mode runs before anything heavy.
+checkpointer (`Run`), the config checks that need no data (`check_config`),
+which every mode runs before anything heavy, and a run's descriptors as its
+evaluator computes them (`RunEmbedder`, for export, index and search).
 """
 import hashlib
 import json
@@ -15,7 +16,9 @@ from absl import logging
 
 from vitret_jax import arcface
 from vitret_jax import checkpoint
+from vitret_jax import descriptor
 from vitret_jax import host_memory
+from vitret_jax import image_files
 from vitret_jax import losses
 from vitret_jax import models
 from vitret_jax import optim
@@ -159,11 +162,11 @@ def check_config(config, mesh):
     if ev.type not in evaluator.EVALUATORS:
       raise UserError(f"evals.{name}.type={ev.type!r}; valid: "
                       f"{sorted(evaluator.EVALUATORS)}.")
-    # Evaluators are built when first used: their own data folder is
-    # checked here, before training.
-    if ev.get("dataset") and not os.path.isdir(ev.get("data_dir") or ""):
+    # Evaluators are built when first used: the folder of one with data of
+    # its own (revisited_eval) is checked here, before training.
+    if "dataset" in ev and not os.path.isdir(ev.data_dir):
       raise UserError(
-          f"evals.{name}.data_dir={ev.get('data_dir')!r} is not a folder: "
+          f"evals.{name}.data_dir={ev.data_dir!r} is not a folder: "
           f"set it to the {ev.dataset} data (--config.evals.{name}.data_dir="
           f"...).\n{readers.INSTRUCTIONS.get(ev.dataset, '')}")
   check_resolution(config, size)
@@ -173,10 +176,12 @@ def check_config(config, mesh):
 class Run:
   """What training and evaluation share, built once from the config."""
 
-  def __init__(self, config, workdir):
+  def __init__(self, config, workdir, mesh=None, checked=None):
+    """`mesh` and `checked` (check_config's result on it) when the caller
+    has already built and checked them, so neither is done twice."""
     self.config, self.workdir = config, workdir
-    self.mesh = sharding.build_mesh(config.mesh)
-    self.model, self.image_size = check_config(config, self.mesh)
+    self.mesh = mesh if mesh is not None else sharding.build_mesh(config.mesh)
+    self.model, self.image_size = checked or check_config(config, self.mesh)
     self.splits = load_splits(config)
     if config.input.train_split not in self.splits:
       raise UserError(f"input.train_split={config.input.train_split!r}; the "
@@ -270,6 +275,8 @@ def load_splits(config):
   or its prepared TFDS copy."""
   cfg = config.input
   if cfg.tfds_dir:
+    # tensorflow_datasets takes seconds to import: only runs that read a
+    # prepared copy pay for it.
     from vitret_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     return tfds_builders.load_splits(cfg.dataset, cfg.data_dir, cfg.tfds_dir,
                                      **cfg.options)
@@ -282,14 +289,14 @@ def run_whitening(config, workdir, name, params, step, model, mesh):
   whitening set when that step was evaluated, else embedding them (the
   training data must then be at config.input.data_dir)."""
   cfg = config.evals[name]
-  if cfg.get("whiten_dim", -1) < 0:
+  if cfg.whiten_dim < 0:
     return None
   embed_fn_for = make_embed_fn_for(config.model, mesh, None)
   evaluators = evaluator.Evaluators(
       {name: cfg}, embed_fn_for, mesh, load_splits(config),
       skip_corrupt=config.input.skip_corrupt)
   key = params_fingerprint(params) if config.eval_cache else None
-  white = evaluators.get(name)._whitening(  # pylint: disable=protected-access
+  white = evaluators.get(name).whitening(
       params, cache_prefix(workdir, config, name, key, step))
   return white.mean, white.projection
 
@@ -306,3 +313,50 @@ def make_embed_fn_for(model_cfg, mesh, param_sharding):
         cfg.dtype = dtype
     return embed.make_embed_fn(models.build_model(cfg), mesh, param_sharding)
   return embed_fn_for
+
+
+class RunEmbedder:
+  """The descriptors of a training run's latest checkpoint, as its
+  evaluator computes them: that evaluator's preprocessing, scales and
+  learned whitening (run_whitening), around the model.
+
+  Args:
+    config: the run's config.
+    workdir: the run folder.
+    eval_name: the evaluator to follow (default: the config's first).
+  """
+
+  def __init__(self, config, workdir, eval_name=""):
+    if not config.evals:
+      raise UserError("the config has no evals section to take the "
+                      "evaluation preprocessing from.")
+    self.eval_name = eval_name or next(iter(config.evals))
+    if self.eval_name not in config.evals:
+      raise UserError(f"--export_eval={self.eval_name!r}: the run's "
+                      f"evaluators are {sorted(config.evals)}.")
+    ev = config.evals[self.eval_name]
+    self.model = models.build_model(config.model)
+    self.params, self.step = checkpoint.load_run_params(workdir,
+                                                        with_step=True)
+    self.preprocess = ev.pp
+    spec = preprocess.PPSpec(self.preprocess)
+    self.image_size = spec.size if spec.fixed_size else config.model.image_size
+    self.fixed_size = spec.fixed_size
+    self.scales = tuple(float(s) for s in ev.scales)
+    self.multiple = models.input_stride(self.model)
+    self.whitening = run_whitening(
+        config, workdir, self.eval_name, self.params, self.step, self.model,
+        sharding.make_mesh())
+    apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
+                                                  train=False))
+    self._describe = descriptor.MultiScale(
+        lambda x: apply(self.params, x), self.scales, self.multiple,
+        self.whitening)
+
+  def __call__(self, images):
+    return self._describe(images)
+
+  def embed_files(self, paths, batch_size=64):
+    """Descriptors [N, E] of image files, in order (as
+    export.Embedder.embed_files)."""
+    return image_files.embed_all(self, paths, batch_size)

@@ -109,15 +109,8 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
           "whitening": whitening is not None,
           "jax_version": jax.__version__}
 
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  # Written in a sibling temp folder and renamed into place, so a crash never
-  # leaves a half-written artifact under the final name.
-  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from others
-  try:
+
+  def write(tmp):
     st_numpy.save_file(flat, os.path.join(tmp, "params.safetensors"))
     with open(os.path.join(tmp, "embed.stablehlo"), "wb") as f:
       f.write(exported.serialize())
@@ -133,6 +126,23 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
                      for name in names}
     with open(os.path.join(tmp, "model.json"), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
+
+  _write_folder(out_dir, write)
+  return out_dir
+
+
+def _write_folder(out_dir, write):
+  """`write(tmp)` fills a sibling temporary folder, which then replaces
+  `out_dir`: a crash never leaves a half-written artifact under the final
+  name."""
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide it from others
+  try:
+    write(tmp)
     if os.path.exists(out_dir):
       old = out_dir + ".replaced"
       os.rename(out_dir, old)
@@ -143,7 +153,6 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
-  return out_dir
 
 
 class Embedder:

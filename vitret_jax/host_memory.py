@@ -80,6 +80,7 @@ def accelerator_installed():
   entry point (the CUDA and ROCm plugins), or libtpu."""
   if any(importlib.util.find_spec(m) for m in _ACCELERATOR_MODULES):
     return True
+  # A namespace package that exists only where a plugin is installed.
   try:
     import jax_plugins  # pylint: disable=g-import-not-at-top
     if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):

@@ -32,6 +32,7 @@ import re
 
 from absl import logging
 
+from vitret_jax.data import download
 from vitret_jax.errors import UserError
 
 PREFIXES = ("hf-hub:", "hf_hub:")
@@ -65,7 +66,6 @@ def _truthy(value):
 def fetch_gcs(name: str) -> str:
   """Local path of a public gs://bucket/path object, downloaded into
   VITRET_CACHE/gcs/bucket/... when it is not there yet."""
-  from vitret_jax.data import download  # pylint: disable=g-import-not-at-top
   bucket, _, obj = name[len(GCS_PREFIX):].partition("/")
   if not bucket or not obj or obj.endswith("/"):
     raise UserError(f"model.init_from={name!r}: a Cloud Storage name is "
@@ -130,6 +130,8 @@ def _options():
 def fetch(name: str):
   """(local path of the repository's model.safetensors, timm architecture)
   for a Hub name; a clear error when it cannot be had."""
+  # Imported here: huggingface_hub reads HF_* variables when it is imported,
+  # and they are to be read when a name is fetched (see the module doc).
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
     from huggingface_hub import errors  # pylint: disable=g-import-not-at-top

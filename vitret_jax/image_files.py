@@ -3,7 +3,7 @@ applied to each file, images batched by shape, the order of the files kept.
 
 An embedder has `preprocess` (a pp spec string) and `__call__(images
 [B, H, W, 3]) -> [B, E]`: an exported artifact (export.Embedder) or a
-training run (search.RunEmbedder). No model code is imported here, so an
+training run (experiment.RunEmbedder). No model code is imported here, so an
 artifact can embed files without it.
 """
 import numpy as np

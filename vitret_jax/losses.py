@@ -1,6 +1,7 @@
-"""IRT loss: contrastive loss with margin, cross-batch memory, KoLeo regularizer.
+"""IRT loss: contrastive loss with margin, cross-batch memory, KoLeo
+regularizer.
 
-Notation (../shared/SPEC.md, IRT): descriptors z are L2-normalised and
+Notation (docs/irt.md): descriptors z are L2-normalised and
 s_ij = z_i . z_j.
 
   L_contr = 1/N sum_i [ sum_{j != i, y_j = y_i} (1 - s_ij)

@@ -1,4 +1,5 @@
-"""Command line: python -m vitret_jax.main --config=configs/demo.py --workdir=DIR
+"""Command line:
+python -m vitret_jax.main --config=configs/demo.py --workdir=DIR
 
 Modes: train (train, resuming as checkpoint.resume_or_init says, then
 evaluate), eval (evaluate DIR's latest checkpoint), export (DIR's parameters
@@ -25,7 +26,8 @@ from vitret_jax import train
 from vitret_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/demo.py[:arg].", lock_config=True)
+    "config", None, "Config file, e.g. configs/demo.py[:arg].",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs "
                                "and metrics.")
 _MODE = flags.DEFINE_enum("mode", "train",
@@ -53,7 +55,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
 _GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process "
-    "runs on GPU clusters or CPUs. TPU pods need none: set VITRET_DISTRIBUTED=1 "
+    "runs on GPU clusters or CPUs. TPU pods need none: set "
+    "VITRET_DISTRIBUTED=1 "
     "(launch/run.sh does) and JAX reads the topology from the environment.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Processes in a multi-process run.")

@@ -1,4 +1,5 @@
-"""Optimizer: optax chain of clipping, AdamW (masked weight decay) and schedule."""
+"""Optimizer: optax chain of clipping, AdamW (masked weight decay) and
+schedule."""
 import jax
 import optax
 

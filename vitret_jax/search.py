@@ -4,76 +4,21 @@ An index folder holds `scann/` (the ScaNN searcher), `embeddings.npy`
 [N, E], `files.json` (the N image paths, relative to the indexed root, and
 that root) and `index.json` (where the embedder came from). Any embedder with
 `preprocess` (a pp spec) and `__call__(images) -> [B, E]` works: an exported
-artifact (export.Embedder) or a training run (RunEmbedder).
+artifact (export.Embedder) or a training run (experiment.RunEmbedder).
 """
 import json
 import os
 import shutil
 
-import jax
 import numpy as np
-import tqdm
 
-from vitret_jax import descriptor
 from vitret_jax import image_files
 from vitret_jax.data import folder as folder_data
-from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 from vitret_jax.eval import knn
 
 IMAGE_EXTENSIONS = folder_data.IMAGE_EXTENSIONS
-
-
-class RunEmbedder:
-  """The descriptors of a training run's latest checkpoint, as its
-  evaluator computes them: that evaluator's preprocessing, scales and
-  learned whitening (experiment.run_whitening), around the model.
-
-  Args:
-    config: the run's config.
-    workdir: the run folder.
-    eval_name: the evaluator to follow (default: the config's first).
-  """
-
-  def __init__(self, config, workdir, eval_name=""):
-    from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
-    from vitret_jax import models  # pylint: disable=g-import-not-at-top
-    from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
-    if not config.evals:
-      raise UserError("the config has no evals section to take the "
-                      "evaluation preprocessing from.")
-    self.eval_name = eval_name or next(iter(config.evals))
-    if self.eval_name not in config.evals:
-      raise UserError(f"--export_eval={self.eval_name!r}: the run's "
-                      f"evaluators are {sorted(config.evals)}.")
-    ev = config.evals[self.eval_name]
-    self.model = models.build_model(config.model)
-    self.params, self.step = checkpoint.load_run_params(workdir,
-                                                        with_step=True)
-    self.preprocess = ev.pp
-    spec = preprocess.PPSpec(self.preprocess)
-    self.image_size = spec.size if spec.fixed_size else config.model.image_size
-    self.fixed_size = spec.fixed_size
-    self.scales = tuple(float(s) for s in ev.get("scales", (1.0,)))
-    self.multiple = models.input_stride(self.model)
-    self.whitening = experiment.run_whitening(
-        config, workdir, self.eval_name, self.params, self.step, self.model,
-        sharding.make_mesh())
-    apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
-                                                  train=False))
-    self._describe = descriptor.MultiScale(
-        lambda x: apply(self.params, x), self.scales, self.multiple,
-        self.whitening)
-
-  def __call__(self, images):
-    return self._describe(images)
-
-  def embed_files(self, paths, batch_size=64):
-    """Descriptors [N, E] of image files, in order (as
-    export.Embedder.embed_files)."""
-    return image_files.embed_all(self, paths, batch_size)
 
 
 def list_images(folder):

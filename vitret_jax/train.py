@@ -27,7 +27,7 @@ from vitret_jax import preemption
 from vitret_jax import profiling
 from vitret_jax import sharding
 from vitret_jax import train_step as ts
-from vitret_jax import weights
+from vitret_jax import init_from
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import image_sizes
 from vitret_jax.data import pipeline
@@ -234,18 +234,19 @@ def train_and_evaluate(config, workdir) -> dict:
   the final evaluation. Raises preemption.Preempted after saving when
   SIGTERM arrives, and holds the workdir's lock throughout.
   """
-  experiment.check_config(config, sharding.build_mesh(config.mesh))
+  mesh = sharding.build_mesh(config.mesh)
+  checked = experiment.check_config(config, mesh)
   with workdir_lib.Lock(workdir, "train"):
-    run = experiment.Run(config, workdir)
+    run = experiment.Run(config, workdir, mesh, checked)
     state, source = checkpoint.resume_or_init(
         run.ckpt, run.state, run.state_sharding, config.resume_from,
-        weights.make_init_params(config.model.init_from,
+        init_from.make_init_params(config.model.init_from,
                                  config.model.init_format, config.model,
                                  tuple(config.model.init_fresh)))
     if jax.process_index() == 0:
       # Only now: the data and the starting weights passed their checks, so
       # a run that failed them leaves no config behind.
-      checkpoint.write_config(config, workdir,
+      workdir_lib.write_config(config, workdir,
                               models.resolve(config.model).as_dict())
     loader = _build_loader(config, run)
     start = int(jax.device_get(state.step))
@@ -338,9 +339,10 @@ def _finish(workdir, final, untrained, step, start="untrained"):
 
 def evaluate_only(config, workdir) -> dict:
   """Evaluates the workdir's latest intact checkpoint; writes eval.json."""
-  experiment.check_config(config, sharding.build_mesh(config.mesh))
+  mesh = sharding.build_mesh(config.mesh)
+  checked = experiment.check_config(config, mesh)
   with workdir_lib.Lock(workdir, "eval"):
-    run = experiment.Run(config, workdir)
+    run = experiment.Run(config, workdir, mesh, checked)
     try:
       if run.ckpt.latest_step() is None:
         raise UserError(f"No checkpoint in {run.ckpt.directory}: train first "

@@ -172,22 +172,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
     grads, (metrics, memory, ptr) = grad_of(
         batch["image"], batch["label"], state.memory, state.mem_ptr, rng)
   else:
-    micro = jax.tree.map(
-        lambda x: _micro_batches(x, accum_steps, num_shards), batch)
-
-    def body(carry, xs):
-      acc, memory, ptr = carry
-      i, mb = xs
-      g, (m, memory, ptr) = grad_of(mb["image"], mb["label"], memory, ptr,
-                                    jax.random.fold_in(rng, i))
-      return (jax.tree.map(jnp.add, acc, g), memory, ptr), m
-
-    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-    (grads, memory, ptr), metrics = jax.lax.scan(
-        body, (zeros, state.memory, state.mem_ptr),
-        (jnp.arange(accum_steps), micro))
-    grads = jax.tree.map(lambda g: g / accum_steps, grads)
-    metrics = jax.tree.map(jnp.mean, metrics)
+    grads, metrics, memory, ptr = _accumulate(
+        grad_of, batch, state, rng, accum_steps, num_shards)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
@@ -202,6 +188,27 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
                             opt_state=opt_state, memory=memory, mem_ptr=ptr,
                             ema_params=ema, loss_params=loss_params)
   return new_state, metrics
+
+
+def _accumulate(grad_of, batch, state, rng, accum_steps, num_shards):
+  """(mean gradients, mean metrics, memory, pointer) over `accum_steps`
+  micro-batches of `batch`, scanned; the memory is updated after each."""
+  micro = jax.tree.map(
+      lambda x: _micro_batches(x, accum_steps, num_shards), batch)
+
+  def body(carry, xs):
+    acc, memory, ptr = carry
+    i, mb = xs
+    g, (m, memory, ptr) = grad_of(mb["image"], mb["label"], memory, ptr,
+                                  jax.random.fold_in(rng, i))
+    return (jax.tree.map(jnp.add, acc, g), memory, ptr), m
+
+  zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+  (grads, memory, ptr), metrics = jax.lax.scan(
+      body, (zeros, state.memory, state.mem_ptr),
+      (jnp.arange(accum_steps), micro))
+  grads = jax.tree.map(lambda g: g / accum_steps, grads)
+  return grads, jax.tree.map(jnp.mean, metrics), memory, ptr
 
 
 def make_train_step(model, tx, loss_fn, mesh, state_sharding, xbm_start=0,

@@ -9,13 +9,13 @@ arrays, as `safetensors.numpy.load_file` reads a timm `.safetensors` file
 The conversion is done once, here; a missing, unexpected or misshaped
 parameter is an error that lists the names.
 """
-import os
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from safetensors import numpy as st_numpy
 
 from vitret_jax import models
 from vitret_jax import params_tree
@@ -254,9 +254,9 @@ def load_state_dict(path):
   """A timm checkpoint file as {name: np.ndarray}: .safetensors with the
   safetensors package alone; .pth / .bin need torch."""
   if path.endswith(".safetensors"):
-    from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
     return st_numpy.load_file(path)
   try:
+    # torch is optional (only .pth files need it) and heavy.
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise UserError(f"{path}: reading .pth files needs torch (pip install "
@@ -264,92 +264,6 @@ def load_state_dict(path):
   sd = torch.load(path, map_location="cpu", weights_only=True)
   sd = sd.get("state_dict", sd.get("model", sd))
   return {k: v.float().numpy() for k, v in sd.items()}
-
-
-# model.init_from: where a run's parameters start (see checkpoint.resume_or_init).
-
-INIT_FORMATS = ("auto", "vitret_run", "vitret_export", "timm", "npz")
-
-
-def _load_init_source(path, fmt, model_cfg):
-  """(parameters from `model.init_from` as a nested dict (see
-  INIT_FORMATS), the flat names of those resampled to the model's grid)."""
-  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from vitret_jax import export  # pylint: disable=g-import-not-at-top
-  from vitret_jax import hub  # pylint: disable=g-import-not-at-top
-  if fmt in ("auto", "timm") and hub.is_hub_name(path):
-    path, arch = hub.fetch(path)
-    _check_timm_architecture(arch, model_cfg)
-    fmt = "timm"
-  if fmt in ("auto", "npz") and hub.is_gcs_name(path):
-    path = hub.fetch_gcs(path)
-    fmt = "npz"
-  if fmt == "auto":
-    if path.endswith((".safetensors", ".pth", ".bin")):
-      fmt = "timm"
-    elif path.endswith(".npz"):
-      fmt = "npz"
-    elif os.path.isfile(os.path.join(path, "model.json")):
-      fmt = "vitret_export"
-    else:
-      fmt = "vitret_run"
-  if fmt not in INIT_FORMATS:
-    raise UserError(f"model.init_format={fmt!r}; valid: {INIT_FORMATS}.")
-  if fmt in ("timm", "npz") and not os.path.isfile(path):
-    raise UserError(f"model.init_from={path!r}: no such file.")
-  if fmt == "vitret_export":
-    return export.Embedder(path).params, []
-  if fmt == "vitret_run":
-    return checkpoint.load_run_params(path, flag="model.init_from"), []
-  # Encoder-only checkpoints: converted with the encoder of this config,
-  # after a check that they are of its variant (a one-line hint, not a
-  # list of every misfitting name).
-  model = build_encoder(model_cfg.variant, model_cfg.image_size,
-                        model_cfg.distilled)
-  if fmt == "timm":
-    sd = load_state_dict(path)
-    found = timm_variant(sd)
-    if found:
-      _check_variant(f"a timm {found[0]} file", *found, model_cfg)
-    params = convert_timm(model, sd, model_cfg.image_size, path)["params"]
-    source_pe = sd.get("pos_embed")
-  else:
-    with np.load(path) as f:
-      ckpt = dict(f)
-    found = npz_variant(ckpt)
-    if found:
-      _check_variant(f"a {found[0]} npz file", *found, model_cfg)
-    params = from_npz(ckpt, model_cfg.variant,
-                      model_cfg.image_size)[1]["params"]
-    source_pe = ckpt.get("Transformer/posembed_input/pos_embedding")
-  # The position embedding is the one tensor the converters resample
-  # (weights made for another grid).
-  pe = params["encoder"]["pos_embedding"]
-  resampled = ([] if source_pe is None or source_pe.shape == pe.shape
-               else ["encoder/pos_embedding"])
-  return jax.tree.map(np.asarray, params), resampled
-
-
-def _check_timm_architecture(arch, model_cfg):
-  """A known timm architecture must be the config's model (a mismatch says
-  which variant to set); an unknown one is left to the shape check."""
-  if arch not in TIMM_MODELS or model_cfg is None:
-    return
-  variant, _, distilled = TIMM_MODELS[arch]
-  _check_variant(f"timm's {arch}", variant, distilled, model_cfg)
-
-
-def _check_variant(what, variant, distilled, model_cfg):
-  """One line naming the variant to set when weights of `variant` meet a
-  config of another."""
-  mine = (model_cfg.variant, bool(model_cfg.distilled))
-  if mine != (variant, distilled):
-    raise UserError(
-        f"model.init_from is {what} ({variant}"
-        f"{', distilled' if distilled else ''}); the config's model is "
-        f"{mine[0]}{', distilled' if mine[1] else ''}: set "
-        f"--config.model.variant={variant} --config.model.distilled="
-        f"{distilled}.")
 
 
 def _size_name(width, depth):
@@ -412,33 +326,3 @@ def npz_variant(ckpt):
   units = _units(ckpt, r"block(\d+)/unit(\d+)/")
   variant = _variant_of(w.shape[-1], depth, w.shape[0], units)
   return variant and (variant, False)
-
-
-def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
-  """callable(template params) -> loaded params, or None when `path` is empty.
-
-  Every name and shape must match the model's: a missing, unexpected or
-  misshaped entry is an error listing them, except that parameters whose
-  name contains one of `fresh` may be absent from the source (they keep
-  their initialisation: a new head, DToP's depth-wise convolutions).
-  """
-  if not path:
-    return None
-
-  def load(template):
-    loaded, resampled = _load_init_source(path, fmt, model_cfg)
-    want, have = params_tree.shapes(template), params_tree.shapes(loaded)
-    kept = {k for k in set(want) - set(have) if any(f in k for f in fresh)}
-    want_loaded = {k: v for k, v in want.items() if k not in kept}
-    check_fit(have, want_loaded, f"model.init_from={path!r}")
-    size = lambda names: sum(int(np.prod(want[k])) for k in names)
-    logging.info(
-        "init_from %s: loaded %d tensors (%s values), of which %d resampled "
-        "(%s); %d left freshly initialised (%s values: %s).", path,
-        len(want_loaded), f"{size(want_loaded):,}", len(resampled),
-        ", ".join(resampled) or "none", len(kept), f"{size(kept):,}",
-        ", ".join(sorted(kept)[:4]) or "none")
-    return params_tree.like(template, loaded)
-  return load
-
-

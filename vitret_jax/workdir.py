@@ -10,6 +10,9 @@ says that the previous run ended without releasing it (crash or kill).
 `write_once(path, write_fn)`: caches (embeddings, image sizes, ScaNN folders)
 are written by process 0 alone, into a temporary name renamed into place,
 while the other processes wait at a barrier.
+
+`write_config(config, workdir)`: the run's config.json, never overwriting a
+different one.
 """
 import datetime
 import errno
@@ -132,3 +135,25 @@ def write_once(path, write_fn):
     write_fn(tmp)
     os.replace(tmp, path)
   barrier(f"write_once {path}")
+
+
+def write_config(config, workdir, resolved=None):
+  """Writes config.json, with `resolved` (what the "auto" settings resolved
+  to on this run's backend) under "resolved"; an existing different one is
+  kept, the new one is written beside it as config.<n>.json so nothing is
+  overwritten."""
+  record = json.loads(config.to_json_best_effort())
+  if resolved:
+    record["resolved"] = resolved
+  text = json.dumps(record, indent=2, sort_keys=True)
+  path = os.path.join(workdir, "config.json")
+  n = 1
+  while os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return path
+    path = os.path.join(workdir, f"config.{n}.json")
+    n += 1
+  with open(path, "w") as f:
+    f.write(text)
+  return path

@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 
+import tqdm
 from absl import logging
 
 from vitret_jax.errors import DataError
@@ -182,7 +183,6 @@ def _fetch_once(url, part, timeout, progress, total_hint):
     bar = None
     if progress:
       try:
-        import tqdm  # pylint: disable=g-import-not-at-top
         bar = tqdm.tqdm(total=total, initial=have, unit="B", unit_scale=True,
                         desc=os.path.basename(part)[:-len(".part")],
                         mininterval=1.0)
@@ -234,6 +234,29 @@ def fetch(res: Resource, download_dir: str, mirror: str = "",
                          progress)
 
 
+def _try_urls(urls, part, final, retries, timeout, progress, size, errors):
+  """Fetches into `part` from the first of `urls` that answers, `retries`
+  times each; False (with what went wrong appended to `errors`) when none
+  did."""
+  for url in urls:
+    for attempt in range(retries):
+      try:
+        logging.info("Fetching %s -> %s%s", url, final,
+                     f" (resuming at {os.path.getsize(part):,} bytes)"
+                     if os.path.exists(part) else "")
+        _fetch_once(url, part, timeout, progress, size)
+        return True
+      except urllib.error.HTTPError as e:
+        errors.append(f"{url}: HTTP {e.code} {e.reason}")
+        if e.code in (401, 403, 404, 410):
+          break  # a retry will not help; try the next address
+      except (urllib.error.URLError, ConnectionError, socket.timeout,
+              OSError) as e:
+        errors.append(f"{url}: {getattr(e, 'reason', e)}")
+        time.sleep(min(2 ** attempt, 10) * 0.1)
+  return False
+
+
 def _fetch_locked(res, download_dir, mirror, retries, timeout, progress):
   final = os.path.join(download_dir, res.name)
   part = final + ".part"
@@ -262,26 +285,9 @@ def _fetch_locked(res, download_dir, mirror, retries, timeout, progress):
   if not urls:
     raise DataError(f"No address is known for {res.name}; put the file in "
                     f"{download_dir}.")
-  errors, done = [], False
-  for url in urls:
-    for attempt in range(retries):
-      try:
-        logging.info("Fetching %s -> %s%s", url, final,
-                     f" (resuming at {os.path.getsize(part):,} bytes)"
-                     if os.path.exists(part) else "")
-        _fetch_once(url, part, timeout, progress, res.size)
-        done = True
-        break
-      except urllib.error.HTTPError as e:
-        errors.append(f"{url}: HTTP {e.code} {e.reason}")
-        if e.code in (401, 403, 404, 410):
-          break  # a retry will not help; try the next address
-      except (urllib.error.URLError, ConnectionError, socket.timeout,
-              OSError) as e:
-        errors.append(f"{url}: {getattr(e, 'reason', e)}")
-        time.sleep(min(2 ** attempt, 10) * 0.1)
-    if done:
-      break
+  errors = []
+  done = _try_urls(urls, part, final, retries, timeout, progress, res.size,
+                   errors)
   if not done:
     shown = "\n  ".join(errors[-6:])
     kept = (f"What was received is kept in {part} and the next run resumes "

@@ -72,10 +72,12 @@ def _read_tree(root, report):
   counted in `report`."""
   out = {}
   for name in _class_folders(root):
-    out[name] = list_images(os.path.join(root, name), report["non-image file(s)"])
+    out[name] = list_images(os.path.join(root, name),
+                            report["non-image file(s)"])
   loose = [f for f in os.listdir(root)
            if os.path.isfile(os.path.join(root, f)) and not f.startswith(".")]
-  report["file(s) outside a class folder"] += [os.path.join(root, f) for f in loose]
+  report["file(s) outside a class folder"] += [os.path.join(root, f)
+                                               for f in loose]
   return out
 
 

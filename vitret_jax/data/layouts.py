@@ -4,10 +4,10 @@ table."""
 
 INSTRUCTIONS = {
     "folder": """\
-Your own photos: point input.data_dir at a folder laid out as DIR/<class>/<image>
-(classes split into training and test classes), DIR/train/<class>/<image> and
-DIR/test/<class>/<image>, or with a CSV of path,label[,split] rows
-(input.options.csv_file); see docs/data.md.""",
+Your own photos: point input.data_dir at a folder laid out as
+DIR/<class>/<image> (classes split into training and test classes),
+DIR/train/<class>/<image> and DIR/test/<class>/<image>, or with a CSV of
+path,label[,split] rows (input.options.csv_file); see docs/data.md.""",
     "sop": """\
 Stanford Online Products (Song et al., CVPR 2016): download
 Stanford_Online_Products.zip from https://cvgl.stanford.edu/projects/lifted_struct/
@@ -29,7 +29,8 @@ train_test_split.txt, bounding_boxes.txt and images/.""",
 retrieval-SfM-120k (Radenovic et al., TPAMI 2018): download the images
 (ims.tar.gz) and retrieval-SfM-120k.pkl from
 http://cmp.felk.cvut.cz/cnnimageretrieval/ and point input.data_dir at the
-folder holding the pkl and ims/ (ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>).""",
+folder holding the pkl and ims/
+(ims/<cid[-2:]>/<cid[-4:-2]>/<cid[-6:-4]>/<cid>).""",
     "gldv2": """\
 Google Landmarks v2, clean training set (Weyand et al., CVPR 2020): download
 train_clean.csv and the train/ tar files listed at
@@ -40,7 +41,8 @@ ids) and train/<a>/<b>/<c>/<abc...>.jpg.""",
 The Grocery Store data set (Klasson et al., WACV 2019, MIT licence) comes from
 https://github.com/marcusklasson/GroceryStoreDataset : clone it and point
 input.data_dir at its `dataset/` folder, which must hold
-  train.txt, val.txt, test.txt   lines 'train/Fruit/Apple/.../x.jpg, fine_id, coarse_id'
+  train.txt, val.txt, test.txt   lines 'train/Fruit/Apple/.../x.jpg,
+                                 fine_id, coarse_id'
   classes.csv                    the 81 fine classes and their coarse classes
   train/ val/ test/              the image trees the lists name.""",
     "revisited": """\
@@ -48,7 +50,8 @@ Revisited Oxford 5k / Paris 6k (Radenovic et al., CVPR 2018) come from
 http://cmp.felk.cvut.cz/revisitop/ (the revisitop repository's download
 script fetches them): point the evaluator's data_dir at the data set's folder,
 which must hold
-  gnd_roxford5k.pkl (or gnd_rparis6k.pkl)   imlist, qimlist, gnd (bbx, easy, hard, junk)
+  gnd_roxford5k.pkl (or gnd_rparis6k.pkl)   imlist, qimlist, gnd (bbx,
+                                             easy, hard, junk)
   jpg/<name>.jpg                             every image the lists name.
 The +1M distractors (revisitop1m) go in their own folder holding
 revisitop1m.txt (one relative image path a line) and those images.""",

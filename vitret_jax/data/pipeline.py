@@ -8,6 +8,7 @@ rows; grain threads decode them image by image.
 """
 import threading
 
+import grain
 import jax
 import numpy as np
 
@@ -141,7 +142,6 @@ def eval_batches(split, pp_fn, plan, num_workers=2, process_index=0,
   deterministic. With `skip_corrupt`, unreadable images come as NaNs (see
   _EvalImage).
   """
-  import grain  # pylint: disable=g-import-not-at-top
   batch_size = plan.shape[1]
   per = batch_size // process_count
   if per * process_count != batch_size:
@@ -279,7 +279,6 @@ class GrainTrainLoader:
     decode a batch's images side by side, then batched in order. Worker
     processes: one element per step (each process builds whole batches;
     grain hands steps round-robin to the processes)."""
-    import grain  # pylint: disable=g-import-not-at-top
     if self.num_workers:
       ds = grain.MapDataset.range(start, end).map(self.fn)
       ds = ds.to_iter_dataset(grain.ReadOptions(

@@ -227,7 +227,8 @@ def _parse_op(op_str):
     raise UserError(f"Malformed pp op {op_str!r}: write name or name(args).")
   name, args = match.groups()
   if name not in OPS:
-    raise UserError(f"Unknown pp op {name!r}; valid: {['decode'] + sorted(OPS)}.")
+    raise UserError(f"Unknown pp op {name!r}; valid: "
+                    f"{['decode'] + sorted(OPS)}.")
   try:
     values = [int(a) if a.strip().isdigit() else float(a)
               for a in args.split(",")] if args else []

@@ -1,8 +1,9 @@
-"""Every data set's reader, from its official on-disk layout: Grocery, SOP,
-In-Shop, CUB-200-2011, retrieval-SfM-120k, GLDv2-clean, Revisited Oxford /
-Paris (+R1M). Each returns {name: Split}, validates every line it reads,
-checks the images exist and (check_counts=True) compares with the official
-counts (layouts.py), naming what is wrong and where the data comes from.
+"""Every data set's reader, from its official on-disk layout: SOP, In-Shop,
+CUB-200-2011, retrieval-SfM-120k, GLDv2-clean, Revisited Oxford / Paris
+(+R1M), and Grocery (data/grocery.py). Each returns {name: Split},
+validates every line it reads, checks the images exist and
+(check_counts=True) compares with the official counts (layouts.py), naming
+what is wrong and where the data comes from.
 """
 import collections
 import csv
@@ -13,10 +14,10 @@ import re
 
 import numpy as np
 
+from vitret_jax.data import grocery
 from vitret_jax.data import layouts
 from vitret_jax.data.split import Split
 from vitret_jax.errors import DataError
-from vitret_jax.errors import UserError
 
 INSTRUCTIONS = layouts.INSTRUCTIONS
 OFFICIAL = layouts.OFFICIAL
@@ -35,7 +36,8 @@ def _lines(path, name, skip=0):
 
 
 def _bad(path, lineno, got, want, name):
-  raise DataError(f"{path}, line {lineno}: expected {want}, got {' '.join(got)!r}."
+  raise DataError(f"{path}, line {lineno}: expected {want}, got "
+                  f"{' '.join(got)!r}."
                   f" The file is malformed: restore it from the original "
                   f"download.\n{INSTRUCTIONS[name]}")
 
@@ -107,7 +109,8 @@ def load_inshop(data_dir, check_counts=True):
     p.append(os.path.join(data_dir, row[0]))
     l.append(label)
     b.append(boxes.get(row[0], [0, 0, 1e9, 1e9]))
-  out = {k: _split(p, l, b if boxes else None) for k, (p, l, b) in parts.items()}
+  out = {k: _split(p, l, b if boxes else None)
+         for k, (p, l, b) in parts.items()}
   for k in ("train", "query", "gallery"):
     if k not in out:
       raise DataError(f"{path} has no '{k}' rows.\n{INSTRUCTIONS['inshop']}")
@@ -216,7 +219,7 @@ def sfm_path(root, cid):
 def load_sfm120k(data_dir, check_counts=True):
   """{"train", "val"} of retrieval-SfM-120k: images labelled by their 3D
   cluster (the pkl's `cluster`), with the (query, positive) pairs of
-  `qidxs` / `pidxs` for tuple sampling; counts taken from the pkl (SPEC: the
+  `qidxs` / `pidxs` for tuple sampling; counts taken from the pkl (the
   published counts are unverified)."""
   path = _need(os.path.join(data_dir, "retrieval-SfM-120k.pkl"), "sfm120k")
   try:
@@ -258,73 +261,6 @@ def load_gldv2(data_dir, check_counts=True):
                 data_dir)
 
 
-def _read_grocery_list(data_dir, name):
-  path = os.path.join(data_dir, name)
-  rows = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      parts = [p.strip() for p in line.split(",")]
-      if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
-        raise DataError(
-            f"{path}, line {lineno}: expected 'relative/path.jpg, fine_id, "
-            f"coarse_id', got {line.strip()!r}. The file is malformed: restore "
-            f"it from the original data set.\n{INSTRUCTIONS['grocery']}")
-      rows.append((os.path.join(data_dir, parts[0]), int(parts[1])))
-  return rows
-
-
-def load_grocery(data_dir: str, protocol: str = "class_disjoint",
-                 num_train_classes: int = 40) -> dict:
-  """The Grocery Store set: {"train", "test"} with protocol
-  "class_disjoint" (as SOP / CUB: classes 0 .. num_train_classes-1 train,
-  the others are the test set, each photo querying all the others), or the
-  set's own {"train", "val", "test"} lists ("official", same classes)."""
-  lists = ("train.txt", "val.txt", "test.txt")
-  if not os.path.isdir(data_dir):
-    raise DataError(f"No Grocery data at {data_dir!r}: the folder does not "
-                    f"exist.\n{INSTRUCTIONS['grocery']}")
-  missing = [n for n in lists + ("classes.csv",)
-             if not os.path.isfile(os.path.join(data_dir, n))]
-  if missing:
-    raise DataError(f"No Grocery data at {data_dir!r}: missing "
-                    f"{', '.join(missing)}.\n{INSTRUCTIONS['grocery']}")
-  with open(os.path.join(data_dir, "classes.csv")) as f:
-    num_classes = sum(1 for _ in csv.DictReader(f))
-  rows = {n.split(".")[0]: _read_grocery_list(data_dir, n) for n in lists}
-  absent = [p for split in rows.values() for p, _ in split
-            if not os.path.isfile(p)]
-  if absent:
-    raise DataError(
-        f"{len(absent)} image(s) named in the Grocery lists are missing, e.g. "
-        f"{absent[0]}. Re-copy the image folders.\n{INSTRUCTIONS['grocery']}")
-  bad = [y for split in rows.values() for _, y in split
-         if not 0 <= y < num_classes]
-  if bad:
-    raise DataError(
-        f"Grocery lists name class {bad[0]}, but classes.csv holds only "
-        f"{num_classes} classes (ids 0..{num_classes - 1}: the lists' second "
-        "column is classes.csv's 'Class ID', counted from 0). Use the lists "
-        f"and classes.csv of one copy of the set.\n{INSTRUCTIONS['grocery']}")
-
-  def make(pairs):
-    return Split(tuple(p for p, _ in pairs),
-                 np.asarray([y for _, y in pairs], np.int32))
-
-  if protocol == "official":
-    return {k: make(v) for k, v in rows.items()}
-  if protocol != "class_disjoint":
-    raise UserError(f"input.protocol={protocol!r} for Grocery; valid: "
-                    f"'class_disjoint', 'official'.")
-  if not 0 < num_train_classes < num_classes:
-    raise UserError(f"input.num_train_classes={num_train_classes} must be "
-                    f"between 1 and {num_classes - 1}.")
-  everything = [r for k in ("train", "val", "test") for r in rows[k]]
-  return {"train": make([r for r in everything if r[1] < num_train_classes]),
-          "test": make([r for r in everything if r[1] >= num_train_classes])}
-
-
 def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",
                    check_counts: bool = True) -> dict:
   """Revisited Oxford / Paris from data_dir/gnd_<name>.pkl and jpg/ (name
@@ -334,8 +270,9 @@ def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",
   if not os.path.isdir(data_dir):
     raise DataError(f"No Revisited data at {data_dir!r}: the folder does not "
                     f"exist.\n{INSTRUCTIONS['revisited']}")
-  names = [name] if name else [n for n in layouts.REVISITED_COUNTS if os.path.isfile(
-      os.path.join(data_dir, f"gnd_{n}.pkl"))]
+  names = [name] if name else [
+      n for n in layouts.REVISITED_COUNTS
+      if os.path.isfile(os.path.join(data_dir, f"gnd_{n}.pkl"))]
   if not names or not os.path.isfile(
       os.path.join(data_dir, f"gnd_{names[0]}.pkl")):
     raise DataError(f"No gnd_roxford5k.pkl or gnd_rparis6k.pkl in "
@@ -347,9 +284,10 @@ def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",
       cfg = pickle.load(f)
     imlist, qimlist, gnd = cfg["imlist"], cfg["qimlist"], cfg["gnd"]
     boxes = np.asarray([g["bbx"] for g in gnd], np.float32).reshape(-1, 4)
-    gnd = tuple({k: np.asarray(g[k], np.int64) for k in ("easy", "hard", "junk")}
-                for g in gnd)
-  except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+    gnd = tuple({k: np.asarray(g[k], np.int64)
+                 for k in ("easy", "hard", "junk")} for g in gnd)
+  except (pickle.UnpicklingError, EOFError, KeyError, TypeError,
+          ValueError) as e:
     raise DataError(f"{pkl} is not a revisitop ground-truth file ({e!r}): "
                     f"download it again.\n{INSTRUCTIONS['revisited']}") from e
   if len(gnd) != len(qimlist):
@@ -365,11 +303,13 @@ def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",
   if check_counts and (len(db), len(queries)) != layouts.REVISITED_COUNTS[name]:
     raise DataError(
         f"{pkl} lists {len(db)} database images and {len(queries)} queries; "
-        f"the official {name} has {layouts.REVISITED_COUNTS[name]}: the file is not "
+        f"the official {name} has {layouts.REVISITED_COUNTS[name]}: the file "
+        f"is not "
         f"the official one (set check_counts=False for a custom subset).")
   if distractors_dir:
     db += _read_distractors(distractors_dir, check_counts)
-  return {"query": Split(tuple(queries), np.arange(len(queries), dtype=np.int32),
+  return {"query": Split(tuple(queries),
+                         np.arange(len(queries), dtype=np.int32),
                          boxes=boxes, gnd=gnd),
           "database": Split(tuple(db), np.full(len(db), -1, np.int32))}
 
@@ -377,7 +317,8 @@ def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",
 def _read_distractors(folder, check_counts):
   listing = os.path.join(folder, "revisitop1m.txt")
   if not os.path.isfile(listing):
-    raise DataError(f"No revisitop1m.txt in {folder}.\n{INSTRUCTIONS['revisited']}")
+    raise DataError(f"No revisitop1m.txt in {folder}.\n"
+                    f"{INSTRUCTIONS['revisited']}")
   with open(listing) as f:
     paths = [os.path.join(folder, l.strip()) for l in f if l.strip()]
   absent = [p for p in paths if not os.path.isfile(p)]
@@ -386,10 +327,11 @@ def _read_distractors(folder, check_counts):
                     f"{listing} are missing, e.g. {absent[0]}.")
   if check_counts and len(paths) != layouts.R1M_COUNT:
     raise DataError(f"{listing} lists {len(paths)} distractors; the official "
-                    f"R1M has {layouts.R1M_COUNT} (check_counts=False to allow it).")
+                    f"R1M has {layouts.R1M_COUNT} (check_counts=False to "
+                    f"allow it).")
   return paths
 
 
-READERS = {"grocery": load_grocery, "revisited": load_revisited,
+READERS = {"grocery": grocery.load_grocery, "revisited": load_revisited,
            "sop": load_sop, "inshop": load_inshop, "cub": load_cub,
            "sfm120k": load_sfm120k, "gldv2": load_gldv2}

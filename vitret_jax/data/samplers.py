@@ -126,7 +126,8 @@ class RandomSampler(Sampler):
     e, off = divmod(start, self.n)
     rows = self._epoch(e)[off:off + self.batch_size]
     if len(rows) < self.batch_size:  # wraps into the next epoch
-      rows = np.concatenate([rows, self._epoch(e + 1)[:self.batch_size - len(rows)]])
+      rows = np.concatenate(
+          [rows, self._epoch(e + 1)[:self.batch_size - len(rows)]])
     return rows
 
 
@@ -145,7 +146,8 @@ def group_shape(aspect, image_size, multiple):
 
 
 class GroupSizeSampler(Sampler):
-  """Group-size sampling for landmark images (SPEC, DToP / GLAM): every batch
+  """Group-size sampling for landmark images (DToP / GLAM, docs/dtop.md):
+  every batch
   is drawn from one aspect-ratio group and its images are resized to that
   group's shape (area about image_size**2, aspect kept) instead of all being
   squashed to one square.
@@ -228,7 +230,8 @@ class GroupSizeSampler(Sampler):
 
 class TupleSampler(Sampler):
   """SfM-120k training tuples, as cnnimageretrieval-pytorch makes them
-  (SPEC's IRT landmark recipe): a batch holds `per_batch` tuples of a query,
+  (IRT's landmark recipe, docs/irt.md): a batch holds `per_batch` tuples of
+  a query,
   its positive and `negatives` negatives, laid out [q, p, n1..nk] per tuple.
 
   Epoch e draws `query_size` (query, positive) pairs from the data set's

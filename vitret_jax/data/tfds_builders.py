@@ -12,6 +12,7 @@ and stores per image: the encoded image bytes, its label, its file name
 relative to the folder, its crop box (zeros = whole image) and, for Revisited
 queries, the easy / hard / junk database indices.
 """
+import dataclasses
 import hashlib
 import os
 
@@ -109,7 +110,6 @@ def load_splits(name, manual_dir, data_dir, **options):
   """The reader's splits with `source` set to the prepared TFDS data source:
   the input pipeline then reads encoded images from array_record files
   instead of the original folder."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   splits = datasets.load_dataset(name, manual_dir, **options)
   key = hashlib.sha256(" ".join(
       f"{k}:{v.fingerprint()}" for k, v in sorted(splits.items())).encode())

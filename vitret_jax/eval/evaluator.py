@@ -28,6 +28,7 @@ from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
 from vitret_jax.eval import embed
+from vitret_jax.eval import emb_cache
 from vitret_jax.eval import knn as knn_lib
 from vitret_jax.eval import metrics
 from vitret_jax.eval import whitening as whitening_lib
@@ -71,9 +72,9 @@ class _Evaluator:
   def _embed(self, params, split, desc, cache, tag):
     # Keyed on the split's images too (the caller's prefix covers the
     # evaluator's settings, the model and the parameters).
-    path = f"{cache}-{tag}-{_content_key(split)}.npy" if cache else ""
+    path = f"{cache}-{tag}-{emb_cache.content_key(split)}.npy" if cache else ""
     if path and workdir_lib.all_agree(os.path.exists(path)):
-      emb = _load_cached(path, len(split))
+      emb = emb_cache.load(path, len(split))
       if emb is not None:
         logging.info("Reusing saved embeddings %s", path)
         return emb
@@ -94,10 +95,12 @@ class _Evaluator:
                       "e.g. %s", desc, len(bad),
                       [split.paths[i] for i in bad[:3]])
     if path:
-      workdir_lib.write_once(path, lambda tmp: _save_npy(tmp, emb))
+      workdir_lib.write_once(path, lambda tmp: emb_cache.save(tmp, emb))
     return emb
 
-  def _whitening(self, params, cache):
+  def whitening(self, params, cache=""):
+    """The whitening this evaluator learns for `params` (None without
+    whiten_dim), from its training split's embeddings (cached at `cache`)."""
     if self.whiten_dim < 0:
       return None
     if self.train_split is None:
@@ -170,7 +173,7 @@ class RetrievalEvaluator(_Evaluator):
     self.ks, self.map_at_r = tuple(ks), map_at_r
 
   def run(self, params, cache="") -> dict:
-    white = self._whitening(params, cache)
+    white = self.whitening(params, cache)
     q = self._embed(params, self.query, "embed queries", cache, "query")
     g = q if self.gallery is None else self._embed(
         params, self.gallery, "embed gallery", cache, "gallery")
@@ -192,42 +195,6 @@ class RetrievalEvaluator(_Evaluator):
     self.last = (q_split.paths, g_split.paths, idx,
                  lambda i, j: bool(q_lab[i] == g_lab[j]))
     return out
-
-
-def _content_key(split):
-  """The split's fingerprint (paths, labels, boxes) and its files' sizes and
-  modification times: an image replaced under the same name changes it."""
-  h = hashlib.sha256(split.fingerprint().encode())
-  if split.source is None:
-    stats = []
-    for p in split.paths:
-      try:
-        st = os.stat(p)
-        stats.append((st.st_size, st.st_mtime_ns))
-      except OSError:
-        stats.append((-1, -1))
-    h.update(np.asarray(stats, np.int64).tobytes())
-  return h.hexdigest()[:16]
-
-
-def _save_npy(path, array):
-  with open(path, "wb") as f:
-    np.save(f, array)
-
-
-def _load_cached(path, rows):
-  """A saved embedding array, or None (with a warning) when it is
-  unreadable or of the wrong length, e.g. a file damaged after writing."""
-  try:
-    emb = np.load(path)
-  except (OSError, ValueError, EOFError) as e:
-    logging.warning("Ignoring unreadable cached embeddings %s (%s).", path, e)
-    return None
-  if emb.ndim != 2 or len(emb) != rows:
-    logging.warning("Ignoring cached embeddings %s: shape %s, expected %d "
-                    "rows.", path, emb.shape, rows)
-    return None
-  return emb
 
 
 def _serialize(searcher, folder):
@@ -319,7 +286,7 @@ class RevisitedEvaluator(_Evaluator):
     self.kappas, self.depth = tuple(kappas), ranking_depth
 
   def run(self, params, cache="") -> dict:
-    white = self._whitening(params, cache)
+    white = self.whitening(params, cache)
     q = self._embed(params, self.query, "embed queries", cache, "query")
     db = self._embed(params, self.database, "embed database", cache,
                      "database")

@@ -22,8 +22,8 @@ def _merge_chunk(best_s, best_i, q, r, q_start, r_start, n_ref, k,
   drop |= exclude_self & (cols[None, :] == rows[:, None])
   s = jnp.where(drop, -jnp.inf, s)
   s = jnp.concatenate([best_s, s], axis=1)
-  i = jnp.concatenate([best_i, jnp.broadcast_to(cols, s.shape[:1] + cols.shape)],
-                      axis=1)
+  i = jnp.concatenate(
+      [best_i, jnp.broadcast_to(cols, s.shape[:1] + cols.shape)], axis=1)
   top_s, pos = jax.lax.top_k(s, k)
   return top_s, jnp.take_along_axis(i, pos, axis=1)
 
@@ -83,6 +83,8 @@ def build_scann(database, k, *, brute_force_below=20_000, num_leaves=0,
   asymmetric hashing (dims_per_block, quantization_threshold) and re-ranks
   the best `reorder` (default 100 * k) exactly.
   """
+  # scann loads a large native library: imported when a searcher is
+  # first built or loaded, not by every user of exact search.
   from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
   database = np.ascontiguousarray(database, np.float32)
   n = database.shape[0]
@@ -102,6 +104,7 @@ def build_scann(database, k, *, brute_force_below=20_000, num_leaves=0,
 
 
 def load_scann(directory):
+  # As in build_scann.
   from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
   return scann_ops_pybind.load_searcher(directory)
 

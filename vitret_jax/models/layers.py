@@ -1,7 +1,8 @@
 """Transformer building blocks shared by the ViT and hybrid encoders.
 
 Submodule names (`LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`,
-`MlpBlock_3`, `encoderblock_{i}`, `encoder_norm`) follow the Google ViT / big_vision
+`MlpBlock_3`, `encoderblock_{i}`, `encoder_norm`) follow the Google ViT /
+big_vision
 checkpoints so that their `.npz` files map onto these modules by name.
 """
 from typing import Any, Optional, Sequence, Tuple
@@ -183,7 +184,8 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """A stack of `EncoderBlock`s and the final LayerNorm, `[B, N, D] -> [B, N, D]`.
+  """A stack of `EncoderBlock`s and the final LayerNorm,
+  `[B, N, D] -> [B, N, D]`.
 
   Attributes:
     depth: number of blocks.

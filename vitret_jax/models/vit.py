@@ -13,7 +13,8 @@ from vitret_jax.errors import UserError
 from vitret_jax.models import hybrid
 from vitret_jax.models import layers
 
-# width, depth, mlp_dim, num_heads (ViT paper / DeiT; "mu" is a test-size model).
+# width, depth, mlp_dim, num_heads (ViT paper / DeiT; "mu" is a test-size
+# model).
 VARIANTS = {
     "mu": dict(width=32, depth=2, mlp_dim=128, num_heads=2),
     "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
