@@ -71,7 +71,7 @@ def export_run(config, workdir, export_dir="", overwrite=False,
       model_config=config.model.to_dict(),
       preprocess=run.preprocess, image_size=run.image_size,
       multiple=run.multiple, scales=run.scales, whitening=run.whitening,
-      overwrite=overwrite, platforms=platforms)
+      overwrite=overwrite, platforms=platforms, host_pp=run.host_pp)
   return (f"Exported to {path}; load it with "
           f"vitret_jax.load_pretrained({path!r}).")
 

@@ -60,6 +60,9 @@ def parse_arg(arg, **defaults):
 
 def input_config():
   """The input section: data, batches, sampler, pipeline."""
+  # tfds_resize: the prepared copy's images have at most this shorter side
+  # (e.g. 256 for the IRT recipe; 0: the files as they are); a pp spec that
+  # needs more pixels is an error at start.
   # tfds_dir: prepare the data set once as TFDS array_record files there and
   # read those (recommended on accelerator hosts); "" reads the folder.
   # num_workers: grain worker processes (0: num_threads threads in-process;
@@ -68,11 +71,17 @@ def input_config():
   # images out (metric "skipped_images"), counting them; False = an error
   # naming the file.
   return mlc.ConfigDict(dict(
-      dataset="", data_dir="", tfds_dir="", options=mlc.ConfigDict(),
+      dataset="", data_dir="", tfds_dir="", tfds_resize=0,
+      options=mlc.ConfigDict(),
       train_split="train",
       batch_size=64, sampler="random", m_per_class=2,
       pp_train=IRT_PP_TRAIN, num_workers=0, num_threads=2, prefetch=2,
       skip_corrupt=False,
+      # host_pp: "fast" (libjpeg-turbo decoding, DCT-scaled where the first
+      # resize halves the image or more, resize + crop in one resample,
+      # uint8 batches normalised on the device) or "exact" (every op as
+      # written, PIL decoding); data/preprocess.py.
+      host_pp="fast",
       # sampler="tuples" (retrieval-SfM-120k, cnnimageretrieval's recipe):
       # per_batch tuples of query, positive and `negatives` negatives
       # (batch_size = per_batch * (2 + negatives)); each epoch draws

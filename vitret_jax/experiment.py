@@ -90,6 +90,29 @@ def build_loss(loss_cfg, mesh, num_classes):
   return fn, None
 
 
+def check_prepared_size(config):
+  """A prepared copy at a reduced size (input.tfds_resize) must hold the
+  pixels every spec reading it resizes from: never an upsampled image."""
+  cfg = config.input
+  if not cfg.tfds_resize:
+    return
+  if not cfg.tfds_dir:
+    raise UserError(f"input.tfds_resize={cfg.tfds_resize} sizes a prepared "
+                    f"TFDS copy: set input.tfds_dir too.")
+  specs = [("input.pp_train", cfg.pp_train)] + [
+      (f"evals.{n}.pp", ev.pp) for n, ev in config.evals.items()
+      if "dataset" not in ev]  # those read the training data's copy
+  for where, spec in specs:
+    need = preprocess.needed_short_side(spec, config.model.image_size)
+    if need is None or need > cfg.tfds_resize:
+      raise UserError(
+          f"input.tfds_resize={cfg.tfds_resize} keeps images of shorter side "
+          f"{cfg.tfds_resize}, but {where}={spec!r} needs "
+          + ("the original images" if need is None else f"{need} px")
+          + ": prepare the copy with input.tfds_resize="
+          + ("0" if need is None else f"{need} or more (or 0)") + ".")
+
+
 def check_resolution(config, train_size):
   """The training crop and model.image_size (the grid the position
   embedding is made for) must agree: otherwise every step resamples the
@@ -134,6 +157,10 @@ def check_config(config, mesh):
                     f">= 1.")
   samplers.check_config(cfg.sampler, cfg.batch_size, cfg.m_per_class,
                         cfg.tuples)
+  check_prepared_size(config)
+  if cfg.host_pp not in preprocess.HOST_PP:
+    raise UserError(f"input.host_pp={cfg.host_pp!r}; valid: "
+                    f"{preprocess.HOST_PP}.")
   preprocess.build_pp(cfg.pp_train)  # a bad spec fails here
   grouped = preprocess.uses_group_shape(cfg.pp_train)
   if grouped != (cfg.sampler == "group_size"):
@@ -206,7 +233,7 @@ class Run:
     self.evaluators = evaluator.Evaluators(
         config.evals, self.embed_fn_for, self.mesh, self.splits,
         skip_corrupt=config.input.skip_corrupt,
-        default_every=config.eval_every)
+        default_every=config.eval_every, host_pp=config.input.host_pp)
     self.ckpt = checkpoint.Checkpointer(
         workdir, keep=config.ckpt.keep, keep_best=config.ckpt.keep_best,
         best_metric=config.ckpt.best_metric)
@@ -263,8 +290,8 @@ def cache_prefix(workdir, config, name, params_key, step):
   if params_key is None:
     return ""
   key = hashlib.sha256(json.dumps(
-      [config.evals[name].to_dict(), config.model.to_dict()],
-      sort_keys=True, default=str).encode())
+      [config.evals[name].to_dict(), config.model.to_dict(),
+       config.input.host_pp], sort_keys=True, default=str).encode())
   key.update(params_key)
   return os.path.join(workdir, "embeddings",
                       f"{name}-step{step}-{key.hexdigest()[:12]}")
@@ -279,6 +306,7 @@ def load_splits(config):
     # prepared copy pay for it.
     from vitret_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     return tfds_builders.load_splits(cfg.dataset, cfg.data_dir, cfg.tfds_dir,
+                                     cfg.tfds_resize,
                                      **cfg.options)
   return datasets.load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
 
@@ -294,7 +322,7 @@ def run_whitening(config, workdir, name, params, step, model, mesh):
   embed_fn_for = make_embed_fn_for(config.model, mesh, None)
   evaluators = evaluator.Evaluators(
       {name: cfg}, embed_fn_for, mesh, load_splits(config),
-      skip_corrupt=config.input.skip_corrupt)
+      skip_corrupt=config.input.skip_corrupt, host_pp=config.input.host_pp)
   key = params_fingerprint(params) if config.eval_cache else None
   white = evaluators.get(name).whitening(
       params, cache_prefix(workdir, config, name, key, step))
@@ -338,7 +366,7 @@ class RunEmbedder:
     self.model = models.build_model(config.model)
     self.params, self.step = checkpoint.load_run_params(workdir,
                                                         with_step=True)
-    self.preprocess = ev.pp
+    self.preprocess, self.host_pp = ev.pp, config.input.host_pp
     spec = preprocess.PPSpec(self.preprocess)
     self.image_size = spec.size if spec.fixed_size else config.model.image_size
     self.fixed_size = spec.fixed_size

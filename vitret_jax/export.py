@@ -52,7 +52,7 @@ def flatten_params(params) -> dict:
 def export_artifact(model, params, out_dir, *, model_config: dict,
                     preprocess: str, image_size: int, multiple: int = 1,
                     scales=(1.0,), whitening=None, overwrite=False,
-                    platforms=PLATFORMS):
+                    platforms=PLATFORMS, host_pp="exact"):
   """Writes the artifact of `model` with `params` to `out_dir`.
 
   Args:
@@ -65,6 +65,8 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     multiple: the encoder's stride: the exported function takes images
       whose sides are multiples of it.
     scales: the evaluator's scales; whitening: its (mean, projection).
+    host_pp: how the run ran `preprocess` (preprocess.HOST_PP), recorded so
+      that embed_files reads files as the evaluator did.
     platforms: what the forward is lowered for (jax.export platform names,
       "cpu", "cuda", "tpu"); `model` should carry the attention
       models.for_export chooses for them (recorded in model.json).
@@ -102,7 +104,8 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     dim = int(np.shape(whitening[1])[1])
   meta = {"format_version": FORMAT_VERSION, "model": model_config,
           "image_size": image_size, "embedding_dim": dim,
-          "preprocess": preprocess, "platforms": list(platforms),
+          "preprocess": preprocess, "host_pp": host_pp,
+          "platforms": list(platforms),
           "attention": impl,
           "dtype": jnp.dtype(model.encoder.dtype).name,
           "multiple": int(multiple), "scales": [float(s) for s in scales],
@@ -216,6 +219,10 @@ class Embedder:
   @property
   def preprocess(self) -> str:
     return self.meta["preprocess"]
+
+  @property
+  def host_pp(self) -> str:
+    return self.meta.get("host_pp", "exact")
 
   def embed_files(self, paths, batch_size=64):
     """Descriptors [N, E] of image files (paths, or one path), in order:

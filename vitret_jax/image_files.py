@@ -1,10 +1,11 @@
 """From image files to descriptors, around any embedder: its preprocessing
 applied to each file, images batched by shape, the order of the files kept.
 
-An embedder has `preprocess` (a pp spec string) and `__call__(images
-[B, H, W, 3]) -> [B, E]`: an exported artifact (export.Embedder) or a
-training run (experiment.RunEmbedder). No model code is imported here, so an
-artifact can embed files without it.
+An embedder has `preprocess` (a pp spec string), optionally `host_pp`
+(how the spec is run, preprocess.HOST_PP; "exact" when absent) and
+`__call__(images [B, H, W, 3]) -> [B, E]`: an exported artifact
+(export.Embedder) or a training run (experiment.RunEmbedder). No model
+code is imported here, so an artifact can embed files without it.
 """
 import numpy as np
 import tqdm
@@ -22,7 +23,8 @@ def embed_files(embedder, paths, batch_size=64, desc="embed"):
   order of `paths`."""
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: it must be >= 1.")
-  pp = preprocess.build_pp(embedder.preprocess)
+  pp = preprocess.build_pp(
+      embedder.preprocess, fast=getattr(embedder, "host_pp", "") == "fast")
   rng = np.random.default_rng(0)
   pending = {}  # shape -> [(position, image)]
   done, kept, skipped = {}, [], []

@@ -27,9 +27,11 @@ class NegativeMiner:
   """
 
   def __init__(self, embed_fn, mesh, split, pp_spec, batch_size=64,
-               num_threads=2, skip_corrupt=False, image_size=224):
+               num_threads=2, skip_corrupt=False, image_size=224,
+               host_pp="fast"):
     self.embed_fn, self.mesh, self.split = embed_fn, mesh, split
-    self.pp_fn = preprocess.build_pp(pp_spec)
+    fast = host_pp == "fast"
+    self.pp_fn = preprocess.build_pp(pp_spec, fast=fast, defer_normalize=fast)
     self.batch_size, self.num_threads = batch_size, num_threads
     self.skip_corrupt, self.image_size = skip_corrupt, image_size
 

@@ -287,7 +287,7 @@ def _build_loader(config, run):
       run.train_split, config.input.pp_train, _build_sampler(config, run),
       seed=config.seed + 1, num_workers=config.input.num_workers,
       num_threads=config.input.num_threads, prefetch=config.input.prefetch,
-      skip_corrupt=config.input.skip_corrupt)
+      skip_corrupt=config.input.skip_corrupt, host_pp=config.input.host_pp)
 
 
 def _build_step(config, run):
@@ -321,7 +321,7 @@ def _build_sampler(config, run):
         run.embed_fn(), run.mesh, run.train_split,
         t.pp_mine or f"decode|resize({run.image_size})|normalize",
         t.mine_batch_size, config.input.num_threads,
-        config.input.skip_corrupt, run.image_size)
+        config.input.skip_corrupt, run.image_size, config.input.host_pp)
   return sampler
 
 

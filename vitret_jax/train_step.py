@@ -9,6 +9,7 @@ import optax
 
 from vitret_jax import losses
 from vitret_jax import sharding
+from vitret_jax.data import preprocess
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -119,8 +120,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
 
   Args:
     state: TrainState.
-    batch: dict(image=[B, H, W, 3] float32, label=[B] int32), split over the
-      batch axes of the mesh.
+    batch: dict(image=[B, H, W, 3] float32, or uint8 to be normalised here,
+      label=[B] int32), split over the batch axes of the mesh.
     model: module with apply(variables, images, train) -> [B, E].
     tx: optax transformation.
     loss_fn: loss_fn(emb, labels[, memory, mem_ptr, xbm_weight]) ->
@@ -141,6 +142,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   weight = (state.step >= xbm_start).astype(jnp.float32)
+  # uint8 batches (input.host_pp="fast") are normalised here, on the device.
+  batch = dict(batch, image=preprocess.normalize_on_device(batch["image"]))
 
   def grad_of(images, labels, memory, ptr, key):
     keys = None

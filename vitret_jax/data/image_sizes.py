@@ -12,12 +12,16 @@ from absl import logging
 from PIL import Image
 
 from vitret_jax import workdir as workdir_lib
+from vitret_jax.data import decode
 from vitret_jax.errors import DataError
 
 
 def _size_of(split, i):
   if split.source is not None:
-    return split.item(i).shape[:2]
+    item = split.item(i)  # encoded bytes (or a decoded array)
+    if isinstance(item, np.ndarray) and item.ndim == 3:
+      return item.shape[:2]
+    return decode.size(bytes(item), split.paths[i])
   path = split.paths[i]
   try:
     with Image.open(path) as im:

@@ -35,7 +35,9 @@ class _EvalImage:
   (an empty marker until batching).
   An unreadable image is a DataError naming it, or, with `skip_corrupt`, an
   image of NaNs: its descriptor comes out NaN (every op of the encoders acts
-  on each image alone) and evaluators leave it out.
+  on each image alone) and evaluators leave it out. A pp function that
+  leaves normalisation to the device gives uint8 images; an unreadable one
+  is then zeros with "bad" NaN, which the embedding adds to its pixels.
   `expected_hw` [N, 2] (optional): the shape each image was bucketed by; a
   decoded image of another shape is an error naming it, and the NaN image
   of an unreadable one takes that shape.
@@ -57,7 +59,11 @@ class _EvalImage:
     except DataError:
       if not self.skip_corrupt:
         raise
-      return np.full((want or self.fallback_hw) + (3,), np.nan, np.float32)
+      shape = (want or self.fallback_hw) + (3,)
+      if self.deferred:
+        return {"image": np.zeros(shape, np.uint8), "bad": np.float32(np.nan)}
+      return {"image": np.full(shape, np.nan, np.float32),
+              "bad": np.float32(0)}
     if want is not None and img.shape[:2] != want:
       raise DataError(
           f"{self.split.paths[i]}: its header gave an image of "
@@ -65,23 +71,31 @@ class _EvalImage:
           f"{img.shape[0]}x{img.shape[1]}; the file may be damaged: "
           f"replace it, or evaluate with one image per pass "
           f"(embed_split(bucket=False)).")
-    return img
+    return {"image": img, "bad": np.float32(0)}
+
+  @property
+  def deferred(self):
+    return getattr(self.pp_fn, "deferred", False)
 
   def __call__(self, slot):
     row, ref = (int(v) for v in slot)
     if row >= 0:
       return self._load(row)
     if ref >= 0:
-      return np.zeros_like(self._load(ref))
-    return np.zeros(0, np.float32)  # (grain drops None: an empty marker)
+      return {"image": np.zeros_like(self._load(ref)["image"]),
+              "bad": np.float32(0)}
+    # An empty marker (grain drops None), shaped at batching.
+    return {"image": np.zeros(0, np.uint8 if self.deferred else np.float32),
+            "bad": np.float32(0)}
 
 
-def _stack_share(images):
+def _stack_share(items):
   """Grain batch_fn: padding slots (empty) become zeros shaped like the
   share's first image."""
-  shape = images[0].shape
-  return np.stack([np.zeros(shape, np.float32) if not img.size else img
-                   for img in images])
+  first = items[0]["image"]
+  return {"image": np.stack([np.zeros_like(first) if not x["image"].size
+                             else x["image"] for x in items]),
+          "bad": np.asarray([x["bad"] for x in items], np.float32)}
 
 
 def eval_plan(n, per_pass, real_rows=None, groups=None):
@@ -137,7 +151,9 @@ def eval_batches(split, pp_fn, plan, num_workers=2, process_index=0,
   contiguous share of every batch.
 
   Yields dict(image=[per_pass / process_count, H, W, 3] this process's
-  rows, mask=[per_pass] bool over the global batch, True for real rows,
+  rows, bad=[per_pass / process_count] float32, NaN for an unreadable image
+  of a uint8 batch (else 0), mask=[per_pass] bool over the global batch,
+  True for real rows,
   rows=[per_pass] the split rows, -1 for padding). Preprocessing must be
   deterministic. With `skip_corrupt`, unreadable images come as NaNs (see
   _EvalImage).
@@ -154,8 +170,9 @@ def eval_batches(split, pp_fn, plan, num_workers=2, process_index=0,
       grain.ReadOptions(num_threads=max(1, num_workers),
                         prefetch_buffer_size=2 * batch_size))
   ds = ds.batch(per, batch_fn=_stack_share)
-  for rows, images in zip(plan, ds):
-    yield {"image": images, "mask": rows >= 0, "rows": rows}
+  for rows, share in zip(plan, ds):
+    yield {"image": share["image"], "bad": share["bad"], "mask": rows >= 0,
+           "rows": rows}
 
 
 class StepBatch:
@@ -174,8 +191,9 @@ class StepBatch:
   """
 
   def __init__(self, split, pp_spec, sampler, seed, process_index,
-               process_count, skip_corrupt=False):
+               process_count, skip_corrupt=False, host_pp="fast"):
     self.split, self.pp_spec, self.sampler = split, pp_spec, sampler
+    self.host_pp = host_pp
     self.seed, self.pi, self.pc = seed, process_index, process_count
     self.skip_corrupt = skip_corrupt
     self._pp = None
@@ -211,7 +229,9 @@ class StepBatch:
 
   def _image(self, step, pos, row, hw):
     if self._pp is None:  # built in the worker process
-      self._pp = preprocess.build_pp(self.pp_spec)
+      fast = self.host_pp == "fast"
+      self._pp = preprocess.build_pp(self.pp_spec, fast=fast,
+                                     defer_normalize=fast)
     rng = np.random.default_rng([self.seed, step, pos])
     for attempt in range(8):
       try:
@@ -266,10 +286,11 @@ class GrainTrainLoader:
 
   def __init__(self, split, pp_spec, sampler, seed, num_workers=0,
                num_threads=2, prefetch=2, skip_corrupt=False,
-               process_index=None, process_count=None):
+               process_index=None, process_count=None, host_pp="fast"):
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    self.fn = StepBatch(split, pp_spec, sampler, seed, pi, pc, skip_corrupt)
+    self.fn = StepBatch(split, pp_spec, sampler, seed, pi, pc, skip_corrupt,
+                        host_pp)
     self.num_workers, self.num_threads = num_workers, max(1, num_threads)
     self.prefetch = max(1, prefetch)
     self._it = None
@@ -283,6 +304,13 @@ class GrainTrainLoader:
       ds = grain.MapDataset.range(start, end).map(self.fn)
       ds = ds.to_iter_dataset(grain.ReadOptions(
           num_threads=self.num_threads, prefetch_buffer_size=self.prefetch))
+      # Batches come back through the workers' pipes, not shared memory:
+      # grain frees a consumed shared-memory batch on a background thread,
+      # which may not have run when the process exits (Python's resource
+      # tracker then reports the blocks leaked). A uint8 batch is a few MB,
+      # small beside the time its decoding takes.
+      ds = grain.experimental.WithOptionsIterDataset(
+          ds, grain.experimental.DatasetOptions(min_shm_size=1 << 62))
       return ds.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.num_workers, per_worker_buffer_size=self.prefetch))
     n = self.fn.local_batch(start)
@@ -312,6 +340,7 @@ class GrainTrainLoader:
         seg_end = min(end_step, (seg_start // epoch_steps + 1) * epoch_steps)
       if before_segment is not None:
         before_segment(seg_start)
+      self.close()  # the previous epoch's reader
       self._it = iter(self._dataset(seg_start, seg_end))
       step = seg_start
       while step < seg_end:
@@ -323,4 +352,10 @@ class GrainTrainLoader:
     return self.fn(step)
 
   def close(self):
-    self._it = None
+    """Stops grain's threads or worker processes. A worker-process iterator
+    is closed explicitly: its prefetched batches live in shared memory,
+    which only the iterator's close unlinks (otherwise Python's resource
+    tracker reports them leaked at exit)."""
+    it, self._it = self._it, None
+    if it is not None and hasattr(it, "close"):
+      it.close()

@@ -7,13 +7,28 @@ dict; an unknown op is an error listing the valid ones. Images are uint8
 
 The `group_*` ops take their size from the batch (group-size sampling, see
 samplers.GroupSizeSampler): `fn(path, rng, hw=(h, w))`.
+
+Two ways to run a spec (`input.host_pp`):
+- "exact": every op as written, PIL decoding;
+- "fast" (`build_pp(spec, fast=True)`): the same ops with less work on the
+  host. JPEGs are decoded by libjpeg-turbo directly, DCT-scaled to 1/2, 1/4
+  or 1/8 when the first resize shrinks them that much (data/decode.py); the
+  first
+  resize takes its target from the original size, so shapes are the exact
+  path's; a square resize followed by a crop resamples only the crop's
+  window (the same pixels as resizing, then cropping); with
+  `defer_normalize`, a final argument-less `normalize` is left to the
+  device (`normalize_on_device`, the same arithmetic), so batches travel as
+  uint8. Pixels differ from the exact path only through DCT scaling, by at
+  most FAST_TOLERANCE on average (tests/test_preprocess.py).
 """
 import re
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vitret_jax.errors import DataError
+from vitret_jax.data import decode as decode_lib
 from vitret_jax.errors import UserError
 
 # ImageNet statistics, used by DeiT / timm and the Google checkpoints' recipes.
@@ -21,36 +36,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# Modes holding more than 8 bits per sample: 16-bit greyscale PNG / TIFF
-# ("I;16*"), and "I" (32-bit int), which PIL uses for 16-bit data too.
-_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-def to_rgb8(im) -> np.ndarray:
-  """RGB uint8 [H, W, 3] of an opened PIL image of any mode."""
-  if im.mode in _WIDE_MODES:
-    # convert("RGB") clips these to 255 (a white image): scale 0..65535 down.
-    wide = np.asarray(im, np.float32)
-    gray = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
-    return np.repeat(gray[:, :, None], 3, axis=2)
-  if im.mode == "F":
-    raise ValueError("32-bit float pixels have no fixed range; save the "
-                     "image as 8- or 16-bit")
-  return np.asarray(im.convert("RGB"))
-
-
-def decode(path: str) -> np.ndarray:
-  """Reads an image file as RGB uint8 [H, W, 3]; a bad file is a DataError.
-
-  Any PIL mode is accepted: palette, greyscale, CMYK and alpha images are
-  converted to RGB (alpha dropped), 16-bit images are scaled to 8 bits.
-  """
-  try:
-    with Image.open(path) as im:
-      return to_rgb8(im)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise DataError(f"Cannot read image {path}: {e}. Replace or remove the "
-                    f"file (and its line in the list file).") from e
+to_rgb8 = decode_lib.to_rgb8
+decode = decode_lib.decode
 
 
 def _resize_to(img, hw):
@@ -68,20 +55,14 @@ def resize(size):
 def resize_max(size):
   """Resize so the longer side is `size`, keeping the aspect ratio (landmark
   images are evaluated whole)."""
-  def op(img, rng):
-    h, w = img.shape[:2]
-    s = size / max(h, w)
-    return _resize_to(img, (max(1, round(h * s)), max(1, round(w * s))))
-  return op
+  return lambda img, rng: _resize_to(
+      img, _resize_target("resize_max", size, *img.shape[:2]))
 
 
 def resize_small(size):
   """Resize so the shorter side is `size`, keeping the aspect ratio."""
-  def op(img, rng):
-    h, w = img.shape[:2]
-    s = size / min(h, w)
-    return _resize_to(img, (max(size, round(h * s)), max(size, round(w * s))))
-  return op
+  return lambda img, rng: _resize_to(
+      img, _resize_target("resize_small", size, *img.shape[:2]))
 
 
 def _crop(img, top, left, size):
@@ -237,29 +218,168 @@ def _parse_op(op_str):
   return name, values
 
 
-def build_pp(spec):
-  """`fn(path, rng, box=None, hw=None) -> np.ndarray` from a spec (string or
-  PPSpec) starting with "decode"; `box` (x1, y1, x2, y2) crops the decoded
-  image first; `hw` is the batch's group shape for the group_* ops. The
-  function's `spec` attribute is the parsed PPSpec."""
+HOST_PP = ("fast", "exact")
+# Mean absolute difference (uint8 levels) the fast path may add through DCT
+# scaling, checked on camera-like photos in the tests.
+FAST_TOLERANCE = 2.0
+
+
+def _apply(ops, img, rng, hw):
+  for op in ops:
+    img = (op(img, rng, hw) if getattr(op, "needs_hw", False)
+           else op(img, rng))
+  return img
+
+
+def _box_crop(img, box):
+  x1, y1, x2, y2 = [int(round(v)) for v in box]
+  return img[max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)]
+
+
+def build_pp(spec, fast=False, defer_normalize=False):
+  """`fn(src, rng, box=None, hw=None) -> np.ndarray` from a spec (string or
+  PPSpec) starting with "decode"; `src` is a path, encoded bytes or a
+  decoded array; `box` (x1, y1, x2, y2) crops the decoded image first; `hw`
+  is the batch's group shape for the group_* ops. `fast` and
+  `defer_normalize`: see the module doc. The function's `spec` attribute is
+  the parsed PPSpec, `deferred` whether it returns uint8 for the device to
+  normalise."""
   spec = spec if isinstance(spec, PPSpec) else PPSpec(spec)
   try:
     ops = [OPS[name](*args) for name, args in spec.ops]
   except TypeError as e:
     raise UserError(f"pp spec {spec.spec!r}: {e}") from e
-
-  def run(path, rng, box=None, hw=None):
-    # A decoded image (from a TFDS source) skips the decoding.
-    img = path if isinstance(path, np.ndarray) else decode(path)
-    if box is not None:
-      x1, y1, x2, y2 = [int(round(v)) for v in box]
-      img = img[max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)]
-    for op in ops:
-      img = (op(img, rng, hw) if getattr(op, "needs_hw", False)
-             else op(img, rng))
-    return np.ascontiguousarray(img)
-  run.spec = spec
+  deferred = (defer_normalize and bool(spec.ops)
+              and spec.ops[-1] == ("normalize", []))
+  if deferred:
+    ops = ops[:-1]
+  if not fast:
+    def run(src, rng, box=None, hw=None):
+      # A decoded image (from a TFDS source) skips the decoding.
+      img = src if isinstance(src, np.ndarray) else decode(src)
+      if box is not None:
+        img = _box_crop(img, box)
+      return np.ascontiguousarray(_apply(ops, img, rng, hw))
+  else:
+    run = _FastPlan(spec, ops)
+  run.spec, run.deferred = spec, deferred
   return run
+
+
+class _FastPlan:
+  """The fast path of a spec (build_pp(fast=True)): the first resize, and a
+  crop right after a square resize, done as one sized decode and one
+  windowed resample."""
+
+  def __init__(self, spec, ops):
+    self.ops = ops
+    names = [n for n, _ in spec.ops]
+    self.first = spec.ops[0] if spec.ops and names[0] in _RESIZES else None
+    self.crop = None
+    if (self.first and names[0] == "resize" and len(names) > 1
+        and names[1] in ("random_crop", "center_crop")):
+      self.crop = (names[1], int(spec.ops[1][1][0]))
+    self.skip = 0 if self.first is None else (2 if self.crop else 1)
+
+  def _target(self, h, w, hw):
+    name, args = self.first
+    if name == "group_resize":
+      if hw is None:
+        raise UserError("group_resize takes its size from the batch: use it "
+                        "with input.sampler='group_size'.")
+      scale = args[0] if args else 1.0
+      return round(hw[0] * scale), round(hw[1] * scale)
+    return _resize_target(name, args[0], h, w)
+
+  def __call__(self, src, rng, box=None, hw=None):
+    if isinstance(src, np.ndarray) or box is not None or not self.first:
+      img = src if isinstance(src, np.ndarray) else decode_lib.decode_fast(
+          decode_lib.read(src), name=src if isinstance(src, str) else "")
+      if box is not None:
+        img = _box_crop(img, box)
+      return np.ascontiguousarray(_apply(self.ops, img, rng, hw))
+    data = decode_lib.read(src)
+    name = src if isinstance(src, str) else ""
+    h, w = decode_lib.size(data, name)
+    th, tw = self._target(h, w, hw)
+    img = decode_lib.decode_fast(data, _dct_size(h, w, th, tw), name)
+    if self.crop is None:
+      img = _resize_to(img, (th, tw))
+    else:
+      kind, c = self.crop
+      if th < c or tw < c:
+        raise ValueError(f"crop of {c} from an image of {th}x{tw}: resize "
+                         f"first.")
+      if kind == "random_crop":  # the draws of random_crop, in its order
+        top, left = rng.integers(0, th - c + 1), rng.integers(0, tw - c + 1)
+      else:
+        top, left = (th - c) // 2, (tw - c) // 2
+      img = _resize_window(img, (th, tw), (top, left), c)
+    return np.ascontiguousarray(_apply(self.ops[self.skip:], img, rng, hw))
+
+
+_RESIZES = ("resize", "resize_max", "resize_small", "group_resize")
+
+
+def _dct_size(h, w, th, tw):
+  """The size to decode an h x w JPEG at for a resize to th x tw: 1/8, 1/4
+  or 1/2 of it, the smallest still at least the target (None: full size).
+  Only these scales: libjpeg-turbo's others (3/8, 5/8, ...) cost more
+  accuracy than they save time."""
+  for k in (8, 4, 2):
+    if h >= k * th and w >= k * tw:
+      return -(-h // k), -(-w // k)
+  return None
+
+
+def _resize_target(name, size, h, w):
+  """(h, w) the resize op `name` makes of an h x w image."""
+  if name == "resize":
+    return size, size
+  if name == "resize_max":
+    s = size / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+  s = size / min(h, w)  # resize_small
+  return max(size, round(h * s)), max(size, round(w * s))
+
+
+def _resize_window(img, target_hw, top_left, c):
+  """The c x c window at `top_left` of `img` resized to `target_hw`,
+  resampling only that window (PIL's box: the same filter taps, so the same
+  pixels as resizing the whole image and cropping)."""
+  th, tw = target_hw
+  h, w = img.shape[:2]
+  sy, sx = h / th, w / tw
+  top, left = top_left
+  box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
+  return np.asarray(Image.fromarray(img).resize((c, c), Image.BICUBIC,
+                                                box=box))
+
+
+def normalize_on_device(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+  """uint8 images [..., 3] -> float32, normalised on the device with the
+  arithmetic of the host's `normalize` ((x - 255 mean) / (255 std), in
+  float32); float images pass unchanged."""
+  if images.dtype != jnp.uint8:
+    return images
+  mean = np.asarray(mean, np.float32) * 255
+  std = np.asarray(std, np.float32) * 255
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def needed_short_side(spec, image_size):
+  """The shorter side a stored image needs for the spec's first resize
+  never to upsample it (resize_max: its whole target, conservatively;
+  group_resize: the long side of a 2:1 group of area image_size^2); None
+  when the spec uses the image at its original size."""
+  ops = PPSpec(spec).ops if isinstance(spec, str) else spec.ops
+  if not ops or ops[0][0] not in _RESIZES:
+    return None
+  name, args = ops[0]
+  if name == "group_resize":
+    scale = args[0] if args else 1.0
+    return int(np.ceil(image_size * scale * np.sqrt(2)))
+  return int(args[0])
 
 
 def output_size(spec: str) -> int:

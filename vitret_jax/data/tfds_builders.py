@@ -14,12 +14,15 @@ queries, the easy / hard / junk database indices.
 """
 import dataclasses
 import hashlib
+import io
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from vitret_jax.data import datasets
+from vitret_jax.data import decode
 from vitret_jax.data import readers
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
@@ -31,10 +34,11 @@ _INSTRUCTIONS = "\n\n".join(
 class RetrievalConfig(tfds.core.BuilderConfig):
   """A data set, and options for its reader (e.g. check_counts=False)."""
 
-  def __init__(self, *, name, dataset="", options=None, **kwargs):
+  def __init__(self, *, name, dataset="", options=None, resize=0, **kwargs):
     super().__init__(name=name, **kwargs)
     self.options = dict(options or {})
     self.dataset = dataset or name
+    self.resize = int(resize)
 
 
 class Retrieval(tfds.core.GeneratorBasedBuilder):
@@ -59,6 +63,9 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
             "easy": seq, "hard": seq, "junk": seq,
         }),
         supervised_keys=("image", "label"),
+        # The copy's image size: 0 = the original files, else their shorter
+        # side was brought down to this (never up) and re-encoded.
+        metadata=tfds.core.MetadataDict(short_side=self.builder_config.resize),
         # Records keep the reader's order, so record i is row i of the
         # reader's split and labels come from the reader without decoding
         # any image.
@@ -68,6 +75,13 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
     root = os.fspath(dl_manager.manual_dir)
     splits = datasets.load_dataset(self.builder_config.dataset, root,
                                    **self.builder_config.options)
+    if self.builder_config.resize and any(
+        s.boxes is not None for s in splits.values()):
+      raise UserError(
+          f"input.tfds_resize={self.builder_config.resize}: this data set's "
+          f"reader gives crop boxes (in the original images' pixels), which "
+          f"a resized copy would not match; prepare it at full size "
+          f"(input.tfds_resize=0).")
     return {name: self._generate_examples(split, root)
             for name, split in splits.items()}
 
@@ -76,7 +90,10 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
       gnd = split.gnd[i] if split.gnd is not None else {}
       box = (split.boxes[i] if split.boxes is not None
              else np.zeros(4, np.float32))
-      yield i, {"image": path, "label": int(split.labels[i]),
+      image = path
+      if self.builder_config.resize:
+        image = shrunk_jpeg(path, self.builder_config.resize)
+      yield i, {"image": image, "label": int(split.labels[i]),
                 "file": os.path.relpath(path, root),
                 "box": np.asarray(box, np.float32),
                 "easy": list(gnd.get("easy", [])),
@@ -84,21 +101,48 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
                 "junk": list(gnd.get("junk", []))}
 
 
-def prepare(name, manual_dir, data_dir, key="", **options):
+def shrunk_jpeg(path, short_side, quality=95):
+  """The image at `path` with its shorter side brought down to
+  `short_side` (bicubic), re-encoded as JPEG; the file's own bytes when it
+  is no larger (a copy never upsamples)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      w, h = im.size
+      if min(w, h) <= short_side:
+        return data
+      s = short_side / min(w, h)
+      small = Image.fromarray(decode.to_rgb8(im)).resize(
+          (max(short_side, round(w * s)), max(short_side, round(h * s))),
+          Image.BICUBIC)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise DataError(f"Cannot read image {path}: {e}.") from e
+  out = io.BytesIO()
+  small.save(out, format="JPEG", quality=quality)
+  return out.getvalue()
+
+
+def prepare(name, manual_dir, data_dir, key="", resize=0, **options):
   """Builds (once) and returns the builder of data set `name`.
 
   `key` (a fingerprint of the reader's splits, see load_splits) names the
   prepared copy, so that another folder, other reader options or an edited
-  list file prepare a new copy instead of reading a stale one."""
+  list file prepare a new copy instead of reading a stale one. `resize`:
+  the copy's images have at most this shorter side (shrunk_jpeg; 0 = the
+  files as they are); it is part of the copy's name and recorded in its
+  metadata."""
   if name not in datasets.DATASETS:
     raise UserError(f"TFDS builder {name!r}: valid names are "
                     f"{sorted(datasets.DATASETS)}.")
   if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
     raise DataError(f"{manual_dir!r} does not exist or is empty.\n"
                     f"{readers.INSTRUCTIONS[name]}")
-  config = RetrievalConfig(name=f"{name}_{key}" if key else name,
-                           dataset=name, version=Retrieval.VERSION,
-                           options=options)
+  config_name = (f"{name}_{key}" if key else name) + (
+      f"_s{int(resize)}" if resize else "")
+  config = RetrievalConfig(name=config_name, dataset=name,
+                           version=Retrieval.VERSION, options=options,
+                           resize=resize)
   builder = Retrieval(config=config, data_dir=data_dir,
                       file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -106,15 +150,25 @@ def prepare(name, manual_dir, data_dir, key="", **options):
   return builder
 
 
-def load_splits(name, manual_dir, data_dir, **options):
+def load_splits(name, manual_dir, data_dir, resize=0, **options):
   """The reader's splits with `source` set to the prepared TFDS data source:
   the input pipeline then reads encoded images from array_record files
   instead of the original folder."""
   splits = datasets.load_dataset(name, manual_dir, **options)
   key = hashlib.sha256(" ".join(
       f"{k}:{v.fingerprint()}" for k, v in sorted(splits.items())).encode())
-  sources = prepare(name, manual_dir, data_dir, key=key.hexdigest()[:12],
-                    **options).as_data_source()
+  # Records give the encoded bytes: the pipeline decodes them as it decodes
+  # files (its fast path DCT-scales JPEGs), so a prepared copy trains on the
+  # same pixels as the folder.
+  builder = prepare(name, manual_dir, data_dir, key=key.hexdigest()[:12],
+                    resize=resize, **options)
+  recorded = int(builder.info.metadata.get("short_side", 0))
+  if recorded != int(resize):
+    raise DataError(f"The TFDS copy of {name} in {data_dir} records images "
+                    f"of shorter side {recorded}, not {resize}: delete it to "
+                    f"prepare it again.")
+  sources = builder.as_data_source(
+      decoders={"image": tfds.decode.SkipDecoding()})
   for k, v in splits.items():
     if len(sources[k]) != len(v):
       raise DataError(

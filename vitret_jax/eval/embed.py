@@ -10,6 +10,7 @@ from vitret_jax import descriptor
 from vitret_jax import models
 from vitret_jax import sharding
 from vitret_jax.data import image_sizes
+from vitret_jax.data import preprocess
 from vitret_jax.data import pipeline
 
 
@@ -27,19 +28,25 @@ class EmbedFn:
     self.param_sharding = param_sharding or sharding.replicated(mesh)
     self._compiled = {}
 
-  def __call__(self, params, images, scale=1.0):
-    key = (images.shape, scale)
+  def __call__(self, params, images, scale=1.0, bad=None):
+    """`bad` [B] (with uint8 images): NaN for an unreadable image, whose
+    descriptor then comes out NaN; 0 otherwise."""
+    key = (images.shape, images.dtype, scale, bad is None)
     if key not in self._compiled:
       model, multiple = self.model, self.multiple
 
-      def embed(params, images):
+      def embed(params, images, bad):
+        images = preprocess.normalize_on_device(images)
+        if bad is not None:
+          images = images + bad[:, None, None, None]
         images = descriptor.resize_for_scale(images, scale, multiple)
         return model.apply({"params": params}, images, train=False)
+      batch = sharding.batch_sharding(self.mesh)
       self._compiled[key] = jax.jit(
-          embed, in_shardings=(self.param_sharding,
-                               sharding.batch_sharding(self.mesh)),
+          embed, in_shardings=(self.param_sharding, batch,
+                               None if bad is None else batch),
           out_shardings=sharding.replicated(self.mesh))
-    return self._compiled[key](params, images)
+    return self._compiled[key](params, images, bad)
 
 
 def make_embed_fn(model, mesh, param_sharding=None):
@@ -106,9 +113,16 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
                                      skip_corrupt=skip_corrupt,
                                      fallback_hw=fallback_hw,
                                      expected_hw=expected):
-    images = sharding.to_global_batch({"image": batch["image"]}, mesh)["image"]
-    emb = descriptor.combine_scales([embed_fn(params, images, s)
-                                     for s in scales])
+    if batch["image"].dtype == np.uint8:  # normalised on the device
+      arrays = sharding.to_global_batch(
+          {"image": batch["image"], "bad": batch["bad"]}, mesh)
+      per_scale = [embed_fn(params, arrays["image"], s, arrays["bad"])
+                   for s in scales]
+    else:
+      images = sharding.to_global_batch({"image": batch["image"]},
+                                        mesh)["image"]
+      per_scale = [embed_fn(params, images, s) for s in scales]
+    emb = descriptor.combine_scales(per_scale)
     emb = np.asarray(jax.device_get(emb))
     if out is None:
       out = np.full((len(split), emb.shape[1]), np.nan, np.float32)

@@ -40,7 +40,8 @@ class _Evaluator:
   def __init__(self, embed_fn, mesh, splits, *, pp, batch_size=64,
                num_workers=2, scales=(1.0,), knn="exact", scann=None,
                whiten_dim=-1, whiten=True, whiten_max_images=20_000,
-               skip_corrupt=False, dataset="", data_dir="", options=None):
+               skip_corrupt=False, dataset="", data_dir="", options=None,
+               host_pp="fast"):
     # Whitening learns from the run's training split, even when the evaluator
     # reads a data set of its own.
     self.train_split = splits.get("train")
@@ -48,7 +49,8 @@ class _Evaluator:
       splits = datasets.load_dataset(dataset, data_dir, **dict(options or {}))
     self.splits = splits
     self.embed_fn, self.mesh = embed_fn, mesh
-    self.pp_fn = preprocess.build_pp(pp)
+    fast = host_pp == "fast"
+    self.pp_fn = preprocess.build_pp(pp, fast=fast, defer_normalize=fast)
     self.fixed_size = preprocess.is_fixed_size(pp)
     self.skip_corrupt = skip_corrupt
     # Shape of the placeholder of an unreadable image (see embed_split).
@@ -332,11 +334,12 @@ class Evaluators:
   """
 
   def __init__(self, evals_cfg, embed_fn_for, mesh, splits,
-               skip_corrupt=False, default_every=0):
+               skip_corrupt=False, default_every=0, host_pp="fast"):
     self.configs = {}
     for name, cfg in evals_cfg.items():
       cfg = dict(cfg)
       cfg.setdefault("skip_corrupt", skip_corrupt)
+      cfg.setdefault("host_pp", host_pp)
       every = cfg.pop("every", -1)
       kind = cfg.get("type")
       if kind not in EVALUATORS:
