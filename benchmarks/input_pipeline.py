@@ -1,111 +1,169 @@
-"""Images per second of the training input pipeline (grain, m-per-class
-batches, decode + resize 256 + random crop 224 + flip + normalise) on the
-Grocery set, with 1, 2 and 4 threads (images decoded one by one, a batch's
-images side by side) and 1, 2 and 4 worker processes (a batch per
-process), against a plain single-process PIL loop doing the same work, and
-against what vitret_jax's own ViT-S/16 train step (batch 32, 224 px)
-consumes on the same machine, all measured in the same run.
+"""Images per second of the input pipeline per CPU core: the plain PIL loop
+(the reference), the pipeline before (input.host_pp="exact": PIL decoding,
+every op as written, float32 batches) and after (host_pp="fast": libjpeg-turbo
+decoding with DCT scaling, resize + crop in one resample, uint8 batches),
+through grain with 1, 2 and 4 threads and worker processes, all measured in
+the same run; then how many host cores one H100 needs per recipe.
 
-  python benchmarks/input_pipeline.py [--data DIR] [--batches 12]
-      [--batch_size 64] [--no_step]
+  python benchmarks/input_pipeline.py [--data DIR | --synthetic]
+      [--batches 8] [--batch_size 32] [--counts 1,2,4]
+      [--kinds threads,processes]
 
---data: a Grocery Store `dataset/` folder (default: the embedded subset).
-
-For scale, what an accelerator consumes (an estimate, not a measurement: no
-GPU was lent for this work): DeiT (Touvron et al. 2021, Table 1) reports 940
-images/s for DeiT-S inference at 224 px on one V100; a training step costs
-about 3x a forward pass (~310 images/s on a V100), and an H100's dense bf16
-throughput is 3-8x a V100's, so a ViT-S/16 training step on one H100 takes
-roughly 900-2,500 images/s: several CPU cores' worth of this pipeline.
+--data: a folder of images (read recursively; default: the embedded Grocery
+photos, mostly 348x348). --synthetic: camera-size JPEGs of the real sets'
+typical sizes (500x375 as CUB, 1024x768 as landmark photos; quality 90),
+written to a temporary folder. Rows per spec:
+- the IRT training spec on the images, and on a prepared copy at a shorter
+  side of 256 (`input.tfds_resize=256`; the reference stays the raw loop);
+- the landmark evaluation spec (whole image, longer side 1024).
 """
 import argparse
 import os
+import tempfile
 import time
 
 import numpy as np
 from absl import flags
 
 import _devices  # benchmarks/_devices.py
-from vitret_jax.data import grocery
 from vitret_jax.data import datasets
+from vitret_jax.data import folder
 from vitret_jax.data import pipeline
 from vitret_jax.data import preprocess
 from vitret_jax.data import samplers
+from vitret_jax.data import split as split_lib
+from vitret_jax.data import tfds_builders
 
-PP = "decode|resize(256)|random_crop(224)|flip_lr|normalize"
+IRT_TRAIN = "decode|resize(256)|random_crop(224)|flip_lr|normalize"
+LANDMARK_EVAL = "decode|resize_max(1024)|normalize"
+# Train images/s one H100 would take at 30% MFU (benchmarks/throughput.py
+# --project, docs/benchmarks.md): a projection, the host's target.
+H100_RATE = {"IRT S/16 @ 224 (SOP, CUB, In-Shop)": (10_385, IRT_TRAIN)}
 
 
-def plain_loop(split, sampler, n_batches):
-  """The reference: PIL decode + numpy ops, one image after another."""
-  pp = preprocess.build_pp(PP)
+def synthetic(folder_path, sizes=((500, 375), (1024, 768)), per_size=24):
+  """Camera-like JPEGs (smooth shading, edges, sensor noise), quality 90."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  paths = []
+  for w, h in sizes:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(per_size):
+      img = np.stack([np.sin(x / (31 + i) + i) * 60 + 120,
+                      np.cos(y / (17 + i)) * 60 + 120,
+                      np.sin((x + y) / 51) * 60 + 120], -1)
+      img[((x + 7 * i) // 97 + y // 61) % 2 == 0] *= 0.6
+      img += rng.normal(0, 8, img.shape)
+      path = os.path.join(folder_path, f"{w}x{h}_{i:02d}.jpg")
+      Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+          path, quality=90)
+      paths.append(path)
+  return paths
+
+
+def shrunk_copy(paths, out_dir, short_side=256):
+  """What input.tfds_resize=256 stores: each image's bytes at that side."""
+  out = []
+  for i, p in enumerate(paths):
+    q = os.path.join(out_dir, f"{i:05d}.jpg")
+    with open(q, "wb") as f:
+      f.write(tfds_builders.shrunk_jpeg(p, short_side))
+    out.append(q)
+  return out
+
+
+def plain_loop(paths, spec, n):
+  """The reference: the exact pp, one image after another, in this
+  process."""
+  pp = preprocess.build_pp(spec)
   t0 = time.perf_counter()
-  for step in range(n_batches):
-    rows = sampler.batch(step)
-    rng = np.random.default_rng(step)
-    np.stack([pp(split.paths[r], rng) for r in rows])
-  return n_batches * sampler.batch_size / (time.perf_counter() - t0)
+  for i in range(n):
+    pp(paths[i % len(paths)], np.random.default_rng(i))
+  return n / (time.perf_counter() - t0)
 
 
-def grain_loop(split, sampler, n_batches, workers, threads):
-  loader = pipeline.GrainTrainLoader(split, PP, sampler, seed=0,
-                                     num_workers=workers, num_threads=threads,
-                                     prefetch=2, process_index=0,
-                                     process_count=1)
-  it = loader.iterate(0, n_batches + 2)
+def grain_rate(paths, spec, host_pp, n_batches, batch_size, workers,
+               threads):
+  split = split_lib.Split(tuple(paths), np.zeros(len(paths), np.int32))
+  sampler = samplers.RandomSampler(split.labels, batch_size, 0)
+  loader = pipeline.GrainTrainLoader(
+      split, spec, sampler, seed=0, num_workers=workers, num_threads=threads,
+      prefetch=2, process_index=0, process_count=1, host_pp=host_pp)
+  it = loader.iterate(0, n_batches + 1)
   next(it)  # start-up (worker processes, first batch) is not timed
   t0 = time.perf_counter()
   for _ in range(n_batches):
     next(it)
-  rate = n_batches * sampler.batch_size / (time.perf_counter() - t0)
-  del it
+  rate = n_batches * batch_size / (time.perf_counter() - t0)
   loader.close()
   return rate
 
 
-def step_rate():
-  """Images/s of the ViT-S/16 train step (throughput.py's JAX worker)."""
-  import sys  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import throughput  # pylint: disable=g-import-not-at-top
-  worker = throughput.JaxWorker("S/16", 224, 32, 64)
-  worker.run("train", 1)
-  return 32 * 2 / worker.run("train", 2)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", default=datasets.EMBEDDED_GROCERY)
-  parser.add_argument("--batches", type=int, default=12)
-  parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--no_step", action="store_true",
-                      help="skip measuring the train step's consumption")
+  parser.add_argument("--data", default="")
+  parser.add_argument("--synthetic", action="store_true")
+  parser.add_argument("--batches", type=int, default=8)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--counts", default="1,2,4",
+                      help="threads / worker processes to measure")
+  parser.add_argument("--kinds", default="threads,processes")
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
-  splits = grocery.load_grocery(args.data, protocol="official")
-  split = splits["train"]
-  sampler = samplers.MPerClassSampler(split.labels, 4, args.batch_size, 0)
-  ref = plain_loop(split, sampler, args.batches)
-  rows = [("plain PIL loop, 1 process (reference)", ref)]
-  for t in (1, 2, 4):
-    rows.append((f"grain, {t} thread(s), per image", grain_loop(
-        split, sampler, args.batches, 0, t)))
-  for w in (1, 2, 4):
-    rows.append((f"grain, {w} worker process(es), per batch", grain_loop(
-        split, sampler, args.batches, w, 1)))
-  print(f"Grocery train ({len(split)} photos, mostly 348x348 JPEG), "
-        f"{args.batches} batches of {args.batch_size}, {PP}, "
-        f"{_devices.describe_cpu()}")
-  print("| pipeline | images/s | vs plain loop |")
-  print("|---|---|---|")
-  for name, rate in rows:
-    print(f"| {name} | {rate:.0f} | {rate / ref:.2f}x |")
-  if not args.no_step:
-    rate = step_rate()
-    best = max(r for _, r in rows)
-    print(f"\nvitret_jax ViT-S/16 train step, batch 32, 224 px, fp32, these "
-          f"cores: {rate:.1f} images/s; the fastest pipeline above supplies "
-          f"{best / rate:.0f}x that (measured one after the other, not "
-          f"sharing the cores).")
+  counts = [int(c) for c in args.counts.split(",")]
+  tmp = tempfile.TemporaryDirectory(prefix="vitret-pipeline-")
+  if args.synthetic:
+    # CUB-like photos for the training spec, landmark-size ones for the
+    # evaluation spec.
+    paths = synthetic(tmp.name, [(500, 375)])
+    large = synthetic(tmp.name, [(1024, 768)])
+    what = "synthetic JPEGs, q90: 500x375 (training rows), 1024x768 (landmark)"
+  else:
+    root = args.data or datasets.EMBEDDED_GROCERY
+    paths, what = folder.list_images(root), root
+    large = paths
+  if not paths:
+    raise SystemExit(f"no images under {args.data}")
+  os.makedirs(os.path.join(tmp.name, "s256"))
+  prepared = shrunk_copy(paths, os.path.join(tmp.name, "s256"))
+  n = args.batches * args.batch_size
+  print(f"# input pipeline: {what}; {args.batches} batches of "
+        f"{args.batch_size}; {_devices.describe_cpu()}")
+  print("| spec | images | pipeline | workers | images/s | vs PIL loop |")
+  print("|---|---|---|---|---|---|")
+  one_thread = {}
+  for spec, name, raw, imgs in ((IRT_TRAIN, "raw", paths, paths),
+                                (IRT_TRAIN, "prepared s256", paths, prepared),
+                                (LANDMARK_EVAL, "raw", large, large)):
+    ref = plain_loop(raw, spec, n)
+    label = spec.split("|", 1)[1]
+    print(f"| {label} | raw | plain PIL loop (reference) | 1 process | "
+          f"{ref:.0f} | 1.00x |")
+    for host_pp, title in (("exact", "before (host_pp=exact)"),
+                           ("fast", "after (host_pp=fast)")):
+      for kind in args.kinds.split(","):
+        for c in counts:
+          rate = grain_rate(imgs, spec, host_pp, args.batches,
+                            args.batch_size, c if kind == "processes" else 0,
+                            c if kind == "threads" else 1)
+          if kind == "threads" and c == 1:
+            one_thread[(spec, name, host_pp)] = (rate, ref)
+          print(f"| {label} | {name} | {title} | {c} {kind} | {rate:.0f} | "
+                f"{rate / ref:.2f}x |")
+  print("\nOne thread, per core, against the PIL loop on the raw images:")
+  for (spec, name, host_pp), (rate, ref) in one_thread.items():
+    print(f"- {spec.split('|', 1)[1]}, {name}, {host_pp}: {rate:.0f} img/s, "
+          f"{rate / ref:.2f}x")
+  print("\nHost cores one H100 needs (projected train img/s at 30% MFU over "
+        "the one-thread rate after):")
+  print("| recipe | H100 img/s (projected) | raw: cores | prepared s256: "
+        "cores |")
+  print("|---|---|---|---|")
+  for recipe, (h100, spec) in H100_RATE.items():
+    raw = one_thread[(spec, "raw", "fast")][0]
+    prep = one_thread[(spec, "prepared s256", "fast")][0]
+    print(f"| {recipe} | {h100:,} | {h100 / raw:.0f} | {h100 / prep:.0f} |")
+  tmp.cleanup()
 
 
 if __name__ == "__main__":

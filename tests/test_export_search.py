@@ -20,7 +20,7 @@ from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
-from vitret_jax.eval import evaluator
+from vitret_jax.eval import scoring
 from vitret_jax import search
 
 
@@ -102,7 +102,7 @@ def test_index_search_rank1_equals_recall_at_1(trained, tmp_path):
   rank1 = np.mean([label(h[0][0]) == label(q) for q, h in zip(kept, hits)])
   # The evaluator's Recall@1 of the same descriptors, and of the run.
   labels = np.asarray([int(label(p)) for p in kept])
-  r1 = evaluator.score_retrieval(emb, labels, ks=(1,))[0]["recall@1"]
+  r1 = scoring.score_retrieval(emb, labels, ks=(1,))[0]["recall@1"]
   assert rank1 == pytest.approx(r1, abs=1e-12)
   assert rank1 == pytest.approx(result["recall@1"], abs=2 / len(kept))
   out = commands.run_search(config, workdir, "", str(folder / "41"),

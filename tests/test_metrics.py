@@ -4,6 +4,7 @@ import pytest
 
 from vitret_jax.eval import knn
 from vitret_jax.eval import metrics
+from vitret_jax.eval import scoring
 
 
 def test_recall_at_k_hand_table():
@@ -62,13 +63,12 @@ def angles(deg):
 
 
 def test_leave_one_out_protocol_never_retrieves_self():
-  from vitret_jax.eval import evaluator
   # Points on the circle at 0, 10, 100, 105 degrees with labels A, B, A, B:
   # each point's nearest other point is of the other class -> R@1 = 0;
   # with the self-match allowed, R@1 would be a trivial 1.0.
   emb = angles([0, 10, 100, 105])
   lab = np.array([0, 1, 0, 1])
-  out, _ = evaluator.score_retrieval(emb, lab, ks=(1, 2, 3))
+  out, _ = scoring.score_retrieval(emb, lab, ks=(1, 2, 3))
   # Ranks of the same-class item: 0 -> [10, 100, 105]: 2nd; 10 -> [0, 100,
   # 105]: 3rd; 100 -> [105, 10, 0]: 3rd; 105 -> [100, 10, 0]: 2nd.
   assert out["recall@1"] == 0.0
@@ -78,19 +78,18 @@ def test_leave_one_out_protocol_never_retrieves_self():
 
 
 def test_query_gallery_protocol_searches_gallery_only():
-  from vitret_jax.eval import evaluator
   q = angles([0, 90])
   q_lab = np.array([7, 8])
   # Gallery: label 7 at 5 deg; label 8 at 20 deg and 91 deg.
   g = angles([5, 20, 91])
   g_lab = np.array([7, 8, 8])
-  out, _ = evaluator.score_retrieval(q, q_lab, g, g_lab, ks=(1, 2))
+  out, _ = scoring.score_retrieval(q, q_lab, g, g_lab, ks=(1, 2))
   assert out["recall@1"] == 1.0  # the queries themselves are not candidates
   # MAP@R: query 7 has R=1, hit at rank 1 -> 1; query 8 has R=2: neighbours
   # 91 (8), 20 (8) -> (1 + 1) / 2 = 1.
   assert out["map@r"] == 1.0
   g_lab_wrong = np.array([8, 7, 7])
-  out, _ = evaluator.score_retrieval(q, q_lab, g, g_lab_wrong, ks=(1, 2))
+  out, _ = scoring.score_retrieval(q, q_lab, g, g_lab_wrong, ks=(1, 2))
   assert out["recall@1"] == 0.0 and out["recall@2"] == 0.5
 
 

@@ -8,7 +8,7 @@ from vitret_jax import commands
 from vitret_jax import search
 from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
-from vitret_jax.eval import evaluator
+from vitret_jax.eval import scoring
 from vitret_jax.eval import knn
 
 
@@ -106,7 +106,7 @@ def test_no_metric_counts_padding(backend):
   emb = np.eye(3, dtype=np.float32)
   labels = np.asarray([0, 0, 1])
   search_fn = lambda q, r, k, ex: (knn.search(q, r, k, ex, backend)[1], {})
-  out, idx = evaluator.score_retrieval(emb, labels, ks=(1, 2, 8),
+  out, idx = scoring.score_retrieval(emb, labels, ks=(1, 2, 8),
                                        search=search_fn)
   assert idx.shape[1] == 2  # leave-one-out over 3 images
   assert out["recall@2"] == pytest.approx(2 / 3)

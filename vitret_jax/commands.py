@@ -112,6 +112,42 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
              else "."))
 
 
+def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
+          port=8080, eval_name="", max_batch=32):
+  """--mode=serve: the search service and web page over an index (with an
+  artifact or a run's embedder), and/or over the evaluations of the run in
+  --workdir; returns when the server stops (SIGTERM, Ctrl-C)."""
+  try:
+    # FastAPI and uvicorn are the `serve` extra: imported by this mode only.
+    from vitret_jax import serve as serve_lib  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(f"--mode=serve needs the serve extra ({e.name} is "
+                    f"missing): pip install -e '.[serve]'.") from e
+  embedder = index = None
+  if pretrained or index_dir:
+    embedder, _ = _embedder(config, workdir, pretrained, eval_name)
+    index = search.Index(_index_dir(index_dir, workdir))
+  evals = report.read_browse(workdir) if workdir and os.path.isdir(
+      workdir) else {}
+  if index is None and not evals:
+    raise UserError(f"--mode=serve: nothing to serve: give --index_dir (with "
+                    f"--pretrained or a run's --workdir), or the --workdir of "
+                    f"a run that has evaluated ({workdir!r} holds no "
+                    f"browse_<eval>.npz).")
+  if embedder is not None:
+    logging.info("Compiled %d batch sizes of the forward pass.",
+                 serve_lib.warm_up(embedder, max_batch))
+  app = serve_lib.create_app(embedder, index, workdir if evals else "",
+                             max_batch=max_batch)
+  logging.info("Serving %s on http://%s:%d/",
+               ", ".join(filter(None, [
+                   f"{len(index)} indexed images" if index else "",
+                   f"evaluations {sorted(evals)}" if evals else ""])),
+               host, port)
+  serve_lib.run(app, host, port)
+  return "Server stopped."
+
+
 def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
                grid="", eval_name=""):
   """--mode=search: top-k files of the index for each query image."""

@@ -31,8 +31,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs "
                                "and metrics.")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "export", "index", "search"],
-                          "What to run.")
+                          ["train", "eval", "export", "index", "search",
+                           "serve"], "What to run.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen "
+                            "on.")
+_PORT = flags.DEFINE_integer("port", 8080, "serve: port.")
+_MAX_BATCH = flags.DEFINE_integer(
+    "serve_max_batch", 32, "serve: queries gathered into one forward pass "
+    "(1: one at a time).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", "", "export: artifact folder "
                                   "(default WORKDIR/export).")
 _EXPORT_PLATFORMS = flags.DEFINE_list(
@@ -71,7 +77,8 @@ vitret_jax: train, evaluate, export and search image-retrieval models.
 
 Modes: train (default; resumes DIR), eval (DIR's latest checkpoint; the run's
 saved config unless --config is given), export (DIR as an artifact), index
-(embed a folder into a search index), search (query an index).
+(embed a folder into a search index), search (query an index), serve (a
+search service and web page over an index or a run's evaluation).
 
 Examples:
   python -m vitret_jax.main --config=configs/demo.py --workdir=runs/demo
@@ -117,6 +124,10 @@ def _run_mode(mode, config, workdir):
     return commands.export_run(config, workdir, _EXPORT_DIR.value,
                                _OVERWRITE.value, _EXPORT_EVAL.value,
                                tuple(_EXPORT_PLATFORMS.value))
+  if mode == "serve":
+    return commands.serve(config, workdir, _PRETRAINED.value,
+                          _INDEX_DIR.value, _HOST.value, _PORT.value,
+                          _EXPORT_EVAL.value, _MAX_BATCH.value)
   if mode == "index":
     return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
                           _INDEX_DIR.value, _OVERWRITE.value,

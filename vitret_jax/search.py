@@ -68,26 +68,42 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, source="",
 
 
 class Index:
-  """A saved index: `search(embeddings, k, exclude=None)`."""
+  """A saved index: its image `paths`, descriptors `embeddings` [N, E] and
+  ScaNN searcher; a missing or damaged one is a one-line UserError."""
 
   def __init__(self, index_dir):
     if not os.path.isfile(os.path.join(index_dir, "files.json")):
       raise UserError(f"{index_dir} is not an index: build one with "
                       f"--mode=index --images=FOLDER.")
-    with open(os.path.join(index_dir, "files.json")) as f:
-      files = json.load(f)
-    self.paths = [os.path.join(files["root"], p) for p in files["files"]]
+    try:
+      with open(os.path.join(index_dir, "files.json")) as f:
+        files = json.load(f)
+      self.paths = [os.path.join(files["root"], p) for p in files["files"]]
+      self.embeddings = np.load(os.path.join(index_dir, "embeddings.npy"),
+                                mmap_mode="r")
+      self.searcher = knn.load_scann(os.path.join(index_dir, "scann"))
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+      raise UserError(f"{index_dir}: the index is damaged "
+                      f"({str(e).splitlines()[0][:120]}); build it again "
+                      f"with --mode=index --overwrite.") from e
+    if len(self.embeddings) != len(self.paths):
+      raise UserError(f"{index_dir}: the index is damaged ("
+                      f"{len(self.embeddings)} descriptors for "
+                      f"{len(self.paths)} files); build it again with "
+                      f"--mode=index --overwrite.")
     self._pos = {os.path.abspath(p): i for i, p in enumerate(self.paths)}
-    self.searcher = knn.load_scann(os.path.join(index_dir, "scann"))
 
   def __len__(self):
     return len(self.paths)
 
-  def search(self, queries, query_paths, k):
-    """Top-k [(path, score)] per query, best first; a query file that is
-    itself in the index is left out of its own results. A query gets at
-    most as many results as the index holds other images: never a padded
-    row."""
+  def position(self, path):
+    """The index id of a file, or -1 when it is not indexed."""
+    return self._pos.get(os.path.abspath(path), -1)
+
+  def search_ids(self, queries, k, exclude=()):
+    """Top-k [(id, score)] per query, best first, without the id
+    `exclude[i]` (-1: none) of query i. A query gets at most as many
+    results as the index holds other images: never a padded row."""
     if k < 1:
       raise UserError(f"top_k={k}: ask for at least one result.")
     # One more than asked, in case the query itself is found, but never
@@ -95,12 +111,19 @@ class Index:
     scores, idx = knn.scann_search(self.searcher, queries,
                                    min(k + 1, len(self.paths)))
     out = []
-    for qp, s_row, i_row in zip(query_paths, scores, idx):
-      me = self._pos.get(os.path.abspath(qp), -1)
-      hits = [(self.paths[i], float(s)) for s, i in zip(s_row, i_row)
+    for q, (s_row, i_row) in enumerate(zip(scores, idx)):
+      me = exclude[q] if len(exclude) else -1
+      hits = [(int(i), float(s)) for s, i in zip(s_row, i_row)
               if i != me and 0 <= i < len(self.paths)]
       out.append(hits[:k])
     return out
+
+  def search(self, queries, query_paths, k):
+    """Top-k [(path, score)] per query, best first; a query file that is
+    itself in the index is left out of its own results."""
+    exclude = [self.position(p) for p in query_paths]
+    return [[(self.paths[i], s) for i, s in hits]
+            for hits in self.search_ids(queries, k, exclude)]
 
 
 def query_paths(query):

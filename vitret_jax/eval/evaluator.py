@@ -31,7 +31,13 @@ from vitret_jax.eval import embed
 from vitret_jax.eval import emb_cache
 from vitret_jax.eval import knn as knn_lib
 from vitret_jax.eval import metrics
+from vitret_jax.eval import scoring
 from vitret_jax.eval import whitening as whitening_lib
+
+
+# Neighbours kept per query for browsing, and what their codes mean.
+BROWSE_K = 50
+MARKS = {0: "wrong", 1: "correct", 2: "junk", 3: "hard"}
 
 
 class _Evaluator:
@@ -144,6 +150,25 @@ class _Evaluator:
                                                          exact[:, :kk])
     return idx, extra
 
+  def browse_record(self, k=BROWSE_K):
+    """The last run's neighbour table, for browsing (vitret_jax/serve.py):
+    query and gallery paths, the top-k gallery ids [Q, k] (-1: none),
+    their scores, codes (MARKS) and each query's first correct rank (-1:
+    none in the top k)."""
+    if self.last is None:
+      return None
+    q_paths, g_paths, idx, _ = self.last
+    idx = np.asarray(idx)[:, :k]
+    codes = np.stack([np.where(row >= 0, self.last_codes(i, row), 0)
+                      for i, row in enumerate(idx)]) if len(idx) else idx
+    hit = np.isin(codes, (1, 3))
+    first = np.where(hit.any(1), hit.argmax(1), -1) if len(idx) else idx[:, 0]
+    return {"query_paths": np.asarray(q_paths, dtype=str),
+            "gallery_paths": np.asarray(g_paths, dtype=str),
+            "neighbours": idx.astype(np.int64),
+            "scores": self.last_scores[:, :k].astype(np.float32),
+            "codes": codes.astype(np.int8), "first_hit": first}
+
   def report_rows(self, num_queries=8, k=5):
     """[(query path, [(result path, mark, caption)])] of the last run."""
     if self.last is None:
@@ -187,7 +212,7 @@ class RetrievalEvaluator(_Evaluator):
     if white is not None:
       q, g = white(q), white(g)
     search = lambda *a: self._search(*a, cache=cache)
-    out, idx = score_retrieval(q, q_split.labels, None if self.gallery
+    out, idx = scoring.score_retrieval(q, q_split.labels, None if self.gallery
                                is None else g, g_split.labels, self.ks,
                                self.map_at_r, search=search)
     if self.skip_corrupt:
@@ -196,6 +221,8 @@ class RetrievalEvaluator(_Evaluator):
     q_lab, g_lab = q_split.labels, g_split.labels
     self.last = (q_split.paths, g_split.paths, idx,
                  lambda i, j: bool(q_lab[i] == g_lab[j]))
+    self.last_codes = lambda i, js: np.where(g_lab[js] == q_lab[i], 1, 0)
+    self.last_scores = _top_scores(q, g, idx)
     return out
 
 
@@ -204,60 +231,20 @@ def _serialize(searcher, folder):
   searcher.serialize(folder, relative_path=True)
 
 
+def _top_scores(q, g, idx, k=BROWSE_K):
+  """Inner products of each query with its first k neighbours [Q, k]
+  (NaN for an empty slot)."""
+  idx = np.asarray(idx)[:, :k]
+  safe = np.maximum(idx, 0)
+  s = np.einsum("qe,qke->qk", np.asarray(q, np.float32),
+                np.asarray(g, np.float32)[safe])
+  return np.where(idx >= 0, s, np.nan)
+
+
 def _take(split, keep):
   """The rows of `split` where `keep` (ground truth does not follow, see
   RevisitedEvaluator)."""
   return split if keep.all() else split.take(np.flatnonzero(keep))
-
-
-def drop_unreadable_revisited(gnd, q_ok, db_ok):
-  """Revisited ground truth without the unreadable queries (q_ok False) and
-  with database indices renumbered over the readable database images."""
-  new_index = np.cumsum(db_ok) - 1
-  out = []
-  for g, ok in zip(gnd, q_ok):
-    if ok:
-      out.append(dict(g, **{k: [int(new_index[j]) for j in g[k] if db_ok[j]]
-                            for k in ("easy", "hard", "junk")}))
-  return tuple(out)
-
-
-def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
-                    with_map_at_r=True, search=None):
-  """Recall@K (and MAP@R) of queries against a gallery.
-
-  Args:
-    q_emb: [Q, E] query descriptors; q_lab: [Q] labels.
-    g_emb, g_lab: [G, E] and [G] gallery; None = leave one out (the queries
-      are the gallery and a query never retrieves itself).
-    ks: the K of Recall@K; a K beyond the gallery is left out.
-    with_map_at_r: also MAP@R (needs R neighbours for the largest class).
-    search: fn(query, reference, k, exclude_self) -> (indices, extra
-      metrics); default exact search.
-  Returns:
-    (dict of metrics, neighbour indices [Q, K]).
-  """
-  if search is None:
-    search = lambda q, r, k, ex: (knn_lib.exact_knn(q, r, k, ex)[1], {})
-  loo = g_emb is None
-  if loo:
-    g_emb, g_lab = q_emb, q_lab
-  q_lab, g_lab = np.asarray(q_lab), np.asarray(g_lab)
-  # Relevant references per query: same-class gallery items (minus itself).
-  classes, counts = np.unique(g_lab, return_counts=True)
-  per_class = dict(zip(classes.tolist(), counts.tolist()))
-  num_rel = np.asarray([per_class.get(int(y), 0) - int(loo) for y in q_lab])
-  k = max(ks)
-  if with_map_at_r:
-    k = max(k, int(num_rel.max(initial=1)))
-  idx, extra = search(q_emb, g_emb, k, loo)
-  knn_labels = np.where(idx >= 0, g_lab[np.maximum(idx, 0)], -1)
-  out = metrics.recall_at_k(q_lab, knn_labels,
-                            [x for x in ks if x <= knn_labels.shape[1]])
-  if with_map_at_r:
-    out["map@r"] = metrics.map_at_r(q_lab, knn_labels, num_rel)
-  out.update(extra)
-  return out, idx
 
 
 class RevisitedEvaluator(_Evaluator):
@@ -296,7 +283,7 @@ class RevisitedEvaluator(_Evaluator):
     gnd = self.query.gnd
     q_paths, db_paths = self.query.paths, self.database.paths
     if not (q_ok.all() and db_ok.all()):
-      gnd = drop_unreadable_revisited(gnd, q_ok, db_ok)
+      gnd = scoring.drop_unreadable_revisited(gnd, q_ok, db_ok)
       q_paths = _take(self.query, q_ok).paths
       db_paths = _take(self.database, db_ok).paths
       q, db = q[q_ok], db[db_ok]
@@ -315,7 +302,13 @@ class RevisitedEvaluator(_Evaluator):
       if j in set(gnd[i]["easy"]) | set(gnd[i]["hard"]):
         return True
       return "junk" if j in set(gnd[i]["junk"]) else False
+
+    def codes(i, js):
+      return np.select([np.isin(js, gnd[i]["easy"]),
+                        np.isin(js, gnd[i]["hard"]),
+                        np.isin(js, gnd[i]["junk"])], [1, 3, 2], 0)
     self.last = (q_paths, db_paths, idx, mark)
+    self.last_codes, self.last_scores = codes, _top_scores(q, db, idx)
     return out
 
 

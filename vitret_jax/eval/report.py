@@ -1,4 +1,8 @@
-"""Visual reports: a PNG grid of queries and their top-k results."""
+"""Visual reports: a PNG grid of queries and their top-k results, and the
+neighbour table of an evaluation for browsing (`--mode=serve --workdir`)."""
+import json
+import os
+
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
@@ -44,3 +48,34 @@ def write_grid(path, rows, thumb=96, border=4):
       draw.text((x + border, y + cell), str(caption)[:16], fill=(0, 0, 0))
   grid.save(path)
   return np.asarray(grid).shape
+
+
+def browse_path(workdir, name):
+  return os.path.join(workdir, f"browse_{name}.npz")
+
+
+def write_browse(workdir, name, record, metrics, step):
+  """Saves an evaluation's neighbour table (Evaluator.browse_record) with
+  its metrics and step as browse_<name>.npz, atomically, for
+  `--mode=serve --workdir` to show."""
+  if record is None:
+    return
+  path = browse_path(workdir, name)
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez(tmp, metrics=json.dumps(metrics), step=np.int64(step or 0),
+           **record)
+  os.replace(tmp, path)
+
+
+def read_browse(workdir):
+  """{evaluator name: record dict with "metrics" (a dict) and "step"} of the
+  browse files in `workdir`."""
+  out = {}
+  for f in sorted(os.listdir(workdir)):
+    if f.startswith("browse_") and f.endswith(".npz"):
+      with np.load(os.path.join(workdir, f)) as z:
+        rec = {k: z[k] for k in z.files}
+      rec["metrics"] = json.loads(str(rec["metrics"]))
+      rec["step"] = int(rec["step"])
+      out[f[len("browse_"):-len(".npz")]] = rec
+  return out

@@ -1,0 +1,268 @@
+"""The search service: its API through FastAPI's test client, batching of
+concurrent queries, an evaluation browsed, bad input, a damaged index,
+SIGTERM, and the web page driven in a real headless Chromium."""
+import asyncio
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from conftest import small_config
+from conftest import subprocess_env
+from vitret_jax import commands
+from vitret_jax import export
+from vitret_jax import search
+from vitret_jax import train
+from vitret_jax.data import datasets
+from vitret_jax.data import grocery
+from vitret_jax.errors import UserError
+
+fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
+from fastapi import testclient  # noqa: E402  (after the skip)
+from vitret_jax import serve  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  """A trained runlocal demo run, its artifact and an index of 12 photos of
+  3 classes."""
+  root = tmp_path_factory.mktemp("serve")
+  workdir = str(root / "run")
+  train.train_and_evaluate(small_config(2, eval_untrained=False), workdir)
+  art = str(root / "artifact")
+  commands.export_run(None, workdir, art, platforms=("cpu",))
+  split = grocery.load_grocery(datasets.EMBEDDED_GROCERY)["test"]
+  photos = root / "photos"
+  photos.mkdir()
+  for y in np.unique(split.labels)[:3]:
+    for i in np.flatnonzero(split.labels == y)[:4]:
+      shutil.copy(split.paths[i], photos / f"{y}_{i}.jpg")
+  commands.index(None, "", art, str(photos), str(root / "index"))
+  embedder = export.load_pretrained(art)
+  index = search.Index(str(root / "index"))
+  return workdir, art, str(root / "index"), embedder, index
+
+
+def client(embedder, index, workdir="", **kw):
+  return testclient.TestClient(serve.create_app(embedder, index, workdir,
+                                                **kw))
+
+
+def upload(c, path, k=5, data=None):
+  with open(path, "rb") as f:
+    content = f.read() if data is None else data
+  return c.post("/search", files={"image": ("q.jpg", content)},
+                data={"k": str(k)})
+
+
+def test_search_by_upload_and_by_id(served):
+  _, _, _, embedder, index = served
+  c = client(embedder, index)
+  assert c.get("/healthz").json()["images"] == 12
+  r = upload(c, index.paths[5], k=3)
+  assert r.status_code == 200, r.text
+  body = r.json()
+  assert [h["rank"] for h in body["results"]] == [1, 2, 3]
+  top = body["results"][0]
+  assert top["id"] == 5 and top["score"] > 0.999 and top["url"] == "/images/5"
+  r = c.post("/search", data={"id": "5", "k": "11"}).json()
+  assert len(r["results"]) == 11 and 5 not in [h["id"] for h in r["results"]]
+  scores = [h["score"] for h in r["results"]]
+  assert scores == sorted(scores, reverse=True)
+  img = c.get("/images/5")
+  assert img.status_code == 200 and img.content == open(index.paths[5],
+                                                        "rb").read()
+  assert "<title>vitret_jax search</title>" in c.get("/").text
+
+
+def test_bad_input_is_a_4xx_with_a_message(served, monkeypatch):
+  _, _, _, embedder, index = served
+  c = client(embedder, index)
+  cases = [
+      upload(c, index.paths[0], data=b"this is not an image"),
+      upload(c, index.paths[0], k=0),
+      upload(c, index.paths[0], k=13),
+      upload(c, index.paths[0], k="many"),
+      c.post("/search", data={"id": "12", "k": "3"}),
+      c.post("/search", data={"id": "x"}),
+      c.post("/search", data={"id": "1", "k": "12"}),  # 11 others
+      c.post("/search", data={"k": "3"}),
+      c.get("/images/12"), c.get("/images/..%2F..%2Fetc%2Fpasswd"),
+      c.get("/images/-1"),
+  ]
+  for r in cases:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert r.json()["error"], r.text
+  assert [r.status_code for r in cases[-3:]] == [404, 404, 404]
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+  r = upload(c, index.paths[0])
+  assert r.status_code == 400 and "decompression-bomb" in r.json()["error"]
+  monkeypatch.undo()
+  assert upload(c, index.paths[0]).status_code == 200  # still serving
+
+
+def test_concurrent_queries_share_forward_passes(served):
+  """16 uploads at once: fewer forward passes than queries, every answer
+  the one a query alone gets."""
+  import httpx  # pylint: disable=g-import-not-at-top
+  _, _, _, embedder, index = served
+  app = serve.create_app(embedder, index, max_batch=8, max_wait_ms=50)
+  alone = client(embedder, index)
+  files = [open(p, "rb").read() for p in index.paths[:8]] * 2
+
+  async def run():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport,
+                                 base_url="http://t") as ac:
+      return await asyncio.gather(*[
+          ac.post("/search", files={"image": ("q.jpg", f)}, data={"k": "3"})
+          for f in files])
+
+  answers = asyncio.run(run())
+  assert all(r.status_code == 200 for r in answers)
+  assert app.state.batcher.images == 16 and app.state.batcher.passes <= 4
+  for f, r in zip(files, answers):
+    want = alone.post("/search", files={"image": ("q.jpg", f)},
+                      data={"k": "3"}).json()["results"]
+    got = r.json()["results"]
+    assert [h["id"] for h in got] == [h["id"] for h in want]
+    np.testing.assert_allclose([h["score"] for h in got],
+                               [h["score"] for h in want], atol=1e-5)
+
+
+def test_browse_an_evaluation(served):
+  workdir, _, _, _, _ = served
+  c = client(None, None, workdir)
+  body = c.get("/evaluation").json()
+  with open(os.path.join(workdir, "eval.json")) as f:
+    final = json.load(f)
+  assert body["name"] == "test" and body["step"] == final["step"]
+  assert body["metrics"]["recall@1"] == final["recall@1"]
+  firsts = [q["first_hit"] for q in body["queries"]]
+  keyed = [f if f is not None else 10 ** 6 for f in firsts]
+  assert keyed == sorted(keyed, reverse=True)  # latest first match first
+  misses = c.get("/evaluation", params={"misses": True}).json()
+  assert all(q["first_hit"] != 1 for q in misses["queries"])
+  assert misses["count"] == round(body["count"] * (1 - final["recall@1"]))
+  q = c.get("/evaluation/test/0").json()
+  assert q["neighbours"] and {n["mark"] for n in q["neighbours"]} <= {
+      "correct", "wrong"}
+  assert c.get(q["url"]).status_code == 200
+  assert c.get(q["neighbours"][0]["url"]).status_code == 200
+  assert c.get("/evaluation/test/99999").status_code == 404
+  assert c.get("/evaluation", params={"name": "nope"}).status_code == 404
+  assert c.post("/search", data={"id": "0"}).status_code == 404
+
+
+def test_missing_or_damaged_index_is_one_line(served, tmp_path):
+  _, art, index_dir, _, _ = served
+  with pytest.raises(UserError, match="is not an index"):
+    commands.serve(None, "", art, str(tmp_path / "none"))
+  damaged = tmp_path / "damaged"
+  shutil.copytree(index_dir, damaged)
+  (damaged / "files.json").write_text("{not json")
+  with pytest.raises(UserError, match="the index is damaged") as e:
+    search.Index(str(damaged))
+  assert "\n" not in str(e.value)
+  with pytest.raises(UserError, match="nothing to serve"):
+    commands.serve(None, str(tmp_path), "", "")
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _wait_for(url, proc, timeout=120):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if proc.poll() is not None:
+      raise AssertionError(proc.stderr.read()[-3000:])
+    try:
+      with urllib.request.urlopen(url, timeout=2) as r:
+        return json.load(r)
+    except OSError:
+      time.sleep(0.3)
+  raise AssertionError(f"{url} did not answer in {timeout} s")
+
+
+def _browser():
+  """Headless Chromium through chromedriver and selenium, or a skip that
+  says how to install them."""
+  webdriver = pytest.importorskip(
+      "selenium.webdriver", reason="pip install -e '.[test]' (selenium)")
+  chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+  driver = shutil.which("chromedriver")
+  if not (chromium and driver):
+    pytest.skip("needs Debian's chromium and chromium-driver: apt-get "
+                "install chromium chromium-driver (.ci/run installs them)")
+  from selenium.webdriver.chrome import service  # pylint: disable=g-import-not-at-top
+  opts = webdriver.ChromeOptions()
+  opts.binary_location = chromium
+  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
+              "--disable-dev-shm-usage", "--window-size=1100,900"):
+    opts.add_argument(arg)
+  return webdriver.Chrome(service=service.Service(driver), options=opts)
+
+
+@pytest.mark.slow(20)
+def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
+  """`--mode=serve` in its own process on 127.0.0.1: Chromium uploads a
+  photo through the page and the grid's first result is that photo; a
+  click on a result searches with it; SIGTERM then stops the server
+  cleanly (exit 0). The screenshot goes to $VITRET_SCREENSHOT if set
+  (docs/serve.png is made this way)."""
+  _, art, index_dir, _, index = served
+  port = _free_port()
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "vitret_jax.main", "--mode=serve",
+       f"--pretrained={art}", f"--index_dir={index_dir}", f"--port={port}"],
+      cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  try:
+    assert _wait_for(f"http://127.0.0.1:{port}/healthz", proc)["images"] == 12
+    browser = _browser()
+    try:
+      from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+      from selenium.webdriver.support import expected_conditions as ec  # pylint: disable=g-import-not-at-top
+      from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+      browser.get(f"http://127.0.0.1:{port}/")
+      query = index.paths[7]
+      browser.find_element(By.ID, "file").send_keys(query)
+      wait = WebDriverWait(browser, 60)
+      wait.until(ec.presence_of_element_located(
+          (By.CSS_SELECTOR, "#results .card")))
+      cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+      assert len(cards) == 10
+      assert cards[0].get_attribute("title") == query
+      assert cards[0].get_attribute("data-id") == "7"
+      shot = os.environ.get("VITRET_SCREENSHOT") or str(tmp_path / "p.png")
+      browser.save_screenshot(shot)
+      assert Image.open(shot).size[0] > 500
+      second = cards[1].get_attribute("title")
+      cards[1].click()  # search with a result: it becomes the query
+      wait.until(lambda b: b.find_element(By.ID, "query").text.endswith(
+          os.path.basename(second)))
+      wait.until(lambda b: second not in [
+          c.get_attribute("title")
+          for c in b.find_elements(By.CSS_SELECTOR, "#results .card")])
+    finally:
+      browser.quit()
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Server stopped." in out
+  assert "Traceback" not in err

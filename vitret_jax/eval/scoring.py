@@ -1,0 +1,57 @@
+"""Scores of descriptors: Recall@K and MAP@R of queries against a gallery
+(the k-NN search, then the metrics of eval/metrics.py), and the Revisited
+ground truth without unreadable images."""
+import numpy as np
+
+from vitret_jax.eval import knn as knn_lib
+from vitret_jax.eval import metrics
+
+
+def drop_unreadable_revisited(gnd, q_ok, db_ok):
+  """Revisited ground truth without the unreadable queries (q_ok False) and
+  with database indices renumbered over the readable database images."""
+  new_index = np.cumsum(db_ok) - 1
+  out = []
+  for g, ok in zip(gnd, q_ok):
+    if ok:
+      out.append(dict(g, **{k: [int(new_index[j]) for j in g[k] if db_ok[j]]
+                            for k in ("easy", "hard", "junk")}))
+  return tuple(out)
+
+
+def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
+                    with_map_at_r=True, search=None):
+  """Recall@K (and MAP@R) of queries against a gallery.
+
+  Args:
+    q_emb: [Q, E] query descriptors; q_lab: [Q] labels.
+    g_emb, g_lab: [G, E] and [G] gallery; None = leave one out (the queries
+      are the gallery and a query never retrieves itself).
+    ks: the K of Recall@K; a K beyond the gallery is left out.
+    with_map_at_r: also MAP@R (needs R neighbours for the largest class).
+    search: fn(query, reference, k, exclude_self) -> (indices, extra
+      metrics); default exact search.
+  Returns:
+    (dict of metrics, neighbour indices [Q, K]).
+  """
+  if search is None:
+    search = lambda q, r, k, ex: (knn_lib.exact_knn(q, r, k, ex)[1], {})
+  loo = g_emb is None
+  if loo:
+    g_emb, g_lab = q_emb, q_lab
+  q_lab, g_lab = np.asarray(q_lab), np.asarray(g_lab)
+  # Relevant references per query: same-class gallery items (minus itself).
+  classes, counts = np.unique(g_lab, return_counts=True)
+  per_class = dict(zip(classes.tolist(), counts.tolist()))
+  num_rel = np.asarray([per_class.get(int(y), 0) - int(loo) for y in q_lab])
+  k = max(ks)
+  if with_map_at_r:
+    k = max(k, int(num_rel.max(initial=1)))
+  idx, extra = search(q_emb, g_emb, k, loo)
+  knn_labels = np.where(idx >= 0, g_lab[np.maximum(idx, 0)], -1)
+  out = metrics.recall_at_k(q_lab, knn_labels,
+                            [x for x in ks if x <= knn_labels.shape[1]])
+  if with_map_at_r:
+    out["map@r"] = metrics.map_at_r(q_lab, knn_labels, num_rel)
+  out.update(extra)
+  return out, idx
