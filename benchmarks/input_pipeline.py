@@ -13,8 +13,9 @@ the same run; then how many host cores one H100 needs per recipe.
 photos, mostly 348x348). --synthetic: camera-size JPEGs of the real sets'
 typical sizes (500x375 as CUB, 1024x768 as landmark photos; quality 90),
 written to a temporary folder. Rows per spec:
-- the IRT training spec on the images, and on a prepared copy at a shorter
-  side of 256 (`input.tfds_resize=256`; the reference stays the raw loop);
+- the IRT training spec on the images, and on prepared copies at a shorter
+  side of 256 (`input.tfds_resize=256`) and at 256x256
+  (`input.tfds_square=True`); the reference stays the loop on the raw images;
 - the landmark evaluation spec (whole image, longer side 1024).
 """
 import argparse
@@ -41,7 +42,7 @@ LANDMARK_EVAL = "decode|resize_max(1024)|normalize"
 H100_RATE = {"IRT S/16 @ 224 (SOP, CUB, In-Shop)": (10_385, IRT_TRAIN)}
 
 
-def synthetic(folder_path, sizes=((500, 375), (1024, 768)), per_size=24):
+def synthetic(folder_path, sizes=((500, 375), (1024, 768)), per_size=64):
   """Camera-like JPEGs (smooth shading, edges, sensor noise), quality 90."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
@@ -61,13 +62,15 @@ def synthetic(folder_path, sizes=((500, 375), (1024, 768)), per_size=24):
   return paths
 
 
-def shrunk_copy(paths, out_dir, short_side=256):
-  """What input.tfds_resize=256 stores: each image's bytes at that side."""
+def shrunk_copy(paths, out_dir, short_side=256, square=False):
+  """What input.tfds_resize=256 (and tfds_square) stores: each image's
+  bytes at that side (square)."""
+  os.makedirs(out_dir)
   out = []
   for i, p in enumerate(paths):
     q = os.path.join(out_dir, f"{i:05d}.jpg")
     with open(q, "wb") as f:
-      f.write(tfds_builders.shrunk_jpeg(p, short_side))
+      f.write(tfds_builders.shrunk_jpeg(p, short_side, square))
     out.append(q)
   return out
 
@@ -124,8 +127,8 @@ def main():
     large = paths
   if not paths:
     raise SystemExit(f"no images under {args.data}")
-  os.makedirs(os.path.join(tmp.name, "s256"))
   prepared = shrunk_copy(paths, os.path.join(tmp.name, "s256"))
+  square = shrunk_copy(paths, os.path.join(tmp.name, "sq256"), square=True)
   n = args.batches * args.batch_size
   print(f"# input pipeline: {what}; {args.batches} batches of "
         f"{args.batch_size}; {_devices.describe_cpu()}")
@@ -134,6 +137,7 @@ def main():
   one_thread = {}
   for spec, name, raw, imgs in ((IRT_TRAIN, "raw", paths, paths),
                                 (IRT_TRAIN, "prepared s256", paths, prepared),
+                                (IRT_TRAIN, "prepared 256x256", paths, square),
                                 (LANDMARK_EVAL, "raw", large, large)):
     ref = plain_loop(raw, spec, n)
     label = spec.split("|", 1)[1]
@@ -157,12 +161,13 @@ def main():
   print("\nHost cores one H100 needs (projected train img/s at 30% MFU over "
         "the one-thread rate after):")
   print("| recipe | H100 img/s (projected) | raw: cores | prepared s256: "
-        "cores |")
-  print("|---|---|---|---|")
+        "cores | prepared 256x256: cores |")
+  print("|---|---|---|---|---|")
   for recipe, (h100, spec) in H100_RATE.items():
-    raw = one_thread[(spec, "raw", "fast")][0]
-    prep = one_thread[(spec, "prepared s256", "fast")][0]
-    print(f"| {recipe} | {h100:,} | {h100 / raw:.0f} | {h100 / prep:.0f} |")
+    cores = [h100 / one_thread[(spec, name, "fast")][0]
+             for name in ("raw", "prepared s256", "prepared 256x256")]
+    print(f"| {recipe} | {h100:,} | " + " | ".join(f"{c:.0f}" for c in cores)
+          + " |")
   tmp.cleanup()
 
 

@@ -47,7 +47,8 @@ def test_export_roundtrip_in_fresh_process(trained, tmp_path):
   # Reference: the training code's embedding of 7 test images.
   split = datasets.load_dataset("grocery", datasets.EMBEDDED_GROCERY,
                                 **config.input.options)["test"]
-  pp = preprocess.build_pp(config.evals.test.pp)
+  pp = preprocess.build_pp(config.evals.test.pp,
+                          fast=config.input.host_pp == "fast")
   images = np.stack([pp(p, None) for p in split.paths[:7]])
   np.save(tmp_path / "images.npy", images)
   want = experiment.RunEmbedder(config, workdir)(images)

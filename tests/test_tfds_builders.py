@@ -107,3 +107,34 @@ def test_prepared_copy_at_training_size(tmp_path):
     c.input.pp_train = "decode|random_crop(32)|normalize"
   with pytest.raises(UserError, match="needs the original images"):
     experiment.check_prepared_size(c)
+
+
+def test_square_prepared_copy(tmp_path):
+  """input.tfds_square: the recipe's resize(S) done once at preparation
+  (S x S records, recorded as such); the fast path then only crops, giving
+  the exact path's pixels from those records; a spec starting otherwise is
+  a one-line error."""
+  from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import decode  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from vitret_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  c = load_config("demo", "runlocal=True")  # resize(36) | random_crop(32)
+  with c.unlocked():
+    c.input.tfds_dir, c.input.tfds_resize = str(tmp_path / "tfds"), 36
+    c.input.tfds_square = True
+  experiment.check_prepared_size(c)
+  src = experiment.load_splits(c)["train"].source
+  data = bytes(src[3]["image"])
+  assert decode.size(data) == (36, 36)
+  for fast in (False, True):
+    pp = preprocess.build_pp(c.input.pp_train, fast=fast)
+    out = pp(data, np.random.default_rng(0))
+    assert out.shape == (32, 32, 3)
+  np.testing.assert_array_equal(
+      preprocess.build_pp(c.input.pp_train)(data, np.random.default_rng(0)),
+      preprocess.build_pp(c.input.pp_train, fast=True)(
+          data, np.random.default_rng(0)))
+  with c.unlocked():
+    c.evals.test.pp = "decode|resize_small(36)|center_crop(32)|normalize"
+  with pytest.raises(UserError, match="does not start with a resize"):
+    experiment.check_prepared_size(c)

@@ -61,8 +61,9 @@ def parse_arg(arg, **defaults):
 def input_config():
   """The input section: data, batches, sampler, pipeline."""
   # tfds_resize: the prepared copy's images have at most this shorter side
-  # (e.g. 256 for the IRT recipe; 0: the files as they are); a pp spec that
-  # needs more pixels is an error at start.
+  # (0: the files as they are); with tfds_square, they are stored at that
+  # square size, the IRT recipe's resize(256) done once (aspect not kept).
+  # A pp spec that needs more pixels, or other shapes, is an error at start.
   # tfds_dir: prepare the data set once as TFDS array_record files there and
   # read those (recommended on accelerator hosts); "" reads the folder.
   # num_workers: grain worker processes (0: num_threads threads in-process;
@@ -71,7 +72,7 @@ def input_config():
   # images out (metric "skipped_images"), counting them; False = an error
   # naming the file.
   return mlc.ConfigDict(dict(
-      dataset="", data_dir="", tfds_dir="", tfds_resize=0,
+      dataset="", data_dir="", tfds_dir="", tfds_resize=0, tfds_square=False,
       options=mlc.ConfigDict(),
       train_split="train",
       batch_size=64, sampler="random", m_per_class=2,

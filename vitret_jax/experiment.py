@@ -103,6 +103,14 @@ def check_prepared_size(config):
       (f"evals.{n}.pp", ev.pp) for n, ev in config.evals.items()
       if "dataset" not in ev]  # those read the training data's copy
   for where, spec in specs:
+    first = preprocess.PPSpec(spec).ops[:1]
+    if cfg.tfds_square and (not first or first[0][0] != "resize"
+                            or first[0][1][0] > cfg.tfds_resize):
+      raise UserError(
+          f"input.tfds_square=True stores {cfg.tfds_resize}x"
+          f"{cfg.tfds_resize} images (the recipe's square resize), but "
+          f"{where}={spec!r} does not start with a resize(S) of S <= "
+          f"{cfg.tfds_resize}: prepare the copy with input.tfds_square=False.")
     need = preprocess.needed_short_side(spec, config.model.image_size)
     if need is None or need > cfg.tfds_resize:
       raise UserError(
@@ -308,7 +316,7 @@ def load_splits(config):
     # prepared copy pay for it.
     from vitret_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
     return tfds_builders.load_splits(cfg.dataset, cfg.data_dir, cfg.tfds_dir,
-                                     cfg.tfds_resize,
+                                     cfg.tfds_resize, cfg.tfds_square,
                                      **cfg.options)
   return datasets.load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
 

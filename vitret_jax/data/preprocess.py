@@ -349,8 +349,10 @@ def _resize_window(img, target_hw, top_left, c):
   pixels as resizing the whole image and cropping)."""
   th, tw = target_hw
   h, w = img.shape[:2]
-  sy, sx = h / th, w / tw
   top, left = top_left
+  if (h, w) == (th, tw):  # already at the size (a square prepared copy)
+    return img[top:top + c, left:left + c]
+  sy, sx = h / th, w / tw
   box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
   return np.asarray(Image.fromarray(img).resize((c, c), Image.BICUBIC,
                                                 box=box))

@@ -34,11 +34,12 @@ _INSTRUCTIONS = "\n\n".join(
 class RetrievalConfig(tfds.core.BuilderConfig):
   """A data set, and options for its reader (e.g. check_counts=False)."""
 
-  def __init__(self, *, name, dataset="", options=None, resize=0, **kwargs):
+  def __init__(self, *, name, dataset="", options=None, resize=0,
+               square=False, **kwargs):
     super().__init__(name=name, **kwargs)
     self.options = dict(options or {})
     self.dataset = dataset or name
-    self.resize = int(resize)
+    self.resize, self.square = int(resize), bool(square)
 
 
 class Retrieval(tfds.core.GeneratorBasedBuilder):
@@ -65,7 +66,8 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
         supervised_keys=("image", "label"),
         # The copy's image size: 0 = the original files, else their shorter
         # side was brought down to this (never up) and re-encoded.
-        metadata=tfds.core.MetadataDict(short_side=self.builder_config.resize),
+        metadata=tfds.core.MetadataDict(short_side=self.builder_config.resize,
+                                        square=self.builder_config.square),
         # Records keep the reader's order, so record i is row i of the
         # reader's split and labels come from the reader without decoding
         # any image.
@@ -92,7 +94,8 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
              else np.zeros(4, np.float32))
       image = path
       if self.builder_config.resize:
-        image = shrunk_jpeg(path, self.builder_config.resize)
+        image = shrunk_jpeg(path, self.builder_config.resize,
+                            self.builder_config.square)
       yield i, {"image": image, "label": int(split.labels[i]),
                 "file": os.path.relpath(path, root),
                 "box": np.asarray(box, np.float32),
@@ -101,10 +104,12 @@ class Retrieval(tfds.core.GeneratorBasedBuilder):
                 "junk": list(gnd.get("junk", []))}
 
 
-def shrunk_jpeg(path, short_side, quality=95):
+def shrunk_jpeg(path, short_side, square=False, quality=95):
   """The image at `path` with its shorter side brought down to
-  `short_side` (bicubic), re-encoded as JPEG; the file's own bytes when it
-  is no larger (a copy never upsamples)."""
+  `short_side` (bicubic), or with `square` resized to short_side x
+  short_side (the IRT recipe's resize(S), aspect not kept), re-encoded as
+  JPEG; the file's own bytes when it is no larger (a copy never
+  upsamples)."""
   with open(path, "rb") as f:
     data = f.read()
   try:
@@ -113,9 +118,9 @@ def shrunk_jpeg(path, short_side, quality=95):
       if min(w, h) <= short_side:
         return data
       s = short_side / min(w, h)
-      small = Image.fromarray(decode.to_rgb8(im)).resize(
-          (max(short_side, round(w * s)), max(short_side, round(h * s))),
-          Image.BICUBIC)
+      size = ((short_side, short_side) if square else
+              (max(short_side, round(w * s)), max(short_side, round(h * s))))
+      small = Image.fromarray(decode.to_rgb8(im)).resize(size, Image.BICUBIC)
   except (OSError, ValueError, SyntaxError) as e:
     raise DataError(f"Cannot read image {path}: {e}.") from e
   out = io.BytesIO()
@@ -123,15 +128,16 @@ def shrunk_jpeg(path, short_side, quality=95):
   return out.getvalue()
 
 
-def prepare(name, manual_dir, data_dir, key="", resize=0, **options):
+def prepare(name, manual_dir, data_dir, key="", resize=0, square=False,
+            **options):
   """Builds (once) and returns the builder of data set `name`.
 
   `key` (a fingerprint of the reader's splits, see load_splits) names the
   prepared copy, so that another folder, other reader options or an edited
-  list file prepare a new copy instead of reading a stale one. `resize`:
-  the copy's images have at most this shorter side (shrunk_jpeg; 0 = the
-  files as they are); it is part of the copy's name and recorded in its
-  metadata."""
+  list file prepare a new copy instead of reading a stale one. `resize`
+  and `square`: the copy's images have at most this shorter side, or are
+  this square (shrunk_jpeg; resize 0 = the files as they are); both are
+  part of the copy's name and recorded in its metadata."""
   if name not in datasets.DATASETS:
     raise UserError(f"TFDS builder {name!r}: valid names are "
                     f"{sorted(datasets.DATASETS)}.")
@@ -139,10 +145,10 @@ def prepare(name, manual_dir, data_dir, key="", resize=0, **options):
     raise DataError(f"{manual_dir!r} does not exist or is empty.\n"
                     f"{readers.INSTRUCTIONS[name]}")
   config_name = (f"{name}_{key}" if key else name) + (
-      f"_s{int(resize)}" if resize else "")
+      f"_{'sq' if square else 's'}{int(resize)}" if resize else "")
   config = RetrievalConfig(name=config_name, dataset=name,
                            version=Retrieval.VERSION, options=options,
-                           resize=resize)
+                           resize=resize, square=square and bool(resize))
   builder = Retrieval(config=config, data_dir=data_dir,
                       file_format="array_record")
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -150,7 +156,8 @@ def prepare(name, manual_dir, data_dir, key="", resize=0, **options):
   return builder
 
 
-def load_splits(name, manual_dir, data_dir, resize=0, **options):
+def load_splits(name, manual_dir, data_dir, resize=0, square=False,
+                **options):
   """The reader's splits with `source` set to the prepared TFDS data source:
   the input pipeline then reads encoded images from array_record files
   instead of the original folder."""
@@ -161,12 +168,13 @@ def load_splits(name, manual_dir, data_dir, resize=0, **options):
   # files (its fast path DCT-scales JPEGs), so a prepared copy trains on the
   # same pixels as the folder.
   builder = prepare(name, manual_dir, data_dir, key=key.hexdigest()[:12],
-                    resize=resize, **options)
-  recorded = int(builder.info.metadata.get("short_side", 0))
-  if recorded != int(resize):
+                    resize=resize, square=square, **options)
+  meta = builder.info.metadata
+  recorded = (int(meta.get("short_side", 0)), bool(meta.get("square")))
+  if recorded != (int(resize), bool(square and resize)):
     raise DataError(f"The TFDS copy of {name} in {data_dir} records images "
-                    f"of shorter side {recorded}, not {resize}: delete it to "
-                    f"prepare it again.")
+                    f"of size {recorded} (side, square), not "
+                    f"{(resize, square)}: delete it to prepare it again.")
   sources = builder.as_data_source(
       decoders={"image": tfds.decode.SkipDecoding()})
   for k, v in splits.items():
