@@ -140,7 +140,8 @@ def main():
                                 (IRT_TRAIN, "prepared 256x256", paths, square),
                                 (LANDMARK_EVAL, "raw", large, large)):
     ref = plain_loop(raw, spec, n)
-    label = spec.split("|", 1)[1]
+    # Table cells cannot hold "|": the spec's ops are shown with "/".
+    label = spec.split("|", 1)[1].replace("|", " / ")
     print(f"| {label} | raw | plain PIL loop (reference) | 1 process | "
           f"{ref:.0f} | 1.00x |")
     for host_pp, title in (("exact", "before (host_pp=exact)"),

@@ -70,7 +70,11 @@ def read_jsonl(path):
 
 
 @pytest.mark.slow(12)  # seconds, cold, 2 cores
-def test_train_evaluate_and_resume(tmp_path):
+def test_train_evaluate_and_resume(tmp_path, caplog):
+  """Train, evaluate, resume in the same workdir; the resumed run profiles
+  steps 2-3 (--config.profile.start_step=2 --config.profile.num_steps=2):
+  a trace TensorBoard and Perfetto read, each log row's input-wait and
+  compute seconds, the compiled step's FLOPs and memory logged once."""
   workdir = str(tmp_path / "run")
   out = train.train_and_evaluate(small_config(2), workdir)
   assert out["step"] == 2
@@ -82,11 +86,22 @@ def test_train_evaluate_and_resume(tmp_path):
           if "loss" in r] == [1, 2]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   # A second run in the same workdir resumes at step 2, not from scratch.
-  out = train.train_and_evaluate(small_config(4), workdir)
+  c = small_config(4)
+  with c.unlocked():
+    c.profile.start_step, c.profile.num_steps = 2, 2
+  with caplog.at_level(logging.INFO):
+    out = train.train_and_evaluate(c, workdir)
   assert out["step"] == 4
-  steps = [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-           if "loss" in r]
-  assert steps == [1, 2, 3, 4]
+  rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if "loss" in r]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert all(r["time/wait_s"] >= 0 and r["time/compute_s"] > 0 for r in rows)
+  traces = [os.path.join(r, f) for r, _, fs in os.walk(
+      os.path.join(workdir, "tensorboard", "plugins", "profile")) for f in fs]
+  assert any(t.endswith(".xplane.pb") for t in traces), traces
+  assert any(t.endswith(".trace.json.gz") for t in traces), traces
+  assert caplog.text.count("GFLOP per device per step") == 1
+  assert "Profiling steps 2..3" in caplog.text
   assert "untrained" in out  # kept from the first run
   again = train.evaluate_only(small_config(4), workdir)
   assert again["recall@1"] == pytest.approx(out["recall@1"])
@@ -412,30 +427,6 @@ def test_init_from_says_what_it_did(tmp_path, caplog):
   assert "grid to 8x8" in text and "from the weights' 4x4" in text
   assert re.search(r"loaded \d+ tensors .*of which 1 resampled "
                    r"\(encoder/pos_embedding\); 0 left freshly", text), text
-
-
-def test_profile_steps_and_step_times(tmp_path, caplog):
-  """--config.profile.start_step=2 --config.profile.num_steps=2 on the
-  runlocal demo leaves a trace TensorBoard and Perfetto read; each log row
-  has the step's input wait and compute seconds; the compiled step's FLOPs
-  and memory are logged once."""
-  c = small_config(steps=4)
-  with c.unlocked():
-    c.eval_untrained = False
-    c.profile.start_step, c.profile.num_steps = 2, 2
-  workdir = str(tmp_path / "run")
-  with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(c, workdir)
-  traces = [os.path.join(r, f) for r, _, fs in os.walk(
-      os.path.join(workdir, "tensorboard", "plugins", "profile")) for f in fs]
-  assert any(t.endswith(".xplane.pb") for t in traces), traces
-  assert any(t.endswith(".trace.json.gz") for t in traces), traces
-  rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if "loss" in r]
-  assert len(rows) == 4
-  assert all(r["time/wait_s"] >= 0 and r["time/compute_s"] > 0 for r in rows)
-  assert caplog.text.count("GFLOP per device per step") == 1
-  assert "Profiling steps 2..3" in caplog.text
 
 
 def _event_tags(folder):

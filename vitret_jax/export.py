@@ -34,8 +34,10 @@ from vitret_jax import integrity
 from vitret_jax import params_tree
 from vitret_jax.errors import UserError
 
-# 2: symbolic height and width, scales, stride and whitening (version 1
-# artifacts, fixed square size and one scale, still load).
+# 2: symbolic height and width, scales, stride and whitening. Version 1
+# artifacts (fixed square size, one scale) still load: an artifact is a
+# file users keep and hand to others, unlike a run's own state, so its
+# format is versioned and read back.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 PLATFORMS = ("cpu", "cuda", "tpu")

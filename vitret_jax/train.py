@@ -155,7 +155,7 @@ class _Trainer:
     sampler, latest = self.loader.sampler, {"params": state.params}
     if source == "workdir":  # e.g. the epoch's mined negatives
       saved = run.ckpt.read_meta(start).get("input", {})
-      sampler.restore(saved.get("sampler_state", saved.get("mined")))
+      sampler.restore(saved.get("sampler_state"))
     logging.info("Training steps %d..%d (start: %s) on %d device(s) of %d "
                  "process(es), mesh %s, global batch %d, %d training "
                  "images.", start, total, source, run.mesh.devices.size,

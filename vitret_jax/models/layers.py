@@ -99,7 +99,7 @@ class LocalityMlp(nn.Module):
       grows from there.
     "inverted": GELU(dwconv(h)), LocalViT's inverted residual as is; the
       fresh convolution replaces the pretrained MLP's hidden features at
-      step 0 (runs saved before the residual form existed).
+      step 0.
 
   Attributes:
     mlp_dim, dropout, dtype: as MlpBlock.
