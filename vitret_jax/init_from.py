@@ -57,7 +57,7 @@ def _load_init_source(path, fmt, model_cfg):
     sd = weights.load_state_dict(path)
     found = weights.timm_variant(sd)
     if found:
-      _check_variant(f"a timm {found[0]} file", *found, model_cfg)
+      _check_variant("a timm file", *found, model_cfg)
     params = weights.convert_timm(model, sd, model_cfg.image_size,
                                   path)["params"]
     source_pe = sd.get("pos_embed")
@@ -66,7 +66,7 @@ def _load_init_source(path, fmt, model_cfg):
       ckpt = dict(f)
     found = weights.npz_variant(ckpt)
     if found:
-      _check_variant(f"a {found[0]} npz file", *found, model_cfg)
+      _check_variant("a ViT npz file", *found, model_cfg)
     params = weights.from_npz(ckpt, model_cfg.variant,
                       model_cfg.image_size)[1]["params"]
     source_pe = ckpt.get("Transformer/posembed_input/pos_embedding")
@@ -93,8 +93,8 @@ def _check_variant(what, variant, distilled, model_cfg):
   mine = (model_cfg.variant, bool(model_cfg.distilled))
   if mine != (variant, distilled):
     raise UserError(
-        f"model.init_from is {what} ({variant}"
-        f"{', distilled' if distilled else ''}); the config's model is "
+        f"model.init_from is {what}, a {variant}"
+        f"{' distilled' if distilled else ''} model; the config's model is "
         f"{mine[0]}{', distilled' if mine[1] else ''}: set "
         f"--config.model.variant={variant} --config.model.distilled="
         f"{distilled}.")
