@@ -35,8 +35,4 @@ def get_config(arg=None):
   c.schedule.kind = "cosine"
   c.schedule.warmup_steps = 200
   c.evals.test = common.retrieval_eval(ks=(1, 2, 4, 8))
-  if arg.res:
-    common.set_resolution(c, arg.res)
-  if arg.runlocal:
-    common.make_local(c)
-  return c
+  return common.apply_size_args(c, arg)

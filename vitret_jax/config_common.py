@@ -229,6 +229,16 @@ def revisited_eval(data_dir="", name="roxford5k", distractors_dir="",
       pp=pp, batch_size=1, kappas=(1, 5, 10), ranking_depth=-1, **opts))
 
 
+def apply_size_args(c, arg):
+  """The `res` (training and evaluation resolution, 0 = the recipe's) and
+  `runlocal` arguments of a category config, applied last."""
+  if arg.res:
+    set_resolution(c, arg.res)
+  if arg.runlocal:
+    make_local(c)
+  return c
+
+
 def make_local(c):
   """Shrinks a config to a seconds-long smoke run (tiny model, 32 px)."""
   c.model.variant = "mu/8"
@@ -260,11 +270,7 @@ def irt_category_config(arg, dataset, total_steps, xbm_ratio, evaluation,
   c.input.sampler = sampler
   c.input.m_per_class = 2
   c.evals.test = evaluation
-  if arg.res:
-    set_resolution(c, arg.res)
-  if arg.runlocal:
-    make_local(c)
-  return c
+  return apply_size_args(c, arg)
 
 
 def use_arcface(c):

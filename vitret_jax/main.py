@@ -1,11 +1,12 @@
-"""Command line:
-python -m vitret_jax.main --config=configs/demo.py --workdir=DIR
+"""The command line (`USAGE` below; `--help`).
+
+  python -m vitret_jax.main --config=configs/demo.py --workdir=DIR
 
 Modes: train (train, resuming as checkpoint.resume_or_init says, then
 evaluate), eval (evaluate DIR's latest checkpoint), export (DIR's parameters
 as a pretrained artifact), index (embed a folder of images into a ScaNN
-index) and search (query it). Config values are overridden with
---config.section.key=value; a mistyped key is an error.
+index), search (query it) and serve (vitret_jax/serve.py). Config values
+are overridden with --config.section.key=value; a mistyped key is an error.
 """
 import importlib.util
 import os

@@ -19,6 +19,7 @@ from absl import logging
 
 from vitret_jax import checkpoint
 from vitret_jax import experiment
+from vitret_jax import init_from
 from vitret_jax import integrity
 from vitret_jax import metric_writer
 from vitret_jax import mining
@@ -27,7 +28,6 @@ from vitret_jax import preemption
 from vitret_jax import profiling
 from vitret_jax import sharding
 from vitret_jax import train_step as ts
-from vitret_jax import init_from
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import image_sizes
 from vitret_jax.data import pipeline
@@ -241,13 +241,13 @@ def train_and_evaluate(config, workdir) -> dict:
     state, source = checkpoint.resume_or_init(
         run.ckpt, run.state, run.state_sharding, config.resume_from,
         init_from.make_init_params(config.model.init_from,
-                                 config.model.init_format, config.model,
-                                 tuple(config.model.init_fresh)))
+                                   config.model.init_format, config.model,
+                                   tuple(config.model.init_fresh)))
     if jax.process_index() == 0:
       # Only now: the data and the starting weights passed their checks, so
       # a run that failed them leaves no config behind.
       workdir_lib.write_config(config, workdir,
-                              models.resolve(config.model).as_dict())
+                               models.resolve(config.model).as_dict())
     loader = _build_loader(config, run)
     start = int(jax.device_get(state.step))
     writer = metric_writer.MetricWriter(workdir, resume_step=start)
