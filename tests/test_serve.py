@@ -228,7 +228,8 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
   port = _free_port()
   proc = subprocess.Popen(
       [sys.executable, "-m", "vitret_jax.main", "--mode=serve",
-       f"--pretrained={art}", f"--index_dir={index_dir}", f"--port={port}"],
+       f"--pretrained={art}", f"--index_dir={index_dir}", f"--port={port}",
+       "--serve_max_batch=4"],
       cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   try:

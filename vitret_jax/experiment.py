@@ -1,9 +1,7 @@
-"""What training and evaluation share, built once from the config: the mesh,
-the data, the model and its fresh train state, the evaluators and the
-checkpointer (`Run`), the config checks that need no data (`check_config`),
-which every mode runs before anything heavy, and a run's descriptors as its
-evaluator computes them (`RunEmbedder`, for export, index and search).
-"""
+"""What training and evaluation share, built once from the config (`Run`:
+mesh, data, model, fresh train state, evaluators, checkpointer), the checks
+that need no data and run before anything heavy (`check_config`), and a
+run's descriptors as its evaluator computes them (`RunEmbedder`)."""
 import hashlib
 import json
 import os
@@ -97,20 +95,20 @@ def check_prepared_size(config):
   if not cfg.tfds_resize:
     return
   if not cfg.tfds_dir:
-    raise UserError(f"input.tfds_resize={cfg.tfds_resize} sizes a prepared "
-                    f"TFDS copy: set input.tfds_dir too.")
-  specs = [("input.pp_train", cfg.pp_train)] + [
+    raise UserError(f"input.tfds_resize={cfg.tfds_resize}: set "
+                    f"input.tfds_dir too.")
+  # The training spec, and the evaluators that read the training data.
+  for where, spec in [("input.pp_train", cfg.pp_train)] + [
       (f"evals.{n}.pp", ev.pp) for n, ev in config.evals.items()
-      if "dataset" not in ev]  # those read the training data's copy
-  for where, spec in specs:
+      if "dataset" not in ev]:
     first = preprocess.PPSpec(spec).ops[:1]
     if cfg.tfds_square and (not first or first[0][0] != "resize"
                             or first[0][1][0] > cfg.tfds_resize):
       raise UserError(
-          f"input.tfds_square=True stores {cfg.tfds_resize}x"
-          f"{cfg.tfds_resize} images (the recipe's square resize), but "
-          f"{where}={spec!r} does not start with a resize(S) of S <= "
-          f"{cfg.tfds_resize}: prepare the copy with input.tfds_square=False.")
+          f"input.tfds_square=True stores {cfg.tfds_resize}x{cfg.tfds_resize}"
+          f" images (the recipe's square resize), but {where}={spec!r} does "
+          f"not start with a resize(S) of S <= {cfg.tfds_resize}: prepare "
+          f"the copy with input.tfds_square=False.")
     need = preprocess.needed_short_side(spec, config.model.image_size)
     if need is None or need > cfg.tfds_resize:
       raise UserError(

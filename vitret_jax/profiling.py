@@ -112,7 +112,10 @@ class CompiledStep:
   def __init__(self, step_fn):
     self.step_fn, self.compiled, self.first = step_fn, {}, None
 
-  def __call__(self, state, batch):
+  def prepare(self, state, batch):
+    """The compiled program for this batch's shapes (compiled now if new):
+    the loop calls it before a traced step, so traces hold steps, not
+    XLA's compilation."""
     key = tuple((k, tuple(v.shape), str(v.dtype))
                 for k, v in sorted(batch.items()))
     if key not in self.compiled:
@@ -122,7 +125,10 @@ class CompiledStep:
         self.first = describe_compiled(self.compiled[key])
         self.first["compile_s"] = time.perf_counter() - t0
         _log_compiled(self.first, key)
-    return self.compiled[key](state, batch)
+    return self.compiled[key]
+
+  def __call__(self, state, batch):
+    return self.prepare(state, batch)(state, batch)
 
 
 def _log_compiled(info, key):
