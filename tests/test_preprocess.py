@@ -6,6 +6,7 @@ from vitret_jax.data import grocery
 from vitret_jax.data import datasets
 from vitret_jax.data import decode
 from vitret_jax.data import preprocess
+from vitret_jax.data import resize as resize_lib
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 
@@ -101,8 +102,7 @@ def test_fast_path_within_tolerance_of_the_exact_one(spec, size, tmp_path):
   with open(path, "rb") as f:
     data = f.read()
   first = preprocess.PPSpec(spec).ops[0]
-  target = preprocess._resize_target(  # pylint: disable=protected-access
-      first[0], first[1][0], size[1], size[0])
+  target = resize_lib.target(first[0], first[1][0], size[1], size[0])
   scaled = decode.decode_fast(data, target).shape[:2] != (size[1], size[0])
   for seed in range(3):
     a = exact(path, np.random.default_rng(seed)).astype(np.float32)

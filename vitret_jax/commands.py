@@ -127,8 +127,7 @@ def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
   if pretrained or index_dir:
     embedder, _ = _embedder(config, workdir, pretrained, eval_name)
     index = search.Index(_index_dir(index_dir, workdir))
-  evals = report.read_browse(workdir) if workdir and os.path.isdir(
-      workdir) else {}
+  evals = report.browse_names(workdir) if workdir else []
   if index is None and not evals:
     raise UserError(f"--mode=serve: nothing to serve: give --index_dir (with "
                     f"--pretrained or a run's --workdir), or the --workdir of "

@@ -138,7 +138,7 @@ def check_resolution(config, train_size):
     if spec.fixed_size and spec.size != image_size:
       logging.warning(
           "evals.%s evaluates %d px images of a model trained at %d px: the "
-          "position embedding is resampled from %dx%d to the larger grid.",
+          "position embedding is resampled from %dx%d to their grid.",
           name, spec.size, image_size, image_size, image_size)
 
 

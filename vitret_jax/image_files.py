@@ -14,6 +14,13 @@ from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
 
 
+def pp_of(embedder):
+  """The embedder's preprocessing, run as its `host_pp` says (float32
+  images: the embedder normalises nothing itself)."""
+  return preprocess.build_host_pp(embedder.preprocess,
+                                  getattr(embedder, "host_pp", "exact"))
+
+
 def embed_files(embedder, paths, batch_size=64, desc="embed"):
   """(embeddings [n, E], kept paths, skipped [(path, reason)]) for `paths`;
   unreadable files are skipped and reported, not fatal. Images of a
@@ -23,8 +30,7 @@ def embed_files(embedder, paths, batch_size=64, desc="embed"):
   order of `paths`."""
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size}: it must be >= 1.")
-  pp = preprocess.build_pp(
-      embedder.preprocess, fast=getattr(embedder, "host_pp", "") == "fast")
+  pp = pp_of(embedder)
   rng = np.random.default_rng(0)
   pending = {}  # shape -> [(position, image)]
   done, kept, skipped = {}, [], []

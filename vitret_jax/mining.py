@@ -30,8 +30,8 @@ class NegativeMiner:
                num_threads=2, skip_corrupt=False, image_size=224,
                host_pp="fast"):
     self.embed_fn, self.mesh, self.split = embed_fn, mesh, split
-    fast = host_pp == "fast"
-    self.pp_fn = preprocess.build_pp(pp_spec, fast=fast, defer_normalize=fast)
+    self.pp_fn = preprocess.build_host_pp(pp_spec, host_pp,
+                                          defer_normalize=True)
     self.batch_size, self.num_threads = batch_size, num_threads
     self.skip_corrupt, self.image_size = skip_corrupt, image_size
 

@@ -36,6 +36,7 @@ from fastapi import responses
 from fastapi import staticfiles
 from PIL import Image
 
+from vitret_jax import image_files
 from vitret_jax.data import decode
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
@@ -156,21 +157,29 @@ def create_app(embedder=None, index=None, workdir="", max_batch=32,
   app = fastapi.FastAPI(title="vitret_jax search", docs_url=None,
                         redoc_url=None)
   evals = report.read_browse(workdir) if workdir else {}
-  batcher = Batcher(embedder, max_batch, max_wait_ms) if embedder else None
-  pp_fn = None
+  app.state.batcher = None
   if embedder is not None:
-    pp_fn = preprocess.build_pp(
-        embedder.preprocess, fast=getattr(embedder, "host_pp", "") == "fast")
-  app.state.batcher = batcher
-
-  def hit(rank, i, score):
-    return {"rank": rank, "id": i, "score": round(float(score), 6),
-            "path": index.paths[i], "url": f"/images/{i}"}
+    app.state.batcher = Batcher(embedder, max_batch, max_wait_ms)
 
   @app.get("/healthz")
   def healthz():
     return {"status": "ok", "images": len(index) if index else 0,
             "evaluations": sorted(evals)}
+
+  _search_routes(app, index, app.state.batcher,
+                 image_files.pp_of(embedder) if embedder is not None else None)
+  _evaluation_routes(app, evals)
+  app.mount("/", staticfiles.StaticFiles(directory=WEB, html=True),
+            name="web")
+  return app
+
+
+def _search_routes(app, index, batcher, pp_fn):
+  """POST /search and GET /images/{id} over `index`."""
+
+  def hit(rank, i, score):
+    return {"rank": rank, "id": i, "score": round(float(score), 6),
+            "path": index.paths[i], "url": f"/images/{i}"}
 
   @app.post("/search")
   async def search_endpoint(request: fastapi.Request):
@@ -215,6 +224,10 @@ def create_app(embedder=None, index=None, workdir="", max_batch=32,
         int(image_id) < len(index)):
       return _error(404, f"no indexed image {image_id!r}.")
     return responses.FileResponse(index.paths[int(image_id)])
+
+
+def _evaluation_routes(app, evals):
+  """GET /evaluation, one query's neighbours and their images."""
 
   @app.get("/evaluation")
   def evaluation(name: str = "", sort: str = "first_hit",
@@ -266,10 +279,6 @@ def create_app(embedder=None, index=None, workdir="", max_batch=32,
         0 <= i < len(evals[name][paths[kind]])):
       return _error(404, f"no {kind} image {i} in evaluation {name!r}.")
     return responses.FileResponse(str(evals[name][paths[kind]][i]))
-
-  app.mount("/", staticfiles.StaticFiles(directory=WEB, html=True),
-            name="web")
-  return app
 
 
 def run(app, host="127.0.0.1", port=8080):

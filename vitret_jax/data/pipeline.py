@@ -229,9 +229,8 @@ class StepBatch:
 
   def _image(self, step, pos, row, hw):
     if self._pp is None:  # built in the worker process
-      fast = self.host_pp == "fast"
-      self._pp = preprocess.build_pp(self.pp_spec, fast=fast,
-                                     defer_normalize=fast)
+      self._pp = preprocess.build_host_pp(self.pp_spec, self.host_pp,
+                                          defer_normalize=True)
     rng = np.random.default_rng([self.seed, step, pos])
     for attempt in range(8):
       try:
@@ -352,10 +351,8 @@ class GrainTrainLoader:
     return self.fn(step)
 
   def close(self):
-    """Stops grain's threads or worker processes. A worker-process iterator
-    is closed explicitly: its prefetched batches live in shared memory,
-    which only the iterator's close unlinks (otherwise Python's resource
-    tracker reports them leaked at exit)."""
+    """Stops grain's threads or worker processes now (the iterator's close),
+    rather than whenever the garbage collector gets to them."""
     it, self._it = self._it, None
     if it is not None and hasattr(it, "close"):
       it.close()

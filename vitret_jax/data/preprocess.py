@@ -13,9 +13,8 @@ Two ways to run a spec (`input.host_pp`):
 - "fast" (`build_pp(spec, fast=True)`): the same ops with less work on the
   host. JPEGs are decoded by libjpeg-turbo directly, DCT-scaled to 1/2, 1/4
   or 1/8 when the first resize shrinks them that much (data/decode.py); the
-  first
-  resize takes its target from the original size, so shapes are the exact
-  path's; a square resize followed by a crop resamples only the crop's
+  first resize takes its target from the original size, so shapes are the
+  exact path's; a square resize followed by a crop resamples only the crop's
   window (the same pixels as resizing, then cropping); with
   `defer_normalize`, a final argument-less `normalize` is left to the
   device (`normalize_on_device`, the same arithmetic), so batches travel as
@@ -26,9 +25,9 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from vitret_jax.data import decode as decode_lib
+from vitret_jax.data import resize as resize_lib
 from vitret_jax.errors import UserError
 
 # ImageNet statistics, used by DeiT / timm and the Google checkpoints' recipes.
@@ -40,29 +39,22 @@ to_rgb8 = decode_lib.to_rgb8
 decode = decode_lib.decode
 
 
-def _resize_to(img, hw):
-  h, w = hw
-  if img.shape[:2] == (h, w):
-    return img
-  return np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
-
-
 def resize(size):
   """Resize to size x size (aspect ratio not kept: the IRT recipe)."""
-  return lambda img, rng: _resize_to(img, (size, size))
+  return lambda img, rng: resize_lib.resize_to(img, (size, size))
 
 
 def resize_max(size):
   """Resize so the longer side is `size`, keeping the aspect ratio (landmark
   images are evaluated whole)."""
-  return lambda img, rng: _resize_to(
-      img, _resize_target("resize_max", size, *img.shape[:2]))
+  return lambda img, rng: resize_lib.resize_to(
+      img, resize_lib.target("resize_max", size, *img.shape[:2]))
 
 
 def resize_small(size):
   """Resize so the shorter side is `size`, keeping the aspect ratio."""
-  return lambda img, rng: _resize_to(
-      img, _resize_target("resize_small", size, *img.shape[:2]))
+  return lambda img, rng: resize_lib.resize_to(
+      img, resize_lib.target("resize_small", size, *img.shape[:2]))
 
 
 def _crop(img, top, left, size):
@@ -103,7 +95,7 @@ class _GroupOp:
 
 def group_resize(scale=1.0):
   """Resize to the group shape times `scale` (aspect of the group)."""
-  return _GroupOp(lambda img, rng, hw: _resize_to(
+  return _GroupOp(lambda img, rng, hw: resize_lib.resize_to(
       img, (round(hw[0] * scale), round(hw[1] * scale))))
 
 
@@ -123,9 +115,15 @@ def flip_lr():
   return lambda img, rng: img[:, ::-1] if rng.random() < 0.5 else img
 
 
+def _levels(mean, std):
+  """mean and std in uint8 levels, float32: the one source of the
+  normalisation's constants, on the host and on the device."""
+  return (np.asarray(mean, np.float32) * 255,
+          np.asarray(std, np.float32) * 255)
+
+
 def normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD):
-  mean = np.asarray(mean, np.float32) * 255
-  std = np.asarray(std, np.float32) * 255
+  mean, std = _levels(mean, std)
   return lambda img, rng: (img.astype(np.float32) - mean) / std
 
 
@@ -266,6 +264,13 @@ def build_pp(spec, fast=False, defer_normalize=False):
   return run
 
 
+def build_host_pp(spec, host_pp, defer_normalize=False):
+  """build_pp the way `input.host_pp` ("fast" or "exact") runs specs; the
+  device normalises only on the fast path (with `defer_normalize`)."""
+  fast = host_pp == "fast"
+  return build_pp(spec, fast=fast, defer_normalize=fast and defer_normalize)
+
+
 class _FastPlan:
   """The fast path of a spec (build_pp(fast=True)): the first resize, and a
   crop right after a square resize, done as one sized decode and one
@@ -274,7 +279,8 @@ class _FastPlan:
   def __init__(self, spec, ops):
     self.ops = ops
     names = [n for n, _ in spec.ops]
-    self.first = spec.ops[0] if spec.ops and names[0] in _RESIZES else None
+    self.first = (spec.ops[0] if spec.ops and names[0] in resize_lib.RESIZES
+                  else None)
     self.crop = None
     if (self.first and names[0] == "resize" and len(names) > 1
         and names[1] in ("random_crop", "center_crop")):
@@ -289,7 +295,7 @@ class _FastPlan:
                         "with input.sampler='group_size'.")
       scale = args[0] if args else 1.0
       return round(hw[0] * scale), round(hw[1] * scale)
-    return _resize_target(name, args[0], h, w)
+    return resize_lib.target(name, args[0], h, w)
 
   def __call__(self, src, rng, box=None, hw=None):
     if isinstance(src, np.ndarray) or box is not None or not self.first:
@@ -302,9 +308,9 @@ class _FastPlan:
     name = src if isinstance(src, str) else ""
     h, w = decode_lib.size(data, name)
     th, tw = self._target(h, w, hw)
-    img = decode_lib.decode_fast(data, _dct_size(h, w, th, tw), name)
+    img = decode_lib.decode_fast(data, resize_lib.dct_size(h, w, th, tw), name)
     if self.crop is None:
-      img = _resize_to(img, (th, tw))
+      img = resize_lib.resize_to(img, (th, tw))
     else:
       kind, c = self.crop
       if th < c or tw < c:
@@ -314,48 +320,8 @@ class _FastPlan:
         top, left = rng.integers(0, th - c + 1), rng.integers(0, tw - c + 1)
       else:
         top, left = (th - c) // 2, (tw - c) // 2
-      img = _resize_window(img, (th, tw), (top, left), c)
+      img = resize_lib.window(img, (th, tw), (top, left), c)
     return np.ascontiguousarray(_apply(self.ops[self.skip:], img, rng, hw))
-
-
-_RESIZES = ("resize", "resize_max", "resize_small", "group_resize")
-
-
-def _dct_size(h, w, th, tw):
-  """The size to decode an h x w JPEG at for a resize to th x tw: 1/8, 1/4
-  or 1/2 of it, the smallest still at least the target (None: full size).
-  Only these scales: libjpeg-turbo's others (3/8, 5/8, ...) cost more
-  accuracy than they save time."""
-  for k in (8, 4, 2):
-    if h >= k * th and w >= k * tw:
-      return -(-h // k), -(-w // k)
-  return None
-
-
-def _resize_target(name, size, h, w):
-  """(h, w) the resize op `name` makes of an h x w image."""
-  if name == "resize":
-    return size, size
-  if name == "resize_max":
-    s = size / max(h, w)
-    return max(1, round(h * s)), max(1, round(w * s))
-  s = size / min(h, w)  # resize_small
-  return max(size, round(h * s)), max(size, round(w * s))
-
-
-def _resize_window(img, target_hw, top_left, c):
-  """The c x c window at `top_left` of `img` resized to `target_hw`,
-  resampling only that window (PIL's box: the same filter taps, so the same
-  pixels as resizing the whole image and cropping)."""
-  th, tw = target_hw
-  h, w = img.shape[:2]
-  top, left = top_left
-  if (h, w) == (th, tw):  # already at the size (a square prepared copy)
-    return img[top:top + c, left:left + c]
-  sy, sx = h / th, w / tw
-  box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
-  return np.asarray(Image.fromarray(img).resize((c, c), Image.BICUBIC,
-                                                box=box))
 
 
 def normalize_on_device(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -364,8 +330,7 @@ def normalize_on_device(images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
   float32); float images pass unchanged."""
   if images.dtype != jnp.uint8:
     return images
-  mean = np.asarray(mean, np.float32) * 255
-  std = np.asarray(std, np.float32) * 255
+  mean, std = _levels(mean, std)
   return (images.astype(jnp.float32) - mean) / std
 
 
@@ -375,7 +340,7 @@ def needed_short_side(spec, image_size):
   group_resize: the long side of a 2:1 group of area image_size^2); None
   when the spec uses the image at its original size."""
   ops = PPSpec(spec).ops if isinstance(spec, str) else spec.ops
-  if not ops or ops[0][0] not in _RESIZES:
+  if not ops or ops[0][0] not in resize_lib.RESIZES:
     return None
   name, args = ops[0]
   if name == "group_resize":

@@ -55,8 +55,7 @@ class _Evaluator:
       splits = datasets.load_dataset(dataset, data_dir, **dict(options or {}))
     self.splits = splits
     self.embed_fn, self.mesh = embed_fn, mesh
-    fast = host_pp == "fast"
-    self.pp_fn = preprocess.build_pp(pp, fast=fast, defer_normalize=fast)
+    self.pp_fn = preprocess.build_host_pp(pp, host_pp, defer_normalize=True)
     self.fixed_size = preprocess.is_fixed_size(pp)
     self.skip_corrupt = skip_corrupt
     # Shape of the placeholder of an unreadable image (see embed_split).

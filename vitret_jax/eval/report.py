@@ -54,6 +54,14 @@ def browse_path(workdir, name):
   return os.path.join(workdir, f"browse_{name}.npz")
 
 
+def browse_names(workdir):
+  """The evaluators with a browse file in `workdir` (nothing is read)."""
+  if not os.path.isdir(workdir):
+    return []
+  return sorted(f[len("browse_"):-len(".npz")] for f in os.listdir(workdir)
+                if f.startswith("browse_") and f.endswith(".npz"))
+
+
 def write_browse(workdir, name, record, metrics, step):
   """Saves an evaluation's neighbour table (Evaluator.browse_record) with
   its metrics and step as browse_<name>.npz, atomically, for
@@ -71,11 +79,10 @@ def read_browse(workdir):
   """{evaluator name: record dict with "metrics" (a dict) and "step"} of the
   browse files in `workdir`."""
   out = {}
-  for f in sorted(os.listdir(workdir)):
-    if f.startswith("browse_") and f.endswith(".npz"):
-      with np.load(os.path.join(workdir, f)) as z:
-        rec = {k: z[k] for k in z.files}
-      rec["metrics"] = json.loads(str(rec["metrics"]))
-      rec["step"] = int(rec["step"])
-      out[f[len("browse_"):-len(".npz")]] = rec
+  for name in browse_names(workdir):
+    with np.load(browse_path(workdir, name)) as z:
+      rec = {k: z[k] for k in z.files}
+    rec["metrics"] = json.loads(str(rec["metrics"]))
+    rec["step"] = int(rec["step"])
+    out[name] = rec
   return out
