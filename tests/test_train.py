@@ -142,8 +142,8 @@ def test_cli_errors_are_clear(tmp_path):
       "or directory: 'configs/demoo.py')."]
   r = main_in_process("--config=configs/demo.py:runlocal=True",
                       "--config.input.options.protocl=official", w)
-  assert r.returncode == 2 and "valid: ['num_train_classes', 'protocol']" \
-      in r.stderr
+  assert r.returncode == 2 and ("valid: ['exclude_file', 'num_train_classes',"
+                                " 'protocol']") in r.stderr
   r = main_in_process("--mode=eval", f"--workdir={tmp_path}/empty")
   assert r.returncode == 2 and "holds no saved config" in r.stderr
   r = main_in_process("--help")
