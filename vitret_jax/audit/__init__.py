@@ -66,9 +66,8 @@ def collect_splits(config):
                                   **dict(ev.options))
       out.update({f"{name}/{s}": split for s, split in own.items()})
       evaluated.update(f"{name}/{s}" for s in own)
-    else:
-      evaluated.update(s for s in (ev.get("query"), ev.get("gallery"))
-                       if s and s in out)
+    elif ev.type == "retrieval":
+      evaluated.update(s for s in (ev.query, ev.gallery) if s in out)
   evaluated.discard(cfg.train_split)
   return out, cfg.train_split, sorted(evaluated)
 
@@ -170,5 +169,5 @@ def run_audit(config, out_dir, settings=None, embedder=None, model_name="",
       config, splits, train, evaluated, rows, groups, excluded, settings,
       model_name, saturated,
       [(p, why) for p, why in images.unreadable])
-  report.write(out_dir, result, splits, config.input.data_dir)
+  report.write(out_dir, result, config.input.data_dir)
   return result

@@ -143,26 +143,36 @@ def _relative(path, data_dir):
   return path if rel.startswith("..") else rel
 
 
-def write(out_dir, result, splits, data_dir):
-  """Writes the four files of FILES into `out_dir`."""
+def _write_text(path, text):
+  """Writes `path` whole or not at all (a kill leaves no half list)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write(out_dir, result, data_dir):
+  """Writes the files of FILES into `out_dir`, each atomically, audit.json
+  last (an audit.json means the audit finished)."""
   os.makedirs(out_dir, exist_ok=True)
-  integrity.write_json_atomic(os.path.join(out_dir, "audit.json"), result,
-                              indent=1)
-  with open(os.path.join(out_dir, "exclude.txt"), "w", encoding="utf-8") as f:
-    f.write(f"# vitret_jax audit {result['date']}: {len(result['excluded'])} "
-            f"training image(s) duplicating an evaluation image ("
-            f"{result['exclude_mode']}); paths relative to {data_dir}.\n"
-            f"# Use: --config.input.options.exclude_file="
-            f"{os.path.abspath(os.path.join(out_dir, 'exclude.txt'))}\n")
-    for p in result["excluded"]:
-      f.write(_relative(p, data_dir) + "\n")
   rows = [(r["path_a"], [(r["path_b"], False if r["a"] != r["b"] else None,
                           f"{_score(r)[1]:.3f} {r['kind']}")])
           for r in result["pairs"][:GRID_PAIRS]]
   if rows:
-    grid_lib.write_grid(os.path.join(out_dir, "audit_pairs.png"), rows)
-  with open(os.path.join(out_dir, "audit.txt"), "w", encoding="utf-8") as f:
-    f.write(summary(result) + "\n")
+    tmp = os.path.join(out_dir, f".audit_pairs.tmp-{os.getpid()}.png")
+    grid_lib.write_grid(tmp, rows)
+    os.replace(tmp, os.path.join(out_dir, "audit_pairs.png"))
+  _write_text(os.path.join(out_dir, "audit.txt"), summary(result) + "\n")
+  lines = [
+      f"# vitret_jax audit {result['date']}: {len(result['excluded'])} "
+      f"training image(s) duplicating an evaluation image "
+      f"({result['exclude_mode']}); paths relative to {data_dir}.",
+      f"# Use: --config.input.options.exclude_file="
+      f"{os.path.abspath(os.path.join(out_dir, 'exclude.txt'))}"]
+  lines += [_relative(p, data_dir) for p in result["excluded"]]
+  _write_text(os.path.join(out_dir, "exclude.txt"), "\n".join(lines) + "\n")
+  integrity.write_json_atomic(os.path.join(out_dir, "audit.json"), result,
+                              indent=1)
 
 
 def summary(result) -> str:

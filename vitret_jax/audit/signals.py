@@ -97,8 +97,8 @@ def model_descriptors(embedder, paths, batch_size=64):
   `embedder` (an artifact, a RunEmbedder, ...) on the files."""
   emb, kept, _ = image_files.embed_files(embedder, list(paths), batch_size,
                                          desc="audit: embed")
-  ok = np.isin(np.asarray(paths, dtype=object), np.asarray(kept,
-                                                           dtype=object))
+  kept_set = set(kept)
+  ok = np.asarray([p in kept_set for p in paths], bool)
   out = np.zeros((len(paths), emb.shape[1] if len(kept) else 0), np.float32)
   out[ok] = emb
   return out, ok
