@@ -201,7 +201,9 @@ def summary(result) -> str:
       f"Training vs evaluation pairs (leaks): {result['leaks']}; "
       f"{len(result['excluded'])} training image(s) listed in exclude.txt "
       f"({result['exclude_mode']}).",
-      f"Unreadable files: {len(result['unreadable'])}."]
+      f"Unreadable files: {len(result['unreadable'])}" + "".join(
+          f"; {u['path']} ({u['why']})" for u in result["unreadable"][:3])
+      + "."]
   for s, v in result["in_training"].items():
     classes = v["training_classes"]
     lines.append(f"  {s}: {v['images']} of {v['of']} image(s) have a "
