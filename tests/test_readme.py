@@ -238,3 +238,29 @@ def test_a_wrong_command_fails(line, wrong):
   that does not exist."""
   with pytest.raises((AssertionError, ValueError), match=re.escape(wrong)):
     check_readme(f"```sh\n{line}\n```\n")
+
+
+def test_install_has_nothing_to_warn_about():
+  """`pip install -e .` (make install) is quiet: setup.cfg's package
+  discovery lists every folder of the package (the asset folders too, as
+  namespace packages, so setuptools warns about none), and its
+  package_data globs take every asset file."""
+  import fnmatch  # pylint: disable=g-import-not-at-top
+  import setuptools  # pylint: disable=g-import-not-at-top
+  cfg = configparser.ConfigParser()
+  cfg.read(os.path.join(REPO, "setup.cfg"))
+  assert cfg["options"]["packages"].strip() == "find_namespace:"
+  include = [p.strip() for p in cfg["options.packages.find"]["include"]
+             .split(",")]
+  packages = set(setuptools.find_namespace_packages(REPO, include=include))
+  globs = [g.strip() for g in cfg["options.package_data"]["vitret_jax"]
+           .split(",")]
+  root = os.path.join(REPO, "vitret_jax")
+  for folder, dirs, files in os.walk(root):
+    dirs[:] = [d for d in dirs if d != "__pycache__"]
+    rel = os.path.relpath(folder, REPO)
+    assert rel.replace(os.sep, ".") in packages, f"{rel} is no package"
+    for f in files:
+      path = os.path.relpath(os.path.join(folder, f), root)
+      if "assets" in path.split(os.sep):
+        assert any(fnmatch.fnmatch(path, g) for g in globs), path
