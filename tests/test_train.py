@@ -522,7 +522,7 @@ def test_pretrained_weights_evaluated_as_they_are(tmp_path, monkeypatch,
   assert not os.path.exists(tmp_path / "refused")
   r = main_in_process(*args, "--config.input.options.shared_classes=True",
                       f"--workdir={tmp_path}/seen_run")
-  assert r.returncode == 0 and "Seen classes: evaluators test" in r.stdout
+  assert r.returncode == 0 and "Seen classes (evaluators: test)" in r.stdout
   with open(tmp_path / "seen_run" / "eval.json") as f:
     assert json.load(f)["seen_classes"] == ["test"]
   c = load_config("folder", "runlocal=True")

@@ -151,15 +151,15 @@ def _print_table(result):
   start = result.get("start", "untrained")
   final = result.get("evaluated", "trained")
   if result.get("seen_classes"):
-    print(f"\nSeen classes: evaluators {', '.join(result['seen_classes'])} "
-          f"test on classes also trained on (input.options.shared_classes "
-          f"or the data set's protocol); not comparable with class-disjoint "
-          f"results.")
-  print(f"\n{'metric':<14}{start if base else '':>12}{final:>12}   "
-        f"(step {result.get('step')})")
+    print(f"\nSeen classes (evaluators: {', '.join(result['seen_classes'])})"
+          f": their test classes are also training classes (input.options."
+          f"shared_classes, or the data set's own protocol); the figures are "
+          f"not comparable with class-disjoint results.")
+  first = f"{start:>12}" if base else ""
+  print(f"\n{'metric':<14}{first}{final:>12}   (step {result.get('step')})")
   for k, v in rows:
-    u = f"{base[k]:.4f}" if k in base else ("-" if base else "")
-    print(f"{k:<14}{u:>12}{v:>12.4f}")
+    u = (f"{base[k]:>12.4f}" if k in base else f"{'-':>12}") if base else ""
+    print(f"{k:<14}{u}{v:>12.4f}")
 
 
 class _QuietLibraries:
