@@ -299,3 +299,28 @@ def test_command_line_with_home_paths(planted, tmp_path, monkeypatch):
       f"error: {home}/audit already holds an audit (audit.json, audit.txt, "
       f"audit_pairs.png, exclude.txt): choose another --out_dir, or pass "
       f"--overwrite."]
+
+
+def test_exclude_file_renumbers_ground_truth_and_pairs(tmp_path):
+  """exclude_file on the readers whose splits index rows: Revisited's
+  ground truth follows the database images kept, SfM-120k's training
+  pairs the training images kept."""
+  rox = fixtures.write_revisited(tmp_path / "rox")
+  full = datasets.load_dataset("revisited", rox, check_counts=False)
+  gone = full["database"].paths[1]  # query 0's second easy positive
+  listed = tmp_path / "exclude.txt"
+  listed.write_text(f"# a comment\n{os.path.relpath(gone, rox)}\n")
+  got = datasets.load_dataset("revisited", rox, check_counts=False,
+                              exclude_file=str(listed))
+  assert len(got["database"]) == len(full["database"]) - 1
+  for g_full, g in zip(full["query"].gnd, got["query"].gnd):
+    want = [full["database"].paths[j] for j in g_full["easy"] if j != 1]
+    assert [got["database"].paths[j] for j in g["easy"]] == want
+  sfm = fixtures.write_sfm120k(tmp_path / "sfm")
+  full = datasets.load_dataset("sfm120k", sfm, check_counts=False)["train"]
+  listed.write_text(full.paths[0] + "\n")
+  got = datasets.load_dataset("sfm120k", sfm, check_counts=False,
+                              exclude_file=str(listed))["train"]
+  assert len(got) == len(full) - 1 and len(got.pairs) == len(full.pairs) - 1
+  for q, p in got.pairs:  # each pair still one cluster's two images
+    assert got.labels[q] == got.labels[p] and got.paths[q] != got.paths[p]
