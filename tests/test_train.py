@@ -490,44 +490,40 @@ def test_pretrained_weights_evaluated_as_they_are(tmp_path, monkeypatch,
                                                  caplog):
   """--mode=eval on a fresh workdir with model.init_from evaluates the
   starting weights ("pretrained" in the table and eval.json; `~` expanded
-  in the flags and the config's paths); total_steps=0 trains nothing and
-  saves them as step 0; that run is init_from of a model at another
+  in the flags and the config's paths), here on train and test splits that
+  share classes on purpose (labelled "seen classes"; refused without
+  shared_classes); total_steps=0 trains nothing and saves them as step 0;
+  that run, and its artifact, are init_from of a model at another
   resolution (position embedding resampled) and of another variant (the
   one-line hint); without weights, total_steps=0 is refused."""
-  from test_folder import make_folder  # pylint: disable=g-import-not-at-top
+  from test_folder import NAMES, _split_layout  # pylint: disable=g-import-not-at-top
   from vitret_jax import init_from  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("HOME", str(tmp_path))
-  make_folder(tmp_path / "photos")
+  _split_layout(tmp_path, NAMES[:5], NAMES[3:])  # ~/split
   weights = _golden_timm_file(tmp_path)
-  r = main_in_process("--mode=eval", "--config=configs/folder.py:runlocal=True",
-                      "--config.input.data_dir=~/photos",
-                      "--config.model.init_from=~/vit_tiny.safetensors",
-                      "--workdir=~/eval")
-  assert r.returncode == 0, r.stderr[-3000:]
-  header = r.stdout.strip().splitlines()[0].split()
-  assert header[:2] == ["metric", "pretrained"] and "trained" not in header
-  with open(tmp_path / "eval" / "eval.json") as f:
-    shelf = json.load(f)
-  assert shelf["evaluated"] == "pretrained" and shelf["step"] == 0
-  assert not os.listdir(tmp_path / "eval" / "checkpoints")
-  # Train and test classes shared on purpose: labelled, or refused.
-  from test_folder import NAMES, _split_layout  # pylint: disable=g-import-not-at-top
-  seen = _split_layout(tmp_path / "seen", NAMES[:5], NAMES[3:])
   args = ["--mode=eval", "--config=configs/folder.py:runlocal=True",
-          f"--config.input.data_dir={seen}",
-          f"--config.model.init_from={weights}"]
-  r = main_in_process(*args, f"--workdir={tmp_path}/refused")
+          "--config.input.data_dir=~/split",
+          "--config.model.init_from=~/vit_tiny.safetensors"]
+  r = main_in_process(*args, "--workdir=~/refused")
   assert r.returncode == 2 and "share 2 class name(s): dill & co, eggplant" \
       in r.stderr
   assert not os.path.exists(tmp_path / "refused")
   r = main_in_process(*args, "--config.input.options.shared_classes=True",
-                      f"--workdir={tmp_path}/seen_run")
-  assert r.returncode == 0 and "Seen classes (evaluators: test)" in r.stdout
-  with open(tmp_path / "seen_run" / "eval.json") as f:
-    assert json.load(f)["seen_classes"] == ["test"]
+                      "--workdir=~/eval")
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[0].startswith("Seen classes (evaluators: test)")
+  header = lines[2].split()
+  assert header[:2] == ["metric", "pretrained"] and "trained" not in header
+  with open(tmp_path / "eval" / "eval.json") as f:
+    shelf = json.load(f)
+  assert shelf["evaluated"] == "pretrained" and shelf["step"] == 0
+  assert shelf["seen_classes"] == ["test"]
+  assert not os.listdir(tmp_path / "eval" / "checkpoints")
   c = load_config("folder", "runlocal=True")
   with c.unlocked():
-    c.input.data_dir, c.model.init_from = str(tmp_path / "photos"), weights
+    c.input.data_dir, c.model.init_from = str(tmp_path / "split"), weights
+    c.input.options.shared_classes = True
     c.total_steps = 0
   out = train.train_and_evaluate(c, str(tmp_path / "zero"))
   assert out["evaluated"] == "pretrained" and out["step"] == 0
