@@ -18,9 +18,8 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # The demo opts in to host_memory's kept heap where JAX can only use the CPU
-# (VITRET_MALLOC=auto; README "Speed"): its step measured 15-30% faster
-# (steps 40-80: 42-50 img/s against 35-41) for about twice the resident
-# memory (peak 3.5-4.4 GiB against 1.8-1.9). `make demo VITRET_MALLOC=off` declines.
+# (VITRET_MALLOC=auto): a faster step for more resident memory, measured in
+# docs/benchmarks.md. `make demo VITRET_MALLOC=off` declines.
 VITRET_MALLOC ?= auto
 
 demo: $(STAMP)

@@ -132,3 +132,117 @@ def test_every_sampler_draws_from_a_folder(kind, tmp_path):
   assert len(rows) == batch and set(rows) <= set(range(len(split)))
   if kind == "tuples":  # query and positive of one class
     assert split.labels[rows[0]] == split.labels[rows[1]]
+
+
+def _split_layout(tmp_path, train_names, test_names):
+  src = make_folder(tmp_path / "src", nested=False)
+  for split, names in (("train", train_names), ("test", test_names)):
+    for name in names:
+      shutil.copytree(os.path.join(src, name),
+                      tmp_path / "split" / split / name)
+  return str(tmp_path / "split")
+
+
+def test_honest_splits(tmp_path, caplog):
+  """Shared class names, one file in two splits, a one-class test split
+  and one-image classes are refused (shared classes on request), never
+  evaluated as if they were a class-disjoint test."""
+  root = _split_layout(tmp_path, NAMES[:5], NAMES[4:])  # "eggplant" in both
+  with pytest.raises(DataError, match=r"share 1 class name\(s\): eggplant"):
+    folder.load_folder(root)
+  got = folder.load_folder(root, shared_classes=True)
+  assert set(got["train"].labels) & set(got["test"].labels)
+  # One file in both splits (here a link to it), by any name.
+  shutil.rmtree(os.path.join(root, "test", "eggplant"))
+  os.symlink(os.path.join(root, "train", "carrot", "photo 0 é.jpg"),
+             os.path.join(root, "test", "fig", "same.jpg"))
+  with pytest.raises(DataError, match="is in both the test and the train "
+                                      "splits"):
+    folder.load_folder(root)
+  src = str(tmp_path / "src")
+  rows = [f"{n}/photo {i} é.jpg,{n},{split}" for n, split in (
+      ("fig", "train"), ("grape", "train"), ("carrot", "test"),
+      ("eggplant", "test")) for i in range(2)]
+  (tmp_path / "src" / "twice.csv").write_text(
+      "\n".join(rows + ["fig/photo 0 é.jpg,eggplant,test"]))
+  with pytest.raises(DataError, match="in both the test and the train"):
+    folder.load_folder(src, csv_file="twice.csv")
+  (tmp_path / "src" / "labels.csv").write_text(
+      "fig/photo 0 é.jpg,fig\nfig/photo 0 é.jpg,grape\n")
+  with pytest.raises(DataError, match="lines 1 and 2: .* two labels"):
+    folder.load_folder(src, csv_file="labels.csv")
+  # One test class: Recall@K would be 1.0 whatever the model.
+  with pytest.raises(DataError, match=r"test split has 1 class\(es\) \(fig\)"):
+    folder.load_folder(src, test_classes=("fig",))
+  with pytest.raises(UserError, match="min_images=1"):
+    folder.load_folder(src, min_images=1)
+  # A repeated row is skipped and counted; hidden files are counted.
+  rows = [f"{n}/photo {i} é.jpg,{n}" for n in NAMES for i in range(2)]
+  (tmp_path / "src" / "rep.csv").write_text("\n".join(rows + rows[:1]))
+  (tmp_path / "src" / ".DS_Store").write_text("x")
+  (tmp_path / "src" / "fig" / ".DS_Store").write_text("x")
+  (tmp_path / "src" / "fig" / "._photo.jpg").write_text("x")
+  with caplog.at_level("INFO"):
+    folder.load_folder(src, csv_file="rep.csv")
+    folder.load_folder(src)
+  assert "skipped 1 repeated CSV row(s), e.g." in caplog.text
+  assert "skipped 3 hidden file(s) or folder(s), e.g." in caplog.text
+
+
+def test_skip_lines_come_before_the_error(tmp_path, caplog):
+  for name in ("a", "b", "c"):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "notes.txt").write_text("x")
+  with caplog.at_level("INFO"):
+    with pytest.raises(DataError, match="has no train images"):
+      folder.load_folder(str(tmp_path))
+  assert "skipped 3 non-image file(s)" in caplog.text
+
+
+def test_metrics_never_count_a_query_without_a_positive():
+  """Scoring guards, for every reader: a gallery of one class is refused
+  (every neighbour would be correct); a query alone in its class is left
+  out of Recall@K and MAP@R and counted, never a hit."""
+  from vitret_jax.eval import metrics  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import scoring  # pylint: disable=g-import-not-at-top
+  emb = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2]]
+  emb += np.float32(0.01) * np.arange(5)[:, None]
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  with pytest.raises(DataError, match="gallery holds 1 class"):
+    scoring.score_retrieval(emb, np.zeros(5, np.int32), ks=(1,))
+  out, _ = scoring.score_retrieval(emb, np.asarray([0, 0, 1, 1, 2]),
+                                   ks=(1, 2))
+  assert out["queries_without_positive"] == 1
+  assert out["recall@1"] == 1.0 and out["map@r"] == 1.0  # 4 queries
+  # The label table alone: a row with no relevant reference is left out.
+  got = metrics.recall_at_k(np.asarray([0, 1]), np.asarray([[0], [0]]), [1],
+                            num_relevant=np.asarray([1, 0]))
+  assert got == {"recall@1": 1.0}
+  with pytest.raises(DataError, match="None of the 2 queries"):
+    scoring.score_retrieval(emb[:2], np.asarray([0, 1]), ks=(1,))
+  # The same checks before training, from the splits an evaluator reads.
+  splits = datasets.load_dataset("grocery", datasets.EMBEDDED_GROCERY,
+                                 protocol="official")
+  evals = {"test": {"type": "retrieval", "query": "test", "gallery": ""}}
+  assert datasets.check_evaluations("grocery", splits, "train",
+                                    evals) == ["test"]  # seen classes
+  one = {"test": splits["test"].take(np.flatnonzero(
+      splits["test"].labels == 3))}
+  with pytest.raises(DataError, match="evals.test searches the test split, "
+                                      "which holds 1 class"):
+    datasets.check_evaluations("grocery", one, "train", evals)
+
+
+def test_batch_class_error_suggests_settings_that_fit():
+  from vitret_jax.data import samplers  # pylint: disable=g-import-not-at-top
+  labels = np.repeat(np.arange(10), 3)
+  with pytest.raises(UserError) as e:
+    samplers.MPerClassSampler(labels, 2, 64, 0, unit=8)
+  msg = str(e.value)
+  assert msg == (
+      "input.batch_size=64 with m_per_class=2 needs 32 classes per batch "
+      "(batch_size / m_per_class), but the training split has only 10: set "
+      "input.batch_size=16 (8 classes of 2), or keep it and set "
+      "input.m_per_class=8 (8 classes of 8).")
+  samplers.MPerClassSampler(labels, 2, 16, 0).batch(0)  # what it suggests
+  samplers.MPerClassSampler(labels, 8, 64, 0).batch(0)

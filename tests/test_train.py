@@ -16,6 +16,7 @@ from conftest import run_cli
 from conftest import small_config
 from conftest import main_in_process
 from conftest import model_config
+from vitret_jax import commands
 from vitret_jax import losses
 from vitret_jax import models
 from vitret_jax import sharding
@@ -142,8 +143,8 @@ def test_cli_errors_are_clear(tmp_path):
       "or directory: 'configs/demoo.py')."]
   r = main_in_process("--config=configs/demo.py:runlocal=True",
                       "--config.input.options.protocl=official", w)
-  assert r.returncode == 2 and "valid: ['num_train_classes', 'protocol']" \
-      in r.stderr
+  assert r.returncode == 2 and ("valid: ['exclude_file', 'num_train_classes',"
+                                " 'protocol']") in r.stderr
   r = main_in_process("--mode=eval", f"--workdir={tmp_path}/empty")
   assert r.returncode == 2 and "holds no saved config" in r.stderr
   r = main_in_process("--help")
@@ -471,3 +472,140 @@ def test_start_of_a_fine_tune_is_called_pretrained(capsys):
   header, row = capsys.readouterr().out.strip().splitlines()
   assert header.split()[:3] == ["metric", "pretrained", "trained"]
   assert row.split() == ["recall@1", "0.7000", "0.9000"]
+
+
+def _golden_timm_file(folder):
+  """The golden timm-format ViT (mu/8 at 32 px, the runlocal model) as a
+  .safetensors file."""
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  with np.load(os.path.join(REPO, "tests", "golden", "vit_tiny.npz")) as f:
+    sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
+  path = os.path.join(str(folder), "vit_tiny.safetensors")
+  st_numpy.save_file(sd, path)
+  return path
+
+
+@pytest.mark.slow(10)  # seconds, cold, 2 cores
+def test_pretrained_weights_evaluated_as_they_are(tmp_path, monkeypatch,
+                                                 caplog):
+  """--mode=eval on a fresh workdir with model.init_from evaluates the
+  starting weights ("pretrained" in the table and eval.json; `~` expanded
+  in the flags and the config's paths), here on train and test splits that
+  share classes on purpose (labelled "seen classes"; refused without
+  shared_classes); total_steps=0 trains nothing and saves them as step 0;
+  that run, and its artifact, are init_from of a model at another
+  resolution (position embedding resampled) and of another variant (the
+  one-line hint); without weights, total_steps=0 is refused."""
+  from test_folder import NAMES, _split_layout  # pylint: disable=g-import-not-at-top
+  from vitret_jax import init_from  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("HOME", str(tmp_path))
+  _split_layout(tmp_path, NAMES[:5], NAMES[3:])  # ~/split
+  weights = _golden_timm_file(tmp_path)
+  args = ["--mode=eval", "--config=configs/folder.py:runlocal=True",
+          "--config.input.data_dir=~/split",
+          "--config.model.init_from=~/vit_tiny.safetensors"]
+  r = main_in_process(*args, "--workdir=~/refused")
+  assert r.returncode == 2 and "share 2 class name(s): dill & co, eggplant" \
+      in r.stderr
+  assert not os.path.exists(tmp_path / "refused")
+  r = main_in_process(*args, "--config.input.options.shared_classes=True",
+                      "--workdir=~/eval")
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[0].startswith("Seen classes (evaluators: test)")
+  header = lines[2].split()
+  assert header[:2] == ["metric", "pretrained"] and "trained" not in header
+  with open(tmp_path / "eval" / "eval.json") as f:
+    shelf = json.load(f)
+  assert shelf["evaluated"] == "pretrained" and shelf["step"] == 0
+  assert shelf["seen_classes"] == ["test"]
+  assert not os.listdir(tmp_path / "eval" / "checkpoints")
+  c = load_config("folder", "runlocal=True")
+  with c.unlocked():
+    c.input.data_dir, c.model.init_from = str(tmp_path / "split"), weights
+    c.input.options.shared_classes = True
+    c.total_steps = 0
+  out = train.train_and_evaluate(c, str(tmp_path / "zero"))
+  assert out["evaluated"] == "pretrained" and out["step"] == 0
+  assert out["recall@1"] == shelf["recall@1"] and "untrained" not in out
+  run = str(tmp_path / "zero")
+  artifact = str(tmp_path / "artifact")
+  commands.export_run(None, run, artifact, platforms=("cpu",))
+  with c.unlocked():
+    c.model.image_size = 64  # another grid: resampled like timm files
+  model = models.build_model(c.model)
+  real = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"]
+  for source, what in ((run, "run"), (artifact, "artifact")):
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      got = init_from.make_init_params(source, "auto", c.model)(real)
+    assert got["encoder"]["pos_embedding"].shape == (1, 65, 32)
+    assert "from the weights' 4x4 grid to 8x8" in caplog.text
+    assert "of which 1 resampled (encoder/pos_embedding)" in caplog.text
+    with c.unlocked():
+      c.model.variant, c.model.image_size = "mu/16", 32
+    with pytest.raises(UserError) as e:
+      init_from.make_init_params(source, "auto", c.model)(None)
+    assert str(e.value) == (
+        f"model.init_from is a vitret_jax {what}, a mu/8 model; the config's "
+        f"model is mu/16: set --config.model.variant=mu/8 "
+        f"--config.model.distilled=False.")
+    with c.unlocked():
+      c.model.variant, c.model.image_size = "mu/8", 64
+  with c.unlocked():
+    c.model.variant, c.model.init_from = "mu/8", ""
+  with pytest.raises(UserError, match="total_steps=0: train 1 step or more"):
+    train.train_and_evaluate(c, str(tmp_path / "none"))
+
+
+def test_failed_checks_leave_nothing_behind(tmp_path):
+  """A run stopped by its checks (here the batch/class rule, met only once
+  the data and the model are built) writes no config.json and leaves no
+  folder or lock file it created; a folder that was there keeps what it
+  held. The error suggests settings that fit."""
+  from test_folder import make_folder  # pylint: disable=g-import-not-at-top
+  c = load_config("folder", "runlocal=True")  # batch 16, m 2: 8 classes
+  with c.unlocked():
+    c.input.data_dir = make_folder(tmp_path / "photos")  # 4 train classes
+  new = tmp_path / "runs" / "new"
+  with pytest.raises(UserError, match="needs 8 classes per batch .* set "
+                                      "input.batch_size=8 .* or keep it and "
+                                      "set input.m_per_class=4"):
+    train.train_and_evaluate(c, str(new))
+  assert not os.path.exists(tmp_path / "runs")
+  kept = tmp_path / "mine"
+  kept.mkdir()
+  (kept / "notes.txt").write_text("mine")
+  r = main_in_process("--config=configs/folder.py:runlocal=True",
+                      f"--config.input.data_dir={tmp_path}/photos",
+                      f"--workdir={kept}")
+  assert r.returncode == 2 and "classes per batch" in r.stderr
+  assert os.listdir(kept) == ["notes.txt"]
+  r = main_in_process("--config=configs/demo.py:runlocal=True",
+                      "--mode=eval", f"--workdir={tmp_path}/empty")
+  assert r.returncode == 2 and "train first" in r.stderr
+  assert not os.path.exists(tmp_path / "empty")
+
+
+def test_home_is_expanded_in_every_path_option():
+  from vitret_jax import paths  # pylint: disable=g-import-not-at-top
+  c = load_config("sfm120k", "runlocal=True")
+  with c.unlocked():
+    c.input.data_dir, c.input.tfds_dir = "~/data", "~user/tfds"
+    c.input.options.exclude_file = "~/exclude.txt"
+    c.evals.roxford.data_dir = "~/rox"
+    c.evals.roxford.options.distractors_dir = "~/r1m"
+    c.model.init_from, c.resume_from = "~/w.safetensors", "~/run"
+    c.input.pp_train = "~decode"  # not a path: left alone
+  paths.expand_config(c)
+  home = os.path.expanduser("~")
+  assert (c.input.data_dir, c.evals.roxford.data_dir) == (
+      f"{home}/data", f"{home}/rox")
+  assert c.evals.roxford.options.distractors_dir == f"{home}/r1m"
+  assert c.input.options.exclude_file == f"{home}/exclude.txt"
+  assert (c.model.init_from, c.resume_from) == (f"{home}/w.safetensors",
+                                                f"{home}/run")
+  assert c.input.tfds_dir == os.path.expanduser("~user/tfds")
+  assert c.input.pp_train == "~decode"
+  assert paths.expand_argv(["prog", "--images=~/p", "--top_k=5", "~/x"]) == [
+      "prog", f"--images={home}/p", "--top_k=5", "~/x"]

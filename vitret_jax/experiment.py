@@ -155,8 +155,6 @@ def check_config(config, mesh):
         f"{config.optim.accum_steps} micro-batch(es) over "
         f"{sharding.batch_size_on(mesh)} device(s): use a multiple of "
         f"{unit}.")
-  if config.total_steps < 1:
-    raise UserError(f"total_steps={config.total_steps}: it must be >= 1.")
   check_loss(config.loss)
   if config.ckpt.every_steps < 1:
     raise UserError(f"ckpt.every_steps={config.ckpt.every_steps}: it must be "
@@ -222,6 +220,9 @@ class Run:
     self.tx, self.schedule = optim.build_optimizer(
         config.optim, config.schedule, config.total_steps)
     self.train_split = self.splits[config.input.train_split]
+    self.seen_classes = datasets.check_evaluations(
+        config.input.dataset, self.splits, config.input.train_split,
+        config.evals)
     if config.loss.kind == "arcface":
       # A classifier's rows are indexed 0..C-1.
       self.train_split = self.train_split.with_class_indices()

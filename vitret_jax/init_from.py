@@ -8,6 +8,7 @@ checkpoint.resume_or_init's.
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -17,6 +18,7 @@ from vitret_jax import hub
 from vitret_jax import params_tree
 from vitret_jax import weights
 from vitret_jax.errors import UserError
+from vitret_jax.models import vit
 
 INIT_FORMATS = ("auto", "vitret_run", "vitret_export", "timm", "npz")
 
@@ -44,10 +46,8 @@ def _load_init_source(path, fmt, model_cfg):
     raise UserError(f"model.init_format={fmt!r}; valid: {INIT_FORMATS}.")
   if fmt in ("timm", "npz") and not os.path.isfile(path):
     raise UserError(f"model.init_from={path!r}: no such file.")
-  if fmt == "vitret_export":
-    return export.Embedder(path).params, []
-  if fmt == "vitret_run":
-    return checkpoint.load_run_params(path, flag="model.init_from"), []
+  if fmt in ("vitret_export", "vitret_run"):
+    return _load_vitret(path, fmt, model_cfg), []
   # Encoder-only checkpoints: converted with the encoder of this config,
   # after a check that they are of its variant (a one-line hint, not a
   # list of every misfitting name).
@@ -87,6 +87,54 @@ def _check_timm_architecture(arch, model_cfg):
   _check_variant(f"timm's {arch}", variant, distilled, model_cfg)
 
 
+def _load_vitret(path, fmt, model_cfg):
+  """The parameters of a vitret_jax artifact or run, after the variant
+  check against the model section it saved."""
+  if fmt == "vitret_export":
+    artifact = export.Embedder(path)
+    _check_source_model("a vitret_jax artifact", artifact.meta.get("model"),
+                        model_cfg)
+    return artifact.params
+  workdir = os.path.normpath(path)
+  if os.path.basename(workdir) == "checkpoints":
+    workdir = os.path.dirname(workdir)
+  saved = (checkpoint.read_run_config(workdir) if os.path.isdir(workdir)
+           else None)
+  _check_source_model("a vitret_jax run", saved and saved.model.to_dict(),
+                      model_cfg)
+  return checkpoint.load_run_params(path, flag="model.init_from")
+
+
+def _check_source_model(what, source, model_cfg):
+  """The variant hint for a run or artifact whose saved model section
+  (`source`, a dict) is of another variant than the config's."""
+  if source and model_cfg is not None and source.get("variant"):
+    _check_variant(what, source["variant"], bool(source.get("distilled")),
+                   model_cfg)
+
+
+def _fit_pos_embedding(loaded, template, model_cfg):
+  """`loaded` with its position embedding resampled to the template's grid
+  when it was made for another one (a run or an artifact at another
+  resolution; timm and npz files are resampled by their converters).
+  Returns (params, whether it was resampled)."""
+  have = loaded.get("encoder", {}).get("pos_embedding")
+  want = template.get("encoder", {}).get("pos_embedding")
+  if (have is None or want is None or have.shape == want.shape
+      or have.shape[::2] != want.shape[::2] or model_cfg is None):
+    return loaded, False
+  prefix = 1 + int(bool(model_cfg.distilled))
+  side, grid = [int(round((n - prefix) ** 0.5)) for n in (have.shape[1],
+                                                          want.shape[1])]
+  if side * side + prefix != have.shape[1] or grid * grid + prefix != (
+      want.shape[1]):
+    return loaded, False  # not square grids: the shape check names it
+  weights.log_resample(side, grid)
+  pe = np.asarray(vit.resample_posemb(jnp.asarray(have), (grid, grid),
+                                      prefix))
+  return dict(loaded, encoder=dict(loaded["encoder"], pos_embedding=pe)), True
+
+
 def _check_variant(what, variant, distilled, model_cfg):
   """One line naming the variant to set when weights of `variant` meet a
   config of another."""
@@ -113,6 +161,8 @@ def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
 
   def load(template):
     loaded, resampled = _load_init_source(path, fmt, model_cfg)
+    loaded, fitted = _fit_pos_embedding(loaded, template, model_cfg)
+    resampled = resampled + ["encoder/pos_embedding"] * fitted
     want, have = params_tree.shapes(template), params_tree.shapes(loaded)
     kept = {k for k in set(want) - set(have) if any(f in k for f in fresh)}
     want_loaded = {k: v for k, v in want.items() if k not in kept}

@@ -21,7 +21,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from vitret_jax import commands
+from vitret_jax import evaluate
 from vitret_jax import host_memory
+from vitret_jax import paths
 from vitret_jax import preemption
 from vitret_jax import train
 from vitret_jax.errors import UserError
@@ -114,13 +116,15 @@ def _run_mode(mode, config, workdir):
                          "config is used unless --config is given).")
   if mode == "eval" and config is None:
     config = commands.run_config(None, workdir, "eval")
+  if config is not None:
+    paths.expand_config(config)
   if mode == "export" and not workdir:
     raise app.UsageError("--mode=export needs the run's --workdir (its "
                          "saved config is used; --config is optional).")
   if mode == "train":
     return train.train_and_evaluate(config, workdir)
   if mode == "eval":
-    return train.evaluate_only(config, workdir)
+    return evaluate.evaluate_only(config, workdir)
   if mode == "export":
     return commands.export_run(config, workdir, _EXPORT_DIR.value,
                                _OVERWRITE.value, _EXPORT_EVAL.value,
@@ -139,15 +143,23 @@ def _run_mode(mode, config, workdir):
 
 
 def _print_table(result):
+  """The metrics of eval.json (evaluate.py): a column for the starting
+  weights when they were evaluated too, and the labels said above it."""
   rows = [(k, v) for k, v in sorted(result.items())
-          if k not in ("untrained", "step", "start")]
+          if k not in evaluate.LABELS]
   base = result.get("untrained", {})
   start = result.get("start", "untrained")
-  print(f"\n{'metric':<14}{start:>12}{'trained':>12}   "
-        f"(step {result.get('step')})")
+  final = result.get("evaluated", "trained")
+  if result.get("seen_classes"):
+    print(f"\nSeen classes (evaluators: {', '.join(result['seen_classes'])})"
+          f": their test classes are also training classes (input.options."
+          f"shared_classes, or the data set's own protocol); the figures are "
+          f"not comparable with class-disjoint results.")
+  first = f"{start:>12}" if base else ""
+  print(f"\n{'metric':<14}{first}{final:>12}   (step {result.get('step')})")
   for k, v in rows:
-    u = f"{base[k]:.4f}" if k in base else "-"
-    print(f"{k:<14}{u:>12}{v:>12.4f}")
+    u = (f"{base[k]:>12.4f}" if k in base else f"{'-':>12}") if base else ""
+    print(f"{k:<14}{u}{v:>12.4f}")
 
 
 class _QuietLibraries:
@@ -239,6 +251,7 @@ def _parse_flags(argv):
   if any(a in ("--help", "-h", "-?") for a in argv[1:]):
     print(USAGE)
     sys.exit(0)
+  argv = paths.expand_argv(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

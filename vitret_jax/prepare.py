@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from vitret_jax import paths
 from vitret_jax.data import prepare as prepare_lib
 from vitret_jax.errors import UserError
 
@@ -79,5 +80,10 @@ def main(argv):
         f"Use it with --config.{out['flag']}={out['folder']}")
 
 
+def _parse_flags(argv):
+  """absl's parsing, with `~` expanded in --data_dir=~/... and the like."""
+  return flags.FLAGS(paths.expand_argv(argv))
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -2,10 +2,11 @@
 evaluators) and trains with logging, checkpointing and evaluation at the
 config's cadence, under the workdir's lock.
 
-Data flow: check_config (no data) -> Run (data, fresh state) -> config.json
--> resume_or_init -> [untrained evaluation] -> _Trainer.train (step, log,
-save, evaluate the saved step, stop on SIGTERM) -> final save -> final
-evaluation -> eval.json. No model or loss maths lives here.
+Data flow: check_config (no data) -> Run (data, fresh state) ->
+resume_or_init -> loader (sampler checks) -> config.json -> [untrained
+evaluation] -> _Trainer.train (step, log, save, evaluate the saved step,
+stop on SIGTERM) -> final save -> final evaluation -> eval.json
+(evaluate.finish). No model or loss maths lives here.
 """
 import json
 import math
@@ -18,9 +19,8 @@ import tqdm
 from absl import logging
 
 from vitret_jax import checkpoint
+from vitret_jax import evaluate
 from vitret_jax import experiment
-from vitret_jax import init_from
-from vitret_jax import integrity
 from vitret_jax import metric_writer
 from vitret_jax import mining
 from vitret_jax import models
@@ -33,27 +33,6 @@ from vitret_jax.data import image_sizes
 from vitret_jax.data import pipeline
 from vitret_jax.data import samplers
 from vitret_jax.errors import UserError
-
-
-def _write_json(path, obj):
-  if jax.process_index() == 0:
-    integrity.write_json_atomic(path, obj, indent=2)
-
-
-def _untrained_eval(run, params, fresh, stopper):
-  """The untrained model's metrics: computed by a fresh run (every process
-  takes part, so the decision must not depend on files another process may
-  be writing) and kept in eval_untrained.json; a resumed run reads them."""
-  path = os.path.join(run.workdir, "eval_untrained.json")
-  if not fresh:
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      return json.load(f)
-  with stopper.interruptible(0, "the untrained evaluation"):
-    res = run.evaluate(params)
-  _write_json(path, res)
-  return res
 
 
 def _check_finite(metrics, step, ckpt):
@@ -227,60 +206,67 @@ class _Trainer:
         self.evaluate_saved(state, start, names=due)
 
 
+def check_steps(config):
+  """total_steps >= 1, or 0: save and evaluate the starting weights, which
+  must then come from somewhere (model.init_from or resume_from)."""
+  if config.total_steps < 0 or not (config.total_steps or
+                                    evaluate.start_name(config) ==
+                                    "pretrained"):
+    raise UserError(
+        f"total_steps={config.total_steps}: train 1 step or more, or set 0 "
+        f"with model.init_from (or resume_from) to evaluate those weights "
+        f"as they are.")
+
+
 def train_and_evaluate(config, workdir) -> dict:
   """Trains (see checkpoint.resume_or_init for where it starts) and evaluates.
 
-  Returns the final metrics, also written to workdir/eval.json together with
-  the untrained model's under "untrained". The final state is saved before
-  the final evaluation. Raises preemption.Preempted after saving when
-  SIGTERM arrives, and holds the workdir's lock throughout.
+  Returns the final metrics, also written to workdir/eval.json (labels:
+  evaluate.py). The final state is saved before the final evaluation.
+  total_steps=0 saves and evaluates the starting weights (model.init_from
+  or resume_from), labelled "pretrained". Raises preemption.Preempted after
+  saving when SIGTERM arrives, and holds the workdir's lock throughout; a
+  run that fails its checks leaves nothing it created in the workdir.
   """
+  check_steps(config)
   mesh = sharding.build_mesh(config.mesh)
   checked = experiment.check_config(config, mesh)
-  with workdir_lib.Lock(workdir, "train"):
+  with workdir_lib.Lock(workdir, "train") as lock:
     run = experiment.Run(config, workdir, mesh, checked)
-    state, source = checkpoint.resume_or_init(
-        run.ckpt, run.state, run.state_sharding, config.resume_from,
-        init_from.make_init_params(config.model.init_from,
-                                   config.model.init_format, config.model,
-                                   tuple(config.model.init_fresh)))
+    state, source = evaluate.init_state(run, config)
+    loader = _build_loader(config, run) if config.total_steps else None
     if jax.process_index() == 0:
-      # Only now: the data and the starting weights passed their checks, so
-      # a run that failed them leaves no config behind.
+      # Only now: the data, the sampler and the starting weights passed
+      # their checks, so a run that failed them leaves no config behind.
       workdir_lib.write_config(config, workdir,
                                models.resolve(config.model).as_dict())
-    loader = _build_loader(config, run)
+    lock.checks_passed()
     start = int(jax.device_get(state.step))
     writer = metric_writer.MetricWriter(workdir, resume_step=start)
     try:
       with preemption.Stopper(run.ckpt.directory) as stopper:
         untrained = None
-        if config.eval_untrained:
-          untrained = _untrained_eval(run, state.params, source != "workdir",
-                                      stopper)
+        if config.eval_untrained and config.total_steps:
+          untrained = evaluate.untrained_eval(
+              run, state.params, source != "workdir", stopper)
         trainer = _Trainer(run, loader, writer, stopper)
-        state = trainer.train(state, source)
+        if loader is not None:
+          state = trainer.train(state, source)
         end = trainer.save(state, force=True)  # first save, then evaluate
         run.ckpt.wait()
         final = trainer.evaluate_saved(state, end, report=True)
     finally:
-      loader.close()
+      if loader is not None:
+        loader.close()
       writer.close()
       run.ckpt.close()
-    out = _finish(workdir, final, untrained, end, start_name(config))
+    out = evaluate.finish(workdir, final, untrained, end, config,
+                          run.seen_classes)
   if jax.process_index() == 0:
     logging.info("Done: metrics in %s (eval.json, metrics.jsonl), "
                  "checkpoints in %s, retrieval grids report_<eval>.png.",
                  workdir, run.ckpt.directory)
   return out
-
-
-def start_name(config):
-  """What the metrics before the first step are of: weights loaded by
-  model.init_from (or a run continued with resume_from) are "pretrained",
-  a fresh initialisation "untrained"."""
-  return ("pretrained" if config.model.init_from or config.resume_from
-          else "untrained")
 
 
 def _build_loader(config, run):
@@ -312,7 +298,8 @@ def _build_sampler(config, run):
       config.input.sampler, run.train_split.labels, config.input.batch_size,
       config.input.m_per_class, config.seed, sizes=sizes,
       image_size=run.image_size, multiple=multiple,
-      pairs=run.train_split.pairs, tuples=tuples)
+      pairs=run.train_split.pairs, tuples=tuples,
+      unit=sharding.batch_size_on(run.mesh) * config.optim.accum_steps)
   if sizes is not None:
     logging.info("Group-size sampling, groups: %s", "; ".join(
         sampler.describe()))
@@ -326,35 +313,6 @@ def _build_sampler(config, run):
   return sampler
 
 
-def _finish(workdir, final, untrained, step, start="untrained"):
-  """eval.json: the final metrics, with the metrics before the first step
-  under "untrained" and what they were of (`start`: "untrained" or
-  "pretrained") under "start"."""
-  out = dict(final, step=step)
-  if untrained is not None:
-    out["untrained"] = untrained
-    out["start"] = start
-  _write_json(os.path.join(workdir, "eval.json"), out)
-  return out
-
-
-def evaluate_only(config, workdir) -> dict:
-  """Evaluates the workdir's latest intact checkpoint; writes eval.json."""
-  mesh = sharding.build_mesh(config.mesh)
-  checked = experiment.check_config(config, mesh)
-  with workdir_lib.Lock(workdir, "eval"):
-    run = experiment.Run(config, workdir, mesh, checked)
-    try:
-      if run.ckpt.latest_step() is None:
-        raise UserError(f"No checkpoint in {run.ckpt.directory}: train first "
-                        f"(--mode=train) or point --workdir at a trained "
-                        f"run.")
-      state, _ = run.ckpt.restore(
-          checkpoint.abstract_like(run.state, run.state_sharding))
-    finally:
-      run.ckpt.close()
-    untrained = _untrained_eval(run, None, fresh=False, stopper=None)
-    step = int(jax.device_get(state.step))
-    final = run.evaluate(state.params, step=step, report=True)
-    run.ckpt.record_eval(step, final)
-    return _finish(workdir, final, untrained, step, start_name(config))
+# The evaluation of a run without training (--mode=eval).
+evaluate_only = evaluate.evaluate_only
+start_name = evaluate.start_name

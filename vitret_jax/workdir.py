@@ -6,6 +6,8 @@ the first (pid, host, start time). The lock is an advisory `flock`, which the
 kernel releases when the holder exits, even on kill -9; the holder's details
 stay in the file until a clean exit, so a run that finds them in a free lock
 says that the previous run ended without releasing it (crash or kill).
+A run that fails its checks before `Lock.checks_passed` leaves nothing it
+created (see Lock).
 
 `write_once(path, write_fn)`: caches (embeddings, image sizes, ScaNN folders)
 are written by process 0 alone, into a temporary name renamed into place,
@@ -19,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 
 import jax
@@ -50,16 +53,34 @@ def check_writable(workdir):
 
 
 class Lock:
-  """Context manager holding the workdir's lock (process 0 only)."""
+  """Context manager holding the workdir's lock (process 0 only).
+
+  Until `checks_passed()` is called, the run is still checking its config,
+  data and weights: if it stops then (an error), what it created is
+  removed on exit, the workdir itself when it made it, else the new entries
+  (the lock file included), so a failed start leaves nothing behind.
+  """
 
   def __init__(self, workdir, mode="train"):
     self.workdir, self.mode = os.path.abspath(workdir), mode
     self.path = os.path.join(self.workdir, LOCK_FILE)
     self._file = None
+    self._before = set()  # the workdir's entries before the run
+    self._created = None  # the top folder this run creates, if any
+    self._passed = False
+
+  def checks_passed(self):
+    """The run is past its checks: what it writes from now on is kept."""
+    self._passed = True
 
   def __enter__(self):
     if jax.process_index() != 0:
       return self
+    folder = self.workdir
+    while not os.path.exists(folder):
+      self._created, folder = folder, os.path.dirname(folder)
+    if self._created is None and os.path.isdir(self.workdir):
+      self._before = set(os.listdir(self.workdir))
     check_writable(self.workdir)
     try:
       f = open(self.path, "a+")  # pylint: disable=consider-using-with
@@ -93,15 +114,30 @@ class Lock:
     self._file = f
     return self
 
-  def __exit__(self, *exc):
-    if self._file is not None:
-      self._file.seek(0)
-      self._file.truncate()  # empty: released cleanly
-      self._file.flush()
-      fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-      self._file.close()
-      self._file = None
+  def __exit__(self, exc_type, *exc):
+    if self._file is None:
+      return False
+    self._file.seek(0)
+    self._file.truncate()  # empty: released cleanly
+    self._file.flush()
+    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+    self._file.close()
+    self._file = None
+    if exc_type is not None and not self._passed:
+      self._remove_created()
     return False
+
+  def _remove_created(self):
+    """Removes what this run created before failing its checks."""
+    if self._created is not None:  # the workdir and the parents it made
+      shutil.rmtree(self._created, ignore_errors=True)
+      return
+    for name in set(os.listdir(self.workdir)) - self._before:
+      path = os.path.join(self.workdir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
 
 
 def _describe(text):

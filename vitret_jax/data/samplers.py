@@ -74,14 +74,36 @@ class Sampler:
     del state
 
 
+def fitting_settings(num_classes, batch_size, m, unit=1):
+  """What to set when `num_classes` cannot fill batches of batch_size / m
+  classes: the largest batch size that fits (a multiple of m and of
+  `unit`), and the smallest m_per_class that fits the batch size as it is."""
+  options = []
+  step = math.lcm(m, unit)
+  fit = num_classes * m // step * step
+  if fit >= step:
+    options.append(f"set input.batch_size={fit} ({fit // m} classes of {m})")
+  more = next((k for k in range(m + 1, batch_size + 1)
+               if batch_size % k == 0 and batch_size // k <= num_classes),
+              None)
+  if more is not None:
+    options.append(f"keep it and set input.m_per_class={more} "
+                   f"({batch_size // more} classes of {more})")
+  if not options:
+    return "too few classes for m-per-class batches: use input.sampler=random"
+  return ", or ".join(options)
+
+
 class MPerClassSampler(Sampler):
   """Batches of `batch_size // m` distinct classes with m images each.
 
   A class with fewer than m images is sampled with replacement; the others
-  without. Args: labels [N] ints; m; batch_size (global); seed.
+  without. Args: labels [N] ints; m; batch_size (global); seed; unit: what
+  the batch size must be a multiple of (devices x micro-batches), for the
+  settings an error suggests.
   """
 
-  def __init__(self, labels, m: int, batch_size: int, seed: int):
+  def __init__(self, labels, m: int, batch_size: int, seed: int, unit=1):
     _check_m(m, batch_size)
     labels = np.asarray(labels)
     self.classes, inverse, counts = np.unique(labels, return_inverse=True,
@@ -94,8 +116,9 @@ class MPerClassSampler(Sampler):
     if batch_size // m > len(self.classes):
       raise UserError(
           f"input.batch_size={batch_size} with m_per_class={m} needs "
-          f"{batch_size // m} classes per batch, but the training split has "
-          f"only {len(self.classes)}: lower the batch size or raise m.")
+          f"{batch_size // m} classes per batch (batch_size / m_per_class), "
+          f"but the training split has only {len(self.classes)}: "
+          + fitting_settings(len(self.classes), batch_size, m, unit) + ".")
 
   def batch(self, step: int) -> np.ndarray:
     """Indices [batch_size] of the training rows of step `step`."""
@@ -354,11 +377,12 @@ SAMPLERS = ("random", "m_per_class", "group_size", "tuples")
 
 def build_sampler(kind: str, labels, batch_size: int, m: int, seed: int,
                   sizes=None, image_size=224, multiple=16, pairs=None,
-                  tuples=None):
+                  tuples=None, unit=1):
   """A sampler by name; "group_size" needs the images' `sizes`, "tuples"
-  the data set's (query, positive) `pairs` and the `tuples` options."""
+  the data set's (query, positive) `pairs` and the `tuples` options; `unit`:
+  see MPerClassSampler."""
   if kind == "m_per_class":
-    return MPerClassSampler(labels, m, batch_size, seed)
+    return MPerClassSampler(labels, m, batch_size, seed, unit)
   if kind == "random":
     return RandomSampler(labels, batch_size, seed)
   if kind == "group_size":

@@ -6,7 +6,7 @@ Metrics never search: they see `query_labels` [Q] and `knn_labels` [Q, K]
 import numpy as np
 
 
-def recall_at_k(query_labels, knn_labels, ks):
+def recall_at_k(query_labels, knn_labels, ks, num_relevant=None):
   """Recall@K: fraction of queries with a same-class item in their top K.
 
   Args:
@@ -14,11 +14,17 @@ def recall_at_k(query_labels, knn_labels, ks):
     knn_labels: [Q, K_max] labels of the ranked neighbours (query itself
       already excluded under leave-one-out).
     ks: the K values; each must be <= K_max.
+    num_relevant: optional [Q] relevant references per query; queries with
+      none are left out (they have nothing to find, so they can be neither
+      a hit nor a miss).
   Returns:
-    dict {"recall@K": float}.
+    dict {"recall@K": float} (0.0 when no query is left).
   """
   query_labels = np.asarray(query_labels)
   knn_labels = np.asarray(knn_labels)
+  if num_relevant is not None:
+    keep = np.asarray(num_relevant) > 0
+    query_labels, knn_labels = query_labels[keep], knn_labels[keep]
   hits = knn_labels == query_labels[:, None]
   first_hit = np.where(hits.any(1), hits.argmax(1), np.iinfo(np.int64).max)
   out = {}
@@ -26,7 +32,8 @@ def recall_at_k(query_labels, knn_labels, ks):
     if k > knn_labels.shape[1]:
       raise ValueError(f"recall@{k} needs {k} neighbours, the table has "
                        f"{knn_labels.shape[1]}.")
-    out[f"recall@{k}"] = float(np.mean(first_hit < k))
+    out[f"recall@{k}"] = (float(np.mean(first_hit < k)) if len(first_hit)
+                          else 0.0)
   return out
 
 

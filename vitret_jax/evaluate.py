@@ -1,0 +1,119 @@
+"""Evaluating without training, and what eval.json says about its metrics.
+
+`evaluate_only(config, workdir)` (--mode=eval) evaluates the workdir's latest
+intact checkpoint; a workdir without one evaluates the starting weights of
+`model.init_from` (or `resume_from`): the off-the-shelf figure the papers
+report before fine-tuning, labelled "pretrained". With neither, it is an
+error.
+
+eval.json holds the final metrics and `step`, the metrics before the first
+step under "untrained" with what they were of under "start", and labels:
+"evaluated": "pretrained" when the metrics are of the starting weights (no
+step trained), "seen_classes": the evaluators whose test classes are also
+training classes (input.options.shared_classes, or a data set's own
+protocol such as Grocery's "official"), whose figures are not comparable
+with class-disjoint ones.
+"""
+import json
+import os
+
+import jax
+
+from vitret_jax import checkpoint
+from vitret_jax import experiment
+from vitret_jax import init_from
+from vitret_jax import integrity
+from vitret_jax import models
+from vitret_jax import sharding
+from vitret_jax import workdir as workdir_lib
+from vitret_jax.errors import UserError
+
+# eval.json's keys that are not metrics.
+LABELS = ("untrained", "step", "start", "evaluated", "seen_classes")
+
+
+def write_json(path, obj):
+  if jax.process_index() == 0:
+    integrity.write_json_atomic(path, obj, indent=2)
+
+
+def start_name(config):
+  """What the metrics before the first step are of: weights loaded by
+  model.init_from (or a run continued with resume_from) are "pretrained",
+  a fresh initialisation "untrained"."""
+  return ("pretrained" if config.model.init_from or config.resume_from
+          else "untrained")
+
+
+def untrained_eval(run, params, fresh, stopper):
+  """The untrained model's metrics: computed by a fresh run (every process
+  takes part, so the decision must not depend on files another process may
+  be writing) and kept in eval_untrained.json; a resumed run reads them."""
+  path = os.path.join(run.workdir, "eval_untrained.json")
+  if not fresh:
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+  with stopper.interruptible(0, "the untrained evaluation"):
+    res = run.evaluate(params)
+  write_json(path, res)
+  return res
+
+
+def finish(workdir, final, untrained, step, config, seen=()):
+  """Writes eval.json (see the module doc) and returns its contents. Step 0
+  is the starting weights: labelled with start_name(config)."""
+  out = dict(final, step=step)
+  if untrained is not None:
+    out["untrained"] = untrained
+    out["start"] = start_name(config)
+  if step == 0:
+    out["evaluated"] = start_name(config)
+  if seen:
+    out["seen_classes"] = list(seen)
+  write_json(os.path.join(workdir, "eval.json"), out)
+  return out
+
+
+def init_state(run, config):
+  """(state, source) of a run without a checkpoint of its own: the starting
+  weights (checkpoint.resume_or_init's order)."""
+  return checkpoint.resume_or_init(
+      run.ckpt, run.state, run.state_sharding, config.resume_from,
+      init_from.make_init_params(config.model.init_from,
+                                 config.model.init_format, config.model,
+                                 tuple(config.model.init_fresh)))
+
+
+def evaluate_only(config, workdir) -> dict:
+  """Evaluates the workdir's latest intact checkpoint, or without one the
+  starting weights; writes eval.json."""
+  mesh = sharding.build_mesh(config.mesh)
+  checked = experiment.check_config(config, mesh)
+  with workdir_lib.Lock(workdir, "eval") as lock:
+    run = experiment.Run(config, workdir, mesh, checked)
+    saved = run.ckpt.latest_step() is not None
+    try:
+      if saved:
+        state, _ = run.ckpt.restore(
+            checkpoint.abstract_like(run.state, run.state_sharding))
+      elif start_name(config) == "pretrained":
+        state, _ = init_state(run, config)
+        if jax.process_index() == 0:
+          workdir_lib.write_config(config, workdir,
+                                   models.resolve(config.model).as_dict())
+      else:
+        raise UserError(f"No checkpoint in {run.ckpt.directory}: train first "
+                        f"(--mode=train), point --workdir at a trained run, "
+                        f"or set model.init_from to evaluate pretrained "
+                        f"weights.")
+    finally:
+      run.ckpt.close()
+    lock.checks_passed()
+    untrained = untrained_eval(run, None, fresh=False, stopper=None)
+    step = int(jax.device_get(state.step))
+    final = run.evaluate(state.params, step=step, report=True)
+    if saved:
+      run.ckpt.record_eval(step, final)
+    return finish(workdir, final, untrained, step, config, run.seen_classes)
