@@ -24,6 +24,7 @@ MAX_IMAGE_PIXELS - refused from the header, before any pixel is
 allocated - or memory running out).
 """
 import io
+import os
 import re
 
 import numpy as np
@@ -71,15 +72,17 @@ def reason(e: BaseException) -> str:
   reprs, no Python class names where a plain sentence says it."""
   text = _REPR.sub("it", str(e).splitlines()[0] if str(e) else "").strip()
   if isinstance(e, Image.DecompressionBombError):
-    return (f"{text[:1].lower()}{text[1:]} (Pillow's decompression-bomb "
-            f"guard, PIL.Image.MAX_IMAGE_PIXELS)")
+    pixels = re.search(r"\((\d+) pixels\)", text)
+    return _too_many(f"{int(pixels.group(1)):,} pixels" if pixels
+                     else "too many pixels")
   if isinstance(e, Image.UnidentifiedImageError):
     return ("not an image file in a format Pillow reads (JPEG, PNG, GIF, "
             "WebP, TIFF, BMP, ...)")
   if isinstance(e, MemoryError):
     return "decoding it needs more memory than is available"
-  if isinstance(e, EOFError) or "truncated" in text or "Premature end" in text:
-    return f"the file is truncated ({text or 'it ends early'})"
+  lower = text.lower()
+  if isinstance(e, EOFError) or "truncat" in lower or "premature end" in lower:
+    return "the file is truncated: it ends before its image data does"
   if isinstance(e, (OSError, ValueError, SyntaxError)) and text:
     return f"the image data is damaged or unsupported ({text})"
   return (f"the image data is damaged or unsupported "
@@ -100,14 +103,19 @@ def error(src, why, name=""):
   return e
 
 
+def _too_many(what):
+  return (f"its header claims {what}, over the limit of "
+          f"{Image.MAX_IMAGE_PIXELS:,} (Pillow's decompression-bomb guard, "
+          f"PIL.Image.MAX_IMAGE_PIXELS; raise it if you trust the file)")
+
+
 def check_pixels(h, w, src, name=""):
   """A DataError when an h x w image is over PIL.Image.MAX_IMAGE_PIXELS:
   refused from its header, before its pixels are allocated."""
   limit = Image.MAX_IMAGE_PIXELS
   if limit and int(h) * int(w) > limit:
-    raise error(src, f"it is {w}x{h} pixels, over the limit of {limit:,} "
-                f"(Pillow's decompression-bomb guard, PIL.Image."
-                f"MAX_IMAGE_PIXELS; raise it if you trust the file)", name)
+    raise error(src, _too_many(f"{w}x{h} = {int(h) * int(w):,} pixels"),
+                name)
 
 
 def turn_upright(img, orientation):
@@ -132,6 +140,8 @@ def decode(src, upright=False, name="") -> np.ndarray:
   Any PIL mode is accepted: palette, greyscale, CMYK and alpha images are
   converted to RGB (alpha dropped), 16-bit images are scaled to 8 bits.
   """
+  if not isinstance(src, str) and not len(src):
+    raise error(src, "the file is empty (0 bytes)", name)
   try:
     with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as im:
       check_pixels(im.height, im.width, src, name)
@@ -142,7 +152,10 @@ def decode(src, upright=False, name="") -> np.ndarray:
   except Exception as e:  # pylint: disable=broad-except
     # Decoders raise anything on a crafted file (struct.error, IndexError,
     # zlib.error, MemoryError, ...): all of it is the file's fault.
-    raise error(src, reason(e), name) from e
+    empty = isinstance(src, str) and os.path.isfile(src) and not (
+        os.path.getsize(src))
+    raise error(src, "the file is empty (0 bytes)" if empty else reason(e),
+                name) from e
 
 
 def read(src) -> bytes:
@@ -175,6 +188,8 @@ def _tiff_orientation(t):
   if order is None or len(t) < 8:
     return 1
   num = lambda a, b: int.from_bytes(t[a:b], order)
+  if num(2, 4) != 42:  # TIFF's magic number
+    return 1
   start = num(4, 8)
   if start + 2 > len(t):
     return 1
@@ -222,6 +237,8 @@ def size(data, name="", upright=False):
   """(height, width) of encoded image bytes, from the header alone (as
   shown upright with `upright`); a DataError for an image over the
   pixel limit or a header no decoder reads."""
+  if not len(data):
+    raise error(data, "the file is empty (0 bytes)", name)
   header = _jpeg_header(data)
   if header is not None:
     h, w = header[:2]
