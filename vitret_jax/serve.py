@@ -111,8 +111,7 @@ def create_app(embedder=None, index=None, workdir="", max_batch=32,
   # body cap, then the token (checked before any body is read).
   if token:
     app.add_middleware(serve_guard.TokenGate, token=token)
-  app.add_middleware(serve_guard.BodyLimit,
-                     max_bytes=int(max_upload_mb * 2 ** 20))
+  app.add_middleware(serve_guard.BodyLimit, max_mb=max_upload_mb)
   app.add_middleware(serve_guard.SecurityHeaders)
   return app
 

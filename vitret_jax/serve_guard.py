@@ -37,6 +37,7 @@ TOKEN_ENV = "VITRET_SERVE_TOKEN"
 OPEN_PATHS = ("/healthz", "/login", "/login.js", "/style.css")
 # Set on the request scope: whether the request may see everything.
 AUTH_KEY = "vitret.authorized"
+WRONG_TOKEN_DELAY_S = 1.0  # what a wrong token at /login costs
 
 
 def _header(scope, name):
@@ -73,17 +74,14 @@ class SecurityHeaders:
     return await self.app(scope, receive, send_with_headers)
 
 
-def too_large_message(max_bytes):
-  return (f"The upload is over {max_bytes / 2 ** 20:g} MB, the limit of "
-          f"this server (--serve_max_upload_mb): send a smaller image.")
-
-
 class BodyLimit:
-  """ASGI middleware: request bodies of at most `max_bytes`, counted as
+  """ASGI middleware: request bodies of at most `max_mb` MB, counted as
   they arrive (413 past it)."""
 
-  def __init__(self, app, max_bytes):
-    self.app, self.max_bytes = app, int(max_bytes)
+  def __init__(self, app, max_mb):
+    self.app, self.max_bytes = app, int(max_mb * 2 ** 20)
+    self.message = (f"The upload is over {max_mb:g} MB, the limit of this "
+                    f"server (--serve_max_upload_mb): send a smaller image.")
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
@@ -91,7 +89,7 @@ class BodyLimit:
     length = _header(scope, b"content-length")
     if length is not None and (not length.isdigit()
                                or int(length) > self.max_bytes):
-      return await _send_json(send, 413, too_large_message(self.max_bytes))
+      return await _send_json(send, 413, self.message)
     seen = 0
 
     async def limited():
@@ -100,8 +98,7 @@ class BodyLimit:
       if message["type"] == "http.request":
         seen += len(message.get("body", b""))
         if seen > self.max_bytes:  # raised into whoever reads the body
-          raise exceptions.HTTPException(413,
-                                         too_large_message(self.max_bytes))
+          raise exceptions.HTTPException(413, self.message)
       return message
     return await self.app(scope, limited, send)
 
@@ -170,7 +167,7 @@ def login_routes(app, token, page):
     given = (await request.form(max_files=0, max_fields=2)).get("token", "")
     if not isinstance(given, str) or not hmac.compare_digest(
         given.encode(), token.encode()):
-      await asyncio.sleep(1.0)  # slows down guessing
+      await asyncio.sleep(WRONG_TOKEN_DELAY_S)  # slows down guessing
       return responses.RedirectResponse("/login#wrong", status_code=303)
     r = responses.RedirectResponse("/", status_code=303)
     r.set_cookie(COOKIE, session_value(token), httponly=True,
