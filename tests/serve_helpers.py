@@ -82,3 +82,23 @@ def running(app):
   finally:
     server.should_exit = True
     thread.join(30)
+
+
+def browser():
+  """Headless Chromium through chromedriver and selenium, or a skip that
+  says how to install them."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  webdriver = pytest.importorskip(
+      "selenium.webdriver", reason="pip install -e '.[test]' (selenium)")
+  chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+  driver = shutil.which("chromedriver")
+  if not (chromium and driver):
+    pytest.skip("needs Debian's chromium and chromium-driver: apt-get "
+                "install chromium chromium-driver (.ci/run installs them)")
+  from selenium.webdriver.chrome import service  # pylint: disable=g-import-not-at-top
+  opts = webdriver.ChromeOptions()
+  opts.binary_location = chromium
+  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
+              "--disable-dev-shm-usage", "--window-size=1100,900"):
+    opts.add_argument(arg)
+  return webdriver.Chrome(service=service.Service(driver), options=opts)
