@@ -130,10 +130,12 @@ def _browse_record(workdir, photos, cls):
 
 @pytest.mark.slow(10)
 def test_names_that_are_script_are_shown_as_text_in_a_browser(tmp_path):
-  """Chromium searches an index of files named like HTML with script,
-  then browses an evaluation whose evaluator, metric and class folder
-  names are such payloads: every name shows as text, no payload element
-  exists and no script of theirs ran."""
+  """Chromium searches an index of files named like HTML with script
+  (4 of them: the page asks for no more than the index holds), then
+  browses an evaluation whose evaluator, metric and class folder names are
+  such payloads: every name shows as text, no payload element exists and
+  no script of theirs ran. An unreadable upload's error clears the
+  results."""
   photos = serve_helpers.photos(tmp_path / "src", 4)
   hostile = tmp_path / "hostile"
   hostile.mkdir()
@@ -144,6 +146,8 @@ def test_names_that_are_script_are_shown_as_text_in_a_browser(tmp_path):
   workdir.mkdir()
   _browse_record(str(workdir), photos, PAYLOADS[1])
   app = serve.create_app(serve_helpers.FakeEmbedder(), index, str(workdir))
+  broken = tmp_path / "broken.jpg"
+  broken.write_bytes(b"not an image")
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
   untouched = ("return [document.title, window.pwned === undefined, "
@@ -159,6 +163,11 @@ def test_names_that_are_script_are_shown_as_text_in_a_browser(tmp_path):
       text = b.find_element(By.ID, "search").text
       assert PAYLOADS[0] in text, text  # the names, shown as text
       assert b.execute_script(untouched) == ["vitret_jax search", True, 0]
+      # An error replaces the results it would otherwise sit above.
+      b.find_element(By.ID, "file").send_keys(str(broken))
+      wait.until(lambda d: d.find_element(By.ID, "error").text)
+      assert "not an image file" in b.find_element(By.ID, "error").text
+      assert not b.find_elements(By.CSS_SELECTOR, "#results .card")
       b.find_element(By.ID, "tab-eval").click()
       wait.until(lambda d: len(d.find_elements(
           By.CSS_SELECTOR, "#eval-list .row .card")) >= 4 * 4)

@@ -143,10 +143,10 @@ def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
   app = serve_lib.create_app(embedder, index, workdir if evals else "",
                              max_batch=max_batch, max_upload_mb=max_upload_mb,
                              timeout_s=timeout_s, token=token)
+  serve_lib.warn_if_exposed(host, token)
   if embedder is not None:
     logging.info("%s", serve_lib.warm_up(embedder, app.state.buckets,
                                          max_batch))
-  serve_lib.warn_if_exposed(host, token)
   logging.info("Serving %s on http://%s:%d/",
                ", ".join(filter(None, [
                    f"{len(index)} indexed images" if index else "",

@@ -70,11 +70,13 @@ def _error(status, message, headers=None):
 
 def create_app(embedder=None, index=None, workdir="", max_batch=32,
                max_wait_ms=5.0, max_upload_mb=20.0, timeout_s=30.0,
-               token="", decode_threads=4):
+               token="", decode_threads=None):
   """The FastAPI application over `index` (search.Index) with `embedder`
   (export.Embedder or experiment.RunEmbedder), and/or over the evaluation
   records of the run in `workdir` (eval/report.write_browse). The limits
-  and the token are those of the module doc."""
+  and the token are those of the module doc; uploads are decoded in
+  `decode_threads` threads (default: the cores, at most 8)."""
+  decode_threads = decode_threads or min(8, os.cpu_count() or 1)
   app = fastapi.FastAPI(title="vitret_jax search", docs_url=None,
                         redoc_url=None, openapi_url=None)
   evals = report.read_browse(workdir) if workdir else {}
