@@ -38,10 +38,11 @@ from fastapi import testclient  # noqa: E402  (after the skip)
 from vitret_jax import serve  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(tmp_path_factory):
   """A trained runlocal demo run, its artifact and an index of 12 photos of
-  3 classes."""
+  3 classes (once a session: the slow browser test runs first, apart from
+  the others, and a module fixture would be built twice)."""
   root = tmp_path_factory.mktemp("serve")
   workdir = str(root / "run")
   train.train_and_evaluate(small_config(2, eval_untrained=False), workdir)
