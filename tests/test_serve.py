@@ -210,14 +210,48 @@ def _snapshot(*folders):
   return out
 
 
+def _sign_in_and_search(url, token, paths, tmp_path):
+  """Chromium signs in, searches with paths[7] (the first result), then
+  with a result."""
+  browser = serve_helpers.browser()
+  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support import expected_conditions as ec  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  try:
+    wait = WebDriverWait(browser, 60)
+    browser.get(url + "/")
+    assert browser.current_url == url + "/login"
+    browser.find_element(By.ID, "token").send_keys(token + "\n")
+    wait.until(ec.presence_of_element_located((By.ID, "file")))
+    browser.find_element(By.ID, "file").send_keys(paths[7])
+    wait.until(ec.presence_of_element_located(
+        (By.CSS_SELECTOR, "#results .card")))
+    cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+    assert len(cards) == 10
+    assert cards[0].get_attribute("title") == paths[7]
+    assert cards[0].get_attribute("data-id") == "7"
+    shot = os.environ.get("VITRET_SCREENSHOT") or str(tmp_path / "p.png")
+    browser.save_screenshot(shot)
+    assert Image.open(shot).size[0] > 500
+    second = cards[1].get_attribute("title")
+    cards[1].click()  # search with a result: it becomes the query
+    wait.until(lambda b: b.find_element(By.ID, "query").text.endswith(
+        os.path.basename(second)))
+    wait.until(lambda b: second not in [
+        c.get_attribute("title")
+        for c in b.find_elements(By.CSS_SELECTOR, "#results .card")])
+  finally:
+    browser.quit()
+
+
 @pytest.mark.slow(20)
 def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
-  """`--mode=serve` in its own process on 127.0.0.1 with a token (from
-  $VITRET_SERVE_TOKEN): Chromium signs in through the page's form, uploads
-  a photo and the grid's first result is that photo; a click on a result
-  searches with it; SIGTERM then stops the server cleanly (exit 0). The
-  artifact, the index and the photos are unchanged, no file added. The
-  screenshot goes to $VITRET_SCREENSHOT if set (docs/serve.png)."""
+  """`--mode=serve` in its own process with a token ($VITRET_SERVE_TOKEN):
+  Chromium signs in through the page's form, uploads a photo and the
+  grid's first result is that photo; a click on a result searches with it;
+  SIGTERM then stops the server cleanly (exit 0). The artifact, index and
+  photos are unchanged, no file added. The screenshot goes to
+  $VITRET_SCREENSHOT if set (docs/serve.png)."""
   _, art, index_dir, _, index = served
   photos = os.path.dirname(index.paths[0])
   before = _snapshot(art, index_dir, photos)
@@ -235,36 +269,7 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
     with urllib.request.urlopen(urllib.request.Request(
         url + "/healthz", headers={"Authorization": f"Bearer {token}"})) as r:
       assert json.load(r)["images"] == 12
-    browser = serve_helpers.browser()
-    try:
-      from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
-      from selenium.webdriver.support import expected_conditions as ec  # pylint: disable=g-import-not-at-top
-      from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
-      wait = WebDriverWait(browser, 60)
-      browser.get(url + "/")
-      assert browser.current_url == url + "/login"
-      browser.find_element(By.ID, "token").send_keys(token + "\n")
-      wait.until(ec.presence_of_element_located((By.ID, "file")))
-      query = index.paths[7]
-      browser.find_element(By.ID, "file").send_keys(query)
-      wait.until(ec.presence_of_element_located(
-          (By.CSS_SELECTOR, "#results .card")))
-      cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
-      assert len(cards) == 10
-      assert cards[0].get_attribute("title") == query
-      assert cards[0].get_attribute("data-id") == "7"
-      shot = os.environ.get("VITRET_SCREENSHOT") or str(tmp_path / "p.png")
-      browser.save_screenshot(shot)
-      assert Image.open(shot).size[0] > 500
-      second = cards[1].get_attribute("title")
-      cards[1].click()  # search with a result: it becomes the query
-      wait.until(lambda b: b.find_element(By.ID, "query").text.endswith(
-          os.path.basename(second)))
-      wait.until(lambda b: second not in [
-          c.get_attribute("title")
-          for c in b.find_elements(By.CSS_SELECTOR, "#results .card")])
-    finally:
-      browser.quit()
+    _sign_in_and_search(url, token, index.paths, tmp_path)
   finally:
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

@@ -45,6 +45,7 @@ def test_a_token_guards_the_api_and_the_page(gallery, monkeypatch):
                     headers={"Authorization": "Bearer wrong"}),
             c.get("/images/0", cookies={serve_guard.COOKIE: "forged"})):
     assert r.status_code == 401, (r.request.url, r.status_code)
+    assert "default-src 'self'" in r.headers["content-security-policy"]
     assert "Authorization: Bearer" in r.json()["error"]
     assert r.headers["www-authenticate"].startswith("Bearer")
   for page in ("/", "/index.html"):  # a browser is sent to sign in

@@ -104,6 +104,7 @@ def create_app(embedder=None, index=None, workdir="", max_batch=32,
             "evaluations": sorted(evals)}
 
   _search_routes(app, index, timeout_s)
+  _image_routes(app, index)
   _evaluation_routes(app, evals)
   if token:
     serve_guard.login_routes(app, token, os.path.join(WEB, "login.html"))
@@ -181,7 +182,7 @@ async def _within(request, work, deadline, timeout_s):
 
 
 def _search_routes(app, index, timeout_s):
-  """POST /search and GET /images/{id} over `index`."""
+  """POST /search over `index`."""
   state = app.state
 
   def hit(rank, i, score):
@@ -231,6 +232,10 @@ def _search_routes(app, index, timeout_s):
     filename = upload.filename if upload is not None else None
     work = asyncio.ensure_future(answer(k, me, data, filename))
     return await _within(request, work, deadline, timeout_s)
+
+
+def _image_routes(app, index):
+  """GET /images/{id}: an indexed image."""
 
   @app.get("/images/{image_id:path}")
   def image(image_id: str):
