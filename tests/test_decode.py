@@ -290,3 +290,18 @@ def test_the_corpus_is_a_counted_skip_in_training_evaluation_and_embed_files(
   assert {p for p, _ in skipped} == bad
   for _, why in skipped:
     assert why and "\n" not in why and not re.search(r"<|at 0x", why)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_header_sizes_take_every_file_of_the_corpus(corpus):
+  """Group-size sampling and bucketed (landmark) evaluation read sizes
+  from headers: a bomb there is a counted (0, 0) with skip_corrupt, a
+  DataError naming it without."""
+  from vitret_jax.data import image_sizes  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+  paths = [p for p in corpus if "bomb" in p or "zero" in p]
+  split = split_lib.Split(tuple(paths), np.zeros(len(paths), np.int32))
+  sizes = image_sizes.image_sizes(split, skip_corrupt=True)
+  assert (sizes == 0).all()
+  with pytest.raises(DataError, match="input.skip_corrupt=True"):
+    image_sizes.image_sizes(split)

@@ -233,27 +233,38 @@ def jpeg_orientation(data) -> int:
   return 1
 
 
-def size(data, name="", upright=False):
-  """(height, width) of encoded image bytes, from the header alone (as
-  shown upright with `upright`); a DataError for an image over the
-  pixel limit or a header no decoder reads."""
-  if not len(data):
-    raise error(data, "the file is empty (0 bytes)", name)
-  header = _jpeg_header(data)
-  if header is not None:
-    h, w = header[:2]
-    check_pixels(h, w, data, name)
-    swap = upright and jpeg_orientation(data) >= 5
-    return (w, h) if swap else (h, w)
+def _pil_size(src, name, upright):
+  """(height, width) from PIL's header reading of a path or bytes."""
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      check_pixels(im.height, im.width, data, name)
+    with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as im:
+      check_pixels(im.height, im.width, src, name)
       swap = upright and _pil_orientation(im) >= 5
       return (im.width, im.height) if swap else (im.height, im.width)
   except DataError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise error(data, reason(e), name) from e
+    empty = isinstance(src, str) and os.path.isfile(src) and not (
+        os.path.getsize(src))
+    raise error(src, "the file is empty (0 bytes)" if empty else reason(e),
+                name) from e
+
+
+def size(data, name="", upright=False):
+  """(height, width) of encoded image bytes, or of the image file at the
+  path `data`, from the header alone (as shown upright with `upright`); a
+  DataError for an image over the pixel limit or a header no decoder
+  reads."""
+  if isinstance(data, str):
+    return _pil_size(data, name, upright)
+  if not len(data):
+    raise error(data, "the file is empty (0 bytes)", name)
+  header = _jpeg_header(data)
+  if header is None:
+    return _pil_size(data, name, upright)
+  h, w = header[:2]
+  check_pixels(h, w, data, name)
+  swap = upright and jpeg_orientation(data) >= 5
+  return (w, h) if swap else (h, w)
 
 
 def decode_fast(data, min_hw=None, name="", upright=False):
