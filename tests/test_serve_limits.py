@@ -88,6 +88,8 @@ def test_k_is_at_most_1000_and_the_index():
     serve._k("1001", 5000)
   with pytest.raises(ValueError, match="1 to 4 results .the index holds 4"):
     serve._k("5", 4)
+  with pytest.raises(ValueError, match="holds no other image"):
+    serve._k(None, 0)  # a search by id in an index of one
 
 
 def test_a_body_over_the_cap_is_413_before_it_is_all_read(gallery):

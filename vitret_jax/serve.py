@@ -123,6 +123,9 @@ def _k(value, n_others):
   """k as asked (default: DEFAULT_K, or what the index can answer); a
   ValueError saying the range when it is out of it."""
   limit = min(MAX_K, n_others)
+  if limit < 1:
+    raise ValueError("The index holds no other image: there is nothing to "
+                     "answer this query with.")
   if value is None:
     return min(DEFAULT_K, limit)
   why = (f"at most {MAX_K:,} a query" if n_others > MAX_K else
@@ -139,7 +142,7 @@ def _k(value, n_others):
 
 def _read_query(form, n):
   """(k, id or None, upload or None) of a /search form; a ValueError saying
-  what to send instead."""
+  what to send instead (a LookupError for an unknown id)."""
   upload, qid = form.get("image"), form.get("id")
   if (upload is None) == (qid is None):
     raise ValueError("Send either an image file ('image') or the id of an "
