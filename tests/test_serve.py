@@ -217,8 +217,11 @@ def _sign_in_and_search(url, token, paths, tmp_path):
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support import expected_conditions as ec  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  from selenium.common import exceptions  # pylint: disable=g-import-not-at-top
   try:
-    wait = WebDriverWait(browser, 60)
+    # The page replaces its cards: one found may be gone when read.
+    wait = WebDriverWait(browser, 60, ignored_exceptions=(
+        exceptions.StaleElementReferenceException,))
     browser.get(url + "/")
     assert browser.current_url == url + "/login"
     browser.find_element(By.ID, "token").send_keys(token + "\n")

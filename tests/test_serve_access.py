@@ -149,6 +149,7 @@ def test_names_that_are_script_are_shown_as_text_in_a_browser(tmp_path):
   app = serve.create_app(serve_helpers.FakeEmbedder(), index, str(workdir))
   broken = tmp_path / "broken.jpg"
   broken.write_bytes(b"not an image")
+  from selenium.common import exceptions  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
   from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
   untouched = ("return [document.title, window.pwned === undefined, "
@@ -157,7 +158,8 @@ def test_names_that_are_script_are_shown_as_text_in_a_browser(tmp_path):
     b = serve_helpers.browser()
     try:
       b.get(url + "/")
-      wait = WebDriverWait(b, 30)
+      wait = WebDriverWait(b, 30, ignored_exceptions=(
+          exceptions.StaleElementReferenceException,))
       b.find_element(By.ID, "file").send_keys(index.paths[0])
       wait.until(lambda d: len(d.find_elements(
           By.CSS_SELECTOR, "#results .card")) == 4)
