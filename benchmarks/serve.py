@@ -1,18 +1,34 @@
-"""Queries/s and latency of `--mode=serve`: 200 concurrent uploads to a
-server on 127.0.0.1, with queries gathered into shared forward passes
-(--serve_max_batch=32) against one at a time (=1), measured in the same
-run; every query must be answered.
+"""`--mode=serve` under hostile load: queries/s, latency, /healthz and the
+server's memory, with clean load as the reference in the same run.
 
   python benchmarks/serve.py [--pretrained ARTIFACT --index_dir IDX]
-      [--queries 200] [--concurrency 200] [--timeout 120]
+      [--requests 1000] [--concurrency 64] [--timeout_s 10] [--rounds 2]
+
+Hostile load: `--requests` uploads, `--concurrency` at a time, of photos
+from 100 to 4,000 px on their long side (JPEG, some PNG) and 5% bad ones
+(not an image, truncated, empty, decompression bombs in PNG, GIF, WebP,
+TIFF and JPEG), while 5 slow clients trickle their bodies and 10 clients
+disconnect in the middle of their request (5 during the body, 5 while
+waiting for the answer). Clean load, the reference: the same photos alone.
+Queries/s and latencies count the photos answered. The goal: no
+5xx but the timeout's 503, no request without an answer, memory that stops
+growing (clean and hostile rounds alternate `--rounds` times, each
+hostile one compared with the clean one before it; RSS is read before the
+first and after each). /healthz is sampled every 50 ms from another
+process. "hung" counts the requests without an answer: past
+--serve_timeout_s + 30 s, or whose connection was cut. The script exits 1
+when the goal is missed.
 
 Without an artifact, a runlocal demo is trained for 2 steps and exported,
 and 64 embedded Grocery photos are indexed, in a temporary folder (a
-test-size model: the forward pass is cheap, so the figures mostly show the
-server's own overhead; give a real artifact for a real model's).
+test-size model: the figures mostly show the server's own work; give a real
+artifact for a real model's).
 """
 import argparse
 import asyncio
+import collections
+import io
+import multiprocessing
 import os
 import shutil
 import signal
@@ -25,16 +41,13 @@ import urllib.request
 
 import httpx
 import numpy as np
+from PIL import Image
 
 import _devices  # benchmarks/_devices.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+sys.path.insert(0, os.path.join(REPO, "tests"))
+import broken_images  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def demo_artifact(folder):
@@ -68,18 +81,42 @@ def demo_artifact(folder):
       os.path.join(photos, f) for f in os.listdir(photos))
 
 
-def start(art, index_dir, max_batch):
-  port = _port()
+def uploads(photos, n, rng):
+  """(clean, hostile) lists of (kind, bytes): hostile is n requests, every
+  20th a broken file or a bomb, the others 40 photos in turn, resized to a
+  long side drawn log-uniformly from 100 to 4,000 px (every tenth a PNG);
+  clean is the same photos alone."""
+  bad = [(k, v) for k, (v, e) in broken_images.corpus(photos[0]).items()
+         if e == "bad" and not k.startswith(("bit-", "float"))]
+  goods = []
+  for i in range(40):
+    im = Image.open(photos[i % len(photos)]).convert("RGB")
+    side = int(np.exp(rng.uniform(np.log(100), np.log(4000))))
+    s = side / max(im.size)
+    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))),
+                   Image.BICUBIC)
+    out = io.BytesIO()
+    im.save(out, "PNG" if i % 10 == 9 else "JPEG", quality=90)
+    goods.append(("photo", out.getvalue()))
+  hostile = [bad[(i // 20) % len(bad)] if i % 20 == 10 else
+             goods[i % len(goods)] for i in range(n)]
+  return [u for u in hostile if u[0] == "photo"], hostile
+
+
+def start(art, index_dir, args, log):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
   proc = subprocess.Popen(
       [sys.executable, "-m", "vitret_jax.main", "--mode=serve",
        f"--pretrained={art}", f"--index_dir={index_dir}", f"--port={port}",
-       f"--serve_max_batch={max_batch}"], cwd=REPO,
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+       f"--serve_timeout_s={args.timeout_s}"], cwd=REPO,
+      stdout=subprocess.DEVNULL, stderr=log)
   url = f"http://127.0.0.1:{port}"
-  for _ in range(600):
+  for _ in range(1500):
     try:
       with urllib.request.urlopen(url + "/healthz", timeout=2):
-        return proc, url
+        return proc, url, port
     except OSError:
       if proc.poll() is not None:
         raise SystemExit("the server did not start")
@@ -87,37 +124,144 @@ def start(art, index_dir, max_batch):
   raise SystemExit("the server did not answer")
 
 
-async def load(url, files, concurrency, timeout):
-  """(latencies of the answered queries, wall seconds, failures)."""
-  sem = asyncio.Semaphore(concurrency)
-  lat, failures = [], 0
+def rss_mb(pid):
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
 
-  async def one(client, data):
-    nonlocal failures
+
+_HEAD = (b"POST /search HTTP/1.1\r\nhost: b\r\ncontent-type: multipart/"
+         b"form-data; boundary=x\r\n")
+_PART = (b'--x\r\ncontent-disposition: form-data; name="image"; '
+         b'filename="a.jpg"\r\n\r\n')
+
+
+async def slow_client(port, deadline):
+  """Trickles a chunked body, 100 bytes every 0.2 s, until answered:
+  its status (None: no answer by `deadline`)."""
+  reader, writer = await asyncio.open_connection("127.0.0.1", port)
+  chunk = lambda b: b"%x\r\n" % len(b) + b + b"\r\n"
+  try:
+    writer.write(_HEAD + b"transfer-encoding: chunked\r\n\r\n" + chunk(_PART))
+    while time.monotonic() < deadline:
+      try:
+        line = await asyncio.wait_for(reader.readline(), 0.2)
+        return int(line.split()[1]) if line else None
+      except asyncio.TimeoutError:
+        writer.write(chunk(b"\0" * 100))
+        await writer.drain()
+    return None
+  except (OSError, IndexError, ValueError):
+    return None
+  finally:
+    writer.close()
+
+
+async def disconnecting_client(port, data, during_body):
+  """Sends an upload and hangs up: in the middle of its body, or once the
+  body is sent, before the answer."""
+  body = _PART + data + b"\r\n--x--\r\n"
+  _, writer = await asyncio.open_connection("127.0.0.1", port)
+  writer.write(_HEAD + b"content-length: %d\r\n\r\n" % len(body))
+  writer.write(body[:len(body) // 2] if during_body else body)
+  await writer.drain()
+  await asyncio.sleep(0.05)
+  writer.close()
+
+
+async def load(url, port, files, args, hostile):
+  """Sends `files`, `concurrency` at a time (plus, if `hostile`, the slow
+  and disconnecting clients), sampling /healthz; the statistics."""
+  sem = asyncio.Semaphore(args.concurrency)
+  codes, lat = collections.Counter(), []
+  wait = args.timeout_s + 30  # past this, a request counts as hung
+
+  async def one(client, kind, data):
     async with sem:
       t0 = time.perf_counter()
-      r = await client.post(url + "/search", files={"image": ("q.jpg", data)},
-                            data={"k": "10"})
-      if r.status_code == 200 and len(r.json()["results"]) == 10:
-        lat.append(time.perf_counter() - t0)
-      else:
-        failures += 1
+      try:
+        r = await client.post(url + "/search", files={"image": ("q", data)},
+                              data={"k": "10"}, timeout=wait)
+        codes[r.status_code] += 1
+        if r.status_code == 200 and kind == "photo":
+          lat.append(time.perf_counter() - t0)
+      except httpx.TimeoutException:
+        codes["hung"] += 1
+      except httpx.TransportError:  # cut: no answer either
+        codes["hung"] += 1
 
-  limits = httpx.Limits(max_connections=concurrency)
-  async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
+  extra = []
+  if hostile:
+    deadline = time.monotonic() + wait
+    extra = [slow_client(port, deadline) for _ in range(5)]
+    extra += [disconnecting_client(port, files[i][1], i % 2 == 0)
+              for i in range(10)]
+  limits = httpx.Limits(max_connections=args.concurrency)
+  # /healthz from another process: this one's event loop is busy sending.
+  ctx = multiprocessing.get_context("spawn")
+  stop, out = ctx.Event(), ctx.Queue()
+  sampler = ctx.Process(target=sample_health, args=(url, stop, out))
+  sampler.start()
+  async with httpx.AsyncClient(limits=limits) as client:
     t0 = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*[one(client, f) for f in files]),
-                           timeout)
-    return lat, time.perf_counter() - t0, failures
+    hostile_out = asyncio.gather(*extra)
+    await asyncio.gather(*[one(client, k, d) for k, d in files])
+    wall = time.perf_counter() - t0
+    slow = (await hostile_out)[:5]
+  stop.set()
+  health = out.get(timeout=60)
+  sampler.join(60)
+  codes.update(f"slow {s}" for s in slow)
+  return dict(codes=codes, lat=np.asarray(lat), wall=wall,
+              health=np.asarray(health))
+
+
+def sample_health(url, stop, out):
+  """GET /healthz every 50 ms until `stop`; puts the latencies on `out`."""
+  lat = []
+  with httpx.Client() as c:
+    while not stop.is_set():
+      t0 = time.perf_counter()
+      try:
+        c.get(url + "/healthz").raise_for_status()
+        lat.append(time.perf_counter() - t0)
+      except httpx.HTTPError:
+        lat.append(float("inf"))  # no answer: shows in the p95
+      time.sleep(0.05)
+  out.put(lat)
+
+
+def row(name, stats, n, rss, ref_qps):
+  c, lat = stats["codes"], stats["lat"]
+  qps = len(lat) / stats["wall"]
+  fivexx = sum(v for k, v in c.items() if isinstance(k, int) and k >= 500
+               and k not in (503, 504))
+  fourxx = sum(v for k, v in c.items() if isinstance(k, int)
+               and 400 <= k < 500)
+  slow = ", ".join(f"{c[k]}x {k[5:]}" for k in sorted(c, key=str)
+                   if str(k).startswith("slow")) or "-"
+  pct = lambda q: f"{np.percentile(lat, q) * 1e3:.0f}" if len(lat) else "-"
+  print(f"| {name} | {len(lat)}/{n} | {fourxx} | {c[503] + c[504]} | {fivexx} "
+        f"| {c['hung'] + sum(v for k, v in c.items() if k == 'slow None')} "
+        f"| {slow} | {qps:.1f} | {pct(50)} | {pct(95)} | {pct(99)} | "
+        f"{np.percentile(stats['health'], 95) * 1e3:.0f} | "
+        f"{rss[0]:.0f} -> {rss[1]:.0f} | {qps / (ref_qps or qps):.2f}x |")
+  return qps, fivexx + c["hung"] + c["slow None"]
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pretrained", default="")
   parser.add_argument("--index_dir", default="")
-  parser.add_argument("--queries", type=int, default=200)
-  parser.add_argument("--concurrency", type=int, default=200)
-  parser.add_argument("--timeout", type=float, default=120)
+  parser.add_argument("--requests", type=int, default=1000)
+  parser.add_argument("--concurrency", type=int, default=64)
+  parser.add_argument("--timeout_s", type=float, default=10.0)
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--server_log", default="",
+                      help="keep the server's log here")
   args = parser.parse_args()
   tmp = tempfile.TemporaryDirectory(prefix="vitret-serve-")
   if args.pretrained:
@@ -126,33 +270,44 @@ def main():
     photos = search.Index(index_dir).paths
   else:
     art, index_dir, photos = demo_artifact(tmp.name)
-  files = [open(photos[i % len(photos)], "rb").read()
-           for i in range(args.queries)]
-  print(f"# serve: {args.queries} uploads, {args.concurrency} at a time, "
-        f"k=10, {len(photos)} images indexed, 127.0.0.1; "
+  rng = np.random.default_rng(0)
+  clean, hostile = uploads(photos, args.requests, rng)
+  log = open(args.server_log or os.path.join(tmp.name, "server.log"), "w+")
+  proc, url, port = start(art, index_dir, args, log)
+  print(f"# serve: {args.requests} uploads (100-4,000 px; hostile: 5% bad "
+        f"incl. bombs, 5 slow clients, 10 disconnecting), "
+        f"{args.concurrency} at a time, k=10, {len(photos)} images indexed, "
+        f"--serve_timeout_s={args.timeout_s:g}, 127.0.0.1; "
         f"{_devices.describe_cpu()}")
-  print("| server | answered | queries/s | p50 ms | p95 ms | vs one at a "
-        "time |")
-  print("|---|---|---|---|---|---|")
-  ref = None
-  for max_batch in (1, 32):
-    proc, url = start(art, index_dir, max_batch)
-    try:
-      lat, wall, failures = asyncio.run(
-          load(url, files, args.concurrency, args.timeout))
-    finally:
-      proc.send_signal(signal.SIGTERM)
-      proc.wait(timeout=60)
-    qps = len(lat) / wall
-    ref = ref or qps
-    name = ("one at a time (--serve_max_batch=1)" if max_batch == 1 else
-            f"batched (--serve_max_batch={max_batch})")
-    print(f"| {name} | {len(lat)}/{args.queries} | {qps:.1f} | "
-          f"{np.percentile(lat, 50) * 1e3:.0f} | "
-          f"{np.percentile(lat, 95) * 1e3:.0f} | {qps / ref:.2f}x |")
-    if failures or len(lat) != args.queries:
-      raise SystemExit(f"{failures} queries failed")
+  print("| load | photos answered | 4xx | 503/504 | other 5xx | hung | slow "
+        "clients got | queries/s | p50 ms | p95 ms | p99 ms | /healthz p95 "
+        "ms | server RSS MB | vs clean |")
+  print("|" + "---|" * 14)
+  failed = 0
+  try:
+    # Not measured: the server's first requests (lazy imports, first
+    # searches) and the client's.
+    asyncio.run(load(url, port, clean[:2 * args.concurrency], args, False))
+    rss = [rss_mb(proc.pid)]
+    for r in range(args.rounds):  # alternately: the machine's load drifts
+      ref = None
+      for name, files, is_hostile in (("clean", clean, False),
+                                      ("hostile", hostile, True)):
+        stats = asyncio.run(load(url, port, files, args, is_hostile))
+        rss.append(rss_mb(proc.pid))
+        qps, bad = row(f"{name}, round {r + 1}", stats,
+                       sum(k == "photo" for k, _ in files), rss[-2:], ref)
+        ref, failed = ref or qps, failed + bad
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+  log.seek(0)
+  tracebacks = log.read().count("Traceback")
+  print(f"\nserver log: {tracebacks} traceback(s); exit status "
+        f"{proc.returncode}.")
   tmp.cleanup()
+  if failed or tracebacks or proc.returncode:
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ in sorted order, or input.options.test_classes=("a", "b")), DIR/train/<class>
 + DIR/test/<class>, or a CSV of path,label[,split]
 (input.options.csv_file=labels.csv). The test images are evaluated
 leave-one-out with Recall@1/2/4/8 and MAP@R. Recipe: IRT's (contrastive
-loss with margin + KoLeo, cross-batch memory), m-per-class batches.
+loss with margin + KoLeo, cross-batch memory), m-per-class batches. Photos
+are read upright (exif_transpose in the pp specs: docs/data.md).
 Args: variant=S/16, res=0 (px; 0 = 224), runlocal=False.
 """
 from vitret_jax import config_common as common
+from vitret_jax.data import preprocess
 
 
 def get_config(arg=None):
@@ -27,4 +29,8 @@ def get_config(arg=None):
   c.input.sampler = "m_per_class"
   c.input.m_per_class = 2
   c.evals.test = common.retrieval_eval(ks=(1, 2, 4, 8))
-  return common.apply_size_args(c, arg)
+  common.apply_size_args(c, arg)
+  # People's photos: seen upright, as their EXIF orientation says.
+  c.input.pp_train = preprocess.with_exif_transpose(c.input.pp_train)
+  c.evals.test.pp = preprocess.with_exif_transpose(c.evals.test.pp)
+  return c

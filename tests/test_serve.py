@@ -5,9 +5,9 @@ import asyncio
 
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +17,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import broken_images
+import serve_helpers
 from conftest import REPO
+from conftest import main_in_process
 from conftest import small_config
 from conftest import subprocess_env
 from vitret_jax import commands
 from vitret_jax import export
+from vitret_jax import image_files
 from vitret_jax import search
 from vitret_jax import train
 from vitret_jax.data import datasets
 from vitret_jax.data import grocery
+from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 
 fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
@@ -33,10 +38,11 @@ from fastapi import testclient  # noqa: E402  (after the skip)
 from vitret_jax import serve  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(tmp_path_factory):
   """A trained runlocal demo run, its artifact and an index of 12 photos of
-  3 classes."""
+  3 classes (once a session: the slow browser test runs first, apart from
+  the others, and a module fixture would be built twice)."""
   root = tmp_path_factory.mktemp("serve")
   workdir = str(root / "run")
   train.train_and_evaluate(small_config(2, eval_untrained=False), workdir)
@@ -179,12 +185,6 @@ def test_missing_or_damaged_index_is_one_line(served, tmp_path):
     commands.serve(None, str(tmp_path), "", "")
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _wait_for(url, proc, timeout=120):
   t0 = time.time()
   while time.time() - t0 < timeout:
@@ -198,72 +198,137 @@ def _wait_for(url, proc, timeout=120):
   raise AssertionError(f"{url} did not answer in {timeout} s")
 
 
-def _browser():
-  """Headless Chromium through chromedriver and selenium, or a skip that
-  says how to install them."""
-  webdriver = pytest.importorskip(
-      "selenium.webdriver", reason="pip install -e '.[test]' (selenium)")
-  chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-  driver = shutil.which("chromedriver")
-  if not (chromium and driver):
-    pytest.skip("needs Debian's chromium and chromium-driver: apt-get "
-                "install chromium chromium-driver (.ci/run installs them)")
-  from selenium.webdriver.chrome import service  # pylint: disable=g-import-not-at-top
-  opts = webdriver.ChromeOptions()
-  opts.binary_location = chromium
-  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
-              "--disable-dev-shm-usage", "--window-size=1100,900"):
-    opts.add_argument(arg)
-  return webdriver.Chrome(service=service.Service(driver), options=opts)
+def _snapshot(*folders):
+  """{path: (size, mtime, bytes)} of every file under `folders`."""
+  out = {}
+  for folder in folders:
+    for root, _, files in os.walk(folder):
+      for f in files:
+        p = os.path.join(root, f)
+        with open(p, "rb") as fh:
+          out[p] = (os.path.getsize(p), os.path.getmtime(p), fh.read())
+  return out
+
+
+def _sign_in_and_search(url, token, paths, tmp_path):
+  """Chromium signs in, searches with paths[7] (the first result), then
+  with a result."""
+  browser = serve_helpers.browser()
+  from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support import expected_conditions as ec  # pylint: disable=g-import-not-at-top
+  from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
+  from selenium.common import exceptions  # pylint: disable=g-import-not-at-top
+  try:
+    # The page replaces its cards: one found may be gone when read.
+    wait = WebDriverWait(browser, 60, ignored_exceptions=(
+        exceptions.StaleElementReferenceException,))
+    browser.get(url + "/")
+    assert browser.current_url == url + "/login"
+    browser.find_element(By.ID, "token").send_keys(token + "\n")
+    wait.until(ec.presence_of_element_located((By.ID, "file")))
+    browser.find_element(By.ID, "file").send_keys(paths[7])
+    wait.until(ec.presence_of_element_located(
+        (By.CSS_SELECTOR, "#results .card")))
+    cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+    assert len(cards) == 10
+    assert cards[0].get_attribute("title") == paths[7]
+    assert cards[0].get_attribute("data-id") == "7"
+    shot = os.environ.get("VITRET_SCREENSHOT") or str(tmp_path / "p.png")
+    browser.save_screenshot(shot)
+    assert Image.open(shot).size[0] > 500
+    second = cards[1].get_attribute("title")
+    cards[1].click()  # search with a result: it becomes the query
+    wait.until(lambda b: b.find_element(By.ID, "query").text.endswith(
+        os.path.basename(second)))
+    wait.until(lambda b: second not in [
+        c.get_attribute("title")
+        for c in b.find_elements(By.CSS_SELECTOR, "#results .card")])
+  finally:
+    browser.quit()
 
 
 @pytest.mark.slow(20)
 def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
-  """`--mode=serve` in its own process on 127.0.0.1: Chromium uploads a
-  photo through the page and the grid's first result is that photo; a
-  click on a result searches with it; SIGTERM then stops the server
-  cleanly (exit 0). The screenshot goes to $VITRET_SCREENSHOT if set
-  (docs/serve.png is made this way)."""
+  """`--mode=serve` in its own process with a token ($VITRET_SERVE_TOKEN):
+  Chromium signs in through the page's form, uploads a photo and the
+  grid's first result is that photo; a click on a result searches with it;
+  SIGTERM then stops the server cleanly (exit 0). The artifact, index and
+  photos are unchanged, no file added. The screenshot goes to
+  $VITRET_SCREENSHOT if set (docs/serve.png)."""
   _, art, index_dir, _, index = served
-  port = _free_port()
+  photos = os.path.dirname(index.paths[0])
+  before = _snapshot(art, index_dir, photos)
+  port = serve_helpers.free_port()
+  token = "a-token-for-the-browser-test"
   proc = subprocess.Popen(
       [sys.executable, "-m", "vitret_jax.main", "--mode=serve",
        f"--pretrained={art}", f"--index_dir={index_dir}", f"--port={port}",
-       "--serve_max_batch=4"],
-      cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+       "--serve_max_batch=4", "--serve_max_upload_mb=5"],
+      cwd=REPO, env=subprocess_env(VITRET_SERVE_TOKEN=token),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  url = f"http://127.0.0.1:{port}"
   try:
-    assert _wait_for(f"http://127.0.0.1:{port}/healthz", proc)["images"] == 12
-    browser = _browser()
-    try:
-      from selenium.webdriver.common.by import By  # pylint: disable=g-import-not-at-top
-      from selenium.webdriver.support import expected_conditions as ec  # pylint: disable=g-import-not-at-top
-      from selenium.webdriver.support.ui import WebDriverWait  # pylint: disable=g-import-not-at-top
-      browser.get(f"http://127.0.0.1:{port}/")
-      query = index.paths[7]
-      browser.find_element(By.ID, "file").send_keys(query)
-      wait = WebDriverWait(browser, 60)
-      wait.until(ec.presence_of_element_located(
-          (By.CSS_SELECTOR, "#results .card")))
-      cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
-      assert len(cards) == 10
-      assert cards[0].get_attribute("title") == query
-      assert cards[0].get_attribute("data-id") == "7"
-      shot = os.environ.get("VITRET_SCREENSHOT") or str(tmp_path / "p.png")
-      browser.save_screenshot(shot)
-      assert Image.open(shot).size[0] > 500
-      second = cards[1].get_attribute("title")
-      cards[1].click()  # search with a result: it becomes the query
-      wait.until(lambda b: b.find_element(By.ID, "query").text.endswith(
-          os.path.basename(second)))
-      wait.until(lambda b: second not in [
-          c.get_attribute("title")
-          for c in b.find_elements(By.CSS_SELECTOR, "#results .card")])
-    finally:
-      browser.quit()
+    assert _wait_for(url + "/healthz", proc) == {"status": "ok"}
+    with urllib.request.urlopen(urllib.request.Request(
+        url + "/healthz", headers={"Authorization": f"Bearer {token}"})) as r:
+      assert json.load(r)["images"] == 12
+    _sign_in_and_search(url, token, index.paths, tmp_path)
   finally:
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
   assert proc.returncode == 0, err[-3000:]
   assert "Server stopped." in out
-  assert "Traceback" not in err
+  assert "Traceback" not in err and "without a token" not in err
+  assert "Compiled 3 forward passes" in err and "32x32" in err
+  assert _snapshot(art, index_dir, photos) == before
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_fuzz_corpus_through_search_and_index(served, tmp_path):
+  """Every file of the broken-image corpus: a 200 or a 400 with a message
+  for a person from /search (never a 500), and in --mode=index a counted
+  skip; the artifact records that it reads photos upright."""
+  _, art, _, embedder, index = served
+  assert json.load(open(os.path.join(art, "model.json")))["exif_transpose"]
+  assert embedder.exif_transpose
+  folder = tmp_path / "photos"
+  corpus = broken_images.write_corpus(folder, index.paths[0])
+  pp = image_files.pp_of(embedder)
+  bad = set()
+  for p in corpus:
+    try:
+      pp(p, None)
+    except DataError:
+      bad.add(p)
+  assert {p for p, e in corpus.items() if e == "bad"} <= bad
+  assert not {p for p, e in corpus.items() if e == "ok"} & bad
+  c = client(embedder, index)
+  for p in corpus:
+    r = upload(c, p, k=3)
+    assert r.status_code == (400 if p in bad else 200), (p, r.text)
+    if p in bad:
+      message = r.json()["error"]
+      assert message.startswith(("Cannot read the image: ",
+                                 "The upload is empty")), message
+      assert not re.search(r"<|at 0x", message) and "list" not in message
+  msg = commands.index(None, "", art, str(folder), str(tmp_path / "index"))
+  assert msg == (f"Indexed {len(corpus) - len(bad)} images into "
+                 f"{tmp_path / 'index'}; skipped {len(bad)} unreadable "
+                 f"file(s).")
+
+
+def test_cli_search_exits_1_when_a_query_is_unreadable(served, tmp_path):
+  _, art, index_dir, _, index = served
+  queries = tmp_path / "queries"
+  queries.mkdir()
+  shutil.copy(index.paths[3], queries / "good.jpg")
+  (queries / "broken.jpg").write_bytes(b"not an image")
+  args = ["--mode=search", f"--pretrained={art}", f"--index_dir={index_dir}",
+          "--top_k=2"]
+  r = main_in_process(*args, f"--query={queries}")
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "good.jpg" in r.stdout and "1 of 2 queries could not be read" in (
+      r.stdout)
+  assert "unreadable query" in r.stdout and "broken.jpg" in r.stdout
+  r = main_in_process(*args, f"--query={queries / 'good.jpg'}")
+  assert r.returncode == 0 and "could not be read" not in r.stdout

@@ -113,16 +113,23 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
 
 
 def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
-          port=8080, eval_name="", max_batch=32):
+          port=8080, eval_name="", max_batch=32, max_upload_mb=20.0,
+          timeout_s=30.0, token=""):
   """--mode=serve: the search service and web page over an index (with an
   artifact or a run's embedder), and/or over the evaluations of the run in
-  --workdir; returns when the server stops (SIGTERM, Ctrl-C)."""
+  --workdir (limits and token: vitret_jax/serve.py; the token defaults to
+  $VITRET_SERVE_TOKEN); returns when the server stops (SIGTERM, Ctrl-C)."""
   try:
     # FastAPI and uvicorn are the `serve` extra: imported by this mode only.
     from vitret_jax import serve as serve_lib  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise UserError(f"--mode=serve needs the serve extra ({e.name} is "
                     f"missing): pip install -e '.[serve]'.") from e
+  if max_upload_mb <= 0 or timeout_s <= 0 or max_batch < 1:
+    raise UserError(f"--serve_max_upload_mb={max_upload_mb}, "
+                    f"--serve_timeout_s={timeout_s} and --serve_max_batch="
+                    f"{max_batch}: each must be positive.")
+  token = serve_lib.resolve_token(token)
   embedder = index = None
   if pretrained or index_dir:
     embedder, _ = _embedder(config, workdir, pretrained, eval_name)
@@ -133,11 +140,13 @@ def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
                     f"--pretrained or a run's --workdir), or the --workdir of "
                     f"a run that has evaluated ({workdir!r} holds no "
                     f"browse_<eval>.npz).")
-  if embedder is not None:
-    logging.info("Compiled %d batch sizes of the forward pass.",
-                 serve_lib.warm_up(embedder, max_batch))
   app = serve_lib.create_app(embedder, index, workdir if evals else "",
-                             max_batch=max_batch)
+                             max_batch=max_batch, max_upload_mb=max_upload_mb,
+                             timeout_s=timeout_s, token=token)
+  serve_lib.warn_if_exposed(host, token)
+  if embedder is not None:
+    logging.info("%s", serve_lib.warm_up(embedder, app.state.buckets,
+                                         max_batch))
   logging.info("Serving %s on http://%s:%d/",
                ", ".join(filter(None, [
                    f"{len(index)} indexed images" if index else "",
@@ -147,9 +156,15 @@ def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
   return "Server stopped."
 
 
+class Incomplete(str):
+  """What a mode prints when part of its input could not be used (main
+  prints it, then exits with status 1)."""
+
+
 def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
                grid="", eval_name=""):
-  """--mode=search: top-k files of the index for each query image."""
+  """--mode=search: top-k files of the index for each query image; an
+  Incomplete when a query could not be read."""
   if top_k < 1:
     raise UserError(f"--top_k={top_k}: ask for at least one result.")
   embedder, _ = _embedder(config, workdir, pretrained, eval_name)
@@ -167,4 +182,7 @@ def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
     report.write_grid(grid, [(q, [(p, None, f"{s:.3f}") for p, s in hits])
                              for q, hits in zip(kept, results)])
     lines.append(f"grid written to {grid}")
+  if skipped:
+    lines.append(f"{len(skipped)} of {len(paths)} queries could not be read.")
+    return Incomplete("\n".join(lines))
   return "\n".join(lines)

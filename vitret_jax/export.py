@@ -54,7 +54,8 @@ def flatten_params(params) -> dict:
 def export_artifact(model, params, out_dir, *, model_config: dict,
                     preprocess: str, image_size: int, multiple: int = 1,
                     scales=(1.0,), whitening=None, overwrite=False,
-                    platforms=PLATFORMS, host_pp="exact"):
+                    platforms=PLATFORMS, host_pp="exact",
+                    exif_transpose=True):
   """Writes the artifact of `model` with `params` to `out_dir`.
 
   Args:
@@ -69,6 +70,8 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     scales: the evaluator's scales; whitening: its (mean, projection).
     host_pp: how the run ran `preprocess` (preprocess.HOST_PP), recorded so
       that embed_files reads files as the evaluator did.
+    exif_transpose: embed_files turns photos upright as their EXIF
+      orientation says (recorded; what people's photos need).
     platforms: what the forward is lowered for (jax.export platform names,
       "cpu", "cuda", "tpu"); `model` should carry the attention
       models.for_export chooses for them (recorded in model.json).
@@ -107,6 +110,7 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
   meta = {"format_version": FORMAT_VERSION, "model": model_config,
           "image_size": image_size, "embedding_dim": dim,
           "preprocess": preprocess, "host_pp": host_pp,
+          "exif_transpose": bool(exif_transpose),
           "platforms": list(platforms),
           "attention": impl,
           "dtype": jnp.dtype(model.encoder.dtype).name,
@@ -225,6 +229,12 @@ class Embedder:
   @property
   def host_pp(self) -> str:
     return self.meta.get("host_pp", "exact")
+
+  @property
+  def exif_transpose(self) -> bool:
+    """Whether embed_files turns photos upright (EXIF orientation); True
+    for artifacts that do not say."""
+    return bool(self.meta.get("exif_transpose", True))
 
   def embed_files(self, paths, batch_size=64):
     """Descriptors [N, E] of image files (paths, or one path), in order:

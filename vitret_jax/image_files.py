@@ -16,9 +16,12 @@ from vitret_jax.errors import DataError
 
 def pp_of(embedder):
   """The embedder's preprocessing, run as its `host_pp` says (float32
-  images: the embedder normalises nothing itself)."""
-  return preprocess.build_host_pp(embedder.preprocess,
-                                  getattr(embedder, "host_pp", "exact"))
+  images: the embedder normalises nothing itself). Files are people's
+  photos: turned upright as their EXIF orientation says, unless the
+  embedder's `exif_transpose` (an artifact's model.json) is False."""
+  return preprocess.build_host_pp(
+      embedder.preprocess, getattr(embedder, "host_pp", "exact"),
+      exif_transpose=getattr(embedder, "exif_transpose", True))
 
 
 def embed_files(embedder, paths, batch_size=64, desc="embed"):
@@ -43,8 +46,8 @@ def embed_files(embedder, paths, batch_size=64, desc="embed"):
   for p in tqdm.tqdm(paths, desc=desc, unit="img", leave=False):
     try:
       img = pp(p, rng)
-    except DataError as e:  # decode chains the decoder's own error
-      skipped.append((p, str(e.__cause__ or e)))
+    except DataError as e:  # decode's reason, without the file's name
+      skipped.append((p, getattr(e, "reason", None) or str(e)))
       continue
     pending.setdefault(img.shape, []).append((len(kept), img))
     kept.append(p)

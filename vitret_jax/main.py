@@ -42,6 +42,16 @@ _PORT = flags.DEFINE_integer("port", 8080, "serve: port.")
 _MAX_BATCH = flags.DEFINE_integer(
     "serve_max_batch", 32, "serve: queries gathered into one forward pass "
     "(1: one at a time).")
+_MAX_UPLOAD = flags.DEFINE_float(
+    "serve_max_upload_mb", 20.0, "serve: largest request body in MB "
+    "(413 past it).")
+_TIMEOUT = flags.DEFINE_float(
+    "serve_timeout_s", 30.0, "serve: seconds a request may take (its "
+    "upload arriving: 408; its answer: 503).")
+_TOKEN = flags.DEFINE_string(
+    "serve_token", "", "serve: a secret that the API (Authorization: Bearer) "
+    "and the page (sign-in at /login) require; default $VITRET_SERVE_TOKEN, "
+    "none when unset.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", "", "export: artifact folder "
                                   "(default WORKDIR/export).")
 _EXPORT_PLATFORMS = flags.DEFINE_list(
@@ -132,7 +142,8 @@ def _run_mode(mode, config, workdir):
   if mode == "serve":
     return commands.serve(config, workdir, _PRETRAINED.value,
                           _INDEX_DIR.value, _HOST.value, _PORT.value,
-                          _EXPORT_EVAL.value, _MAX_BATCH.value)
+                          _EXPORT_EVAL.value, _MAX_BATCH.value,
+                          _MAX_UPLOAD.value, _TIMEOUT.value, _TOKEN.value)
   if mode == "index":
     return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
                           _INDEX_DIR.value, _OVERWRITE.value,
@@ -220,6 +231,8 @@ def main(argv):
       _print_table(result)
     else:
       print(result)
+  if isinstance(result, commands.Incomplete):
+    sys.exit(1)  # some of the input could not be used
 
 
 def _reader_options_hint(argv):

@@ -2,7 +2,7 @@
 (`--mode=serve`; needs the `serve` extra: FastAPI and uvicorn).
 
   python -m vitret_jax.main --mode=serve --pretrained=ARTIFACT \
-      --index_dir=IDX [--host=127.0.0.1 --port=8080]
+      --index_dir=IDX [--host=127.0.0.1 --port=8080 --serve_token=...]
   python -m vitret_jax.main --mode=serve --workdir=RUN
 
 Endpoints:
@@ -11,219 +11,249 @@ Endpoints:
                      and `k`; JSON {"query": ..., "results": [{"rank", "id",
                      "score", "path", "url"}]}
   GET  /images/{id}  an indexed image (nothing else is served)
-  GET  /healthz      {"status": "ok", "images": N}
+  GET  /healthz      {"status": "ok", "images": N, "max_k": ...}
   GET  /evaluation   with --workdir: the evaluators, metrics and queries
                      (sortable by the rank of the first correct match,
                      misses only on request), and /evaluation/{name}/{i}
                      one query's neighbours with their marks.
+  GET, POST /login   with a token: the sign-in form (serve_guard.py).
 
-Uploaded images are read with the embedder's own preprocessing. Concurrent
-queries are gathered into one forward pass (`Batcher`: up to `max_batch`
-images of one shape, waiting at most `max_wait_ms` for company). Bad input
-(not an image, over Pillow's decompression-bomb limit, k out of range, an
-unknown id) is an HTTP 4xx with a JSON message, and the server goes on.
+What it promises: the event loop only routes. Uploads are decoded in worker
+threads (serve_batcher.Reader), queries share batched forward passes in one
+model thread (Batcher), searches run in their own thread. Bad input is a 4xx
+with a JSON message written for a person: not an image, a damaged file or a
+decompression bomb (refused from its header) 400, k outside 1 to
+min(1000, index) 400, an unknown id 404, a body over --serve_max_upload_mb
+413 (counted as it arrives), a body not in within --serve_timeout_s 408. A
+query not answered within --serve_timeout_s is a 503; a query given up by
+its client never holds up the others. Responses carry a Content-Security-
+Policy and nosniff; with --serve_token, nothing but /healthz answers
+without it. Only indexed images (by id) and the evaluation's own images are
+served, and the service writes no file.
 """
 import asyncio
-import collections
+import concurrent.futures
 import os
 import signal
 import time
+import urllib.parse
 
 import fastapi
 import numpy as np
 import uvicorn
 from fastapi import responses
 from fastapi import staticfiles
-from PIL import Image
+from starlette import datastructures
+from starlette import exceptions
+from starlette import requests as starlette_requests
 
-from vitret_jax import image_files
-from vitret_jax.data import decode
-from vitret_jax.data import preprocess
+from vitret_jax import serve_batcher
+from vitret_jax import serve_guard
 from vitret_jax.errors import DataError
-from vitret_jax.eval import evaluator
 from vitret_jax.eval import report
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                    "web")
+MAX_K = 1000  # results a query may ask for
+DEFAULT_K = 10
+GONE = 499  # the status logged for a request whose client went away
+# What --mode=serve (commands.serve) calls around create_app and run.
+warm_up = serve_batcher.warm_up
+resolve_token = serve_guard.resolve_token
+warn_if_exposed = serve_guard.warn_if_exposed
 
 
-class Batcher:
-  """Gathers concurrent `embed(image)` calls into batched forward passes:
-  the first waiting image opens a window of `max_wait_ms`; then every image
-  of its shape waiting (up to `max_batch`) goes through `embedder` at once,
-  in a worker thread so the event loop keeps serving."""
-
-  def __init__(self, embedder, max_batch=32, max_wait_ms=5.0):
-    self.embedder, self.max_batch = embedder, max(1, max_batch)
-    self.max_wait = max_wait_ms / 1000
-    self.pending = collections.OrderedDict()  # shape -> [(image, future)]
-    self.passes = self.images = 0
-    self._worker = None
-
-  async def embed(self, image):
-    future = asyncio.get_running_loop().create_future()
-    self.pending.setdefault(image.shape, []).append((image, future))
-    if self._worker is None or self._worker.done():
-      self._worker = asyncio.ensure_future(self._drain())
-    return await future
-
-  async def _drain(self):
-    await asyncio.sleep(self.max_wait)
-    while self.pending:
-      shape = next(iter(self.pending))
-      group = self.pending[shape][:self.max_batch]
-      self.pending[shape] = self.pending[shape][len(group):]
-      if not self.pending[shape]:
-        del self.pending[shape]
-      batch = pad_batch(np.stack([img for img, _ in group]), self.max_batch)
-      try:
-        out = await asyncio.to_thread(self.embedder, batch)
-      except Exception as e:  # pylint: disable=broad-except
-        for _, f in group:
-          f.set_exception(e)
-        continue
-      self.passes += 1
-      self.images += len(group)
-      for (_, f), e in zip(group, out):
-        f.set_result(np.asarray(e))
-
-
-def batch_sizes(max_batch):
-  """The batch sizes a Batcher runs (powers of two up to max_batch): one
-  compiled program each per image shape, compiled at start (warm_up)."""
-  sizes, n = [], 1
-  while n < max_batch:
-    sizes.append(n)
-    n *= 2
-  return sizes + [max_batch]
-
-
-def pad_batch(batch, max_batch):
-  """`batch` padded with zero images to the next of batch_sizes."""
-  size = next(n for n in batch_sizes(max_batch) if n >= len(batch))
-  if size == len(batch):
-    return batch
-  pad = np.zeros((size - len(batch),) + batch.shape[1:], batch.dtype)
-  return np.concatenate([batch, pad])
-
-
-def warm_up(embedder, max_batch):
-  """Compiles the forward pass for every batch size at the preprocessing's
-  fixed size (a varying-size spec compiles per shape as images come)."""
-  spec = preprocess.PPSpec(embedder.preprocess)
-  if not spec.fixed_size:
-    return 0
-  for n in batch_sizes(max_batch):
-    embedder(np.zeros((n, spec.size, spec.size, 3), np.float32))
-  return len(batch_sizes(max_batch))
-
-
-def _error(status, message):
-  return responses.JSONResponse({"error": message}, status_code=status)
-
-
-def read_upload(data, pp_fn):
-  """A preprocessed image from uploaded bytes; DataError for anything that
-  is not a readable image or is over Pillow's decompression-bomb limit."""
-  if not data:
-    raise DataError("the upload is empty: send an image file.")
-  h, w = decode.size(data, "the upload")
-  if h * w > (Image.MAX_IMAGE_PIXELS or float("inf")):
-    raise DataError(f"the image is {w}x{h} pixels, over the limit of "
-                    f"{Image.MAX_IMAGE_PIXELS:,} (Pillow's decompression-bomb "
-                    f"guard).")
-  try:
-    return pp_fn(data, np.random.default_rng(0))
-  except (Image.DecompressionBombError, ValueError) as e:
-    raise DataError(f"the upload cannot be read as an image: {e}") from e
-
-
-def _k(value, limit):
-  try:
-    k = int(value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"k={value!r}: a whole number of results.") from e
-  if not 1 <= k <= limit:
-    raise ValueError(f"k={k}: ask for 1 to {limit} results (the index "
-                     f"holds {limit} other images).")
-  return k
+def _error(status, message, headers=None):
+  return responses.JSONResponse({"error": message}, status_code=status,
+                                headers=headers)
 
 
 def create_app(embedder=None, index=None, workdir="", max_batch=32,
-               max_wait_ms=5.0):
+               max_wait_ms=5.0, max_upload_mb=20.0, timeout_s=30.0,
+               token="", decode_threads=None):
   """The FastAPI application over `index` (search.Index) with `embedder`
   (export.Embedder or experiment.RunEmbedder), and/or over the evaluation
-  records of the run in `workdir` (eval/report.write_browse)."""
+  records of the run in `workdir` (eval/report.write_browse). The limits
+  and the token are those of the module doc; uploads are decoded in
+  `decode_threads` threads (default: the cores, at most 8)."""
+  decode_threads = decode_threads or min(8, os.cpu_count() or 1)
   app = fastapi.FastAPI(title="vitret_jax search", docs_url=None,
-                        redoc_url=None)
+                        redoc_url=None, openapi_url=None)
   evals = report.read_browse(workdir) if workdir else {}
-  app.state.batcher = None
+  app.state.reader = app.state.batcher = None
   if embedder is not None:
-    app.state.batcher = Batcher(embedder, max_batch, max_wait_ms)
+    app.state.buckets = serve_batcher.Buckets(embedder)
+    app.state.reader = serve_batcher.Reader(app.state.buckets,
+                                            decode_threads)
+    app.state.batcher = serve_batcher.Batcher(embedder, max_batch,
+                                              max_wait_ms)
+  # ScaNN answers one search at a time, off the event loop.
+  app.state.searcher = concurrent.futures.ThreadPoolExecutor(
+      1, thread_name_prefix="vitret-search")
+
+  @app.exception_handler(exceptions.HTTPException)
+  async def http_error(request, exc):  # pylint: disable=unused-argument
+    return _error(exc.status_code, str(exc.detail), exc.headers)
 
   @app.get("/healthz")
-  def healthz():
-    return {"status": "ok", "images": len(index) if index else 0,
+  async def healthz(request: fastapi.Request):
+    if not request.scope.get(serve_guard.AUTH_KEY, True):
+      return {"status": "ok"}  # nothing about the data without the token
+    n = len(index) if index else 0
+    return {"status": "ok", "images": n, "max_k": min(MAX_K, n),
             "evaluations": sorted(evals)}
 
-  _search_routes(app, index, app.state.batcher,
-                 image_files.pp_of(embedder) if embedder is not None else None)
+  _search_routes(app, index, timeout_s)
+  _image_routes(app, index)
   _evaluation_routes(app, evals)
+  if token:
+    serve_guard.login_routes(app, token, os.path.join(WEB, "login.html"))
   app.mount("/", staticfiles.StaticFiles(directory=WEB, html=True),
             name="web")
+  # The last added is the outermost: headers on every response, then the
+  # body cap, then the token (checked before any body is read).
+  if token:
+    app.add_middleware(serve_guard.TokenGate, token=token)
+  app.add_middleware(serve_guard.BodyLimit, max_mb=max_upload_mb)
+  app.add_middleware(serve_guard.SecurityHeaders)
   return app
 
 
-def _search_routes(app, index, batcher, pp_fn):
-  """POST /search and GET /images/{id} over `index`."""
+def _k(value, n_others):
+  """k as asked (default: DEFAULT_K, or what the index can answer); a
+  ValueError saying the range when it is out of it."""
+  limit = min(MAX_K, n_others)
+  if limit < 1:
+    raise ValueError("The index holds no other image: there is nothing to "
+                     "answer this query with.")
+  if value is None:
+    return min(DEFAULT_K, limit)
+  why = (f"at most {MAX_K:,} a query" if n_others > MAX_K else
+         f"the index holds {n_others} other image(s)")
+  try:
+    k = int(value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"k={value!r}: ask for a whole number of results, 1 "
+                     f"to {limit} ({why}).") from e
+  if not 1 <= k <= limit:
+    raise ValueError(f"k={k}: ask for 1 to {limit} results ({why}).")
+  return k
+
+
+def _read_query(form, n):
+  """(k, id or None, upload or None) of a /search form; a ValueError saying
+  what to send instead (a LookupError for an unknown id)."""
+  upload, qid = form.get("image"), form.get("id")
+  if (upload is None) == (qid is None):
+    raise ValueError("Send either an image file ('image') or the id of an "
+                     "indexed image ('id').")
+  if upload is not None and not isinstance(upload, datastructures.UploadFile):
+    raise ValueError("Send the image as a file ('image'), not as text.")
+  if qid is not None:
+    text = str(qid).strip()
+    if not (text.isascii() and text.isdigit() and int(text) < n):
+      raise LookupError(f"id={str(qid)[:40]!r}: no such image; ids are 0 to "
+                        f"{n - 1}.")
+    return _k(form.get("k"), n - 1), int(text), None
+  return _k(form.get("k"), n), None, upload
+
+
+async def _disconnect(receive):
+  """Returns when the client goes away (the body has been read)."""
+  while (await receive())["type"] != "http.disconnect":
+    pass
+
+
+async def _within(request, work, deadline, timeout_s):
+  """`work`'s response, or a 503 at `deadline`; `work` is cancelled when
+  the client goes away first (its queries then leave their batch)."""
+  gone = asyncio.ensure_future(_disconnect(request.receive))
+  try:
+    done, _ = await asyncio.wait(
+        {work, gone}, timeout=max(0.0, deadline - time.monotonic()),
+        return_when=asyncio.FIRST_COMPLETED)
+  finally:
+    gone.cancel()
+    if not work.done():
+      work.cancel()
+  if work in done:
+    return work.result()
+  if gone in done:
+    return _error(GONE, "The client went away.")
+  return _error(503, f"No answer within {timeout_s:g} s (--serve_timeout_s):"
+                f" the server is busy; try again.", {"Retry-After": "5"})
+
+
+def _search_routes(app, index, timeout_s):
+  """POST /search over `index`."""
+  state = app.state
 
   def hit(rank, i, score):
     return {"rank": rank, "id": i, "score": round(float(score), 6),
             "path": index.paths[i], "url": f"/images/{i}"}
 
-  @app.post("/search")
-  async def search_endpoint(request: fastapi.Request):
-    if index is None:
-      return _error(404, "this server has no index (start it with "
-                    "--index_dir).")
-    form = await request.form()
-    upload, qid = form.get("image"), form.get("id")
-    if (upload is None) == (qid is None):
-      return _error(400, "send either an image file ('image') or the id of "
-                    "an indexed image ('id').")
+  async def answer(k, me, data, filename):
     t0 = time.perf_counter()
-    try:
-      if qid is not None:
-        try:
-          me = int(qid)
-        except ValueError:
-          me = -1
-        if not 0 <= me < len(index):
-          return _error(404, f"id={qid!r}: no such image; ids are 0 to "
-                        f"{len(index) - 1}.")
-        k = _k(form.get("k", 10), len(index) - 1)
-        emb = np.asarray(index.embeddings[me], np.float32)
-        query = {"id": me, "path": index.paths[me], "url": f"/images/{me}"}
-      else:
-        me = -1
-        k = _k(form.get("k", 10), len(index))
-        image = read_upload(await upload.read(), pp_fn)
-        emb = await batcher.embed(image)
-        query = {"id": None, "filename": upload.filename}
-    except (ValueError, DataError) as e:
-      return _error(400, str(e))
-    hits = index.search_ids(emb[None], k, [me])[0]
+    if me is not None:
+      emb = np.asarray(index.embeddings[me], np.float32)
+      query = {"id": me, "path": index.paths[me], "url": f"/images/{me}"}
+    else:
+      try:
+        emb = await state.batcher.embed(await state.reader(data))
+      except DataError as e:
+        return _error(400, str(e))
+      query, me = {"id": None, "filename": filename}, -1
+    hits = (await asyncio.get_running_loop().run_in_executor(
+        state.searcher, index.search_ids, emb[None], k, [me]))[0]
     return {"query": query, "k": k,
             "seconds": round(time.perf_counter() - t0, 4),
             "results": [hit(r, i, s) for r, (i, s) in enumerate(hits, 1)]}
 
+  @app.post("/search")
+  async def search_endpoint(request: fastapi.Request):
+    if index is None:
+      return _error(404, "This server has no index (start it with "
+                    "--index_dir).")
+    deadline = time.monotonic() + timeout_s
+    try:
+      async with asyncio.timeout(timeout_s):  # the body must arrive in time
+        form = await request.form(max_files=1, max_fields=4)
+        try:
+          k, me, upload = _read_query(form, len(index))
+          data = await upload.read() if upload is not None else None
+        finally:
+          await form.close()
+    except TimeoutError:
+      return _error(408, f"The request did not arrive within {timeout_s:g} "
+                    f"s (--serve_timeout_s).")
+    except starlette_requests.ClientDisconnect:
+      return _error(GONE, "The client went away.")
+    except LookupError as e:
+      return _error(404, str(e))
+    except ValueError as e:
+      return _error(400, str(e))
+    filename = upload.filename if upload is not None else None
+    work = asyncio.ensure_future(answer(k, me, data, filename))
+    return await _within(request, work, deadline, timeout_s)
+
+
+def _image_routes(app, index):
+  """GET /images/{id}: an indexed image."""
+
   @app.get("/images/{image_id:path}")
   def image(image_id: str):
     # Only ids of indexed images: no path of the file system is accepted.
-    if index is None or not image_id.isdigit() or not (
-        int(image_id) < len(index)):
-      return _error(404, f"no indexed image {image_id!r}.")
-    return responses.FileResponse(index.paths[int(image_id)])
+    if index is None or not (image_id.isascii() and image_id.isdigit()
+                             and int(image_id) < len(index)):
+      return _error(404, f"No indexed image {image_id[:40]!r}.")
+    path = index.paths[int(image_id)]
+    if not os.path.isfile(path):
+      return _error(404, f"Indexed image {image_id} is no longer on disk.")
+    return responses.FileResponse(path)
+
+
+def _eval_url(name):
+  return "/evaluation/" + urllib.parse.quote(name, safe="")
 
 
 def _evaluation_routes(app, evals):
@@ -233,11 +263,11 @@ def _evaluation_routes(app, evals):
   def evaluation(name: str = "", sort: str = "first_hit",
                  misses: bool = False, offset: int = 0, limit: int = 100):
     if not evals:
-      return _error(404, "this server has no evaluation (start it with "
+      return _error(404, "This server has no evaluation (start it with "
                     "--workdir of a run that has evaluated).")
     name = name or next(iter(evals))
     if name not in evals:
-      return _error(404, f"no evaluation {name!r}; there are "
+      return _error(404, f"No evaluation {name[:80]!r}; there are "
                     f"{sorted(evals)}.")
     rec = evals[name]
     first = rec["first_hit"]
@@ -248,26 +278,26 @@ def _evaluation_routes(app, evals):
       key = np.where(first[order] < 0, len(rec["neighbours"][0]) + 1,
                      first[order])
       order = order[np.argsort(-key, kind="stable")]
+    offset, base = max(0, offset), _eval_url(name)
     queries = [{"i": int(i), "path": str(rec["query_paths"][i]),
-                "url": f"/evaluation/{name}/query/{int(i)}",
+                "url": f"{base}/query/{int(i)}",
                 "first_hit": int(first[i]) + 1 if first[i] >= 0 else None}
                for i in order[offset:offset + max(1, min(limit, 1000))]]
     return {"name": name, "names": sorted(evals), "step": rec["step"],
             "metrics": rec["metrics"], "count": int(len(order)),
-            "marks": evaluator.MARKS, "queries": queries}
+            "marks": report.MARKS, "queries": queries}
 
   @app.get("/evaluation/{name}/{i}")
   def evaluation_query(name: str, i: int):
     if name not in evals or not 0 <= i < len(evals[name]["first_hit"]):
-      return _error(404, f"no query {i} in evaluation {name!r}.")
-    rec = evals[name]
+      return _error(404, f"No query {i} in evaluation {name[:80]!r}.")
+    rec, base = evals[name], _eval_url(name)
     return {"i": i, "path": str(rec["query_paths"][i]),
-            "url": f"/evaluation/{name}/query/{i}",
+            "url": f"{base}/query/{i}",
             "neighbours": [
                 {"rank": r, "id": int(j), "path": str(rec["gallery_paths"][j]),
-                 "url": f"/evaluation/{name}/gallery/{int(j)}",
-                 "score": float(s),
-                 "mark": evaluator.MARKS[int(c)]}
+                 "url": f"{base}/gallery/{int(j)}",
+                 "score": float(s), "mark": report.MARKS[int(c)]}
                 for r, (j, s, c) in enumerate(zip(
                     rec["neighbours"][i], rec["scores"][i], rec["codes"][i]),
                                               1) if j >= 0]}
@@ -277,8 +307,12 @@ def _evaluation_routes(app, evals):
     paths = {"query": "query_paths", "gallery": "gallery_paths"}
     if name not in evals or kind not in paths or not (
         0 <= i < len(evals[name][paths[kind]])):
-      return _error(404, f"no {kind} image {i} in evaluation {name!r}.")
-    return responses.FileResponse(str(evals[name][paths[kind]][i]))
+      return _error(404, f"No {kind[:20]} image {i} in evaluation "
+                    f"{name[:80]!r}.")
+    path = str(evals[name][paths[kind]][i])
+    if not os.path.isfile(path):
+      return _error(404, f"The {kind} image {i} is no longer on disk.")
+    return responses.FileResponse(path)
 
 
 def run(app, host="127.0.0.1", port=8080):

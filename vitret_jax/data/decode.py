@@ -11,9 +11,21 @@ Two decoders, one result where it matters:
   target in both dimensions, so nothing is ever upsampled. Other formats,
   CMYK JPEGs and anything simplejpeg refuses go through `decode`.
 
-Errors are DataErrors naming the file.
+`upright=True` applies the EXIF Orientation tag (what a phone records
+instead of rotating its pixels), as a photo viewer shows the photo; both
+decoders give the same pixels (the fast path reads the tag itself, and
+decodes a JPEG rotated by 90 degrees at the DCT scale of its rotated
+target).
+
+Every failure is a DataError naming the file, with a reason written for a
+person: whatever a decoder raises (unknown format, truncated data, a
+damaged stream, a header claiming more pixels than PIL.Image.
+MAX_IMAGE_PIXELS - refused from the header, before any pixel is
+allocated - or memory running out).
 """
 import io
+import os
+import re
 
 import numpy as np
 import simplejpeg
@@ -27,6 +39,19 @@ _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _JPEG_MAGIC = b"\xff\xd8"
 # Colour spaces simplejpeg converts to RGB as PIL does.
 _FAST_SPACES = ("YCbCr", "Gray", "RGB")
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the array view that shows the photo upright (the
+# transposes of PIL.ImageOps.exif_transpose); 5 to 8 swap height and width.
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: a.transpose(1, 0, 2)[:, ::-1],
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+    8: lambda a: a.transpose(1, 0, 2)[::-1],
+}
+_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def to_rgb8(im) -> np.ndarray:
@@ -42,27 +67,95 @@ def to_rgb8(im) -> np.ndarray:
   return np.asarray(im.convert("RGB"))
 
 
-def _name(src):
-  return src if isinstance(src, str) else "an encoded image"
+def reason(e: BaseException) -> str:
+  """What went wrong in a decoder's exception, for a person: no object
+  reprs, no Python class names where a plain sentence says it."""
+  text = _REPR.sub("it", str(e).splitlines()[0] if str(e) else "").strip()
+  if isinstance(e, Image.DecompressionBombError):
+    pixels = re.search(r"\((\d+) pixels\)", text)
+    return _too_many(f"{int(pixels.group(1)):,} pixels" if pixels
+                     else "too many pixels")
+  if isinstance(e, Image.UnidentifiedImageError):
+    return ("not an image file in a format Pillow reads (JPEG, PNG, GIF, "
+            "WebP, TIFF, BMP, ...)")
+  if isinstance(e, MemoryError):
+    return "decoding it needs more memory than is available"
+  lower = text.lower()
+  if isinstance(e, EOFError) or "truncat" in lower or "premature end" in lower:
+    return "the file is truncated: it ends before its image data does"
+  if isinstance(e, (OSError, ValueError, SyntaxError)) and text:
+    return f"the image data is damaged or unsupported ({text})"
+  return (f"the image data is damaged or unsupported "
+          f"({type(e).__name__}{': ' + text if text else ''})")
 
 
-def _error(src, e):
-  return DataError(f"Cannot read image {_name(src)}: {e}. Replace or remove "
-                   f"the file (and its line in the list file).")
+def error(src, why, name=""):
+  """The DataError for an unreadable image: `src` a path, or bytes read
+  from the file `name` (or from no file: an upload); its `reason` attribute
+  holds `why` alone."""
+  path = src if isinstance(src, str) else name
+  if path:
+    e = DataError(f"Cannot read image {path}: {why}. Replace or remove the "
+                  f"file.")
+  else:
+    e = DataError(f"Cannot read the image: {why}.")
+  e.reason = why
+  return e
 
 
-def decode(src) -> np.ndarray:
+def _too_many(what):
+  return (f"its header claims {what}, over the limit of "
+          f"{Image.MAX_IMAGE_PIXELS:,} (Pillow's decompression-bomb guard, "
+          f"PIL.Image.MAX_IMAGE_PIXELS; raise it if you trust the file)")
+
+
+def check_pixels(h, w, src, name=""):
+  """A DataError when an h x w image is over PIL.Image.MAX_IMAGE_PIXELS:
+  refused from its header, before its pixels are allocated."""
+  limit = Image.MAX_IMAGE_PIXELS
+  if limit and int(h) * int(w) > limit:
+    raise error(src, _too_many(f"{w}x{h} = {int(h) * int(w):,} pixels"),
+                name)
+
+
+def turn_upright(img, orientation):
+  """`img` [H, W, C] as EXIF `orientation` (1 to 8) says it is seen."""
+  fn = _UPRIGHT.get(orientation)
+  return img if fn is None else np.ascontiguousarray(fn(img))
+
+
+def _pil_orientation(im):
+  try:
+    value = im.getexif().get(ORIENTATION_TAG, 1)
+  except Exception:  # pylint: disable=broad-except
+    return 1  # an unreadable EXIF block: the pixels as stored
+  return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def decode(src, upright=False, name="") -> np.ndarray:
   """Reads an image file (a path, or its bytes) as RGB uint8 [H, W, 3] with
-  PIL; a bad file is a DataError.
+  PIL; `upright`: turned as its EXIF orientation says. A bad file is a
+  DataError (module doc).
 
   Any PIL mode is accepted: palette, greyscale, CMYK and alpha images are
   converted to RGB (alpha dropped), 16-bit images are scaled to 8 bits.
   """
+  if not isinstance(src, str) and not len(src):
+    raise error(src, "the file is empty (0 bytes)", name)
   try:
     with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as im:
-      return to_rgb8(im)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise _error(src, e) from e
+      check_pixels(im.height, im.width, src, name)
+      img = to_rgb8(im)
+      return turn_upright(img, _pil_orientation(im)) if upright else img
+  except DataError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Decoders raise anything on a crafted file (struct.error, IndexError,
+    # zlib.error, MemoryError, ...): all of it is the file's fault.
+    empty = isinstance(src, str) and os.path.isfile(src) and not (
+        os.path.getsize(src))
+    raise error(src, "the file is empty (0 bytes)" if empty else reason(e),
+                name) from e
 
 
 def read(src) -> bytes:
@@ -73,7 +166,7 @@ def read(src) -> bytes:
     with open(src, "rb") as f:
       return f.read()
   except OSError as e:
-    raise _error(src, e) from e
+    raise error(src, e.strerror or reason(e)) from e
 
 
 def _jpeg_header(data):
@@ -88,29 +181,110 @@ def _jpeg_header(data):
   return (h, w, space) if space in _FAST_SPACES else None
 
 
-def size(data, name=""):
-  """(height, width) of encoded image bytes, from the header alone."""
-  header = _jpeg_header(data)
-  if header is not None:
-    return header[:2]
+def _tiff_orientation(t):
+  """The Orientation of IFD0 of a TIFF structure (an EXIF block), 1 when
+  absent or unreadable."""
+  order = {b"II": "little", b"MM": "big"}.get(bytes(t[:2]))
+  if order is None or len(t) < 8:
+    return 1
+  num = lambda a, b: int.from_bytes(t[a:b], order)
+  if num(2, 4) != 42:  # TIFF's magic number
+    return 1
+  start = num(4, 8)
+  if start + 2 > len(t):
+    return 1
+  for k in range(num(start, start + 2)):
+    p = start + 2 + 12 * k
+    if p + 12 > len(t):
+      return 1
+    if num(p, p + 2) != ORIENTATION_TAG:
+      continue
+    kind, count = num(p + 2, p + 4), num(p + 4, p + 8)
+    size = {1: 1, 3: 2, 4: 4}.get(kind)  # BYTE, SHORT, LONG
+    value = num(p + 8, p + 8 + size) if size and count == 1 else 0
+    return value if 1 <= value <= 8 else 1
+  return 1
+
+
+def jpeg_orientation(data) -> int:
+  """The EXIF Orientation (1 to 8) of JPEG bytes, read from the markers
+  before the image data (what PIL reads); 1 when there is none."""
+  i, n = 2, len(data)
+  while i + 4 <= n:
+    if data[i] != 0xFF:
+      return 1
+    marker = data[i + 1]
+    if marker == 0xFF:  # fill byte
+      i += 1
+      continue
+    if marker in (0xDA, 0xD9):  # start of scan, end of image
+      return 1
+    if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length field
+      i += 2
+      continue
+    length = int.from_bytes(data[i + 2:i + 4], "big")
+    if length < 2:
+      return 1
+    segment = data[i + 4:i + 2 + length]
+    if marker == 0xE1 and segment[:6] == b"Exif\0\0":
+      body = segment[6:]
+      return _tiff_orientation(body[6:] if body[:6] == b"Exif\0\0" else body)
+    i += 2 + length
+  return 1
+
+
+def _pil_size(src, name, upright):
+  """(height, width) from PIL's header reading of a path or bytes."""
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      return im.height, im.width
-  except (OSError, ValueError, SyntaxError) as e:
-    raise _error(name or data, e) from e
+    with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as im:
+      check_pixels(im.height, im.width, src, name)
+      swap = upright and _pil_orientation(im) >= 5
+      return (im.width, im.height) if swap else (im.height, im.width)
+  except DataError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    empty = isinstance(src, str) and os.path.isfile(src) and not (
+        os.path.getsize(src))
+    raise error(src, "the file is empty (0 bytes)" if empty else reason(e),
+                name) from e
 
 
-def decode_fast(data, min_hw=None, name=""):
-  """RGB uint8 [H, W, 3] of encoded image bytes. A JPEG given `min_hw` is
-  DCT-scaled to the smallest M/8 of its size that is at least `min_hw` in
-  both dimensions; other images come at full size."""
+def size(data, name="", upright=False):
+  """(height, width) of encoded image bytes, or of the image file at the
+  path `data`, from the header alone (as shown upright with `upright`); a
+  DataError for an image over the pixel limit or a header no decoder
+  reads."""
+  if isinstance(data, str):
+    return _pil_size(data, name, upright)
+  if not len(data):
+    raise error(data, "the file is empty (0 bytes)", name)
   header = _jpeg_header(data)
   if header is None:
-    return decode(data if not name else name)
+    return _pil_size(data, name, upright)
+  h, w = header[:2]
+  check_pixels(h, w, data, name)
+  swap = upright and jpeg_orientation(data) >= 5
+  return (w, h) if swap else (h, w)
+
+
+def decode_fast(data, min_hw=None, name="", upright=False):
+  """RGB uint8 [H, W, 3] of encoded image bytes. A JPEG given `min_hw` is
+  DCT-scaled to the smallest M/8 of its size that is at least `min_hw` in
+  both dimensions; other images come at full size. With `upright`, the
+  image (and `min_hw`) are as its EXIF orientation shows it."""
+  header = _jpeg_header(data)
+  if header is None:
+    return decode(name or data, upright, name)
+  check_pixels(header[0], header[1], data, name)
+  orientation = jpeg_orientation(data) if upright else 1
   kw = {}
   if min_hw is not None:
-    kw = dict(min_height=int(min_hw[0]), min_width=int(min_hw[1]))
+    mh, mw = min_hw[::-1] if orientation >= 5 else min_hw
+    kw = dict(min_height=int(mh), min_width=int(mw))
   try:
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", **kw)
+    img = simplejpeg.decode_jpeg(data, colorspace="RGB", **kw)
   except ValueError:
-    return decode(data if not name else name)  # PIL's own error, or image
+    return decode(name or data, upright, name)  # PIL's own error, or image
+  except Exception as e:  # pylint: disable=broad-except
+    raise error(data, reason(e), name) from e
+  return turn_upright(img, orientation)

@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import decode
@@ -24,13 +23,11 @@ def _size_of(split, i):
     return decode.size(bytes(item), split.paths[i])
   path = split.paths[i]
   try:
-    with Image.open(path) as im:
-      w, h = im.size
-    return h, w
-  except (OSError, ValueError, SyntaxError) as e:
-    raise DataError(f"Cannot read image {path}: {e}. Replace or remove the "
-                    f"file (and its line in the list file), or set "
-                    f"input.skip_corrupt=True to leave it out.") from e
+    return decode.size(path)  # every decoder error, bombs included
+  except DataError as e:
+    raise DataError(f"Cannot read image {path}: {e.reason}. Replace or "
+                    f"remove the file, or set input.skip_corrupt=True to "
+                    f"leave it out.") from e
 
 
 def image_sizes(split, cache_dir="", num_threads=16, skip_corrupt=False):

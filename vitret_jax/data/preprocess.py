@@ -5,6 +5,11 @@
 dict; an unknown op is an error listing the valid ones. Images are uint8
 `[H, W, 3]` until `normalize`.
 
+`exif_transpose`, right after "decode", shows photos as their EXIF
+Orientation tag says (phones record the tag instead of rotating pixels):
+the folder reader's specs carry it (configs/folder.py), the benchmarks'
+do not (their reference protocols read pixels as stored; docs/data.md).
+
 The `group_*` ops take their size from the batch (group-size sampling, see
 samplers.GroupSizeSampler): `fn(path, rng, hw=(h, w))`.
 
@@ -140,6 +145,8 @@ OPS = {
 }
 
 _OP_RE = re.compile(r"^(\w+)(?:\((.*)\))?$")
+# Not an op on pixels: a switch of the decoding (see the module doc).
+EXIF_OP = "exif_transpose"
 # Ops after which every image is square of the op's first argument.
 _SQUARE = ("resize", "center_crop", "random_crop")
 # Ops after which the size varies with the image.
@@ -151,7 +158,8 @@ class PPSpec:
 
   Attributes:
     spec: the string, e.g. "decode|resize(256)|center_crop(224)|normalize".
-    ops: [(name, args)] after "decode".
+    exif_transpose: decoded images are turned upright (EXIF_OP).
+    ops: [(name, args)] after "decode" (and EXIF_OP).
     fixed_size: every image comes out square of one size (batchable).
     size: that side in pixels (None unless fixed_size).
     uses_group_shape: the size comes from the batch's group (group_* ops).
@@ -159,10 +167,15 @@ class PPSpec:
 
   def __init__(self, spec: str):
     self.spec = spec
-    names = spec.split("|")
-    if names[0].strip() != "decode":
+    names = [s.strip() for s in spec.split("|")]
+    if names[0] != "decode":
       raise UserError(f"pp spec {spec!r} must start with 'decode'.")
-    self.ops = [_parse_op(s) for s in names[1:]]
+    self.exif_transpose = names[1:2] == [EXIF_OP]
+    names = names[2 if self.exif_transpose else 1:]
+    if EXIF_OP in names:
+      raise UserError(f"pp spec {spec!r}: {EXIF_OP} turns the decoded "
+                      f"photo upright; put it right after 'decode'.")
+    self.ops = [_parse_op(s) for s in names]
     sizing = [(n, a) for n, a in self.ops if n in _SQUARE + _VARYING]
     self.fixed_size = bool(sizing) and sizing[-1][0] in _SQUARE
     self.size = int(sizing[-1][1][0]) if self.fixed_size else None
@@ -207,7 +220,7 @@ def _parse_op(op_str):
   name, args = match.groups()
   if name not in OPS:
     raise UserError(f"Unknown pp op {name!r}; valid: "
-                    f"{['decode'] + sorted(OPS)}.")
+                    f"{['decode', EXIF_OP] + sorted(OPS)}.")
   try:
     values = [int(a) if a.strip().isdigit() else float(a)
               for a in args.split(",")] if args else []
@@ -234,15 +247,18 @@ def _box_crop(img, box):
   return img[max(0, y1):max(y1 + 1, y2), max(0, x1):max(x1 + 1, x2)]
 
 
-def build_pp(spec, fast=False, defer_normalize=False):
+def build_pp(spec, fast=False, defer_normalize=False, exif_transpose=None):
   """`fn(src, rng, box=None, hw=None) -> np.ndarray` from a spec (string or
   PPSpec) starting with "decode"; `src` is a path, encoded bytes or a
   decoded array; `box` (x1, y1, x2, y2) crops the decoded image first; `hw`
   is the batch's group shape for the group_* ops. `fast` and
-  `defer_normalize`: see the module doc. The function's `spec` attribute is
-  the parsed PPSpec, `deferred` whether it returns uint8 for the device to
-  normalise."""
+  `defer_normalize`: see the module doc; `exif_transpose` (None: the
+  spec's own) whether files are turned upright. The function's `spec`
+  attribute is the parsed PPSpec, `deferred` whether it returns uint8 for
+  the device to normalise, `upright` whether it turns files upright."""
   spec = spec if isinstance(spec, PPSpec) else PPSpec(spec)
+  upright = (spec.exif_transpose if exif_transpose is None
+             else bool(exif_transpose))
   try:
     ops = [OPS[name](*args) for name, args in spec.ops]
   except TypeError as e:
@@ -254,21 +270,29 @@ def build_pp(spec, fast=False, defer_normalize=False):
   if not fast:
     def run(src, rng, box=None, hw=None):
       # A decoded image (from a TFDS source) skips the decoding.
-      img = src if isinstance(src, np.ndarray) else decode(src)
+      img = src if isinstance(src, np.ndarray) else decode(src, upright)
       if box is not None:
         img = _box_crop(img, box)
       return np.ascontiguousarray(_apply(ops, img, rng, hw))
   else:
-    run = _FastPlan(spec, ops)
-  run.spec, run.deferred = spec, deferred
+    run = _FastPlan(spec, ops, upright)
+  run.spec, run.deferred, run.upright = spec, deferred, upright
   return run
 
 
-def build_host_pp(spec, host_pp, defer_normalize=False):
+def build_host_pp(spec, host_pp, defer_normalize=False, exif_transpose=None):
   """build_pp the way `input.host_pp` ("fast" or "exact") runs specs; the
   device normalises only on the fast path (with `defer_normalize`)."""
   fast = host_pp == "fast"
-  return build_pp(spec, fast=fast, defer_normalize=fast and defer_normalize)
+  return build_pp(spec, fast=fast, defer_normalize=fast and defer_normalize,
+                  exif_transpose=exif_transpose)
+
+
+def with_exif_transpose(spec: str) -> str:
+  """`spec` with EXIF_OP after "decode" (itself when it has it)."""
+  if PPSpec(spec).exif_transpose:
+    return spec
+  return "|".join(["decode", EXIF_OP] + spec.split("|")[1:])
 
 
 class _FastPlan:
@@ -276,8 +300,8 @@ class _FastPlan:
   crop right after a square resize, done as one sized decode and one
   windowed resample."""
 
-  def __init__(self, spec, ops):
-    self.ops = ops
+  def __init__(self, spec, ops, upright=False):
+    self.ops, self.upright = ops, upright
     names = [n for n, _ in spec.ops]
     self.first = (spec.ops[0] if spec.ops and names[0] in resize_lib.RESIZES
                   else None)
@@ -300,15 +324,17 @@ class _FastPlan:
   def __call__(self, src, rng, box=None, hw=None):
     if isinstance(src, np.ndarray) or box is not None or not self.first:
       img = src if isinstance(src, np.ndarray) else decode_lib.decode_fast(
-          decode_lib.read(src), name=src if isinstance(src, str) else "")
+          decode_lib.read(src), name=src if isinstance(src, str) else "",
+          upright=self.upright)
       if box is not None:
         img = _box_crop(img, box)
       return np.ascontiguousarray(_apply(self.ops, img, rng, hw))
     data = decode_lib.read(src)
     name = src if isinstance(src, str) else ""
-    h, w = decode_lib.size(data, name)
+    h, w = decode_lib.size(data, name, self.upright)  # as shown
     th, tw = self._target(h, w, hw)
-    img = decode_lib.decode_fast(data, resize_lib.dct_size(h, w, th, tw), name)
+    img = decode_lib.decode_fast(data, resize_lib.dct_size(h, w, th, tw), name,
+                                 self.upright)
     if self.crop is None:
       img = resize_lib.resize_to(img, (th, tw))
     else:

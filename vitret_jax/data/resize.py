@@ -5,6 +5,8 @@ window."""
 import numpy as np
 from PIL import Image
 
+from vitret_jax.errors import DataError
+
 RESIZES = ("resize", "resize_max", "resize_small", "group_resize")
 
 
@@ -35,7 +37,14 @@ def target(name, size, h, w):
     s = size / max(h, w)
     return max(1, round(h * s)), max(1, round(w * s))
   s = size / min(h, w)  # resize_small
-  return max(size, round(h * s)), max(size, round(w * s))
+  out = max(size, round(h * s)), max(size, round(w * s))
+  limit = Image.MAX_IMAGE_PIXELS
+  if limit and out[0] * out[1] > limit:
+    # A sliver (1 x 100,000 pixels) would grow past any memory.
+    raise DataError(f"An image of {w}x{h} pixels: {name}({size}) would make "
+                    f"it {out[1]}x{out[0]}, over PIL.Image.MAX_IMAGE_PIXELS "
+                    f"({limit:,}); crop or drop the image.")
+  return out
 
 
 def window(img, target_hw, top_left, c):

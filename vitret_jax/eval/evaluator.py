@@ -35,9 +35,8 @@ from vitret_jax.eval import scoring
 from vitret_jax.eval import whitening as whitening_lib
 
 
-# Neighbours kept per query for browsing, and what their codes mean.
+# Neighbours kept per query for browsing (their codes: report.MARKS).
 BROWSE_K = 50
-MARKS = {0: "wrong", 1: "correct", 2: "junk", 3: "hard"}
 
 
 class _Evaluator:

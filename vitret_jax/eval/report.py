@@ -7,18 +7,22 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
-from vitret_jax.data import preprocess
+from vitret_jax.data import decode
+from vitret_jax.errors import DataError
 
+# What the codes of a browse record (Evaluator.browse_record) mean.
+MARKS = {0: "wrong", 1: "correct", 2: "junk", 3: "hard"}
 COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150),
            "junk": (230, 180, 30), "query": (40, 90, 210)}
 
 
 def _thumb(path, size):
+  """A size x size thumbnail of `path`, upright as people see it; black
+  for an unreadable file."""
   try:
-    with Image.open(path) as im:
-      im = Image.fromarray(preprocess.to_rgb8(im))
+    im = Image.fromarray(decode.decode(path, upright=True))
     im.thumbnail((size, size))
-  except (OSError, ValueError):
+  except DataError:
     im = Image.new("RGB", (size, size), (0, 0, 0))
   canvas = Image.new("RGB", (size, size), (255, 255, 255))
   canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))

@@ -1,41 +1,74 @@
 // The search page and the evaluation browser of vitret_jax/serve.py: plain
 // DOM calls, no framework and nothing fetched from outside the server.
+// Every text that comes from data (file and class-folder names, evaluator
+// and metric names) is set as text: DOM nodes and textContent, never parsed
+// as HTML. The server's Content-Security-Policy forbids inline script.
 "use strict";
 const $ = (id) => document.getElementById(id);
+// The most results the index can answer, and its size (from /healthz).
+let maxK = null;
+let images = null;
 
-function card(item, cls, caption) {
-  const div = document.createElement("div");
-  div.className = "card " + cls;
+// An element of class `cls` holding `children` (strings become text nodes).
+function el(tag, cls, ...children) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  node.append(...children);
+  return node;
+}
+
+function card(item, cls, ...caption) {
+  const div = el("div", "card " + cls);
   const img = document.createElement("img");
   img.src = item.url;
   img.alt = item.path || "";
   img.loading = "lazy";
-  const cap = document.createElement("div");
-  cap.innerHTML = caption;
-  div.append(img, cap);
+  div.append(img, el("div", "", ...caption));
   return div;
 }
 
 function shortPath(p) {
-  const parts = (p || "").split("/");
-  return parts.slice(-2).join("/");
+  return (p || "").split("/").slice(-2).join("/");
 }
 
-async function search(form) {
+// An error replaces what was shown: no stale results under a new message.
+function showError(message) {
+  $("results").replaceChildren();
+  $("error").textContent = message;
+}
+
+async function fetchJson(url, options) {
+  const r = await fetch(url, options);
+  let body = {};
+  try {
+    body = await r.json();
+  } catch (e) {
+    body = { error: `${r.status} ${r.statusText}` };
+  }
+  return [r, body];
+}
+
+async function search(form, k) {
   $("error").textContent = "";
-  form.append("k", $("k").value);
+  form.append("k", String(k));
   const t0 = performance.now();
-  const r = await fetch("/search", { method: "POST", body: form });
-  const body = await r.json();
+  let r, body;
+  try {
+    [r, body] = await fetchJson("/search", { method: "POST", body: form });
+  } catch (e) {
+    showError(`The server did not answer (${e.message}).`);
+    return;
+  }
   if (!r.ok) {
-    $("error").textContent = body.error || r.statusText;
+    showError(body.error || `${r.status} ${r.statusText}`);
     return;
   }
   $("status").textContent = `${body.results.length} results in ${(performance.now() - t0).toFixed(0)} ms`;
   const results = $("results");
   results.replaceChildren();
   for (const h of body.results) {
-    const c = card(h, "", `<span class="score">#${h.rank} ${h.score.toFixed(3)}</span><br><span class="path">${shortPath(h.path)}</span>`);
+    const c = card(h, "", el("span", "score", `#${h.rank} ${h.score.toFixed(3)}`),
+                   document.createElement("br"), el("span", "path", shortPath(h.path)));
     c.dataset.id = h.id;
     c.title = h.path;
     c.addEventListener("click", () => searchId(h.id, h));
@@ -43,23 +76,30 @@ async function search(form) {
   }
 }
 
+// k as typed, within what the index can answer (an indexed image is not
+// its own result: one fewer for a search by id).
+function askK(byId) {
+  const k = parseInt($("k").value, 10) || 10;
+  if (maxK === null) return k;  // the server says what is allowed
+  return Math.max(1, Math.min(k, byId ? Math.min(maxK, images - 1) : maxK));
+}
+
 function showQuery(item, caption) {
-  const q = $("query");
-  q.replaceChildren(card(item, "query", caption));
+  $("query").replaceChildren(card(item, "query", caption));
 }
 
 function searchFile(file) {
   showQuery({ url: URL.createObjectURL(file), path: file.name }, `query: ${file.name}`);
   const form = new FormData();
   form.append("image", file);
-  return search(form);
+  return search(form, askK(false));
 }
 
 function searchId(id, item) {
   showQuery(item, `query: ${shortPath(item.path)}`);
   const form = new FormData();
   form.append("id", id);
-  return search(form);
+  return search(form, askK(true));
 }
 
 $("file").addEventListener("change", (e) => {
@@ -78,24 +118,31 @@ drop.addEventListener("drop", (e) => {
 let evalName = "";
 async function loadEval() {
   const params = new URLSearchParams({ sort: $("sort").value, misses: $("misses").checked, name: evalName, limit: 60 });
-  const r = await fetch("/evaluation?" + params);
-  const body = await r.json();
+  const list = $("eval-list");
+  list.replaceChildren();
+  const [r, body] = await fetchJson("/evaluation?" + params);
   if (!r.ok) {
-    $("eval-head").textContent = body.error;
+    $("eval-head").replaceChildren(el("p", "error", body.error || r.statusText));
     return;
   }
   evalName = body.name;
-  const rows = Object.entries(body.metrics).map(([k, v]) => `<tr><th>${k}</th><td>${typeof v === "number" ? v.toFixed(4) : v}</td></tr>`).join("");
-  $("eval-head").innerHTML = `<h2>${body.name} (step ${body.step})</h2><table class="metrics">${rows}</table><p>${body.count} queries shown (first 60)</p>`;
-  const list = $("eval-list");
-  list.replaceChildren();
+  const table = el("table", "metrics");
+  for (const [k, v] of Object.entries(body.metrics)) {
+    table.append(el("tr", "", el("th", "", k), el("td", "", typeof v === "number" ? v.toFixed(4) : String(v))));
+  }
+  $("eval-head").replaceChildren(
+    el("h2", "", `${body.name} (step ${body.step})`), table,
+    el("p", "", `${body.count} queries (${Math.min(60, body.queries.length)} shown)`));
   for (const q of body.queries) {
-    const row = document.createElement("div");
-    row.className = "row";
+    const row = el("div", "row");
     const hit = q.first_hit === null ? "no correct match" : `first correct: #${q.first_hit}`;
-    row.append(card(q, "query", `${shortPath(q.path)}<br>${hit}`));
+    row.append(card(q, "query", shortPath(q.path), document.createElement("br"), hit));
     list.append(row);
-    fetch(`/evaluation/${body.name}/${q.i}`).then((r) => r.json()).then((d) => {
+    fetchJson(`/evaluation/${encodeURIComponent(body.name)}/${q.i}`).then(([r2, d]) => {
+      if (!r2.ok) {
+        row.append(el("p", "error", d.error || r2.statusText));
+        return;
+      }
       for (const n of d.neighbours.slice(0, 10)) {
         row.append(card(n, n.mark, `#${n.rank} ${n.score.toFixed(3)} ${n.mark}`));
       }
@@ -113,7 +160,15 @@ function show(which) {
 $("tab-search").addEventListener("click", (e) => { e.preventDefault(); show("search"); });
 $("tab-eval").addEventListener("click", (e) => { e.preventDefault(); show("eval"); });
 
-fetch("/healthz").then((r) => r.json()).then((h) => {
+fetchJson("/healthz").then(([r, h]) => {
+  if (!r.ok || h.images === undefined) {
+    showError(h.error || "This server needs a token: sign in at /login.");
+    return;
+  }
+  images = h.images;
+  maxK = Math.max(1, h.max_k);
+  $("k").max = String(maxK);
+  $("k").value = String(Math.min(10, maxK));
   $("status").textContent = `${h.images} images indexed` + (h.evaluations.length ? `; evaluations: ${h.evaluations.join(", ")}` : "");
   if (!h.images && h.evaluations.length) show("eval");
   if (!h.evaluations.length) $("tab-eval").hidden = true;
