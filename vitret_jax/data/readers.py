@@ -182,19 +182,7 @@ def load_cub(data_dir, check_counts=True, use_boxes=False,
   if not 0 < num_train_classes < CUB_CLASSES:
     raise DataError(f"input.options.num_train_classes={num_train_classes} "
                     f"must be between 1 and {CUB_CLASSES - 1}.")
-  boxes = {}
-  if use_boxes:
-    box_path, box_rows = _cub_table(data_dir, "bounding_boxes.txt", 5,
-                                    "'image_id x y width height'")
-    for i, (lineno, r) in box_rows.items():
-      try:
-        x, y, w, h = map(float, r)
-      except ValueError:
-        _bad(box_path, lineno, [i, *r], "'image_id x y width height'", "cub")
-      boxes[i] = [x, y, x + w, y + h]
-    if set(boxes) != set(images):
-      raise DataError(f"{box_path} does not give a box for every image of "
-                      f"images.txt.\n{INSTRUCTIONS['cub']}")
+  boxes = _cub_boxes(data_dir, images) if use_boxes else {}
   first_test = base + num_train_classes
   names = _cub_names(data_dir)
   out = {}
@@ -213,6 +201,24 @@ def load_cub(data_dir, check_counts=True, use_boxes=False,
         [labels[i] for i in ids], [boxes[i] for i in ids] if use_boxes
         else None, names)
   return _check("cub", out, check_counts, data_dir)
+
+
+def _cub_boxes(data_dir, images):
+  """{image id: [x1, y1, x2, y2]} from bounding_boxes.txt, one per image of
+  images.txt."""
+  box_path, box_rows = _cub_table(data_dir, "bounding_boxes.txt", 5,
+                                  "'image_id x y width height'")
+  boxes = {}
+  for i, (lineno, r) in box_rows.items():
+    try:
+      x, y, w, h = map(float, r)
+    except ValueError:
+      _bad(box_path, lineno, [i, *r], "'image_id x y width height'", "cub")
+    boxes[i] = [x, y, x + w, y + h]
+  if set(boxes) != set(images):
+    raise DataError(f"{box_path} does not give a box for every image of "
+                    f"images.txt.\n{INSTRUCTIONS['cub']}")
+  return boxes
 
 
 def _cub_names(data_dir):
