@@ -122,7 +122,7 @@ def subprocess_env(devices=1, **extra):
 
 def main_in_process(*args):
   """`python -m vitret_jax.main ARGS` in this process: the same flag parsing
-  (`main._parse_flags`), `main.main` with its error handling and exit
+  (`main.parse_flags`), `main.main` with its error handling and exit
   status, stdout and stderr captured; a `subprocess.CompletedProcess`. For
   the error checks, where a fresh interpreter only adds its start-up (~2 s);
   each test keeps real subprocesses where the process itself is the point.
@@ -151,7 +151,7 @@ def main_in_process(*args):
     os.chdir(REPO)
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
       try:
-        main_lib.main(main_lib._parse_flags(argv))  # pylint: disable=protected-access
+        main_lib.main(main_lib.parse_flags(argv))
       except SystemExit as e:
         rc = 0 if e.code is None else e.code
       except app.UsageError as e:  # app.run prints these, exit status 1

@@ -213,29 +213,63 @@ def _reader_config(name, root, tmp_path):
   return c
 
 
+# Class folders whose relative paths an exclude file must keep exactly: one
+# starts like a comment, one with a space. The first 3 (sorted) train.
+ODD_CLASSES = (" 0 leading space", "!1", "#2 sale", "class 3", "class 4",
+               "class 5")
+
+
+def _folder_layout(root, layout):
+  """Real photos of ODD_CLASSES in the "classes" layout (half the classes
+  tested), or listed in a CSV (with a split column) for the "csv" one.
+  Returns the config's input options."""
+  photos = fixtures.grocery_photos(per_class=3, classes=len(ODD_CLASSES))
+  rows = []
+  for i, (p, c) in enumerate(photos):
+    rel = os.path.join(ODD_CLASSES[c], f"photo {i}.jpg")
+    os.makedirs(os.path.join(root, ODD_CLASSES[c]), exist_ok=True)
+    shutil.copy(p, os.path.join(root, rel))
+    rows.append(f'"{os.path.join(root, rel)}",{ODD_CLASSES[c]},'
+                f'{"train" if c < 3 else "test"}')
+  if layout == "classes":
+    return {"layout": "classes"}
+  with open(os.path.join(root, "labels.csv"), "w", encoding="utf-8") as f:
+    f.write("\n".join(rows) + "\n")
+  return {"layout": "csv", "csv_file": "labels.csv"}
+
+
 @pytest.mark.parametrize("name", ["sop", "inshop", "cub", "grocery",
-                                  "gldv2", "sfm120k", "folder"])
+                                  "gldv2", "sfm120k", "folder",
+                                  "folder_classes", "folder_csv"])
 def test_every_reader_is_audited(name, tmp_path):
-  """Each reader's layout (landmarks: with a Revisited evaluation): an
-  evaluation image copied over a training image is found and listed, and
-  exclude.txt leaves it out of that reader's training split."""
-  root = str(tmp_path / "data")
+  """Each reader's layout (landmarks: with a Revisited evaluation; the
+  folder reader's three layouts): an evaluation image copied over a
+  training image is found and listed, exclude.txt leaves it out of that
+  reader's training split (class folders "#2 sale" and " 0 leading space"
+too), and the
+  training classes found are named as the data set names them."""
+  root, options = str(tmp_path / "data"), {}
   if name == "grocery":
     _grocery_subset(root)
   elif name == "folder":
     root, _ = write_planted(root)
+  elif name.startswith("folder_"):
+    options = _folder_layout(root, name[len("folder_"):])
   elif name == "gldv2":  # 4 landmarks beyond the ROxford fixture's photos
     fixtures.write_gldv2(root, classes=10)
   else:
     fixtures.WRITERS[name](root)
-  c = _reader_config(name, root, tmp_path)
+  c = _reader_config(name.split("_")[0], root, tmp_path)
+  with c.unlocked():
+    c.input.options.update(options)
   splits, train, evaluated = audit.collect_splits(c)
   target = splits[train].paths[-1]
   shutil.copy(splits[evaluated[0]].paths[-1], target)
   result = audit.run_audit(c, str(tmp_path / "audit"))
   assert os.path.realpath(target) in map(os.path.realpath,
                                          result["excluded"])
-  assert result["in_training"][evaluated[0]]["images"] >= 1
+  got = result["in_training"][evaluated[0]]
+  assert got["images"] >= 1
   options = dict(c.input.options, exclude_file=str(tmp_path / "audit" /
                                                    "exclude.txt"))
   if name == "sfm120k":  # every training photo is an ROxford one
@@ -246,14 +280,24 @@ def test_every_reader_is_audited(name, tmp_path):
     kept = datasets.load_dataset(c.input.dataset, root, **options)[train]
     assert target not in kept.paths
     assert len(kept) == len(splits[train]) - len(result["excluded"])
+  if name.startswith("folder_"):  # the CSV reader strips its labels
+    assert os.path.basename(os.path.dirname(target)) == (
+        "#2 sale" if name == "folder_classes" else " 0 leading space")
+    assert got["training_classes"] == [
+        os.path.basename(os.path.dirname(target)).strip()]
+  if name == "grocery":  # classes.csv's names, not its ids
+    assert got["training_classes"] == ["Granny-Smith"]
   if name in ("gldv2", "sfm120k"):
     # The fixtures draw their photos from one pool: the ROxford queries of
     # the training set's classes (gldv2: all 6, sfm120k: 4, its 5th class is
-    # its val split) are found, with those landmarks (classes) named.
+    # its val split) are found, with those landmarks (classes) named: GLDv2
+    # by landmark_id (the fixture's 1000 + class), not by row.
     got = result["in_training"]["roxford/query"]
     assert (got["images"], got["of"]) == ((6, 6) if name == "gldv2"
                                           else (4, 6))
     assert len(got["training_classes"]) == got["images"]
+    if name == "gldv2":
+      assert got["training_classes"] == [str(1000 + c) for c in range(6)]
 
 
 def test_perceptual_descriptor_matches_windows():
@@ -324,3 +368,65 @@ def test_exclude_file_renumbers_ground_truth_and_pairs(tmp_path):
   assert len(got) == len(full) - 1 and len(got.pairs) == len(full.pairs) - 1
   for q, p in got.pairs:  # each pair still one cluster's two images
     assert got.labels[q] == got.labels[p] and got.paths[q] != got.paths[p]
+
+
+def test_exclude_file_lists_any_path_exactly(tmp_path, caplog):
+  """Paths an exclude file must hold exactly, as the audit writes them
+  (absolute, JSON-quoted where a line cannot hold them) and as a person
+  writes them (relative: `./#...` for a name starting with `#`)."""
+  names = ["#1 sale/0.jpg", " lead/0.jpg", "trail /x.jpg ", "line\nbreak.jpg",
+           os.fsdecode(b"caf\xe9 latin-1.jpg"), '"quoted".jpg', "tab\t.jpg"]
+  for n in names:
+    os.makedirs(os.path.dirname(tmp_path / n), exist_ok=True)
+    with open(os.path.join(tmp_path, n), "w") as f:
+      f.write("x")
+  listed = tmp_path / "exclude.txt"
+  with open(listed, "w", encoding="utf-8", errors="surrogateescape") as f:
+    f.write("# a comment\n\n" + "\n".join(
+        datasets.exclude_line(os.path.join(tmp_path, n)) for n in names)
+        + "\r\n./#1 sale/0.jpg\n#1 sale/0.jpg\n")
+  got = datasets.read_exclude_file(str(listed), str(tmp_path))
+  assert got == {os.path.realpath(os.path.join(tmp_path, n)) for n in names}
+  listed.write_text('"unclosed\n')
+  with pytest.raises(DataError, match="exclude.txt, line 1: a line starting "
+                                      'with " must be a JSON string'):
+    datasets.read_exclude_file(str(listed), str(tmp_path))
+  # A listed path in no split (the data moved) is named in a warning.
+  root = fixtures.write_cub(tmp_path / "cub")
+  listed.write_text(f"{tmp_path}/elsewhere/0001.jpg\n")
+  with caplog.at_level("INFO"):
+    datasets.load_dataset("cub", root, check_counts=False,
+                          exclude_file=str(listed))
+  assert f"1 listed path(s) are in no split (moved data, or an edited " \
+      f"line?), e.g. ['{tmp_path}/elsewhere/0001.jpg']" in caplog.text
+
+
+def test_unreadable_files_are_counted_never_duplicates(tmp_path,
+                                                       monkeypatch):
+  """Empty files, identical truncated copies and a decompression bomb in
+  both splits: counted as unreadable (the bomb does not stop the audit),
+  in no exact-duplicate group, never leaks, never in exclude.txt."""
+  photos = fixtures.grocery_photos(per_class=2, classes=4)
+  root = tmp_path / "data"
+  for i, (p, c) in enumerate(photos):
+    split = "train" if c < 2 else "test"
+    os.makedirs(root / split / f"class {c}", exist_ok=True)
+    shutil.copy(p, root / split / f"class {c}" / f"{i}.jpg")
+  with open(photos[0][0], "rb") as f:
+    truncated = f.read()[:600]
+  for split, c in (("train", 0), ("test", 2)):
+    (root / split / f"class {c}" / "empty.jpg").write_bytes(b"")
+    (root / split / f"class {c}" / "truncated.jpg").write_bytes(truncated)
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300_000)
+  Image.new("1", (800, 800)).save(root / "test" / "class 3" / "bomb.png")
+  result = audit.run_audit(folder_config(str(root)), str(tmp_path / "out"))
+  bad = sorted(os.path.basename(u["path"]) for u in result["unreadable"])
+  assert bad == ["bomb.png", "empty.jpg", "empty.jpg", "truncated.jpg",
+                 "truncated.jpg"]
+  why = {os.path.basename(u["path"]): u["why"] for u in result["unreadable"]}
+  assert why["empty.jpg"] == "the file is empty (0 bytes)"
+  assert "decompression-bomb" in why["bomb.png"]
+  assert result["exact_groups"] == [] and result["leaks"] == 0
+  assert result["excluded"] == [] and result["pairs"] == []
+  text = open(tmp_path / "out" / "audit.txt").read()
+  assert "Unreadable files: 5;" in text

@@ -26,6 +26,7 @@ from conftest import main_in_process
 from conftest import subprocess_env
 from vitret_jax import checkpoint
 from vitret_jax import commands
+from vitret_jax import evaluate
 from vitret_jax import export
 from vitret_jax import integrity
 from vitret_jax import metric_writer
@@ -308,10 +309,10 @@ def test_resumed_metrics_have_each_step_once(tmp_path):
 
 def _cached_equals_fresh(cfg, workdir):
   """Evaluates through the cache, then without it: they must agree."""
-  cached = train.evaluate_only(cfg, workdir)
+  cached = evaluate.evaluate_only(cfg, workdir)
   with cfg.unlocked():
     cfg.eval_cache = False
-  fresh = train.evaluate_only(cfg, workdir)
+  fresh = evaluate.evaluate_only(cfg, workdir)
   assert cached == fresh
   return cached
 

@@ -190,6 +190,9 @@ def test_honest_splits(tmp_path, caplog):
 
 
 def test_skip_lines_come_before_the_error(tmp_path, caplog):
+  """Skip lines print before any error: one about what is left, and one
+  raised while the folder is still being read (2 classes cannot be split
+  into training and test classes)."""
   for name in ("a", "b", "c"):
     os.makedirs(tmp_path / name)
     (tmp_path / name / "notes.txt").write_text("x")
@@ -197,6 +200,34 @@ def test_skip_lines_come_before_the_error(tmp_path, caplog):
     with pytest.raises(DataError, match="has no train images"):
       folder.load_folder(str(tmp_path))
   assert "skipped 3 non-image file(s)" in caplog.text
+  caplog.clear()
+  root = make_folder(tmp_path / "two", per_class=2, nested=False)
+  for name in NAMES[2:]:
+    shutil.rmtree(os.path.join(root, name))
+  (tmp_path / "two" / NAMES[0] / "notes.txt").write_text("x")
+  (tmp_path / "two" / ".DS_Store").write_bytes(b"\0")
+  with caplog.at_level("INFO"):
+    with pytest.raises(DataError, match="2 class.* cannot be split"):
+      folder.load_folder(root)
+  assert "skipped 1 non-image file(s), e.g." in caplog.text
+  assert "skipped 1 hidden file(s) or folder(s), e.g." in caplog.text
+
+
+def test_split_layout_counts_what_sits_beside_the_splits(tmp_path, caplog):
+  """The split layout's root: hidden files, other files and folders other
+  than train/, val/ and test/ are counted and logged like every skip."""
+  root = _split_layout(tmp_path, NAMES[:4], NAMES[4:])
+  for name in (".DS_Store", "notes.txt", "README.md"):
+    (tmp_path / "split" / name).write_text("x")
+  os.makedirs(tmp_path / "split" / "extra" / "fig")
+  with caplog.at_level("INFO"):
+    folder.load_folder(root)
+  text = caplog.text
+  assert f"skipped 1 hidden file(s) or folder(s), e.g. {root}/.DS_Store" \
+      in text
+  assert "skipped 2 file(s) outside the split folders" in text
+  assert f"skipped 1 folder(s) other than train/, val/ and test/, e.g. " \
+      f"{root}/extra" in text
 
 
 def test_metrics_never_count_a_query_without_a_positive():
@@ -234,15 +265,30 @@ def test_metrics_never_count_a_query_without_a_positive():
 
 
 def test_batch_class_error_suggests_settings_that_fit():
+  """Suggestions keep 2 classes or more per batch (one class has no
+  negatives) and m_per_class within a typical class's images (more would
+  repeat images); when nothing fits, the error says the data has too few
+  classes."""
+  from vitret_jax.data import batch_rule  # pylint: disable=g-import-not-at-top
   from vitret_jax.data import samplers  # pylint: disable=g-import-not-at-top
   labels = np.repeat(np.arange(10), 3)
   with pytest.raises(UserError) as e:
     samplers.MPerClassSampler(labels, 2, 64, 0, unit=8)
-  msg = str(e.value)
-  assert msg == (
+  assert str(e.value) == (
       "input.batch_size=64 with m_per_class=2 needs 32 classes per batch "
       "(batch_size / m_per_class), but the training split has only 10: set "
-      "input.batch_size=16 (8 classes of 2), or keep it and set "
-      "input.m_per_class=8 (8 classes of 8).")
+      "input.batch_size=16 (8 classes of 2).")
   samplers.MPerClassSampler(labels, 2, 16, 0).batch(0)  # what it suggests
+  labels = np.repeat(np.arange(10), 8)
+  with pytest.raises(UserError, match=r"batch_size=16 \(8 classes of 2\), "
+                     r"or keep it and set input.m_per_class=8 \(8 classes "
+                     r"of 8\)\.$"):
+    samplers.MPerClassSampler(labels, 2, 64, 0, unit=8)
   samplers.MPerClassSampler(labels, 8, 64, 0).batch(0)
+  one = batch_rule.fitting_settings([16], 16, 2)
+  assert one.startswith("no setting fits: a batch needs 2 classes or more")
+  assert "too few classes (typically of 16 images) for this loss" in one
+  assert batch_rule.fitting_settings([3, 3], 16, 2, unit=8).startswith(
+      "no setting fits")
+  assert batch_rule.fitting_settings([8, 8], 16, 2, unit=8) == (
+      "keep it and set input.m_per_class=8 (2 classes of 8)")

@@ -135,3 +135,48 @@ def test_square_prepared_copy(tmp_path):
     c.evals.test.pp = "decode|resize_small(36)|center_crop(32)|normalize"
   with pytest.raises(UserError, match="does not start with a resize"):
     experiment.check_prepared_size(c)
+
+
+def test_shrunk_copy_keeps_orientation_and_names_bad_files(tmp_path,
+                                                           monkeypatch):
+  """input.tfds_resize's re-encoded copy keeps the photo's EXIF block, so
+  exif_transpose turns it upright as it turns the original (a JPEG and a
+  PNG recording a 90-degree turn); a file no decoder reads (empty,
+  truncated, not an image, a decompression bomb) is a DataError naming it
+  in words, never a decoder's own exception."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import decode  # pylint: disable=g-import-not-at-top
+  photo = fixtures.grocery_photos(per_class=1, classes=1)[0][0]
+  with Image.open(photo) as im:  # the embedded photos are small
+    stored = im.convert("RGB").resize((300, 200), Image.BICUBIC)
+  for name, orientation in (("phone.jpg", 6), ("phone.png", 8)):
+    exif = Image.Exif()
+    exif[decode.ORIENTATION_TAG] = orientation
+    path = str(tmp_path / name)
+    stored.save(path, exif=exif)
+    upright = decode.decode(path, upright=True)
+    assert upright.shape == (300, 200, 3)  # turned: portrait
+    copy = tfds_builders.shrunk_jpeg(path, 100)
+    for got in (decode.decode(copy, upright=True),
+                decode.decode_fast(copy, (100, 100), upright=True)):
+      assert got.shape == (150, 100, 3), (name, got.shape)
+      want = np.asarray(Image.fromarray(upright).resize((100, 150),
+                                                        Image.BICUBIC))
+      assert np.abs(got.astype(int) - want).mean() < 6, name
+  with open(tmp_path / "phone.jpg", "rb") as f:
+    head = f.read()[:4000]
+  bad = {"empty.jpg": b"", "truncated.jpg": head, "text.jpg": b"not an image",
+         "bomb.png": None}
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+  Image.new("1", (300, 300)).save(tmp_path / "bomb.png")
+  for name, data in bad.items():
+    if data is not None:
+      (tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError) as e:
+      tfds_builders.shrunk_jpeg(str(tmp_path / name), 100)
+    msg = str(e.value)
+    assert msg.startswith(f"Cannot read image {tmp_path / name}: "), msg
+    assert " at 0x" not in msg and "\n" not in msg, msg
+    assert {"empty.jpg": "the file is empty", "truncated.jpg": "truncated",
+            "text.jpg": "not an image file", "bomb.png":
+                "decompression-bomb guard"}[name] in msg, msg

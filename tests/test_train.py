@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from conftest import small_config
 from conftest import main_in_process
 from conftest import model_config
 from vitret_jax import commands
+from vitret_jax import evaluate
 from vitret_jax import losses
 from vitret_jax import models
 from vitret_jax import sharding
@@ -104,7 +106,7 @@ def test_train_evaluate_and_resume(tmp_path, caplog):
   assert caplog.text.count("GFLOP per device per step") == 1
   assert "Profiling steps 2..3" in caplog.text
   assert "untrained" in out  # kept from the first run
-  again = train.evaluate_only(small_config(4), workdir)
+  again = evaluate.evaluate_only(small_config(4), workdir)
   assert again["recall@1"] == pytest.approx(out["recall@1"])
 
 
@@ -348,6 +350,31 @@ def test_sfm120k_tuples_mined_each_epoch_and_resumed(tmp_path, caplog):
   assert err < 1e-6, err
 
 
+def test_default_mining_pp_turns_photos_as_training_does(monkeypatch):
+  """Tuple sampling's miner, without input.tuples.pp_mine, embeds the
+  whole image at the training size, upright (exif_transpose) exactly when
+  the training spec turns photos upright (configs/folder.py does)."""
+  import types  # pylint: disable=g-import-not-at-top
+  from vitret_jax import mining  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+  specs = []
+  monkeypatch.setattr(mining, "NegativeMiner",
+                      lambda *args: specs.append(args[3]))
+  labels = np.repeat(np.arange(8), 2).astype(np.int32)
+  run = types.SimpleNamespace(
+      embed_fn=lambda: None, mesh=sharding.make_mesh(), image_size=32,
+      train_split=split_lib.Split(tuple(f"{i}.jpg" for i in range(16)),
+                                  labels, pairs=np.arange(16).reshape(8, 2)))
+  for name in ("folder", "demo"):
+    c = load_config(name, "runlocal=True")  # batch 16
+    with c.unlocked():
+      c.input.sampler = "tuples"
+      c.input.tuples.update(per_batch=2, negatives=6, mine=True)
+    train._build_sampler(c, run)  # pylint: disable=protected-access
+  assert specs == ["decode|exif_transpose|resize(32)|normalize",
+                   "decode|resize(32)|normalize"]
+
+
 def test_sfm120k_mining_skips_unreadable_pool_images(tmp_path):
   """With input.skip_corrupt, an unreadable SfM-120k image is left out of
   the negative pool (and counted in training), never mined as a negative."""
@@ -463,10 +490,10 @@ def test_tensorboard_tags_are_the_metric_names(tmp_path):
 def test_start_of_a_fine_tune_is_called_pretrained(capsys):
   from vitret_jax import main as main_lib  # pylint: disable=g-import-not-at-top
   c = small_config()
-  assert train.start_name(c) == "untrained"
+  assert evaluate.start_name(c) == "untrained"
   with c.unlocked():
     c.model.init_from = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-  assert train.start_name(c) == "pretrained"
+  assert evaluate.start_name(c) == "pretrained"
   main_lib._print_table({"recall@1": 0.9, "step": 5, "start": "pretrained",  # pylint: disable=protected-access
                          "untrained": {"recall@1": 0.7}})
   header, row = capsys.readouterr().out.strip().splitlines()
@@ -485,29 +512,42 @@ def _golden_timm_file(folder):
   return path
 
 
-@pytest.mark.slow(10)  # seconds, cold, 2 cores
-def test_pretrained_weights_evaluated_as_they_are(tmp_path, monkeypatch,
-                                                 caplog):
+@pytest.fixture(scope="module")
+def zero_step_run(tmp_path_factory):
+  """Train and test splits that share classes on purpose, the golden timm
+  ViT (mu/8, 32 px) as model.init_from, and a total_steps=0 run of it:
+  (folder, weights file, config, result, run folder). Its tests carry no
+  `slow` mark: the reordering would split them and build this twice."""
+  from test_folder import NAMES, _split_layout  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("pretrained")
+  _split_layout(root, NAMES[:5], NAMES[3:])  # root/split
+  weights = _golden_timm_file(root)
+  c = load_config("folder", "runlocal=True")
+  with c.unlocked():
+    c.input.data_dir, c.model.init_from = str(root / "split"), weights
+    c.input.options.shared_classes = True
+    c.total_steps = 0
+  run = str(root / "zero")
+  return root, weights, c, train.train_and_evaluate(c, run), run
+
+
+def test_pretrained_weights_evaluated_as_they_are(zero_step_run,
+                                                 monkeypatch):
   """--mode=eval on a fresh workdir with model.init_from evaluates the
   starting weights ("pretrained" in the table and eval.json; `~` expanded
-  in the flags and the config's paths), here on train and test splits that
-  share classes on purpose (labelled "seen classes"; refused without
-  shared_classes); total_steps=0 trains nothing and saves them as step 0;
-  that run, and its artifact, are init_from of a model at another
-  resolution (position embedding resampled) and of another variant (the
-  one-line hint); without weights, total_steps=0 is refused."""
-  from test_folder import NAMES, _split_layout  # pylint: disable=g-import-not-at-top
-  from vitret_jax import init_from  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv("HOME", str(tmp_path))
-  _split_layout(tmp_path, NAMES[:5], NAMES[3:])  # ~/split
-  weights = _golden_timm_file(tmp_path)
+  in the flags and the config's paths), here on splits that share classes
+  (labelled "seen classes"; refused without shared_classes). A workdir
+  that holds a trained run without a checkpoint (its saved config names
+  model.init_from) is refused: its eval.json is never replaced."""
+  root, _, _, zero, _ = zero_step_run
+  monkeypatch.setenv("HOME", str(root))
   args = ["--mode=eval", "--config=configs/folder.py:runlocal=True",
           "--config.input.data_dir=~/split",
           "--config.model.init_from=~/vit_tiny.safetensors"]
   r = main_in_process(*args, "--workdir=~/refused")
   assert r.returncode == 2 and "share 2 class name(s): dill & co, eggplant" \
       in r.stderr
-  assert not os.path.exists(tmp_path / "refused")
+  assert not os.path.exists(root / "refused")
   r = main_in_process(*args, "--config.input.options.shared_classes=True",
                       "--workdir=~/eval")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -515,22 +555,59 @@ def test_pretrained_weights_evaluated_as_they_are(tmp_path, monkeypatch,
   assert lines[0].startswith("Seen classes (evaluators: test)")
   header = lines[2].split()
   assert header[:2] == ["metric", "pretrained"] and "trained" not in header
-  with open(tmp_path / "eval" / "eval.json") as f:
+  with open(root / "eval" / "eval.json") as f:
     shelf = json.load(f)
   assert shelf["evaluated"] == "pretrained" and shelf["step"] == 0
   assert shelf["seen_classes"] == ["test"]
-  assert not os.listdir(tmp_path / "eval" / "checkpoints")
-  c = load_config("folder", "runlocal=True")
-  with c.unlocked():
-    c.input.data_dir, c.model.init_from = str(tmp_path / "split"), weights
-    c.input.options.shared_classes = True
-    c.total_steps = 0
-  out = train.train_and_evaluate(c, str(tmp_path / "zero"))
+  assert shelf["recall@1"] == zero["recall@1"]  # as total_steps=0 gives
+  assert not os.listdir(root / "eval" / "checkpoints")
+  trained = root / "trained"  # checkpoints deleted after an export
+  trained.mkdir()
+  shutil.copy(root / "eval" / "config.json", trained)
+  (trained / "eval.json").write_text('{"recall@1": 0.9, "step": 500}')
+  r = main_in_process("--mode=eval", "--workdir=~/trained")
+  assert r.returncode == 2 and (
+      f"--workdir={trained} holds a run without an intact checkpoint (its "
+      f"eval.json holds a trained run's results)") in r.stderr, r.stderr
+  assert (trained / "eval.json").read_text() == (
+      '{"recall@1": 0.9, "step": 500}')
+
+
+def test_zero_steps_saves_the_starting_weights(zero_step_run, tmp_path):
+  """total_steps=0 trains nothing, saves the starting weights as step 0
+  and evaluates them, labelled "pretrained" (and, over shared classes,
+  "seen_classes" in eval.json, the checkpoint's metrics, metrics.jsonl and
+  the browse file); without weights to start from it is refused."""
+  _, _, c, out, run = zero_step_run
   assert out["evaluated"] == "pretrained" and out["step"] == 0
-  assert out["recall@1"] == shelf["recall@1"] and "untrained" not in out
-  run = str(tmp_path / "zero")
+  assert "untrained" not in out
+  assert os.listdir(os.path.join(run, "checkpoints")) == ["0"]
+  # Over shared classes: labelled wherever its metrics go.
+  assert out["seen_classes"] == ["test"]
+  with open(os.path.join(run, "checkpoints", "0", "vitret_eval.json")) as f:
+    assert json.load(f)["seen_classes"] == 1.0
+  logged = read_jsonl(os.path.join(run, "metrics.jsonl"))
+  assert logged[-1]["eval/seen_classes"] == 1.0 and "eval/recall@1" in \
+      logged[-1]
+  from vitret_jax.eval import report  # pylint: disable=g-import-not-at-top
+  assert report.read_browse(run)["test"]["seen_classes"] is True
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.model.init_from = ""
+  with pytest.raises(UserError, match="total_steps=0: train 1 step or more"):
+    train.train_and_evaluate(c, str(tmp_path / "none"))
+
+
+def test_init_from_a_run_or_artifact_at_another_grid(zero_step_run,
+                                                     tmp_path, caplog):
+  """A vitret_jax run, and its artifact, are init_from of a model at
+  another resolution (position embedding resampled, as timm files are) and
+  of another variant (the one-line hint)."""
+  from vitret_jax import init_from  # pylint: disable=g-import-not-at-top
+  _, _, c, _, run = zero_step_run
   artifact = str(tmp_path / "artifact")
   commands.export_run(None, run, artifact, platforms=("cpu",))
+  c = c.copy_and_resolve_references()
   with c.unlocked():
     c.model.image_size = 64  # another grid: resampled like timm files
   model = models.build_model(c.model)
@@ -552,17 +629,48 @@ def test_pretrained_weights_evaluated_as_they_are(tmp_path, monkeypatch,
         f"--config.model.distilled=False.")
     with c.unlocked():
       c.model.variant, c.model.image_size = "mu/8", 64
-  with c.unlocked():
-    c.model.variant, c.model.init_from = "mu/8", ""
-  with pytest.raises(UserError, match="total_steps=0: train 1 step or more"):
-    train.train_and_evaluate(c, str(tmp_path / "none"))
+
+
+def test_browser_labels_seen_classes_and_lone_queries(tmp_path):
+  """The evaluation page (--mode=serve --workdir) says when an evaluation
+  is over seen classes, and a query with no other image of its class (left
+  out of Recall@K) is not a miss: marked, out of the misses, listed last."""
+  pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
+  from fastapi import testclient  # pylint: disable=g-import-not-at-top
+  from vitret_jax import serve  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import evaluator  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import report  # pylint: disable=g-import-not-at-top
+  paths = tuple(f"/photos/{i}.jpg" for i in range(5))
+  test = split_lib.Split(paths, np.asarray([0, 0, 1, 1, 2], np.int32))
+  ev = evaluator.RetrievalEvaluator(None, None, {"test": test}, query="test",
+                                    pp="decode|resize(32)|normalize")
+  record = {"query_paths": np.asarray(paths), "gallery_paths":
+            np.asarray(paths), "neighbours": np.asarray(
+                [[j for j in range(5) if j != i] for i in range(5)]),
+            "scores": np.full((5, 4), 0.5, np.float32),
+            "codes": np.asarray([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
+                                 [1, 0, 0, 0], [0, 0, 0, 0]], np.int8),
+            "first_hit": np.asarray([0, 1, 2, 0, -1])}
+  lone = report.lone_queries(ev, record)
+  assert lone.tolist() == [False, False, False, False, True]
+  report.write_browse(str(tmp_path), "test", record, {"recall@1": 0.5}, 7,
+                      lone, seen=True)
+  c = testclient.TestClient(serve.create_app(workdir=str(tmp_path)))
+  body = c.get("/evaluation").json()
+  assert body["seen_classes"] is True and body["lone"] == 1
+  assert [q["i"] for q in body["queries"]] == [2, 1, 0, 3, 4]
+  assert body["queries"][-1]["lone"] and not body["queries"][0]["lone"]
+  misses = c.get("/evaluation", params={"misses": True}).json()
+  assert [q["i"] for q in misses["queries"]] == [2, 1]
 
 
 def test_failed_checks_leave_nothing_behind(tmp_path):
   """A run stopped by its checks (here the batch/class rule, met only once
   the data and the model are built) writes no config.json and leaves no
-  folder or lock file it created; a folder that was there keeps what it
-  held. The error suggests settings that fit."""
+  workdir or lock file it created (parent folders are not its own: they
+  stay); a folder that was there keeps what it held. The error suggests
+  settings that fit."""
   from test_folder import make_folder  # pylint: disable=g-import-not-at-top
   c = load_config("folder", "runlocal=True")  # batch 16, m 2: 8 classes
   with c.unlocked():
@@ -572,7 +680,7 @@ def test_failed_checks_leave_nothing_behind(tmp_path):
                                       "input.batch_size=8 .* or keep it and "
                                       "set input.m_per_class=4"):
     train.train_and_evaluate(c, str(new))
-  assert not os.path.exists(tmp_path / "runs")
+  assert os.listdir(tmp_path / "runs") == []
   kept = tmp_path / "mine"
   kept.mkdir()
   (kept / "notes.txt").write_text("mine")
@@ -585,6 +693,97 @@ def test_failed_checks_leave_nothing_behind(tmp_path):
                       "--mode=eval", f"--workdir={tmp_path}/empty")
   assert r.returncode == 2 and "train first" in r.stderr
   assert not os.path.exists(tmp_path / "empty")
+
+
+def test_a_failed_start_removes_only_its_own_entries(tmp_path):
+  """A start that fails its checks removes what it wrote there (lock file,
+  checkpoints/, cache/, config files) under its lock, and its workdir only
+  when it made it and nothing else is in it: never a parent folder, a run
+  starting beside it, or what lock-free commands (index, export, an audit)
+  wrote meanwhile."""
+  from vitret_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  sweep = tmp_path / "sweep"
+
+  def fail(folder, *written):
+    with pytest.raises(RuntimeError):
+      with workdir_lib.Lock(str(folder)):
+        for name in written:
+          path = folder / name
+          path.parent.mkdir(parents=True, exist_ok=True)
+          if "." in name:
+            path.write_text("x")
+          else:
+            path.mkdir()
+        raise RuntimeError("checks failed")
+
+  # Run B starts in sweep/b while run A, which made sweep/, checks.
+  fail(sweep / "a", "checkpoints", "cache", "config.json", "config.1.json",
+       "../b/.vitret.lock")
+  assert os.listdir(sweep) == ["b"]
+  assert os.listdir(sweep / "b") == [".vitret.lock"]
+  fail(sweep / "a", "index", "checkpoints")  # --mode=index meanwhile
+  assert os.listdir(sweep / "a") == ["index"]
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("mine")
+  fail(mine, "export", "config.json", "checkpoints", "eval.json")
+  assert sorted(os.listdir(mine)) == ["eval.json", "export", "notes.txt"]
+
+
+def test_a_lock_file_removed_under_its_holder_is_not_taken(tmp_path,
+                                                           monkeypatch):
+  """A failed start removes its lock file before it unlocks it; a run that
+  opened that file just before and locks it after is holding a removed
+  file: it takes the workdir's new lock file instead, so two runs never
+  hold the workdir at once."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from vitret_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  folder = str(tmp_path / "run")
+  path = os.path.join(folder, workdir_lib.LOCK_FILE)
+  first = workdir_lib.Lock(folder)
+  first.__enter__()
+  real_flock, seen = fcntl.flock, []
+
+  def flock(fd, op):
+    if op & fcntl.LOCK_UN:
+      seen.append(os.path.exists(path))
+    elif first._file is not None:  # pylint: disable=protected-access
+      # The second run opened the file; the first fails and releases it.
+      first.__exit__(RuntimeError, None, None)
+    return real_flock(fd, op)
+
+  monkeypatch.setattr(fcntl, "flock", flock)
+  with workdir_lib.Lock(folder) as second:
+    assert seen == [False]  # removed before it was unlocked
+    assert os.path.samestat(os.fstat(second._file.fileno()),  # pylint: disable=protected-access
+                            os.stat(path))
+    with pytest.raises(UserError, match="Another vitret_jax run is using"):
+      with workdir_lib.Lock(folder):
+        pass
+
+
+def test_home_is_expanded_in_config_files_and_saved_configs(tmp_path,
+                                                           monkeypatch):
+  """`~` inside a config file and inside a run's saved config.json (not
+  typed on the command line) reaches the readers expanded."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  with open(os.path.join(REPO, "configs", "demo.py")) as f:
+    demo = f.read()
+  cfg = tmp_path / "mine.py"
+  cfg.write_text(demo + "\n\n_demo = get_config\n\n\ndef get_config(arg=None):"
+                 "\n  c = _demo(arg)\n  c.input.data_dir = '~/nophotos'\n"
+                 "  return c\n")
+  want = f"No Grocery data at '{tmp_path}/nophotos'"
+  r = main_in_process(f"--config={cfg}:runlocal=True",
+                      f"--workdir={tmp_path}/a")
+  assert r.returncode == 2 and want in r.stderr, r.stderr[-2000:]
+  c = load_config("demo", "runlocal=True")
+  with c.unlocked():
+    c.input.data_dir = "~/nophotos"
+  (tmp_path / "b").mkdir()
+  (tmp_path / "b" / "config.json").write_text(c.to_json_best_effort())
+  r = main_in_process("--mode=eval", f"--workdir={tmp_path}/b")
+  assert r.returncode == 2 and want in r.stderr, r.stderr[-2000:]
 
 
 def test_home_is_expanded_in_every_path_option():

@@ -88,7 +88,8 @@ def input_config():
       # (batch_size = per_batch * (2 + negatives)); each epoch draws
       # query_size pairs and a pool of pool_size images; with `mine`, the
       # negatives are the pool images nearest to each query (one per other
-      # cluster), embedded at pp_mine ("" = resize to the training size).
+      # cluster), embedded at pp_mine ("" = resize to the training size,
+      # upright when pp_train has exif_transpose).
       tuples=mlc.ConfigDict(dict(
           per_batch=5, negatives=5, query_size=2000, pool_size=20000,
           mine=True, pp_mine="", mine_batch_size=64))))

@@ -1,10 +1,12 @@
 """Evaluating without training, and what eval.json says about its metrics.
 
 `evaluate_only(config, workdir)` (--mode=eval) evaluates the workdir's latest
-intact checkpoint; a workdir without one evaluates the starting weights of
-`model.init_from` (or `resume_from`): the off-the-shelf figure the papers
-report before fine-tuning, labelled "pretrained". With neither, it is an
-error.
+intact checkpoint; a workdir that holds no trained run (no checkpoint ever
+saved, no training logged, no trained eval.json) evaluates the starting
+weights of `model.init_from` (or `resume_from`): the off-the-shelf figure
+the papers report before fine-tuning, labelled "pretrained". A trained run
+that lost its checkpoints is an error, never overwritten with the starting
+weights' figures; so is a workdir with neither.
 
 eval.json holds the final metrics and `step`, the metrics before the first
 step under "untrained" with what they were of under "start", and labels:
@@ -12,7 +14,9 @@ step under "untrained" with what they were of under "start", and labels:
 step trained), "seen_classes": the evaluators whose test classes are also
 training classes (input.options.shared_classes, or a data set's own
 protocol such as Grocery's "official"), whose figures are not comparable
-with class-disjoint ones.
+with class-disjoint ones. The same label reaches the metrics of every
+evaluation (metrics.jsonl, TensorBoard, each checkpoint's vitret_eval.json:
+seen_marks) and the browser's /evaluation page (eval/report.py).
 """
 import json
 import os
@@ -43,6 +47,20 @@ def start_name(config):
   a fresh initialisation "untrained"."""
   return ("pretrained" if config.model.init_from or config.resume_from
           else "untrained")
+
+
+def seen_marks(run, metrics) -> dict:
+  """{"<prefix>seen_classes": 1.0} for each evaluator of `metrics` that is
+  over classes seen in training (prefix: the evaluator's name and "/",
+  as its metrics have it when there are several), so that the metrics
+  logged per step (metrics.jsonl, TensorBoard) and kept per checkpoint
+  (vitret_eval.json) carry eval.json's "seen_classes" label."""
+  out = {}
+  for name in run.seen_classes:
+    prefix = "" if len(run.evaluators) == 1 else f"{name}/"
+    if any(k.startswith(prefix) for k in metrics):
+      out[f"{prefix}seen_classes"] = 1.0
+  return out
 
 
 def untrained_eval(run, params, fresh, stopper):
@@ -86,9 +104,57 @@ def init_state(run, config):
                                  tuple(config.model.init_fresh)))
 
 
+def _trained_run(workdir):
+  """Why `workdir` holds a trained run ("" when it does not): a checkpoint
+  folder with something in it, damaged checkpoints set aside, logged
+  training steps, or an eval.json not of the starting weights."""
+  def there(name):
+    return os.path.exists(os.path.join(workdir, name))
+  ckpts = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpts) and os.listdir(ckpts):
+    return f"{ckpts} holds {sorted(os.listdir(ckpts))[:3]}"
+  for name in ("checkpoints_damaged", "metrics.jsonl",
+               "eval_untrained.json"):
+    if there(name):
+      return f"it has {name}"
+  if there("eval.json"):
+    with open(os.path.join(workdir, "eval.json")) as f:
+      try:
+        evaluated = json.load(f).get("evaluated")
+      except (ValueError, AttributeError):
+        evaluated = None
+    if evaluated != "pretrained":
+      return "its eval.json holds a trained run's results"
+  return ""
+
+
+def _starting_state(run, config, workdir):
+  """The state to evaluate in a workdir without a checkpoint: the starting
+  weights, only where no trained run would have its results replaced."""
+  if start_name(config) != "pretrained":
+    raise UserError(f"No checkpoint in {run.ckpt.directory}: train first "
+                    f"(--mode=train), point --workdir at a trained run, "
+                    f"or set model.init_from to evaluate pretrained "
+                    f"weights.")
+  why = _trained_run(workdir)
+  if why:
+    raise UserError(
+        f"--workdir={workdir} holds a run without an intact checkpoint "
+        f"({why}): its trained weights cannot be evaluated, and the "
+        f"starting weights of model.init_from are not evaluated over its "
+        f"results. Evaluate them in a new --workdir, or restore the run's "
+        f"checkpoints.")
+  state, _ = init_state(run, config)
+  if jax.process_index() == 0:
+    workdir_lib.write_config(config, workdir,
+                             models.resolve(config.model).as_dict())
+  return state
+
+
 def evaluate_only(config, workdir) -> dict:
-  """Evaluates the workdir's latest intact checkpoint, or without one the
-  starting weights; writes eval.json."""
+  """Evaluates the workdir's latest intact checkpoint, or without one (in
+  a workdir that holds no trained run) the starting weights; writes
+  eval.json."""
   mesh = sharding.build_mesh(config.mesh)
   checked = experiment.check_config(config, mesh)
   with workdir_lib.Lock(workdir, "eval") as lock:
@@ -98,16 +164,8 @@ def evaluate_only(config, workdir) -> dict:
       if saved:
         state, _ = run.ckpt.restore(
             checkpoint.abstract_like(run.state, run.state_sharding))
-      elif start_name(config) == "pretrained":
-        state, _ = init_state(run, config)
-        if jax.process_index() == 0:
-          workdir_lib.write_config(config, workdir,
-                                   models.resolve(config.model).as_dict())
       else:
-        raise UserError(f"No checkpoint in {run.ckpt.directory}: train first "
-                        f"(--mode=train), point --workdir at a trained run, "
-                        f"or set model.init_from to evaluate pretrained "
-                        f"weights.")
+        state = _starting_state(run, config, workdir)
     finally:
       run.ckpt.close()
     lock.checks_passed()
@@ -115,5 +173,5 @@ def evaluate_only(config, workdir) -> dict:
     step = int(jax.device_get(state.step))
     final = run.evaluate(state.params, step=step, report=True)
     if saved:
-      run.ckpt.record_eval(step, final)
+      run.ckpt.record_eval(step, dict(final, **seen_marks(run, final)))
     return finish(workdir, final, untrained, step, config, run.seen_classes)

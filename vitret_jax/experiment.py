@@ -268,8 +268,8 @@ class Run:
         if rows:
           report_lib.write_grid(
               os.path.join(self.workdir, f"report_{name}.png"), rows)
-        report_lib.write_browse(self.workdir, name, ev.browse_record(), res,
-                                step)
+        report_lib.write_evaluation(self.workdir, name, ev, res, step,
+                                    name in self.seen_classes)
       logging.info("eval %s (%.1fs): %s", name, time.time() - t0, res)
       prefix = "" if len(self.evaluators) == 1 else f"{name}/"
       out.update({prefix + k: v for k, v in res.items()})

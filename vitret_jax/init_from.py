@@ -8,7 +8,6 @@ checkpoint.resume_or_init's.
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -18,7 +17,6 @@ from vitret_jax import hub
 from vitret_jax import params_tree
 from vitret_jax import weights
 from vitret_jax.errors import UserError
-from vitret_jax.models import vit
 
 INIT_FORMATS = ("auto", "vitret_run", "vitret_export", "timm", "npz")
 
@@ -129,9 +127,7 @@ def _fit_pos_embedding(loaded, template, model_cfg):
   if side * side + prefix != have.shape[1] or grid * grid + prefix != (
       want.shape[1]):
     return loaded, False  # not square grids: the shape check names it
-  weights.log_resample(side, grid)
-  pe = np.asarray(vit.resample_posemb(jnp.asarray(have), (grid, grid),
-                                      prefix))
+  pe = weights.fit_posemb(np.asarray(have), grid, prefix)
   return dict(loaded, encoder=dict(loaded["encoder"], pos_embedding=pe)), True
 
 

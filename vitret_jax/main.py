@@ -103,9 +103,10 @@ Examples:
 Every flag: --helpfull. The guide: README.md."""
 
 
-def _config():
-  """The --config flag's value; a file that cannot be loaded is a one-line
-  error naming it."""
+def config_flag():
+  """The --config flag's value (None when not given); a file that cannot be
+  loaded is a one-line error naming it. Also read by the audit's command
+  line, which shares these flags."""
   try:
     config = _CONFIG.value
     if config is not None:
@@ -219,7 +220,7 @@ def main(argv):
     jax.config.update("jax_threefry_partitionable", True)
     logging.info("process %d of %d; devices: %s", jax.process_index(),
                  jax.process_count(), jax.devices())
-    result = _run_mode(_MODE.value, _config(), _WORKDIR.value)
+    result = _run_mode(_MODE.value, config_flag(), _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -257,10 +258,11 @@ def _reader_options_hint(argv):
           f"{config.input.dataset} reader; valid: {valid}.")
 
 
-def _parse_flags(argv):
+def parse_flags(argv):
   """absl's parsing, with config mistakes (unknown key, wrong type, a failing
   config file) reported in one line instead of a traceback; --help prints
-  the short usage (absl's flag list: --helpfull)."""
+  the short usage (absl's flag list: --helpfull). The flags parser of this
+  command line and of the audit's."""
   if any(a in ("--help", "-h", "-?") for a in argv[1:]):
     print(USAGE)
     sys.exit(0)
@@ -294,4 +296,4 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -14,8 +14,12 @@ Endpoints:
   GET  /healthz      {"status": "ok", "images": N, "max_k": ...}
   GET  /evaluation   with --workdir: the evaluators, metrics and queries
                      (sortable by the rank of the first correct match,
-                     misses only on request), and /evaluation/{name}/{i}
-                     one query's neighbours with their marks.
+                     misses only on request; "lone" queries, with no
+                     other image of their class, are not misses: the
+                     metrics leave them out), whether the evaluation is
+                     over classes seen in training ("seen_classes"), and
+                     /evaluation/{name}/{i} one query's neighbours with
+                     their marks.
   GET, POST /login   with a token: the sign-in form (serve_guard.py).
 
 What it promises: the event loop only routes. Uploads are decoded in worker
@@ -270,21 +274,24 @@ def _evaluation_routes(app, evals):
       return _error(404, f"No evaluation {name[:80]!r}; there are "
                     f"{sorted(evals)}.")
     rec = evals[name]
-    first = rec["first_hit"]
+    first, lone = rec["first_hit"], rec["lone"]
     order = np.arange(len(first))
-    if misses:
-      order = order[first != 0]  # the top-1 is not a correct match
-    if sort == "first_hit":  # misses in the top k last, as rank k + 1
+    if misses:  # the top-1 is not a correct match, and one was there
+      order = order[(first != 0) & ~lone[order]]
+    if sort == "first_hit":  # misses in the top k as rank k + 1, lone last
       key = np.where(first[order] < 0, len(rec["neighbours"][0]) + 1,
                      first[order])
+      key = np.where(lone[order], -1, key)
       order = order[np.argsort(-key, kind="stable")]
     offset, base = max(0, offset), _eval_url(name)
     queries = [{"i": int(i), "path": str(rec["query_paths"][i]),
                 "url": f"{base}/query/{int(i)}",
-                "first_hit": int(first[i]) + 1 if first[i] >= 0 else None}
+                "first_hit": int(first[i]) + 1 if first[i] >= 0 else None,
+                "lone": bool(lone[i])}
                for i in order[offset:offset + max(1, min(limit, 1000))]]
     return {"name": name, "names": sorted(evals), "step": rec["step"],
             "metrics": rec["metrics"], "count": int(len(order)),
+            "seen_classes": rec["seen_classes"], "lone": int(lone.sum()),
             "marks": report.MARKS, "queries": queries}
 
   @app.get("/evaluation/{name}/{i}")

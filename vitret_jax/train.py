@@ -31,6 +31,7 @@ from vitret_jax import train_step as ts
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import image_sizes
 from vitret_jax.data import pipeline
+from vitret_jax.data import preprocess
 from vitret_jax.data import samplers
 from vitret_jax.errors import UserError
 
@@ -101,8 +102,9 @@ class _Trainer:
       raise UserError(f"{e} (Evaluation of step {step} failed; its "
                       f"checkpoint is saved: fix this, then run the same "
                       f"command, or --mode=eval.)") from e
-    self.run.ckpt.record_eval(step, res)
-    self.writer.write(step, {f"eval/{k}": v for k, v in res.items()})
+    labelled = dict(res, **evaluate.seen_marks(self.run, res))
+    self.run.ckpt.record_eval(step, labelled)
+    self.writer.write(step, {f"eval/{k}": v for k, v in labelled.items()})
     return res
 
   def log(self, metrics, done, step):
@@ -307,12 +309,18 @@ def _build_sampler(config, run):
   if config.input.sampler == "tuples" and t.mine:
     sampler.miner = mining.NegativeMiner(
         run.embed_fn(), run.mesh, run.train_split,
-        t.pp_mine or f"decode|resize({run.image_size})|normalize",
+        t.pp_mine or default_pp_mine(config.input.pp_train, run.image_size),
         t.mine_batch_size, config.input.num_threads,
         config.input.skip_corrupt, run.image_size, config.input.host_pp)
   return sampler
 
 
-# The evaluation of a run without training (--mode=eval).
-evaluate_only = evaluate.evaluate_only
-start_name = evaluate.start_name
+def default_pp_mine(pp_train, image_size):
+  """The mining preprocessing when input.tuples.pp_mine is empty: the whole
+  image at the training size, turned upright (exif_transpose) when the
+  training images are, so that negatives are mined from the images as
+  they are trained on."""
+  spec = f"decode|resize({image_size})|normalize"
+  if preprocess.PPSpec(pp_train).exif_transpose:
+    spec = preprocess.with_exif_transpose(spec)
+  return spec

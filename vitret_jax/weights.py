@@ -123,10 +123,19 @@ def _timm_block(i, rest, name, take, heads, t):
   return {}  # e.g. attn.qkv.bias, taken with the weight
 
 
-def log_resample(side, grid):
+def fit_posemb(pe, grid, num_prefix=1):
+  """A position embedding [1, P + s*s, D] made for an s x s grid, at the
+  model's grid x grid: as it is when s == grid, else resampled
+  (vit.resample_posemb) and logged. What every loader of weights made for
+  another resolution uses (timm and npz files, runs and artifacts)."""
+  side = int(round((pe.shape[1] - num_prefix) ** 0.5))
+  if side == grid:
+    return pe
   logging.info("Position embedding resampled from the weights' %dx%d grid "
                "to %dx%d (model.image_size / patch size).", side, side, grid,
                grid)
+  return np.asarray(vit.resample_posemb(jnp.asarray(pe), (grid, grid),
+                                        num_prefix))
 
 
 def _timm_to_flat(sd, heads, grid, num_prefix):
@@ -160,14 +169,8 @@ def _timm_to_flat(sd, heads, grid, num_prefix):
       flat[e + "cls"] = take(name)
     elif name == "dist_token":
       flat[e + "dist"] = take(name)
-    elif name == "pos_embed":
-      pe = take(name)
-      side = int(round((pe.shape[1] - num_prefix) ** 0.5))
-      if side != grid:  # checkpoint made for another resolution
-        log_resample(side, grid)
-        pe = np.asarray(vit.resample_posemb(jnp.asarray(pe), (grid, grid),
-                                            num_prefix))
-      flat[e + "pos_embedding"] = pe
+    elif name == "pos_embed":  # made for another resolution: resampled
+      flat[e + "pos_embedding"] = fit_posemb(take(name), grid, num_prefix)
   # Classifier heads (head, head_dist, pre_logits) are not part of the
   # encoder; anything else unused is reported as unexpected.
   for name in sd:
@@ -236,12 +239,8 @@ def from_npz(checkpoint, variant, image_size=224, dtype=jnp.float32):
       continue
     value = np.asarray(value, np.float32)
     if name == "Transformer/posembed_input/pos_embedding":
-      grid = image_size // enc.stride
-      side = int(round((value.shape[1] - enc.num_prefix) ** 0.5))
-      if side != grid:
-        log_resample(side, grid)
-      value = np.asarray(vit.resample_posemb(jnp.asarray(value), (grid, grid)))
-      flat["encoder/pos_embedding"] = value
+      flat["encoder/pos_embedding"] = fit_posemb(
+          value, image_size // enc.stride, enc.num_prefix)
     elif re.match(r"(conv_root|gn_root|block\d+)/", name):
       flat["encoder/backbone/" + name] = value
     else:

@@ -7,7 +7,7 @@ kernel releases when the holder exits, even on kill -9; the holder's details
 stay in the file until a clean exit, so a run that finds them in a free lock
 says that the previous run ended without releasing it (crash or kill).
 A run that fails its checks before `Lock.checks_passed` leaves nothing it
-created (see Lock).
+created, and removes nothing else (see Lock).
 
 `write_once(path, write_fn)`: caches (embeddings, image sizes, ScaNN folders)
 are written by process 0 alone, into a temporary name renamed into place,
@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 
@@ -56,9 +57,13 @@ class Lock:
   """Context manager holding the workdir's lock (process 0 only).
 
   Until `checks_passed()` is called, the run is still checking its config,
-  data and weights: if it stops then (an error), what it created is
-  removed on exit, the workdir itself when it made it, else the new entries
-  (the lock file included), so a failed start leaves nothing behind.
+  data and weights: if it stops then (an error), the entries it created in
+  the workdir (RUN_ENTRIES that were not there before: the lock file,
+  checkpoints/, cache/, config files) are removed while the lock is still
+  held, then the workdir itself if the run made it and it is left empty.
+  Nothing else is touched: not the parent folders (another run may be
+  starting beside it), nor what other commands wrote meanwhile (--mode=
+  index or export, an audit, which take no lock).
   """
 
   def __init__(self, workdir, mode="train"):
@@ -66,7 +71,7 @@ class Lock:
     self.path = os.path.join(self.workdir, LOCK_FILE)
     self._file = None
     self._before = set()  # the workdir's entries before the run
-    self._created = None  # the top folder this run creates, if any
+    self._made = False  # the run created the workdir
     self._passed = False
 
   def checks_passed(self):
@@ -76,68 +81,101 @@ class Lock:
   def __enter__(self):
     if jax.process_index() != 0:
       return self
-    folder = self.workdir
-    while not os.path.exists(folder):
-      self._created, folder = folder, os.path.dirname(folder)
-    if self._created is None and os.path.isdir(self.workdir):
+    self._made = not os.path.exists(self.workdir)
+    if not self._made and os.path.isdir(self.workdir):
       self._before = set(os.listdir(self.workdir))
     check_writable(self.workdir)
-    try:
-      f = open(self.path, "a+")  # pylint: disable=consider-using-with
-    except OSError as e:
-      raise _unwritable(self.workdir, e) from e
-    try:
-      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      f.seek(0)
-      holder = f.read().strip()
-      f.close()
-      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-        raise _unwritable(self.workdir, e) from e
-      raise UserError(
-          f"Another vitret_jax run is using --workdir={self.workdir} "
-          f"({_describe(holder)}): wait for it to end, stop it, or use "
-          f"another --workdir.") from None
-    f.seek(0)
-    previous = f.read().strip()
+    self._file = self._take()
+    self._file.seek(0)
+    previous = self._file.read().strip()
     if previous:
       logging.warning("The previous run on %s (%s) ended without releasing "
                       "its lock (killed or crashed); taking over.",
                       self.workdir, _describe(previous))
-    f.seek(0)
-    f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "mode": self.mode, "started": datetime.datetime.now(
-                            datetime.timezone.utc).isoformat(
-                                timespec="seconds")}))
-    f.flush()
-    self._file = f
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "mode": self.mode,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds")}))
+    self._file.flush()
     return self
+
+  def _take(self):
+    """The open lock file, locked. A failed start removes its lock file
+    while holding it, so a file locked after that removal is no longer the
+    workdir's lock: taken again (from the new file) until they agree."""
+    while True:
+      try:
+        os.makedirs(self.workdir, exist_ok=True)  # a failed start removed it
+        f = open(self.path, "a+")  # pylint: disable=consider-using-with
+      except OSError as e:
+        raise _unwritable(self.workdir, e) from e
+      try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+          raise _unwritable(self.workdir, e) from e
+        raise UserError(
+            f"Another vitret_jax run is using --workdir={self.workdir} "
+            f"({_describe(holder)}): wait for it to end, stop it, or use "
+            f"another --workdir.") from None
+      try:
+        same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
+      except FileNotFoundError:
+        same = False
+      if same:
+        return f
+      f.close()  # released with it
 
   def __exit__(self, exc_type, *exc):
     if self._file is None:
       return False
-    self._file.seek(0)
-    self._file.truncate()  # empty: released cleanly
-    self._file.flush()
-    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-    self._file.close()
-    self._file = None
-    if exc_type is not None and not self._passed:
-      self._remove_created()
+    try:
+      removed = False
+      if exc_type is not None and not self._passed:
+        removed = self._remove_created()  # under the lock: no run starts
+      if not removed:
+        self._file.seek(0)
+        self._file.truncate()  # empty: released cleanly
+        self._file.flush()
+    finally:
+      fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
     return False
 
   def _remove_created(self):
-    """Removes what this run created before failing its checks."""
-    if self._created is not None:  # the workdir and the parents it made
-      shutil.rmtree(self._created, ignore_errors=True)
-      return
-    for name in set(os.listdir(self.workdir)) - self._before:
+    """Removes what this run created before failing its checks (see the
+    class doc), the lock file last; returns whether that was removed."""
+    for name in sorted(set(os.listdir(self.workdir)) - self._before):
+      if name == LOCK_FILE or not _is_run_entry(name):
+        continue
       path = os.path.join(self.workdir, name)
       if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
       else:
         os.remove(path)
+    if LOCK_FILE in self._before:
+      return False
+    os.remove(self.path)
+    if self._made:
+      try:
+        os.rmdir(self.workdir)  # only when nothing else is in it
+      except OSError:
+        pass
+    return True
+
+
+# What a run writes in its workdir before its checks have passed.
+RUN_ENTRIES = (LOCK_FILE, "checkpoints", "cache")
+
+
+def _is_run_entry(name):
+  return name in RUN_ENTRIES or re.fullmatch(r"config(\.\d+)?\.json", name)
 
 
 def _describe(text):

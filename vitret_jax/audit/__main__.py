@@ -72,7 +72,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    config = main_lib._config()  # pylint: disable=protected-access
+    config = main_lib.config_flag()
     workdir, pretrained = flags.FLAGS.workdir, flags.FLAGS.pretrained
     if config is None and not workdir:
       raise UserError("name the data with --config (or the --workdir of a "
@@ -104,7 +104,7 @@ def _parse_flags(argv):
   if any(a in ("--help", "-h", "-?") for a in argv[1:]):
     print(__doc__)
     sys.exit(0)
-  return main_lib._parse_flags(argv)  # pylint: disable=protected-access
+  return main_lib.parse_flags(argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from vitret_jax import integrity
+from vitret_jax.data import datasets
 from vitret_jax.errors import UserError
 from vitret_jax.eval import report as grid_lib
 
@@ -109,8 +110,9 @@ def build(config, splits, train, evaluated, rows, groups, excluded, settings,
 
 def _in_training(rows, groups, splits, train, evaluated):
   """Per evaluated split: how many of its images have a duplicate in the
-  training split, and the training classes those duplicates belong to
-  (landmarks: the evaluation's landmarks found in the training data)."""
+  training split, and the names of the training classes those duplicates
+  belong to (the data set's own: a folder name, a GLDv2 landmark_id;
+  landmarks: the evaluation's landmarks found in the training data)."""
   hits = collections.defaultdict(dict)  # split -> {row: training rows}
   links = [((r["a"], r["i"]), (r["b"], r["j"])) for r in rows]
   links += [(y, x) for x, y in links]
@@ -121,13 +123,13 @@ def _in_training(rows, groups, splits, train, evaluated):
     if s in evaluated and o == train:
       hits[s].setdefault(i, set()).add(j)
   out = {}
-  labels = np.asarray(splits[train].labels) if train in splits else None
+  trained = splits.get(train)
   for s in evaluated:
     found = hits.get(s, {})
-    rows_ = sorted({j for js in found.values() for j in js})
+    labels = {int(trained.labels[j]) for js in found.values() for j in js}
     out[s] = {"images": len(found), "of": len(splits[s]),
-              "training_classes": sorted({int(labels[j]) for j in rows_})
-                                  if labels is not None else []}
+              "training_classes": sorted(trained.class_name(y)
+                                         for y in labels)}
   return out
 
 
@@ -137,16 +139,10 @@ def _is_leak(k, train, evaluated):
       evaluated)
 
 
-def _relative(path, data_dir):
-  """`path` relative to the data folder when it is inside it."""
-  rel = os.path.relpath(os.path.realpath(path), os.path.realpath(data_dir))
-  return path if rel.startswith("..") else rel
-
-
 def _write_text(path, text):
   """Writes `path` whole or not at all (a kill leaves no half list)."""
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
     f.write(text)
   os.replace(tmp, path)
 
@@ -166,10 +162,12 @@ def write(out_dir, result, data_dir):
   lines = [
       f"# vitret_jax audit {result['date']}: {len(result['excluded'])} "
       f"training image(s) duplicating an evaluation image "
-      f"({result['exclude_mode']}); paths relative to {data_dir}.",
+      f"({result['exclude_mode']}), of the data in {data_dir}; one absolute "
+      f"path a line (JSON-quoted where a line cannot hold it as it is).",
       f"# Use: --config.input.options.exclude_file="
       f"{os.path.abspath(os.path.join(out_dir, 'exclude.txt'))}"]
-  lines += [_relative(p, data_dir) for p in result["excluded"]]
+  lines += [datasets.exclude_line(os.path.abspath(p))
+            for p in result["excluded"]]
   _write_text(os.path.join(out_dir, "exclude.txt"), "\n".join(lines) + "\n")
   integrity.write_json_atomic(os.path.join(out_dir, "audit.json"), result,
                               indent=1)
@@ -208,7 +206,7 @@ def summary(result) -> str:
     classes = v["training_classes"]
     lines.append(f"  {s}: {v['images']} of {v['of']} image(s) have a "
                  f"duplicate in training" + (
-                     f" (training classes {', '.join(map(str, classes[:10]))}"
+                     f" (training classes {', '.join(classes[:10])}"
                      f"{', ...' if len(classes) > 10 else ''})" if classes
                      else "") + ".")
   if sat:

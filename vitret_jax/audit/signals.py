@@ -61,19 +61,17 @@ def perceptual(rgb) -> np.ndarray:
 
 
 def _read(path):
-  """(sha256, perceptual descriptors or None, why unreadable or "")."""
+  """(sha256 or "", perceptual descriptors or None, why unreadable or "").
+  An unreadable file (any decoder error: data/decode.py) gets no hash, so
+  that damaged, empty or truncated files are never a duplicate group."""
   try:
     data = decode.read(path)
-  except DataError as e:
-    return "", None, str(e.__cause__ or e)
-  sha = hashlib.sha256(data).hexdigest()
-  try:
     # Decoded at >= 4 thumbnails a side (JPEGs DCT-scaled to it): enough
     # pixels for the smallest window, a fraction of the decoding work.
     rgb = decode.decode_fast(data, (4 * THUMB, 4 * THUMB), path)
-    return sha, perceptual(rgb), ""
-  except (DataError, OSError, ValueError) as e:
-    return sha, None, str(e.__cause__ or e)
+  except DataError as e:
+    return "", None, getattr(e, "reason", "") or str(e)
+  return hashlib.sha256(data).hexdigest(), perceptual(rgb), ""
 
 
 def scan(paths, num_threads=8):

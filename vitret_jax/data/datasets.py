@@ -5,13 +5,15 @@ by the input pipeline; readers validate what they read and raise `DataError`
 naming the file, the problem, where the data comes from and what the folder
 must hold (data/layouts.py).
 
-Every reader also takes `exclude_file`: a list of images (one path a line,
-absolute or relative to the data folder; `#` comments) left out of every
-split, as `python -m vitret_jax.audit` writes it. What it removed is counted
-per split in the log; ground truth and training pairs are renumbered.
+Every reader also takes `exclude_file`: a list of images (read_exclude_file:
+one path a line, absolute or relative to the data folder; `#` comments)
+left out of every split, as `python -m vitret_jax.audit` writes it. What
+it removed is counted per split in the log; ground truth and training
+pairs are renumbered.
 """
 import dataclasses
 import inspect
+import json
 import os
 from typing import Optional
 
@@ -20,9 +22,9 @@ from absl import logging
 
 from vitret_jax.data import folder
 from vitret_jax.data import readers
+from vitret_jax.data import split as split_lib
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
-from vitret_jax.eval import scoring
 
 EMBEDDED_GROCERY = os.path.join(os.path.dirname(os.path.dirname(__file__)),
                                 "assets", "grocery_mini")
@@ -70,19 +72,41 @@ def load_dataset(dataset: str, data_dir: Optional[str], **options) -> dict:
   return splits
 
 
+def exclude_line(path) -> str:
+  """The line of `path` in an exclude file (read_exclude_file): the path
+  as it is, or a JSON string when it holds a character that a line cannot
+  hold as it is (a line break, a byte that is not UTF-8) or starts like a
+  comment or a JSON string."""
+  if path.isprintable() and not path.startswith(("#", '"')) and path:
+    return path
+  return json.dumps(path)
+
+
 def read_exclude_file(path, data_dir):
-  """The real paths an exclude file lists (relative ones are under
-  `data_dir`)."""
+  """The real paths an exclude file lists: one a line, exactly as written
+  (only the line break removed), absolute or relative to `data_dir`;
+  empty lines and lines starting with `#` skipped; a line starting with
+  `"` is a JSON string (exclude_line)."""
   path = os.path.expanduser(path)
   if not os.path.isfile(path):
     raise DataError(f"input.options.exclude_file={path!r}: no such file "
                     f"(write one with python -m vitret_jax.audit).")
+  # Bytes that are not UTF-8 decode as os.fsdecode decodes file names.
+  with open(path, encoding="utf-8", errors="surrogateescape",
+            newline="") as f:
+    lines = f.read().split("\n")
   out = set()
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if line and not line.startswith("#"):
-        out.add(os.path.realpath(os.path.join(data_dir, line)))
+  for lineno, line in enumerate(lines, 1):
+    line = line[:-1] if line.endswith("\r") else line
+    if not line or line.startswith("#"):
+      continue
+    if line.startswith('"'):
+      try:
+        line = json.loads(line)
+      except ValueError as e:
+        raise DataError(f"{path}, line {lineno}: a line starting with \" "
+                        f"must be a JSON string ({e}).") from e
+    out.add(os.path.realpath(os.path.join(data_dir, line)))
   return out
 
 
@@ -98,10 +122,13 @@ def exclude(splits, exclude_file, data_dir):
   out = {name: _keep_rows(s, ~drop[name]) for name, s in splits.items()}
   if "query" in out and out["query"].gnd is not None and "database" in out:
     out.update(_revisited_without(splits, drop))
-  logging.info("exclude_file %s: left out %s; %d listed path(s) are in no "
-               "split.", exclude_file, ", ".join(
-                   f"{int(d.sum())} of {len(d)} {n}" for n, d in
-                   sorted(drop.items())), len(listed - found))
+  logging.info("exclude_file %s: left out %s.", exclude_file, ", ".join(
+      f"{int(d.sum())} of {len(d)} {n}" for n, d in sorted(drop.items())))
+  unmatched = sorted(listed - found)
+  if unmatched:
+    logging.warning("exclude_file %s: %d listed path(s) are in no split "
+                    "(moved data, or an edited line?), e.g. %s.",
+                    exclude_file, len(unmatched), unmatched[:3])
   for name, s in out.items():
     if not len(s):
       raise DataError(f"input.options.exclude_file={exclude_file!r} leaves "
@@ -130,7 +157,7 @@ def _revisited_without(splits, drop):
   q, db = splits["query"], splits["database"]
   q_ok, db_ok = ~drop["query"], ~drop["database"]
   # The evaluators' renumbering of unreadable images.
-  gnd = scoring.drop_unreadable_revisited(q.gnd, q_ok, db_ok)
+  gnd = split_lib.drop_revisited_rows(q.gnd, q_ok, db_ok)
   rows = np.flatnonzero(q_ok)
   query = dataclasses.replace(
       q.take(rows), labels=np.arange(len(rows), dtype=np.int32),

@@ -97,7 +97,8 @@ def _read_tree(root, report):
 
 
 def _read_csv(data_dir, csv_file):
-  """[(path, class, split or "")] of the CSV's rows."""
+  """(the CSV's path, [(image path, label, split or "", line number)] of
+  its rows); a malformed row, no row or a missing image is a DataError."""
   path = csv_file if os.path.isabs(csv_file) else os.path.join(data_dir,
                                                                csv_file)
   if not os.path.isfile(path):
@@ -198,7 +199,8 @@ def _make_split(by_class, ids):
     paths += by_class[name]
     labels += [ids[name]] * len(by_class[name])
   labels = np.asarray(labels, np.int32)
-  return Split(tuple(paths), labels, pairs=_pairs(labels))
+  return Split(tuple(paths), labels, pairs=_pairs(labels),
+               names={i: c for c, i in ids.items()})
 
 
 def _pairs(labels):
@@ -265,10 +267,24 @@ def check_honest(named, shared_classes, layout):
               f"an image tested on must not be trained on. Keep it in one.")
 
 
+def _split_root(data_dir, report):
+  """Counts in `report` what the split layout's root holds besides the
+  split folders: hidden entries, files, other folders."""
+  for name in sorted(os.listdir(data_dir)):
+    path = os.path.join(data_dir, name)
+    if name.startswith("."):
+      report[HIDDEN].append(path)
+    elif not os.path.isdir(path):
+      report["file(s) outside the split folders"].append(path)
+    elif name not in SPLIT_DIRS:
+      report["folder(s) other than train/, val/ and test/"].append(path)
+
+
 def _read_named(data_dir, layout, csv_file, test_fraction, test_classes,
                 min_images, report):
   """{split: {class: [paths]}} of the folder, before the checks."""
   if layout == "split":
+    _split_root(data_dir, report)
     named = {s: _read_tree(os.path.join(data_dir, s), report)
              for s in SPLIT_DIRS if os.path.isdir(os.path.join(data_dir, s))}
   elif layout == "csv":

@@ -47,7 +47,12 @@ def load_grocery(data_dir: str, protocol: str = "class_disjoint",
     raise DataError(f"No Grocery data at {data_dir!r}: missing "
                     f"{', '.join(missing)}.\n{INSTRUCTIONS['grocery']}")
   with open(os.path.join(data_dir, "classes.csv")) as f:
-    num_classes = sum(1 for _ in csv.DictReader(f))
+    classes = list(csv.DictReader(f))
+  num_classes = len(classes)
+  # Class names for reports (the lists give ids only).
+  ids = [str(r.get("Class ID (int)") or "").strip() for r in classes]
+  names = {int(i): r.get("Class Name (str)") or i
+           for i, r in zip(ids, classes) if i.isdigit()}
   rows = {n.split(".")[0]: _read_grocery_list(data_dir, n) for n in lists}
   absent = [p for split in rows.values() for p, _ in split
             if not os.path.isfile(p)]
@@ -66,7 +71,8 @@ def load_grocery(data_dir: str, protocol: str = "class_disjoint",
 
   def make(pairs):
     return Split(tuple(p for p, _ in pairs),
-                 np.asarray([y for _, y in pairs], np.int32))
+                 np.asarray([y for _, y in pairs], np.int32),
+                 names=names or None)
 
   if protocol == "official":
     return {k: make(v) for k, v in rows.items()}

@@ -42,9 +42,10 @@ def _bad(path, lineno, got, want, name):
                   f"download.\n{INSTRUCTIONS[name]}")
 
 
-def _split(paths, labels, boxes=None):
+def _split(paths, labels, boxes=None, names=None):
   return Split(tuple(paths), np.asarray(labels, np.int32),
-               None if boxes is None else np.asarray(boxes, np.float32))
+               None if boxes is None else np.asarray(boxes, np.float32),
+               names=names)
 
 
 def _check(name, splits, check_counts, root):
@@ -109,7 +110,8 @@ def load_inshop(data_dir, check_counts=True):
     p.append(os.path.join(data_dir, row[0]))
     l.append(label)
     b.append(boxes.get(row[0], [0, 0, 1e9, 1e9]))
-  out = {k: _split(p, l, b if boxes else None)
+  names = {label: item for item, label in items.items()}
+  out = {k: _split(p, l, b if boxes else None, names)
          for k, (p, l, b) in parts.items()}
   for k in ("train", "query", "gallery"):
     if k not in out:
@@ -180,20 +182,9 @@ def load_cub(data_dir, check_counts=True, use_boxes=False,
   if not 0 < num_train_classes < CUB_CLASSES:
     raise DataError(f"input.options.num_train_classes={num_train_classes} "
                     f"must be between 1 and {CUB_CLASSES - 1}.")
-  boxes = {}
-  if use_boxes:
-    box_path, box_rows = _cub_table(data_dir, "bounding_boxes.txt", 5,
-                                    "'image_id x y width height'")
-    for i, (lineno, r) in box_rows.items():
-      try:
-        x, y, w, h = map(float, r)
-      except ValueError:
-        _bad(box_path, lineno, [i, *r], "'image_id x y width height'", "cub")
-      boxes[i] = [x, y, x + w, y + h]
-    if set(boxes) != set(images):
-      raise DataError(f"{box_path} does not give a box for every image of "
-                      f"images.txt.\n{INSTRUCTIONS['cub']}")
+  boxes = _cub_boxes(data_dir, images) if use_boxes else {}
   first_test = base + num_train_classes
+  names = _cub_names(data_dir)
   out = {}
   if not any(c < first_test for c in classes) or not any(
       c >= first_test for c in classes):
@@ -208,8 +199,38 @@ def load_cub(data_dir, check_counts=True, use_boxes=False,
     out[split] = _split(
         [os.path.join(data_dir, "images", images[i][1][0]) for i in ids],
         [labels[i] for i in ids], [boxes[i] for i in ids] if use_boxes
-        else None)
+        else None, names)
   return _check("cub", out, check_counts, data_dir)
+
+
+def _cub_boxes(data_dir, images):
+  """{image id: [x1, y1, x2, y2]} from bounding_boxes.txt, one per image of
+  images.txt."""
+  box_path, box_rows = _cub_table(data_dir, "bounding_boxes.txt", 5,
+                                  "'image_id x y width height'")
+  boxes = {}
+  for i, (lineno, r) in box_rows.items():
+    try:
+      x, y, w, h = map(float, r)
+    except ValueError:
+      _bad(box_path, lineno, [i, *r], "'image_id x y width height'", "cub")
+    boxes[i] = [x, y, x + w, y + h]
+  if set(boxes) != set(images):
+    raise DataError(f"{box_path} does not give a box for every image of "
+                    f"images.txt.\n{INSTRUCTIONS['cub']}")
+  return boxes
+
+
+def _cub_names(data_dir):
+  """{class id: name} from CUB's classes.txt ("1 001.Black_footed_Albatross"
+  lines), for reports; None without it (classes are then named by id)."""
+  path = os.path.join(data_dir, "classes.txt")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    rows = [l.split(None, 1) for l in f if l.strip()]
+  return {int(r[0]): r[1].strip() for r in rows
+          if len(r) == 2 and r[0].isdigit()} or None
 
 
 def sfm_path(root, cid):
@@ -246,19 +267,20 @@ def load_gldv2(data_dir, check_counts=True):
   """{"train"}: GLDv2-clean from train_clean.csv, labels = landmark ids
   renumbered 0..L-1 in file order."""
   path = _need(os.path.join(data_dir, "train_clean.csv"), "gldv2")
-  paths, labels = [], []
+  paths, labels, names = [], [], {}
   with open(path) as f:
     reader = csv.reader(f)
     header = next(reader, None)
     if header != ["landmark_id", "images"]:
       _bad(path, 1, header or [], "the header 'landmark_id,images'", "gldv2")
     for label, row in enumerate(reader):
+      names[label] = row[0]
       for image in row[1].split():
         paths.append(os.path.join(data_dir, "train", image[0], image[1],
                                   image[2], image + ".jpg"))
         labels.append(label)
-  return _check("gldv2", {"train": _split(paths, labels)}, check_counts,
-                data_dir)
+  return _check("gldv2", {"train": _split(paths, labels, names=names)},
+                check_counts, data_dir)
 
 
 def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",

@@ -10,18 +10,8 @@ import math
 
 import numpy as np
 
+from vitret_jax.data import batch_rule
 from vitret_jax.errors import UserError
-
-
-def _check_m(m, batch_size):
-  if m < 2:
-    raise UserError(f"input.m_per_class={m}: at least 2 are needed so each "
-                    f"anchor has a positive.")
-  if batch_size % m:
-    raise UserError(
-        f"input.batch_size={batch_size} is not divisible by "
-        f"input.m_per_class={m}: choose a batch size that is a multiple of "
-        f"m (e.g. {batch_size - batch_size % m or m}).")
 
 
 def _check_tuples(batch_size, per_batch=5, negatives=5, **unused):
@@ -38,7 +28,7 @@ def check_config(kind, batch_size, m, tuples=None):
   if kind not in SAMPLERS:
     raise UserError(f"input.sampler={kind!r}; valid: {list(SAMPLERS)}.")
   if kind in ("m_per_class", "group_size"):
-    _check_m(m, batch_size)
+    batch_rule.check_m(m, batch_size)
   if kind == "tuples":
     _check_tuples(batch_size, **dict(tuples or {}))
 
@@ -74,26 +64,6 @@ class Sampler:
     del state
 
 
-def fitting_settings(num_classes, batch_size, m, unit=1):
-  """What to set when `num_classes` cannot fill batches of batch_size / m
-  classes: the largest batch size that fits (a multiple of m and of
-  `unit`), and the smallest m_per_class that fits the batch size as it is."""
-  options = []
-  step = math.lcm(m, unit)
-  fit = num_classes * m // step * step
-  if fit >= step:
-    options.append(f"set input.batch_size={fit} ({fit // m} classes of {m})")
-  more = next((k for k in range(m + 1, batch_size + 1)
-               if batch_size % k == 0 and batch_size // k <= num_classes),
-              None)
-  if more is not None:
-    options.append(f"keep it and set input.m_per_class={more} "
-                   f"({batch_size // more} classes of {more})")
-  if not options:
-    return "too few classes for m-per-class batches: use input.sampler=random"
-  return ", or ".join(options)
-
-
 class MPerClassSampler(Sampler):
   """Batches of `batch_size // m` distinct classes with m images each.
 
@@ -104,7 +74,7 @@ class MPerClassSampler(Sampler):
   """
 
   def __init__(self, labels, m: int, batch_size: int, seed: int, unit=1):
-    _check_m(m, batch_size)
+    batch_rule.check_m(m, batch_size)
     labels = np.asarray(labels)
     self.classes, inverse, counts = np.unique(labels, return_inverse=True,
                                               return_counts=True)
@@ -113,12 +83,7 @@ class MPerClassSampler(Sampler):
     order = np.argsort(inverse, kind="stable")
     self.per_class = np.split(order, np.cumsum(counts)[:-1])
     self.m, self.batch_size, self.seed = m, batch_size, seed
-    if batch_size // m > len(self.classes):
-      raise UserError(
-          f"input.batch_size={batch_size} with m_per_class={m} needs "
-          f"{batch_size // m} classes per batch (batch_size / m_per_class), "
-          f"but the training split has only {len(self.classes)}: "
-          + fitting_settings(len(self.classes), batch_size, m, unit) + ".")
+    batch_rule.check_classes(counts, batch_size, m, unit)
 
   def batch(self, step: int) -> np.ndarray:
     """Indices [batch_size] of the training rows of step `step`."""
@@ -152,7 +117,6 @@ class RandomSampler(Sampler):
       rows = np.concatenate(
           [rows, self._epoch(e + 1)[:self.batch_size - len(rows)]])
     return rows
-
 
 
 # Aspect ratios (width / height) of the group-size buckets: from 1:2 portrait

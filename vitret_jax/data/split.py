@@ -21,6 +21,9 @@ class Split:
       row i's decoded "image" (then read instead of the file).
     pairs: optional [P, 2] (query row, positive row) training pairs
       (retrieval-SfM-120k's qidxs / pidxs), for tuple sampling.
+    names: optional {label: the class's name in the data set} (a folder
+      name, a landmark id) where the labels number the classes otherwise;
+      see class_name.
   """
   paths: tuple
   labels: np.ndarray
@@ -28,16 +31,25 @@ class Split:
   gnd: Optional[tuple] = None
   source: Optional[object] = None
   pairs: Optional[np.ndarray] = None
+  names: Optional[dict] = None
 
   def take(self, rows):
-    """The split of rows `rows` (an index array): paths, labels, boxes and a
-    TFDS source follow; ground truth and pairs, which index rows, do not."""
+    """The split of rows `rows` (an index array): paths, labels, boxes, a
+    TFDS source and class names follow; ground truth and pairs, which index
+    rows, do not."""
     rows = np.asarray(rows)
     return Split(tuple(self.paths[i] for i in rows),
                  np.asarray(self.labels)[rows],
                  None if self.boxes is None else np.asarray(self.boxes)[rows],
                  source=(None if self.source is None
-                         else _SourceRows(self.source, rows)))
+                         else _SourceRows(self.source, rows)),
+                 names=self.names)
+
+  def class_name(self, label) -> str:
+    """The name of class `label` in the data set (the label itself where
+    the reader numbers classes by their own ids)."""
+    label = int(label)
+    return str(self.names.get(label, label) if self.names else label)
 
   def fingerprint(self) -> str:
     """A hash of what the split holds (paths, labels, boxes): caches of
@@ -65,8 +77,10 @@ class Split:
     original labels (what a classifier's rows are indexed by). Equal labels
     stay equal and the order of classes is kept, so samplers draw the same
     batches."""
-    _, inverse = np.unique(self.labels, return_inverse=True)
-    return dataclasses.replace(self, labels=inverse.astype(np.int32))
+    classes, inverse = np.unique(self.labels, return_inverse=True)
+    return dataclasses.replace(
+        self, labels=inverse.astype(np.int32),
+        names={i: self.class_name(c) for i, c in enumerate(classes)})
 
 
 class _SourceRows:
@@ -80,3 +94,18 @@ class _SourceRows:
 
   def __len__(self):
     return len(self.rows)
+
+
+def drop_revisited_rows(gnd, q_ok, db_ok):
+  """Revisited ground truth (a tuple of per-query {"easy", "hard", "junk"}
+  database indices) without the queries where `q_ok` [Q] is False and with
+  the database indices renumbered over the rows where `db_ok` [N] is True
+  (unreadable images left out of an evaluation, images an exclude file
+  leaves out)."""
+  new_index = np.cumsum(db_ok) - 1
+  out = []
+  for g, ok in zip(gnd, q_ok):
+    if ok:
+      out.append(dict(g, **{k: [int(new_index[j]) for j in g[k] if db_ok[j]]
+                            for k in ("easy", "hard", "junk")}))
+  return tuple(out)

@@ -109,23 +109,56 @@ def shrunk_jpeg(path, short_side, square=False, quality=95):
   `short_side` (bicubic), or with `square` resized to short_side x
   short_side (the IRT recipe's resize(S), aspect not kept), re-encoded as
   JPEG; the file's own bytes when it is no larger (a copy never
-  upsamples)."""
-  with open(path, "rb") as f:
-    data = f.read()
+  upsamples). The pixels stay as stored, with the photo's EXIF block
+  (its Orientation), so that `exif_transpose` turns the copy as it turns
+  the original. A file no decoder reads is a DataError naming it, as
+  data/decode.py words it."""
+  data = decode.read(path)
+  if not data:
+    raise decode.error(path, "the file is empty (0 bytes)")
   try:
     with Image.open(io.BytesIO(data)) as im:
       w, h = im.size
+      decode.check_pixels(h, w, path)
       if min(w, h) <= short_side:
         return data
       s = short_side / min(w, h)
       size = ((short_side, short_side) if square else
               (max(short_side, round(w * s)), max(short_side, round(h * s))))
       small = Image.fromarray(decode.to_rgb8(im)).resize(size, Image.BICUBIC)
-  except (OSError, ValueError, SyntaxError) as e:
-    raise DataError(f"Cannot read image {path}: {e}.") from e
+      exif = _exif_block(im)
+  except DataError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Decoders raise anything on a crafted file (data/decode.py).
+    raise decode.error(path, decode.reason(e)) from e
   out = io.BytesIO()
-  small.save(out, format="JPEG", quality=quality)
+  small.save(out, format="JPEG", quality=quality, exif=exif)
   return out.getvalue()
+
+
+# The largest EXIF block a JPEG APP1 segment holds (its length field counts
+# itself).
+_MAX_EXIF = 65533
+
+
+def _exif_block(im):
+  """The EXIF bytes to write into the copy of `im`: its block (whatever its
+  format stores it in), or its Orientation alone when the block is too
+  large for a JPEG segment or unreadable; b"" without one."""
+  try:
+    exif = im.getexif()
+    block = exif.tobytes() if len(exif) else b""
+  except Exception:  # pylint: disable=broad-except
+    return b""  # an unreadable block: the pixels as stored, as decode reads
+  if len(block) <= _MAX_EXIF:
+    return block
+  orientation = exif.get(decode.ORIENTATION_TAG)
+  if orientation is None:
+    return b""
+  small = Image.Exif()
+  small[decode.ORIENTATION_TAG] = orientation
+  return small.tobytes()
 
 
 def prepare(name, manual_dir, data_dir, key="", resize=0, square=False,

@@ -9,6 +9,8 @@ from PIL import ImageDraw
 
 from vitret_jax.data import decode
 from vitret_jax.errors import DataError
+from vitret_jax.eval import evaluator
+from vitret_jax.eval import scoring
 
 # What the codes of a browse record (Evaluator.browse_record) mean.
 MARKS = {0: "wrong", 1: "correct", 2: "junk", 3: "hard"}
@@ -66,27 +68,56 @@ def browse_names(workdir):
                 if f.startswith("browse_") and f.endswith(".npz"))
 
 
-def write_browse(workdir, name, record, metrics, step):
+def write_browse(workdir, name, record, metrics, step, lone=None,
+                 seen=False):
   """Saves an evaluation's neighbour table (Evaluator.browse_record) with
   its metrics and step as browse_<name>.npz, atomically, for
-  `--mode=serve --workdir` to show."""
+  `--mode=serve --workdir` to show; `lone` [Q] marks the queries with no
+  other image of their class (left out of the metrics), `seen` an
+  evaluation over classes seen in training."""
   if record is None:
     return
   path = browse_path(workdir, name)
   tmp = f"{path}.tmp-{os.getpid()}.npz"
+  extra = {} if lone is None else {"lone": np.asarray(lone, bool)}
   np.savez(tmp, metrics=json.dumps(metrics), step=np.int64(step or 0),
-           **record)
+           seen_classes=bool(seen), **extra, **record)
   os.replace(tmp, path)
 
 
+def lone_queries(ev, record):
+  """[Q] bool of the queries of a retrieval evaluator's browse `record`
+  that have no other image of their class among the images searched (as
+  scoring.relevant_counts counts them); None for other evaluators."""
+  if record is None or not isinstance(ev, evaluator.RetrievalEvaluator):
+    return None
+  gallery = ev.query if ev.gallery is None else ev.gallery
+  q_label = dict(zip(ev.query.paths, ev.query.labels))
+  g_label = dict(zip(gallery.paths, gallery.labels))
+  q_lab = [q_label[str(p)] for p in record["query_paths"]]
+  g_lab = [g_label[str(p)] for p in record["gallery_paths"]]
+  return scoring.relevant_counts(q_lab, g_lab, ev.gallery is None) <= 0
+
+
+def write_evaluation(workdir, name, ev, metrics, step, seen=False):
+  """write_browse of evaluator `ev`'s last run, with its lone queries and
+  whether it is over classes seen in training."""
+  record = ev.browse_record()
+  write_browse(workdir, name, record, metrics, step,
+               lone_queries(ev, record), seen)
+
+
 def read_browse(workdir):
-  """{evaluator name: record dict with "metrics" (a dict) and "step"} of the
-  browse files in `workdir`."""
+  """{evaluator name: record dict with "metrics" (a dict), "step",
+  "seen_classes" and "lone" ([Q] bool)} of the browse files in
+  `workdir`."""
   out = {}
   for name in browse_names(workdir):
     with np.load(browse_path(workdir, name)) as z:
       rec = {k: z[k] for k in z.files}
     rec["metrics"] = json.loads(str(rec["metrics"]))
     rec["step"] = int(rec["step"])
+    rec["seen_classes"] = bool(rec.get("seen_classes", False))
+    rec.setdefault("lone", np.zeros(len(rec["first_hit"]), bool))
     out[name] = rec
   return out

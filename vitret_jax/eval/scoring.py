@@ -1,24 +1,28 @@
 """Scores of descriptors: Recall@K and MAP@R of queries against a gallery
 (the k-NN search, then the metrics of eval/metrics.py), and the Revisited
-ground truth without unreadable images."""
+ground truth without unreadable images (data/split.py's renumbering)."""
 import numpy as np
 from absl import logging
 
+from vitret_jax.data import split as split_lib
 from vitret_jax.errors import DataError
 from vitret_jax.eval import knn as knn_lib
 from vitret_jax.eval import metrics
 
 
-def drop_unreadable_revisited(gnd, q_ok, db_ok):
-  """Revisited ground truth without the unreadable queries (q_ok False) and
-  with database indices renumbered over the readable database images."""
-  new_index = np.cumsum(db_ok) - 1
-  out = []
-  for g, ok in zip(gnd, q_ok):
-    if ok:
-      out.append(dict(g, **{k: [int(new_index[j]) for j in g[k] if db_ok[j]]
-                            for k in ("easy", "hard", "junk")}))
-  return tuple(out)
+# The data layer's renumbering of Revisited ground truth, under the name the
+# evaluators call it by.
+drop_unreadable_revisited = split_lib.drop_revisited_rows
+
+
+def relevant_counts(q_lab, g_lab, loo) -> np.ndarray:
+  """[Q] relevant references per query: the gallery's images of its class,
+  less itself when `loo` (leave one out: the queries are the gallery). A
+  query with none is "lone": left out of Recall@K and MAP@R."""
+  classes, counts = np.unique(np.asarray(g_lab), return_counts=True)
+  per_class = dict(zip(classes.tolist(), counts.tolist()))
+  return np.asarray([per_class.get(int(y), 0) - int(loo)
+                     for y in np.asarray(q_lab)], np.int64)
 
 
 def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
@@ -46,15 +50,13 @@ def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
   if loo:
     g_emb, g_lab = q_emb, q_lab
   q_lab, g_lab = np.asarray(q_lab), np.asarray(g_lab)
-  # Relevant references per query: same-class gallery items (minus itself).
-  classes, counts = np.unique(g_lab, return_counts=True)
+  classes = np.unique(g_lab)
   if len(classes) < 2:
     raise DataError(
         f"The gallery holds {len(classes)} class(es): every neighbour would "
         f"be correct, so Recall@K would be 1.0 whatever the model. Evaluate "
         f"on 2 classes or more.")
-  per_class = dict(zip(classes.tolist(), counts.tolist()))
-  num_rel = np.asarray([per_class.get(int(y), 0) - int(loo) for y in q_lab])
+  num_rel = relevant_counts(q_lab, g_lab, loo)
   if not (num_rel > 0).any():
     raise DataError(f"None of the {len(q_lab)} queries has another image of "
                     f"its class in the gallery: there is nothing to find.")

@@ -130,12 +130,20 @@ async function loadEval() {
   for (const [k, v] of Object.entries(body.metrics)) {
     table.append(el("tr", "", el("th", "", k), el("td", "", typeof v === "number" ? v.toFixed(4) : String(v))));
   }
+  const notes = [];
+  if (body.seen_classes) {
+    notes.push(el("p", "note", "Seen classes: the test classes of this evaluation are also training classes; its figures are not comparable with class-disjoint ones."));
+  }
+  if (body.lone) {
+    notes.push(el("p", "note", `${body.lone} queries have no other image of their class: the metrics leave them out.`));
+  }
   $("eval-head").replaceChildren(
-    el("h2", "", `${body.name} (step ${body.step})`), table,
+    el("h2", "", `${body.name} (step ${body.step})`), ...notes, table,
     el("p", "", `${body.count} queries (${Math.min(60, body.queries.length)} shown)`));
   for (const q of body.queries) {
     const row = el("div", "row");
-    const hit = q.first_hit === null ? "no correct match" : `first correct: #${q.first_hit}`;
+    const hit = q.lone ? "no other image of its class (left out of the metrics)"
+      : q.first_hit === null ? "no correct match" : `first correct: #${q.first_hit}`;
     row.append(card(q, "query", shortPath(q.path), document.createElement("br"), hit));
     list.append(row);
     fetchJson(`/evaluation/${encodeURIComponent(body.name)}/${q.i}`).then(([r2, d]) => {
