@@ -143,11 +143,13 @@ def _print_table(result):
           if k not in ("untrained", "step", "start")]
   base = result.get("untrained", {})
   start = result.get("start", "untrained")
-  print(f"\n{'metric':<14}{start:>12}{'trained':>12}   "
+  # As wide as the longest name (re-ranked ones: "rox/medium/map+aqe+dba").
+  w = max([14] + [len(k) + 2 for k, _ in rows])
+  print(f"\n{'metric':<{w}}{start:>12}{'trained':>12}   "
         f"(step {result.get('step')})")
   for k, v in rows:
     u = f"{base[k]:.4f}" if k in base else "-"
-    print(f"{k:<14}{u:>12}{v:>12.4f}")
+    print(f"{k:<{w}}{u:>12}{v:>12.4f}")
 
 
 class _QuietLibraries:

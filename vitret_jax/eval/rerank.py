@@ -1,0 +1,399 @@
+"""Re-ranking of a global-descriptor search: αQE, αDBA and SuperGlobal.
+
+A spec (evals.<name>.rerank, or a search request's option) names one plan:
+  aqe(n,alpha)         α-weighted query expansion (Radenović, Tolias, Chum,
+                       TPAMI 2018): q' = L2norm(q + Σ_i w_i d_i) over the
+                       query's n nearest database items, w_i = (q·d_i)^alpha.
+  dba(n,alpha)         αDBA: every database item replaced the same way by
+                       its own n nearest database items, itself excluded; a
+                       new database that the queries then search.
+  aqe(n,alpha,self), dba(n,alpha,self)
+                       the 2019 Google Landmark Retrieval winners'
+                       `qe_dba` convention: the top-n list holds the item
+                       itself (weight 1) and n - 1 others. They ran both
+                       with n = 10, alpha = 3.
+  superglobal(M,K,beta)
+                       SuperGlobal's global re-ranking (Shao et al., ICCV
+                       2023) of the top M, as the authors' code computes it
+                       (`superglobal` below).
+  aqe, dba, superglobal  = aqe(10,3), dba(10,3), superglobal(400,9,0.15).
+Plans join with "+" (each kind once): dba first (the database), then aqe
+(the queries, against the augmented database), then superglobal (the
+final ranking). Metrics of a plan carry "+<spec>" (medium/map+aqe).
+
+Negative similarities: w = s^alpha as the paper writes it and both public
+codes compute it (numpy's `sims ** alpha`): with an odd alpha (the usual 3)
+a neighbour of negative similarity pulls the query away from itself. A
+fractional power of a negative number does not exist (numpy gives NaN):
+such a neighbour gets weight 0 here.
+
+Everything works from k-NN searches of a database object, never an N x N
+matrix: `.shape`, `len()`, `db[ids] -> float32 [..., E]` (a gather of rows
+by an integer array) and `db.search(queries [Q, E], k, exclude=None) ->
+(scores [Q, k], ids [Q, k])`, best first, -inf / -1 in empty slots;
+`exclude` [Q] is a database id each query must not retrieve (-1: none).
+`ArrayDatabase` is that over an array (or np.memmap) with the evaluators'
+backends (eval/knn.py).
+"""
+import dataclasses
+import re
+import time
+
+import numpy as np
+from absl import logging
+
+from vitret_jax.errors import UserError
+from vitret_jax.eval import knn as knn_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Expansion:
+  """αQE / αDBA of each item with its n nearest database items (n counts
+  the item itself when `with_self`, the qe_dba convention)."""
+  n: int = 10
+  alpha: float = 3.0
+  with_self: bool = False
+
+  @property
+  def others(self):
+    return self.n - 1 if self.with_self else self.n
+
+
+@dataclasses.dataclass(frozen=True)
+class SuperGlobal:
+  m: int = 400
+  k: int = 9
+  beta: float = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One spec: `name` is its metric suffix (the spec without spaces)."""
+  name: str
+  dba: Expansion = None
+  aqe: Expansion = None
+  superglobal: SuperGlobal = None
+
+
+FORMS = ("aqe(n,alpha), dba(n,alpha), each with ',self' for the top-n list "
+         "holding the item itself, superglobal(M,K,beta), or a name alone "
+         "(aqe = aqe(10,3), dba = dba(10,3), superglobal = "
+         "superglobal(400,9,0.15)); joined by '+', each kind once, e.g. "
+         "'aqe+dba'")
+_TERM = re.compile(r"^([a-z]+)(?:\((.*)\))?$")
+
+
+def _term(kind, args, bad):
+  """The Expansion / SuperGlobal of one term; `bad(why)` raises."""
+  try:
+    if kind in ("aqe", "dba"):
+      if len(args) > 3 or (len(args) == 3 and args[2] != "self"):
+        bad("takes n, alpha and optionally 'self'")
+      n = int(args[0]) if args else 10
+      alpha = float(args[1]) if len(args) > 1 else 3.0
+      if n < 1 or not alpha >= 0:
+        bad("needs n >= 1 and alpha >= 0")
+      return Expansion(n, alpha, len(args) == 3)
+    if kind == "superglobal":
+      if len(args) > 3:
+        bad("takes M, K and beta")
+      m, k = (int(a) for a in (list(args[:2]) + ["400", "9"][len(args):]))
+      beta = float(args[2]) if len(args) == 3 else 0.15
+      if not (1 <= k < m and beta >= 0):
+        bad("needs 1 <= K < M and beta >= 0")
+      return SuperGlobal(m, k, beta)
+  except ValueError:
+    bad("has a number that does not parse")
+  return bad(f"names {kind!r}, not a re-ranking")
+
+
+def parse(spec, where="rerank"):
+  """The Plan of one spec string; a bad one is a one-line UserError."""
+  text = re.sub(r"\s+", "", str(spec)).lower()
+
+  def bad(why):
+    raise UserError(f"{where}: {spec!r} {why}; valid: {FORMS}.")
+  parts = {}
+  for term in text.split("+"):
+    match = _TERM.match(term)
+    if not match:
+      bad("does not parse")
+    kind, args = match.group(1), match.group(2)
+    args = [a for a in args.split(",")] if args else []
+    if kind in parts:
+      bad(f"names {kind} twice")
+    parts[kind] = _term(kind, args, bad)
+  return Plan(text, **parts)
+
+
+def parse_all(specs, where="rerank"):
+  """Plans of a sequence of specs (a lone string is one spec), each name
+  once."""
+  specs = (specs,) if isinstance(specs, str) else tuple(specs or ())
+  plans = tuple(parse(s, where) for s in specs)
+  names = [p.name for p in plans]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise UserError(f"{where}: {twice[0]!r} is listed twice.")
+  return plans
+
+
+def check(eval_cfg, where):
+  """check_config's test of an evaluator's `rerank` (absent in the saved
+  config of an older run: none)."""
+  parse_all(eval_cfg.rerank if "rerank" in eval_cfg else (), where)
+
+
+class ArrayDatabase:
+  """The database interface over `vectors` [N, E] (an array, np.memmap or
+  anything sliced and gathered like one) with an eval/knn.py backend.
+
+  exact: each query block against `block_rows` database rows at a time
+  (knn.exact_knn), top-k lists merged on the host: memory is bounded by the
+  block, whatever N. scann: one searcher over the whole array (`searcher`,
+  or built at the first search for `build_k` neighbours).
+  """
+
+  def __init__(self, vectors, backend="exact", scann_options=None,
+               searcher=None, block_rows=65_536, build_k=100):
+    if backend not in knn_lib.BACKENDS:
+      raise UserError(f"knn={backend!r}; valid: {knn_lib.BACKENDS}.")
+    self.vectors, self.backend = vectors, backend
+    self.scann_options = dict(scann_options or {})
+    self.searcher, self.block_rows, self.build_k = (searcher, block_rows,
+                                                    build_k)
+
+  @property
+  def shape(self):
+    return tuple(self.vectors.shape)
+
+  def __len__(self):
+    return self.shape[0]
+
+  def __getitem__(self, ids):
+    return np.asarray(self.vectors[np.asarray(ids)], np.float32)
+
+  def derived(self, vectors):
+    """A database of other vectors with this one's backend and options."""
+    return ArrayDatabase(vectors, self.backend, self.scann_options,
+                         block_rows=self.block_rows, build_k=self.build_k)
+
+  def search(self, queries, k, exclude=None):
+    queries = np.asarray(queries, np.float32)
+    extra = 0 if exclude is None else 1
+    if self.backend == "scann":
+      if self.searcher is None:
+        self.searcher = knn_lib.build_scann(
+            self.vectors, max(self.build_k, k + extra), **self.scann_options)
+      scores, ids = knn_lib.scann_search(self.searcher, queries,
+                                         min(k + extra, len(self)))
+      return _top(scores, ids, k, exclude)
+    scores = np.full((len(queries), 0), -np.inf, np.float32)
+    ids = np.full((len(queries), 0), -1, np.int64)
+    for start in range(0, len(self), self.block_rows):
+      block = self.vectors[start:start + self.block_rows]
+      s, i = knn_lib.exact_knn(queries, block, min(k + extra, len(block)))
+      scores = np.concatenate([scores, s], 1)
+      ids = np.concatenate([ids, np.where(i >= 0, i + start, -1)], 1)
+      scores, ids = _top(scores, ids, k, exclude)
+    return scores, ids
+
+
+def _top(scores, ids, k, exclude=None):
+  """The k best of each row without its `exclude` id, -inf / -1 padded."""
+  ids = np.asarray(ids, np.int64)
+  scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+  if exclude is not None:
+    scores = np.where(ids == np.asarray(exclude)[:, None], -np.inf, scores)
+  # Stable: equal scores keep their order (lower blocks first).
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  scores = np.take_along_axis(scores, order, 1)
+  ids = np.where(np.isfinite(scores), np.take_along_axis(ids, order, 1), -1)
+  pad = k - scores.shape[1]
+  if pad > 0:
+    scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+  return scores, ids
+
+
+def _power(s, alpha):
+  """s^alpha, and 0 where a fractional alpha meets a negative s."""
+  if float(alpha).is_integer():
+    return s ** alpha
+  return np.where(s > 0, np.abs(s) ** alpha, 0.0)
+
+
+def expand(x, database, exp, exclude=None):
+  """L2norm(x + Σ_i w_i d_i) of each row of x [B, E] over its exp.others
+  nearest database items (never `exclude`), w_i = (x·d_i)^alpha; the item
+  itself weighs 1 (for a unit vector, (x·x)^alpha). Returns [B, E]."""
+  x = np.asarray(x, np.float64)
+  if exp.others < 1:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  scores, ids = database.search(x, exp.others, exclude)
+  ok = ids >= 0
+  w = np.where(ok, _power(np.where(ok, scores, 0.0).astype(np.float64),
+                          exp.alpha), 0.0)
+  y = x + np.einsum("bn,bne->be", w, database[np.maximum(ids, 0)],
+                    dtype=np.float64)
+  norm = np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+  return (y / norm).astype(np.float32)
+
+
+def query_expansion(queries, database, exp, exclude=None, block=1024):
+  """αQE of queries [Q, E] (see `expand`), `block` queries at a time."""
+  queries = np.asarray(queries, np.float32)
+  ex = None if exclude is None else np.asarray(exclude)
+  return np.concatenate([expand(
+      queries[s:s + block], database, exp,
+      None if ex is None else ex[s:s + block])
+                         for s in range(0, len(queries), block)] or
+                        [queries[:0]])
+
+
+def augment_database(database, exp, out, block=0):
+  """αDBA: writes into `out` [N, E] (an array or np.memmap the caller gives)
+  every database item expanded with its own neighbours (itself excluded
+  from the search). `block` rows at a time (0: about 64 MB of gathered
+  neighbours), so only a block's neighbour lists are ever held."""
+  n, dim = database.shape
+  block = block or max(1, (64 << 20) // (4 * dim * max(1, exp.others)))
+  t0, said = time.time(), 0.0
+  for start in range(0, n, block):
+    rows = np.arange(start, min(n, start + block))
+    out[rows[0]:rows[-1] + 1] = expand(database[rows], database, exp, rows)
+    done = (rows[-1] + 1) / n
+    if done - said >= 0.1 and done < 1:
+      said = done
+      logging.info("dba(%d,%g): %d of %d database items (%.0f s)", exp.n,
+                   exp.alpha, rows[-1] + 1, n, time.time() - t0)
+  return out
+
+
+def superglobal(queries, database, scores, ids, sg, block=16):
+  """SuperGlobal's re-ranking of the first sg.m entries of each ranking
+  (scores, ids [Q, K]); the rest keeps its order. As the authors' code
+  (ShihaoShao-GH/SuperGlobal, modules/reranking/MDescAug.py and
+  RerankwMDA.py) computes it:
+  - a candidate's neighbours are the K most similar of the other top-M
+    candidates (never the rest of the database);
+  - it is refined as the weighted mean (weights normalised to sum 1, no L2
+    normalisation after) of itself, weight 1, and those neighbours, weight
+    beta x similarity;
+  - s1 = query · refined candidate;
+  - the expanded query is the element-wise max of the K + 1 refined
+    candidates of highest s1 (the code's `self.K = K + 1`), without the
+    query itself and without normalisation; s2 = expanded · refined;
+  - the candidates are ordered by (s1 + s2) / 2, their new score.
+  Returns (scores, ids) [Q, K]."""
+  queries = np.asarray(queries, np.float64)
+  m = min(sg.m, ids.shape[1])
+  scores, ids = scores.copy(), ids.copy()
+  for s in range(0, len(ids), block):
+    cand = ids[s:s + block, :m]
+    x = database[np.maximum(cand, 0)].astype(np.float64)  # [b, m, E]
+    new_s, order = _superglobal_block(queries[s:s + block], x, cand >= 0, sg)
+    scores[s:s + block, :m] = new_s
+    ids[s:s + block, :m] = np.take_along_axis(cand, order, 1)
+  return scores, ids
+
+
+def _superglobal_block(q, x, valid, sg):
+  """(sorted new scores [b, m], order [b, m]) of candidates x [b, m, E]."""
+  b, m = valid.shape
+  sim = np.einsum("bie,bje->bij", x, x)
+  # Neighbours among the other valid candidates.
+  usable = valid[:, None, :] & ~np.eye(m, dtype=bool)[None]
+  k = min(sg.k, m - 1)
+  near = np.argsort(-np.where(usable, sim, -np.inf), axis=2,
+                    kind="stable")[:, :, :k]
+  w = sg.beta * np.take_along_axis(sim, near, 2)
+  w = np.where(np.take_along_axis(usable, near, 2), w, 0.0)
+  # The weights as an [m, m] matrix per query: one product, no [m, K, E]
+  # gather of neighbours.
+  weights = np.zeros_like(sim)
+  np.put_along_axis(weights, near, w, 2)
+  refined = ((x + np.einsum("bij,bje->bie", weights, x))
+             / (1.0 + w.sum(2))[..., None])
+  s1 = np.where(valid, np.einsum("be,bie->bi", q, refined), -np.inf)
+  top = np.argsort(-s1, axis=1, kind="stable")[:, :sg.k + 1]
+  pool_ok = np.take_along_axis(valid, top, 1)
+  pool = np.where(pool_ok[..., None],
+                  np.take_along_axis(refined, top[..., None], 1), -np.inf)
+  expanded = pool.max(1)
+  expanded = np.where(np.isfinite(expanded), expanded, 0.0)
+  s2 = np.einsum("be,bie->bi", expanded, refined)
+  final = np.where(valid, (s1 + s2) / 2, -np.inf)
+  order = np.argsort(-final, axis=1, kind="stable")
+  return np.take_along_axis(final, order, 1), order
+
+
+class Reranker:
+  """Plans over one database; each αDBA database is computed once and
+  kept for the plans that share it.
+
+  Args:
+    database: the database interface (see the module doc).
+    make_database: array -> database of the augmented vectors (default:
+      database.derived, ArrayDatabase's).
+    allocate: (N, E) -> the array an αDBA writes into (default: in memory;
+      at scale an np.memmap).
+    augmented: {Expansion: database} computed ahead (e.g. by an index).
+  """
+
+  def __init__(self, database, make_database=None, allocate=None,
+               augmented=None):
+    self.database = database
+    self.make_database = make_database or database.derived
+    self.allocate = allocate or (lambda shape: np.empty(shape, np.float32))
+    self.augmented = dict(augmented or {})
+
+  def augment(self, exp):
+    if exp not in self.augmented:
+      t0 = time.time()
+      out = augment_database(self.database, exp,
+                             self.allocate(tuple(self.database.shape)))
+      self.augmented[exp] = self.make_database(out)
+      logging.info("dba(%d,%g%s) of %d items in %.1f s", exp.n, exp.alpha,
+                   ",self" if exp.with_self else "", len(self.database),
+                   time.time() - t0)
+    return self.augmented[exp]
+
+  def rank(self, plan, queries, depth, exclude=None):
+    """(scores, ids) [Q, depth] of the queries under `plan`."""
+    db = self.database if plan.dba is None else self.augment(plan.dba)
+    if plan.aqe is not None:
+      queries = query_expansion(queries, db, plan.aqe, exclude)
+    sg = plan.superglobal
+    scores, ids = db.search(queries, max(depth, sg.m) if sg else depth,
+                            exclude)
+    if sg:
+      scores, ids = superglobal(queries, db, scores, ids, sg)
+    return scores[:, :depth], ids[:, :depth]
+
+
+def reranked_metrics(plans, queries, database, depth, score, exclude=None):
+  """{"<metric>+<plan>": value} of each plan: score(ids [Q, depth]) gives
+  the metrics of a ranking (the same function as the plain ranking's)."""
+  reranker, out = Reranker(database), {}
+  for plan in plans:
+    t0 = time.time()
+    _, ids = reranker.rank(plan, queries, depth, exclude)
+    out.update({f"{k}+{plan.name}": v for k, v in score(ids).items()})
+    logging.info("rerank %s: %.1f s", plan.name, time.time() - t0)
+  return out
+
+
+def rerank_hits(database, queries, k, spec, exclude=None, reranker=None):
+  """[(id, score)] per query, best first, under the re-ranking `spec` (for
+  search and serve): never the id `exclude[i]` (-1: none) of query i,
+  never an empty slot. `reranker`: a Reranker kept between calls (its αDBA
+  databases are computed once)."""
+  if k < 1:
+    raise UserError(f"top_k={k}: ask for at least one result.")
+  plan = parse(spec)
+  reranker = reranker or Reranker(database)
+  ex = None if exclude is None or not len(exclude) else np.asarray(exclude)
+  scores, ids = reranker.rank(plan, np.asarray(queries, np.float32), k, ex)
+  return [[(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0]
+          for row_s, row_i in zip(scores, ids)]
