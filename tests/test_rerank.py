@@ -12,6 +12,7 @@ from vitret_jax.eval import emb_cache
 from vitret_jax.eval import evaluator
 from vitret_jax.eval import metrics
 from vitret_jax.eval import rerank
+from vitret_jax.eval import rerank_spec as specs
 from vitret_jax.eval import scoring
 
 
@@ -94,7 +95,7 @@ def test_aqe_matches_formula(data, with_self):
   db, q = data
   database = rerank.ArrayDatabase(db, block_rows=64)
   got = rerank.query_expansion(q, database,
-                               rerank.Expansion(10, 3.0, with_self), block=5)
+                               specs.Expansion(10, 3.0, with_self), block=5)
   # With the item in its own top-10, it weighs 1 and 9 others join it.
   want = np.stack([ref_aqe(x, db, 9 if with_self else 10, 3.0) for x in q])
   np.testing.assert_allclose(got, want, atol=1e-6)
@@ -107,10 +108,10 @@ def test_negative_similarities():
   db, q = random_unit(rng, 8, 16), random_unit(rng, 4, 16)
   assert (np.sort(q @ db.T, 1)[:, :3] < 0).all()  # the case is exercised
   database = rerank.ArrayDatabase(db)
-  got = rerank.query_expansion(q, database, rerank.Expansion(6, 3.0))
+  got = rerank.query_expansion(q, database, specs.Expansion(6, 3.0))
   np.testing.assert_allclose(got, [ref_aqe(x, db, 6, 3.0) for x in q],
                              atol=1e-6)
-  got = rerank.query_expansion(q, database, rerank.Expansion(6, 0.5))
+  got = rerank.query_expansion(q, database, specs.Expansion(6, 0.5))
   clipped = [ref_aqe(x, db * (db @ x > 0)[:, None], 6, 0.5) for x in q]
   np.testing.assert_allclose(got, clipped, atol=1e-6)
 
@@ -127,7 +128,7 @@ def test_dba_matches_formula_in_blocks_into_a_memmap(data, tmp_path):
       calls.append(len(queries))
       return super().search(queries, k, exclude)
   rerank.augment_database(Counting(db, block_rows=128),
-                          rerank.Expansion(10, 3.0), out, block=70)
+                          specs.Expansion(10, 3.0), out, block=70)
   # Itself excluded: the 10 most similar other items.
   want = np.stack([ref_aqe(x, db, 10, 3.0, skip=i) for i, x in
                    enumerate(db)])
@@ -135,7 +136,7 @@ def test_dba_matches_formula_in_blocks_into_a_memmap(data, tmp_path):
                              atol=1e-6)
   assert max(calls) == 70 and sum(calls) == len(db)
   # The winners' convention: their top-10 holds the item itself.
-  got = rerank.augment_database(database, rerank.Expansion(10, 3.0, True),
+  got = rerank.augment_database(database, specs.Expansion(10, 3.0, True),
                                 np.empty_like(db))
   np.testing.assert_allclose(got, ref_qe_dba(db, 3.0, 10), atol=1e-6)
 
@@ -145,7 +146,7 @@ def test_superglobal_matches_authors_computation(data):
   database = rerank.ArrayDatabase(db)
   scores, ids = database.search(q, 120)
   got_s, got_i = rerank.superglobal(q, database, scores, ids,
-                                    rerank.SuperGlobal(50, 9, 0.15), block=5)
+                                    specs.SuperGlobal(50, 9, 0.15), block=5)
   for i, x in enumerate(q):
     top, final, rest = ref_superglobal(x, db, 50, 9, 0.15)
     np.testing.assert_array_equal(got_i[i, :50], top)
@@ -153,7 +154,7 @@ def test_superglobal_matches_authors_computation(data):
     np.testing.assert_array_equal(got_i[i, 50:], rest[:70])  # untouched
   # Fewer candidates than M (a small database): the rest stays empty.
   s, i = rerank.ArrayDatabase(db[:6]).search(q[:2], 8)
-  s, i = rerank.superglobal(q[:2], database, s, i, rerank.SuperGlobal(8, 3))
+  s, i = rerank.superglobal(q[:2], database, s, i, specs.SuperGlobal(8, 3))
   assert (i[:, 6:] == -1).all() and np.isinf(s[:, 6:]).all()
   assert sorted(i[0, :6]) == list(range(6))
 
@@ -185,43 +186,43 @@ def test_hand_worked_four_items():
   database = rerank.ArrayDatabase(db)
   assert database.search(q, 4)[1].tolist() == [[1, 2, 0, 3]]
   angle = lambda x: np.rad2deg(np.arctan2(x[:, 1], x[:, 0]))
-  moved = rerank.augment_database(database, rerank.Expansion(1, 1.0),
+  moved = rerank.augment_database(database, specs.Expansion(1, 1.0),
                                   np.empty_like(db))
   np.testing.assert_allclose(angle(moved), [17.24, 22.76, 70.79, 160.58],
                              atol=0.01)
-  still = rerank.augment_database(database, rerank.Expansion(1, 1.0, True),
+  still = rerank.augment_database(database, specs.Expansion(1, 1.0, True),
                                   np.empty_like(db))
   np.testing.assert_allclose(still, db, atol=1e-7)
   np.testing.assert_allclose(rerank.augment_database(
-      database, rerank.Expansion(2, 1.0, True), np.empty_like(db)), moved,
+      database, specs.Expansion(2, 1.0, True), np.empty_like(db)), moved,
                              atol=1e-7)
   reranker = rerank.Reranker(database)
-  order = lambda spec: reranker.rank(rerank.parse(spec), q, 4)[1].tolist()
+  order = lambda spec: reranker.rank(specs.parse(spec), q, 4)[1].tolist()
   assert order("dba(1,1)") == [[2, 1, 0, 3]]
   assert order("dba(1,1,self)") == [[1, 2, 0, 3]]
-  scores, ids = reranker.rank(rerank.parse("superglobal(4,1,0.5)"), q, 4)
+  scores, ids = reranker.rank(specs.parse("superglobal(4,1,0.5)"), q, 4)
   assert ids.tolist() == [[1, 2, 0, 3]]
   np.testing.assert_allclose(scores[0], [0.966, 0.936, 0.781, -0.390],
                              atol=1e-3)
 
 
 def test_specs():
-  plan = rerank.parse(" AQE + dba(5, 2,self)")
+  plan = specs.parse(" AQE + dba(5, 2,self)")
   assert plan.name == "aqe+dba(5,2,self)"
-  assert plan.aqe == rerank.Expansion(10, 3.0)
-  assert plan.dba == rerank.Expansion(5, 2.0, True) and plan.dba.others == 4
-  assert rerank.parse("superglobal").superglobal == rerank.SuperGlobal()
-  assert rerank.parse_all("aqe") == (rerank.parse("aqe"),)
+  assert plan.aqe == specs.Expansion(10, 3.0)
+  assert plan.dba == specs.Expansion(5, 2.0, True) and plan.dba.others == 4
+  assert specs.parse("superglobal").superglobal == specs.SuperGlobal()
+  assert specs.parse_all("aqe") == (specs.parse("aqe"),)
   for bad, why in (("aqe(0,3)", "n >= 1"), ("qe", "not a re-ranking"),
                    ("aqe+aqe", "twice"), ("superglobal(9,9)", "K < M"),
                    ("dba(3,x)", "does not parse"), ("aqe(3,3,me)", "'self'"),
                    ("aqe(", "does not parse")):
     with pytest.raises(UserError, match=why) as e:
-      rerank.parse(bad, "evals.rox.rerank")
+      specs.parse(bad, "evals.rox.rerank")
     assert str(e.value).startswith("evals.rox.rerank: ")
     assert "superglobal(M,K,beta)" in str(e.value) and "\n" not in str(e.value)
   with pytest.raises(UserError, match="listed twice"):
-    rerank.parse_all(("aqe", "AQE"))
+    specs.parse_all(("aqe", "AQE"))
 
 
 def test_hits_for_search_and_serve(data):
@@ -294,9 +295,9 @@ def test_retrieval_evaluator_leave_one_out(tmp_path):
   from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
   labels = np.asarray([c for _, c in photos], np.int32)
   split = split_lib.Split(tuple(p for p, _ in photos), labels)
-  specs = ("dba(2,3)", "superglobal(6,2,0.15)")
+  asked = ("dba(2,3)", "superglobal(6,2,0.15)")
   ev = evaluator.RetrievalEvaluator(None, None, {"test": split}, query="test",
-                                    ks=(1, 2), pp="decode", rerank=specs)
+                                    ks=(1, 2), pp="decode", rerank=asked)
   x = clustered(np.random.default_rng(3), labels, spread=1.2)
   cache = str(tmp_path / "sop")
   emb_cache.save(f"{cache}-query-{emb_cache.content_key(split)}.npy", x)
@@ -305,13 +306,13 @@ def test_retrieval_evaluator_leave_one_out(tmp_path):
   dba = np.stack([ref_aqe(v, x, 2, 3.0, skip=i) for i, v in enumerate(x)])
   sims = x @ dba.T
   np.fill_diagonal(sims, -np.inf)
-  ranked = {specs[0]: np.argsort(-sims, axis=1)[:, :n - 1]}
+  ranked = {asked[0]: np.argsort(-sims, axis=1)[:, :n - 1]}
   sg = []
   for i, v in enumerate(x):
     others = np.delete(np.arange(n), i)
     top, _, rest = ref_superglobal(v, x[others], 6, 2, 0.15)
     sg.append(others[np.concatenate([top, rest])])
-  ranked[specs[1]] = np.stack(sg)
+  ranked[asked[1]] = np.stack(sg)
   for spec, ids in ranked.items():
     assert not (ids == np.arange(n)[:, None]).any()
     want, _ = scoring.score_retrieval(x, labels, None, labels, (1, 2), True,

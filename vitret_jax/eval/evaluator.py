@@ -35,6 +35,7 @@ from vitret_jax.eval import emb_cache
 from vitret_jax.eval import knn as knn_lib
 from vitret_jax.eval import metrics
 from vitret_jax.eval import rerank as rerank_lib
+from vitret_jax.eval import rerank_spec
 from vitret_jax.eval import scoring
 from vitret_jax.eval import whitening as whitening_lib
 
@@ -72,7 +73,7 @@ class _Evaluator:
     self.backend, self.scann_options = knn, dict(scann or {})
     self.whiten_dim, self.whiten = whiten_dim, whiten
     self.whiten_max_images = whiten_max_images
-    self.rerank = rerank_lib.parse_all(rerank, "evals: rerank")
+    self.rerank = rerank_spec.parse_all(rerank, "evals: rerank")
     self.last = None
 
   def _split(self, name):
