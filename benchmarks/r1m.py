@@ -48,6 +48,7 @@ from vitret_jax.eval import evaluator
 from vitret_jax.eval import knn
 from vitret_jax.eval import metrics
 from vitret_jax.eval import rerank
+from vitret_jax.eval import rerank_spec
 
 LANDMARKS = 70
 IMAGES = 1_001_001 + 4_993 + 70  # ROxford + R1M, database and queries
@@ -114,8 +115,7 @@ def write_data(folder, n, db, dim, queries, shard_rows, seed=0):
   marks = unit(rng.standard_normal((LANDMARKS, dim))).astype(np.float32)
   centres = unit(rng.standard_normal((20_000, dim))).astype(np.float32)
   near = 1 + np.arange(len(centres)) % 100 == 1  # 1% near a landmark
-  centres[near] = unit(marks[np.arange(near.sum()) % LANDMARKS]
-                       + rng.standard_normal((near.sum(), dim)))
+  centres[near] = around(marks[np.arange(near.sum()) % LANDMARKS], rng, 1.0)
   label = np.arange(db) % LANDMARKS
   hard = np.arange(db) // LANDMARKS % 3 == 2  # a third farther off
   landmark = around(marks[label], rng, np.where(hard, 1.3, 0.5))
@@ -173,12 +173,16 @@ class Memory:
     return tuple(map(max, self.peak, self.now()))
 
 
-def timed(memory, fn):
-  memory.start()
-  t0 = time.perf_counter()
-  out = fn()
-  seconds = time.perf_counter() - t0
-  return out, seconds, memory.stop()
+def timed(memory, fn, repeat=1):
+  """(fn's result, seconds, peak memory) of its last of `repeat` calls (2:
+  compiled and with its pages read, as in an evaluation after the first)."""
+  for _ in range(repeat):
+    memory.start()
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    peak = memory.stop()
+  return out, seconds, peak
 
 
 def embedding_seconds(mfu, config_arg, sides):
@@ -194,3 +198,140 @@ def embedding_seconds(mfu, config_arg, sides):
   flops = throughput.landmark_image_flops(models.build_model(c.model),
                                           c.model.variant, ev.scales, sides)
   return IMAGES * flops / (throughput.PEAK["H100"] * mfu), flops
+
+
+class Table:
+  """The Markdown table, each row printed as soon as it is measured."""
+
+  HEADER = ("| dim | backend | step | seconds | peak anon GiB | peak file GiB "
+            "| medium / hard mAP | share of ROxf+1M | note |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+
+  def __init__(self, embed_s, gnd=None):
+    self.embed_s, self.gnd = embed_s, gnd
+    print(self.HEADER, flush=True)
+
+  def row(self, dim, backend, step, seconds, memory, ids=None, base=0.0,
+          note=""):
+    """`base`: the seconds of the search a re-ranking adds to (None: not a
+    step of an evaluation)."""
+    m_ap = "-"
+    if ids is not None:
+      m = metrics.revisited_metrics(ids, self.gnd)
+      m_ap = f"{m['medium/map']:.4f} / {m['hard/map']:.4f}"
+    share = ("-" if base is None else
+             f"{seconds / (self.embed_s + base + seconds):.2%}")
+    anon, file_ = (f"{b / 2**30:.2f}" for b in memory)
+    print(f"| {dim} | {backend} | {step} | {seconds:,.1f} | {anon} | {file_} "
+          f"| {m_ap} | {share} | {note} |", flush=True)
+
+
+def measure_exact(table, dim, folder, q, depth, dba_rows):
+  """The reference: exact search, its re-rankings, its dba on a slice."""
+  mem = Memory()
+  exact = open_database(folder, "exact")
+  (_, truth), search_s, m = timed(mem, lambda: exact.search(q, depth), 2)
+  table.row(dim, "exact", f"search, depth {depth:,}", search_s, m, truth)
+  reranker = rerank.Reranker(exact)
+  for spec in ("aqe(10,3)", "superglobal(400,9,0.15)"):
+    (_, ids), t, m = timed(mem, lambda s=spec: reranker.rank(
+        rerank_spec.parse(s), q, depth), 2)
+    table.row(dim, "exact", spec, t, m, ids, search_s)
+  rows = min(dba_rows, len(exact))
+  exp = rerank_spec.Expansion(10, 3.0)
+  part, t, m = timed(mem, lambda: rerank.augment_database(
+      exact, exp, np.empty((rows, dim), np.float32), stop=rows))
+  whole = t * len(exact) / rows
+  table.row(dim, "exact", "dba(10,3)", whole, m, base=search_s,
+            note=f"extrapolated from {rows:,} items ({t:.1f} s)")
+  return truth, part, search_s
+
+
+def measure_scann(table, dim, folder, q, depth, truth, exact_part, exact_s):
+  """ScaNN: build, search, Recall@100, re-rankings, the whole dba."""
+  mem = Memory()
+  _, t, m = timed(mem, lambda: contiguous(folder))
+  table.row(dim, "scann", "shards -> one file", t, m, base=exact_s)
+  database = open_database(folder, "scann")
+  opts = dict(database.scann_options)
+  build = lambda db: knn.build_scann(db.vectors, db.build_k, **opts)
+  database.searcher, t, m = timed(mem, lambda: build(database))
+  table.row(dim, "scann", "build index", t, m, base=exact_s)
+  (_, ids), search_s, m = timed(mem, lambda: database.search(q, depth), 2)
+  recall = knn.neighbour_recall(ids[:, :100], truth[:, :100])
+  table.row(dim, "scann", f"search, depth {depth:,}", search_s, m, ids,
+            note=f"Recall@100 {recall:.4f}; {exact_s / search_s:.1f}x exact")
+  reranker = rerank.Reranker(database)
+  for spec in ("aqe(10,3)", "superglobal(400,9,0.15)"):
+    (_, ids), t, m = timed(mem, lambda s=spec: reranker.rank(
+        rerank_spec.parse(s), q, depth), 2)
+    table.row(dim, "scann", spec, t, m, ids, search_s)
+  exp = rerank_spec.Expansion(10, 3.0)
+  out = np.lib.format.open_memmap(os.path.join(folder, "dba.npy"), "w+",
+                                  np.float32, database.shape)
+  _, dba_s, m = timed(mem, lambda: rerank.augment_database(database, exp,
+                                                           out))
+  diff = float(np.max(np.abs(out[:len(exact_part)] - exact_part)))
+  table.row(dim, "scann", "dba(10,3): the new database", dba_s, m,
+            base=search_s, note=f"{len(out):,} k-NN searches; max abs "
+            f"difference from exact dba on its items {diff:.2g}")
+  database.searcher = None  # the first index goes before the second
+  augmented = rerank.ArrayDatabase(
+      np.load(os.path.join(folder, "dba.npy"), mmap_mode="r"), "scann", opts,
+      build_k=depth)
+  augmented.searcher, t, m = timed(mem, lambda: build(augmented))
+  table.row(dim, "scann", "dba(10,3): its index", t, m, base=search_s)
+  reranker = rerank.Reranker(open_database(folder, "scann"),
+                             augmented={exp: augmented})
+  for spec in ("dba(10,3)", "aqe(10,3)+dba(10,3)"):
+    (_, ids), t, m = timed(mem, lambda s=spec: reranker.rank(
+        rerank_spec.parse(s), q, depth), 2)
+    table.row(dim, "scann", f"{spec}: search", t, m, ids, search_s)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dims", type=int, nargs="+", default=[768, 2048])
+  parser.add_argument("--n", type=int, default=1_001_001, help="distractors")
+  parser.add_argument("--db", type=int, default=5_000)
+  parser.add_argument("--queries", type=int, default=LANDMARKS)
+  parser.add_argument("--shard_rows", type=int, default=125_000)
+  parser.add_argument("--exact_dba_rows", type=int, default=2_000)
+  parser.add_argument("--folder", default=None, help="for the shards "
+                      "(default: the system's temporary folder)")
+  parser.add_argument("--mfu", type=float, default=0.3)
+  parser.add_argument("--smoke", action="store_true", help="a tiny run of "
+                      "every step (the test suite's)")
+  args = parser.parse_args()
+  config_arg, sides = None, (768, 1024)
+  if args.smoke:
+    args.dims, args.n, args.db, args.queries = [16], 3_000, 210, 7
+    args.shard_rows, args.exact_dba_rows = 1_000, 50
+    config_arg, sides = "runlocal=True", (48, 64)
+  embed_s, flops = embedding_seconds(args.mfu, config_arg, sides)
+  depth = min(evaluator.RevisitedEvaluator.DISTRACTOR_DEPTH,
+              args.n + args.db)
+  print(f"{args.n:,} distractors + {args.db:,} database images, "
+        f"{args.queries} queries; {_devices.describe_cpu()}; "
+        f"{time.strftime('%Y-%m-%d')}. Share: of the step plus the search "
+        f"plus the projected embedding of {IMAGES:,} images on one H100 "
+        f"({flops / 1e12:.2f} TFLOP an image over its scales, "
+        f"{args.mfu:.0%} of the bf16 peak assumed): {embed_s / 3600:.2f} h.")
+  for dim in args.dims:
+    folder = tempfile.mkdtemp(prefix="r1m-", dir=args.folder)
+    try:
+      mem = Memory()
+      (q, gnd), t, m = timed(mem, lambda d=dim, f=folder: write_data(
+          f, args.n, args.db, d, args.queries, args.shard_rows))
+      table = Table(embed_s, gnd)
+      table.row(dim, "-", "write the shards", t, m, base=None,
+                note=f"{args.n + args.db:,} x {dim} float32")
+      truth, part, exact_s = measure_exact(table, dim, folder, q, depth,
+                                           args.exact_dba_rows)
+      measure_scann(table, dim, folder, q, depth, truth, part, exact_s)
+    finally:
+      shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()

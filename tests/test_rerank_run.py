@@ -70,3 +70,29 @@ def test_rerank_metrics_in_every_output(tmp_path):
   with open(os.path.join(workdir, "checkpoints", "2",
                          checkpoint.EVAL_METRICS)) as f:
     assert "roxford/medium/map+aqe" in json.load(f)
+
+
+def test_r1m_benchmark_smoke(monkeypatch, capsys):
+  """benchmarks/r1m.py --smoke: every step of the +1M benchmark on 3,210
+  items (the same code path as the full size)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import load_script  # pylint: disable=g-import-not-at-top
+  for name in ("_devices", "knn", "throughput"):  # the script's own imports
+    monkeypatch.setitem(sys.modules, name,
+                        load_script(f"benchmarks/{name}.py"))
+  r1m = load_script("benchmarks/r1m.py")
+  monkeypatch.setattr(sys, "argv", ["r1m.py", "--smoke"])
+  r1m.main()
+  rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| 16 |")]
+  steps = [r[2] for r in rows]
+  assert steps == [
+      "write the shards", "search, depth 3,210", "aqe(10,3)",
+      "superglobal(400,9,0.15)", "dba(10,3)", "shards -> one file",
+      "build index", "search, depth 3,210", "aqe(10,3)",
+      "superglobal(400,9,0.15)", "dba(10,3): the new database",
+      "dba(10,3): its index", "dba(10,3): search",
+      "aqe(10,3)+dba(10,3): search"]
+  # Brute-force ScaNN below 20,000 items: the exact rankings.
+  assert rows[7][6] == rows[1][6] and "Recall@100 1.0000" in rows[7][8]
+  assert float(rows[10][8].split()[-2]) < 1e-5  # dba: scann ~ exact
