@@ -223,6 +223,12 @@ def test_specs():
     assert "superglobal(M,K,beta)" in str(e.value) and "\n" not in str(e.value)
   with pytest.raises(UserError, match="listed twice"):
     specs.parse_all(("aqe", "AQE"))
+  # The saved config of a run older than the option has no such key.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  specs.check(ml_collections.ConfigDict({"knn": "exact"}), "evals.old.rerank")
+  with pytest.raises(UserError, match="evals.new.rerank: 'aqe'"):
+    specs.check(ml_collections.ConfigDict({"rerank": ("aqe", "aqe")}),
+                "evals.new.rerank")
 
 
 def test_hits_for_search_and_serve(data):
@@ -236,6 +242,17 @@ def test_hits_for_search_and_serve(data):
     assert 0 not in dict(hits[0]) and 1 not in dict(hits[1])
     assert hits[2][0][0] == 2  # itself, not excluded
   assert len(reranker.augmented) == 1  # dba computed once
+  # As search.py's Index holds it: a memory-mapped array and its ScaNN
+  # searcher (built for 10 neighbours), here asked for 25.
+  pytest.importorskip("scann")
+  from vitret_jax.eval import knn  # pylint: disable=g-import-not-at-top
+  index = rerank.ArrayDatabase(db[:20], "scann",
+                               searcher=knn.build_scann(db[:20], 10))
+  for spec in ("dba(3,3)+aqe(2,3)", "superglobal(10,3,0.15)"):
+    want = rerank.rerank_hits(database, db[:3], 25, spec, [0, 1, -1])
+    got = rerank.rerank_hits(index, db[:3], 25, spec, [0, 1, -1])
+    assert [[i for i, _ in h] for h in got] == [[i for i, _ in h]
+                                                for h in want]
   with pytest.raises(UserError, match="top_k=0"):
     rerank.rerank_hits(database, db[:1], 0, "aqe")
 
