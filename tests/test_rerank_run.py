@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 import fixtures
 from conftest import main_in_process
 from test_train import _event_tags
@@ -17,6 +19,7 @@ from test_train import read_jsonl
 SPECS = ("aqe", "dba", "aqe+dba", "superglobal(12,3,0.15)")
 
 
+@pytest.mark.slow(29)  # seconds, cold, 2 cores (under load)
 def test_rerank_metrics_in_every_output(tmp_path):
   rox = fixtures.write_revisited(tmp_path / "rox")
   rpar = fixtures.write_revisited(tmp_path / "rpar", name="rparis6k")
