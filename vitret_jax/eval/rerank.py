@@ -64,6 +64,17 @@ class ArrayDatabase:
                          block_rows=self.block_rows, build_k=self.build_k)
 
   def search(self, queries, k, exclude=None):
+    """Top-k by inner product.
+
+    Args:
+      queries: [Q, E].
+      k: neighbours per query.
+      exclude: [Q] database ids, query i never retrieves exclude[i] (-1:
+        none); None: no exclusion.
+    Returns:
+      (scores [Q, k] float32, ids [Q, k] int64), best first; -inf / -1
+      where the database holds fewer than k items to return.
+    """
     queries = np.asarray(queries, np.float32)
     extra = 0 if exclude is None else 1
     if self.backend == "scann":
