@@ -24,6 +24,8 @@ evals.*.scann's defaults; the first is the reference):
   (the table says so);
 - peak resident memory of each step, anonymous (the process's own) and
   file-backed (the memory-mapped shards, which the kernel can drop);
+- the 1-minute load average when the step ended (the machine's other work
+  slows every step: compare rows taken at similar loads);
 - the step's share of a whole evaluation: its time over the projected
   embedding time of ROxford + R1M (1,006,064 images) with the DToP recipe
   (configs/dtop.py: R50+B/16, longer side 1024, 3 scales; XLA's cost
@@ -204,8 +206,8 @@ class Table:
   """The Markdown table, each row printed as soon as it is measured."""
 
   HEADER = ("| dim | backend | step | seconds | peak anon GiB | peak file GiB "
-            "| medium / hard mAP | share of ROxf+1M | note |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+            "| medium / hard mAP | share of ROxf+1M | load | note |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
 
   def __init__(self, embed_s, gnd=None):
     self.embed_s, self.gnd = embed_s, gnd
@@ -223,7 +225,8 @@ class Table:
              f"{seconds / (self.embed_s + base + seconds):.2%}")
     anon, file_ = (f"{b / 2**30:.2f}" for b in memory)
     print(f"| {dim} | {backend} | {step} | {seconds:,.1f} | {anon} | {file_} "
-          f"| {m_ap} | {share} | {note} |", flush=True)
+          f"| {m_ap} | {share} | {os.getloadavg()[0]:.1f} | {note} |",
+          flush=True)
 
 
 def measure_exact(table, dim, folder, q, depth, dba_rows):

@@ -97,5 +97,5 @@ def test_r1m_benchmark_smoke(monkeypatch, capsys):
       "dba(10,3): its index", "dba(10,3): search",
       "aqe(10,3)+dba(10,3): search"]
   # Brute-force ScaNN below 20,000 items: the exact rankings.
-  assert rows[7][6] == rows[1][6] and "Recall@100 1.0000" in rows[7][8]
-  assert float(rows[10][8].split()[-2]) < 1e-5  # dba: scann ~ exact
+  assert rows[7][6] == rows[1][6] and "Recall@100 1.0000" in rows[7][9]
+  assert float(rows[10][9].split()[-2]) < 1e-5  # dba: scann ~ exact
