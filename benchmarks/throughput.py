@@ -332,6 +332,15 @@ def _forward_flops(model, h, w):
   return lowered.cost_analysis()["flops"]
 
 
+def landmark_image_flops(model, variant, scales, sides=(768, 1024)):
+  """Forward FLOPs of one landmark evaluation image (whole, 4:3, longer
+  side 1024) summed over the multi-scale passes, each side rounded to the
+  patch size."""
+  patch = 32 if "/32" in variant else 16
+  return sum(_forward_flops(model, *(max(patch, round(s * d / patch) * patch)
+                                     for d in sides)) for s in scales)
+
+
 def project(mfu):
   import importlib.util  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, REPO)
@@ -359,11 +368,8 @@ def project(mfu):
     evals = (1 if c.get("eval_untrained", False) else 0) + 1 + (
         c.total_steps // c.eval_every if c.eval_every else 0)
     ev = next(iter(c.evals.values()))
-    if ev.type == "revisited":  # whole images, longer side 1024, 4:3
-      patch = 32 if "/32" in c.model.variant else 16
-      per_image = sum(_forward_flops(
-          model, *(max(patch, round(s * d / patch) * patch)
-                   for d in (768, 1024))) for s in ev.scales)
+    if ev.type == "revisited":
+      per_image = landmark_image_flops(model, c.model.variant, ev.scales)
     else:
       per_image = fwd
     evaluation = evals * n_eval * per_image

@@ -195,12 +195,14 @@ def set_dataset(c, name, **options):
 
 def search_options():
   """k-NN and descriptor options every evaluator takes (see eval/evaluator);
-  every: this evaluator's cadence in steps (-1: eval_every, 0: at the end)."""
+  every: this evaluator's cadence in steps (-1: eval_every, 0: at the end);
+  rerank: re-ranking specs whose metrics come too, named "<metric>+<spec>"
+  (eval/rerank.py), e.g. ("aqe", "dba", "aqe+dba", "superglobal")."""
   return dict(every=-1, knn="exact", scann=mlc.ConfigDict(dict(
                   brute_force_below=20_000, num_leaves=0,
                   num_leaves_to_search=0, reorder=0)),
               scales=(1.0,), whiten_dim=-1, whiten=True, dtype="",
-              num_workers=2)
+              num_workers=2, rerank=())
 
 
 def retrieval_eval(query="test", gallery="", ks=(1, 10, 100, 1000),

@@ -30,6 +30,7 @@ from vitret_jax.errors import UserError
 from vitret_jax.eval import embed
 from vitret_jax.eval import evaluator
 from vitret_jax.eval import report as report_lib
+from vitret_jax.eval import rerank_spec
 
 
 def memory_slots(loss_cfg, num_train: int, global_batch: int) -> int:
@@ -190,6 +191,7 @@ def check_config(config, mesh):
                     f"{max(stride, size // stride * stride)}.")
   for name, ev in config.evals.items():
     preprocess.build_pp(ev.pp)
+    rerank_spec.check(ev, f"evals.{name}.rerank")
     if ev.type not in evaluator.EVALUATORS:
       raise UserError(f"evals.{name}.type={ev.type!r}; valid: "
                       f"{sorted(evaluator.EVALUATORS)}.")

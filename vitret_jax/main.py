@@ -167,11 +167,13 @@ def _print_table(result):
           f": their test classes are also training classes (input.options."
           f"shared_classes, or the data set's own protocol); the figures are "
           f"not comparable with class-disjoint results.")
+  # As wide as the longest name (re-ranked ones: "rox/medium/map+aqe+dba").
+  w = max([14] + [len(k) + 2 for k, _ in rows])
   first = f"{start:>12}" if base else ""
-  print(f"\n{'metric':<14}{first}{final:>12}   (step {result.get('step')})")
+  print(f"\n{'metric':<{w}}{first}{final:>12}   (step {result.get('step')})")
   for k, v in rows:
     u = (f"{base[k]:>12.4f}" if k in base else f"{'-':>12}") if base else ""
-    print(f"{k:<14}{u}{v:>12.4f}")
+    print(f"{k:<{w}}{u}{v:>12.4f}")
 
 
 class _QuietLibraries:

@@ -14,6 +14,9 @@ Each exposes `run(params, cache="") -> dict of metrics` and, after a run,
   dataset, data_dir, options
                             evaluate on another data set than the training
                             one (landmarks: train on SfM-120k, test on ROxford)
+  rerank                    re-ranking specs (eval/rerank.py: "aqe(10,3)",
+                            "dba", "aqe+dba", "superglobal(400,9,0.15)"):
+                            each one's metrics too, named "<metric>+<spec>"
 `cache` names a file prefix: embeddings are saved there and reused, so a
 re-evaluation of the same checkpoint needs no forward pass.
 """
@@ -31,6 +34,8 @@ from vitret_jax.eval import embed
 from vitret_jax.eval import emb_cache
 from vitret_jax.eval import knn as knn_lib
 from vitret_jax.eval import metrics
+from vitret_jax.eval import rerank as rerank_lib
+from vitret_jax.eval import rerank_spec
 from vitret_jax.eval import scoring
 from vitret_jax.eval import whitening as whitening_lib
 
@@ -46,7 +51,7 @@ class _Evaluator:
                num_workers=2, scales=(1.0,), knn="exact", scann=None,
                whiten_dim=-1, whiten=True, whiten_max_images=20_000,
                skip_corrupt=False, dataset="", data_dir="", options=None,
-               host_pp="fast"):
+               host_pp="fast", rerank=()):
     # Whitening learns from the run's training split, even when the evaluator
     # reads a data set of its own.
     self.train_split = splits.get("train")
@@ -67,6 +72,7 @@ class _Evaluator:
     self.backend, self.scann_options = knn, dict(scann or {})
     self.whiten_dim, self.whiten = whiten_dim, whiten
     self.whiten_max_images = whiten_max_images
+    self.rerank = rerank_spec.parse_all(rerank, "evals: rerank")
     self.last = None
 
   def _split(self, name):
@@ -148,6 +154,16 @@ class _Evaluator:
                                                          exact[:, :kk])
     return idx, extra
 
+  def _reranked(self, query, reference, depth, score, exclude=None):
+    """score(ids [Q, depth]) -> metrics of each rerank plan, named
+    "<metric>+<spec>"; searched with the evaluator's backend."""
+    if not self.rerank:
+      return {}
+    database = rerank_lib.ArrayDatabase(reference, self.backend,
+                                        self.scann_options, build_k=depth)
+    return rerank_lib.reranked_metrics(self.rerank, query, database, depth,
+                                       score, exclude)
+
   def browse_record(self, k=BROWSE_K):
     """The last run's neighbour table, for browsing (vitret_jax/serve.py):
     query and gallery paths, the top-k gallery ids [Q, k] (-1: none),
@@ -209,10 +225,15 @@ class RetrievalEvaluator(_Evaluator):
     q, g = q[q_ok], g[g_ok]
     if white is not None:
       q, g = white(q), white(g)
-    search = lambda *a: self._search(*a, cache=cache)
-    out, idx = scoring.score_retrieval(q, q_split.labels, None if self.gallery
-                               is None else g, g_split.labels, self.ks,
-                               self.map_at_r, search=search)
+    gallery = None if self.gallery is None else g
+    score = lambda search: scoring.score_retrieval(
+        q, q_split.labels, gallery, g_split.labels, self.ks, self.map_at_r,
+        search=search)
+    out, idx = score(lambda *a: self._search(*a, cache=cache))
+    # Leave-one-out: a query never retrieves itself, re-ranked or not.
+    out.update(self._reranked(
+        q, g, idx.shape[1], lambda ids: score(lambda *_: (ids, {}))[0],
+        np.arange(len(q)) if gallery is None else None))
     if self.skip_corrupt:
       out["skipped_images"] = int((~q_ok).sum() + (
           0 if self.gallery is None else (~g_ok).sum()))
@@ -290,6 +311,8 @@ class RevisitedEvaluator(_Evaluator):
     depth = len(db) if not self.depth else min(self.depth, len(db))
     idx, extra = self._search(q, db, depth, False, cache)
     out = metrics.revisited_metrics(idx, gnd, self.kappas)
+    out.update(self._reranked(q, db, depth, lambda ids: (
+        metrics.revisited_metrics(ids, gnd, self.kappas))))
     out.update(extra)
     if depth < len(db):
       out["ranking_depth"] = depth

@@ -1,0 +1,344 @@
+"""Revisited Oxford + 1M distractors at full size, on synthetic descriptors:
+search and re-ranking through the evaluators' own code, with time and
+memory, and their share of a whole ROxf+1M evaluation on one H100.
+
+  nice -n 10 python benchmarks/r1m.py [--dims 768 2048] [--n 1001001]
+      [--folder DIR] [--exact_dba_rows 2000] [--exact_only] [--mfu 0.3]
+
+Data: 5,000 database images of 70 landmarks (easy positives near the
+landmark, hard ones farther) + 1,001,001 distractors (unit vectors around
+20,000 random centres, and 1% around the landmarks, so that some intrude),
+70 queries; written as .npy shards in a temporary folder (deleted after
+each dimension) and read memory-mapped (`open_database`: the one place
+that knows the layout). Per backend of the evaluators (eval/knn.py, with
+evals.*.scann's defaults; the first is the reference):
+- build (ScaNN: the shards copied into one file it can read, then its
+  index) and the search of the 70 queries to the evaluator's +R1M depth
+  (RevisitedEvaluator.DISTRACTOR_DEPTH), scored by metrics.revisited_metrics;
+- ScaNN's Recall@100 against the exact search;
+- each re-ranking (eval/rerank.py, as evals.*.rerank runs it): aqe(10,3)
+  and superglobal(400,9,0.15) (query side, their ranking included);
+  dba(10,3): one k-NN search per database item, 1,006,001 of them, into a
+  memory-mapped output, then the index of the new database; aqe+dba. The
+  exact backend's dba is timed on --exact_dba_rows items and extrapolated
+  (the table says so);
+- peak resident memory of each step, anonymous (the process's own) and
+  file-backed (the memory-mapped shards, which the kernel can drop);
+- the 1-minute load average when the step ended (the machine's other work
+  slows every step: compare rows taken at similar loads);
+- the step's share of a whole evaluation: its time over the projected
+  embedding time of ROxford + R1M (1,006,064 images) with the DToP recipe
+  (configs/dtop.py: R50+B/16, longer side 1024, 3 scales; XLA's cost
+  analysis of the forward, H100 bf16 peak x --mfu, an assumption) plus the
+  exact search. Re-ranking times are this CPU's: an upper bound for the
+  H100 host's many cores.
+"""
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+import _devices  # benchmarks/_devices.py
+import knn as knn_benchmark  # benchmarks/knn.py: clustered()
+import throughput  # benchmarks/throughput.py: the FLOPs of a landmark image
+from vitret_jax import config_common
+from vitret_jax.eval import evaluator
+from vitret_jax.eval import knn
+from vitret_jax.eval import metrics
+from vitret_jax.eval import rerank
+from vitret_jax.eval import rerank_spec
+
+LANDMARKS = 70
+IMAGES = 1_001_001 + 4_993 + 70  # ROxford + R1M, database and queries
+
+
+class ShardRows:
+  """.npy shards [n_i, E], memory-mapped, seen as one [N, E] array: a
+  slice within a shard is a view, anything else a gather of its rows."""
+
+  def __init__(self, paths):
+    self.shards = [np.load(p, mmap_mode="r") for p in paths]
+    self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+    self.shape = (int(self.starts[-1]), self.shards[0].shape[1])
+
+  def __len__(self):
+    return self.shape[0]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      start, stop, _ = index.indices(len(self))
+      i = np.searchsorted(self.starts, start, "right") - 1
+      if stop <= self.starts[i + 1]:
+        return self.shards[i][start - self.starts[i]:stop - self.starts[i]]
+      index = np.arange(start, stop)
+    index = np.asarray(index)
+    which = np.searchsorted(self.starts, index, "right") - 1
+    out = np.empty(index.shape + (self.shape[1],), np.float32)
+    for i in np.unique(which):
+      sel = which == i
+      out[sel] = self.shards[i][index[sel] - self.starts[i]]
+    return out
+
+
+def open_database(folder, backend, searcher=None):
+  """The database interface (eval/rerank.py) over the shards in `folder`;
+  ScaNN reads them copied into one file (`contiguous`)."""
+  paths = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                 if f.startswith("shard-"))
+  vectors = ShardRows(paths) if backend == "exact" else contiguous(folder)
+  return rerank.ArrayDatabase(
+      vectors, backend, dict(config_common.search_options()["scann"]),
+      searcher=searcher, build_k=evaluator.RevisitedEvaluator.DISTRACTOR_DEPTH)
+
+
+def contiguous(folder):
+  path = os.path.join(folder, "all.npy")
+  if not os.path.exists(path):
+    rows = open_database(folder, "exact").vectors
+    out = np.lib.format.open_memmap(path + ".tmp", "w+", np.float32,
+                                    rows.shape)
+    for shard, start in zip(rows.shards, rows.starts):
+      out[start:start + len(shard)] = shard
+    out.flush()
+    del out
+    os.replace(path + ".tmp", path)
+  return np.load(path, mmap_mode="r")
+
+
+def write_data(folder, n, db, dim, queries, shard_rows, seed=0):
+  """The shards (landmark images first, then distractors); returns the
+  queries [Q, E] and the revisited ground truth."""
+  rng = np.random.default_rng(seed)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  marks = unit(rng.standard_normal((LANDMARKS, dim))).astype(np.float32)
+  centres = unit(rng.standard_normal((20_000, dim))).astype(np.float32)
+  near = 1 + np.arange(len(centres)) % 100 == 1  # 1% near a landmark
+  centres[near] = around(marks[np.arange(near.sum()) % LANDMARKS], rng, 1.0)
+  label = np.arange(db) % LANDMARKS
+  hard = np.arange(db) // LANDMARKS % 3 == 2  # a third farther off
+  landmark = around(marks[label], rng, np.where(hard, 1.3, 0.5))
+  by_mark = [{"easy": np.flatnonzero((label == i) & ~hard),
+              "hard": np.flatnonzero((label == i) & hard), "junk": []}
+             for i in range(LANDMARKS)]
+  q = around(marks[np.arange(queries) % LANDMARKS], rng, 0.3)
+  np.save(os.path.join(folder, "shard-00000.npy"), landmark)
+  for i, start in enumerate(range(0, n, shard_rows), 1):
+    part = knn_benchmark.clustered(min(shard_rows, n - start), dim, centres,
+                                   np.random.default_rng(seed + i))
+    np.save(os.path.join(folder, f"shard-{i:05d}.npy"), part)
+  return q, [by_mark[i % LANDMARKS] for i in range(queries)]
+
+
+def around(centres, rng, spread):
+  """Unit vectors near each centre [N, E] (as knn.clustered's, with the
+  centre of each row given)."""
+  dim = centres.shape[1]
+  x = centres + np.reshape(spread, (-1, 1)) / np.sqrt(dim) * (
+      rng.standard_normal(centres.shape, dtype=np.float32))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+class Memory:
+  """Peak resident memory (anonymous, file-backed) between start() and
+  stop(), sampled from /proc/self/status every 20 ms."""
+
+  def __init__(self):
+    self.peak, self._stop = (0, 0), threading.Event()
+    self._thread = None
+
+  @staticmethod
+  def now():
+    got = {}
+    with open("/proc/self/status") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+          got[key] = int(value.split()[0]) << 10
+    return got.get("RssAnon", 0), got.get("RssFile", 0)
+
+  def start(self):
+    self.peak, self._stop = self.now(), threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    while not self._stop.wait(0.02):
+      self.peak = tuple(map(max, self.peak, self.now()))
+
+  def stop(self):
+    self._stop.set()
+    self._thread.join()
+    return tuple(map(max, self.peak, self.now()))
+
+
+def timed(memory, fn, repeat=1):
+  """(fn's result, seconds, peak memory) of its last of `repeat` calls (2:
+  compiled and with its pages read, as in an evaluation after the first)."""
+  for _ in range(repeat):
+    memory.start()
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    peak = memory.stop()
+  return out, seconds, peak
+
+
+def embedding_seconds(mfu, config_arg, sides):
+  """Projected seconds to embed ROxford + R1M on one H100 (see the doc)."""
+  from vitret_jax import models  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "dtop", os.path.join(throughput.REPO, "configs", "dtop.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(config_arg)
+  ev = c.evals.roxford
+  flops = throughput.landmark_image_flops(models.build_model(c.model),
+                                          c.model.variant, ev.scales, sides)
+  return IMAGES * flops / (throughput.PEAK["H100"] * mfu), flops
+
+
+class Table:
+  """The Markdown table, each row printed as soon as it is measured."""
+
+  HEADER = ("| dim | backend | step | seconds | peak anon GiB | peak file GiB "
+            "| medium / hard mAP | share of ROxf+1M | load | note |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+
+  def __init__(self, embed_s, gnd=None):
+    self.embed_s, self.gnd = embed_s, gnd
+    print(self.HEADER, flush=True)
+
+  def row(self, dim, backend, step, seconds, memory, ids=None, base=0.0,
+          note=""):
+    """`base`: the seconds of the search a re-ranking adds to (None: not a
+    step of an evaluation)."""
+    m_ap = "-"
+    if ids is not None:
+      m = metrics.revisited_metrics(ids, self.gnd)
+      m_ap = f"{m['medium/map']:.4f} / {m['hard/map']:.4f}"
+    share = ("-" if base is None else
+             f"{seconds / (self.embed_s + base + seconds):.2%}")
+    anon, file_ = (f"{b / 2**30:.2f}" for b in memory)
+    print(f"| {dim} | {backend} | {step} | {seconds:,.1f} | {anon} | {file_} "
+          f"| {m_ap} | {share} | {os.getloadavg()[0]:.1f} | {note} |",
+          flush=True)
+
+
+def measure_exact(table, dim, folder, q, depth, dba_rows):
+  """The reference: exact search, its re-rankings, its dba on a slice."""
+  mem = Memory()
+  exact = open_database(folder, "exact")
+  (_, truth), search_s, m = timed(mem, lambda: exact.search(q, depth), 2)
+  table.row(dim, "exact", f"search, depth {depth:,}", search_s, m, truth)
+  reranker = rerank.Reranker(exact)
+  for spec in ("aqe(10,3)", "superglobal(400,9,0.15)"):
+    (_, ids), t, m = timed(mem, lambda s=spec: reranker.rank(
+        rerank_spec.parse(s), q, depth), 2)
+    table.row(dim, "exact", spec, t, m, ids, search_s)
+  rows = min(dba_rows, len(exact))
+  exp = rerank_spec.Expansion(10, 3.0)
+  part, t, m = timed(mem, lambda: rerank.augment_database(
+      exact, exp, np.empty((rows, dim), np.float32), stop=rows))
+  whole = t * len(exact) / rows
+  table.row(dim, "exact", "dba(10,3)", whole, m, base=search_s,
+            note=f"extrapolated from {rows:,} items ({t:.1f} s)")
+  return truth, part, search_s
+
+
+def measure_scann(table, dim, folder, q, depth, truth, exact_part, exact_s):
+  """ScaNN: build, search, Recall@100, re-rankings, the whole dba."""
+  mem = Memory()
+  _, t, m = timed(mem, lambda: contiguous(folder))
+  table.row(dim, "scann", "shards -> one file", t, m, base=exact_s)
+  database = open_database(folder, "scann")
+  opts = dict(database.scann_options)
+  build = lambda db: knn.build_scann(db.vectors, db.build_k, **opts)
+  database.searcher, t, m = timed(mem, lambda: build(database))
+  table.row(dim, "scann", "build index", t, m, base=exact_s)
+  (_, ids), search_s, m = timed(mem, lambda: database.search(q, depth), 2)
+  recall = knn.neighbour_recall(ids[:, :100], truth[:, :100])
+  table.row(dim, "scann", f"search, depth {depth:,}", search_s, m, ids,
+            note=f"Recall@100 {recall:.4f}; {exact_s / search_s:.1f}x exact")
+  reranker = rerank.Reranker(database)
+  for spec in ("aqe(10,3)", "superglobal(400,9,0.15)"):
+    (_, ids), t, m = timed(mem, lambda s=spec: reranker.rank(
+        rerank_spec.parse(s), q, depth), 2)
+    table.row(dim, "scann", spec, t, m, ids, search_s)
+  exp = rerank_spec.Expansion(10, 3.0)
+  out = np.lib.format.open_memmap(os.path.join(folder, "dba.npy"), "w+",
+                                  np.float32, database.shape)
+  _, dba_s, m = timed(mem, lambda: rerank.augment_database(database, exp,
+                                                           out))
+  diff = float(np.max(np.abs(out[:len(exact_part)] - exact_part)))
+  table.row(dim, "scann", "dba(10,3): the new database", dba_s, m,
+            base=search_s, note=f"{len(out):,} k-NN searches; max abs "
+            f"difference from exact dba on its items {diff:.2g}")
+  database.searcher = None  # the first index goes before the second
+  augmented = rerank.ArrayDatabase(
+      np.load(os.path.join(folder, "dba.npy"), mmap_mode="r"), "scann", opts,
+      build_k=depth)
+  augmented.searcher, t, m = timed(mem, lambda: build(augmented))
+  table.row(dim, "scann", "dba(10,3): its index", t, m, base=search_s)
+  reranker = rerank.Reranker(open_database(folder, "scann"),
+                             augmented={exp: augmented})
+  for spec in ("dba(10,3)", "aqe(10,3)+dba(10,3)"):
+    (_, ids), t, m = timed(mem, lambda s=spec: reranker.rank(
+        rerank_spec.parse(s), q, depth), 2)
+    table.row(dim, "scann", f"{spec}: search", t, m, ids, search_s)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dims", type=int, nargs="+", default=[768, 2048])
+  parser.add_argument("--n", type=int, default=1_001_001, help="distractors")
+  parser.add_argument("--db", type=int, default=5_000)
+  parser.add_argument("--queries", type=int, default=LANDMARKS)
+  parser.add_argument("--shard_rows", type=int, default=125_000)
+  parser.add_argument("--exact_dba_rows", type=int, default=2_000)
+  parser.add_argument("--folder", default=None, help="for the shards "
+                      "(default: the system's temporary folder)")
+  parser.add_argument("--exact_only", action="store_true", help="leave "
+                      "ScaNN out (its build holds about twice the database "
+                      "in memory: 1M x 2048 needs ~17 GiB)")
+  parser.add_argument("--mfu", type=float, default=0.3)
+  parser.add_argument("--smoke", action="store_true", help="a tiny run of "
+                      "every step (the test suite's)")
+  args = parser.parse_args()
+  config_arg, sides = None, (768, 1024)
+  if args.smoke:
+    args.dims, args.n, args.db, args.queries = [16], 3_000, 210, 7
+    args.shard_rows, args.exact_dba_rows = 1_000, 50
+    config_arg, sides = "runlocal=True", (48, 64)
+  embed_s, flops = embedding_seconds(args.mfu, config_arg, sides)
+  depth = min(evaluator.RevisitedEvaluator.DISTRACTOR_DEPTH,
+              args.n + args.db)
+  print(f"{args.n:,} distractors + {args.db:,} database images, "
+        f"{args.queries} queries; {_devices.describe_cpu()}; "
+        f"{time.strftime('%Y-%m-%d')}. Share: of the step plus the search "
+        f"plus the projected embedding of {IMAGES:,} images on one H100 "
+        f"({flops / 1e12:.2f} TFLOP an image over its scales, "
+        f"{args.mfu:.0%} of the bf16 peak assumed): {embed_s / 3600:.2f} h.")
+  for dim in args.dims:
+    folder = tempfile.mkdtemp(prefix="r1m-", dir=args.folder)
+    try:
+      mem = Memory()
+      (q, gnd), t, m = timed(mem, lambda d=dim, f=folder: write_data(
+          f, args.n, args.db, d, args.queries, args.shard_rows))
+      table = Table(embed_s, gnd)
+      table.row(dim, "-", "write the shards", t, m, base=None,
+                note=f"{args.n + args.db:,} x {dim} float32")
+      truth, part, exact_s = measure_exact(table, dim, folder, q, depth,
+                                           args.exact_dba_rows)
+      if not args.exact_only:
+        measure_scann(table, dim, folder, q, depth, truth, part, exact_s)
+    finally:
+      shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()
