@@ -99,7 +99,7 @@ def test_auto_falls_back_to_xla_for_shapes_cudnn_does_not_take():
 
 def test_cudnn_without_a_gpu_is_a_one_line_error():
   cfg = model_config(variant="mu/8", image_size=32, attention="cudnn")
-  with pytest.raises(UserError, match="needs a GPU.*use 'auto'") as e:
+  with pytest.raises(UserError, match="needs an NVIDIA GPU.*use 'auto'") as e:
     models.build_model(cfg)
   assert "\n" not in str(e.value)
   with pytest.raises(UserError, match="float32.*use 'auto'"):

@@ -354,7 +354,9 @@ def make_embed_fn_for(model_cfg, mesh, param_sharding):
 class RunEmbedder:
   """The descriptors of a training run's latest checkpoint, as its
   evaluator computes them: that evaluator's preprocessing, scales and
-  learned whitening (run_whitening), around the model.
+  learned whitening (run_whitening), around the model. The parameters are
+  put on this process's devices once (`params`, descriptor.Placement) and
+  reused by every call.
 
   Args:
     config: the run's config.
@@ -372,8 +374,9 @@ class RunEmbedder:
                       f"evaluators are {sorted(config.evals)}.")
     ev = config.evals[self.eval_name]
     self.model = models.build_model(config.model)
-    self.params, self.step = checkpoint.load_run_params(workdir,
-                                                        with_step=True)
+    params, self.step = checkpoint.load_run_params(workdir, with_step=True)
+    placement = descriptor.Placement()
+    self.params = placement.put_params(params)
     self.preprocess, self.host_pp = ev.pp, config.input.host_pp
     spec = preprocess.PPSpec(self.preprocess)
     self.image_size = spec.size if spec.fixed_size else config.model.image_size
@@ -387,7 +390,7 @@ class RunEmbedder:
                                                   train=False))
     self._describe = descriptor.MultiScale(
         lambda x: apply(self.params, x), self.scales, self.multiple,
-        self.whitening)
+        self.whitening, placement)
 
   def __call__(self, images):
     return self._describe(images)

@@ -48,6 +48,14 @@ class EmbedFn:
           out_shardings=sharding.replicated(self.mesh))
     return self._compiled[key](params, images, bad)
 
+  def put_params(self, params):
+    """params on the devices with `param_sharding`, explicitly and once
+    (no copy for parameters already there, as the train state's are): a
+    caller embedding many batches passes these, so no batch copies the
+    parameters from the host (numpy parameters loaded from a checkpoint
+    would otherwise travel with every call)."""
+    return jax.device_put(params, self.param_sharding)
+
 
 def make_embed_fn(model, mesh, param_sharding=None):
   multiple = models.input_stride(model)
@@ -76,7 +84,9 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
   """Descriptors of every image of `split`, in order.
 
   Args:
-    embed_fn: an EmbedFn.
+    embed_fn: an EmbedFn, whose `put_params` places the parameters on the
+      devices once for the whole split (any other callable of its
+      signature gets them as given).
     params: model parameters.
     split: split.Split (its boxes, if any, crop the images first);
       pp_fn: deterministic preprocessing (from preprocess.build_pp).
@@ -105,6 +115,9 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
                               groups=[tuple(x) for x in expected])
   else:  # one real image a pass, padded to the device count
     plan = pipeline.eval_plan(len(split), n_dev, real_rows=1)
+  put = getattr(embed_fn, "put_params", None)
+  if put is not None:  # once per split, not per batch
+    params = put(params)
   out = None
   bar = tqdm.tqdm(total=len(split), desc=desc, unit="img", leave=False,
                   disable=jax.process_index() != 0)
