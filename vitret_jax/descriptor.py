@@ -31,9 +31,11 @@ def resize_for_scale(images, scale, multiple):
   return jax.image.resize(images, (b,) + out + (c,), "bilinear")
 
 
+@jax.jit
 def combine_scales(per_scale):
   """Descriptors of several scales summed and L2-normalised (one scale: as
-  it is), in float32, as the evaluators do."""
+  it is), in float32, as the evaluators do. Jitted: its constants are part
+  of the program, not host values sent with each call."""
   out = None
   for e in per_scale:
     e = jnp.asarray(e, jnp.float32)
