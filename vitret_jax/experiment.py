@@ -354,9 +354,8 @@ def make_embed_fn_for(model_cfg, mesh, param_sharding):
 class RunEmbedder:
   """The descriptors of a training run's latest checkpoint, as its
   evaluator computes them: that evaluator's preprocessing, scales and
-  learned whitening (run_whitening), around the model. The parameters are
-  put on this process's devices once (`params`, descriptor.Placement) and
-  reused by every call.
+  learned whitening (run_whitening), around the model; its parameters
+  (`params`) are on this process's devices (descriptor.Placement).
 
   Args:
     config: the run's config.
@@ -374,9 +373,9 @@ class RunEmbedder:
                       f"evaluators are {sorted(config.evals)}.")
     ev = config.evals[self.eval_name]
     self.model = models.build_model(config.model)
-    params, self.step = checkpoint.load_run_params(workdir, with_step=True)
     placement = descriptor.Placement()
-    self.params = placement.put_params(params)
+    params, self.step = checkpoint.load_run_params(workdir, with_step=True)
+    self.params = placement.put_params(params)  # once, for every call
     self.preprocess, self.host_pp = ev.pp, config.input.host_pp
     spec = preprocess.PPSpec(self.preprocess)
     self.image_size = spec.size if spec.fixed_size else config.model.image_size

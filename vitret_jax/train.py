@@ -173,10 +173,7 @@ class _Trainer:
         self.clock.got_batch()
         self.skipped += int(batch.pop("skipped", 0))
         batch = sharding.to_global_batch(batch, run.mesh)  # explicit copy
-        # Compiled outside any trace, and outside the clock: the first
-        # row's compute seconds are steps (CompiledStep logs the
-        # compilation once).
-        with self.clock.apart():
+        with self.clock.apart():  # compiled outside traces and clock
           step_fn.prepare(state, batch)
         tracer.before_step(step)
         with jax.transfer_guard("disallow"):  # and no implicit one
