@@ -104,12 +104,18 @@ def probe(smoke):
   variant, size, batch = PARITY["smoke" if smoke else "full"]
   auto = models.resolve(model_config(variant, size))
   stats = _memory_stats(device)
-  return {"platform": models.platform_name(),
-          "kind": getattr(device, "device_kind", device.platform),
-          "count": jax.device_count(), "versions": _versions(),
-          "auto": auto.as_dict(), "parity_model": f"{variant} @ {size}",
-          "memory_gib": stats.get("bytes_limit", 0) / 2 ** 30 or None,
-          "parity": parity(variant, size, batch)}
+  out = {"platform": models.platform_name(),
+         "kind": getattr(device, "device_kind", device.platform),
+         "count": jax.device_count(), "versions": _versions(),
+         "auto": auto.as_dict(), "parity_model": f"{variant} @ {size}",
+         "memory_gib": stats.get("bytes_limit", 0) / 2 ** 30 or None}
+  try:
+    out["parity"] = parity(variant, size, batch)
+  except RuntimeError as e:  # e.g. JAX_PLATFORMS without "cpu"
+    out["parity_error"] = (f"{str(e).splitlines()[0][:150]} (the parity "
+                           f"check needs JAX's CPU backend beside the "
+                           f"device: JAX_PLATFORMS unset, or listing cpu)")
+  return out
 
 
 def _memory_stats(device):

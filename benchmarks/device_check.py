@@ -205,6 +205,9 @@ def print_device(info):
                                  for k, v in info["versions"].items()))
   print(f"model.dtype=auto -> {auto['dtype']}; model.attention=auto -> "
         f"{auto['attention']} ({auto['why']})")
+  if "parity" not in info:
+    print(f"\nforward parity not measured: {info['parity_error']}")
+    return
   par = info["parity"]
   fp32 = par["float32_highest"]
   print(f"\n| forward parity, {info['parity_model']}, device vs host CPU "

@@ -13,8 +13,8 @@ the goals, and how many host cores one H100 needs per recipe.
       [--batches 50] [--batch_size 32] [--counts 1,2,4]
       [--kinds threads,processes]
 
---data: a folder of images (read recursively; default: the embedded Grocery
-photos, mostly 348x348). --synthetic: camera-size JPEGs of the real sets'
+--data: a folder of images (read recursively; default: the embedded demo
+photos, small: a smoke run). --synthetic: camera-size JPEGs of the real sets'
 typical sizes (500x375 as CUB, 1024x768 as landmark photos; quality 90),
 written to a temporary folder. Row groups:
 - the IRT training spec on the images, and on prepared copies at a shorter
@@ -24,7 +24,10 @@ written to a temporary folder. Row groups:
 Each pipeline row times --batches batches (at least 50 for the published
 tables) after its first batch and after the batches its threads or
 processes could already hold (grain's prefetch buffers) are drawn and
-discarded, so the rate is the one the pipeline sustains.
+discarded, so the rate is the one the pipeline sustains. Its references
+are timed in chunks right before and right after it (the mean of the
+two), so that on a shared machine a row and its references see the same
+load.
 """
 import argparse
 import cProfile
@@ -213,46 +216,66 @@ def _images(args, tmp):
   paths = folder.list_images(root)
   if not paths:
     raise SystemExit(f"no images under {root}")
-  return paths, paths, root
+  # Whole images batch only with others of their size: the landmark rows
+  # take the most common size's.
+  sizes = {}
+  for p in paths:
+    with Image.open(p) as im:
+      sizes.setdefault(im.size, []).append(p)
+  size, large = max(sizes.items(), key=lambda kv: len(kv[1]))
+  return paths, large, (f"{root} ({len(paths)} images; landmark rows: the "
+                        f"{len(large)} of {size[0]}x{size[1]})")
 
 
 def measure_group(args, spec, name, imgs, counts):
-  """{(host_pp, kind, count): img/s} and the two reference rates, with the
-  group's table rows printed as they come."""
-  n = args.batches * args.batch_size
-  plain, draft = (pil_loop(imgs, spec, n, d) for d in (False, True))
+  """{(host_pp, kind, count): (img/s, plain loop img/s, draft loop img/s)}
+  of the group's pipeline rows, printed as they come. The machine may be
+  shared: each row's references are timed right before and right after
+  it (a chunk of `args.ref_images` each), so a row and its references see
+  the same load."""
   label = spec.split("|", 1)[1].replace("|", " / ")  # no "|" in a cell
-  print(f"| {label} | {name} | plain PIL loop (reference) | 1 process | "
-        f"{plain:.0f} | 1.00x | {plain / draft:.2f}x |")
-  print(f"| {label} | {name} | PIL loop + draft (reference) | 1 process | "
-        f"{draft:.0f} | {draft / plain:.2f}x | 1.00x |", flush=True)
-  rates = {}
+  refs = {False: [], True: []}  # draft? -> rates of every chunk
+
+  def chunk():
+    for draft in (False, True):
+      refs[draft].append(pil_loop(imgs, spec, args.ref_images, draft))
+    return refs[False][-1], refs[True][-1]
+
+  rows, before = {}, chunk()
   for host_pp in ("exact", "fast"):
     for kind in args.kinds.split(","):
       for c in counts:
         rate = grain_rate(imgs, spec, host_pp, args.batches,
                           args.batch_size, c if kind == "processes" else 0,
                           c if kind == "threads" else 1)
-        rates[(host_pp, kind, c)] = rate
+        after = chunk()
+        plain, draft = ((a + b) / 2 for a, b in zip(before, after))
+        rows[(host_pp, kind, c)] = (rate, plain, draft)
         print(f"| {label} | {name} | {host_pp} | {c} {kind} | {rate:.0f} "
-              f"| {rate / plain:.2f}x | {rate / draft:.2f}x |", flush=True)
-  return rates, plain, draft
+              f"| {plain:.0f} | {rate / plain:.2f}x | {draft:.0f} | "
+              f"{rate / draft:.2f}x |", flush=True)
+        before = after
+  plain, draft = (float(np.mean(refs[d])) for d in (False, True))
+  print(f"| {label} | {name} | PIL loop + draft against the plain loop, all "
+        f"{len(refs[False])} chunks | | {draft:.0f} | {plain:.0f} | "
+        f"{draft / plain:.2f}x | | |", flush=True)
+  return rows
 
 
 def print_goals(groups):
   print("\nGoals, per core: one thread of host_pp=fast against each loop "
-        "on the same images.")
+        "on the same images, timed beside it.")
   print("| goal | images | fast, 1 thread img/s | vs PIL loop | vs PIL + "
         "draft | goal | met | where the time goes, when missed |")
   print("|---|---|---|---|---|---|---|---|")
   for what, spec, names, goal in GOALS:
     for name in names:
-      rates, plain, draft, imgs = groups[(spec, name)]
-      rate = rates.get(("fast", "threads", 1))
-      if rate is None:
+      rows, imgs = groups[(spec, name)]
+      if ("fast", "threads", 1) not in rows:
         print(f"| {what} | {name} | - | - | - | {goal}x | no 1-thread row "
               f"(--kinds, --counts) | |")
         continue
+      rate, plain, draft = rows[("fast", "threads", 1)]
       met = [rate / ref >= goal for ref in (plain, draft)]
       verdict = ("yes, against both" if all(met) else "no" if not any(met)
                  else "against the " + ("plain loop" if met[0]
@@ -271,6 +294,8 @@ def main():
   parser.add_argument("--counts", default="1,2,4",
                       help="threads / worker processes to measure")
   parser.add_argument("--kinds", default="threads,processes")
+  parser.add_argument("--ref_images", type=int, default=256,
+                      help="images in each timed chunk of a reference loop")
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags
   counts = [int(c) for c in args.counts.split(",")]
@@ -283,16 +308,16 @@ def main():
         + ("" if args.batches >= MIN_BATCHES else
            f" (fewer than {MIN_BATCHES}: a quick look, not the benchmark)")
         + f"; {_devices.describe_cpu()}")
-  print("| spec | images | pipeline | workers | images/s | vs PIL loop | "
-        "vs PIL + draft |")
-  print("|---|---|---|---|---|---|---|")
+  print("| spec | images | pipeline | workers | images/s | PIL loop img/s "
+        "| vs PIL loop | PIL + draft img/s | vs PIL + draft |")
+  print("|---|---|---|---|---|---|---|---|---|")
   groups = {}
   for spec, name, imgs in ((IRT_TRAIN, "raw", paths),
                            (IRT_TRAIN, "prepared s256", prepared),
                            (IRT_TRAIN, "prepared 256x256", square),
                            (LANDMARK_EVAL, "raw", large)):
-    groups[(spec, name)] = measure_group(args, spec, name, imgs,
-                                         counts) + (imgs,)
+    groups[(spec, name)] = (measure_group(args, spec, name, imgs, counts),
+                            imgs)
   print_goals(groups)
   print("\nHost cores one H100 needs (projected train img/s at 30% MFU over "
         "the one-thread rate of host_pp=fast):")
@@ -301,7 +326,7 @@ def main():
   print("|---|---|---|---|---|")
   for recipe, (h100, spec) in H100_RATE.items():
     cores = [h100 / groups[(spec, name)][0].get(("fast", "threads", 1),
-                                                float("nan"))
+                                                (float("nan"),))[0]
              for name in ("raw", "prepared s256", "prepared 256x256")]
     print(f"| {recipe} | {h100:,} | " + " | ".join(f"{c:.0f}" for c in cores)
           + " |")
