@@ -273,9 +273,12 @@ def measure_timm(args, budget, info, todo, jax_rows):
     torch_info, why = budget.run("torch_probe", ["--child", "torch_probe"],
                                  LIMITS["torch_probe"])
     if torch_info is not None:
-      line = (f"torch {torch_info['torch']} (CUDA {torch_info['cuda']}, "
-              f"HIP {torch_info['hip']}), timm {torch_info['timm']}, on "
-              f"{torch_info['name']} ({torch_info['device']})")
+      build = (f"CUDA {torch_info['cuda']}" if torch_info["cuda"] else
+               f"HIP {torch_info['hip']}" if torch_info["hip"] else
+               "a CPU build")
+      line = (f"torch {torch_info['torch']} ({build}), timm "
+              f"{torch_info['timm']}, on {torch_info['name']} "
+              f"({torch_info['device']})")
     _, why = same_device(info, torch_info or f"torch probe: {why}")
   for kind in ("eager", "compile"):
     for m in todo:
