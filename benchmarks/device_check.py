@@ -192,6 +192,14 @@ def has_torch():
   return all(importlib.util.find_spec(m) for m in ("torch", "timm"))
 
 
+def _gflop(flops):
+  """GFLOP, to 0.1 from 100 GFLOP up, else to 3 significant digits."""
+  if flops is None:
+    return "-"
+  g = flops / 1e9
+  return f"{g:,.1f}" if g >= 100 else f"{g:.3g}"
+
+
 def _fmt(x, spec, none="-"):
   return none if x is None else format(x, spec)
 
@@ -248,7 +256,7 @@ def jax_table(args, info, todo, rows):
                 f"no allocator statistics).")
     print(f"| {variant} @ {size} | {r['attention']} | "
           f"{r['train_img_s']:.1f} | {_fmt(mfu, '.1%')} | "
-          f"{_fmt(model and model / 1e9, '.1f')} | {xla / 1e9:.1f}{mark} | "
+          f"{_gflop(model)} | {_gflop(xla)}{mark} | "
           f"{_fmt(model and xla / model, '.3f')}{mark} | "
           f"{r['peak_gib']:.2f} | {_fmt(r['compiled_gib'], '.2f')} | "
           f"{r['compile_s']:.1f} | {r['embed_img_s']:.1f} |")
@@ -375,6 +383,12 @@ def main(argv=None, runner=run_child):
   if args.smoke:
     _devices.simulate(1)  # the children: one CPU device
     args.models, args.batch, args.steps = "mu/8@32", 4, 2
+  try:
+    if not parse_models(args.models):
+      raise ValueError("no model")
+  except ValueError:
+    parser.error(f"--models={args.models!r}: expected a comma-separated "
+                 f"list of <variant>[@<pixels>], e.g. S/16@224,B/16@384.")
   return report(args, Budget(args.budget_s, runner))
 
 

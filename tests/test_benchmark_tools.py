@@ -183,7 +183,8 @@ def test_device_check_rows_per_model_mfu_and_hidden_flops(scripts,
     assert cells[7] == f"{gib:.2f}" and cells[8] == f"{gib - 1:.2f}", cells
     # 4e13 FLOPs in 0.128 s on a 989 TFLOP/s chip.
     assert cells[3] == f"{4.0e13 / 0.128 / 989e12:.1%}", cells
-    assert cells[5] == "31000.0*" and cells[6] == "0.775*", cells
+    assert cells[4] == "40,000.0" and cells[5] == "31,000.0*", cells
+    assert cells[6] == "0.775*", cells
   assert "leaves out __cudnn$fmhaSoftmax" in out
   assert "float32 at HIGHEST precision, max abs | 3.00e-06 (within" in out
 
