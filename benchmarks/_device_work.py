@@ -41,8 +41,16 @@ def model_config(variant, size, dtype="auto", attention="auto"):
 
 
 def _versions():
+  """Versions of JAX, its device plugin (CUDA, ROCm or TPU: whichever is
+  installed), Flax and cuDNN."""
   from importlib import metadata  # pylint: disable=g-import-not-at-top
-  out = {name: metadata.version(name) for name in ("jax", "jaxlib", "flax")}
+  out = {}
+  for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin",
+               "jax-rocm60-plugin", "jax-rocm7-plugin", "libtpu", "flax"):
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
   try:
     from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
     if cuda_versions is not None:

@@ -137,23 +137,38 @@ def pil_landmark_eval(path, rng, draft):
 REFERENCES = {IRT_TRAIN: pil_irt_train, LANDMARK_EVAL: pil_landmark_eval}
 
 
+class Clock:
+  """Wall and CPU seconds (this process, all its threads) since made."""
+
+  def __init__(self):
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+  def rates(self, n):
+    """(n / wall seconds, n / CPU seconds)."""
+    return (n / (time.perf_counter() - self.wall),
+            n / max(time.process_time() - self.cpu, 1e-9))
+
+
 def pil_loop(paths, spec, n, draft):
-  """Images/s of the reference loop over n images of `paths` (after one
-  untimed pass over a few, so the files are in the page cache)."""
+  """(images/s, images per CPU-second) of the reference loop over n images
+  of `paths` (after one untimed pass over a few, so the files are in the
+  page cache)."""
   fn = REFERENCES[spec]
   for i in range(min(len(paths), 8)):
     fn(paths[i], np.random.default_rng(i), draft)
-  t0 = time.perf_counter()
+  clock = Clock()
   for i in range(n):
     fn(paths[i % len(paths)], np.random.default_rng(i), draft)
-  return n / (time.perf_counter() - t0)
+  return clock.rates(n)
 
 
 def grain_rate(paths, spec, host_pp, n_batches, batch_size, workers,
                threads, prefetch=2):
-  """Images/s grain sustains: the first batch (start-up) and the batches
-  the readers could hold by then (the prefetch buffers of the threads and
-  of each worker process) are drawn untimed, then n_batches are timed."""
+  """(images/s, images per CPU-second or None) grain sustains: the first
+  batch (start-up) and the batches the readers could hold by then (the
+  prefetch buffers of the threads and of each worker process) are drawn
+  untimed, then n_batches are timed. CPU seconds are this process's (its
+  threads included), so only for threads, not worker processes."""
   split = split_lib.Split(tuple(paths), np.zeros(len(paths), np.int32))
   sampler = samplers.RandomSampler(split.labels, batch_size, 0)
   loader = pipeline.GrainTrainLoader(
@@ -163,12 +178,13 @@ def grain_rate(paths, spec, host_pp, n_batches, batch_size, workers,
   it = loader.iterate(0, 1 + held + n_batches)
   for _ in range(1 + held):
     next(it)
-  t0 = time.perf_counter()
+  clock = Clock()
   for _ in range(n_batches):
     next(it)
-  rate = n_batches * batch_size / (time.perf_counter() - t0)
+  rate, per_cpu = clock.rates(n_batches * batch_size)
   loader.close()
-  return rate
+  # Worker processes' CPU time is not this process's.
+  return rate, None if workers else per_cpu
 
 
 # Where an image's time goes in the fast path: pp stage -> the functions
@@ -178,30 +194,32 @@ _STAGES = (("read the file", ("read",)),
            ("resample and crop", ("window", "resize_to")))
 
 
-def where_time_goes(paths, spec, rate, n=64):
-  """'stage x.xx ms, ...' per image of the fast path in one thread at
-  `rate` img/s: its pp stages (profiled apart), the rest of the pp (flip,
-  copies), and grain's share (batching, threads: 1/rate less the pp)."""
+def where_time_goes(paths, spec, per_cpu, n=64):
+  """'stage x.xx ms, ...' of CPU time per image of the fast path in one
+  thread at `per_cpu` images per CPU-second: its pp stages, the rest of
+  the pp (flip, copies), and grain's share (batching, threads: 1/per_cpu
+  less the pp). The stages' shares come from a profile (cProfile, CPU
+  time), scaled to the pp's CPU time unprofiled."""
   pp = preprocess.build_host_pp(spec, "fast", defer_normalize=True)
-  rng = np.random.default_rng(0)
-  profile = cProfile.Profile()
-  t0 = time.perf_counter()
-  profile.enable()
-  for i in range(n):
-    pp(paths[i % len(paths)], rng)
-  profile.disable()
-  total = (time.perf_counter() - t0) / n
+  run = lambda: [pp(paths[i % len(paths)], np.random.default_rng(i))
+                 for i in range(n)]
+  t0 = time.process_time()
+  run()
+  total = (time.process_time() - t0) / n
+  profile = cProfile.Profile(time.process_time)
+  t0 = time.process_time()
+  profile.runcall(run)
+  scale = total / ((time.process_time() - t0) / n)
   stats = pstats.Stats(profile).stats  # (file, line, name) -> (.., ct, ..)
   out, named = [], 0.0
   for stage, names in _STAGES:
-    seconds = sum(v[3] for (f, _, name), v in stats.items()
-                  if name in names and "vitret_jax" in f) / n
+    seconds = scale * sum(v[3] for (f, _, name), v in stats.items()
+                          if name in names and "vitret_jax" in f) / n
     named += seconds
     out.append(f"{stage} {seconds * 1e3:.2f}")
   out.append(f"other ops and copies {(total - named) * 1e3:.2f}")
-  out.append(f"grain {max(1 / rate - total, 0) * 1e3:.2f}")
-  return (", ".join(out) + f" ms of {1e3 / rate:.2f} ms per image "
-          "(profiled, so the stages are a little inflated)")
+  out.append(f"grain {(1 / per_cpu - total) * 1e3:.2f}")
+  return ", ".join(out) + f" ms of {1e3 / per_cpu:.2f} ms per image"
 
 
 def _images(args, tmp):
@@ -228,61 +246,93 @@ def _images(args, tmp):
 
 
 def measure_group(args, spec, name, imgs, counts):
-  """{(host_pp, kind, count): (img/s, plain loop img/s, draft loop img/s)}
-  of the group's pipeline rows, printed as they come. The machine may be
-  shared: each row's references are timed right before and right after
-  it (a chunk of `args.ref_images` each), so a row and its references see
-  the same load."""
+  """{(host_pp, kind, count): Row} of the group's pipeline rows, printed as
+  they come. The machine may be shared: each row's references are timed
+  right before and right after it (a chunk of `args.ref_images` each), so
+  a row and its references see the same load; and where the row runs in
+  this process (threads), images per CPU-second compare the work itself,
+  whatever else runs on the cores."""
   label = spec.split("|", 1)[1].replace("|", " / ")  # no "|" in a cell
-  refs = {False: [], True: []}  # draft? -> rates of every chunk
+  refs = {False: [], True: []}  # draft? -> (wall, cpu) rates of each chunk
 
   def chunk():
     for draft in (False, True):
       refs[draft].append(pil_loop(imgs, spec, args.ref_images, draft))
-    return refs[False][-1], refs[True][-1]
+    return refs[False][-1] + refs[True][-1]
 
   rows, before = {}, chunk()
   for host_pp in ("exact", "fast"):
     for kind in args.kinds.split(","):
       for c in counts:
-        rate = grain_rate(imgs, spec, host_pp, args.batches,
-                          args.batch_size, c if kind == "processes" else 0,
-                          c if kind == "threads" else 1)
+        rate, per_cpu = grain_rate(
+            imgs, spec, host_pp, args.batches, args.batch_size,
+            c if kind == "processes" else 0, c if kind == "threads" else 1)
         after = chunk()
-        plain, draft = ((a + b) / 2 for a, b in zip(before, after))
-        rows[(host_pp, kind, c)] = (rate, plain, draft)
+        plain, plain_cpu, draft, draft_cpu = (
+            (a + b) / 2 for a, b in zip(before, after))
+        row = Row(rate, plain, draft, per_cpu, plain_cpu, draft_cpu)
+        rows[(host_pp, kind, c)] = row
         print(f"| {label} | {name} | {host_pp} | {c} {kind} | {rate:.0f} "
               f"| {plain:.0f} | {rate / plain:.2f}x | {draft:.0f} | "
-              f"{rate / draft:.2f}x |", flush=True)
+              f"{rate / draft:.2f}x | {row.cpu_ratios()} |", flush=True)
         before = after
-  plain, draft = (float(np.mean(refs[d])) for d in (False, True))
+  (plain, plain_cpu), (draft, draft_cpu) = (
+      np.mean(refs[d], axis=0) for d in (False, True))
   print(f"| {label} | {name} | PIL loop + draft against the plain loop, all "
         f"{len(refs[False])} chunks | | {draft:.0f} | {plain:.0f} | "
-        f"{draft / plain:.2f}x | | |", flush=True)
+        f"{draft / plain:.2f}x | | | {draft_cpu / plain_cpu:.2f}x |",
+        flush=True)
   return rows
+
+
+class Row:
+  """A pipeline row's rates (images/s; images per CPU-second, None for
+  worker processes) and its references', timed beside it."""
+
+  def __init__(self, rate, plain, draft, per_cpu, plain_cpu, draft_cpu):
+    self.rate, self.plain, self.draft = rate, plain, draft
+    self.per_cpu, self.plain_cpu, self.draft_cpu = (per_cpu, plain_cpu,
+                                                    draft_cpu)
+
+  def ratios(self):
+    """(vs the plain loop, vs the draft loop): per CPU-second where this
+    process did the work, else per wall second."""
+    if self.per_cpu is None:
+      return self.rate / self.plain, self.rate / self.draft
+    return self.per_cpu / self.plain_cpu, self.per_cpu / self.draft_cpu
+
+  def cpu_ratios(self):
+    if self.per_cpu is None:
+      return "-"
+    return "{:.2f}x / {:.2f}x".format(*self.ratios())
 
 
 def print_goals(groups):
   print("\nGoals, per core: one thread of host_pp=fast against each loop "
-        "on the same images, timed beside it.")
+        "on the same images, timed beside it, compared per CPU-second (this "
+        "process's, its threads included: the work itself, whatever else "
+        "runs on the cores); per wall second in brackets.")
   print("| goal | images | fast, 1 thread img/s | vs PIL loop | vs PIL + "
         "draft | goal | met | where the time goes, when missed |")
   print("|---|---|---|---|---|---|---|---|")
   for what, spec, names, goal in GOALS:
     for name in names:
       rows, imgs = groups[(spec, name)]
-      if ("fast", "threads", 1) not in rows:
+      row = rows.get(("fast", "threads", 1))
+      if row is None:
         print(f"| {what} | {name} | - | - | - | {goal}x | no 1-thread row "
               f"(--kinds, --counts) | |")
         continue
-      rate, plain, draft = rows[("fast", "threads", 1)]
-      met = [rate / ref >= goal for ref in (plain, draft)]
+      cpu = row.ratios()
+      wall = (row.rate / row.plain, row.rate / row.draft)
+      met = [r >= goal for r in cpu]
       verdict = ("yes, against both" if all(met) else "no" if not any(met)
                  else "against the " + ("plain loop" if met[0]
                                         else "draft loop") + " only")
-      why = "" if all(met) else where_time_goes(imgs, spec, rate)
-      print(f"| {what} | {name} | {rate:.0f} | {rate / plain:.2f}x | "
-            f"{rate / draft:.2f}x | >= {goal}x | {verdict} | {why} |")
+      why = "" if all(met) else where_time_goes(imgs, spec, row.per_cpu)
+      print(f"| {what} | {name} | {row.rate:.0f} | {cpu[0]:.2f}x "
+            f"({wall[0]:.2f}x) | {cpu[1]:.2f}x ({wall[1]:.2f}x) | >= "
+            f"{goal}x | {verdict} | {why} |")
 
 
 def main():
@@ -309,8 +359,9 @@ def main():
            f" (fewer than {MIN_BATCHES}: a quick look, not the benchmark)")
         + f"; {_devices.describe_cpu()}")
   print("| spec | images | pipeline | workers | images/s | PIL loop img/s "
-        "| vs PIL loop | PIL + draft img/s | vs PIL + draft |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "| vs PIL loop | PIL + draft img/s | vs PIL + draft | per "
+        "CPU-second, vs loop / draft |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   groups = {}
   for spec, name, imgs in ((IRT_TRAIN, "raw", paths),
                            (IRT_TRAIN, "prepared s256", prepared),
@@ -320,14 +371,14 @@ def main():
                             imgs)
   print_goals(groups)
   print("\nHost cores one H100 needs (projected train img/s at 30% MFU over "
-        "the one-thread rate of host_pp=fast):")
+        "host_pp=fast's images per CPU-second in one thread):")
   print("| recipe | H100 img/s (projected) | raw: cores | prepared s256: "
         "cores | prepared 256x256: cores |")
   print("|---|---|---|---|---|")
   for recipe, (h100, spec) in H100_RATE.items():
-    cores = [h100 / groups[(spec, name)][0].get(("fast", "threads", 1),
-                                                (float("nan"),))[0]
-             for name in ("raw", "prepared s256", "prepared 256x256")]
+    rows = [groups[(spec, name)][0].get(("fast", "threads", 1))
+            for name in ("raw", "prepared s256", "prepared 256x256")]
+    cores = [h100 / row.per_cpu if row else float("nan") for row in rows]
     print(f"| {recipe} | {h100:,} | " + " | ".join(f"{c:.0f}" for c in cores)
           + " |")
   tmp.cleanup()
