@@ -373,9 +373,7 @@ class RunEmbedder:
                       f"evaluators are {sorted(config.evals)}.")
     ev = config.evals[self.eval_name]
     self.model = models.build_model(config.model)
-    placement = descriptor.Placement()
     params, self.step = checkpoint.load_run_params(workdir, with_step=True)
-    self.params = placement.put_params(params)  # once, for every call
     self.preprocess, self.host_pp = ev.pp, config.input.host_pp
     spec = preprocess.PPSpec(self.preprocess)
     self.image_size = spec.size if spec.fixed_size else config.model.image_size
@@ -383,8 +381,10 @@ class RunEmbedder:
     self.scales = tuple(float(s) for s in ev.scales)
     self.multiple = models.input_stride(self.model)
     self.whitening = run_whitening(
-        config, workdir, self.eval_name, self.params, self.step, self.model,
+        config, workdir, self.eval_name, params, self.step, self.model,
         sharding.make_mesh())
+    placement = descriptor.Placement()
+    self.params = placement.put_params(params)  # once, for every call
     apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
                                                   train=False))
     self._describe = descriptor.MultiScale(
