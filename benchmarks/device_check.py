@@ -162,6 +162,10 @@ def run_child(args, limit):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     return None, f"over its {limit:.0f} s limit"
+  except BaseException:  # Ctrl-C or SIGTERM: never leave it on the device
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    raise
   lines = [l for l in out.splitlines() if l.startswith("{")]
   if proc.returncode or not lines:
     last = (err.strip().splitlines() or [f"exit status {proc.returncode}"])
@@ -389,6 +393,9 @@ def main(argv=None, runner=run_child):
   except ValueError:
     parser.error(f"--models={args.models!r}: expected a comma-separated "
                  f"list of <variant>[@<pixels>], e.g. S/16@224,B/16@384.")
+  # SIGTERM ends this process through Python (SystemExit), so that the
+  # running child, in a session of its own, is killed first (run_child).
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
   return report(args, Budget(args.budget_s, runner))
 
 
