@@ -395,8 +395,12 @@ def main(argv=None, runner=run_child):
                  f"list of <variant>[@<pixels>], e.g. S/16@224,B/16@384.")
   # SIGTERM ends this process through Python (SystemExit), so that the
   # running child, in a session of its own, is killed first (run_child).
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-  return report(args, Budget(args.budget_s, runner))
+  previous = signal.signal(signal.SIGTERM,
+                           lambda *_: sys.exit(128 + signal.SIGTERM))
+  try:
+    return report(args, Budget(args.budget_s, runner))
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
