@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: simulated CPU devices and XLA's memory figure.
+"""Shared by the benchmarks: simulated CPU devices, XLA's memory figure and
+the line naming the CPU.
 
 `simulate(n)` must run before jax is imported: XLA reads the device count
 when its CPU backend starts.
@@ -15,11 +16,10 @@ def simulate(n):
 
 
 def peak_bytes(compiled):
-  """Per-device bytes of a compiled function: arguments + outputs +
-  temporaries, less the outputs aliased to donated arguments."""
-  m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes
-          + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  """Per-device bytes of a compiled function (profiling.compiled_bytes:
+  arguments + outputs + temporaries, less donated outputs)."""
+  from vitret_jax import profiling  # pylint: disable=g-import-not-at-top
+  return profiling.compiled_bytes(compiled)
 
 
 def describe_cpu(cpuinfo="/proc/cpuinfo"):
@@ -27,8 +27,8 @@ def describe_cpu(cpuinfo="/proc/cpuinfo"):
   model number (x86) or implementer / part (Arm), cores, caches, vector ISA,
   and any ISA cap in force (XLA's --xla_cpu_max_isa, torch's
   ATEN_CPU_CAPABILITY, oneDNN's ONEDNN_MAX_CPU_ISA). Ratios against torch
-  moved from 0.84 to 1.79 between two 2-core machines of this project, so a
-  figure without this is not comparable with another."""
+  differ between CPU models (docs/benchmarks.md), so a figure without this
+  is not comparable with another."""
   import platform  # pylint: disable=g-import-not-at-top
   info = {}
   try:

@@ -23,15 +23,14 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 
 def compile_step(variant, size, batch, scan, remat):
-  import throughput  # pylint: disable=g-import-not-at-top
-  _, state, step, data = throughput.jax_train_step(
+  import _workers  # pylint: disable=g-import-not-at-top
+  from vitret_jax import profiling  # pylint: disable=g-import-not-at-top
+  _, state, step, data = _workers.jax_train_step(
       variant, size, batch, drop_path=0.0, scan=scan, remat=remat)
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
   seconds = time.perf_counter() - t0
-  m = compiled.memory_analysis()
-  mib = (m.argument_size_in_bytes + m.output_size_in_bytes
-         + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2 ** 20
+  mib = profiling.compiled_bytes(compiled) / 2 ** 20
   _, metrics = compiled(state, data)
   return seconds, mib, float(metrics["loss"])
 

@@ -1,10 +1,9 @@
 """Train-step and embedding throughput: vitret_jax against PyTorch + timm on
 the same work, measured in one run with the two alternating.
 
-Same model (timm's ViT of the variant, drop-path 0.1), same loss (IRT
-contrastive, beta 0.5, anchor mean, + KoLeo 0.7, written here in torch),
-AdamW (lr 3e-5, weight decay 5e-4 on kernels only, timm's groups), same
-batch (random images, 2 per class). Each framework runs in its own worker
+The same work in both (benchmarks/_workers.py: timm's ViT of the variant,
+the IRT loss + KoLeo written in torch, AdamW with the same weight-decay
+groups, the same random batch). Each framework runs in its own worker
 process, so its memory is its own; the parent sends "run N steps" to one,
 then the other, alternating which goes first, and reports medians.
 
@@ -35,21 +34,14 @@ memory analysis of the step, and each worker's peak RSS growth).
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
-
-import numpy as np
 
 import _devices  # benchmarks/_devices.py
+import _workers  # benchmarks/_workers.py
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Our variant -> timm constructor (name, extra kwargs).
-TIMM = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224",
-        "B": "vit_base_patch16_224", "L": "vit_large_patch16_224"}
-MARGIN, LAMBDA, LR, WD, DROP_PATH = 0.5, 0.7, 3e-5, 5e-4, 0.1
+REPO = _workers.REPO
 
 
 def parse_model(spec):
@@ -68,163 +60,13 @@ def check_models(spec):
     except ValueError:
       return None, f"--models: {m!r}: the size after '@' must be an integer."
     size_name, _, patch = variant.partition("/")
-    if size_name not in TIMM or not patch.isdigit():
+    if size_name not in _workers.TIMM or not patch.isdigit():
       return None, (f"--models: {m!r}: expected <size>/<patch>[@<pixels>] "
-                    f"with size one of {sorted(TIMM)} (plain ViTs, the "
-                    "ones timm builds the same way), e.g. S/16 or Ti/8@64.")
+                    f"with size one of {sorted(_workers.TIMM)} (plain ViTs, "
+                    "the ones timm builds the same way), e.g. S/16 or "
+                    "Ti/8@64.")
     models.append(m.strip())
   return models, None
-
-
-def batch(n, size, seed=0):
-  rng = np.random.default_rng(seed)
-  images = rng.normal(size=(n, size, size, 3)).astype(np.float32)
-  labels = np.repeat(np.arange(n // 2), 2).astype(np.int32)
-  return images, labels
-
-
-def rss_mib():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-# ---------------------------------------------------------------- workers
-
-
-def jax_train_step(variant, size, train_b, drop_path=DROP_PATH, scan=False,
-                   remat=False, model_cfg=None):
-  """(model, state, jitted train step, batch): vitret_jax's own step, as
-  the trainer builds it, on one device (also used by compile_time.py and
-  device_check.py). `model_cfg`: a whole model section instead (its
-  variant, size, dtype and attention); default float32."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vitret_jax import config_common, losses, models, optim, sharding  # pylint: disable=g-import-not-at-top
-  from vitret_jax import train_step as ts  # pylint: disable=g-import-not-at-top
-  if model_cfg is None:
-    model_cfg = config_common.base_config().model
-    model_cfg.update(dict(variant=variant, image_size=size,
-                          drop_path_rate=drop_path, dtype="float32",
-                          remat=remat, scan=scan))
-  model = models.build_model(model_cfg)
-  mesh = sharding.make_mesh(1)
-  tx = optim.make_optimizer(optim.make_schedule("constant", LR, 1),
-                            weight_decay=WD)
-  state, shard = ts.create_train_state(model, tx, jax.random.key(0),
-                                       (size, size, 3), mesh)
-  step = ts.make_train_step(
-      model, tx, losses.make_sharded_loss(mesh, margin=MARGIN,
-                                          entropy_weight=LAMBDA),
-      mesh, shard)
-  x, y = batch(train_b, size)
-  return model, state, step, sharding.to_global_batch(
-      {"image": x, "label": y}, mesh)
-
-
-class JaxWorker:
-  """vitret_jax's own jitted train step (the trainer's) and embedding."""
-
-  def __init__(self, variant, size, train_b, embed_b):
-    import jax  # pylint: disable=g-import-not-at-top
-    self.jax = jax
-    base = rss_mib()
-    model, state, step, self.batch = jax_train_step(variant, size, train_b)
-    t0 = time.perf_counter()
-    self.step = step.lower(state, self.batch).compile()
-    self.compile_train = time.perf_counter() - t0
-    m = self.step.memory_analysis()
-    self.xla_train_mib = (m.argument_size_in_bytes + m.output_size_in_bytes
-                          + m.temp_size_in_bytes
-                          - m.alias_size_in_bytes) / 2 ** 20
-    self.state = state
-    embed = jax.jit(lambda p, im: model.apply({"params": p}, im, train=False))
-    self.images = jax.device_put(batch(embed_b, size, 1)[0])
-    t0 = time.perf_counter()
-    self.embed = embed.lower(state.params, self.images).compile()
-    self.compile_embed = time.perf_counter() - t0
-    self.base = base
-    self.run("train", 1)  # warm-up
-    self.run("embed", 1)
-
-  def run(self, task, n):
-    t0 = time.perf_counter()
-    for _ in range(n):
-      if task == "train":
-        self.state, metrics = self.step(self.state, self.batch)
-        self.jax.block_until_ready(metrics["loss"])
-      else:
-        self.jax.block_until_ready(self.embed(self.state.params, self.images))
-    return time.perf_counter() - t0
-
-  def info(self):
-    return {"compile_train_s": self.compile_train,
-            "compile_embed_s": self.compile_embed,
-            "xla_train_mib": self.xla_train_mib,
-            "rss_growth_mib": rss_mib() - self.base}
-
-
-class TorchWorker:
-  """timm's ViT with the same loss and AdamW, eager PyTorch."""
-
-  def __init__(self, variant, size, train_b, embed_b):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import timm_parity  # pylint: disable=g-import-not-at-top
-    torch, timm = timm_parity.import_timm()
-    from timm.optim import _param_groups  # pylint: disable=g-import-not-at-top
-    self.torch = torch
-    base = rss_mib()
-    size_name, patch = variant.split("/")
-    self.model = timm.create_model(
-        TIMM[size_name], pretrained=False, num_classes=0, img_size=size,
-        patch_size=int(patch), drop_path_rate=DROP_PATH)
-    groups = _param_groups.param_groups_weight_decay(
-        self.model, WD, no_weight_decay_list=self.model.no_weight_decay())
-    self.opt = torch.optim.AdamW(groups, lr=LR)
-    x, y = batch(train_b, size)
-    self.x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    self.y = torch.from_numpy(y).long()
-    self.images = torch.from_numpy(batch(embed_b, size, 1)[0]).permute(
-        0, 3, 1, 2).contiguous()
-    self.base = base
-    self.run("train", 1)
-    self.run("embed", 1)
-
-  def loss(self, z, y):
-    torch = self.torch
-    z = torch.nn.functional.normalize(z, dim=1)
-    n = z.shape[0]
-    sim = z @ z.T
-    eye = torch.eye(n, dtype=torch.bool)
-    same = (y[:, None] == y[None, :]) & ~eye
-    diff = y[:, None] != y[None, :]
-    contr = ((1 - sim) * same).sum() + (torch.relu(sim - MARGIN) * diff).sum()
-    with torch.no_grad():
-      d2 = torch.cdist(z, z).masked_fill(eye, float("inf"))
-      nn = d2.argmin(dim=1)
-    rho = (z - z[nn]).norm(dim=1)
-    koleo = -torch.log(rho + 1e-8).mean()
-    return contr / n + LAMBDA * koleo
-
-  def run(self, task, n):
-    torch = self.torch
-    t0 = time.perf_counter()
-    for _ in range(n):
-      if task == "train":
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.loss(self.model(self.x), self.y)
-        loss.backward()
-        self.opt.step()
-      else:
-        self.model.eval()
-        with torch.inference_mode():
-          torch.nn.functional.normalize(self.model(self.images), dim=1)
-    return time.perf_counter() - t0
-
-  def info(self):
-    torch = self.torch
-    return {"rss_growth_mib": rss_mib() - self.base,
-            "kernels": f"torch {torch.__version__}, ATen CPU capability "
-                       f"{torch.backends.cpu.get_cpu_capability()}, "
-                       f"{torch.get_num_threads()} threads"}
 
 
 def worker_main(kind, model, train_b, embed_b, torch_malloc):
@@ -235,7 +77,7 @@ def worker_main(kind, model, train_b, embed_b, torch_malloc):
     malloc = host_memory.configure(None if kind == "jax" else "keep")
   else:
     malloc = "glibc malloc defaults"
-  cls = JaxWorker if kind == "jax" else TorchWorker
+  cls = _workers.JaxWorker if kind == "jax" else _workers.TorchWorker
   w = cls(variant, size, train_b, embed_b)
   print(json.dumps({"ready": True}), flush=True)
   for line in sys.stdin:
@@ -325,11 +167,12 @@ RECIPES = (
 def _forward_flops(model, h, w):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vitret_jax import profiling  # pylint: disable=g-import-not-at-top
   x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
   lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
       variables, x)
-  return lowered.cost_analysis()["flops"]
+  return profiling.xla_flops(lowered)
 
 
 def landmark_image_flops(model, variant, scales, sides=(768, 1024)):

@@ -131,7 +131,7 @@ def test_saved_config_completed_from_base_config(tmp_path, caplog):
   import json  # pylint: disable=g-import-not-at-top
   import logging  # pylint: disable=g-import-not-at-top
   from conftest import load_config  # pylint: disable=g-import-not-at-top
-  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitret_jax import commands  # pylint: disable=g-import-not-at-top
   c = load_config("demo", "runlocal=True")
   saved = json.loads(c.to_json_best_effort())
   del saved["profile"], saved["model"]["attention"]
@@ -139,8 +139,37 @@ def test_saved_config_completed_from_base_config(tmp_path, caplog):
   saved["resolved"] = {"attention": "cpu"}
   (tmp_path / "config.json").write_text(json.dumps(saved))
   with caplog.at_level(logging.INFO):
-    got = checkpoint.read_run_config(str(tmp_path))
+    got = commands.run_config(None, str(tmp_path), "eval")
   assert got.model.attention == "auto" and got.profile.num_steps == 0
   assert got.model.variant == "mu/16"
   assert got.evals.test.pp == c.evals.test.pp and "resolved" not in got
   assert "lacks model.attention, profile: filled" in caplog.text
+
+
+def test_reader_options_table_matches_the_readers():
+  """config_common's table of reader options (what input.options holds)
+  equals the readers' own signatures, for every data set."""
+  from vitret_jax import config_common  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  assert sorted(config_common.READER_OPTIONS) == sorted(datasets.DATASETS)
+  for name in datasets.DATASETS:
+    assert config_common.READER_OPTIONS[name] == datasets.reader_options(
+        name), name
+
+
+def test_import_directions():
+  """The config library needs no data code and checkpoints need no config
+  library (module-level or deferred imports alike)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  for module, forbidden in (("config_common", "vitret_jax.data"),
+                            ("checkpoint", "vitret_jax.config_common")):
+    with open(os.path.join(REPO, "vitret_jax", f"{module}.py")) as f:
+      tree = ast.parse(f.read())
+    names = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        names |= {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        names |= {f"{node.module}.{a.name}" for a in node.names}
+    bad = sorted(n for n in names if n.startswith(forbidden))
+    assert not bad, (module, bad)

@@ -3,10 +3,14 @@ import json
 import os
 import subprocess
 import sys
+import time
+import types
 
+import jax
 import numpy as np
 import pytest
 
+import test_on_device
 import vitret_jax
 
 from conftest import load_config
@@ -15,6 +19,7 @@ from conftest import subprocess_env
 from vitret_jax import commands
 from vitret_jax import experiment
 from vitret_jax import image_files
+from vitret_jax import profiling
 from vitret_jax import train
 from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
@@ -25,14 +30,63 @@ from vitret_jax import search
 
 
 
+# The fake clock's jump at each compilation of the train step.
+COMPILE_JUMP_S = 1000.0
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+  """The runlocal demo, trained (2 steps, a log row each). Its step clock
+  (profiling.time) jumps COMPILE_JUMP_S whenever the train step compiles,
+  so that a compilation counted in a log row cannot be mistaken for a
+  step (test_first_log_row_excludes_compilation)."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = load_config("demo", "runlocal=True")
   with config.unlocked():
     config.eval_untrained = False
-  result = train.train_and_evaluate(config, workdir)
+  jump = [0.0]
+  prepare = profiling.CompiledStep.prepare
+
+  def compiling(self, state, batch):
+    known = len(self.compiled)
+    out = prepare(self, state, batch)
+    jump[0] += COMPILE_JUMP_S * (len(self.compiled) - known)
+    return out
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(profiling, "time", types.SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + jump[0]))
+    mp.setattr(profiling.CompiledStep, "prepare", compiling)
+    result = train.train_and_evaluate(config, workdir)
+  assert jump[0] == COMPILE_JUMP_S  # one compilation, after the first batch
   return config, workdir, result
+
+
+def test_first_log_row_excludes_compilation(trained):
+  """Each row's compute seconds are steps: the train step's compilation
+  (logged once, apart) is in none of them, the first included."""
+  _, workdir, _ = trained
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [r for r in map(json.loads, f) if "loss" in r]
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    assert 0 < r["time/compute_s"] < COMPILE_JUMP_S / 10, r
+    assert 0 <= r["time/wait_s"] < COMPILE_JUMP_S / 10, r
+
+
+def test_run_embedder_parameters_cross_once(trained, monkeypatch):
+  """RunEmbedder puts the checkpoint's parameters on the devices once: a
+  steady-state call with its batch on a device copies nothing from the
+  host, and the implicit copy of host parameters would fail the guard."""
+  config, workdir, _ = trained
+  run = experiment.RunEmbedder(config, workdir)
+  x = np.random.default_rng(0).normal(size=(5, 32, 32, 3)).astype(np.float32)
+  want = run(x)  # compiles
+  on_device = jax.device_put(x)
+  with test_on_device.host_copies(monkeypatch) as sent:
+    got = run(on_device)
+  assert sum(sent) == 0, sent
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_export_roundtrip_in_fresh_process(trained, tmp_path):

@@ -33,7 +33,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from vitret_jax import config_common
 from vitret_jax import integrity
 from vitret_jax import orbax_compat
 from vitret_jax import params_tree
@@ -365,10 +364,11 @@ def load_run_params(workdir, step=None, flag="--workdir", with_step=False):
   return (params, step) if with_step else params
 
 
-def read_run_config(workdir):
-  """The config a run was trained with, as a ConfigDict: from its latest
-  intact checkpoint's meta (exactly the config of those parameters), else
-  its config.json; None when it has neither."""
+def read_saved_config(workdir):
+  """The config a run was trained with, as the dict it was saved as: from
+  its latest intact checkpoint's meta (exactly the config of those
+  parameters), else its config.json; None when it has neither.
+  config_common.complete turns it into a ConfigDict."""
   saved = None
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     ckpt = Checkpointer(workdir, read_only=True)
@@ -381,7 +381,6 @@ def read_run_config(workdir):
   if saved is None and os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-  if saved is None:
-    return None
-  saved.pop("resolved", None)  # a record of the run, not a setting
-  return config_common.complete(saved)
+  if saved is not None:
+    saved.pop("resolved", None)  # a record of the run, not a setting
+  return saved

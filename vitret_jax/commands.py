@@ -8,6 +8,7 @@ import os
 from absl import logging
 
 from vitret_jax import checkpoint
+from vitret_jax import config_common
 from vitret_jax import experiment
 from vitret_jax import export
 from vitret_jax import image_files
@@ -28,11 +29,14 @@ def _flat(d, prefix=""):
 
 
 def run_config(config, workdir, mode):
-  """The run's own saved config (see checkpoint.read_run_config), so that
-  the training overrides need not be repeated. A --config whose model
-  differs from it is an error (those parameters belong to the saved
-  model); other differences are reported and the run's values used."""
-  saved = checkpoint.read_run_config(workdir) if workdir else None
+  """The run's own saved config (checkpoint.read_saved_config, completed
+  by config_common.complete), so that the training overrides need not be
+  repeated. A --config whose model differs from it is an error (those
+  parameters belong to the saved model); other differences are reported
+  and the run's values used."""
+  saved = checkpoint.read_saved_config(workdir) if workdir else None
+  if saved is not None:
+    saved = config_common.complete(saved)
   if saved is None:
     if config is None:
       raise UserError(f"--mode={mode}: --workdir={workdir} holds no saved "

@@ -4,11 +4,14 @@ artifacts and for index / search on a run (the evaluators' own batched path,
 eval/embed.py, uses the same `scaled_hw`; tests/test_export_search.py checks
 that both give the same descriptors).
 
-Only JAX and numpy: an exported artifact runs this without model code.
+Only JAX, numpy and the mesh helpers (sharding.py): an exported artifact
+runs this without model code.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vitret_jax import sharding
 
 
 def scaled_hw(hw, scale, multiple):
@@ -28,9 +31,11 @@ def resize_for_scale(images, scale, multiple):
   return jax.image.resize(images, (b,) + out + (c,), "bilinear")
 
 
+@jax.jit
 def combine_scales(per_scale):
   """Descriptors of several scales summed and L2-normalised (one scale: as
-  it is), in float32, as the evaluators do."""
+  it is), in float32, as the evaluators do. Jitted: its constants are part
+  of the program, not host values sent with each call."""
   out = None
   for e in per_scale:
     e = jnp.asarray(e, jnp.float32)
@@ -48,26 +53,80 @@ def apply_whitening(x, mean, projection):
   return y.astype(np.float32)
 
 
+class Placement:
+  """Where an embedder's parameters live and its batches go: this
+  process's devices, parameters replicated on them once (`put_params`),
+  each batch split over them (`put_batch`), so that no call copies the
+  parameters from the host again. Every transfer is an explicit
+  `jax.device_put`, so embedding runs under jax.transfer_guard("disallow").
+
+  Args:
+    devices: the devices to use (default: jax.local_devices()).
+  """
+
+  def __init__(self, devices=None):
+    devices = list(devices or jax.local_devices())
+    mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 1),
+                             sharding.BATCH_AXES)
+    self.num_devices = len(devices)
+    self.params_sharding = sharding.replicated(mesh)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self._pad = jax.jit(_pad_rows, static_argnums=1)
+
+  def put_params(self, params):
+    """params (numpy or jax arrays) -> jax arrays replicated on the
+    devices (no copy for arrays already placed so)."""
+    return jax.device_put(params, self.params_sharding)
+
+  def put_batch(self, images):
+    """images [B, H, W, C] (numpy or a jax array) -> (float32 jax array
+    [B', H, W, C] split over the devices, B): rows are added to make B' a
+    multiple of the device count; the caller drops them again."""
+    rows = int(images.shape[0])
+    pad = -rows % self.num_devices
+    if isinstance(images, jax.Array):
+      if pad or images.dtype != jnp.float32:
+        images = self._pad(images, pad)
+    else:
+      images = _pad_rows(np.asarray(images, np.float32), pad)
+    return jax.device_put(images, self.batch_sharding), rows
+
+
+def _pad_rows(images, pad):
+  """float32 images with `pad` zero rows added (numpy or jax)."""
+  xp = np if isinstance(images, np.ndarray) else jnp
+  images = images.astype(xp.float32)
+  if not pad:
+    return images
+  return xp.pad(images, ((0, pad),) + ((0, 0),) * (images.ndim - 1))
+
+
 class MultiScale:
   """`describe(images [B, H, W, 3] preprocessed) -> [B, E]` numpy.
 
   Args:
-    forward: fn(images at one scale) -> [B, E] descriptors.
+    forward: fn(images at one scale, on `placement`'s devices) -> [B, E]
+      descriptors; its parameters should be placed with
+      `placement.put_params` once.
     scales: the evaluator's scales (summed, then L2-normalised).
     multiple: the encoder's stride (image sides are rounded to it).
     whitening: (mean [E], projection [E, d]) or None.
+    placement: the Placement of the batches (default: a new one over this
+      process's devices).
   """
 
-  def __init__(self, forward, scales=(1.0,), multiple=1, whitening=None):
+  def __init__(self, forward, scales=(1.0,), multiple=1, whitening=None,
+               placement=None):
     self.forward, self.scales = forward, tuple(float(s) for s in scales)
     self.multiple, self.whitening = int(multiple), whitening
+    self.placement = placement or Placement()
     self._resize = jax.jit(resize_for_scale, static_argnums=(1, 2))
 
   def __call__(self, images):
-    images = jnp.asarray(images, jnp.float32)
+    images, rows = self.placement.put_batch(images)
     per_scale = [self.forward(self._resize(images, s, self.multiple))
                  for s in self.scales]
-    out = np.asarray(jax.device_get(combine_scales(per_scale)))
+    out = np.asarray(jax.device_get(combine_scales(per_scale)))[:rows]
     if self.whitening is not None:
       out = apply_whitening(out, *self.whitening)
     return out

@@ -357,7 +357,8 @@ def make_embed_fn_for(model_cfg, mesh, param_sharding):
 class RunEmbedder:
   """The descriptors of a training run's latest checkpoint, as its
   evaluator computes them: that evaluator's preprocessing, scales and
-  learned whitening (run_whitening), around the model.
+  learned whitening (run_whitening), around the model; its parameters
+  (`params`) are on this process's devices (descriptor.Placement).
 
   Args:
     config: the run's config.
@@ -375,8 +376,7 @@ class RunEmbedder:
                       f"evaluators are {sorted(config.evals)}.")
     ev = config.evals[self.eval_name]
     self.model = models.build_model(config.model)
-    self.params, self.step = checkpoint.load_run_params(workdir,
-                                                        with_step=True)
+    params, self.step = checkpoint.load_run_params(workdir, with_step=True)
     self.preprocess, self.host_pp = ev.pp, config.input.host_pp
     spec = preprocess.PPSpec(self.preprocess)
     self.image_size = spec.size if spec.fixed_size else config.model.image_size
@@ -384,13 +384,15 @@ class RunEmbedder:
     self.scales = tuple(float(s) for s in ev.scales)
     self.multiple = models.input_stride(self.model)
     self.whitening = run_whitening(
-        config, workdir, self.eval_name, self.params, self.step, self.model,
+        config, workdir, self.eval_name, params, self.step, self.model,
         sharding.make_mesh())
+    placement = descriptor.Placement()
+    self.params = placement.put_params(params)  # once, for every call
     apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
                                                   train=False))
     self._describe = descriptor.MultiScale(
         lambda x: apply(self.params, x), self.scales, self.multiple,
-        self.whitening)
+        self.whitening, placement)
 
   def __call__(self, images):
     return self._describe(images)

@@ -54,8 +54,7 @@ def flatten_params(params) -> dict:
 def export_artifact(model, params, out_dir, *, model_config: dict,
                     preprocess: str, image_size: int, multiple: int = 1,
                     scales=(1.0,), whitening=None, overwrite=False,
-                    platforms=PLATFORMS, host_pp="exact",
-                    exif_transpose=True):
+                    platforms=PLATFORMS, host_pp="exact"):
   """Writes the artifact of `model` with `params` to `out_dir`.
 
   Args:
@@ -70,8 +69,6 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     scales: the evaluator's scales; whitening: its (mean, projection).
     host_pp: how the run ran `preprocess` (preprocess.HOST_PP), recorded so
       that embed_files reads files as the evaluator did.
-    exif_transpose: embed_files turns photos upright as their EXIF
-      orientation says (recorded; what people's photos need).
     platforms: what the forward is lowered for (jax.export platform names,
       "cpu", "cuda", "tpu"); `model` should carry the attention
       models.for_export chooses for them (recorded in model.json).
@@ -79,6 +76,54 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
     out_dir.
   """
   out_dir = os.path.abspath(out_dir)
+  platforms = _check_target(out_dir, overwrite, platforms,
+                            model.encoder.attention)
+  flat = flatten_params(params)
+  exported = _export_forward(model, params, multiple, platforms)
+  dim = int(exported.out_avals[0].shape[-1])
+  if whitening is not None:
+    dim = int(np.shape(whitening[1])[1])
+  meta = {"format_version": FORMAT_VERSION, "model": model_config,
+          "image_size": image_size, "embedding_dim": dim,
+          "preprocess": preprocess, "host_pp": host_pp,
+          # embed_files reads people's photos upright (EXIF orientation).
+          "exif_transpose": True,
+          "platforms": list(platforms),
+          "attention": model.encoder.attention,
+          "dtype": jnp.dtype(model.encoder.dtype).name,
+          "multiple": int(multiple), "scales": [float(s) for s in scales],
+          "whitening": whitening is not None,
+          "jax_version": jax.__version__}
+
+  def write(tmp):
+    st_numpy.save_file(flat, os.path.join(tmp, "params.safetensors"))
+    with open(os.path.join(tmp, "embed.stablehlo"), "wb") as f:
+      f.write(exported.serialize())
+    names = [n for n in FILES if n != "model.json"]
+    if whitening is not None:
+      names.append(_save_whitening(tmp, *whitening))
+    # Checked by the loader: a truncated or damaged file is named.
+    meta["files"] = {name: integrity.file_digest(os.path.join(tmp, name))
+                     for name in names}
+    with open(os.path.join(tmp, "model.json"), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+
+  _write_folder(out_dir, write)
+  return out_dir
+
+
+def _save_whitening(folder, mean, projection):
+  """Writes WHITENING into `folder` (float64, as evaluation applies it);
+  returns its name."""
+  st_numpy.save_file({"mean": np.asarray(mean, np.float64),
+                      "projection": np.asarray(projection, np.float64)},
+                     os.path.join(folder, WHITENING))
+  return WHITENING
+
+
+def _check_target(out_dir, overwrite, platforms, attention):
+  """The platforms as a tuple, once the folder and the platforms are known
+  to be usable (a UserError says what to change otherwise)."""
   if os.path.exists(out_dir) and not overwrite:
     raise UserError(f"{out_dir} exists: refusing to overwrite an artifact. "
                     f"Pass --overwrite to replace it, or choose another "
@@ -88,13 +133,16 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
   if unknown or not platforms:
     raise UserError(f"--export_platforms: {unknown or 'none'}; choose from "
                     f"{', '.join(PLATFORMS)}.")
-  impl = model.encoder.attention
-  if impl == "cudnn" and platforms != ("cuda",):
+  if attention == "cudnn" and platforms != ("cuda",):
     raise UserError(f"A model with cuDNN attention exports for cuda alone, "
                     f"not {platforms}: build it with models.for_export.")
-  params = jax.device_get(params)
-  flat = flatten_params(params)
+  return platforms
 
+
+def _export_forward(model, params, multiple, platforms):
+  """`model`'s forward (params, images [batch, multiple*h, multiple*w, 3]
+  -> [batch, E]) lowered with jax.export for `platforms`, with a symbolic
+  batch size, height and width."""
   def embed(params, images):
     return model.apply({"params": params}, images, train=False)
 
@@ -102,42 +150,8 @@ def export_artifact(model, params, out_dir, *, model_config: dict,
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           params)
   images = jax.ShapeDtypeStruct(tuple(shape) + (3,), jnp.float32)
-  exported = jax.export.export(jax.jit(embed), platforms=platforms)(
+  return jax.export.export(jax.jit(embed), platforms=platforms)(
       abstract, images)
-  dim = int(exported.out_avals[0].shape[-1])
-  if whitening is not None:
-    dim = int(np.shape(whitening[1])[1])
-  meta = {"format_version": FORMAT_VERSION, "model": model_config,
-          "image_size": image_size, "embedding_dim": dim,
-          "preprocess": preprocess, "host_pp": host_pp,
-          "exif_transpose": bool(exif_transpose),
-          "platforms": list(platforms),
-          "attention": impl,
-          "dtype": jnp.dtype(model.encoder.dtype).name,
-          "multiple": int(multiple), "scales": [float(s) for s in scales],
-          "whitening": whitening is not None,
-          "jax_version": jax.__version__}
-
-
-  def write(tmp):
-    st_numpy.save_file(flat, os.path.join(tmp, "params.safetensors"))
-    with open(os.path.join(tmp, "embed.stablehlo"), "wb") as f:
-      f.write(exported.serialize())
-    names = [n for n in FILES if n != "model.json"]
-    if whitening is not None:
-      st_numpy.save_file(
-          {"mean": np.asarray(whitening[0], np.float64),
-           "projection": np.asarray(whitening[1], np.float64)},
-          os.path.join(tmp, WHITENING))
-      names.append(WHITENING)
-    # Checked by the loader: a truncated or damaged file is named.
-    meta["files"] = {name: integrity.file_digest(os.path.join(tmp, name))
-                     for name in names}
-    with open(os.path.join(tmp, "model.json"), "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
-
-  _write_folder(out_dir, write)
-  return out_dir
 
 
 def _write_folder(out_dir, write):
@@ -170,36 +184,19 @@ class Embedder:
   Attributes:
     meta: model.json's contents (model config, image_size, embedding_dim,
       preprocess spec, scales, stride, whitening).
-    params: parameters as a nested dict of numpy arrays.
+    params: the parameters, a nested dict of jax arrays put on this
+      process's devices once, at load (descriptor.Placement): every call
+      reuses them, none copies them from the host.
   `embedder(images [B, H, W, 3] float32, preprocessed) -> [B, E]` for any B
   and (format 2) any H and W: the evaluator's descriptors (multi-scale,
-  whitening).
+  whitening). `images` may be numpy or a jax array already on a device;
+  the batch is split over the devices.
   """
 
   def __init__(self, path):
-    missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
-    if missing:
-      raise UserError(f"{path} is not a vitret_jax artifact: missing "
-                      f"{', '.join(missing)} (make one with --mode=export).")
+    self.meta = _read_meta(path)
     try:
-      with open(os.path.join(path, "model.json")) as f:
-        self.meta = json.load(f)
-    except (OSError, ValueError) as e:
-      raise UserError(f"{path}/model.json is unreadable ({e}): the artifact "
-                      f"is damaged; export it again.") from e
-    if self.meta.get("format_version") not in READABLE_VERSIONS:
-      raise UserError(f"{path}: artifact format "
-                      f"{self.meta.get('format_version')}, this version reads "
-                      f"{READABLE_VERSIONS}.")
-    for name, want in self.meta.get("files", {}).items():
-      got = integrity.file_digest(os.path.join(path, name))
-      if got != want:
-        raise UserError(
-            f"{path}/{name} is damaged or truncated ({got[0]} bytes, "
-            f"{want[0]} were exported; checksum mismatch): export the "
-            f"artifact again or copy it anew.")
-    try:
-      self.params = params_tree.unflatten(
+      params = params_tree.unflatten(
           st_numpy.load_file(os.path.join(path, "params.safetensors")))
       with open(os.path.join(path, "embed.stablehlo"), "rb") as f:
         self.exported = jax.export.deserialize(bytearray(f.read()))
@@ -213,10 +210,14 @@ class Embedder:
                       f"({str(e).splitlines()[0][:200]}); export it "
                       f"again.") from e
     self.path = path
+    placement = descriptor.Placement()
+    self.params = placement.put_params(params)
+    # Format 1 (a fixed size, one scale) has no scales or stride: one
+    # scale of 1 at a stride of 1 leaves its images as they are.
     self._describe = descriptor.MultiScale(
         lambda x: self.exported.call(self.params, x),
         self.meta.get("scales", (1.0,)), self.meta.get("multiple", 1),
-        whitening)
+        whitening, placement)
 
   @property
   def image_size(self) -> int:
@@ -243,12 +244,35 @@ class Embedder:
     return image_files.embed_all(self, paths, batch_size)
 
   def __call__(self, images):
-    images = np.asarray(images, np.float32)
-    if self.meta["format_version"] == 1:  # fixed size, one scale
-      return np.asarray(self.exported.call(self.params,
-                                           jnp.asarray(images)))
     # Sides are rounded to the stride at every scale, as in evaluation.
     return self._describe(images)
+
+
+def _read_meta(path):
+  """model.json of the artifact at `path`, its format checked and every
+  file's checksum verified (a damaged or truncated file is named)."""
+  missing = [f for f in FILES if not os.path.isfile(os.path.join(path, f))]
+  if missing:
+    raise UserError(f"{path} is not a vitret_jax artifact: missing "
+                    f"{', '.join(missing)} (make one with --mode=export).")
+  try:
+    with open(os.path.join(path, "model.json")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}/model.json is unreadable ({e}): the artifact "
+                    f"is damaged; export it again.") from e
+  if meta.get("format_version") not in READABLE_VERSIONS:
+    raise UserError(f"{path}: artifact format "
+                    f"{meta.get('format_version')}, this version reads "
+                    f"{READABLE_VERSIONS}.")
+  for name, want in meta.get("files", {}).items():
+    got = integrity.file_digest(os.path.join(path, name))
+    if got != want:
+      raise UserError(
+          f"{path}/{name} is damaged or truncated ({got[0]} bytes, "
+          f"{want[0]} were exported; checksum mismatch): export the "
+          f"artifact again or copy it anew.")
+  return meta
 
 
 def load_pretrained(path) -> Embedder:

@@ -8,6 +8,7 @@ as the trainer counts them, from 0); the trace goes to
 plugin reads it, beside a `.trace.json.gz` that Perfetto (ui.perfetto.dev)
 opens.
 """
+import contextlib
 import os
 import time
 
@@ -52,7 +53,9 @@ class StepClock:
   """Seconds waiting for batches and seconds computing, summed between
   two log rows. The host waits for step n-1 while step n is queued, so
   "compute" is the device's time unless the input starves it, which shows
-  as "wait"."""
+  as "wait". Time spent inside `apart()` (the step's compilation, logged
+  once by CompiledStep) counts as neither, so the first row holds steps
+  only."""
 
   def __init__(self):
     self.wait = self.compute = 0.0
@@ -75,6 +78,16 @@ class StepClock:
     neither waiting for input nor the step."""
     self._mark = time.perf_counter()
 
+  @contextlib.contextmanager
+  def apart(self):
+    """Work that is neither input nor step (XLA compiling the step): the
+    interval it takes is dropped from both sums."""
+    before = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._mark += time.perf_counter() - before
+
   def row(self):
     """{"time/wait_s", "time/compute_s"}: means per step since the last
     row; then starts a new interval."""
@@ -85,13 +98,34 @@ class StepClock:
     return out
 
 
+def xla_flops(compiled_or_lowered):
+  """XLA's FLOP count of a lowered or compiled program (per device; NaN
+  when the backend gives none). XLA counts what its own ops do: a custom
+  call (cuDNN's fused attention) is not counted."""
+  cost = compiled_or_lowered.cost_analysis() or {}
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return float(cost.get("flops", float("nan")))
+
+
+def compiled_bytes(compiled):
+  """Per-device bytes a compiled program needs at its peak, by XLA's
+  memory analysis: arguments + outputs + temporaries, less the outputs
+  aliased to donated arguments. None when the backend gives no analysis."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes
+          + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
 def describe_compiled(compiled):
   """XLA's figures of a compiled program, per device: FLOPs, and the bytes
   of its arguments, outputs and temporaries."""
-  cost = compiled.cost_analysis() or {}
-  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-    cost = cost[0] if cost else {}
-  out = {"flops": float(cost.get("flops", float("nan")))}
+  out = {"flops": xla_flops(compiled)}
   try:
     m = compiled.memory_analysis()
   except (NotImplementedError, RuntimeError):

@@ -154,7 +154,8 @@ class _Trainer:
         self.clock.got_batch()
         self.skipped += int(batch.pop("skipped", 0))
         batch = sharding.to_global_batch(batch, run.mesh)  # explicit copy
-        step_fn.prepare(state, batch)  # compiled outside any trace
+        with self.clock.apart():  # compiled outside traces and clock
+          step_fn.prepare(state, batch)
         tracer.before_step(step)
         with jax.transfer_guard("disallow"):  # and no implicit one
           state, metrics = step_fn(state, batch)

@@ -48,6 +48,14 @@ class EmbedFn:
           out_shardings=sharding.replicated(self.mesh))
     return self._compiled[key](params, images, bad)
 
+  def put_params(self, params):
+    """params on the devices with `param_sharding`, explicitly and once
+    (no copy for parameters already there, as the train state's are): a
+    caller embedding many batches passes these, so no batch copies the
+    parameters from the host (numpy parameters loaded from a checkpoint
+    would otherwise travel with every call)."""
+    return jax.device_put(params, self.param_sharding)
+
 
 def make_embed_fn(model, mesh, param_sharding=None):
   multiple = models.input_stride(model)
@@ -70,13 +78,31 @@ def _bucket_shapes(split, spec, fallback_hw, skip_corrupt):
   return out
 
 
+def _plan(split, pp_fn, batch_size, n_dev, fixed_size, bucket, fallback_hw,
+          skip_corrupt):
+  """(pipeline.eval_plan of the split's passes, each image's expected
+  output shape or None); see embed_split."""
+  per_pass = -(-max(1, batch_size) // n_dev) * n_dev
+  spec = getattr(pp_fn, "spec", None)
+  if fixed_size:
+    return pipeline.eval_plan(len(split), per_pass), None
+  if bucket and spec is not None:
+    expected = _bucket_shapes(split, spec, tuple(fallback_hw), skip_corrupt)
+    return pipeline.eval_plan(len(split), per_pass,
+                              groups=[tuple(x) for x in expected]), expected
+  # One real image a pass, padded to the device count.
+  return pipeline.eval_plan(len(split), n_dev, real_rows=1), None
+
+
 def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
                 desc="embed", num_workers=2, scales=(1.0,), fixed_size=True,
                 skip_corrupt=False, fallback_hw=(32, 32), bucket=True):
   """Descriptors of every image of `split`, in order.
 
   Args:
-    embed_fn: an EmbedFn.
+    embed_fn: an EmbedFn, whose `put_params` places the parameters on the
+      devices once for the whole split (any other callable of its
+      signature gets them as given).
     params: model parameters.
     split: split.Split (its boxes, if any, crop the images first);
       pp_fn: deterministic preprocessing (from preprocess.build_pp).
@@ -93,18 +119,11 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
   Returns:
     (embeddings [N, E] float32 numpy, labels [N]).
   """
-  n_dev = mesh.devices.size
-  per_pass = -(-max(1, batch_size) // n_dev) * n_dev
-  spec = getattr(pp_fn, "spec", None)
-  expected = None
-  if fixed_size:
-    plan = pipeline.eval_plan(len(split), per_pass)
-  elif bucket and spec is not None:
-    expected = _bucket_shapes(split, spec, tuple(fallback_hw), skip_corrupt)
-    plan = pipeline.eval_plan(len(split), per_pass,
-                              groups=[tuple(x) for x in expected])
-  else:  # one real image a pass, padded to the device count
-    plan = pipeline.eval_plan(len(split), n_dev, real_rows=1)
+  plan, expected = _plan(split, pp_fn, batch_size, mesh.devices.size,
+                         fixed_size, bucket, fallback_hw, skip_corrupt)
+  put = getattr(embed_fn, "put_params", None)
+  if put is not None:  # once per split, not per batch
+    params = put(params)
   out = None
   bar = tqdm.tqdm(total=len(split), desc=desc, unit="img", leave=False,
                   disable=jax.process_index() != 0)

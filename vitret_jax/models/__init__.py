@@ -3,8 +3,9 @@
 Dispatch goes through the explicit `ENCODERS` / `HEADS` dicts; an unknown name
 is an error that lists the valid ones. `model.dtype` and `model.attention`
 may be "auto": `resolve` turns them into what runs on this backend (bfloat16
-compute and cuDNN / XLA attention on accelerators, float32 and the CPU kernel
-on CPUs); the parameters are the same whatever they resolve to.
+compute and cuDNN / XLA attention on accelerators, XLA's on AMD GPUs and
+TPUs, float32 and the CPU kernel on CPUs); the parameters are the same
+whatever they resolve to.
 """
 import dataclasses
 
@@ -21,7 +22,8 @@ from vitret_jax.models import vit
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Compute precision of model.dtype="auto" per platform; parameters, optimizer
 # state, the loss, LayerNorm statistics and softmax stay float32 regardless.
-AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16", "tpu": "bfloat16"}
+AUTO_DTYPE = {"cpu": "float32", "gpu": "bfloat16", "rocm": "bfloat16",
+              "tpu": "bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +38,23 @@ class Resolved:
     return dataclasses.asdict(self)
 
 
+def gpu_platform(platform_version):
+  """"rocm" for an AMD GPU backend, "gpu" for an NVIDIA (CUDA) one, from
+  its client's platform_version ("rocm 60200", "cuda 12040"): JAX names
+  both backends "gpu"."""
+  version = str(platform_version).lower()
+  return "rocm" if "rocm" in version or "hip" in version else "gpu"
+
+
 def platform_name(platform=None):
-  """"cpu", "gpu" or "tpu": `platform` (a jax platform name) or the default
-  backend's."""
-  platform = platform or jax.default_backend()
-  return {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+  """"cpu", "gpu" (NVIDIA, CUDA), "rocm" (AMD) or "tpu": `platform` (a jax
+  platform name) or the default backend's."""
+  if platform is None:
+    platform = jax.default_backend()
+    if platform == "gpu":
+      client = getattr(jax.devices()[0], "client", None)
+      platform = gpu_platform(getattr(client, "platform_version", ""))
+  return {"cuda": "gpu"}.get(platform, platform)
 
 
 def _is_hopper_or_later():
@@ -145,16 +159,16 @@ def for_export(model, platforms):
   """`model` with the attention an artifact for `platforms` (jax.export
   names) is exported with: XLA's, which runs everywhere, for several; for
   one, what "auto" chooses there (the CPU kernel on cpu; cuDNN's on cuda
-  where it can be lowered, that is, when exporting on a GPU)."""
+  where it can be lowered, that is, when exporting on an NVIDIA GPU)."""
   impl = "xla"
   if len(platforms) == 1:
     enc = model.encoder
     impl, _ = attention.resolve("auto", platforms[0],
                                 jnp.dtype(enc.dtype).name,
                                 enc.width // enc.num_heads)
-    if impl == "cudnn" and jax.default_backend() != "gpu":
+    if impl == "cudnn" and platform_name() != "gpu":
       logging.info("Exporting for cuda from a %s host: cuDNN attention "
-                   "cannot be lowered without a GPU; XLA's is exported.",
-                   jax.default_backend())
+                   "cannot be lowered without an NVIDIA GPU; XLA's is "
+                   "exported.", platform_name())
       impl = "xla"
   return model.clone(encoder=model.encoder.clone(attention=impl))

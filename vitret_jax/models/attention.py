@@ -6,11 +6,12 @@ chosen per backend (`model.attention`, resolved by `resolve`):
 - "xla": `jax.nn.dot_product_attention(implementation="xla")`, XLA's own
   lowering, portable to every backend;
 - "cudnn": the same call with `implementation="cudnn"`, cuDNN's fused flash
-  attention (GPU only; bfloat16 / float16, head size a multiple of 8 up to
-  128, 256 on Hopper and later): the [B, H, N, N] probabilities are never
-  stored for the backward pass;
-- "auto": "cudnn" on a GPU where cuDNN supports the dtype and head size,
-  else "xla"; "xla" on a TPU; "cpu" on a CPU.
+  attention (NVIDIA GPUs only; bfloat16 / float16, head size a multiple of
+  8 up to 128, 256 on Hopper and later): the [B, H, N, N] probabilities are
+  never stored for the backward pass;
+- "auto": "cudnn" on an NVIDIA GPU where cuDNN supports the dtype and
+  head size, else "xla"; "xla" on an AMD GPU (ROCm) and on a TPU; "cpu" on
+  a CPU.
 
 Every choice computes the same function (no mask, no attention dropout: the
 encoders use neither) and touches no parameter, so a checkpoint, weight
@@ -141,18 +142,19 @@ def cudnn_unsupported(dtype, head_dim, hopper=True):
 
 def resolve(choice, platform, dtype, head_dim, hopper=True):
   """(implementation, why) of `model.attention` = `choice` on `platform`
-  ("cpu", "gpu" / "cuda" / "rocm" or "tpu") for a model computing in
-  `dtype` with heads of `head_dim`. Raises ValueError for a choice the
-  platform cannot run (cuDNN without an NVIDIA GPU, or a shape it does not
-  take)."""
-  platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+  ("cpu", "gpu" / "cuda" for an NVIDIA GPU, "rocm" for an AMD one, or
+  "tpu") for a model computing in `dtype` with heads of `head_dim`. Raises
+  ValueError for a choice the platform cannot run (cuDNN without an NVIDIA
+  GPU, or a shape it does not take)."""
+  platform = {"cuda": "gpu"}.get(platform, platform)
   if choice not in IMPLEMENTATIONS:
     raise ValueError(f"model.attention={choice!r}; valid: "
                      f"{IMPLEMENTATIONS}.")
   if choice == "cudnn":
     if platform != "gpu":
-      raise ValueError(f"model.attention='cudnn' needs a GPU; this run's "
-                       f"devices are {platform}: use 'auto' (or 'xla').")
+      raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU; this "
+                       f"run's devices are {platform}: use 'auto' (or "
+                       f"'xla').")
     why = cudnn_unsupported(dtype, head_dim, hopper)
     if why:
       raise ValueError(f"model.attention='cudnn': {why}; use 'auto', which "
@@ -166,4 +168,6 @@ def resolve(choice, platform, dtype, head_dim, hopper=True):
     if why:
       return "xla", f"auto on GPU: {why}, so XLA's attention"
     return "cudnn", "auto on GPU: cuDNN flash attention"
+  if platform == "rocm":  # cuDNN is NVIDIA's: XLA's attention on AMD GPUs
+    return "xla", "auto on ROCm: XLA's attention (cuDNN is NVIDIA-only)"
   return "xla", f"auto on {platform}: XLA's attention"

@@ -14,15 +14,16 @@ import jax.numpy as jnp
 from vitret_jax.models import attention
 
 # timm and the Google checkpoints both use LayerNorm eps 1e-6 and exact GELU;
-# the tanh approximation moves pooled features by ~1e-3, far above parity.
+# the tanh approximation moves pooled features far above the parity bounds
+# (docs/benchmarks.md, "Figures behind code choices").
 LN_EPS = 1e-6
 
 
 @jax.custom_vjp
 def gelu(x):
   """Exact (erf) GELU, with its derivative written out: Phi(x) + x phi(x),
-  one fused pass where autodiff of Flax's form makes several (measured
-  ~10% of the MLP's backward on CPU)."""
+  one fused pass where autodiff of Flax's form makes several (what it
+  saves: docs/benchmarks.md, "Figures behind code choices")."""
   return nn.gelu(x, approximate=False)
 
 
