@@ -182,19 +182,19 @@ def base_config():
 # Every option of each data set's reader, with its default: the config's
 # side of the readers' signatures (data/readers.py, data/folder.py), kept
 # equal to them by tests/test_configs.py, so that loading a config needs no
-# data code.
-READER_OPTIONS = {
+# data code. exclude_file is every reader's (applied in data/datasets.py).
+READER_OPTIONS = {name: dict(opts, exclude_file="") for name, opts in {
     "cub": dict(check_counts=True, use_boxes=False, num_train_classes=100,
                 class_id_base=-1),
     "folder": dict(layout="auto", test_fraction=0.5, test_classes=(),
-                   csv_file="", min_images=2),
+                   csv_file="", min_images=2, shared_classes=False),
     "gldv2": dict(check_counts=True),
     "grocery": dict(protocol="class_disjoint", num_train_classes=40),
     "inshop": dict(check_counts=True),
     "revisited": dict(name="", distractors_dir="", check_counts=True),
     "sfm120k": dict(check_counts=True),
     "sop": dict(check_counts=True),
-}
+}.items()}
 
 
 def set_dataset(c, name, **options):

@@ -92,13 +92,13 @@ def _load_vitret(path, fmt, model_cfg):
     artifact = export.Embedder(path)
     _check_source_model("a vitret_jax artifact", artifact.meta.get("model"),
                         model_cfg)
-    return artifact.params
+    return jax.device_get(artifact.params)
   workdir = os.path.normpath(path)
   if os.path.basename(workdir) == "checkpoints":
     workdir = os.path.dirname(workdir)
-  saved = (checkpoint.read_run_config(workdir) if os.path.isdir(workdir)
+  saved = (checkpoint.read_saved_config(workdir) if os.path.isdir(workdir)
            else None)
-  _check_source_model("a vitret_jax run", saved and saved.model.to_dict(),
+  _check_source_model("a vitret_jax run", saved and saved.get("model"),
                       model_cfg)
   return checkpoint.load_run_params(path, flag="model.init_from")
 
