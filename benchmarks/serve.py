@@ -132,7 +132,7 @@ def rss_mb(pid):
   return float("nan")
 
 
-_HEAD = (b"POST /search HTTP/1.1\r\nhost: b\r\ncontent-type: multipart/"
+_HEAD = (b"POST /search HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: multipart/"
          b"form-data; boundary=x\r\n")
 _PART = (b'--x\r\ncontent-disposition: form-data; name="image"; '
          b'filename="a.jpg"\r\n\r\n')

@@ -34,8 +34,7 @@ from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 
 fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
-from fastapi import testclient  # noqa: E402  (after the skip)
-from vitret_jax import serve  # noqa: E402
+from vitret_jax import serve  # noqa: E402  (after the skip)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +60,7 @@ def served(tmp_path_factory):
 
 
 def client(embedder, index, workdir="", **kw):
-  return testclient.TestClient(serve.create_app(embedder, index, workdir,
+  return serve_helpers.client(serve.create_app(embedder, index, workdir,
                                                 **kw))
 
 
@@ -130,7 +129,7 @@ def test_concurrent_queries_share_forward_passes(served):
   async def run():
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport,
-                                 base_url="http://t") as ac:
+                                 base_url=serve_helpers.LOCAL) as ac:
       return await asyncio.gather(*[
           ac.post("/search", files={"image": ("q.jpg", f)}, data={"k": "3"})
           for f in files])

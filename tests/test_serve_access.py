@@ -11,8 +11,7 @@ import pytest
 import serve_helpers
 
 fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
-from fastapi import testclient  # noqa: E402  (after the skip)
-from vitret_jax import serve  # noqa: E402
+from vitret_jax import serve  # noqa: E402  (after the skip)
 from vitret_jax import serve_guard  # noqa: E402
 from vitret_jax.eval import report  # noqa: E402
 
@@ -35,7 +34,7 @@ def _upload(c, path, **kw):
 
 def test_a_token_guards_the_api_and_the_page(gallery, monkeypatch):
   monkeypatch.setattr(serve_guard, "WRONG_TOKEN_DELAY_S", 0.0)
-  c = testclient.TestClient(
+  c = serve_helpers.client(
       serve.create_app(serve_helpers.FakeEmbedder(), gallery, token=TOKEN),
       follow_redirects=False)
   assert c.get("/healthz").json() == {"status": "ok"}  # nothing more

@@ -19,7 +19,6 @@ import serve_helpers
 
 fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
 import httpx  # noqa: E402  (after the skip)
-from fastapi import testclient  # noqa: E402
 from vitret_jax import image_files  # noqa: E402
 from vitret_jax import serve  # noqa: E402
 from vitret_jax import serve_batcher  # noqa: E402
@@ -48,7 +47,7 @@ def _post(c, data, k="3", name="q.jpg"):
 
 def test_errors_are_4xx_for_people_with_security_headers(gallery):
   paths, index = gallery
-  c = testclient.TestClient(serve.create_app(serve_helpers.FakeEmbedder(),
+  c = serve_helpers.client(serve.create_app(serve_helpers.FakeEmbedder(),
                                              index))
   photo = open(paths[0], "rb").read()
   cases = {
@@ -98,7 +97,7 @@ def test_a_body_over_the_cap_is_413_before_it_is_all_read(gallery):
   _, index = gallery
   app = serve.create_app(serve_helpers.FakeEmbedder(), index,
                          max_upload_mb=0.05)
-  c = testclient.TestClient(app)
+  c = serve_helpers.client(app)
   r = _post(c, b"\0" * 200_000)
   assert r.status_code == 413 and "0.05 MB" in r.json()["error"]
   sent = []
@@ -110,7 +109,7 @@ def test_a_body_over_the_cap_is_413_before_it_is_all_read(gallery):
 
   async def chunked():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as ac:
+                                 base_url=serve_helpers.LOCAL) as ac:
       return await ac.post("/search", content=body(), headers={
           "content-type": "multipart/form-data; boundary=x"})
   r = asyncio.run(chunked())
@@ -142,8 +141,8 @@ def test_slow_clients_get_408_or_413_without_holding_the_server(gallery):
   paths, index = gallery
   app = serve.create_app(serve_helpers.FakeEmbedder(), index,
                          max_upload_mb=0.02, timeout_s=0.5)
-  head = (b"POST /search HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked"
-          b"\r\ncontent-type: multipart/form-data; boundary=x\r\n\r\n")
+  head = (b"POST /search HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: "
+          b"chunked\r\ncontent-type: multipart/form-data; boundary=x\r\n\r\n")
   chunk = lambda data: b"%x\r\n" % len(data) + data + b"\r\n"
   part = chunk(b'--x\r\ncontent-disposition: form-data; name="image"; '
                b'filename="a.jpg"\r\n\r\n')
@@ -174,7 +173,7 @@ def test_queries_past_their_time_are_503_and_leave_their_batch(gallery):
 
   async def scenario():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as ac:
+                                 base_url=serve_helpers.LOCAL) as ac:
       late = await asyncio.gather(*[_post(ac, photo) for _ in range(2)])
       embedder.gate.set()
       return late, await _post(ac, photo)
