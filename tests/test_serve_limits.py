@@ -59,18 +59,32 @@ def test_errors_are_4xx_for_people_with_security_headers(gallery):
             c.post("/search", data={"k": "3"})],
       404: [c.post("/search", data={"id": "12"}),
             c.post("/search", data={"id": "\u0665"}),  # an Arabic five
-            c.get("/images/\u00b2"), c.get("/images/..%2Fetc%2Fpasswd")],
+            c.get("/images/\u00b2"), c.get("/images/..%2Fetc%2Fpasswd"),
+            c.get("/images/" + "0" * 5000),  # past int()'s digits
+            c.post("/search", data={"id": "1" * 5000})],
   }
+  cases[400] += [
+      c.post("/search", data={"id": "1"},
+             files={"k": ("k.txt", b"3")}),  # k as a file
+      _post(c, photo, k="9" * 5000),
+      c.get("/evaluation", params={"offset": "x" * 50}),  # FastAPI's own
+      _post(c, broken_images.eps(), name="q.eps")]
   for status, answers in cases.items():
     for r in answers:
       assert r.status_code == status, (r.status_code, r.text)
       message = r.json()["error"]
       assert message and "0x" not in message and "list file" not in message
-      assert "Traceback" not in message
+      assert "Traceback" not in message and len(message) < 400, message
+      for leak in ("UploadFile", "int_max_str_digits", "x" * 41, "9" * 41,
+                   "1" * 41, "MAX_IMAGE_PIXELS", "detail"):
+        assert leak not in message, message
   assert "not an image file" in cases[400][0].json()["error"]
   assert "empty" in cases[400][1].json()["error"]
   assert "decompression-bomb" in cases[400][2].json()["error"]
   assert "the index holds 12 other" in cases[400][5].json()["error"]
+  assert "Send k as a text field" in cases[400][9].json()["error"]
+  assert "offset" in cases[400][11].json()["error"]
+  assert "not an image file" in cases[400][12].json()["error"]
   for r in [_post(c, photo), c.get("/"), c.get("/app.js"), c.get("/healthz"),
             c.get("/images/0"), c.get("/nothing"), cases[400][0]]:
     csp = r.headers["content-security-policy"]
