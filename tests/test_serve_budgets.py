@@ -182,3 +182,4 @@ def test_run_limits_connections(monkeypatch):
   monkeypatch.setattr(serve.uvicorn, "run", lambda app, **kw: seen.update(kw))
   serve.run(None, "127.0.0.1", 1, max_connections=7)
   assert seen["limit_concurrency"] == 7
+

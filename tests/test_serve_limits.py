@@ -235,10 +235,12 @@ def test_requests_given_up_mid_batch_never_block_the_others():
 
 
 def test_healthz_answers_within_100_ms_while_8_large_uploads_decode(gallery):
+  """Each answer, while 6 to 8 uploads of 5 Mpx are being decoded (in
+  more threads than cores)."""
   _, index = gallery
   app = serve.create_app(serve_helpers.FakeEmbedder(), index,
                          decode_threads=8, max_upload_mb=64)
-  big = _png(800, 1066)
+  big = _png(2000, 2666)
   latencies, answers = [], []
   with serve_helpers.running(app) as url:
     def upload():
@@ -249,7 +251,7 @@ def test_healthz_answers_within_100_ms_while_8_large_uploads_decode(gallery):
       t.start()
     with httpx.Client(base_url=url) as c:
       t0 = time.monotonic()
-      while app.state.reader.busy < 8 and time.monotonic() - t0 < 30:
+      while app.state.reader.busy < 6 and time.monotonic() - t0 < 30:
         time.sleep(0.005)
       while app.state.reader.busy >= 6 and len(latencies) < 10:
         t = time.monotonic()
@@ -259,7 +261,7 @@ def test_healthz_answers_within_100_ms_while_8_large_uploads_decode(gallery):
       t.join(60)
   assert answers == [200] * 8
   assert len(latencies) >= 3, latencies
-  assert np.median(latencies) < 0.1, latencies
+  assert max(latencies) < 0.1, latencies
 
 
 def test_variable_size_specs_serve_through_fixed_buckets(tmp_path):
@@ -280,5 +282,45 @@ def test_variable_size_specs_serve_through_fixed_buckets(tmp_path):
   want, _, _ = image_files.embed_files(embedder, [str(tmp_path / "p.png")])
   got = embedder(reader.read(_png(300, 400))[None])
   np.testing.assert_array_equal(got, want)
+  # Stored 300 x 400: its bucket is that of the photo as shown.
+  stored = np.asarray(Image.open(io.BytesIO(_png(300, 400))))
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  for fmt, shown in (("JPEG", (48, 36)), ("TIFF", (48, 36)),
+                     ("PNG", (48, 36)), ("WEBP", (48, 36))):
+    out = io.BytesIO()
+    Image.fromarray(stored).save(out, fmt, exif=exif)
+    assert reader.read(out.getvalue()).shape[:2] == shown, fmt
+  out = io.BytesIO()
+  Image.fromarray(stored).save(out, "JPEG", xmp=b'<x tiff:Orientation="6"/>')
+  assert reader.read(out.getvalue()).shape[:2] == (36, 48)  # XMP: ignored
   with pytest.raises(UserError, match="start with resize_max"):
     serve_batcher.Buckets(serve_helpers.FakeEmbedder("decode|normalize"))
+
+
+def test_a_sideways_phone_photo_uploaded_finds_itself_upright(tmp_path):
+  """A 4:3 photo stored sideways with Orientation 6, uploaded to /search
+  (resize_max: the bucket depends on the photo's shape): it reaches the
+  model in the upright bucket, 3:4, and its first result is the same photo
+  turned by hand, at score 1."""
+  photos = serve_helpers.photos(tmp_path / "photos", 3)
+  upright = np.asarray(Image.open(photos[0]).convert("RGB"))[:261, :348]
+  exif = Image.Exif()
+  exif[0x0112] = 6  # shown: the stored pixels turned clockwise
+  sideways = io.BytesIO()
+  Image.fromarray(np.rot90(upright, 1)).save(sideways, "JPEG", exif=exif,
+                                             quality=95)
+  as_stored = np.asarray(Image.open(io.BytesIO(sideways.getvalue())))
+  Image.fromarray(np.rot90(as_stored, -1)).save(tmp_path / "photos" /
+                                                "by hand.png")
+  embedder = serve_helpers.FakeEmbedder("decode|resize_max(48)|normalize",
+                                        host_pp="exact")
+  index = serve_helpers.build_index(tmp_path / "photos", tmp_path / "index",
+                                    embedder)
+  embedder.shapes.clear()
+  c = serve_helpers.client(serve.create_app(embedder, index))
+  r = _post(c, sideways.getvalue(), k="2")
+  assert r.status_code == 200, r.text
+  top = r.json()["results"][0]
+  assert top["path"].endswith("by hand.png") and top["score"] > 0.99999, top
+  assert embedder.shapes == {(48, 36)}

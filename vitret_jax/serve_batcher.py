@@ -1,8 +1,8 @@
 """The search service's heavy work, kept off its event loop (serve.py).
 
-- `Reader`: uploads decoded and preprocessed in a pool of worker threads,
-  within a budget of pixels; bombs, images over the server's pixel cap and
-  non-images are refused from the header.
+- `Reader`: uploads decoded and preprocessed in a pool of worker threads
+  of low priority, within a budget of pixels; bombs, images over the
+  server's pixel cap and non-images are refused from the header.
 - `Buckets`: the fixed set of image shapes a preprocessing is served at. A
   fixed-size spec has one; a variable-size one (the landmark specs,
   resize_max(S)) has one per common aspect ratio, and an upload is resized
@@ -17,6 +17,7 @@ import asyncio
 import collections
 import concurrent.futures
 import math
+import os
 import threading
 import time
 
@@ -35,6 +36,7 @@ from vitret_jax.errors import UserError
 BUCKET_RATIOS = ((1, 1), (4, 5), (5, 4), (3, 4), (4, 3), (2, 3), (3, 2),
                  (9, 16), (16, 9), (1, 2), (2, 1))
 _VARYING = ("resize_max", "resize_small")
+DECODE_NICE = 10  # how much decode threads defer to the event loop
 
 
 class Buckets:
@@ -120,8 +122,20 @@ class PixelBudget:
         future.set_result(None)
 
 
+def _lower_priority():
+  """Makes the calling thread yield the cores to the others of the process
+  (Linux: a thread's nice value is its own; elsewhere nothing changes)."""
+  try:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                   DECODE_NICE)
+  except (AttributeError, OSError):
+    pass
+
+
 class Reader:
-  """Uploads to preprocessed images in `threads` worker threads; an image
+  """Uploads to preprocessed images in `threads` worker threads, which run
+  at a lower priority than the event loop's (however many uploads they
+  decode, the loop gets a core when it has a request to route). An image
   over `max_pixels` is refused from its header, and at most 2 x
   `max_pixels` pixels are decoded at once (others wait their turn, off
   the threads: a request given up while waiting never starts)."""
@@ -129,7 +143,8 @@ class Reader:
   def __init__(self, buckets, threads=4, max_pixels=50_000_000):
     self.buckets, self.max_pixels = buckets, max_pixels
     self.pool = concurrent.futures.ThreadPoolExecutor(
-        max(1, threads), thread_name_prefix="vitret-decode")
+        max(1, threads), thread_name_prefix="vitret-decode",
+        initializer=_lower_priority)
     self.budget = PixelBudget(2 * max_pixels)
     self.busy = 0  # uploads being decoded now (read by tests)
     self._lock = threading.Lock()
