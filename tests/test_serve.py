@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -262,7 +263,8 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
   proc = subprocess.Popen(
       [sys.executable, "-m", "vitret_jax.main", "--mode=serve",
        f"--pretrained={art}", f"--index_dir={index_dir}", f"--port={port}",
-       "--serve_max_batch=4", "--serve_max_upload_mb=5"],
+       "--serve_max_batch=4", "--serve_max_upload_mb=5",
+       "--serve_max_connections=16", "--serve_allowed_hosts=photos.lan"],
       cwd=REPO, env=subprocess_env(VITRET_SERVE_TOKEN=token),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   url = f"http://127.0.0.1:{port}"
@@ -271,6 +273,9 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
     with urllib.request.urlopen(urllib.request.Request(
         url + "/healthz", headers={"Authorization": f"Bearer {token}"})) as r:
       assert json.load(r)["images"] == 12
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+      urllib.request.urlopen(urllib.request.Request(
+          url + "/healthz", headers={"Host": "attacker.example"}))
     _sign_in_and_search(url, token, index.paths, tmp_path)
   finally:
     proc.send_signal(signal.SIGTERM)
@@ -279,6 +284,7 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
   assert "Server stopped." in out
   assert "Traceback" not in err and "without a token" not in err
   assert "Compiled 3 forward passes" in err and "32x32" in err
+  assert "(host names: 127.0.0.1, ::1, localhost, photos.lan)" in err
   assert _snapshot(art, index_dir, photos) == before
 
 
