@@ -65,12 +65,20 @@ class _Decoded(BaseException):
   Exception`, so it cannot be mistaken for the refusal)."""
 
 
+def _refuse(*args, **kwargs):
+  raise _Decoded(args[:0])
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+  """Both decoders raise _Decoded if they are ever asked for pixels."""
+  monkeypatch.setattr(decode, "to_rgb8", _refuse)
+  monkeypatch.setattr(simplejpeg, "decode_jpeg", _refuse)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_bombs_are_refused_from_their_header(corpus, monkeypatch):
-  def decoded(*args, **kwargs):
-    raise _Decoded(args[:0])
-  monkeypatch.setattr(decode, "to_rgb8", decoded)
-  monkeypatch.setattr(simplejpeg, "decode_jpeg", decoded)
+@pytest.mark.usefixtures("no_decoding")
+def test_bombs_are_refused_from_their_header(corpus):
   bombs = [p for p in corpus if "bomb" in p]
   assert len(bombs) == 6  # PNG (2), GIF, TIFF, JPEG, WebP
   for path in bombs:
@@ -85,7 +93,7 @@ def test_bombs_are_refused_from_their_header(corpus, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_jpeg_of_many_scans_is_refused_before_any_decoder_reads_it(
-    photo, monkeypatch):
+    photo, request):
   """Scans are counted from the markers (each makes a decoder pass over the
   whole image again); markers inside the segments before the first scan
   (an EXIF thumbnail, a comment) are not scans."""
@@ -102,11 +110,7 @@ def test_a_jpeg_of_many_scans_is_refused_before_any_decoder_reads_it(
     for fast in (False, True):
       assert preprocess.build_pp(SPEC, fast=fast)(data, None).shape == (
           32, 32, 3)
-
-  def decoded(*args, **kwargs):
-    raise _Decoded(args[:0])
-  monkeypatch.setattr(decode, "to_rgb8", decoded)
-  monkeypatch.setattr(simplejpeg, "decode_jpeg", decoded)
+  request.getfixturevalue("no_decoding")
   for fast in (False, True):
     with pytest.raises(DataError, match=r"a JPEG of 101 scans, over the "
                        r"limit of 100 \(an encoder writes about 10"):
@@ -118,13 +122,10 @@ def test_only_the_formats_of_image_files_are_opened(tmp_path, monkeypatch):
   reaches Pillow's plugin for it: not an image file read here."""
   from PIL import EpsImagePlugin  # pylint: disable=g-import-not-at-top
   from PIL import PpmImagePlugin  # pylint: disable=g-import-not-at-top
-
-  def opened(*args, **kwargs):
-    raise _Decoded(args[:0])
   ppm = io.BytesIO()
   Image.new("RGB", (8, 8)).save(ppm, "PPM")
-  monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", opened)
-  monkeypatch.setattr(PpmImagePlugin.PpmImageFile, "_open", opened)
+  monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", _refuse)
+  monkeypatch.setattr(PpmImagePlugin.PpmImageFile, "_open", _refuse)
   for i, data in enumerate((broken_images.eps(), ppm.getvalue())):
     path = tmp_path / f"{i}.jpg"
     path.write_bytes(data)
@@ -199,12 +200,6 @@ def test_all_eight_orientations_as_pillow_shows_them(photo):
       assert decode.decode(data).shape == rgb.shape  # as stored
 
 
-_XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://'
-        b'www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff='
-        b'"http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
-        b'</x:xmpmeta>')
-
-
 def test_tiffs_and_xmp_orientation_are_read_as_a_browser_shows_them(photo):
   """A TIFF of Orientation 6 comes upright from Pillow itself: its size is
   not turned a second time, on either path. A JPEG whose orientation is
@@ -213,26 +208,23 @@ def test_tiffs_and_xmp_orientation_are_read_as_a_browser_shows_them(photo):
   rgb = np.asarray(Image.open(photo).convert("RGB"))[:40, :64]
   exif = Image.Exif()
   exif[0x0112] = 6
-  out = io.BytesIO()
-  Image.fromarray(rgb).save(out, "TIFF", exif=exif)
-  tiff = out.getvalue()
-  out = io.BytesIO()
-  Image.fromarray(rgb).save(out, "JPEG", quality=95, xmp=_XMP)
-  xmp = out.getvalue()
-  assert Image.open(io.BytesIO(xmp)).getexif().get(0x0112) == 6
+  tiff, xmp = io.BytesIO(), io.BytesIO()
+  Image.fromarray(rgb).save(tiff, "TIFF", exif=exif)
+  Image.fromarray(rgb).save(xmp, "JPEG", xmp=b'<x tiff:Orientation="6"/>')
+  assert Image.open(xmp).getexif().get(0x0112) == 6
+  np.testing.assert_array_equal(decode.decode(tiff.getvalue()),
+                                np.rot90(rgb, -1))
   pps = [preprocess.build_pp("decode|exif_transpose|resize_max(48)",
                              fast=fast) for fast in (False, True)]
-  for data, want in ((tiff, np.rot90(rgb, -1)), (xmp, None)):
+  for out, shown, sized in ((tiff, (64, 40), (48, 30)),
+                            (xmp, (40, 64), (30, 48))):
+    data = out.getvalue()
     for upright in (False, True):
       got = decode.decode(data, upright)
-      if want is not None:
-        np.testing.assert_array_equal(got, want)
-      assert got.shape[:2] == ((64, 40) if want is not None else (40, 64))
-      assert decode.size(data, upright=upright) == got.shape[:2]
+      assert got.shape[:2] == decode.size(data, upright=upright) == shown
       np.testing.assert_array_equal(
           decode.decode_fast(data, upright=upright), got)
-    shapes = {pp(data, None).shape for pp in pps}
-    assert shapes == {(48, 30, 3) if want is not None else (30, 48, 3)}
+    assert {pp(data, None).shape[:2] for pp in pps} == {sized}
 
 
 def test_the_orientation_parser_agrees_with_pillow_on_damaged_exif(photo):
