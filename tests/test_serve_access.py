@@ -1,5 +1,6 @@
 """Who may use the search service and what data can do in its page: the
-token (API and page), the warning for an open address, and a real
+token (API and page) and the throttle on wrong ones, the host names
+answered without a token, the warning for an open address, and a real
 Chromium browsing an index and an evaluation whose names are script."""
 import asyncio
 import os

@@ -2,7 +2,8 @@
 needs no model (serve_helpers.FakeEmbedder): bodies over the cap, k out of
 range, a request past its time, requests given up in the middle of a batch,
 /healthz while large uploads are being decoded, a fixed set of compiled
-shapes for variable-size preprocessing, messages for people."""
+shapes for variable-size preprocessing (photos turned sideways going to
+the bucket of the photo as shown), messages for people."""
 import asyncio
 import io
 import select
