@@ -2,22 +2,33 @@
 server's memory, with clean load as the reference in the same run.
 
   python benchmarks/serve.py [--pretrained ARTIFACT --index_dir IDX]
-      [--requests 1000] [--concurrency 64] [--timeout_s 10] [--rounds 2]
+      [--requests 1000] [--concurrency 64] [--rate 0] [--timeout_s 10]
+      [--rounds 2]
 
 Hostile load: `--requests` uploads, `--concurrency` at a time, of photos
-from 100 to 4,000 px on their long side (JPEG, some PNG) and 5% bad ones
-(not an image, truncated, empty, decompression bombs in PNG, GIF, WebP,
-TIFF and JPEG), while 5 slow clients trickle their bodies and 10 clients
+from 100 to 4,000 px on their long side (JPEG, some PNG) and 5% bad or
+costly ones, while 5 slow clients trickle their bodies and 10 clients
 disconnect in the middle of their request (5 during the body, 5 while
-waiting for the answer). Clean load, the reference: the same photos alone.
-Queries/s and latencies count the photos answered. The goal: no
-5xx but the timeout's 503, no request without an answer, memory that stops
-growing (clean and hostile rounds alternate `--rounds` times, each
-hostile one compared with the clean one before it; RSS is read before the
-first and after each). /healthz is sampled every 50 ms from another
-process. "hung" counts the requests without an answer: past
---serve_timeout_s + 30 s, or whose connection was cut. The script exits 1
-when the goal is missed.
+waiting for the answer). The bad and costly uploads: not an image,
+truncated, empty, decompression bombs in PNG, GIF, WebP, TIFF and JPEG;
+a 2,000 x 2,000 progressive JPEG of 4,000 scans (70 kB: refused from its
+markers) and one of 100 (accepted: each scan is a pass of both decoders
+over the image); a solid PNG of 9,400 x 9,400 (over --serve_max_pixels,
+refused from its header) and one of 7,000 x 7,000 (49 Mpx, just under it:
+decoded at full size). Clean load, the reference: the same photos alone.
+With `--rate`, requests start at that many a second (at most
+`--concurrency` at a time), so that a rate the machine serves shows
+latencies without queueing; without it, each client sends its next
+request as soon as it has an answer (the machine saturated).
+
+Queries/s and latencies count the photos answered. The goal: no 5xx but
+the timeout's 503, no request without an answer (none "hung": no answer
+within --serve_timeout_s + 30 s; none "cut": its connection closed without
+an answer), memory that stops growing (clean and hostile rounds alternate
+`--rounds` times, each hostile one compared with the clean one before it;
+RSS is read before the first round and after each, and its peak after
+each). /healthz is sampled every 50 ms from another process. The script
+exits 1 when the goal is missed.
 
 Without an artifact, a runlocal demo is trained for 2 steps and exported,
 and 64 embedded Grocery photos are indexed, in a temporary folder (a
@@ -81,13 +92,28 @@ def demo_artifact(folder):
       os.path.join(photos, f) for f in os.listdir(photos))
 
 
+def _solid_png(side):
+  out = io.BytesIO()
+  Image.new("RGB", (side, side), (90, 120, 150)).save(out, "PNG")
+  return out.getvalue()
+
+
+def costly():
+  """(kind, bytes) of the uploads that cost a server most per byte."""
+  flat = np.full((2000, 2000, 3), 128, np.uint8)
+  return [("scans-4000", broken_images.many_scans(flat, 4000)),
+          ("scans-100", broken_images.many_scans(flat, 100)),
+          ("png-88mpx", _solid_png(9400)), ("png-49mpx", _solid_png(7000))]
+
+
 def uploads(photos, n, rng):
   """(clean, hostile) lists of (kind, bytes): hostile is n requests, every
-  20th a broken file or a bomb, the others 40 photos in turn, resized to a
-  long side drawn log-uniformly from 100 to 4,000 px (every tenth a PNG);
-  clean is the same photos alone."""
+  20th a broken file, a bomb or a costly upload, the others 40 photos in
+  turn, resized to a long side drawn log-uniformly from 100 to 4,000 px
+  (every tenth a PNG); clean is the same photos alone."""
   bad = [(k, v) for k, (v, e) in broken_images.corpus(photos[0]).items()
          if e == "bad" and not k.startswith(("bit-", "float"))]
+  bad = costly() + bad
   goods = []
   for i in range(40):
     im = Image.open(photos[i % len(photos)]).convert("RGB")
@@ -124,15 +150,16 @@ def start(art, index_dir, args, log):
   raise SystemExit("the server did not answer")
 
 
-def rss_mb(pid):
+def rss_mb(pid, key="VmRSS"):
+  """The resident memory of process `pid` (key VmHWM: its peak so far)."""
   with open(f"/proc/{pid}/status") as f:
     for line in f:
-      if line.startswith("VmRSS:"):
+      if line.startswith(key + ":"):
         return int(line.split()[1]) / 1024
   return float("nan")
 
 
-_HEAD = (b"POST /search HTTP/1.1\r\nhost: b\r\ncontent-type: multipart/"
+_HEAD = (b"POST /search HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: multipart/"
          b"form-data; boundary=x\r\n")
 _PART = (b'--x\r\ncontent-disposition: form-data; name="image"; '
          b'filename="a.jpg"\r\n\r\n')
@@ -178,7 +205,12 @@ async def load(url, port, files, args, hostile):
   codes, lat = collections.Counter(), []
   wait = args.timeout_s + 30  # past this, a request counts as hung
 
-  async def one(client, kind, data):
+  start = time.perf_counter()
+
+  async def one(i, client, kind, data):
+    if args.rate:  # open loop: the i-th request starts at i / rate
+      await asyncio.sleep(max(0.0, start + i / args.rate
+                              - time.perf_counter()))
     async with sem:
       t0 = time.perf_counter()
       try:
@@ -189,9 +221,8 @@ async def load(url, port, files, args, hostile):
           lat.append(time.perf_counter() - t0)
       except httpx.TimeoutException:
         codes["hung"] += 1
-      except httpx.TransportError:  # cut: no answer either
-        codes["hung"] += 1
-
+      except httpx.TransportError:  # closed without an answer
+        codes["cut"] += 1
 
   extra = []
   if hostile:
@@ -208,7 +239,8 @@ async def load(url, port, files, args, hostile):
   async with httpx.AsyncClient(limits=limits) as client:
     t0 = time.perf_counter()
     hostile_out = asyncio.gather(*extra)
-    await asyncio.gather(*[one(client, k, d) for k, d in files])
+    await asyncio.gather(*[one(i, client, k, d)
+                           for i, (k, d) in enumerate(files)])
     wall = time.perf_counter() - t0
     slow = (await hostile_out)[:5]
   stop.set()
@@ -235,6 +267,7 @@ def sample_health(url, stop, out):
 
 
 def row(name, stats, n, rss, ref_qps):
+  """Prints the table's row of a round; (queries/s, failures)."""
   c, lat = stats["codes"], stats["lat"]
   qps = len(lat) / stats["wall"]
   fivexx = sum(v for k, v in c.items() if isinstance(k, int) and k >= 500
@@ -244,12 +277,14 @@ def row(name, stats, n, rss, ref_qps):
   slow = ", ".join(f"{c[k]}x {k[5:]}" for k in sorted(c, key=str)
                    if str(k).startswith("slow")) or "-"
   pct = lambda q: f"{np.percentile(lat, q) * 1e3:.0f}" if len(lat) else "-"
+  hung = c["hung"] + c["slow None"]
   print(f"| {name} | {len(lat)}/{n} | {fourxx} | {c[503] + c[504]} | {fivexx} "
-        f"| {c['hung'] + sum(v for k, v in c.items() if k == 'slow None')} "
-        f"| {slow} | {qps:.1f} | {pct(50)} | {pct(95)} | {pct(99)} | "
+        f"| {hung} | {c['cut']} | {slow} | {qps:.1f} | {pct(50)} | "
+        f"{pct(95)} | {pct(99)} | "
         f"{np.percentile(stats['health'], 95) * 1e3:.0f} | "
-        f"{rss[0]:.0f} -> {rss[1]:.0f} | {qps / (ref_qps or qps):.2f}x |")
-  return qps, fivexx + c["hung"] + c["slow None"]
+        f"{rss[0]:.0f} -> {rss[1]:.0f} ({rss[2]:.0f}) | "
+        f"{qps / (ref_qps or qps):.2f}x |")
+  return qps, fivexx + hung + c["cut"]
 
 
 def main():
@@ -258,6 +293,8 @@ def main():
   parser.add_argument("--index_dir", default="")
   parser.add_argument("--requests", type=int, default=1000)
   parser.add_argument("--concurrency", type=int, default=64)
+  parser.add_argument("--rate", type=float, default=0.0,
+                      help="requests started a second (0: closed loop)")
   parser.add_argument("--timeout_s", type=float, default=10.0)
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--server_log", default="",
@@ -274,15 +311,16 @@ def main():
   clean, hostile = uploads(photos, args.requests, rng)
   log = open(args.server_log or os.path.join(tmp.name, "server.log"), "w+")
   proc, url, port = start(art, index_dir, args, log)
+  pace = f"{args.rate:g} a second, " if args.rate else ""
   print(f"# serve: {args.requests} uploads (100-4,000 px; hostile: 5% bad "
-        f"incl. bombs, 5 slow clients, 10 disconnecting), "
-        f"{args.concurrency} at a time, k=10, {len(photos)} images indexed, "
-        f"--serve_timeout_s={args.timeout_s:g}, 127.0.0.1; "
+        f"or costly incl. bombs, 5 slow clients, 10 disconnecting), "
+        f"{pace}{args.concurrency} at a time at most, k=10, {len(photos)} "
+        f"images indexed, --serve_timeout_s={args.timeout_s:g}, 127.0.0.1; "
         f"{_devices.describe_cpu()}")
-  print("| load | photos answered | 4xx | 503/504 | other 5xx | hung | slow "
-        "clients got | queries/s | p50 ms | p95 ms | p99 ms | /healthz p95 "
-        "ms | server RSS MB | vs clean |")
-  print("|" + "---|" * 14)
+  print("| load | photos answered | 4xx | 503/504 | other 5xx | hung | cut | "
+        "slow clients got | queries/s | p50 ms | p95 ms | p99 ms | /healthz "
+        "p95 ms | server RSS MB (peak) | vs clean |")
+  print("|" + "---|" * 15)
   failed = 0
   try:
     # Not measured: the server's first requests (lazy imports, first
@@ -296,7 +334,8 @@ def main():
         stats = asyncio.run(load(url, port, files, args, is_hostile))
         rss.append(rss_mb(proc.pid))
         qps, bad = row(f"{name}, round {r + 1}", stats,
-                       sum(k == "photo" for k, _ in files), rss[-2:], ref)
+                       sum(k == "photo" for k, _ in files),
+                       rss[-2:] + [rss_mb(proc.pid, "VmHWM")], ref)
         ref, failed = ref or qps, failed + bad
   finally:
     proc.send_signal(signal.SIGTERM)

@@ -57,6 +57,22 @@ def webp_bomb(rgb):
   return bytes(data)
 
 
+def many_scans(rgb, scans):
+  """A progressive JPEG of `rgb` with its last scan repeated to make
+  `scans` scans: a decoder passes over the whole image for each, so a small
+  file keeps it busy as long as its scans are many."""
+  data = _encode(Image.fromarray(rgb), "JPEG", quality=90, progressive=True)
+  last = data.rindex(b"\xff\xda")
+  repeats = scans - data.count(b"\xff\xda") + 1
+  return data[:last] + data[last:-2] * repeats + b"\xff\xd9"
+
+
+def eps():
+  """A tiny EPS file: an image Pillow reads only by running Ghostscript."""
+  return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"
+          b"%%EndComments\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n")
+
+
 def _encode(im, fmt, **kw):
   out = io.BytesIO()
   im.save(out, fmt, **kw)
@@ -98,12 +114,15 @@ def corpus(photo):
       "bomb.tif": (tiff_bomb(), "bad"),
       "bomb.jpg": (jpeg_bomb(jpeg), "bad"),
       "bomb.webp": (webp_bomb(rgb), "bad"),
+      "many-scans.jpg": (many_scans(rgb[:64, :64], 150), "bad"),
+      "eps-named.jpg": (eps(), "bad"),
       "float32.tif": (_encode(Image.fromarray(
           rgb[:, :, 0].astype(np.float32)), "TIFF"), "bad"),
       "png-named.jpg": (png, "ok"),
       "one-pixel.png": (_encode(Image.fromarray(rgb[:1, :1]), "PNG"), "ok"),
       "sliver.png": (_encode(Image.fromarray(wide), "PNG"), "ok"),
       "cmyk.jpg": (_encode(im.convert("CMYK"), "JPEG"), "ok"),
+      "progressive.jpg": (_encode(im, "JPEG", progressive=True), "ok"),
       "grey16.png": (_encode(Image.fromarray(wide.T.copy()), "PNG"), "ok"),
       "animated.gif": (_encode(frames[0], "GIF", save_all=True,
                                append_images=frames[1:]), "ok"),

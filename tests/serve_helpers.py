@@ -13,6 +13,10 @@ from vitret_jax import search
 from vitret_jax.data import datasets
 from vitret_jax.data import grocery
 
+# The base URL of in-process clients: a host name the service answers to
+# without a token (serve_guard.allowed_hosts).
+LOCAL = "http://localhost"
+
 
 class FakeEmbedder:
   """An embedder whose descriptor is a fixed random projection of the
@@ -55,6 +59,12 @@ def photos(folder, n=12):
 def build_index(folder, index_dir, embedder=None):
   search.build_index(embedder or FakeEmbedder(), str(folder), str(index_dir))
   return search.Index(str(index_dir))
+
+
+def client(app, **kwargs):
+  """FastAPI's test client of `app`, as a local client."""
+  from fastapi import testclient  # pylint: disable=g-import-not-at-top
+  return testclient.TestClient(app, base_url=LOCAL, **kwargs)
 
 
 def free_port():

@@ -65,12 +65,20 @@ class _Decoded(BaseException):
   Exception`, so it cannot be mistaken for the refusal)."""
 
 
+def _refuse(*args, **kwargs):
+  raise _Decoded(args[:0])
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+  """Both decoders raise _Decoded if they are ever asked for pixels."""
+  monkeypatch.setattr(decode, "to_rgb8", _refuse)
+  monkeypatch.setattr(simplejpeg, "decode_jpeg", _refuse)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_bombs_are_refused_from_their_header(corpus, monkeypatch):
-  def decoded(*args, **kwargs):
-    raise _Decoded(args[:0])
-  monkeypatch.setattr(decode, "to_rgb8", decoded)
-  monkeypatch.setattr(simplejpeg, "decode_jpeg", decoded)
+@pytest.mark.usefixtures("no_decoding")
+def test_bombs_are_refused_from_their_header(corpus):
   bombs = [p for p in corpus if "bomb" in p]
   assert len(bombs) == 6  # PNG (2), GIF, TIFF, JPEG, WebP
   for path in bombs:
@@ -81,6 +89,52 @@ def test_bombs_are_refused_from_their_header(corpus, monkeypatch):
       with pytest.raises(DataError, match="decompression-bomb guard") as e:
         fn()
       assert "its header claims" in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_jpeg_of_many_scans_is_refused_before_any_decoder_reads_it(
+    photo, request):
+  """Scans are counted from the markers (each makes a decoder pass over the
+  whole image again); markers inside the segments before the first scan
+  (an EXIF thumbnail, a comment) are not scans."""
+  rgb = np.asarray(Image.open(photo).convert("RGB"))
+  bomb = broken_images.many_scans(rgb[:64, :64], decode.MAX_JPEG_SCANS + 1)
+  progressive = broken_images.many_scans(rgb[:64, :64],
+                                         decode.MAX_JPEG_SCANS)
+  assert decode.jpeg_scans(bomb) == decode.MAX_JPEG_SCANS + 1
+  comment = b"\xff\xda" * 300
+  padded = (progressive[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2)
+            + comment + progressive[2:])
+  assert decode.jpeg_scans(padded) == decode.MAX_JPEG_SCANS
+  for data in (progressive, padded):
+    for fast in (False, True):
+      assert preprocess.build_pp(SPEC, fast=fast)(data, None).shape == (
+          32, 32, 3)
+  request.getfixturevalue("no_decoding")
+  for fast in (False, True):
+    with pytest.raises(DataError, match=r"a JPEG of 101 scans, over the "
+                       r"limit of 100 \(an encoder writes about 10"):
+      preprocess.build_pp(SPEC, fast=fast)(bomb, None)
+
+
+def test_only_the_formats_of_image_files_are_opened(tmp_path, monkeypatch):
+  """An EPS (Pillow would run Ghostscript on it) or a PPM named .jpg never
+  reaches Pillow's plugin for it: not an image file read here."""
+  from PIL import EpsImagePlugin  # pylint: disable=g-import-not-at-top
+  from PIL import PpmImagePlugin  # pylint: disable=g-import-not-at-top
+  ppm = io.BytesIO()
+  Image.new("RGB", (8, 8)).save(ppm, "PPM")
+  monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", _refuse)
+  monkeypatch.setattr(PpmImagePlugin.PpmImageFile, "_open", _refuse)
+  for i, data in enumerate((broken_images.eps(), ppm.getvalue())):
+    path = tmp_path / f"{i}.jpg"
+    path.write_bytes(data)
+    for fn in (lambda: decode.decode(str(path)), lambda: decode.size(data),
+               lambda: decode.decode_fast(data), lambda: decode.size(
+                   str(path))):
+      with pytest.raises(DataError, match="not an image file in a format "
+                         "read here .JPEG, PNG, GIF, WebP, TIFF or BMP"):
+        fn()
 
 
 def test_the_pixel_limit_is_the_one_set(photo, monkeypatch):
@@ -144,6 +198,33 @@ def test_all_eight_orientations_as_pillow_shows_them(photo):
           decode.decode_fast(data, upright=True), want)
       assert decode.size(data, upright=True) == want.shape[:2]
       assert decode.decode(data).shape == rgb.shape  # as stored
+
+
+def test_tiffs_and_xmp_orientation_are_read_as_a_browser_shows_them(photo):
+  """A TIFF of Orientation 6 comes upright from Pillow itself: its size is
+  not turned a second time, on either path. A JPEG whose orientation is
+  only in XMP (browsers ignore it; Pillow's getexif reads it) is read as
+  stored by both paths alike."""
+  rgb = np.asarray(Image.open(photo).convert("RGB"))[:40, :64]
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  tiff, xmp = io.BytesIO(), io.BytesIO()
+  Image.fromarray(rgb).save(tiff, "TIFF", exif=exif)
+  Image.fromarray(rgb).save(xmp, "JPEG", xmp=b'<x tiff:Orientation="6"/>')
+  assert Image.open(xmp).getexif().get(0x0112) == 6
+  np.testing.assert_array_equal(decode.decode(tiff.getvalue()),
+                                np.rot90(rgb, -1))
+  pps = [preprocess.build_pp("decode|exif_transpose|resize_max(48)",
+                             fast=fast) for fast in (False, True)]
+  for out, shown, sized in ((tiff, (64, 40), (48, 30)),
+                            (xmp, (40, 64), (30, 48))):
+    data = out.getvalue()
+    for upright in (False, True):
+      got = decode.decode(data, upright)
+      assert got.shape[:2] == decode.size(data, upright=upright) == shown
+      np.testing.assert_array_equal(
+          decode.decode_fast(data, upright=upright), got)
+    assert {pp(data, None).shape[:2] for pp in pps} == {sized}
 
 
 def test_the_orientation_parser_agrees_with_pillow_on_damaged_exif(photo):
@@ -267,14 +348,23 @@ def test_the_corpus_is_a_counted_skip_in_training_evaluation_and_embed_files(
   paths = list(corpus)
   bad = {p for p in paths
          if _outcome(preprocess.build_pp(SPEC), p)[0] == "bad"}
-  # Each file in a class of its own with one readable photo.
-  split = split_lib.Split(tuple(paths + [photo] * len(paths)),
-                          np.tile(np.arange(len(paths)), 2))
+  # Each file in a class of its own with three readable photos (a
+  # replacement is drawn from the class: 8 unreadable draws in a row, an
+  # error, would take 7 draws of the one bad file).
+  split = split_lib.Split(tuple(paths + [photo] * 3 * len(paths)),
+                          np.tile(np.arange(len(paths)), 4))
   sampler = samplers.RandomSampler(split.labels, len(split), 0)
+  rows = sampler.batch(0)
   for host_pp in ("fast", "exact"):
-    train = pipeline.StepBatch(split, SPEC, sampler, 0, 0, 1,
-                               skip_corrupt=True, host_pp=host_pp)(0)
+    fn = pipeline.StepBatch(split, SPEC, sampler, 0, 0, 1,
+                            skip_corrupt=True, host_pp=host_pp)
+    items = [fn.item(i, len(rows)) for i in range(len(rows))]
+    train = fn.collate(items)
     assert train["image"].shape == (len(split), 32, 32, 3)
+    # Exactly the unreadable files were replaced (a replacement may itself
+    # be the unreadable file again: counted once more).
+    skipped = {split.paths[r] for r, x in zip(rows, items) if x["skipped"]}
+    assert skipped == bad, host_pp
     assert train["skipped"] >= len(bad)
     pp = preprocess.build_host_pp(SPEC, host_pp, defer_normalize=True)
     unreadable = 0  # NaN "bad" (uint8 batches) or NaN pixels (float)

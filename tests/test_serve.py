@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -34,8 +35,7 @@ from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 
 fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
-from fastapi import testclient  # noqa: E402  (after the skip)
-from vitret_jax import serve  # noqa: E402
+from vitret_jax import serve  # noqa: E402  (after the skip)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ def served(tmp_path_factory):
 
 
 def client(embedder, index, workdir="", **kw):
-  return testclient.TestClient(serve.create_app(embedder, index, workdir,
+  return serve_helpers.client(serve.create_app(embedder, index, workdir,
                                                 **kw))
 
 
@@ -130,7 +130,7 @@ def test_concurrent_queries_share_forward_passes(served):
   async def run():
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport,
-                                 base_url="http://t") as ac:
+                                 base_url=serve_helpers.LOCAL) as ac:
       return await asyncio.gather(*[
           ac.post("/search", files={"image": ("q.jpg", f)}, data={"k": "3"})
           for f in files])
@@ -263,7 +263,8 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
   proc = subprocess.Popen(
       [sys.executable, "-m", "vitret_jax.main", "--mode=serve",
        f"--pretrained={art}", f"--index_dir={index_dir}", f"--port={port}",
-       "--serve_max_batch=4", "--serve_max_upload_mb=5"],
+       "--serve_max_batch=4", "--serve_max_upload_mb=5",
+       "--serve_max_connections=16", "--serve_allowed_hosts=photos.lan"],
       cwd=REPO, env=subprocess_env(VITRET_SERVE_TOKEN=token),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   url = f"http://127.0.0.1:{port}"
@@ -272,6 +273,9 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
     with urllib.request.urlopen(urllib.request.Request(
         url + "/healthz", headers={"Authorization": f"Bearer {token}"})) as r:
       assert json.load(r)["images"] == 12
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+      urllib.request.urlopen(urllib.request.Request(
+          url + "/healthz", headers={"Host": "attacker.example"}))
     _sign_in_and_search(url, token, index.paths, tmp_path)
   finally:
     proc.send_signal(signal.SIGTERM)
@@ -280,6 +284,7 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
   assert "Server stopped." in out
   assert "Traceback" not in err and "without a token" not in err
   assert "Compiled 3 forward passes" in err and "32x32" in err
+  assert "(host names: 127.0.0.1, ::1, localhost, photos.lan)" in err
   assert _snapshot(art, index_dir, photos) == before
 
 

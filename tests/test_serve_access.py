@@ -1,9 +1,12 @@
 """Who may use the search service and what data can do in its page: the
-token (API and page), the warning for an open address, and a real
+token (API and page) and the throttle on wrong ones, the host names
+answered without a token, the warning for an open address, and a real
 Chromium browsing an index and an evaluation whose names are script."""
+import asyncio
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +14,8 @@ import pytest
 import serve_helpers
 
 fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
-from fastapi import testclient  # noqa: E402  (after the skip)
-from vitret_jax import serve  # noqa: E402
+import httpx  # noqa: E402  (after the skip)
+from vitret_jax import serve  # noqa: E402  (after the skip)
 from vitret_jax import serve_guard  # noqa: E402
 from vitret_jax.eval import report  # noqa: E402
 
@@ -35,7 +38,7 @@ def _upload(c, path, **kw):
 
 def test_a_token_guards_the_api_and_the_page(gallery, monkeypatch):
   monkeypatch.setattr(serve_guard, "WRONG_TOKEN_DELAY_S", 0.0)
-  c = testclient.TestClient(
+  c = serve_helpers.client(
       serve.create_app(serve_helpers.FakeEmbedder(), gallery, token=TOKEN),
       follow_redirects=False)
   assert c.get("/healthz").json() == {"status": "ok"}  # nothing more
@@ -87,6 +90,78 @@ def test_the_token_from_the_environment_and_the_open_address_warning(
       assert warns in text, (host, token, text)
     else:
       assert not text, (host, token, text)
+
+
+def test_without_a_token_only_its_own_host_names_are_answered(gallery):
+  """DNS rebinding: a page of attacker.example whose name points at
+  127.0.0.1 reaches the server with `Host: attacker.example`, refused
+  without a token; loopback names and the allowed ones are answered."""
+  c = serve_helpers.client(serve.create_app(serve_helpers.FakeEmbedder(),
+                                            gallery))
+  for path in ("/images/0", "/healthz", "/", "/app.js"):
+    r = c.get(path, headers={"host": "attacker.example"})
+    assert r.status_code == 400, (path, r.status_code)
+    assert "does not answer to the host name 'attacker.example'" in (
+        r.json()["error"])
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+  for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "LOCALHOST"):
+    assert c.get("/images/0", headers={"host": host}).status_code == 200
+  hosts = serve_guard.allowed_hosts
+  assert hosts("0.0.0.0", "", ["photos.lan"]) == [
+      "127.0.0.1", "::1", "localhost", "photos.lan"]
+  assert "192.168.1.5" in hosts("192.168.1.5", "")
+  assert hosts("0.0.0.0", TOKEN) == ["*"]
+  for allowed, token, status in ((hosts("0.0.0.0", "", ["*"]), "", 200),
+                                 (None, TOKEN, 401)):
+    app = serve.create_app(serve_helpers.FakeEmbedder(), gallery,
+                           token=token, allowed_hosts=allowed)
+    r = serve_helpers.client(app).get(
+        "/images/0", headers={"host": "attacker.example"})
+    assert r.status_code == status
+
+
+def test_wrong_tokens_cost_a_delay_and_are_throttled_per_address(
+    gallery, monkeypatch):
+  """Ten wrong bearer tokens at once from one address to an API path: the
+  first MAX_FAILURES are answered 401 after the delay, the others 429
+  without their token being checked, and so is the right token from there,
+  by header or sign-in form; another address is served, and a wrong cookie
+  (no guess of the token) is a 401 at once that counts for nothing."""
+  monkeypatch.setattr(serve_guard, "WRONG_TOKEN_DELAY_S", 0.3)
+  monkeypatch.setattr(serve_guard, "MAX_FAILURES", 4)
+  app = serve.create_app(serve_helpers.FakeEmbedder(), gallery, token=TOKEN)
+  right = {"Authorization": f"Bearer {TOKEN}"}
+
+  def client(address):
+    return httpx.AsyncClient(transport=httpx.ASGITransport(
+        app=app, client=(address, 1)), base_url=serve_helpers.LOCAL)
+
+  async def scenario():
+    async with client("10.0.0.1") as guesser, client("10.0.0.2") as other:
+      t0 = time.monotonic()
+      guesses = await asyncio.gather(*[guesser.get(
+          "/images/0", headers={"Authorization": f"Bearer guess-{i}"})
+                                       for i in range(10)])
+      took = time.monotonic() - t0
+      late = [await guesser.get("/images/0", headers=right),
+              await guesser.post("/login", data={"token": TOKEN})]
+      t0 = time.monotonic()
+      cookies = [await other.get("/images/0", headers={
+          "cookie": f"{serve_guard.COOKIE}=forged-{i}"}) for i in range(6)]
+      cookie_s = time.monotonic() - t0
+      return guesses, took, late, cookies, cookie_s, await other.get(
+          "/images/0", headers=right)
+  guesses, took, late, cookies, cookie_s, served = asyncio.run(scenario())
+  codes = sorted(r.status_code for r in guesses)
+  assert codes == [401] * 4 + [429] * 6 and took >= 0.3, (codes, took)
+  refused = [r for r in guesses if r.status_code == 429][0]
+  assert "Too many wrong tokens from this address" in refused.json()["error"]
+  assert 0 < int(refused.headers["retry-after"]) <= 61
+  assert late[0].status_code == 429
+  assert late[1].status_code == 303
+  assert late[1].headers["location"] == "/login#wait"
+  assert {r.status_code for r in cookies} == {401} and cookie_s < 0.3
+  assert served.status_code == 200
 
 
 def test_the_pages_have_no_inline_script_or_style():

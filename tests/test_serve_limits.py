@@ -2,7 +2,8 @@
 needs no model (serve_helpers.FakeEmbedder): bodies over the cap, k out of
 range, a request past its time, requests given up in the middle of a batch,
 /healthz while large uploads are being decoded, a fixed set of compiled
-shapes for variable-size preprocessing, messages for people."""
+shapes for variable-size preprocessing (photos turned sideways going to
+the bucket of the photo as shown), messages for people."""
 import asyncio
 import io
 import select
@@ -19,7 +20,6 @@ import serve_helpers
 
 fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
 import httpx  # noqa: E402  (after the skip)
-from fastapi import testclient  # noqa: E402
 from vitret_jax import image_files  # noqa: E402
 from vitret_jax import serve  # noqa: E402
 from vitret_jax import serve_batcher  # noqa: E402
@@ -48,7 +48,7 @@ def _post(c, data, k="3", name="q.jpg"):
 
 def test_errors_are_4xx_for_people_with_security_headers(gallery):
   paths, index = gallery
-  c = testclient.TestClient(serve.create_app(serve_helpers.FakeEmbedder(),
+  c = serve_helpers.client(serve.create_app(serve_helpers.FakeEmbedder(),
                                              index))
   photo = open(paths[0], "rb").read()
   cases = {
@@ -60,18 +60,32 @@ def test_errors_are_4xx_for_people_with_security_headers(gallery):
             c.post("/search", data={"k": "3"})],
       404: [c.post("/search", data={"id": "12"}),
             c.post("/search", data={"id": "\u0665"}),  # an Arabic five
-            c.get("/images/\u00b2"), c.get("/images/..%2Fetc%2Fpasswd")],
+            c.get("/images/\u00b2"), c.get("/images/..%2Fetc%2Fpasswd"),
+            c.get("/images/" + "0" * 5000),  # past int()'s digits
+            c.post("/search", data={"id": "1" * 5000})],
   }
+  cases[400] += [
+      c.post("/search", data={"id": "1"},
+             files={"k": ("k.txt", b"3")}),  # k as a file
+      _post(c, photo, k="9" * 5000),
+      c.get("/evaluation", params={"offset": "x" * 50}),  # FastAPI's own
+      _post(c, broken_images.eps(), name="q.eps")]
   for status, answers in cases.items():
     for r in answers:
       assert r.status_code == status, (r.status_code, r.text)
       message = r.json()["error"]
       assert message and "0x" not in message and "list file" not in message
-      assert "Traceback" not in message
+      assert "Traceback" not in message and len(message) < 400, message
+      for leak in ("UploadFile", "int_max_str_digits", "x" * 41, "9" * 41,
+                   "1" * 41, "MAX_IMAGE_PIXELS", "detail"):
+        assert leak not in message, message
   assert "not an image file" in cases[400][0].json()["error"]
   assert "empty" in cases[400][1].json()["error"]
   assert "decompression-bomb" in cases[400][2].json()["error"]
   assert "the index holds 12 other" in cases[400][5].json()["error"]
+  assert "Send k as a text field" in cases[400][9].json()["error"]
+  assert "offset" in cases[400][11].json()["error"]
+  assert "not an image file" in cases[400][12].json()["error"]
   for r in [_post(c, photo), c.get("/"), c.get("/app.js"), c.get("/healthz"),
             c.get("/images/0"), c.get("/nothing"), cases[400][0]]:
     csp = r.headers["content-security-policy"]
@@ -98,7 +112,7 @@ def test_a_body_over_the_cap_is_413_before_it_is_all_read(gallery):
   _, index = gallery
   app = serve.create_app(serve_helpers.FakeEmbedder(), index,
                          max_upload_mb=0.05)
-  c = testclient.TestClient(app)
+  c = serve_helpers.client(app)
   r = _post(c, b"\0" * 200_000)
   assert r.status_code == 413 and "0.05 MB" in r.json()["error"]
   sent = []
@@ -110,7 +124,7 @@ def test_a_body_over_the_cap_is_413_before_it_is_all_read(gallery):
 
   async def chunked():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as ac:
+                                 base_url=serve_helpers.LOCAL) as ac:
       return await ac.post("/search", content=body(), headers={
           "content-type": "multipart/form-data; boundary=x"})
   r = asyncio.run(chunked())
@@ -142,8 +156,8 @@ def test_slow_clients_get_408_or_413_without_holding_the_server(gallery):
   paths, index = gallery
   app = serve.create_app(serve_helpers.FakeEmbedder(), index,
                          max_upload_mb=0.02, timeout_s=0.5)
-  head = (b"POST /search HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked"
-          b"\r\ncontent-type: multipart/form-data; boundary=x\r\n\r\n")
+  head = (b"POST /search HTTP/1.1\r\nhost: localhost\r\ntransfer-encoding: "
+          b"chunked\r\ncontent-type: multipart/form-data; boundary=x\r\n\r\n")
   chunk = lambda data: b"%x\r\n" % len(data) + data + b"\r\n"
   part = chunk(b'--x\r\ncontent-disposition: form-data; name="image"; '
                b'filename="a.jpg"\r\n\r\n')
@@ -174,7 +188,7 @@ def test_queries_past_their_time_are_503_and_leave_their_batch(gallery):
 
   async def scenario():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://t") as ac:
+                                 base_url=serve_helpers.LOCAL) as ac:
       late = await asyncio.gather(*[_post(ac, photo) for _ in range(2)])
       embedder.gate.set()
       return late, await _post(ac, photo)
@@ -222,31 +236,34 @@ def test_requests_given_up_mid_batch_never_block_the_others():
 
 
 def test_healthz_answers_within_100_ms_while_8_large_uploads_decode(gallery):
+  """Each answer, while 6 to 8 uploads of 0.85 Mpx are being decoded (in
+  more threads than cores)."""
   _, index = gallery
   app = serve.create_app(serve_helpers.FakeEmbedder(), index,
                          decode_threads=8, max_upload_mb=64)
   big = _png(800, 1066)
   latencies, answers = [], []
-  with serve_helpers.running(app) as url:
+  with serve_helpers.running(app) as url, httpx.Client(base_url=url) as c:
+    assert c.get("/healthz").status_code == 200  # connected before
+
     def upload():
-      with httpx.Client(base_url=url, timeout=60) as c:
-        answers.append(_post(c, big).status_code)
+      with httpx.Client(base_url=url, timeout=60) as up:
+        answers.append(_post(up, big).status_code)
     threads = [threading.Thread(target=upload) for _ in range(8)]
     for t in threads:
       t.start()
-    with httpx.Client(base_url=url) as c:
-      t0 = time.monotonic()
-      while app.state.reader.busy < 8 and time.monotonic() - t0 < 30:
-        time.sleep(0.005)
-      while app.state.reader.busy >= 6 and len(latencies) < 10:
-        t = time.monotonic()
-        assert c.get("/healthz").status_code == 200
-        latencies.append(time.monotonic() - t)
+    t0 = time.monotonic()
+    while app.state.reader.busy < 6 and time.monotonic() - t0 < 30:
+      time.sleep(0.005)
+    while app.state.reader.busy >= 6 and len(latencies) < 10:
+      t = time.monotonic()
+      assert c.get("/healthz").status_code == 200
+      latencies.append(time.monotonic() - t)
     for t in threads:
       t.join(60)
   assert answers == [200] * 8
   assert len(latencies) >= 3, latencies
-  assert np.median(latencies) < 0.1, latencies
+  assert max(latencies) < 0.1, latencies
 
 
 def test_variable_size_specs_serve_through_fixed_buckets(tmp_path):
@@ -267,5 +284,45 @@ def test_variable_size_specs_serve_through_fixed_buckets(tmp_path):
   want, _, _ = image_files.embed_files(embedder, [str(tmp_path / "p.png")])
   got = embedder(reader.read(_png(300, 400))[None])
   np.testing.assert_array_equal(got, want)
+  # Stored 300 x 400: its bucket is that of the photo as shown.
+  stored = np.asarray(Image.open(io.BytesIO(_png(300, 400))))
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  for fmt, shown in (("JPEG", (48, 36)), ("TIFF", (48, 36)),
+                     ("PNG", (48, 36)), ("WEBP", (48, 36))):
+    out = io.BytesIO()
+    Image.fromarray(stored).save(out, fmt, exif=exif)
+    assert reader.read(out.getvalue()).shape[:2] == shown, fmt
+  out = io.BytesIO()
+  Image.fromarray(stored).save(out, "JPEG", xmp=b'<x tiff:Orientation="6"/>')
+  assert reader.read(out.getvalue()).shape[:2] == (36, 48)  # XMP: ignored
   with pytest.raises(UserError, match="start with resize_max"):
     serve_batcher.Buckets(serve_helpers.FakeEmbedder("decode|normalize"))
+
+
+def test_a_sideways_phone_photo_uploaded_finds_itself_upright(tmp_path):
+  """A 4:3 photo stored sideways with Orientation 6, uploaded to /search
+  (resize_max: the bucket depends on the photo's shape): it reaches the
+  model in the upright bucket, 3:4, and its first result is the same photo
+  turned by hand, at score 1."""
+  photos = serve_helpers.photos(tmp_path / "photos", 3)
+  upright = np.asarray(Image.open(photos[0]).convert("RGB"))[:261, :348]
+  exif = Image.Exif()
+  exif[0x0112] = 6  # shown: the stored pixels turned clockwise
+  sideways = io.BytesIO()
+  Image.fromarray(np.rot90(upright, 1)).save(sideways, "JPEG", exif=exif,
+                                             quality=95)
+  as_stored = np.asarray(Image.open(io.BytesIO(sideways.getvalue())))
+  Image.fromarray(np.rot90(as_stored, -1)).save(tmp_path / "photos" /
+                                                "by hand.png")
+  embedder = serve_helpers.FakeEmbedder("decode|resize_max(48)|normalize",
+                                        host_pp="exact")
+  index = serve_helpers.build_index(tmp_path / "photos", tmp_path / "index",
+                                    embedder)
+  embedder.shapes.clear()
+  c = serve_helpers.client(serve.create_app(embedder, index))
+  r = _post(c, sideways.getvalue(), k="2")
+  assert r.status_code == 200, r.text
+  top = r.json()["results"][0]
+  assert top["path"].endswith("by hand.png") and top["score"] > 0.99999, top
+  assert embedder.shapes == {(48, 36)}

@@ -118,21 +118,26 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
 
 def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
           port=8080, eval_name="", max_batch=32, max_upload_mb=20.0,
-          timeout_s=30.0, token=""):
+          timeout_s=30.0, token="", max_pixels=50_000_000,
+          max_connections=128, allowed_hosts=()):
   """--mode=serve: the search service and web page over an index (with an
   artifact or a run's embedder), and/or over the evaluations of the run in
-  --workdir (limits and token: vitret_jax/serve.py; the token defaults to
-  $VITRET_SERVE_TOKEN); returns when the server stops (SIGTERM, Ctrl-C)."""
+  --workdir (limits, token and host names: vitret_jax/serve.py; the token
+  defaults to $VITRET_SERVE_TOKEN); returns when the server stops
+  (SIGTERM, Ctrl-C)."""
   try:
     # FastAPI and uvicorn are the `serve` extra: imported by this mode only.
     from vitret_jax import serve as serve_lib  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise UserError(f"--mode=serve needs the serve extra ({e.name} is "
                     f"missing): pip install -e '.[serve]'.") from e
-  if max_upload_mb <= 0 or timeout_s <= 0 or max_batch < 1:
+  if min(max_upload_mb, timeout_s, max_batch, max_pixels,
+         max_connections) <= 0:
     raise UserError(f"--serve_max_upload_mb={max_upload_mb}, "
-                    f"--serve_timeout_s={timeout_s} and --serve_max_batch="
-                    f"{max_batch}: each must be positive.")
+                    f"--serve_timeout_s={timeout_s}, --serve_max_batch="
+                    f"{max_batch}, --serve_max_pixels={max_pixels} and "
+                    f"--serve_max_connections={max_connections}: each must "
+                    f"be positive.")
   token = serve_lib.resolve_token(token)
   embedder = index = None
   if pretrained or index_dir:
@@ -144,19 +149,21 @@ def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
                     f"--pretrained or a run's --workdir), or the --workdir of "
                     f"a run that has evaluated ({workdir!r} holds no "
                     f"browse_<eval>.npz).")
+  hosts = serve_lib.allowed_hosts(host, token, allowed_hosts)
   app = serve_lib.create_app(embedder, index, workdir if evals else "",
                              max_batch=max_batch, max_upload_mb=max_upload_mb,
-                             timeout_s=timeout_s, token=token)
-  serve_lib.warn_if_exposed(host, token)
+                             timeout_s=timeout_s, token=token,
+                             max_pixels=max_pixels, allowed_hosts=hosts)
+  serve_lib.warn_if_exposed(host, token, hosts)
   if embedder is not None:
     logging.info("%s", serve_lib.warm_up(embedder, app.state.buckets,
                                          max_batch))
-  logging.info("Serving %s on http://%s:%d/",
+  logging.info("Serving %s on http://%s:%d/ (host names: %s)",
                ", ".join(filter(None, [
                    f"{len(index)} indexed images" if index else "",
                    f"evaluations {sorted(evals)}" if evals else ""])),
-               host, port)
-  serve_lib.run(app, host, port)
+               host, port, ", ".join(hosts))
+  serve_lib.run(app, host, port, max_connections)
   return "Server stopped."
 
 

@@ -52,6 +52,16 @@ _TOKEN = flags.DEFINE_string(
     "serve_token", "", "serve: a secret that the API (Authorization: Bearer) "
     "and the page (sign-in at /login) require; default $VITRET_SERVE_TOKEN, "
     "none when unset.")
+_MAX_PIXELS = flags.DEFINE_integer(
+    "serve_max_pixels", 50_000_000, "serve: most pixels of an uploaded image "
+    "(400 past it); twice this many are decoded at once at most.")
+_MAX_CONNECTIONS = flags.DEFINE_integer(
+    "serve_max_connections", 128, "serve: connections and requests at once "
+    "(503 past it).")
+_ALLOWED_HOSTS = flags.DEFINE_list(
+    "serve_allowed_hosts", [], "serve: host names the server answers to "
+    "besides localhost and --host (without a token the only ones; '*': "
+    "any).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", "", "export: artifact folder "
                                   "(default WORKDIR/export).")
 _EXPORT_PLATFORMS = flags.DEFINE_list(
@@ -144,7 +154,9 @@ def _run_mode(mode, config, workdir):
     return commands.serve(config, workdir, _PRETRAINED.value,
                           _INDEX_DIR.value, _HOST.value, _PORT.value,
                           _EXPORT_EVAL.value, _MAX_BATCH.value,
-                          _MAX_UPLOAD.value, _TIMEOUT.value, _TOKEN.value)
+                          _MAX_UPLOAD.value, _TIMEOUT.value, _TOKEN.value,
+                          _MAX_PIXELS.value, _MAX_CONNECTIONS.value,
+                          tuple(_ALLOWED_HOSTS.value))
   if mode == "index":
     return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
                           _INDEX_DIR.value, _OVERWRITE.value,

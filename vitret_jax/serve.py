@@ -23,17 +23,21 @@ Endpoints:
   GET, POST /login   with a token: the sign-in form (serve_guard.py).
 
 What it promises: the event loop only routes. Uploads are decoded in worker
-threads (serve_batcher.Reader), queries share batched forward passes in one
-model thread (Batcher), searches run in their own thread. Bad input is a 4xx
-with a JSON message written for a person: not an image, a damaged file or a
-decompression bomb (refused from its header) 400, k outside 1 to
-min(1000, index) 400, an unknown id 404, a body over --serve_max_upload_mb
-413 (counted as it arrives), a body not in within --serve_timeout_s 408. A
-query not answered within --serve_timeout_s is a 503; a query given up by
-its client never holds up the others. Responses carry a Content-Security-
-Policy and nosniff; with --serve_token, nothing but /healthz answers
-without it. Only indexed images (by id) and the evaluation's own images are
-served, and the service writes no file.
+threads (serve_batcher.Reader) within a budget of pixels, queries share
+batched forward passes in one model thread (Batcher), searches run in their
+own thread. Bad input is a 4xx with a JSON message written for a person:
+not an image, a damaged file, a decompression bomb (refused from its
+header), a JPEG of too many scans or an image over --serve_max_pixels 400,
+k outside 1 to min(1000, index) 400, an unknown id 404, a body over
+--serve_max_upload_mb 413 (counted as it arrives), a body not in within
+--serve_timeout_s 408, a request with a malformed parameter 400. A query
+not answered within --serve_timeout_s is a 503; a query given up by its
+client never holds up the others. Responses carry a Content-Security-
+Policy and nosniff; without a token, only the allowed host names are
+answered; with --serve_token, nothing but /healthz answers without it
+(serve_guard.py). Only indexed images (by id) and the evaluation's own
+images are served, and the service writes no file: uploads are held in
+memory, within a budget of bytes.
 """
 import asyncio
 import concurrent.futures
@@ -45,10 +49,12 @@ import urllib.parse
 import fastapi
 import numpy as np
 import uvicorn
+from fastapi import exceptions as fastapi_exceptions
 from fastapi import responses
 from fastapi import staticfiles
 from starlette import datastructures
 from starlette import exceptions
+from starlette import formparsers
 from starlette import requests as starlette_requests
 
 from vitret_jax import serve_batcher
@@ -60,11 +66,14 @@ WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                    "web")
 MAX_K = 1000  # results a query may ask for
 DEFAULT_K = 10
+MAX_PIXELS = 50_000_000  # an upload's pixels (a 48 Mpx phone photo fits)
+MAX_CONNECTIONS = 128  # connections and requests at once (uvicorn's 503)
 GONE = 499  # the status logged for a request whose client went away
 # What --mode=serve (commands.serve) calls around create_app and run.
 warm_up = serve_batcher.warm_up
 resolve_token = serve_guard.resolve_token
 warn_if_exposed = serve_guard.warn_if_exposed
+allowed_hosts = serve_guard.allowed_hosts
 
 
 def _error(status, message, headers=None):
@@ -74,12 +83,16 @@ def _error(status, message, headers=None):
 
 def create_app(embedder=None, index=None, workdir="", max_batch=32,
                max_wait_ms=5.0, max_upload_mb=20.0, timeout_s=30.0,
-               token="", decode_threads=None):
+               token="", decode_threads=None, max_pixels=MAX_PIXELS,
+               allowed_hosts=None):
   """The FastAPI application over `index` (search.Index) with `embedder`
   (export.Embedder or experiment.RunEmbedder), and/or over the evaluation
   records of the run in `workdir` (eval/report.write_browse). The limits
   and the token are those of the module doc; uploads are decoded in
-  `decode_threads` threads (default: the cores, at most 8)."""
+  `decode_threads` threads (default: the cores, at most 8), at most
+  2 x `max_pixels` pixels at once, and at most 16 x `max_upload_mb` of
+  request bodies are held at once. `allowed_hosts`: the host names
+  answered (default serve_guard.allowed_hosts of 127.0.0.1 and `token`)."""
   decode_threads = decode_threads or min(8, os.cpu_count() or 1)
   app = fastapi.FastAPI(title="vitret_jax search", docs_url=None,
                         redoc_url=None, openapi_url=None)
@@ -88,16 +101,13 @@ def create_app(embedder=None, index=None, workdir="", max_batch=32,
   if embedder is not None:
     app.state.buckets = serve_batcher.Buckets(embedder)
     app.state.reader = serve_batcher.Reader(app.state.buckets,
-                                            decode_threads)
+                                            decode_threads, max_pixels)
     app.state.batcher = serve_batcher.Batcher(embedder, max_batch,
                                               max_wait_ms)
   # ScaNN answers one search at a time, off the event loop.
   app.state.searcher = concurrent.futures.ThreadPoolExecutor(
       1, thread_name_prefix="vitret-search")
-
-  @app.exception_handler(exceptions.HTTPException)
-  async def http_error(request, exc):  # pylint: disable=unused-argument
-    return _error(exc.status_code, str(exc.detail), exc.headers)
+  _error_handlers(app)
 
   @app.get("/healthz")
   async def healthz(request: fastapi.Request):
@@ -107,20 +117,46 @@ def create_app(embedder=None, index=None, workdir="", max_batch=32,
     return {"status": "ok", "images": n, "max_k": min(MAX_K, n),
             "evaluations": sorted(evals)}
 
-  _search_routes(app, index, timeout_s)
+  _search_routes(app, index, timeout_s, max_upload_mb)
   _image_routes(app, index)
   _evaluation_routes(app, evals)
+  throttle = serve_guard.Throttle()
   if token:
-    serve_guard.login_routes(app, token, os.path.join(WEB, "login.html"))
+    serve_guard.login_routes(app, token, os.path.join(WEB, "login.html"),
+                             throttle)
   app.mount("/", staticfiles.StaticFiles(directory=WEB, html=True),
             name="web")
   # The last added is the outermost: headers on every response, then the
-  # body cap, then the token (checked before any body is read).
+  # host name, the body's size and time, then the token (checked before
+  # any body is read).
   if token:
-    app.add_middleware(serve_guard.TokenGate, token=token)
-  app.add_middleware(serve_guard.BodyLimit, max_mb=max_upload_mb)
+    app.add_middleware(serve_guard.TokenGate, token=token, throttle=throttle)
+  app.add_middleware(serve_guard.BodyLimit, max_mb=max_upload_mb,
+                     timeout_s=timeout_s, budget_mb=16 * max_upload_mb)
+  app.add_middleware(serve_guard.HostCheck, hosts=(
+      serve_guard.allowed_hosts("127.0.0.1", token) if allowed_hosts is None
+      else allowed_hosts))
   app.add_middleware(serve_guard.SecurityHeaders)
   return app
+
+
+def _error_handlers(app):
+  """Errors as {"error": message}: HTTP errors, malformed parameters (what
+  is wrong, without echoing the input) and clients gone mid-body."""
+
+  @app.exception_handler(exceptions.HTTPException)
+  async def http_error(request, exc):  # pylint: disable=unused-argument
+    return _error(exc.status_code, str(exc.detail), exc.headers)
+
+  @app.exception_handler(fastapi_exceptions.RequestValidationError)
+  async def bad_parameter(request, exc):  # pylint: disable=unused-argument
+    wrong = sorted({str(e.get("loc", ("?",))[-1])[:40] for e in exc.errors()})
+    return _error(400, f"Malformed parameter(s) {', '.join(wrong)}: "
+                  f"{exc.errors()[0].get('msg', 'not valid')[:120]}.")
+
+  @app.exception_handler(starlette_requests.ClientDisconnect)
+  async def gone(request, exc):  # pylint: disable=unused-argument
+    return _error(GONE, "The client went away.")
 
 
 def _k(value, n_others):
@@ -134,14 +170,23 @@ def _k(value, n_others):
     return min(DEFAULT_K, limit)
   why = (f"at most {MAX_K:,} a query" if n_others > MAX_K else
          f"the index holds {n_others} other image(s)")
-  try:
-    k = int(value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"k={value!r}: ask for a whole number of results, 1 "
-                     f"to {limit} ({why}).") from e
-  if not 1 <= k <= limit:
-    raise ValueError(f"k={k}: ask for 1 to {limit} results ({why}).")
-  return k
+  if not isinstance(value, str):
+    raise ValueError(f"Send k as a text field, a whole number from 1 to "
+                     f"{limit} ({why}).")
+  text = value.strip()
+  if not (text.isascii() and text.isdigit() and len(text) <= 9):
+    raise ValueError(f"k={value[:20]!r}: ask for a whole number of results, "
+                     f"1 to {limit} ({why}).")
+  if not 1 <= int(text) <= limit:
+    raise ValueError(f"k={int(text)}: ask for 1 to {limit} results ({why}).")
+  return int(text)
+
+
+def _index_id(text, n):
+  """The id `text` names (ASCII digits, below `n`), or None."""
+  text = text.strip() if isinstance(text, str) else ""
+  ok = text.isascii() and text.isdigit() and len(text) <= len(str(n))
+  return int(text) if ok and int(text) < n else None
 
 
 def _read_query(form, n):
@@ -154,12 +199,28 @@ def _read_query(form, n):
   if upload is not None and not isinstance(upload, datastructures.UploadFile):
     raise ValueError("Send the image as a file ('image'), not as text.")
   if qid is not None:
-    text = str(qid).strip()
-    if not (text.isascii() and text.isdigit() and int(text) < n):
-      raise LookupError(f"id={str(qid)[:40]!r}: no such image; ids are 0 to "
-                        f"{n - 1}.")
-    return _k(form.get("k"), n - 1), int(text), None
+    me = _index_id(qid, n)
+    if me is None:
+      shown = repr(qid[:40]) if isinstance(qid, str) else "a file"
+      raise LookupError(f"id={shown}: no such image; ids are 0 to {n - 1}.")
+    return _k(form.get("k"), n - 1), me, None
   return _k(form.get("k"), n), None, upload
+
+
+async def _read_form(request, max_upload_mb):
+  """The /search form. A multipart upload is held in memory (Starlette's
+  own parser would write one over 1 MB to a temporary file); the body's
+  size and time are BodyLimit's."""
+  kind = request.headers.get("content-type", "").lower()
+  if not kind.startswith("multipart/form-data"):
+    return await request.form(max_files=0, max_fields=4)
+  parser = formparsers.MultiPartParser(request.headers, request.stream(),
+                                       max_files=1, max_fields=4)
+  parser.spool_max_size = int(max_upload_mb * 2 ** 20) + 1
+  try:
+    return await parser.parse()
+  except formparsers.MultiPartException as e:
+    raise ValueError(f"The form is malformed: {e.message}") from e
 
 
 async def _disconnect(receive):
@@ -188,7 +249,7 @@ async def _within(request, work, deadline, timeout_s):
                 f" the server is busy; try again.", {"Retry-After": "5"})
 
 
-def _search_routes(app, index, timeout_s):
+def _search_routes(app, index, timeout_s, max_upload_mb):
   """POST /search over `index`."""
   state = app.state
 
@@ -220,16 +281,12 @@ def _search_routes(app, index, timeout_s):
                     "--index_dir).")
     deadline = time.monotonic() + timeout_s
     try:
-      async with asyncio.timeout(timeout_s):  # the body must arrive in time
-        form = await request.form(max_files=1, max_fields=4)
-        try:
-          k, me, upload = _read_query(form, len(index))
-          data = await upload.read() if upload is not None else None
-        finally:
-          await form.close()
-    except TimeoutError:
-      return _error(408, f"The request did not arrive within {timeout_s:g} "
-                    f"s (--serve_timeout_s).")
+      form = await _read_form(request, max_upload_mb)
+      try:
+        k, me, upload = _read_query(form, len(index))
+        data = await upload.read() if upload is not None else None
+      finally:
+        await form.close()
     except starlette_requests.ClientDisconnect:
       return _error(GONE, "The client went away.")
     except LookupError as e:
@@ -247,10 +304,10 @@ def _image_routes(app, index):
   @app.get("/images/{image_id:path}")
   def image(image_id: str):
     # Only ids of indexed images: no path of the file system is accepted.
-    if index is None or not (image_id.isascii() and image_id.isdigit()
-                             and int(image_id) < len(index)):
+    i = _index_id(image_id, len(index)) if index is not None else None
+    if i is None:
       return _error(404, f"No indexed image {image_id[:40]!r}.")
-    path = index.paths[int(image_id)]
+    path = index.paths[i]
     if not os.path.isfile(path):
       return _error(404, f"Indexed image {image_id} is no longer on disk.")
     return responses.FileResponse(path)
@@ -322,13 +379,16 @@ def _evaluation_routes(app, evals):
     return responses.FileResponse(path)
 
 
-def run(app, host="127.0.0.1", port=8080):
+def run(app, host="127.0.0.1", port=8080, max_connections=MAX_CONNECTIONS):
   """Serves `app` with uvicorn until SIGTERM or Ctrl-C: uvicorn stops taking
   connections and finishes the requests in flight. It then re-raises the
   signal to the handler it found; the one installed here records it, so a
-  SIGTERM ends the command normally (exit 0) instead of killing it."""
+  SIGTERM ends the command normally (exit 0) instead of killing it. Past
+  `max_connections` connections or requests at once, uvicorn answers 503
+  (a plain-text one, before the application sees the request)."""
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
   try:
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info",
+                limit_concurrency=max_connections)
   finally:
     signal.signal(signal.SIGTERM, previous)

@@ -1,7 +1,8 @@
 """The search service's heavy work, kept off its event loop (serve.py).
 
-- `Reader`: uploads decoded and preprocessed in a pool of worker threads;
-  bombs and non-images are refused from the header.
+- `Reader`: uploads decoded and preprocessed in a pool of worker threads
+  of low priority, within a budget of pixels; bombs, images over the
+  server's pixel cap and non-images are refused from the header.
 - `Buckets`: the fixed set of image shapes a preprocessing is served at. A
   fixed-size spec has one; a variable-size one (the landmark specs,
   resize_max(S)) has one per common aspect ratio, and an upload is resized
@@ -16,6 +17,7 @@ import asyncio
 import collections
 import concurrent.futures
 import math
+import os
 import threading
 import time
 
@@ -34,6 +36,7 @@ from vitret_jax.errors import UserError
 BUCKET_RATIOS = ((1, 1), (4, 5), (5, 4), (3, 4), (4, 3), (2, 3), (3, 2),
                  (9, 16), (16, 9), (1, 2), (2, 1))
 _VARYING = ("resize_max", "resize_small")
+DECODE_NICE = 10  # how much decode threads defer to the event loop
 
 
 class Buckets:
@@ -79,13 +82,70 @@ class Buckets:
     return min(self.shapes, key=lambda s: abs(math.log(s[0] / s[1]) - ratio))
 
 
-class Reader:
-  """Uploads to preprocessed images in `threads` worker threads."""
+class PixelBudget:
+  """At most `limit` pixels being decoded at once (the memory a decode
+  takes grows with its pixels); waiters are served in order, and one
+  image alone always fits. Used from one event loop."""
 
-  def __init__(self, buckets, threads=4):
-    self.buckets = buckets
+  def __init__(self, limit):
+    self.limit, self.used = limit, 0
+    self._waiting = collections.deque()  # (pixels, future)
+
+  def _fits(self, n):
+    return self.used == 0 or self.used + n <= self.limit
+
+  async def acquire(self, n):
+    if not self._waiting and self._fits(n):
+      self.used += n
+      return
+    entry = (n, asyncio.get_running_loop().create_future())
+    self._waiting.append(entry)
+    try:
+      await entry[1]
+    except asyncio.CancelledError:
+      if entry[1].done() and not entry[1].cancelled():
+        self.release(n)  # granted, then given up before it ran
+      else:
+        self._waiting.remove(entry)
+        self._wake()  # it may have held back those behind it
+      raise
+
+  def release(self, n):
+    self.used -= n
+    self._wake()
+
+  def _wake(self):
+    while self._waiting and self._fits(self._waiting[0][0]):
+      n, future = self._waiting.popleft()
+      if not future.done():
+        self.used += n
+        future.set_result(None)
+
+
+def _lower_priority():
+  """Makes the calling thread yield the cores to the others of the process
+  (Linux: a thread's nice value is its own; elsewhere nothing changes)."""
+  try:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                   DECODE_NICE)
+  except (AttributeError, OSError):
+    pass
+
+
+class Reader:
+  """Uploads to preprocessed images in `threads` worker threads, which run
+  at a lower priority than the event loop's (however many uploads they
+  decode, the loop gets a core when it has a request to route). An image
+  over `max_pixels` is refused from its header, and at most 2 x
+  `max_pixels` pixels are decoded at once (others wait their turn, off
+  the threads: a request given up while waiting never starts)."""
+
+  def __init__(self, buckets, threads=4, max_pixels=50_000_000):
+    self.buckets, self.max_pixels = buckets, max_pixels
     self.pool = concurrent.futures.ThreadPoolExecutor(
-        max(1, threads), thread_name_prefix="vitret-decode")
+        max(1, threads), thread_name_prefix="vitret-decode",
+        initializer=_lower_priority)
+    self.budget = PixelBudget(2 * max_pixels)
     self.busy = 0  # uploads being decoded now (read by tests)
     self._lock = threading.Lock()
 
@@ -93,23 +153,44 @@ class Reader:
     with self._lock:
       self.busy += n
 
-  def read(self, data):
-    """float32 [h, w, 3] of uploaded bytes in a bucket's shape; a
-    DataError, written for a person, for anything else."""
+  def size(self, data):
+    """(height, width) of an upload as shown, from its header; a DataError
+    for anything it cannot take."""
+    if not data:
+      raise DataError("The upload is empty: send an image file.")
+    h, w = decode.size(data, "", self.buckets.pp.upright)
+    if h * w > self.max_pixels:
+      raise DataError(f"Cannot read the image: it has {w}x{h} = {h * w:,} "
+                      f"pixels, more than this server takes "
+                      f"({self.max_pixels:,}, --serve_max_pixels): send a "
+                      f"smaller image.")
+    return h, w
+
+  def read(self, data, hw=None):
+    """float32 [h, w, 3] of uploaded bytes (shown `hw`: its size) in a
+    bucket's shape; a DataError, written for a person, for anything
+    else."""
     self._count(1)
     try:
-      if not data:
-        raise DataError("The upload is empty: send an image file.")
-      # From the header alone: refuses a bomb before decoding it.
-      h, w = decode.size(data, "", self.buckets.pp.upright)
+      h, w = hw or self.size(data)
       return self.buckets.pp(data, np.random.default_rng(0),
                              hw=self.buckets.shape_for(h, w))
     finally:
       self._count(-1)
 
   async def __call__(self, data):
-    return await asyncio.get_running_loop().run_in_executor(
-        self.pool, self.read, data)
+    loop = asyncio.get_running_loop()
+    hw = await loop.run_in_executor(self.pool, self.size, data)
+    await self.budget.acquire(hw[0] * hw[1])
+
+    def done(_):  # the pixels are free once the thread is, not before
+      try:
+        loop.call_soon_threadsafe(self.budget.release, hw[0] * hw[1])
+      except RuntimeError:
+        pass  # the loop is closed: the server has stopped
+    job = self.pool.submit(self.read, data, hw)
+    job.add_done_callback(done)
+    return await asyncio.wrap_future(job)
 
 
 def batch_sizes(max_batch):
