@@ -4,7 +4,7 @@
 
 Modes: train (train, resuming as checkpoint.resume_or_init says, then
 evaluate), eval (evaluate DIR's latest checkpoint), export (DIR's parameters
-as a pretrained artifact), index (embed a folder of images into a ScaNN
+as a pretrained artifact), index (embed a folder of images into a searchable
 index), search (query it) and serve (vitret_jax/serve.py). Config values
 are overridden with --config.section.key=value; a mistyped key is an error.
 """
@@ -57,6 +57,18 @@ _EXPORT_EVAL = flags.DEFINE_string(
     "(default: the config's first).")
 _INDEX_DIR = flags.DEFINE_string("index_dir", "", "index / search: index "
                                  "folder (default WORKDIR/index).")
+_UPDATE = flags.DEFINE_bool(
+    "update", False, "index: bring an existing index up to date with "
+    "--images (new and changed files embedded, deleted ones dropped).")
+_VERIFY = flags.DEFINE_bool(
+    "verify", False, "index: record each file's SHA-256 (with --update: "
+    "also compare it, not only the size and time).")
+_SHARD_SIZE = flags.DEFINE_integer(
+    "shard_size", 10_000, "index: images per shard (the unit of resuming "
+    "and of sharing between processes).")
+_SEARCHER = flags.DEFINE_enum(
+    "searcher", "auto", ["auto", "exact", "scann"], "index: exact search "
+    "streamed over the shards, or ScaNN (auto: from 100,000 images).")
 _QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
 _GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
@@ -132,7 +144,8 @@ def _run_mode(mode, config, workdir):
   if mode == "index":
     return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
                           _INDEX_DIR.value, _OVERWRITE.value,
-                          _EXPORT_EVAL.value)
+                          _EXPORT_EVAL.value, _UPDATE.value, _VERIFY.value,
+                          _SHARD_SIZE.value, _SEARCHER.value)
   return commands.run_search(config, workdir, _PRETRAINED.value, _QUERY.value,
                              _INDEX_DIR.value, _TOP_K.value, _GRID.value,
                              _EXPORT_EVAL.value)
