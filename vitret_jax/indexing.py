@@ -74,10 +74,11 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
                                    shard_size, overwrite)
   stats = {"embedded": 0, "seconds": 0.0}
   if new is not None:
-    paths = lambda a, b: [os.path.join(root, p)
-                          for p in new.items.paths(a, b)]
-    stats = w.fill(new, lambda a, b: image_files.embed_shard(
-        embedder, paths(a, b), batch_size), desc="index")
+    def embed_shard(start, stop):
+      paths = [os.path.join(root, p) for p in new.items.paths(start, stop)]
+      emb, bad = image_files.embed_shard(embedder, paths, batch_size)
+      return emb, [(start + i, why) for i, why in bad]
+    stats = w.fill(new, embed_shard, desc="index")
     segments = segments + [new]
   summary = _finish(w, segments, root, source, searcher, scann_options)
   if not update:

@@ -23,7 +23,6 @@ from ml_collections import config_flags
 from vitret_jax import commands
 from vitret_jax import host_memory
 from vitret_jax import preemption
-from vitret_jax import train
 from vitret_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -129,9 +128,13 @@ def _run_mode(mode, config, workdir):
   if mode == "export" and not workdir:
     raise app.UsageError("--mode=export needs the run's --workdir (its "
                          "saved config is used; --config is optional).")
-  if mode == "train":
-    return train.train_and_evaluate(config, workdir)
-  if mode == "eval":
+  if mode in ("train", "eval"):
+    # Imported for these modes only: its metric writer's TensorBoard
+    # library takes seconds to import (torch, when installed), which the
+    # index, search and serve modes do not need.
+    from vitret_jax import train  # pylint: disable=g-import-not-at-top
+    if mode == "train":
+      return train.train_and_evaluate(config, workdir)
     return train.evaluate_only(config, workdir)
   if mode == "export":
     return commands.export_run(config, workdir, _EXPORT_DIR.value,

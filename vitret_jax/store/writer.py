@@ -261,6 +261,8 @@ class Writer:
     mine = list(range(p, segment.num_shards, n))
     todo, done_items = [], 0
     for s in mine:
+      for tmp in glob.glob(segment.npy(s)[:-4] + ".*.tmp-*"):
+        os.remove(tmp)  # a kill's leftovers
       why = segment.check(s)
       if why is None:
         done_items += segment.count(s)
@@ -268,8 +270,6 @@ class Writer:
       if why:
         logging.warning("%s shard %d is damaged (%s): embedding it again.",
                         segment.folder, s, why)
-      for tmp in glob.glob(segment.npy(s)[:-4] + ".*.tmp-*"):
-        os.remove(tmp)  # a kill's leftovers
       todo.append(s)
     total = sum(segment.count(s) for s in mine)
     bar = tqdm.tqdm(total=int(total), initial=int(done_items), desc=desc,
