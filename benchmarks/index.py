@@ -1,0 +1,312 @@
+"""Indexing at scale (issue #36): memory, speed against PyTorch, search.
+
+  python benchmarks/index.py memory [--counts 20000,100000,200000]
+  python benchmarks/index.py speed [--images 256] [--variants Ti/16,S/16]
+      [--repeats 2]
+  python benchmarks/index.py search [--rows 1000000] [--dim 768]
+
+memory: --mode=index of folders of 20k, 100k and 200k generated small JPEGs
+  with a test-size model (mu/8 at 32 px, projected to 768 dimensions, the
+  descriptor size of B/16), each in a child process whose peak RSS (VmHWM)
+  is reported; beside it, the same images through
+  image_files.embed_files, which returns every descriptor in one array
+  (what --mode=index did before the store), and an Index opened and
+  searched (what --mode=serve holds).
+speed: --mode=index (the command a user runs) against
+  benchmarks/index_torch.py (PIL, timm under inference_mode, batch 64;
+  also with Image.draft) on camera-size JPEGs generated as
+  benchmarks/input_pipeline.py --synthetic does, Ti/16 and S/16 at 224 px,
+  random weights, on the same cores, run alternately; ratios of the
+  embedding loops' images per second, and of whole processes.
+search: a store of `rows` clustered unit descriptors (shards of 10,000,
+  memory-mapped): exact search streamed over the shards and ScaNN (learned
+  from 100,000 rows, fed the shards, candidates re-scored from the mapped
+  rows): latency of single queries (p50 / p95), build time, recall@10
+  against exact search, peak RSS of each child process.
+--dir keeps the generated files between runs (default: a folder in /tmp).
+Long runs: `nice -n 10`.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import _devices  # benchmarks/_devices.py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+IRT_EVAL = "decode|resize(256)|center_crop(224)|normalize"
+
+
+def vm_hwm_mb():
+  with open("/proc/self/status") as f:
+    kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
+  return kb / 1024
+
+
+def child(*args, env=None):
+  """Runs this script's `args` in a child process; its JSON line."""
+  r = subprocess.run([sys.executable, __file__, *args], capture_output=True,
+                     text=True, cwd=REPO, env=env or _env())
+  if r.returncode:
+    raise SystemExit(f"child {args[0]} failed:\n{r.stderr[-3000:]}")
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _env():
+  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get(
+      "PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+
+
+def export_model(path, variant, size, proj_dim=0, pp=IRT_EVAL):
+  """An artifact of `variant` with random weights (the work of a trained
+  one)."""
+  if os.path.exists(os.path.join(path, "model.json")):
+    return path
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vitret_jax import config_common  # pylint: disable=g-import-not-at-top
+  from vitret_jax import export  # pylint: disable=g-import-not-at-top
+  from vitret_jax import models  # pylint: disable=g-import-not-at-top
+  cfg = config_common.model_config()
+  cfg.update(variant=variant, image_size=size, proj_dim=proj_dim,
+             drop_path_rate=0.0, dtype="float32")
+  model = models.build_model(cfg)
+  params = jax.jit(model.init)(jax.random.key(0),
+                               jnp.zeros((1, size, size, 3)))["params"]
+  export.export_artifact(models.for_export(model, ("cpu",)), params, path,
+                         model_config=cfg.to_dict(), preprocess=pp,
+                         image_size=size, multiple=models.input_stride(model),
+                         platforms=("cpu",), host_pp="fast")
+  return path
+
+
+def small_jpegs(root, counts):
+  """Nested folders: <root>/n<c> holds c images (the smaller folder is
+  inside the larger), generated once."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  counts = sorted(counts)
+  folders, parent = {}, root
+  for c in reversed(counts):
+    parent = os.path.join(parent, f"n{c}")
+    folders[c] = parent
+  for c, prev in zip(counts, [0] + counts[:-1]):
+    os.makedirs(folders[c], exist_ok=True)
+    for i in range(prev, c):
+      path = os.path.join(folders[c], f"{i // 1000:03d}", f"{i:07d}.jpg")
+      if os.path.exists(path):
+        continue
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      rng = np.random.default_rng(i)
+      img = np.kron(rng.integers(0, 255, (6, 8, 3)), np.ones((8, 8, 1)))
+      img += rng.normal(0, 12, img.shape)
+      Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
+          path, quality=85)
+  return folders
+
+
+def run_index(artifact, images, index_dir, *extra):
+  """--mode=index in a child process: (wall seconds, its output, peak RSS
+  MB)."""
+  code = ("import atexit, runpy, sys\n"
+          "def hwm():\n"
+          "  with open('/proc/self/status') as f:\n"
+          "    kb = [l for l in f if l.startswith('VmHWM')][0].split()[1]\n"
+          "  print('VMHWM', int(kb) / 1024, file=sys.stderr)\n"
+          "atexit.register(hwm)\n"
+          "sys.argv = ['vitret_jax.main'] + sys.argv[1:]\n"
+          "runpy.run_module('vitret_jax.main', run_name='__main__')\n")
+  t0 = time.perf_counter()
+  r = subprocess.run([sys.executable, "-c", code, "--mode=index",
+                      f"--pretrained={artifact}", f"--images={images}",
+                      f"--index_dir={index_dir}", "--overwrite", *extra],
+                     capture_output=True, text=True, cwd=REPO, env=_env())
+  wall = time.perf_counter() - t0
+  if r.returncode:
+    raise SystemExit(r.stderr[-3000:])
+  hwm = float(re.search(r"VMHWM ([\d.]+)", r.stderr).group(1))
+  return wall, r.stdout.strip().splitlines()[-1], hwm
+
+
+def memory(args):
+  counts = [int(c) for c in args.counts.split(",")]
+  folders = small_jpegs(os.path.join(args.dir, "small"), counts)
+  art = export_model(os.path.join(args.dir, "mu768"), "mu/8", 32, 768,
+                     "decode|resize(36)|center_crop(32)|normalize")
+  print(f"# --mode=index peak RSS; mu/8 at 32 px, 768-d descriptors; "
+        f"{_devices.describe_cpu()}")
+  print("| images | --mode=index peak RSS | its wall s | embed_files (all "
+        "in RAM) peak RSS | Index open + 100 searches peak RSS | searcher |")
+  print("|---|---|---|---|---|---|")
+  for c in counts:
+    index_dir = os.path.join(args.dir, f"index{c}")
+    wall, msg, hwm = run_index(art, folders[c], index_dir)
+    searcher = re.search(r"searcher: (\w+)", msg).group(1)
+    ram = child("_in_ram", art, folders[c])
+    opened = child("_open", index_dir)
+    print(f"| {c:,} | {hwm:,.0f} MB | {wall:.0f} | {ram['hwm_mb']:,.0f} MB | "
+          f"{opened['hwm_mb']:,.0f} MB | {searcher} |", flush=True)
+
+
+def _in_ram(art, images):
+  from vitret_jax import export  # pylint: disable=g-import-not-at-top
+  from vitret_jax import image_files  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import folder  # pylint: disable=g-import-not-at-top
+  emb, _, _ = image_files.embed_files(export.load_pretrained(art),
+                                      folder.list_images(images))
+  print(json.dumps({"hwm_mb": vm_hwm_mb(), "rows": len(emb)}))
+
+
+def _open(index_dir):
+  from vitret_jax import search  # pylint: disable=g-import-not-at-top
+  index = search.Index(index_dir)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, len(index), 100)
+  for i in ids:
+    index.search_ids(index.embeddings[np.asarray([i])], 10, [int(i)])
+  print(json.dumps({"hwm_mb": vm_hwm_mb(), "rows": len(index)}))
+
+
+def speed(args):
+  sys.path.insert(0, HERE)
+  import input_pipeline  # pylint: disable=g-import-not-at-top
+  images = os.path.join(args.dir, "camera")
+  if not os.path.isdir(images):
+    os.makedirs(images)
+    input_pipeline.synthetic(images, per_size=args.images // 2)
+  print(f"# --mode=index vs a PyTorch + timm loop, {args.images} synthetic "
+        f"JPEGs (500x375, 1024x768, q90), IRT eval spec at 224 px, batch 64; "
+        f"{_devices.describe_cpu()}")
+  print("| model | run | vitret_jax loop img/s | torch img/s | torch + "
+        "draft img/s | loop ratio vs torch / + draft | process s: vitret_jax"
+        " / torch / + draft |")
+  print("|---|---|---|---|---|---|---|")
+  timm_names = {"Ti/16": "vit_tiny_patch16_224",
+                "S/16": "vit_small_patch16_224"}
+  for variant in args.variants.split(","):
+    art = export_model(os.path.join(args.dir, variant.replace("/", "")),
+                       variant, 224)
+    for rep in range(args.repeats):
+      wall, msg, _ = run_index(art, images, os.path.join(args.dir, "idx"),
+                               "--searcher=exact")
+      ours = float(re.search(r"\(([\d.]+) img/s\)", msg).group(1))
+      torch_runs = []
+      for draft in ([], ["--draft"]):
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, os.path.join(HERE,
+                                                         "index_torch.py"),
+                            f"--images={images}",
+                            f"--model={timm_names[variant]}", *draft],
+                           capture_output=True, text=True, env=_env())
+        if r.returncode:
+          raise SystemExit(r.stderr[-3000:])
+        torch_runs.append((json.loads(r.stdout.splitlines()[-1])["img_s"],
+                           time.perf_counter() - t0))
+      (t, t_wall), (d, d_wall) = torch_runs
+      print(f"| {variant} | {rep + 1} | {ours:.1f} | {t:.1f} | {d:.1f} | "
+            f"{ours / t:.2f}x / {ours / d:.2f}x | {wall:.0f} / {t_wall:.0f} "
+            f"/ {d_wall:.0f} |", flush=True)
+
+
+def search_bench(args):
+  store = os.path.join(args.dir, f"store{args.rows}x{args.dim}")
+  child("_write_store", store, str(args.rows), str(args.dim))
+  print(f"# search over {args.rows:,} x {args.dim} memory-mapped "
+        f"descriptors (clustered unit vectors, shards of 10,000); "
+        f"{_devices.describe_cpu()}")
+  print("| searcher | build s | single-query p50 ms | p95 ms | recall@10 vs "
+        "exact | peak RSS |")
+  print("|---|---|---|---|---|---|")
+  for kind in ("exact", "scann"):
+    r = child("_search", store, kind, str(args.queries))
+    print(f"| {kind} | {r['build_s']:.0f} | {r['p50_ms']:.1f} | "
+          f"{r['p95_ms']:.1f} | {r['recall']:.3f} | {r['hwm_mb']:,.0f} MB |",
+          flush=True)
+
+
+def _clustered(n, dim, seed, centres):
+  """Unit vectors around `centres`, noise of norm ~0.7 (embedding-like:
+  see ENVIRONMENT.md on ScaNN and isotropic random data)."""
+  rng = np.random.default_rng(seed)
+  x = centres[rng.integers(0, len(centres), n)] + (0.7 / np.sqrt(dim)) * (
+      rng.normal(size=(n, dim)).astype(np.float32))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _centres(dim):
+  c = np.random.default_rng(123).normal(size=(2000, dim)).astype(np.float32)
+  return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def _write_store(folder, rows, dim):
+  from vitret_jax.store import items  # pylint: disable=g-import-not-at-top
+  from vitret_jax.store import writer  # pylint: disable=g-import-not-at-top
+  rows, dim = int(rows), int(dim)
+  centres = _centres(dim)
+  w = writer.Writer(folder, {"synthetic": [rows, dim]})
+  if not w.manifest:
+    names = [f"{i:07d}" for i in range(rows)]
+    seg = w.plan(items.Items.from_paths(names, stat=False))
+    w.fill(seg, lambda a, b: (_clustered(b - a, dim, a, centres), []))
+    w.commit([seg])
+  print(json.dumps({"hwm_mb": vm_hwm_mb()}))
+
+
+def _search(folder, kind, n_queries):
+  from vitret_jax.eval import knn  # pylint: disable=g-import-not-at-top
+  from vitret_jax.store import scann_search  # pylint: disable=g-import-not-at-top
+  from vitret_jax.store import view  # pylint: disable=g-import-not-at-top
+  from vitret_jax.store import writer  # pylint: disable=g-import-not-at-top
+  manifest = writer.read_manifest(folder)
+  db = view.View(writer.committed_segments(folder, manifest), manifest["dim"])
+  q = _clustered(int(n_queries), db.shape[1], 10**9, _centres(db.shape[1]))
+  t0 = time.perf_counter()
+  if kind == "scann":
+    db.searcher = scann_search.build(db)
+  build = time.perf_counter() - t0
+  times, found = [], []
+  count = int(n_queries) if kind == "scann" else min(20, int(n_queries))
+  for i in range(count):
+    t0 = time.perf_counter()
+    found.append(db.search(q[i:i + 1], 10)[1][0])
+    times.append(time.perf_counter() - t0)
+  recall = 1.0
+  if kind == "scann":
+    db.searcher = None
+    exact = db.search(q[:count], 10)[1]
+    recall = knn.neighbour_recall(np.stack(found), exact)
+  print(json.dumps({"build_s": build, "hwm_mb": vm_hwm_mb(),
+                    "p50_ms": 1e3 * np.percentile(times[1:], 50),
+                    "p95_ms": 1e3 * np.percentile(times[1:], 95),
+                    "recall": recall}))
+
+
+CHILDREN = {"_in_ram": _in_ram, "_open": _open, "_write_store": _write_store,
+            "_search": _search}
+
+
+def main():
+  if len(sys.argv) > 1 and sys.argv[1] in CHILDREN:
+    return CHILDREN[sys.argv[1]](*sys.argv[2:])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("part", choices=["memory", "speed", "search"])
+  parser.add_argument("--dir", default="/tmp/vitret-index-bench")
+  parser.add_argument("--counts", default="20000,100000,200000")
+  parser.add_argument("--images", type=int, default=256)
+  parser.add_argument("--variants", default="Ti/16,S/16")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--rows", type=int, default=1_000_000)
+  parser.add_argument("--dim", type=int, default=768)
+  parser.add_argument("--queries", type=int, default=200)
+  args = parser.parse_args()
+  os.makedirs(args.dir, exist_ok=True)
+  {"memory": memory, "speed": speed, "search": search_bench}[args.part](args)
+
+
+if __name__ == "__main__":
+  main()
