@@ -73,6 +73,8 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
   w, segments, new, dropped = plan(index_dir, root, ident, verify,
                                    shard_size, overwrite)
   stats = {"embedded": 0, "seconds": 0.0}
+  if update and new is None and not dropped:
+    return _up_to_date(w, index_dir, t0)
   if new is not None:
     def embed_shard(start, stop):
       paths = [os.path.join(root, p) for p in new.items.paths(start, stop)]
@@ -89,6 +91,26 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
                  seconds=time.time() - t0, index=index_dir,
                  reused=summary["indexed"] - embedded)
   return summary
+
+
+def _up_to_date(w, index_dir, t0):
+  """The summary of an update that found nothing to do (the index and its
+  searcher are left as they are)."""
+  segments = w.segments()
+  rows = len(view_lib.View(segments, w.manifest["dim"]))
+  return {"indexed": rows, "files": 0, "embedded": 0, "embed_seconds": 0.0,
+          "reused": rows, "dropped": 0, "seconds": time.time() - t0,
+          "index": index_dir, "skipped": _skipped(segments, w.manifest[
+              "extra"]["root"]),
+          "searcher": w.manifest["extra"]["searcher"]["kind"]}
+
+
+def _skipped(segments, root):
+  """[(path, reason)] of the unreadable files the segments record."""
+  return [(os.path.join(root, seg.items[p]), why) for seg in segments
+          for s in range(seg.num_shards)
+          for p, why in seg.record(s)["skipped"]
+          if not np.isin(p, seg.dropped)]
 
 
 def _plan_build(index_dir, root, ident, verify, shard_size, overwrite):
@@ -213,10 +235,7 @@ def _finish(w, segments, root, source, searcher, scann_options):
       info = {"kind": "exact"}
     return info, len(view)
   info, rows = writer.on_process_0(build_searcher)
-  skipped = [(os.path.join(root, seg.items[p]), why) for seg in segments
-             for s in range(seg.num_shards)
-             for p, why in seg.record(s)["skipped"]
-             if not np.isin(p, seg.dropped)]
+  skipped = _skipped(segments, root)
   def write_skipped():
     with open(os.path.join(w.folder, "skipped.txt"), "w") as f:
       f.writelines(f"{p}\t{why}\n" for p, why in skipped)

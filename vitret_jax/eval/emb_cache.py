@@ -1,11 +1,13 @@
 """Cached embeddings of a split: the key of what the images hold, and the
 array files themselves (`<workdir>/embeddings/`, see
 experiment.cache_prefix for the rest of the key)."""
+import concurrent.futures
 import hashlib
-import os
 
 import numpy as np
 from absl import logging
+
+from vitret_jax.store import items
 
 
 def content_key(split):
@@ -13,14 +15,10 @@ def content_key(split):
   modification times: an image replaced under the same name changes it."""
   h = hashlib.sha256(split.fingerprint().encode())
   if split.source is None:
-    stats = []
-    for p in split.paths:
-      try:
-        st = os.stat(p)
-        stats.append((st.st_size, st.st_mtime_ns))
-      except OSError:
-        stats.append((-1, -1))
-    h.update(np.asarray(stats, np.int64).tobytes())
+    # Threads: a million files (+R1M) on a network filesystem.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      stats = list(pool.map(items.file_stat, split.paths, chunksize=256))
+    h.update(np.asarray(stats, np.int64).reshape(-1, 2).tobytes())
   return h.hexdigest()[:16]
 
 

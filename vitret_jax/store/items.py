@@ -25,6 +25,15 @@ def file_sha256(path) -> bytes:
     return b""
 
 
+def file_stat(path):
+  """(size, mtime in ns) of a file; (-1, -1) when it cannot be stat'ed."""
+  try:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+  except OSError:
+    return -1, -1
+
+
 class Items:
   """N files in a fixed order.
 
@@ -55,20 +64,16 @@ class Items:
     encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
     offsets = np.zeros(len(encoded) + 1, np.int64)
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    size = np.full(len(paths), -1, np.int64)
-    mtime = np.full(len(paths), -1, np.int64)
     full = [os.path.join(root, p) for p in paths] if root else list(paths)
-    for i, p in enumerate(full if stat else ()):
-      try:
-        st = os.stat(p)
-        size[i], mtime[i] = st.st_size, st.st_mtime_ns
-      except OSError:
-        pass
+    stats = np.full((len(paths), 2), -1, np.int64)
     sha = None
-    if verify:
-      with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    # Threads: on a network filesystem each call waits on a round trip.
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      if stat and full:
+        stats[:] = list(pool.map(file_stat, full, chunksize=256))
+      if verify:
         sha = list(pool.map(file_sha256, full, chunksize=64))
-    return cls(b"".join(encoded), offsets, size, mtime, sha)
+    return cls(b"".join(encoded), offsets, stats[:, 0], stats[:, 1], sha)
 
   def __len__(self):
     return len(self.size)

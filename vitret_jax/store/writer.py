@@ -240,8 +240,9 @@ class Writer:
       old = _load_plan(folder, name, self.key)
       if (old.items.digest(), old.shard_size) == (items.digest(), shard_size):
         return
-      logging.warning("%s: an interrupted run planned other files; "
-                      "starting the segment again.", folder)
+      logging.warning("%s: an interrupted run planned other files or "
+                      "another shard size; starting the segment again.",
+                      folder)
     except (OSError, ValueError, KeyError):
       pass
     shutil.rmtree(folder, ignore_errors=True)
