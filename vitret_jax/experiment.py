@@ -397,9 +397,4 @@ class RunEmbedder:
     export.Embedder.embed_files)."""
     return image_files.embed_all(self, paths, batch_size)
 
-  def embed_files_iter(self, paths, batch_size=64, skipped=None):
-    """Yields (paths_chunk, descriptors [len(paths_chunk), E]) over image
-    files in their order, a few batches at a time: a loop over millions of
-    files never holds every descriptor (image_files.embed_files_iter; an
-    unreadable file is an error unless `skipped`, a list, collects it)."""
-    return image_files.embed_files_iter(self, paths, batch_size, skipped)
+  embed_files_iter = image_files.embed_files_iter

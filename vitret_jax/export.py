@@ -232,12 +232,9 @@ class Embedder:
     by shape. An unreadable file is an error naming it."""
     return image_files.embed_all(self, paths, batch_size)
 
-  def embed_files_iter(self, paths, batch_size=64, skipped=None):
-    """Yields (paths_chunk, descriptors [len(paths_chunk), E]) over image
-    files in their order, a few batches at a time: a loop over millions of
-    files never holds every descriptor (image_files.embed_files_iter; an
-    unreadable file is an error unless `skipped`, a list, collects it)."""
-    return image_files.embed_files_iter(self, paths, batch_size, skipped)
+  # embedder.embed_files_iter(paths, batch_size=64, skipped=None): a
+  # generator of (paths_chunk, descriptors) for millions of files.
+  embed_files_iter = image_files.embed_files_iter
 
   def __call__(self, images):
     images = np.asarray(images, np.float32)

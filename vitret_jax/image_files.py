@@ -118,10 +118,12 @@ def embed_files_iter(embedder, paths, batch_size=64, skipped=None,
                      workers=None):
   """Yields (paths_chunk, descriptors [len(paths_chunk), E]) over `paths`,
   in their order, never holding more than a few batches of descriptors:
-  for a loop over millions of files.
+  for a loop over millions of files. Also the method
+  `embedder.embed_files_iter(paths, ...)` of export.Embedder and
+  experiment.RunEmbedder.
 
   Args:
-    embedder: see the module doc.
+    embedder: see the module doc (the object, when called as a method).
     paths: a sequence of image paths.
     batch_size: images per forward pass.
     skipped: None (an unreadable file is a DataError naming it) or a list
