@@ -2,6 +2,7 @@
 the same descriptors as an uninterrupted build; two processes on 127.0.0.1
 build the index one process builds; --update (new, changed, deleted files;
 --verify; another embedder refused); Index.reload; embed_files_iter."""
+import json
 import os
 import shutil
 import signal
@@ -185,7 +186,7 @@ def test_update_new_changed_deleted_verify_and_reload(artifact, photos,
   indexing.build_index(emb, str(folder), index_dir, shard_size=SHARD,
                        verify=True)
   index = search.Index(index_dir)
-  old_state = index.database
+  pinned = index.snapshot()
   assert not index.changed()
   # Two new files, one changed, one deleted, the broken one made readable.
   shutil.copy(folder / "f0" / "001.jpg", folder / "f1" / "new_a.jpg")
@@ -198,7 +199,10 @@ def test_update_new_changed_deleted_verify_and_reload(artifact, photos,
   assert (s["embedded"], s["dropped"], s["indexed"]) == (4, 2, 24)
   assert s["reused"] == 20 and not s["skipped"] and s["searcher"] == "scann"
   assert index.changed() and index.reload() and len(index) == 24
-  assert len(old_state) == 22  # a search begun before the reload goes on
+  assert not index.changed() and not index.reload()
+  # A request that pinned the index before the reload goes on with it.
+  assert len(pinned) == 22 and pinned.search_ids(
+      pinned.embeddings[np.asarray([0])], 3, [0])[0][0][0] != 0
   fresh = str(tmp_path / "fresh")
   indexing.build_index(emb, str(folder), fresh, shard_size=SHARD)
   got, want = contents(index)[0], contents(search.Index(fresh))[0]
@@ -257,3 +261,28 @@ def test_embed_files_iter_in_order_and_lazy(artifact, photos):
   # A lazy generator: the first chunk comes after a pass or two, not after
   # the 4,200 files.
   assert len(first[0]) == 4 and counting.passes <= 2
+
+
+def test_an_index_of_version_0_1_is_still_read(tmp_path):
+  """embeddings.npy + files.json + scann/ (what 0.1's --mode=index wrote):
+  searched as before; --update asks for a rebuild."""
+  pytest.importorskip("scann")
+  from vitret_jax.eval import knn  # pylint: disable=g-import-not-at-top
+  old = tmp_path / "old"
+  (old / "scann").mkdir(parents=True)
+  emb = np.eye(5, 8, dtype=np.float32) + 0.1
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  np.save(old / "embeddings.npy", emb)
+  knn.build_scann(emb, 10).serialize(str(old / "scann"), relative_path=True)
+  names = [f"{i}.jpg" for i in range(5)]
+  (old / "files.json").write_text(json.dumps({"root": "/photos",
+                                              "files": names}))
+  index = search.Index(str(old))
+  assert len(index) == 5 and index.paths[2] == "/photos/2.jpg"
+  hits = index.search(emb[:2], ["/photos/0.jpg", "/elsewhere.jpg"], 3)
+  assert [p for p, _ in hits[0]][:1] != ["/photos/0.jpg"]  # itself left out
+  assert hits[1][0][0] == "/photos/1.jpg" and len(hits[1]) == 3
+  class Any:
+    preprocess = "decode|resize(8)|normalize"
+  with pytest.raises(UserError, match="0.1.*--overwrite"):
+    indexing.build_index(Any(), str(tmp_path), str(old), update=True)

@@ -10,6 +10,7 @@ when it grows. Indexes of vitret_jax 0.1 (`embeddings.npy`, `files.json`,
 `scann/`) are still read.
 """
 import collections.abc
+import copy
 import json
 import os
 
@@ -146,7 +147,8 @@ class Index:
   `changed()` says cheaply (one stat) whether the index on disk is another
   than the one open (grown by --update, rebuilt); `reload()` opens the new
   one and swaps it in whole, so a search running meanwhile finishes on the
-  old one (whose memory-mapped files stay readable).
+  old one (whose memory-mapped files stay readable); `snapshot()` pins the
+  current one for a request that makes several lookups.
   """
 
   def __init__(self, index_dir):
@@ -168,6 +170,11 @@ class Index:
 
   def changed(self) -> bool:
     return _stamp(self.index_dir) != self._state.stamp
+
+  def snapshot(self):
+    """This index as it is now, unaffected by a later reload(): what one
+    request should use for all its lookups (ids, paths, descriptors)."""
+    return copy.copy(self)
 
   def reload(self) -> bool:
     """Opens the index again if it changed on disk; True when it did."""
