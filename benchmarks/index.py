@@ -27,11 +27,13 @@ search: a store of `rows` clustered unit descriptors (shards of 10,000,
 Long runs: `nice -n 10`.
 """
 import argparse
+import atexit
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -43,10 +45,33 @@ REPO = os.path.dirname(HERE)
 IRT_EVAL = "decode|resize(256)|center_crop(224)|normalize"
 
 
-def vm_hwm_mb():
-  with open("/proc/self/status") as f:
-    kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
-  return kb / 1024
+# Peak resident memory of a measured child, sampled every 20 ms by a
+# thread: anonymous (what the process allocated) apart from file-backed
+# (mapped shards: page cache the kernel can drop); VmHWM counts both.
+_PEAKS = {"RssAnon": 0, "RssFile": 0}
+
+
+def start_sampler(report=False):
+  """Starts the sampling thread; with `report`, prints "PEAKS anon file"
+  (MB) to stderr at exit."""
+  def sample():
+    while True:
+      with open("/proc/self/status") as f:
+        for line in f:
+          key = line.split(":")[0]
+          if key in _PEAKS:
+            _PEAKS[key] = max(_PEAKS[key], int(line.split()[1]))
+      time.sleep(0.02)
+  threading.Thread(target=sample, daemon=True).start()
+  if report:
+    atexit.register(lambda: print("PEAKS", *peaks().values(),
+                                  file=sys.stderr))
+
+
+def peaks():
+  """{anon_mb, file_mb}: this process's peaks so far (start_sampler)."""
+  return {"anon_mb": _PEAKS["RssAnon"] / 1024,
+          "file_mb": _PEAKS["RssFile"] / 1024}
 
 
 def child(*args, env=None):
@@ -111,14 +136,10 @@ def small_jpegs(root, counts):
 
 
 def run_index(artifact, images, index_dir, *extra):
-  """--mode=index in a child process: (wall seconds, its output, peak RSS
-  MB)."""
-  code = ("import atexit, runpy, sys\n"
-          "def hwm():\n"
-          "  with open('/proc/self/status') as f:\n"
-          "    kb = [l for l in f if l.startswith('VmHWM')][0].split()[1]\n"
-          "  print('VMHWM', int(kb) / 1024, file=sys.stderr)\n"
-          "atexit.register(hwm)\n"
+  """--mode=index in a child process: (wall seconds, its output, (peak
+  anonymous MB, peak file-backed MB))."""
+  code = (f"import runpy, sys\nsys.path.insert(0, {HERE!r})\n"
+          "import index\nindex.start_sampler(report=True)\n"
           "sys.argv = ['vitret_jax.main'] + sys.argv[1:]\n"
           "runpy.run_module('vitret_jax.main', run_name='__main__')\n")
   t0 = time.perf_counter()
@@ -129,8 +150,9 @@ def run_index(artifact, images, index_dir, *extra):
   wall = time.perf_counter() - t0
   if r.returncode:
     raise SystemExit(r.stderr[-3000:])
-  hwm = float(re.search(r"VMHWM ([\d.]+)", r.stderr).group(1))
-  return wall, r.stdout.strip().splitlines()[-1], hwm
+  anon, mapped = map(float, re.search(r"PEAKS ([\d.]+) ([\d.]+)",
+                                      r.stderr).groups())
+  return wall, r.stdout.strip().splitlines()[-1], (anon, mapped)
 
 
 def memory(args):
@@ -138,19 +160,22 @@ def memory(args):
   folders = small_jpegs(os.path.join(args.dir, "small"), counts)
   art = export_model(os.path.join(args.dir, "mu768"), "mu/8", 32, 768,
                      "decode|resize(36)|center_crop(32)|normalize")
-  print(f"# --mode=index peak RSS; mu/8 at 32 px, 768-d descriptors; "
+  print(f"# peak resident memory, anonymous + file-backed (mapped "
+        f"shards), MB; mu/8 at 32 px, 768-d descriptors; "
         f"{_devices.describe_cpu()}")
-  print("| images | --mode=index peak RSS | its wall s | embed_files (all "
-        "in RAM) peak RSS | Index open + 100 searches peak RSS | searcher |")
+  print("| images | --mode=index | its wall s | searcher | embed_files "
+        "(every descriptor in one array) | Index open + 100 searches |")
   print("|---|---|---|---|---|---|")
   for c in counts:
     index_dir = os.path.join(args.dir, f"index{c}")
-    wall, msg, hwm = run_index(art, folders[c], index_dir)
+    wall, msg, (anon, mapped) = run_index(art, folders[c], index_dir)
     searcher = re.search(r"searcher: (\w+)", msg).group(1)
     ram = child("_in_ram", art, folders[c])
     opened = child("_open", index_dir)
-    print(f"| {c:,} | {hwm:,.0f} MB | {wall:.0f} | {ram['hwm_mb']:,.0f} MB | "
-          f"{opened['hwm_mb']:,.0f} MB | {searcher} |", flush=True)
+    print(f"| {c:,} | {anon:,.0f} + {mapped:,.0f} | {wall:.0f} | "
+          f"{searcher} | {ram['anon_mb']:,.0f} + {ram['file_mb']:,.0f} | "
+          f"{opened['anon_mb']:,.0f} + {opened['file_mb']:,.0f} |",
+          flush=True)
 
 
 def _in_ram(art, images):
@@ -159,7 +184,7 @@ def _in_ram(art, images):
   from vitret_jax.data import folder  # pylint: disable=g-import-not-at-top
   emb, _, _ = image_files.embed_files(export.load_pretrained(art),
                                       folder.list_images(images))
-  print(json.dumps({"hwm_mb": vm_hwm_mb(), "rows": len(emb)}))
+  print(json.dumps(dict(peaks(), rows=len(emb))))
 
 
 def _open(index_dir):
@@ -169,7 +194,7 @@ def _open(index_dir):
   ids = rng.integers(0, len(index), 100)
   for i in ids:
     index.search_ids(index.embeddings[np.asarray([i])], 10, [int(i)])
-  print(json.dumps({"hwm_mb": vm_hwm_mb(), "rows": len(index)}))
+  print(json.dumps(dict(peaks(), rows=len(index))))
 
 
 def speed(args):
@@ -220,12 +245,13 @@ def search_bench(args):
         f"descriptors (clustered unit vectors, shards of 10,000); "
         f"{_devices.describe_cpu()}")
   print("| searcher | build s | single-query p50 ms | p95 ms | recall@10 vs "
-        "exact | peak RSS |")
+        "exact | peak MB, anonymous + file-backed |")
   print("|---|---|---|---|---|---|")
   for kind in ("exact", "scann"):
     r = child("_search", store, kind, str(args.queries))
     print(f"| {kind} | {r['build_s']:.0f} | {r['p50_ms']:.1f} | "
-          f"{r['p95_ms']:.1f} | {r['recall']:.3f} | {r['hwm_mb']:,.0f} MB |",
+          f"{r['p95_ms']:.1f} | {r['recall']:.3f} | {r['anon_mb']:,.0f} + "
+          f"{r['file_mb']:,.0f} |",
           flush=True)
 
 
@@ -254,7 +280,7 @@ def _write_store(folder, rows, dim):
     seg = w.plan(items.Items.from_paths(names, stat=False))
     w.fill(seg, lambda a, b: (_clustered(b - a, dim, a, centres), []))
     w.commit([seg])
-  print(json.dumps({"hwm_mb": vm_hwm_mb()}))
+  print(json.dumps(peaks()))
 
 
 def _search(folder, kind, n_queries):
@@ -280,7 +306,7 @@ def _search(folder, kind, n_queries):
     db.searcher = None
     exact = db.search(q[:count], 10)[1]
     recall = knn.neighbour_recall(np.stack(found), exact)
-  print(json.dumps({"build_s": build, "hwm_mb": vm_hwm_mb(),
+  print(json.dumps({"build_s": build, **peaks(),
                     "p50_ms": 1e3 * np.percentile(times[1:], 50),
                     "p95_ms": 1e3 * np.percentile(times[1:], 95),
                     "recall": recall}))
@@ -292,6 +318,7 @@ CHILDREN = {"_in_ram": _in_ram, "_open": _open, "_write_store": _write_store,
 
 def main():
   if len(sys.argv) > 1 and sys.argv[1] in CHILDREN:
+    start_sampler()
     return CHILDREN[sys.argv[1]](*sys.argv[2:])
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("part", choices=["memory", "speed", "search"])
