@@ -60,14 +60,15 @@ def exact_knn(query, reference, k, exclude_self=False, query_chunk=1024,
 
 
 def exact_knn_blocks(query, blocks, n_ref, k, exclude=None,
-                     query_chunk=1024):
+                     query_chunk=1024, block_rows=0):
   """exact_knn over references given block by block.
 
   Args:
     query: [Q, E] float array.
     blocks: iterable of (first reference id, float array [r, E]) covering
-      references 0..n_ref-1 in order; every block is padded to the first
-      one's row count, so one compiled program serves them all.
+      references 0..n_ref-1 in order; every block is padded to `block_rows`
+      (default: the first one's row count; a longer block is split), so one
+      compiled program serves them all.
     n_ref: the number of references.
     k: neighbours per query (clamped to the references available).
     exclude: optional int [Q]: query i never retrieves reference
@@ -90,7 +91,7 @@ def exact_knn_blocks(query, blocks, n_ref, k, exclude=None,
     e = jnp.asarray(_pad_rows(excl[qs:qs + qc], qc))
     chunks.append([q, e, jnp.full((qc, k), -jnp.inf, jnp.float32),
                    jnp.full((qc, k), -1, jnp.int32)])
-  rc = None
+  rc = block_rows or None
   for start, block in blocks:
     block = np.asarray(block, np.float32)
     if not len(block):

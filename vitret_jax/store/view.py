@@ -25,6 +25,7 @@ class _Rows:
   """What every database shares: the search over its blocks."""
 
   searcher = None  # an attached approximate searcher (scann_search)
+  block_rows = 0  # rows of the longest block (0: unknown)
 
   @property
   def shape(self):
@@ -48,7 +49,7 @@ class _Rows:
       return (np.full((len(queries), k), -np.inf, np.float32),
               np.full((len(queries), k), -1, np.int32))
     scores, ids = knn.exact_knn_blocks(queries, self.blocks(), self._n, k,
-                                       exclude)
+                                       exclude, block_rows=self.block_rows)
     return _pad_to(scores, ids, k)
 
   def _ids(self, ids):
@@ -117,6 +118,7 @@ class View(_Rows):
     self._seg_pos = seg_pos
     self._starts = np.asarray(starts[:-1], np.int64)
     self._n = starts[-1]
+    self.block_rows = int(np.diff(starts).max()) if self._arrays else 0
 
   def __getitem__(self, ids):
     shape, flat = self._ids(ids)
@@ -186,15 +188,18 @@ class ArrayView(_Rows):
     self.array = array
     self._n, self._dim = (int(array.shape[0]),
                           int(array.shape[1]) if array.ndim == 2 else 0)
+    self.block_rows = min(self._n, self.BLOCK)
 
   def __getitem__(self, ids):
     shape, flat = self._ids(ids)
     return np.asarray(self.array[flat], np.float32).reshape(
         shape + (self._dim,))
 
-  def blocks(self):
-    for s in range(0, self._n, self.BLOCK):
-      yield s, np.asarray(self.array[s:s + self.BLOCK], np.float32)
+  def blocks(self, rows=0):
+    """(first id, rows [r, E]) in blocks of `rows` (default BLOCK)."""
+    rows = rows or self.BLOCK
+    for s in range(0, self._n, rows):
+      yield s, np.asarray(self.array[s:s + rows], np.float32)
 
 
 class Stacked(_Rows):
@@ -211,6 +216,10 @@ class Stacked(_Rows):
     self._starts = np.cumsum([0] + [len(p) for p in parts])[:-1]
     self._n = int(sum(len(p) for p in parts))
     self._dim = dims.pop() if dims else 0
+    # The stores' shard size when there are stores: arrays are cut to it,
+    # so no block is padded much (exact_knn_blocks pads to one size).
+    stored = [p.block_rows for p in parts if not isinstance(p, ArrayView)]
+    self.block_rows = max(stored or [p.block_rows for p in parts] or [0])
 
   def __getitem__(self, ids):
     shape, flat = self._ids(ids)
@@ -220,5 +229,7 @@ class Stacked(_Rows):
 
   def blocks(self):
     for start, part in zip(self._starts, self.parts):
-      for s, block in part.blocks():
+      blocks = (part.blocks(self.block_rows) if isinstance(part, ArrayView)
+                else part.blocks())
+      for s, block in blocks:
         yield int(start) + s, block
