@@ -4,6 +4,7 @@
   python benchmarks/index.py speed [--images 256] [--variants Ti/16,S/16]
       [--repeats 2]
   python benchmarks/index.py search [--rows 1000000] [--dim 768]
+  python benchmarks/index.py distractors [--counts 20000,100000,200000]
 
 memory: --mode=index of folders of 20k, 100k and 200k generated small JPEGs
   with a test-size model (mu/8 at 32 px, projected to 768 dimensions, the
@@ -23,6 +24,10 @@ search: a store of `rows` clustered unit descriptors (shards of 10,000,
   from 100,000 rows, fed the shards, candidates re-scored from the mapped
   rows): latency of single queries (p50 / p95), build time, recall@10
   against exact search, peak RSS of each child process.
+distractors: the revisited evaluator (queries and database: 110 of the
+  generated images) with 20k, 100k and 200k of them as +R1M distractors,
+  through the descriptor store under an embedding cache; peak memory of
+  each evaluation, in a child process.
 --dir keeps the generated files between runs (default: a folder in /tmp).
 Long runs: `nice -n 10`.
 """
@@ -84,8 +89,8 @@ def child(*args, env=None):
 
 
 def _env():
-  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get(
-      "PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  path = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+  return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu")
 
 
 def export_model(path, variant, size, proj_dim=0, pp=IRT_EVAL):
@@ -312,8 +317,62 @@ def _search(folder, kind, n_queries):
                     "recall": recall}))
 
 
+def distractors(args):
+  """The revisited evaluator with 20k, 100k, 200k distractors (#35)."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  counts = [int(c) for c in args.counts.split(",")]
+  folders = small_jpegs(os.path.join(args.dir, "small"), counts)
+  data = os.path.join(args.dir, "revisited")
+  os.makedirs(os.path.join(data, "jpg"), exist_ok=True)
+  names = [f"{i:07d}" for i in range(110)]
+  for i, n in enumerate(names):  # queries and database: other images
+    src = os.path.join(folders[counts[0]], "000", f"{i:07d}.jpg")
+    if not os.path.exists(os.path.join(data, "jpg", n + ".jpg")):
+      os.symlink(src, os.path.join(data, "jpg", n + ".jpg"))
+  gnd = [dict(bbx=[0, 0, 9, 9], easy=[i], hard=[], junk=[]) for i in range(10)]
+  with open(os.path.join(data, "gnd_roxford5k.pkl"), "wb") as f:
+    pickle.dump({"imlist": names[10:], "qimlist": names[:10], "gnd": gnd}, f)
+  print(f"# revisited evaluator with distractors, peak memory MB (anonymous "
+        f"+ file-backed); mu/8, 768-d; {_devices.describe_cpu()}")
+  print("| distractors | their descriptors | evaluation | seconds |")
+  print("|---|---|---|---|")
+  for c in counts:
+    listing = os.path.join(args.dir, f"r1m{c}")
+    os.makedirs(listing, exist_ok=True)
+    with open(os.path.join(listing, "revisitop1m.txt"), "w") as f:
+      for root, _, files in sorted(os.walk(folders[c])):
+        f.writelines(os.path.relpath(os.path.join(root, n), listing) + "\n"
+                     for n in sorted(files))
+    r = child("_distract", data, listing, os.path.join(args.dir, f"ev{c}"))
+    print(f"| {c:,} | {c * 768 * 4 / 2**20:,.0f} MB | {r['anon_mb']:,.0f} + "
+          f"{r['file_mb']:,.0f} | {r['seconds']:.0f} |", flush=True)
+
+
+def _distract(data, listing, cache):
+  import jax  # pylint: disable=g-import-not-at-top
+  from vitret_jax import config_common  # pylint: disable=g-import-not-at-top
+  from vitret_jax import models  # pylint: disable=g-import-not-at-top
+  from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import embed  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import evaluator  # pylint: disable=g-import-not-at-top
+  cfg = config_common.model_config()
+  cfg.update(variant="mu/8", image_size=32, proj_dim=768, dtype="float32")
+  model = models.build_model(cfg)
+  params = jax.jit(model.init)(jax.random.key(0),
+                               jax.numpy.zeros((1, 32, 32, 3)))["params"]
+  mesh = sharding.make_mesh()
+  ev = evaluator.RevisitedEvaluator(
+      embed.make_embed_fn(model, mesh), mesh, {}, data_dir=data,
+      options=dict(distractors_dir=listing, check_counts=False),
+      pp="decode|resize_max(32)|normalize", batch_size=64)
+  os.makedirs(cache, exist_ok=True)
+  t0 = time.perf_counter()
+  ev.run(params, os.path.join(cache, "roxford-step0-bench"))
+  print(json.dumps(dict(peaks(), seconds=time.perf_counter() - t0)))
+
+
 CHILDREN = {"_in_ram": _in_ram, "_open": _open, "_write_store": _write_store,
-            "_search": _search}
+            "_search": _search, "_distract": _distract}
 
 
 def main():
@@ -321,7 +380,8 @@ def main():
     start_sampler()
     return CHILDREN[sys.argv[1]](*sys.argv[2:])
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("part", choices=["memory", "speed", "search"])
+  parser.add_argument("part", choices=["memory", "speed", "search",
+                                      "distractors"])
   parser.add_argument("--dir", default="/tmp/vitret-index-bench")
   parser.add_argument("--counts", default="20000,100000,200000")
   parser.add_argument("--images", type=int, default=256)
@@ -332,7 +392,8 @@ def main():
   parser.add_argument("--queries", type=int, default=200)
   args = parser.parse_args()
   os.makedirs(args.dir, exist_ok=True)
-  {"memory": memory, "speed": speed, "search": search_bench}[args.part](args)
+  {"memory": memory, "speed": speed, "search": search_bench,
+   "distractors": distractors}[args.part](args)
 
 
 if __name__ == "__main__":
