@@ -1,6 +1,7 @@
 """Indexing at scale (issue #36): memory, speed against PyTorch, search.
 
   python benchmarks/index.py memory [--counts 20000,100000,200000]
+      [--searcher auto]
   python benchmarks/index.py speed [--images 256] [--variants Ti/16,S/16]
       [--repeats 2]
   python benchmarks/index.py search [--rows 1000000] [--dim 768]
@@ -173,7 +174,8 @@ def memory(args):
   print("|---|---|---|---|---|---|")
   for c in counts:
     index_dir = os.path.join(args.dir, f"index{c}")
-    wall, msg, (anon, mapped) = run_index(art, folders[c], index_dir)
+    wall, msg, (anon, mapped) = run_index(art, folders[c], index_dir,
+                                          f"--searcher={args.searcher}")
     searcher = re.search(r"searcher: (\w+)", msg).group(1)
     ram = child("_in_ram", art, folders[c])
     opened = child("_open", index_dir)
@@ -384,6 +386,7 @@ def main():
                                       "distractors"])
   parser.add_argument("--dir", default="/tmp/vitret-index-bench")
   parser.add_argument("--counts", default="20000,100000,200000")
+  parser.add_argument("--searcher", default="auto")
   parser.add_argument("--images", type=int, default=256)
   parser.add_argument("--variants", default="Ti/16,S/16")
   parser.add_argument("--repeats", type=int, default=2)
