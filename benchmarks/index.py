@@ -3,32 +3,25 @@
   python benchmarks/index.py memory [--counts 20000,100000,200000]
       [--searcher auto]
   python benchmarks/index.py speed [--images 256] [--variants Ti/16,S/16]
-      [--repeats 2]
+      [--repeats 5]
   python benchmarks/index.py search [--rows 1000000] [--dim 768]
   python benchmarks/index.py distractors [--counts 20000,100000,200000]
 
-memory: --mode=index of folders of 20k, 100k and 200k generated small JPEGs
-  with a test-size model (mu/8 at 32 px, projected to 768 dimensions, the
-  descriptor size of B/16), each in a child process whose peak RSS (VmHWM)
-  is reported; beside it, the same images through
-  image_files.embed_files, which returns every descriptor in one array
-  (what --mode=index did before the store), and an Index opened and
-  searched (what --mode=serve holds).
-speed: --mode=index (the command a user runs) against
-  benchmarks/index_torch.py (PIL, timm under inference_mode, batch 64;
-  also with Image.draft) on camera-size JPEGs generated as
-  benchmarks/input_pipeline.py --synthetic does, Ti/16 and S/16 at 224 px,
-  random weights, on the same cores, run alternately; ratios of the
-  embedding loops' images per second, and of whole processes.
-search: a store of `rows` clustered unit descriptors (shards of 10,000,
-  memory-mapped): exact search streamed over the shards and ScaNN (learned
-  from 100,000 rows, fed the shards, candidates re-scored from the mapped
-  rows): latency of single queries (p50 / p95), build time, recall@10
-  against exact search, peak RSS of each child process.
-distractors: the revisited evaluator (queries and database: 110 of the
-  generated images) with 20k, 100k and 200k of them as +R1M distractors,
-  through the descriptor store under an embedding cache; peak memory of
-  each evaluation, in a child process.
+memory: --mode=index of 20k, 100k and 200k generated small JPEGs with a
+  test-size model (mu/8 at 32 px, 768-d descriptors as B/16's), peak memory
+  of each child process; beside it image_files.embed_files (every
+  descriptor in one array, as --mode=index before the store) and an Index
+  opened and searched (what --mode=serve holds).
+speed: --mode=index against benchmarks/index_torch.py (PIL, timm under
+  inference_mode, batch 64; also with Image.draft) on camera-size JPEGs
+  (as benchmarks/input_pipeline.py --synthetic), Ti/16 and S/16 at 224 px,
+  random weights, same cores, run alternately: median ratio of the loops'
+  images per second; JAX's compilation cache warmed by a first run.
+search: `rows` clustered unit descriptors in a store: exact search
+  streamed over the shards, and ScaNN learned from 100,000 rows and fed
+  the shards: build time, single-query p50 / p95, recall@10, peak memory.
+distractors: the revisited evaluator with 20k, 100k, 200k generated
+  images as +R1M distractors (through the store): peak memory.
 --dir keeps the generated files between runs (default: a folder in /tmp).
 Long runs: `nice -n 10`.
 """
@@ -51,9 +44,8 @@ REPO = os.path.dirname(HERE)
 IRT_EVAL = "decode|resize(256)|center_crop(224)|normalize"
 
 
-# Peak resident memory of a measured child, sampled every 20 ms by a
-# thread: anonymous (what the process allocated) apart from file-backed
-# (mapped shards: page cache the kernel can drop); VmHWM counts both.
+# Peaks of a child's resident memory (every 20 ms): anonymous apart from
+# file-backed (mapped shards, page cache the kernel can drop).
 _PEAKS = {"RssAnon": 0, "RssFile": 0}
 
 
@@ -141,7 +133,7 @@ def small_jpegs(root, counts):
   return folders
 
 
-def run_index(artifact, images, index_dir, *extra):
+def run_index(artifact, images, index_dir, *extra, env=None):
   """--mode=index in a child process: (wall seconds, its output, (peak
   anonymous MB, peak file-backed MB))."""
   code = (f"import runpy, sys\nsys.path.insert(0, {HERE!r})\n"
@@ -152,7 +144,8 @@ def run_index(artifact, images, index_dir, *extra):
   r = subprocess.run([sys.executable, "-c", code, "--mode=index",
                       f"--pretrained={artifact}", f"--images={images}",
                       f"--index_dir={index_dir}", "--overwrite", *extra],
-                     capture_output=True, text=True, cwd=REPO, env=_env())
+                     capture_output=True, text=True, cwd=REPO,
+                     env=env or _env())
   wall = time.perf_counter() - t0
   if r.returncode:
     raise SystemExit(r.stderr[-3000:])
@@ -166,9 +159,8 @@ def memory(args):
   folders = small_jpegs(os.path.join(args.dir, "small"), counts)
   art = export_model(os.path.join(args.dir, "mu768"), "mu/8", 32, 768,
                      "decode|resize(36)|center_crop(32)|normalize")
-  print(f"# peak resident memory, anonymous + file-backed (mapped "
-        f"shards), MB; mu/8 at 32 px, 768-d descriptors; "
-        f"{_devices.describe_cpu()}")
+  print(f"# peak memory MB, anonymous + file-backed (mapped shards); mu/8 "
+        f"at 32 px, 768-d; {_devices.describe_cpu()}")
   print("| images | --mode=index | its wall s | searcher | embed_files "
         "(every descriptor in one array) | Index open + 100 searches |")
   print("|---|---|---|---|---|---|")
@@ -207,42 +199,54 @@ def _open(index_dir):
 def speed(args):
   sys.path.insert(0, HERE)
   import input_pipeline  # pylint: disable=g-import-not-at-top
-  images = os.path.join(args.dir, "camera")
+  images = os.path.join(args.dir, f"camera{args.images}")
   if not os.path.isdir(images):
     os.makedirs(images)
     input_pipeline.synthetic(images, per_size=args.images // 2)
+  # vitret_jax with JAX's persistent compilation cache, warmed by a first
+  # run (reported apart): what a repeated indexing job gets.
+  env = dict(_env(), JAX_COMPILATION_CACHE_DIR=os.path.join(args.dir, "jit"))
   print(f"# --mode=index vs a PyTorch + timm loop, {args.images} synthetic "
         f"JPEGs (500x375, 1024x768, q90), IRT eval spec at 224 px, batch 64; "
         f"{_devices.describe_cpu()}")
-  print("| model | run | vitret_jax loop img/s | torch img/s | torch + "
-        "draft img/s | loop ratio vs torch / + draft | process s: vitret_jax"
-        " / torch / + draft |")
+  print("| model | run | vitret_jax img/s | torch | torch + draft | ratio vs "
+        "torch / + draft | process s: vitret_jax / torch / + draft |")
   print("|---|---|---|---|---|---|---|")
-  timm_names = {"Ti/16": "vit_tiny_patch16_224",
-                "S/16": "vit_small_patch16_224"}
   for variant in args.variants.split(","):
     art = export_model(os.path.join(args.dir, variant.replace("/", "")),
                        variant, 224)
-    for rep in range(args.repeats):
+    name = {"Ti/16": "vit_tiny_patch16_224",
+            "S/16": "vit_small_patch16_224"}[variant]
+    ratios = []
+    for rep in range(args.repeats + 1):
       wall, msg, _ = run_index(art, images, os.path.join(args.dir, "idx"),
-                               "--searcher=exact")
+                               "--searcher=exact", env=env)
       ours = float(re.search(r"\(([\d.]+) img/s\)", msg).group(1))
-      torch_runs = []
-      for draft in ([], ["--draft"]):
-        t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, os.path.join(HERE,
-                                                         "index_torch.py"),
-                            f"--images={images}",
-                            f"--model={timm_names[variant]}", *draft],
-                           capture_output=True, text=True, env=_env())
-        if r.returncode:
-          raise SystemExit(r.stderr[-3000:])
-        torch_runs.append((json.loads(r.stdout.splitlines()[-1])["img_s"],
-                           time.perf_counter() - t0))
-      (t, t_wall), (d, d_wall) = torch_runs
-      print(f"| {variant} | {rep + 1} | {ours:.1f} | {t:.1f} | {d:.1f} | "
+      if not rep:
+        print(f"| {variant} | first (compiles) | {ours:.1f} | | | | {wall:.0f}"
+              f" | |", flush=True)
+        continue
+      (t, t_wall), (d, d_wall) = [torch_run(images, name, draft)
+                                  for draft in ([], ["--draft"])]
+      ratios.append((ours / t, ours / d))
+      print(f"| {variant} | {rep} | {ours:.1f} | {t:.1f} | {d:.1f} | "
             f"{ours / t:.2f}x / {ours / d:.2f}x | {wall:.0f} / {t_wall:.0f} "
             f"/ {d_wall:.0f} |", flush=True)
+    med = np.median(np.asarray(ratios), axis=0)
+    print(f"| {variant} | median of {len(ratios)} | | | | {med[0]:.2f}x / "
+          f"{med[1]:.2f}x | |", flush=True)
+
+
+def torch_run(images, model, extra):
+  """benchmarks/index_torch.py: (its loop's img/s, the process's s)."""
+  t0 = time.perf_counter()
+  r = subprocess.run([sys.executable, os.path.join(HERE, "index_torch.py"),
+                      f"--images={images}", f"--model={model}", *extra],
+                     capture_output=True, text=True, env=_env())
+  if r.returncode:
+    raise SystemExit(r.stderr[-3000:])
+  return (json.loads(r.stdout.splitlines()[-1])["img_s"],
+          time.perf_counter() - t0)
 
 
 def search_bench(args):
@@ -258,34 +262,28 @@ def search_bench(args):
     r = child("_search", store, kind, str(args.queries))
     print(f"| {kind} | {r['build_s']:.0f} | {r['p50_ms']:.1f} | "
           f"{r['p95_ms']:.1f} | {r['recall']:.3f} | {r['anon_mb']:,.0f} + "
-          f"{r['file_mb']:,.0f} |",
-          flush=True)
+          f"{r['file_mb']:,.0f} |", flush=True)
 
 
-def _clustered(n, dim, seed, centres):
-  """Unit vectors around `centres`, noise of norm ~0.7 (embedding-like:
+def _clustered(n, dim, seed):
+  """Unit vectors around 2,000 centres, noise of norm ~0.7 (embedding-like:
   see ENVIRONMENT.md on ScaNN and isotropic random data)."""
+  c = np.random.default_rng(123).normal(size=(2000, dim)).astype(np.float32)
   rng = np.random.default_rng(seed)
-  x = centres[rng.integers(0, len(centres), n)] + (0.7 / np.sqrt(dim)) * (
+  x = c[rng.integers(0, len(c), n)] / np.sqrt(dim) + (0.7 / np.sqrt(dim)) * (
       rng.normal(size=(n, dim)).astype(np.float32))
   return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def _centres(dim):
-  c = np.random.default_rng(123).normal(size=(2000, dim)).astype(np.float32)
-  return c / np.linalg.norm(c, axis=1, keepdims=True)
 
 
 def _write_store(folder, rows, dim):
   from vitret_jax.store import items  # pylint: disable=g-import-not-at-top
   from vitret_jax.store import writer  # pylint: disable=g-import-not-at-top
   rows, dim = int(rows), int(dim)
-  centres = _centres(dim)
   w = writer.Writer(folder, {"synthetic": [rows, dim]})
   if not w.manifest:
     names = [f"{i:07d}" for i in range(rows)]
     seg = w.plan(items.Items.from_paths(names, stat=False))
-    w.fill(seg, lambda a, b: (_clustered(b - a, dim, a, centres), []))
+    w.fill(seg, lambda a, b: (_clustered(b - a, dim, a), []))
     w.commit([seg])
   print(json.dumps(peaks()))
 
@@ -297,7 +295,7 @@ def _search(folder, kind, n_queries):
   from vitret_jax.store import writer  # pylint: disable=g-import-not-at-top
   manifest = writer.read_manifest(folder)
   db = view.View(writer.committed_segments(folder, manifest), manifest["dim"])
-  q = _clustered(int(n_queries), db.shape[1], 10**9, _centres(db.shape[1]))
+  q = _clustered(int(n_queries), db.shape[1], 10**9)
   t0 = time.perf_counter()
   if kind == "scann":
     db.searcher = scann_search.build(db)
@@ -389,7 +387,7 @@ def main():
   parser.add_argument("--searcher", default="auto")
   parser.add_argument("--images", type=int, default=256)
   parser.add_argument("--variants", default="Ti/16,S/16")
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--rows", type=int, default=1_000_000)
   parser.add_argument("--dim", type=int, default=768)
   parser.add_argument("--queries", type=int, default=200)
