@@ -82,8 +82,8 @@ def child(*args, env=None):
 
 
 def _env():
-  path = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
-  return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu")
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep
+              + os.environ.get("PYTHONPATH", ""))
 
 
 def export_model(path, variant, size, proj_dim=0, pp=IRT_EVAL):
