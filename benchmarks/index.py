@@ -171,10 +171,9 @@ def memory(args):
     searcher = re.search(r"searcher: (\w+)", msg).group(1)
     ram = child("_in_ram", art, folders[c])
     opened = child("_open", index_dir)
-    print(f"| {c:,} | {anon:,.0f} + {mapped:,.0f} | {wall:.0f} | "
-          f"{searcher} | {ram['anon_mb']:,.0f} + {ram['file_mb']:,.0f} | "
-          f"{opened['anon_mb']:,.0f} + {opened['file_mb']:,.0f} |",
-          flush=True)
+    cells = [f"{anon:,.0f} + {mapped:,.0f}", f"{wall:.0f}", searcher] + [
+        f"{r['anon_mb']:,.0f} + {r['file_mb']:,.0f}" for r in (ram, opened)]
+    print(f"| {c:,} | " + " | ".join(cells) + " |", flush=True)
 
 
 def _in_ram(art, images):
