@@ -4,6 +4,7 @@ build the index one process builds; --update (new, changed, deleted files;
 --verify; another embedder refused); Index.reload; embed_files_iter."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -142,6 +143,9 @@ def test_kill_and_sigterm_resume_to_the_uninterrupted_index(
           and "16 kept from before" in r.stdout
           and "1 unreadable skipped" in r.stdout), r.stdout
   assert not os.path.exists(index + ".partial")
+  # The progress bar: done / total, elapsed < remaining, rate.
+  assert re.search(r"index: .*\d+/23 \[[\d:]+<[\d:?]+, +[\d.]+img/s\]",
+                   r.stderr), r.stderr[-500:]
   assert_same_index(search.Index(index), reference)
 
 
