@@ -146,6 +146,10 @@ def test_items_table_and_update_diff(tmp_path):
   assert list(covered) == [True, True, False]
   keep, covered = items_lib.unchanged(old, new, verify=True)
   assert list(keep) == [True, False, False]
+  # Unsorted lists (a table instead of a merge): the same answer.
+  keep, covered = items_lib.unchanged(old.take([2, 0, 1]), new.take([2, 1, 0]))
+  assert list(keep) == [False, True, True] and list(covered) == [False,
+                                                                 True, True]
   # Without recorded digests, --verify cannot vouch for a file.
   bare = items_lib.Items.from_paths(["a.jpg"], str(tmp_path))
   assert not items_lib.unchanged(bare, new, verify=True)[0].any()

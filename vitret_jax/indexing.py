@@ -45,8 +45,9 @@ def _listing(folder, verify):
   if not paths:
     raise DataError(f"No image files "
                     f"({', '.join(search.IMAGE_EXTENSIONS)}) under {folder}.")
-  rel = [os.path.relpath(p, root) for p in paths]
-  return items_lib.Items.from_paths(rel, root, verify)
+  # The listing joins `root` to every name: the relative path follows it.
+  cut = len(os.path.join(root, ""))
+  return items_lib.Items.from_paths((p[cut:] for p in paths), root, verify)
 
 
 def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,

@@ -1,7 +1,6 @@
 """Cached embeddings of a split: the key of what the images hold, and the
 array files themselves (`<workdir>/embeddings/`, see
 experiment.cache_prefix for the rest of the key)."""
-import concurrent.futures
 import hashlib
 
 import numpy as np
@@ -16,9 +15,11 @@ def content_key(split):
   h = hashlib.sha256(split.fingerprint().encode())
   if split.source is None:
     # Threads: a million files (+R1M) on a network filesystem.
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-      stats = list(pool.map(items.file_stat, split.paths, chunksize=256))
-    h.update(np.asarray(stats, np.int64).reshape(-1, 2).tobytes())
+    stats = np.full((len(split.paths), 2), -1, np.int64)
+    for i, st in enumerate(items.threaded(
+        lambda i: items.file_stat(split.paths[i]), len(split.paths))):
+      stats[i] = st
+    h.update(stats.tobytes())
   return h.hexdigest()[:16]
 
 

@@ -3,18 +3,15 @@
 
 A million paths as Python strings cost ~150 MB; here they are one UTF-8
 blob with int64 offsets (~70 MB for a million 60-character paths), decoded
-one at a time when asked for.
+one at a time when asked for; sizes and times are int64 arrays.
 """
+import array
 import bisect
 import concurrent.futures
 import hashlib
 import os
 
 import numpy as np
-
-# Bytes hashed per read (SHA-256 of a file, --verify).
-_CHUNK = 1 << 20
-
 
 def file_sha256(path) -> bytes:
   """The SHA-256 digest of a file (32 bytes); b"" when it cannot be read."""
@@ -32,6 +29,14 @@ def file_stat(path):
     return st.st_size, st.st_mtime_ns
   except OSError:
     return -1, -1
+
+
+def threaded(fn, n, workers=8, chunk=4096):
+  """fn(i) for i in range(n), in order, computed by `workers` threads a
+  chunk at a time (a million calls never hold a million futures)."""
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for start in range(0, n, chunk):
+      yield from pool.map(fn, range(start, min(n, start + chunk)))
 
 
 class Items:
@@ -58,22 +63,28 @@ class Items:
 
   @classmethod
   def from_paths(cls, paths, root="", verify=False, workers=8, stat=True):
-    """The items of `paths` (relative to `root` when given), stat'ed now
-    (unless not `stat`: sizes and times -1); with `verify`, their SHA-256
-    too (read in `workers` threads)."""
-    encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
-    offsets = np.zeros(len(encoded) + 1, np.int64)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    full = [os.path.join(root, p) for p in paths] if root else list(paths)
-    stats = np.full((len(paths), 2), -1, np.int64)
-    sha = None
-    # Threads: on a network filesystem each call waits on a round trip.
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      if stat and full:
-        stats[:] = list(pool.map(file_stat, full, chunksize=256))
-      if verify:
-        sha = list(pool.map(file_sha256, full, chunksize=64))
-    return cls(b"".join(encoded), offsets, stats[:, 0], stats[:, 1], sha)
+    """The items of `paths` (an iterable of paths relative to `root` when
+    given), stat'ed now (unless not `stat`: sizes and times -1); with
+    `verify`, their SHA-256 too; in `workers` threads (on a network
+    filesystem each call waits on a round trip). No Python object per path
+    is kept: a million paths cost their bytes, not their strings."""
+    blob, offsets = bytearray(), array.array("q", [0])
+    for p in paths:
+      blob += p.encode("utf-8", "surrogateescape")
+      offsets.append(len(blob))
+    n = len(offsets) - 1
+    out = cls(blob, np.frombuffer(offsets, np.int64), np.full(n, -1),
+              np.full(n, -1))
+    full = ((lambda i: os.path.join(root, out[i])) if root
+            else out.__getitem__)
+    if stat:
+      for i, st in enumerate(threaded(lambda i: file_stat(full(i)), n,
+                                      workers)):
+        out.size[i], out.mtime[i] = st
+    if verify:
+      out.sha = np.asarray(list(threaded(lambda i: file_sha256(full(i)), n,
+                                         workers)), "S32")
+    return out
 
   def __len__(self):
     return len(self.size)
@@ -102,13 +113,16 @@ class Items:
   def slice(self, start, stop):
     return self.take(np.arange(start, min(stop, len(self))))
 
+  def is_sorted(self) -> bool:
+    if self._sorted is None:
+      self._sorted = all(self[i] <= self[i + 1] for i in range(len(self) - 1))
+    return self._sorted
+
   def position(self, path) -> int:
     """The position of `path`, or -1: a binary search when the paths are
     sorted (as folder listings are), else a table built on first use."""
-    if self._sorted is None:
-      self._sorted = all(self[i] <= self[i + 1] for i in range(len(self) - 1))
-      if not self._sorted:
-        self._table = {self[i]: i for i in range(len(self))}
+    if not self.is_sorted() and not hasattr(self, "_table"):
+      self._table = {self[i]: i for i in range(len(self))}
     if self._sorted:
       i = bisect.bisect_left(range(len(self)), path, key=self.__getitem__)
       return i if i < len(self) and self[i] == path else -1
@@ -162,12 +176,10 @@ def unchanged(old, new, verify=False):
   Returns (keep [len(old)] bool, covered [len(new)] bool: the items of
   `new` that a kept old item already describes).
   """
-  where = {new[j]: j for j in range(len(new))}
   keep = np.zeros(len(old), bool)
   covered = np.zeros(len(new), bool)
-  for i in range(len(old)):
-    j = where.get(old[i], -1)
-    if j < 0 or covered[j]:
+  for i, j in _same_paths(old, new):
+    if covered[j]:
       continue
     same = (old.size[i] == new.size[j] and old.mtime[i] == new.mtime[j]
             and new.size[j] >= 0)
@@ -176,3 +188,20 @@ def unchanged(old, new, verify=False):
               and len(old.sha[i]) and old.sha[i] == new.sha[j])
     keep[i] = covered[j] = same
   return keep, covered
+
+
+def _same_paths(a, b):
+  """(i, j) with a[i] == b[j]: a merge of two sorted lists (listings are),
+  else through a table of b."""
+  if a.is_sorted() and b.is_sorted():
+    i = j = 0
+    while i < len(a) and j < len(b):
+      x, y = a[i], b[j]
+      if x == y:
+        yield i, j
+      i, j = i + (x <= y), j + (y <= x)
+    return
+  where = {b[j]: j for j in range(len(b))}
+  for i in range(len(a)):
+    if a[i] in where:
+      yield i, where[a[i]]
