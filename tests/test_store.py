@@ -176,3 +176,12 @@ def test_scann_learned_from_a_sample_and_fed_the_shards(tmp_path):
   loaded = scann_search.load(str(tmp_path / "scann"), view)
   s2, i2 = loaded.search(q, 10, exclude=i[:, 0])
   np.testing.assert_array_equal(i2[:, :9], i[:, 1:])
+
+
+def test_content_key_of_a_split_without_joining_its_paths():
+  from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import emb_cache  # pylint: disable=g-import-not-at-top
+  for boxes in (None, np.ones((3, 4))):
+    s = split_lib.Split(("a.jpg", "b/é.jpg", "c d.jpg"), np.arange(3),
+                        boxes)
+    assert emb_cache.fingerprint(s) == s.fingerprint()
