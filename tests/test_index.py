@@ -227,7 +227,8 @@ def test_update_new_changed_deleted_verify_and_reload(artifact, photos,
                            verify=True, shard_size=SHARD)
   assert s["files"] == 1 and s["dropped"] == 1
   assert sorted(os.listdir(index_dir)) == [
-      "seg-0000", "seg-0001", "seg-0002", "skipped.txt", "store.json"]
+      ".vitret.lock", "seg-0000", "seg-0001", "seg-0002", "skipped.txt",
+      "store.json"]
   with pytest.raises(UserError, match="another embedder.*build a new index"):
     indexing.build_index(Other(emb), str(folder), index_dir, update=True)
   with pytest.raises(UserError, match="exists: pass --update"):
@@ -290,3 +291,36 @@ def test_an_index_of_version_0_1_is_still_read(tmp_path):
     preprocess = "decode|resize(8)|normalize"
   with pytest.raises(UserError, match="0.1.*--overwrite"):
     indexing.build_index(Any(), str(tmp_path), str(old), update=True)
+
+
+def test_two_builds_at_once_and_a_kill_inside_the_swap(artifact, photos,
+                                                       tmp_path, monkeypatch):
+  from vitret_jax import workdir  # pylint: disable=g-import-not-at-top
+  emb = export.load_pretrained(artifact)
+  index_dir = str(tmp_path / "index")
+  with workdir.Lock(index_dir + ".partial", "index"):  # another build
+    with pytest.raises(UserError, match="Another vitret_jax run is using "
+                       "the index .*index.partial"):
+      indexing.build_index(emb, photos, index_dir, shard_size=SHARD)
+  indexing.build_index(emb, photos, index_dir, shard_size=SHARD)
+  # --overwrite killed between moving the old index aside and putting the
+  # new one in place: the same command finishes the swap, embedding nothing.
+  real_rename, calls = os.rename, []
+
+  def killed_after_one(a, b):
+    calls.append(a)
+    if len(calls) == 2:
+      raise KeyboardInterrupt("killed")
+    real_rename(a, b)
+  monkeypatch.setattr(os, "rename", killed_after_one)
+  with pytest.raises(KeyboardInterrupt):
+    indexing.build_index(emb, photos, index_dir, shard_size=SHARD,
+                         overwrite=True)
+  monkeypatch.setattr(os, "rename", real_rename)
+  assert not os.path.exists(index_dir)
+  s = indexing.build_index(emb, photos, index_dir, shard_size=SHARD,
+                           overwrite=True)
+  assert s["files"] == 0 and s["indexed"] == 22
+  assert not os.path.exists(index_dir + ".replaced")
+  assert not os.path.exists(index_dir + ".partial")
+  assert len(search.Index(index_dir)) == 22

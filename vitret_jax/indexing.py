@@ -66,16 +66,37 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
   """
   if searcher not in SEARCHERS:
     raise UserError(f"--searcher={searcher!r}; valid: {SEARCHERS}.")
+  index_dir = os.path.abspath(index_dir)
+  # One build or update of an index at a time (a second is refused, naming
+  # the first); the lock is the kernel's, released even on kill -9.
+  folder_locked = index_dir if update else index_dir + ".partial"
+  try:
+    with workdir_lib.Lock(folder_locked, "index"):
+      return _build(embedder, folder, index_dir, overwrite, update, verify,
+                    source, batch_size, shard_size, searcher, scann_options)
+  except UserError as e:
+    raise UserError(str(e).replace(f"--workdir={folder_locked}",
+                                   f"the index {folder_locked}").replace(
+                                       "another --workdir",
+                                       "another --index_dir")) from e
+
+
+def _build(embedder, folder, index_dir, overwrite, update, verify, source,
+           batch_size, shard_size, searcher, scann_options):
+  """build_index, its index locked."""
   t0 = time.time()
   ident = image_files.identity(embedder)
   root = os.path.abspath(folder)
-  index_dir = os.path.abspath(index_dir)
   plan = _plan_update if update else _plan_build
   w, segments, new, dropped = plan(index_dir, root, ident, verify,
                                    shard_size, overwrite)
   stats = {"embedded": 0, "seconds": 0.0}
-  if update and new is None and not dropped:
-    return _up_to_date(w, index_dir, t0)
+  if new is None and not dropped:
+    # Nothing to update, or a build that finished before its swap.
+    summary = _up_to_date(w, index_dir, t0)
+    if not update:
+      _swap(w.folder, index_dir)
+    return summary
   if new is not None:
     def embed_shard(start, stop):
       paths = [os.path.join(root, p) for p in new.items.paths(start, stop)]
@@ -95,8 +116,8 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
 
 
 def _up_to_date(w, index_dir, t0):
-  """The summary of an update that found nothing to do (the index and its
-  searcher are left as they are)."""
+  """The summary of an index left as it is, searcher included (an update
+  that found nothing to do, a build that only needs its swap)."""
   segments = w.segments()
   rows = len(view_lib.View(segments, w.manifest["dim"]))
   return {"indexed": rows, "files": 0, "embedded": 0, "embed_seconds": 0.0,
@@ -137,6 +158,9 @@ def _plan_build(index_dir, root, ident, verify, shard_size, overwrite):
         shutil.rmtree(work)
   writer.on_process_0(check_partial)
   w = writer.Writer(work, ident, replace_other=overwrite, what="index")
+  if w.manifest and os.path.exists(marker):
+    logging.info("%s is a finished build: putting it in place.", work)
+    return w, w.segments(), None, 0
   listed = {}
 
   def mark_and_list():
@@ -256,14 +280,14 @@ def _swap(work, index_dir):
   """Process 0 puts the finished build in place of the index (an old one
   is removed only once the new one is complete)."""
   def swap():
-    os.remove(os.path.join(work, "build.json"))
+    old = index_dir + ".replaced"
     if os.path.exists(index_dir):
-      old = index_dir + ".replaced"
       shutil.rmtree(old, ignore_errors=True)
       os.rename(index_dir, old)
-      os.rename(work, index_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(work, index_dir)
+    # A kill here leaves the old index in .replaced and the new, complete,
+    # in .partial: the same command puts the new one in place.
+    os.rename(work, index_dir)
+    os.remove(os.path.join(index_dir, "build.json"))
+    shutil.rmtree(old, ignore_errors=True)
   writer.on_process_0(swap)
   workdir_lib.barrier(f"index swap {index_dir}")

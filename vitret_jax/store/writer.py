@@ -213,7 +213,7 @@ class Writer:
             f"{self.folder}: this {self.what} holds descriptors of another "
             f"embedder ({_describe(old)}), not of {_describe(self.identity)}"
             f": build a new {self.what} (another folder, or --overwrite).")
-      for entry in os.listdir(self.folder):
+      for entry in set(os.listdir(self.folder)) - {workdir_lib.LOCK_FILE}:
         path = os.path.join(self.folder, entry)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
