@@ -97,7 +97,7 @@ def wait_for(path, proc, timeout=120):
     time.sleep(0.02)
 
 
-@pytest.mark.slow(12)  # seconds, 2 cores
+@pytest.mark.slow(9)  # seconds, 2 cores
 def test_kill_and_sigterm_resume_to_the_uninterrupted_index(
     artifact, photos, reference, tmp_path):
   """Files 9 and 17 are named pipes at first: reading one blocks, so the
@@ -149,7 +149,7 @@ def test_kill_and_sigterm_resume_to_the_uninterrupted_index(
   assert_same_index(search.Index(index), reference)
 
 
-@pytest.mark.slow(8)  # seconds, 2 cores
+@pytest.mark.slow(7)  # seconds, 2 cores
 def test_two_processes_build_the_index_of_one(artifact, photos, reference,
                                               tmp_path):
   from test_multiprocess import free_port  # pylint: disable=g-import-not-at-top

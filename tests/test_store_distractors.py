@@ -109,7 +109,7 @@ def one_process(data, cache):
   return ev.run(params, cache)
 
 
-@pytest.mark.slow(20)  # seconds, 2 cores
+@pytest.mark.slow(14)  # seconds, 2 cores
 def test_two_processes_split_resume_and_match_one(tmp_path):
   from test_multiprocess import free_port  # pylint: disable=g-import-not-at-top
   data = fixtures.write_revisited(tmp_path / "roxford",
