@@ -87,6 +87,22 @@ def _bucket_shapes(split, spec, fallback_hw, skip_corrupt):
   return out
 
 
+def _plan(split, pp_fn, batch_size, n_dev, fixed_size, bucket, fallback_hw,
+          skip_corrupt):
+  """(eval_plan of the split's batches, expected [N, 2] shapes or None):
+  see embed_split."""
+  per_pass = -(-max(1, batch_size) // n_dev) * n_dev
+  spec = getattr(pp_fn, "spec", None)
+  if fixed_size:
+    return pipeline.eval_plan(len(split), per_pass), None
+  if bucket and spec is not None:
+    expected = _bucket_shapes(split, spec, tuple(fallback_hw), skip_corrupt)
+    return pipeline.eval_plan(len(split), per_pass,
+                              groups=[tuple(x) for x in expected]), expected
+  # One real image a pass, padded to the device count.
+  return pipeline.eval_plan(len(split), n_dev, real_rows=1), None
+
+
 def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
                 desc="embed", num_workers=2, scales=(1.0,), fixed_size=True,
                 skip_corrupt=False, fallback_hw=(32, 32), bucket=True,
@@ -114,18 +130,8 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
   Returns:
     (embeddings [N, E] float32 numpy, labels [N]).
   """
-  n_dev = mesh.devices.size
-  per_pass = -(-max(1, batch_size) // n_dev) * n_dev
-  spec = getattr(pp_fn, "spec", None)
-  expected = None
-  if fixed_size:
-    plan = pipeline.eval_plan(len(split), per_pass)
-  elif bucket and spec is not None:
-    expected = _bucket_shapes(split, spec, tuple(fallback_hw), skip_corrupt)
-    plan = pipeline.eval_plan(len(split), per_pass,
-                              groups=[tuple(x) for x in expected])
-  else:  # one real image a pass, padded to the device count
-    plan = pipeline.eval_plan(len(split), n_dev, real_rows=1)
+  plan, expected = _plan(split, pp_fn, batch_size, mesh.devices.size,
+                         fixed_size, bucket, fallback_hw, skip_corrupt)
   out = None
   bar = tqdm.tqdm(total=len(split), desc=desc, unit="img", leave=False,
                   disable=alone or jax.process_index() != 0)

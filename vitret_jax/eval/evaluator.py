@@ -28,7 +28,7 @@ from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
-from vitret_jax.eval import distractors
+from vitret_jax.eval import distractors as distractors_lib
 from vitret_jax.eval import embed
 from vitret_jax.eval import emb_cache
 from vitret_jax.eval import knn as knn_lib
@@ -268,8 +268,8 @@ class RevisitedEvaluator(_Evaluator):
   DISTRACTOR_DEPTH = 10_000
 
   def __init__(self, embed_fn, mesh, splits, *, kappas=(1, 5, 10),
-               ranking_depth=-1, distractor_shard_size=distractors.SHARD_SIZE,
-               **common):
+               ranking_depth=-1,
+               distractor_shard_size=distractors_lib.SHARD_SIZE, **common):
     if ranking_depth < 0:
       distractors = dict(common.get("options") or {}).get("distractors_dir")
       ranking_depth = self.DISTRACTOR_DEPTH if distractors else 0
@@ -293,7 +293,7 @@ class RevisitedEvaluator(_Evaluator):
                      "database")
     # +R1M: a store of the distractors' descriptors (eval/distractors.py).
     more = (None if self.distractors is None
-            else distractors.store_of(self, params, cache, white))
+            else distractors_lib.store_of(self, params, cache, white))
     q_ok, db_ok = embed.readable_rows(q), embed.readable_rows(db)
     gnd = self.query.gnd
     q_paths, db_paths = self.query.paths, self.database.paths
@@ -309,9 +309,10 @@ class RevisitedEvaluator(_Evaluator):
              else min(self.depth, len(database)))
     out = {}
     if more is None or jax.process_index() == 0:
-      idx, extra = (self._search(q, db, depth, False, cache) if more is None
-                    else distractors.search(q, database, depth, self.backend,
-                                            self.scann_options, cache))
+      idx, extra = (
+          self._search(q, db, depth, False, cache) if more is None else
+          distractors_lib.search(q, database, depth, self.backend,
+                                 self.scann_options, cache))
       out = metrics.revisited_metrics(idx, gnd, self.kappas)
       out.update(extra)
       if depth < len(database):
@@ -326,7 +327,7 @@ class RevisitedEvaluator(_Evaluator):
     if more is not None:
       # Process 0 alone searched the distractors; it tells the others.
       out = writer.broadcast_json(out)
-      distractors.temporary(more)
+      distractors_lib.temporary(more)
     return out
 
   def _keep(self, gnd, q_paths, db_paths, idx, q, database):
