@@ -229,6 +229,15 @@ def test_update_new_changed_deleted_verify_and_reload(artifact, photos,
   assert sorted(os.listdir(index_dir)) == [
       ".vitret.lock", "seg-0000", "seg-0001", "seg-0002", "skipped.txt",
       "store.json"]
+  # A shard lost after the fact: a one-line error, and --update embeds its
+  # files again.
+  os.remove(os.path.join(index_dir, "seg-0000", "00001.npy"))
+  with pytest.raises(UserError, match="00001.npy: unreadable.*--update"):
+    search.Index(index_dir)
+  s = indexing.build_index(emb, str(folder), index_dir, update=True,
+                           shard_size=SHARD)
+  assert s["embedded"] == 3 and s["indexed"] == 24  # 005.jpg was deleted
+  assert len(search.Index(index_dir)) == 24
   with pytest.raises(UserError, match="another embedder.*build a new index"):
     indexing.build_index(Other(emb), str(folder), index_dir, update=True)
   with pytest.raises(UserError, match="exists: pass --update"):

@@ -130,7 +130,7 @@ def _up_to_date(w, index_dir, t0):
 def _skipped(segments, root):
   """[(path, reason)] of the unreadable files the segments record."""
   return [(os.path.join(root, seg.items[p]), why) for seg in segments
-          for s in range(seg.num_shards)
+          for s in range(seg.num_shards) if not seg.all_dropped(s)
           for p, why in seg.record(s)["skipped"]
           if not np.isin(p, seg.dropped)]
 

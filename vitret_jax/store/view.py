@@ -21,6 +21,12 @@ from vitret_jax.errors import UserError
 from vitret_jax.eval import knn
 
 
+# What a damaged store's error says to do (indexes: --mode=index --update
+# embeds a damaged shard's files again).
+_REPAIR = ("run the command that wrote it again (an index: --mode=index "
+           "--update).")
+
+
 class _Rows:
   """What every database shares: the search over its blocks."""
 
@@ -104,6 +110,11 @@ class View(_Rows):
       self._seg_base.append(starts[-1])
       positions = []
       for s in range(seg.num_shards):
+        if seg.all_dropped(s):
+          continue
+        if seg.record(s) is None:
+          raise UserError(f"{seg.record_path(s)} is missing or unreadable: "
+                          f"the store is damaged; {_REPAIR}")
         pos, live = seg.live_positions(s)
         if not live.any():
           continue
@@ -170,12 +181,12 @@ def _open_shard(seg, s, rows, dim):
   try:
     arr = np.load(path, mmap_mode="r")
   except (OSError, ValueError) as e:
-    raise UserError(f"{path}: unreadable ({e}); the store is damaged: run "
-                    f"the command that built it again.") from e
+    raise UserError(f"{path}: unreadable ({e}); the store is damaged; "
+                    f"{_REPAIR}") from e
   if arr.shape != (rows, dim) or arr.dtype != np.float32:
     raise UserError(f"{path} holds {arr.shape} {arr.dtype}, its record "
                     f"says ({rows}, {dim}) float32: the store is damaged; "
-                    f"run the command that built it again.")
+                    f"{_REPAIR}")
   return arr
 
 

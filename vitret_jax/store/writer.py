@@ -157,6 +157,13 @@ class Segment:
     _save_atomic(self.record_path(s),
                  lambda f: f.write(json.dumps(rec).encode()))
 
+  def all_dropped(self, s):
+    """True when none of shard s's items is in the store any more (its
+    files may then be missing or damaged: they are never read)."""
+    start, stop = self.bounds(s)
+    return bool(len(self.dropped)) and bool(
+        np.isin(np.arange(start, stop), self.dropped).all())
+
   def live_positions(self, s):
     """Item positions of shard s's rows (its .npy's row order), and a mask
     of those still in the store."""
@@ -299,7 +306,8 @@ class Writer:
     def write():
       missing = [f"{seg.name} shard {s}: {why or 'not written'}"
                  for seg in segments for s in range(seg.num_shards)
-                 if (why := seg.check(s, checksum=False)) is not None]
+                 if not seg.all_dropped(s)
+                 and (why := seg.check(s, checksum=False)) is not None]
       if missing:
         raise UserError(f"{self.folder}: {len(missing)} shard(s) unfinished "
                         f"({missing[0]}): run the same command again.")
@@ -336,7 +344,7 @@ def _sum_over_processes(counts):
 def _dim(segments):
   for seg in segments:
     for s in range(seg.num_shards):
-      if seg.record(s)["rows"]:
+      if not seg.all_dropped(s) and seg.record(s)["rows"]:
         return int(np.load(seg.npy(s), mmap_mode="r").shape[1])
   return 0
 
