@@ -83,10 +83,10 @@ def test_revisited_evaluator(revisited, tmp_path, knn):
     assert out["scann_recall@10"] == 1.0
   # Names carry a key of the split's files (and, for the index, of the
   # vectors it holds): another data set never reuses them.
-  saved = ["roxford-step0-database-", "roxford-step0-query-",
+  # The distractors: a store of their descriptors, and its whitened copy.
+  saved = ["roxford-step0-database-", "roxford-step0-distractors-",
+           "roxford-step0-distractors-", "roxford-step0-query-",
            "roxford-step0-whiten-"]
-  if knn == "scann":
-    saved.insert(2, "roxford-step0-scann-k29-")  # the index, reloaded below
   names = sorted(os.listdir(tmp_path / "emb"))
   assert len(names) == len(saved)
   assert all(n.startswith(want) for n, want in zip(names, saved)), names

@@ -76,3 +76,44 @@ def test_slurm_dry_run(tmp_path):
   assert "VITRET_DISTRIBUTED=1" in r.stdout and "+ sbatch" in r.stdout
   assert not os.path.exists(tmp_path / "wd")  # dry run creates nothing
   assert not glob.glob(str(tmp_path / "vitret-slurm.*"))
+
+
+def test_index_on_a_tpu_slice_dry_run():
+  r = dry_run("index_tpu.sh", TPU_NAME="vitret-pod", ZONE="z", PROJECT="p",
+              IMAGES="/gcs/bkt/photos", INDEX_DIR="/gcs/bkt/index",
+              PRETRAINED="/gcs/bkt/models/s16", UPDATE="1")
+  assert r.returncode == 0, r.stderr
+  (cmd,) = [l for l in r.stdout.splitlines() if l.startswith("+ gcloud")]
+  assert "tpu-vm ssh vitret-pod" in cmd and "--worker=all" in cmd
+  cmd = cmd.replace("\\", "")
+  for part in ("VITRET_DISTRIBUTED=1", "--mode=index",
+               "--images=/gcs/bkt/photos", "--index_dir=/gcs/bkt/index",
+               "--pretrained=/gcs/bkt/models/s16", "--update",
+               "--shard_size=10000"):
+    assert part in cmd, part
+  r = dry_run("index_tpu.sh", TPU_NAME="t", ZONE="z", IMAGES="/i",
+              INDEX_DIR="/x")
+  assert r.returncode != 0 and "set PRETRAINED" in r.stderr
+  r = dry_run("index_tpu.sh", TPU_NAME="t", ZONE="z", INDEX_DIR="/x")
+  assert r.returncode != 0 and "set IMAGES" in r.stderr
+
+
+def test_index_on_slurm_dry_run(tmp_path):
+  r = dry_run("index_slurm.sh", NODES="4", GPUS_PER_NODE="8",
+              IMAGES="/shared/photos", INDEX_DIR=str(tmp_path / "ix" / "p"),
+              WORKDIR="/shared/runs/sop", TMPDIR=str(tmp_path))
+  assert r.returncode == 0, r.stderr
+  # One task (one JAX process) per GPU, each with its own device.
+  assert "#SBATCH --nodes=4" in r.stdout
+  assert "#SBATCH --ntasks-per-node=8" in r.stdout
+  assert "VITRET_DISTRIBUTED=1" in r.stdout and "+ sbatch" in r.stdout
+  (srun,) = [l for l in r.stdout.splitlines() if l.startswith("srun")]
+  assert "--mode=index --images=/shared/photos" in srun
+  assert "--workdir=/shared/runs/sop" in srun and "--update" not in srun
+  assert not os.path.exists(tmp_path / "ix")  # dry run creates nothing
+  assert not glob.glob(str(tmp_path / "vitret-slurm.*"))
+  r = dry_run("index_slurm.sh", GPUS_PER_NODE="0", IMAGES="/i",
+              INDEX_DIR=str(tmp_path / "x"), PRETRAINED="/m",
+              TMPDIR=str(tmp_path))
+  assert "#SBATCH --ntasks-per-node=1" in r.stdout
+  assert "gpus-per-node" not in r.stdout

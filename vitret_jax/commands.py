@@ -12,10 +12,12 @@ from vitret_jax import config_common
 from vitret_jax import experiment
 from vitret_jax import export
 from vitret_jax import image_files
+from vitret_jax import indexing
 from vitret_jax import models
 from vitret_jax import search
 from vitret_jax.errors import UserError
 from vitret_jax.eval import report
+from vitret_jax.store import writer
 
 
 def _flat(d, prefix=""):
@@ -101,19 +103,34 @@ def _index_dir(index_dir, workdir):
 
 
 def index(config, workdir, pretrained, images, index_dir, overwrite=False,
-          eval_name=""):
-  """--mode=index: every image under `images` into a saved ScaNN index."""
+          eval_name="", update=False, verify=False,
+          shard_size=writer.SHARD_SIZE, searcher="auto", batch_size=64):
+  """--mode=index: every image under `images` into a searchable index of
+  memory-mapped shards (vitret_jax/indexing.py): resumed when interrupted,
+  brought up to date with `update`, shared by every process of a
+  multi-process run."""
   if not images:
     raise UserError("--mode=index needs --images=FOLDER.")
   embedder, source = _embedder(config, workdir, pretrained, eval_name)
   index_dir = _index_dir(index_dir, workdir)
-  n, skipped = search.build_index(embedder, images, index_dir,
-                                  overwrite=overwrite, source=source)
-  for path, why in skipped:
+  s = indexing.build_index(embedder, images, index_dir, overwrite=overwrite,
+                           update=update, verify=verify, source=source,
+                           batch_size=batch_size, shard_size=shard_size,
+                           searcher=searcher)
+  for path, why in s["skipped"][:20]:
     logging.warning("skipped unreadable %s: %s", path, why)
-  return (f"Indexed {n} images into {index_dir}"
-          + (f"; skipped {len(skipped)} unreadable file(s)." if skipped
-             else "."))
+  rate = (f" ({s['files'] / s['embed_seconds']:.1f} img/s)"
+          if s["embed_seconds"] and s["files"] else "")
+  head = (f"Updated {index_dir}: {s['indexed']} images" if update else
+          f"Indexed {s['indexed']} images into {index_dir}")
+  skipped = len(s["skipped"])
+  return (f"{head} in {s['seconds']:.1f} s: {s['embedded']} embedded now"
+          f"{rate}, {s['reused']} kept from before"
+          + (f", {s['dropped']} dropped (deleted or changed)" if update
+             else "")
+          + (f", {skipped} unreadable skipped (listed in "
+             f"{os.path.join(index_dir, 'skipped.txt')})" if skipped else "")
+          + f"; searcher: {s['searcher']}.")
 
 
 def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",

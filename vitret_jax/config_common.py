@@ -250,7 +250,10 @@ def revisited_eval(data_dir="", name="roxford5k", distractors_dir="",
       # batch_size: images of one shape per forward pass (rounded up to the
       # device count; images are grouped by their shape). ranking_depth:
       # -1 = whole database, 10,000 when distractors_dir is set; 0 = whole.
-      pp=pp, batch_size=1, kappas=(1, 5, 10), ranking_depth=-1, **opts))
+      # distractor_shard_size: distractors per shard of their descriptor
+      # store (eval/distractors.py: what a restart may redo).
+      pp=pp, batch_size=1, kappas=(1, 5, 10), ranking_depth=-1,
+      distractor_shard_size=10_000, **opts))
 
 
 def apply_size_args(c, arg):

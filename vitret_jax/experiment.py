@@ -401,3 +401,5 @@ class RunEmbedder:
     """Descriptors [N, E] of image files, in order (as
     export.Embedder.embed_files)."""
     return image_files.embed_all(self, paths, batch_size)
+
+  embed_files_iter = image_files.embed_files_iter

@@ -243,6 +243,10 @@ class Embedder:
     by shape. An unreadable file is an error naming it."""
     return image_files.embed_all(self, paths, batch_size)
 
+  # embedder.embed_files_iter(paths, batch_size=64, skipped=None): a
+  # generator of (paths_chunk, descriptors) for millions of files.
+  embed_files_iter = image_files.embed_files_iter
+
   def __call__(self, images):
     # Sides are rounded to the stride at every scale, as in evaluation.
     return self._describe(images)

@@ -4,7 +4,7 @@
 
 Modes: train (train, resuming as checkpoint.resume_or_init says, then
 evaluate), eval (evaluate DIR's latest checkpoint), export (DIR's parameters
-as a pretrained artifact), index (embed a folder of images into a ScaNN
+as a pretrained artifact), index (embed a folder of images into a searchable
 index), search (query it) and serve (vitret_jax/serve.py). Config values
 are overridden with --config.section.key=value; a mistyped key is an error.
 """
@@ -25,7 +25,6 @@ from vitret_jax import evaluate
 from vitret_jax import host_memory
 from vitret_jax import paths
 from vitret_jax import preemption
-from vitret_jax import train
 from vitret_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -79,6 +78,18 @@ _EXPORT_EVAL = flags.DEFINE_string(
     "(default: the config's first).")
 _INDEX_DIR = flags.DEFINE_string("index_dir", "", "index / search: index "
                                  "folder (default WORKDIR/index).")
+_UPDATE = flags.DEFINE_bool(
+    "update", False, "index: bring an existing index up to date with "
+    "--images (new and changed files embedded, deleted ones dropped).")
+_VERIFY = flags.DEFINE_bool(
+    "verify", False, "index: record each file's SHA-256 (with --update: "
+    "also compare it, not only the size and time).")
+_SHARD_SIZE = flags.DEFINE_integer(
+    "shard_size", 10_000, "index: images per shard (the unit of resuming "
+    "and of sharing between processes).")
+_SEARCHER = flags.DEFINE_enum(
+    "searcher", "auto", ["auto", "exact", "scann"], "index: exact search "
+    "streamed over the shards, or ScaNN (auto: from 100,000 images).")
 _QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
 _GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
@@ -143,6 +154,10 @@ def _run_mode(mode, config, workdir):
     raise app.UsageError("--mode=export needs the run's --workdir (its "
                          "saved config is used; --config is optional).")
   if mode == "train":
+    # Imported for this mode only: its metric writer's TensorBoard library
+    # takes seconds to import (torch, when installed), which the other
+    # modes do not need.
+    from vitret_jax import train  # pylint: disable=g-import-not-at-top
     return train.train_and_evaluate(config, workdir)
   if mode == "eval":
     return evaluate.evaluate_only(config, workdir)
@@ -160,7 +175,8 @@ def _run_mode(mode, config, workdir):
   if mode == "index":
     return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
                           _INDEX_DIR.value, _OVERWRITE.value,
-                          _EXPORT_EVAL.value)
+                          _EXPORT_EVAL.value, _UPDATE.value, _VERIFY.value,
+                          _SHARD_SIZE.value, _SEARCHER.value)
   return commands.run_search(config, workdir, _PRETRAINED.value, _QUERY.value,
                              _INDEX_DIR.value, _TOP_K.value, _GRID.value,
                              _EXPORT_EVAL.value)

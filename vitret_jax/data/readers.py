@@ -288,7 +288,8 @@ def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",
   """Revisited Oxford / Paris from data_dir/gnd_<name>.pkl and jpg/ (name
   "roxford5k" or "rparis6k"; "" = the one there): {"query": Split(labels =
   query index, boxes, gnd), "database": Split(labels -1)}. `distractors_dir`
-  (a revisitop1m folder, the +R1M setting) appends never-relevant images."""
+  (a revisitop1m folder, the +R1M setting) appends never-relevant images
+  to the database, also given alone as "distractors"."""
   if not os.path.isdir(data_dir):
     raise DataError(f"No Revisited data at {data_dir!r}: the folder does not "
                     f"exist.\n{INSTRUCTIONS['revisited']}")
@@ -328,12 +329,15 @@ def load_revisited(data_dir: str, name: str = "", distractors_dir: str = "",
         f"the official {name} has {layouts.REVISITED_COUNTS[name]}: the file "
         f"is not "
         f"the official one (set check_counts=False for a custom subset).")
+  out = {"query": Split(tuple(queries), np.arange(len(queries),
+                                                  dtype=np.int32),
+                        boxes=boxes, gnd=gnd)}
   if distractors_dir:
-    db += _read_distractors(distractors_dir, check_counts)
-  return {"query": Split(tuple(queries),
-                         np.arange(len(queries), dtype=np.int32),
-                         boxes=boxes, gnd=gnd),
-          "database": Split(tuple(db), np.full(len(db), -1, np.int32))}
+    extra = tuple(_read_distractors(distractors_dir, check_counts))
+    out["distractors"] = Split(extra, np.full(len(extra), -1, np.int32))
+    db += extra
+  out["database"] = Split(tuple(db), np.full(len(db), -1, np.int32))
+  return out
 
 
 def _read_distractors(folder, check_counts):

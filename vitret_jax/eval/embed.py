@@ -5,6 +5,7 @@ pipeline.eval_batches); `readable_rows` finds the others."""
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from vitret_jax import descriptor
 from vitret_jax import models
@@ -62,6 +63,22 @@ def make_embed_fn(model, mesh, param_sharding=None):
   return EmbedFn(model, mesh, param_sharding, multiple)
 
 
+def local_mesh():
+  """A mesh of this process's own devices (the mesh's axis names): for
+  work a process does alone, e.g. its shards of a descriptor store."""
+  auto = jax.sharding.AxisType.Auto
+  return jax.sharding.Mesh(np.asarray(jax.local_devices()).reshape(-1, 1),
+                           sharding.BATCH_AXES, axis_types=(auto, auto))
+
+
+def local_params(params, mesh):
+  """`params` replicated on `mesh`'s devices (local_mesh): with several
+  processes, gathered whole first (a parameter may be split over them)."""
+  if jax.process_count() > 1:
+    params = multihost_utils.process_allgather(params, tiled=True)
+  return jax.device_put(params, sharding.replicated(mesh))
+
+
 def readable_rows(emb):
   """Boolean [N]: rows whose descriptor is finite (not a skipped image)."""
   return np.isfinite(emb).all(axis=1)
@@ -96,7 +113,8 @@ def _plan(split, pp_fn, batch_size, n_dev, fixed_size, bucket, fallback_hw,
 
 def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
                 desc="embed", num_workers=2, scales=(1.0,), fixed_size=True,
-                skip_corrupt=False, fallback_hw=(32, 32), bucket=True):
+                skip_corrupt=False, fallback_hw=(32, 32), bucket=True,
+                alone=False):
   """Descriptors of every image of `split`, in order.
 
   Args:
@@ -116,6 +134,9 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
     scales: descriptors at these scales are summed and L2-normalised.
     skip_corrupt: unreadable images give NaN rows instead of an error;
       fallback_hw is the pp's output size (the shape of their placeholders).
+    alone: this process embeds the whole split on its own devices (`mesh`
+      a local_mesh, `params` from local_params), not its share of a split
+      every process embeds.
   Returns:
     (embeddings [N, E] float32 numpy, labels [N]).
   """
@@ -126,9 +147,10 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
     params = put(params)
   out = None
   bar = tqdm.tqdm(total=len(split), desc=desc, unit="img", leave=False,
-                  disable=jax.process_index() != 0)
+                  disable=alone or jax.process_index() != 0)
+  processes = (0, 1) if alone else (jax.process_index(), jax.process_count())
   for batch in pipeline.eval_batches(split, pp_fn, plan, num_workers,
-                                     jax.process_index(), jax.process_count(),
+                                     *processes,
                                      skip_corrupt=skip_corrupt,
                                      fallback_hw=fallback_hw,
                                      expected_hw=expected):

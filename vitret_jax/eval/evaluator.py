@@ -23,6 +23,7 @@ re-evaluation of the same checkpoint needs no forward pass.
 import hashlib
 import os
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -30,6 +31,7 @@ from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
+from vitret_jax.eval import distractors as distractors_lib
 from vitret_jax.eval import embed
 from vitret_jax.eval import emb_cache
 from vitret_jax.eval import knn as knn_lib
@@ -38,6 +40,8 @@ from vitret_jax.eval import rerank as rerank_lib
 from vitret_jax.eval import rerank_spec
 from vitret_jax.eval import scoring
 from vitret_jax.eval import whitening as whitening_lib
+from vitret_jax.store import view as store_view
+from vitret_jax.store import writer
 
 
 # Neighbours kept per query for browsing (their codes: report.MARKS).
@@ -256,7 +260,7 @@ def _top_scores(q, g, idx, k=BROWSE_K):
   idx = np.asarray(idx)[:, :k]
   safe = np.maximum(idx, 0)
   s = np.einsum("qe,qke->qk", np.asarray(q, np.float32),
-                np.asarray(g, np.float32)[safe])
+                np.asarray(g[safe], np.float32))
   return np.where(idx >= 0, s, np.nan)
 
 
@@ -275,19 +279,28 @@ class RevisitedEvaluator(_Evaluator):
   DISTRACTOR_DEPTH with them (+R1M: 1M rankings of a million entries would
   not fit; positives ranked deeper count as not retrieved, and the metrics
   report "ranking_depth"). Default data set "revisited" with
-  `options=dict(name=..., distractors_dir=...)`.
+  `options=dict(name=..., distractors_dir=...)`. The distractors go through
+  a descriptor store (eval/distractors.py: sharded by
+  `distractor_shard_size`, resumable, split between processes, searched
+  from memory-mapped shards by process 0).
   """
 
   DISTRACTOR_DEPTH = 10_000
 
   def __init__(self, embed_fn, mesh, splits, *, kappas=(1, 5, 10),
-               ranking_depth=-1, **common):
+               ranking_depth=-1,
+               distractor_shard_size=distractors_lib.SHARD_SIZE, **common):
     if ranking_depth < 0:
       distractors = dict(common.get("options") or {}).get("distractors_dir")
       ranking_depth = self.DISTRACTOR_DEPTH if distractors else 0
     common.setdefault("dataset", "revisited")
     super().__init__(embed_fn, mesh, splits, **common)
     self.query, self.database = self._split("query"), self._split("database")
+    self.distractors = self.splits.get("distractors")
+    if self.distractors is not None:  # the database without them
+      self.database = self.database.take(
+          np.arange(len(self.database) - len(self.distractors)))
+    self.distractor_shard_size = distractor_shard_size
     if self.query.gnd is None:
       raise UserError("evals: the revisited evaluator needs a data set with "
                       "ground truth (dataset='revisited').")
@@ -298,6 +311,9 @@ class RevisitedEvaluator(_Evaluator):
     q = self._embed(params, self.query, "embed queries", cache, "query")
     db = self._embed(params, self.database, "embed database", cache,
                      "database")
+    # +R1M: a store of the distractors' descriptors (eval/distractors.py).
+    more = (None if self.distractors is None
+            else distractors_lib.store_of(self, params, cache, white))
     q_ok, db_ok = embed.readable_rows(q), embed.readable_rows(db)
     gnd = self.query.gnd
     q_paths, db_paths = self.query.paths, self.database.paths
@@ -308,17 +324,37 @@ class RevisitedEvaluator(_Evaluator):
       q, db = q[q_ok], db[db_ok]
     if white is not None:
       q, db = white(q), white(db)
-    depth = len(db) if not self.depth else min(self.depth, len(db))
-    idx, extra = self._search(q, db, depth, False, cache)
-    out = metrics.revisited_metrics(idx, gnd, self.kappas)
-    out.update(self._reranked(q, db, depth, lambda ids: (
-        metrics.revisited_metrics(ids, gnd, self.kappas))))
-    out.update(extra)
-    if depth < len(db):
-      out["ranking_depth"] = depth
-    if self.skip_corrupt:
-      out["skipped_images"] = int((~q_ok).sum() + (~db_ok).sum())
+    database = db if more is None else store_view.Stacked([db, more])
+    depth = (len(database) if not self.depth
+             else min(self.depth, len(database)))
+    out = {}
+    if more is None or jax.process_index() == 0:
+      idx, extra = (
+          self._search(q, db, depth, False, cache) if more is None else
+          distractors_lib.search(q, database, depth, self.backend,
+                                 self.scann_options, cache))
+      out = metrics.revisited_metrics(idx, gnd, self.kappas)
+      out.update(self._reranked(q, db if more is None else database, depth,
+                                lambda ids: metrics.revisited_metrics(
+                                    ids, gnd, self.kappas)))
+      out.update(extra)
+      if depth < len(database):
+        out["ranking_depth"] = depth
+      if self.skip_corrupt:
+        out["skipped_images"] = int((~q_ok).sum() + (~db_ok).sum() + (
+            0 if more is None else more.skipped))
+      if more is not None:
+        db_paths = tuple(db_paths) + tuple(
+            self.distractors.paths[i] for i in more.item_positions())
+      self._keep(gnd, q_paths, db_paths, idx, q, database)
+    if more is not None:
+      # Process 0 alone searched the distractors; it tells the others.
+      out = writer.broadcast_json(out)
+      distractors_lib.temporary(more)
+    return out
 
+  def _keep(self, gnd, q_paths, db_paths, idx, q, database):
+    """What report_rows and browse_record show of this run."""
     def mark(i, j):
       if j in set(gnd[i]["easy"]) | set(gnd[i]["hard"]):
         return True
@@ -329,8 +365,7 @@ class RevisitedEvaluator(_Evaluator):
                         np.isin(js, gnd[i]["hard"]),
                         np.isin(js, gnd[i]["junk"])], [1, 3, 2], 0)
     self.last = (q_paths, db_paths, idx, mark)
-    self.last_codes, self.last_scores = codes, _top_scores(q, db, idx)
-    return out
+    self.last_codes, self.last_scores = codes, _top_scores(q, database, idx)
 
 
 EVALUATORS = {"retrieval": RetrievalEvaluator, "revisited": RevisitedEvaluator}

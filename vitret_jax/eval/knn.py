@@ -3,7 +3,9 @@
 `exact_knn(query, reference, k, exclude_self)` compares `query_chunk` queries
 with `ref_chunk` references at a time and merges running top-k lists, so the
 device never holds more than [query_chunk, ref_chunk + k] scores whatever the
-gallery size.
+gallery size. `exact_knn_blocks` does the same over references that come in
+blocks (the shards of a memory-mapped store, vitret_jax/store): each block
+is read once, whatever the number of queries.
 """
 import functools
 
@@ -13,13 +15,14 @@ import numpy as np
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def _merge_chunk(best_s, best_i, q, r, q_start, r_start, n_ref, k,
-                 exclude_self):
+def _merge_chunk(best_s, best_i, q, r, excl, r_start, n_valid, k):
+  """Running top-k of queries `q` [c, E] merged with block `r` [rc, E],
+  whose row j is reference r_start + j; rows from n_valid on are padding;
+  query i never retrieves reference excl[i] (-1: none)."""
   s = jnp.matmul(q, r.T, precision=jax.lax.Precision.HIGHEST)  # [c, rc]
   cols = r_start + jnp.arange(r.shape[0])
-  rows = q_start + jnp.arange(q.shape[0])
-  drop = cols[None, :] >= n_ref  # padding of the last reference chunk
-  drop |= exclude_self & (cols[None, :] == rows[:, None])
+  drop = cols[None, :] >= r_start + n_valid  # padding of a short block
+  drop |= cols[None, :] == excl[:, None]
   s = jnp.where(drop, -jnp.inf, s)
   s = jnp.concatenate([best_s, s], axis=1)
   i = jnp.concatenate(
@@ -48,27 +51,63 @@ def exact_knn(query, reference, k, exclude_self=False, query_chunk=1024,
     (scores [Q, k] float32, indices [Q, k] int32), best first. Slots with no
     valid neighbour have score -inf.
   """
-  query = np.asarray(query, np.float32)
   reference = np.asarray(reference, np.float32)
   n_ref = reference.shape[0]
-  k = max(1, min(k, n_ref - int(exclude_self)))
-  rc = min(ref_chunk, n_ref)
-  n_ref_pad = -(-n_ref // rc) * rc
-  ref_pad = _pad_rows(reference, n_ref_pad)
-  ref_blocks = [jnp.asarray(ref_pad[s:s + rc]) for s in range(0, n_ref_pad, rc)]
-  scores, indices = [], []
-  for qs in range(0, query.shape[0], query_chunk):
-    q = query[qs:qs + query_chunk]
-    nq = q.shape[0]
-    q = jnp.asarray(_pad_rows(q, min(query_chunk, query.shape[0])))
-    best_s = jnp.full((q.shape[0], k), -jnp.inf, jnp.float32)
-    best_i = jnp.full((q.shape[0], k), -1, jnp.int32)
-    for b, r in enumerate(ref_blocks):
-      best_s, best_i = _merge_chunk(best_s, best_i, q, r, qs, b * rc, n_ref,
-                                    k, exclude_self)
-    scores.append(np.asarray(best_s)[:nq])
-    indices.append(np.asarray(best_i)[:nq])
-  return np.concatenate(scores), np.concatenate(indices)
+  rc = max(1, min(ref_chunk, n_ref))
+  blocks = ((s, reference[s:s + rc]) for s in range(0, n_ref, rc))
+  exclude = np.arange(len(query)) if exclude_self else None
+  return exact_knn_blocks(query, blocks, n_ref, k, exclude, query_chunk)
+
+
+def exact_knn_blocks(query, blocks, n_ref, k, exclude=None,
+                     query_chunk=1024, block_rows=0):
+  """exact_knn over references given block by block.
+
+  Args:
+    query: [Q, E] float array.
+    blocks: iterable of (first reference id, float array [r, E]) covering
+      references 0..n_ref-1 in order; every block is padded to `block_rows`
+      (default: the first one's row count; a longer block is split), so one
+      compiled program serves them all.
+    n_ref: the number of references.
+    k: neighbours per query (clamped to the references available).
+    exclude: optional int [Q]: query i never retrieves reference
+      exclude[i] (-1: none).
+    query_chunk: queries compared at a time.
+  Returns:
+    (scores [Q, k] float32, indices [Q, k] int32), best first; slots with
+    no valid neighbour have score -inf and index -1.
+  """
+  query = np.asarray(query, np.float32)
+  nq = query.shape[0]
+  excl = (np.full(nq, -1, np.int32) if exclude is None
+          else np.asarray(exclude, np.int32))
+  k = max(1, min(k, n_ref - int(exclude is not None and n_ref > 1
+                                 and bool(np.all(excl >= 0)))))
+  qc = max(1, min(query_chunk, nq))
+  chunks = []
+  for qs in range(0, nq, qc):
+    q = jnp.asarray(_pad_rows(query[qs:qs + qc], qc))
+    e = jnp.asarray(_pad_rows(excl[qs:qs + qc], qc))
+    chunks.append([q, e, jnp.full((qc, k), -jnp.inf, jnp.float32),
+                   jnp.full((qc, k), -1, jnp.int32)])
+  rc = block_rows or None
+  for start, block in blocks:
+    block = np.asarray(block, np.float32)
+    if not len(block):
+      continue
+    rc = rc or len(block)
+    for lo in range(0, len(block), rc):  # a block longer than the first
+      part = block[lo:lo + rc]
+      r = jnp.asarray(_pad_rows(part, rc))
+      for c in chunks:
+        c[2], c[3] = _merge_chunk(c[2], c[3], c[0], r, c[1], start + lo,
+                                  len(part), k)
+  if not chunks:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+  scores = np.concatenate([np.asarray(c[2]) for c in chunks])[:nq]
+  idx = np.concatenate([np.asarray(c[3]) for c in chunks])[:nq]
+  return scores, np.where(np.isfinite(scores), idx, -1).astype(np.int32)
 
 
 def build_scann(database, k, *, brute_force_below=20_000, num_leaves=0,

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Indexes a bucket's folder of images on every worker of a TPU slice.
+#
+# Example:
+#   TPU_NAME=vitret-pod ZONE=us-west4-a \
+#   PRETRAINED=/gcs/my-bucket/models/sop-s16 \
+#   IMAGES=/gcs/my-bucket/photos INDEX_DIR=/gcs/my-bucket/index/photos \
+#     launch/index_tpu.sh [--dry-run]
+#
+# Every worker runs `python -m vitret_jax.main --mode=index` with
+# VITRET_DISTRIBUTED=1 (jax.distributed reads the slice's topology): process
+# p of N embeds the shards s with s % N == p into INDEX_DIR, which all
+# workers share (the bucket mounted by launch/setup.sh), and process 0
+# builds the searcher and the manifest. Running the same command again after
+# a preemption resumes from the finished shards; UPDATE=1 adds the new and
+# changed files of IMAGES to an existing index. Each process embeds on one
+# chip of its host (the embedder's forward runs on its default device).
+# Required: TPU_NAME, ZONE, IMAGES, INDEX_DIR, and PRETRAINED (an exported
+# artifact) or WORKDIR (a training run). Optional: PROJECT, SHARD_SIZE
+# (10000), UPDATE (0), EXTRA_ARGS, LOG (local copy of the streamed output).
+set -euo pipefail
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh" "$@"
+: "${TPU_NAME?set TPU_NAME}" "${ZONE?set ZONE}"
+: "${IMAGES?set IMAGES (the folder to index, e.g. under /gcs/BUCKET)}"
+: "${INDEX_DIR?set INDEX_DIR (a path all workers share, e.g. under /gcs/BUCKET)}"
+: "${PRETRAINED:=}" "${WORKDIR:=}" "${SHARD_SIZE:=10000}" "${UPDATE:=0}"
+: "${EXTRA_ARGS:=}" "${LOG:=vitret-index-${TPU_NAME}.log}"
+if [[ -z "$PRETRAINED" && -z "$WORKDIR" ]]; then
+  echo "set PRETRAINED (an exported artifact) or WORKDIR (a training run)" >&2
+  exit 2
+fi
+
+remote="cd ~/vitret_jax && VITRET_DISTRIBUTED=1 .venv/bin/python -m vitret_jax.main"
+remote+=" --mode=index --images=${IMAGES} --index_dir=${INDEX_DIR}"
+remote+=" --shard_size=${SHARD_SIZE}"
+if [[ -n "$PRETRAINED" ]]; then remote+=" --pretrained=${PRETRAINED}"; fi
+if [[ -n "$WORKDIR" ]]; then remote+=" --workdir=${WORKDIR}"; fi
+if [[ "$UPDATE" == 1 ]]; then remote+=" --update"; fi
+remote+=" ${EXTRA_ARGS}"
+if [[ "$DRY_RUN" == 1 ]]; then
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" \
+    --zone="$ZONE" --worker=all --command="$remote"
+else
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" \
+    --zone="$ZONE" --worker=all --command="$remote" 2>&1 | tee -a "$LOG"
+fi

@@ -1,0 +1,187 @@
+"""The descriptor store (vitret_jax/store) without a model: shards and their
+records, resuming (missing, damaged and leftover files), identity, the
+memory-mapped views (gather, blocks, exact search equal to eval/knn), and
+ScaNN learned from a sample and fed the shards."""
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from vitret_jax.errors import UserError
+from vitret_jax.eval import knn
+from vitret_jax.store import items as items_lib
+from vitret_jax.store import view as view_lib
+from vitret_jax.store import writer
+
+IDENTITY = {"artifact": "abc", "preprocess": "decode|resize(8)|normalize"}
+
+
+def clustered(n, dim, seed=0, clusters=40):
+  """Unit vectors around `clusters` centres (embedding-like: ScaNN's
+  partitions mean something; see ENVIRONMENT.md on random data)."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+  x = centres[rng.integers(0, clusters, n)] + 0.25 * rng.normal(
+      size=(n, dim)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+class Embedder:
+  """embed_shard for the writer: rows of a fixed table; every 11th item is
+  "unreadable"; counts the items it embeds."""
+
+  def __init__(self, table):
+    self.table, self.calls = table, []
+
+  def __call__(self, start, stop):
+    self.calls.append((start, stop))
+    keep = [p for p in range(start, stop) if p % 11 != 3]
+    return self.table[keep], [(p, "unreadable") for p in range(start, stop)
+                              if p % 11 == 3]
+
+
+def build(folder, table, shard_size=7, embedder=None):
+  paths = [f"d{i // 10}/img {i:03d}.jpg" for i in range(len(table))]
+  w = writer.Writer(str(folder), IDENTITY)
+  seg = w.plan(items_lib.Items.from_paths(paths, stat=False), shard_size)
+  stats = w.fill(seg, embedder or Embedder(table))
+  manifest = w.commit([seg], {"note": "x"})
+  view = view_lib.View(writer.committed_segments(str(folder), manifest),
+                       manifest["dim"])
+  return view, stats, seg
+
+
+def test_view_gathers_and_searches_like_an_array(tmp_path):
+  table = clustered(100, 16)
+  view, stats, seg = build(tmp_path / "s", table)
+  kept = np.asarray([p for p in range(100) if p % 11 != 3])
+  ref = table[kept]
+  assert stats["embedded"] == 100 and stats["skipped"] == 9
+  assert view.shape == (91, 16) and len(view) == 91 and seg.num_shards == 15
+  ids = np.asarray([[0, 90], [45, 3]])
+  np.testing.assert_array_equal(view[ids], ref[ids])
+  np.testing.assert_array_equal(view[-1], ref[-1])
+  np.testing.assert_array_equal(view[10:20], ref[10:20])
+  got = np.concatenate([b for _, b in view.blocks()])
+  np.testing.assert_array_equal(got, ref)
+  # Exact search over the shards equals exact search over the array, with
+  # a query's own row excluded.
+  q = ref[:12] + 0.01
+  s, i = view.search(q, 5, exclude=np.arange(12))
+  s_ref, i_ref = knn.exact_knn(q, ref, 5, exclude_self=True)
+  np.testing.assert_array_equal(i, i_ref)
+  np.testing.assert_allclose(s, s_ref, atol=1e-6)
+  s_all, i_all = view.search(q, 200)  # more than there are: empty slots
+  assert (i_all[:, 91:] == -1).all() and np.isneginf(s_all[:, 91:]).all()
+  # Paths and positions: row 3 is item 4 (item 3 was unreadable).
+  assert view.path(3) == "d0/img 004.jpg"
+  assert view.position("d0/img 004.jpg") == 3
+  assert view.position("d0/img 003.jpg") == -1
+  # A database and a store, one after the other.
+  both = view_lib.Stacked([table[:5], view])
+  np.testing.assert_array_equal(both[np.asarray([4, 5, 95])],
+                                np.stack([table[4], ref[0], ref[90]]))
+  s2, i2 = both.search(q, 4)
+  s3, i3 = knn.exact_knn(q, np.concatenate([table[:5], ref]), 4)
+  np.testing.assert_array_equal(i2, i3)
+  np.testing.assert_allclose(s2, s3, atol=1e-6)
+
+
+def test_resume_redoes_only_missing_and_damaged_shards(tmp_path):
+  table = clustered(60, 8)
+  folder = tmp_path / "s"
+  paths = [f"{i}.jpg" for i in range(60)]
+  items = items_lib.Items.from_paths(paths, stat=False)
+  w = writer.Writer(str(folder), IDENTITY)
+  seg = w.plan(items, 10)
+  w.fill(seg, Embedder(table))
+  first = np.load(seg.npy(2)).copy()
+  # A kill between a shard's .npy and its record, a damaged .npy, and a
+  # kill's leftover temporary file.
+  os.remove(seg.record_path(1))
+  with open(seg.npy(4), "r+b") as f:
+    f.seek(-4, os.SEEK_END)
+    f.write(b"\x00\x01\x02\x03")
+  open(seg.npy(5) + ".tmp-123", "wb").close()
+  again = Embedder(table)
+  w = writer.Writer(str(folder), IDENTITY)
+  seg = w.plan(items, 10)  # the same plan: resumed, not restarted
+  stats = w.fill(seg, again)
+  assert again.calls == [(10, 20), (40, 50)]
+  assert stats["reused_shards"] == 4 and stats["embedded"] == 20
+  assert not glob.glob(str(folder / "seg-0000" / "*.tmp-*"))
+  np.testing.assert_array_equal(np.load(seg.npy(2)), first)
+  assert all(seg.check(s) is None for s in range(6))
+  # Another embedder: a one-line error; replace_other empties the store.
+  with pytest.raises(UserError, match="another embedder .* build a new"):
+    writer.Writer(str(folder), dict(IDENTITY, artifact="other"))
+  w = writer.Writer(str(folder), dict(IDENTITY, artifact="other"),
+                    replace_other=True)
+  assert not os.listdir(folder)
+  # A plan of other items starts the segment again.
+  seg = w.plan(items.take(np.arange(50)), 10)
+  assert all(seg.check(s) == "" for s in range(5))
+
+
+def test_items_table_and_update_diff(tmp_path):
+  for name in ("b.jpg", "a.jpg", "c.jpg"):
+    (tmp_path / name).write_bytes(name.encode() * 10)
+  old = items_lib.Items.from_paths(["a.jpg", "b.jpg", "c.jpg"],
+                                   str(tmp_path), verify=True)
+  assert len(old) == 3 and old[1] == "b.jpg" and old.size[0] == 50
+  assert old.position("c.jpg") == 2 and old.position("zz") == -1
+  assert items_lib.concat([old.take([2]), old.take([0])]).paths() == [
+      "c.jpg", "a.jpg"]
+  # Same size, restored time, other content: only the digest sees it.
+  st = os.stat(tmp_path / "b.jpg")
+  (tmp_path / "b.jpg").write_bytes(b"B" * 50)
+  os.utime(tmp_path / "b.jpg", ns=(st.st_atime_ns, st.st_mtime_ns))
+  (tmp_path / "c.jpg").unlink()
+  (tmp_path / "d.jpg").write_bytes(b"new")
+  new = items_lib.Items.from_paths(["a.jpg", "b.jpg", "d.jpg"],
+                                   str(tmp_path), verify=True)
+  keep, covered = items_lib.unchanged(old, new)
+  assert list(keep) == [True, True, False]
+  assert list(covered) == [True, True, False]
+  keep, covered = items_lib.unchanged(old, new, verify=True)
+  assert list(keep) == [True, False, False]
+  # Unsorted lists (a table instead of a merge): the same answer.
+  keep, covered = items_lib.unchanged(old.take([2, 0, 1]), new.take([2, 1, 0]))
+  assert list(keep) == [False, True, True] and list(covered) == [False,
+                                                                 True, True]
+  # Without recorded digests, --verify cannot vouch for a file.
+  bare = items_lib.Items.from_paths(["a.jpg"], str(tmp_path))
+  assert not items_lib.unchanged(bare, new, verify=True)[0].any()
+
+
+def test_scann_learned_from_a_sample_and_fed_the_shards(tmp_path):
+  pytest.importorskip("scann")
+  from vitret_jax.store import scann_search  # pylint: disable=g-import-not-at-top
+  table = clustered(3000, 32, seed=1)
+  view, _, _ = build(tmp_path / "s", table, shard_size=500)
+  q = view[np.arange(0, 2700, 90)] + 0.02
+  searcher = scann_search.build(view, sample_size=800, num_leaves=30,
+                                num_leaves_to_search=6)
+  assert sorted(searcher.order) == list(range(len(view)))
+  view.searcher = searcher
+  s, i = view.search(q, 10)
+  view.searcher = None
+  s_exact, i_exact = view.search(q, 10)
+  assert knn.neighbour_recall(i, i_exact) >= 0.95
+  # Re-scored exactly: a neighbour found has its exact score.
+  hit = i == i_exact
+  np.testing.assert_allclose(s[hit], s_exact[hit], atol=1e-5)
+  searcher.save(str(tmp_path / "scann"))
+  loaded = scann_search.load(str(tmp_path / "scann"), view)
+  s2, i2 = loaded.search(q, 10, exclude=i[:, 0])
+  np.testing.assert_array_equal(i2[:, :9], i[:, 1:])
+
+
+def test_content_key_of_a_split_without_joining_its_paths():
+  from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import emb_cache  # pylint: disable=g-import-not-at-top
+  for boxes in (None, np.ones((3, 4))):
+    s = split_lib.Split(("a.jpg", "b/é.jpg", "c d.jpg"), np.arange(3),
+                        boxes)
+    assert emb_cache.fingerprint(s) == s.fingerprint()

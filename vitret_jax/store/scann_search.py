@@ -1,0 +1,129 @@
+"""ScaNN over a database that does not fit in memory (store/view.py).
+
+The partitioning tree and the anisotropic-hashing codebooks are learned
+from a sample of rows; every row is then fed to the searcher block by block
+(ScaNN 1.4's `upsert`), so the database is never concatenated. The searcher
+holds the partitions and the hashed codes only (no exact re-ordering in
+ScaNN, which would keep a float32 copy of every row): its candidates are
+re-scored exactly from the database's own rows (memory-mapped shards) and
+the best k returned.
+"""
+import json
+import os
+
+import numpy as np
+from absl import logging
+
+# Rows in one upsert call.
+_FEED = 8192
+# Bytes of candidate rows gathered at a time when re-scoring.
+_RESCORE_BYTES = 64 << 20
+
+
+def _pybind():
+  # scann loads a large native library: imported when a searcher is built
+  # or loaded, not by every user of exact search.
+  from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
+  return scann_ops_pybind
+
+
+class Searcher:
+  """search(queries, k, exclude) over `database` (see view.py): ScaNN's
+  candidates (`reorder` per query, at least k) re-scored exactly.
+
+  Attributes:
+    scann: the ScaNN searcher; order: [N] int64, database id of ScaNN's
+      row i; database: what the ids index; reorder: candidates per query.
+  """
+
+  def __init__(self, scann, order, database, reorder):
+    self.scann, self.order = scann, np.asarray(order, np.int64)
+    self.database, self.reorder = database, int(reorder)
+    if len(self.order) != len(database):
+      raise ValueError(f"searcher of {len(self.order)} rows, database of "
+                       f"{len(database)}")
+
+  def search(self, queries, k, exclude=None):
+    queries = np.asarray(queries, np.float32)
+    n = len(self.order)
+    want = min(n, max(self.reorder, k + 1))
+    idx, scores = self.scann.search_batched(queries,
+                                            final_num_neighbors=want)
+    idx = np.asarray(idx, np.int64).reshape(len(queries), -1)
+    scores = np.asarray(scores, np.float32).reshape(len(queries), -1)
+    # ScaNN pads a short result with row 0 and a NaN score (knn.scann_search).
+    cand = np.where(np.isfinite(scores), self.order[idx], -1)
+    if exclude is not None:
+      cand = np.where(cand == np.asarray(exclude)[:, None], -1, cand)
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int32)
+    dim = self.database.shape[1]
+    step = max(1, _RESCORE_BYTES // max(1, want * dim * 4))
+    for lo in range(0, len(queries), step):
+      c = cand[lo:lo + step]
+      rows = self.database[np.maximum(c, 0)]  # [q, want, E]
+      s = np.einsum("qe,qke->qk", queries[lo:lo + step], rows)
+      s = np.where(c >= 0, s, -np.inf)
+      for j in range(len(c)):
+        # Best first; equal scores by id, as exact search orders them.
+        best = np.lexsort((c[j], -s[j]))[:k]
+        keep = np.isfinite(s[j][best])
+        out_s[lo + j, :keep.sum()] = s[j][best][keep]
+        out_i[lo + j, :keep.sum()] = c[j][best][keep]
+    return out_s, out_i
+
+  def save(self, folder):
+    """Writes the searcher to `folder` (created): ScaNN's assets with
+    relative paths, the id order and the settings."""
+    os.makedirs(folder)
+    self.scann.serialize(folder, relative_path=True)
+    np.save(os.path.join(folder, "order.npy"), self.order)
+    with open(os.path.join(folder, "searcher.json"), "w") as f:
+      json.dump({"reorder": self.reorder, "rows": len(self.order)}, f)
+
+
+def load(folder, database):
+  """The Searcher saved in `folder`, over `database`."""
+  with open(os.path.join(folder, "searcher.json")) as f:
+    meta = json.load(f)
+  order = np.load(os.path.join(folder, "order.npy"))
+  return Searcher(_pybind().load_searcher(folder), order, database,
+                  meta["reorder"])
+
+
+def build(database, *, sample_size=100_000, num_leaves=0,
+          num_leaves_to_search=0, dims_per_block=2,
+          quantization_threshold=0.2, reorder=0, seed=0, **unused):
+  """A Searcher over `database` (len >= 2): a spherical k-means tree of
+  num_leaves (default ~sqrt(N)) partitions, num_leaves_to_search of them
+  searched (default ~num_leaves / 20), anisotropic hashing (dims_per_block,
+  quantization_threshold), both learned from `sample_size` rows drawn with
+  `seed`; `reorder` candidates re-scored exactly (default 100 per query,
+  raised to k + 1 when more are asked for)."""
+  del unused  # build_scann's brute_force_below: the caller chose ScaNN
+  n = len(database)
+  rng = np.random.default_rng(seed)
+  sample = np.sort(rng.choice(n, min(n, sample_size), replace=False))
+  leaves = int(num_leaves or max(1, np.sqrt(n)))
+  leaves = min(leaves, len(sample))
+  to_search = int(num_leaves_to_search or max(1, leaves // 20))
+  builder = _pybind().builder(database[sample], 10, "dot_product").tree(
+      num_leaves=leaves, num_leaves_to_search=min(to_search, leaves),
+      training_sample_size=len(sample), spherical=True).score_ah(
+          dims_per_block,
+          anisotropic_quantization_threshold=quantization_threshold)
+  scann = builder.build()
+  in_sample = np.zeros(n, bool)
+  in_sample[sample] = True
+  fed = [sample]
+  for start, block in database.blocks():
+    rest = np.flatnonzero(~in_sample[start:start + len(block)])
+    for lo in range(0, len(rest), _FEED):
+      rows = rest[lo:lo + _FEED]
+      scann.searcher.upsert([None] * len(rows),
+                            np.ascontiguousarray(block[rows], np.float32),
+                            256)
+      fed.append(start + rows)
+  logging.info("ScaNN: %d leaves learned from %d of %d rows; %d fed.",
+               leaves, len(sample), n, n - len(sample))
+  return Searcher(scann, np.concatenate(fed), database, reorder or 100)
