@@ -10,6 +10,7 @@ for torch.compile, an exit status that fails, children that hold one GPU
 alone and die with their parent."""
 import contextlib
 import io
+import math
 import os
 import re
 import signal
@@ -119,6 +120,21 @@ def test_matmul_flops_counts_products_and_convolutions():
                         lambda: jnp.broadcast_to(a[:, :1], (3, 5)))
   assert profiling.matmul_flops(looped, x, w) == (5 * 2 * 3 * 4 * 4
                                                   + 2 * 3 * 4 * 5)
+
+
+def test_xla_figures_where_the_backend_has_none():
+  """A backend without XLA's cost or memory analysis (Compiled raises
+  NotImplementedError) gives NaN FLOPs and no bytes, not a lost row."""
+  class Bare:
+    def cost_analysis(self):
+      raise NotImplementedError
+
+    memory_analysis = cost_analysis
+
+  assert math.isnan(profiling.xla_flops(Bare()))
+  assert profiling.compiled_bytes(Bare()) is None
+  described = profiling.describe_compiled(Bare())
+  assert list(described) == ["flops"] and math.isnan(described["flops"])
 
 
 def test_vit_flops_is_the_hand_count_and_the_traced_one(scripts):
