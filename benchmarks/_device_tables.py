@@ -1,5 +1,7 @@
-"""The tables device_check.py prints from its children's answers: the
-device and parity, vitret_jax's rows, timm's rows with the ratios."""
+"""The tables device_check.py prints from its children's answers (the
+device and parity, vitret_jax's rows, timm's rows with the ratios) and
+what they judge: whether torch ran on JAX's device, whether the check
+failed."""
 import math
 
 import _flops  # benchmarks/_flops.py
@@ -8,6 +10,27 @@ PARITY_BOUND, PARITY_TEXT = 1e-4, "1e-4"  # fp32 at HIGHEST, max abs
 # XLA's count of a compiled step below this share of the model's own is
 # work XLA did not see (custom calls), not a smaller model.
 XLA_SHORT = 0.8
+
+
+def same_device(jax_info, torch_info):
+  """(True, "") when torch computes on the device JAX measured, else
+  (False, why). `torch_info` is probe_torch's answer, or a string saying
+  why torch could not be asked. Both see the one GPU child_env leaves
+  visible; an NVIDIA GPU's name must also agree (CUDA names it for both),
+  an AMD one's may not (JAX and HIP name it differently)."""
+  platform, kind = jax_info["platform"], jax_info["kind"]
+  if isinstance(torch_info, str):
+    return False, torch_info
+  where = (f"torch {torch_info['torch']} computes on {torch_info['name']} "
+           f"({torch_info['device']})")
+  if platform == "tpu":
+    return False, f"{where}: torch has no TPU here, JAX ran on {kind}"
+  want = {"gpu": "cuda", "rocm": "rocm", "cpu": "cpu"}.get(platform)
+  if torch_info["device"] != want:
+    return False, f"{where}, not JAX's {kind} ({platform})"
+  if want == "cuda" and torch_info["name"].strip() != kind.strip():
+    return False, f"{where}, JAX's device is {kind}"
+  return True, ""
 
 
 def _gflop(flops):

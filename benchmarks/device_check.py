@@ -41,25 +41,21 @@ step runs on one. A child dies with this process: Ctrl-C, SIGTERM and
 SIGHUP kill it and what it started; kill -9 of this process kills it
 through Linux's parent-death signal.
 
-MFU (model-FLOPs utilisation, PaLM appendix B) counts the model's own
-FLOPs, matmuls only, 2 per multiply-add (_flops.py holds the formula: for
-a ViT, per image, 2 N (3 p^2) D for the patch embedding, then per block
-8 T D^2 + 4 T^2 D + 4 T D M, and 2 D E for a projection head; a train
-step is 3x the forward times the batch), over the step's seconds and the
+MFU (model-FLOPs utilisation, PaLM appendix B): the model's own FLOPs
+(_flops.py, where the formula is written) over the step's seconds and the
 chip's peak dense bf16 rate (the step runs on one device). XLA's count of
 the compiled step is printed beside it, marked where it misses custom
-calls.
-
-Timing: each timed run dispatches at least --steps steps back to back and
-drains the device's queue once at the end, repeated with more steps until
-it lasts --min_s seconds; vitret_jax and timm are timed by the same code
-(_workers.seconds_per_step).
+calls. Timing: each timed run dispatches at least --steps steps back to
+back and drains the device's queue once at the end, repeated with more
+steps until it lasts --min_s seconds; vitret_jax and timm are timed by
+the same code (_workers.seconds_per_step).
 
 Budget: --budget_s (default 480 s) bounds the whole run. A child starts
 only if its whole time limit fits in what is left, so the run ends within
 the budget even if every child runs to its limit. Order: the probe, the
 project's rows, torch's probe, then per model timm eager and
-torch.compile; what did not fit is named in the table.
+torch.compile; what did not fit is named in the table. One device check
+runs on a host at a time (a lock file in the temporary folder).
 
 torch on a GPU host: the CUDA torch wheel's cuDNN pin can clash with
 jax-cuda12-plugin's in one environment, so torch and timm may live in a
@@ -71,6 +67,7 @@ runs it), so the script is known to run the day a device is lent.
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -100,27 +97,6 @@ def parse_models(spec):
     variant, _, size = item.partition("@")
     out.append((variant, int(size or 224)))
   return out
-
-
-def same_device(jax_info, torch_info):
-  """(True, "") when torch computes on the device JAX measured, else
-  (False, why). `torch_info` is probe_torch's answer, or a string saying
-  why torch could not be asked. Both see the one GPU child_env leaves
-  visible; an NVIDIA GPU's name must also agree (CUDA names it for both),
-  an AMD one's may not (JAX and HIP name it differently)."""
-  platform, kind = jax_info["platform"], jax_info["kind"]
-  if isinstance(torch_info, str):
-    return False, torch_info
-  where = (f"torch {torch_info['torch']} computes on {torch_info['name']} "
-           f"({torch_info['device']})")
-  if platform == "tpu":
-    return False, f"{where}: torch has no TPU here, JAX ran on {kind}"
-  want = {"gpu": "cuda", "rocm": "rocm", "cpu": "cpu"}.get(platform)
-  if torch_info["device"] != want:
-    return False, f"{where}, not JAX's {kind} ({platform})"
-  if want == "cuda" and torch_info["name"].strip() != kind.strip():
-    return False, f"{where}, JAX's device is {kind}"
-  return True, ""
 
 
 class Budget:
@@ -279,7 +255,7 @@ def measure_timm(args, budget, info, todo, jax_rows):
       line = (f"torch {torch_info['torch']} ({build}), timm "
               f"{torch_info['timm']}, on {torch_info['name']} "
               f"({torch_info['device']})")
-    _, why = same_device(info, torch_info or f"torch probe: {why}")
+    _, why = tables.same_device(info, torch_info or f"torch probe: {why}")
   for m in todo:
     mine = jax_rows[m][0]
     for kind in ("eager", "compile"):
@@ -335,6 +311,22 @@ def _end_on(signum, frame):
 
 
 @contextlib.contextmanager
+def one_run_at_a_time(path):
+  """Holds the lock file `path` (flock) for the run; None when another
+  process holds it (two checks would share the device)."""
+  fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield None
+      return
+    yield path
+  finally:
+    os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
 def ending_signals():
   """SIGTERM and SIGHUP (a dropped ssh session) end this process through
   Python (SystemExit), so that spawn kills the running child first; the
@@ -379,11 +371,19 @@ def main(argv=None, runner=None):
   except ValueError:
     parser.error(f"--models={args.models!r}: expected a comma-separated "
                  f"list of <variant>[@<pixels>], e.g. S/16@224,B/16@384.")
+  lock = os.path.join(tempfile.gettempdir(), "vitret-device-check.lock")
   cache_root = tempfile.mkdtemp(prefix="vitret-device-check-")
   try:
-    with ending_signals():
-      return report(args, Budget(args.budget_s, runner or Children(
-          cache_root, args.torch_python)))
+    # The lock guards a device: not for the CPU's smoke run or fakes.
+    with (contextlib.nullcontext(cache_root) if args.smoke or runner
+          else one_run_at_a_time(lock)) as held:
+      if held is None:
+        print(f"Another device check is running on this host (it holds "
+              f"{lock}): one at a time, or the two share the device.")
+        return 1
+      with ending_signals():
+        return report(args, Budget(args.budget_s, runner or Children(
+            cache_root, args.torch_python)))
   finally:
     shutil.rmtree(cache_root, ignore_errors=True)
 

@@ -374,6 +374,24 @@ def test_device_check_children_hold_one_gpu_alone_and_cold(scripts):
       "CUDA_VISIBLE_DEVICES"] == ""  # no GPU stays no GPU
 
 
+def test_one_device_check_at_a_time(scripts, monkeypatch, tmp_path):
+  """A second check on the host while one runs (their children would share
+  the device) stops at once, saying why."""
+  dc = scripts["device_check"]
+  monkeypatch.setattr(dc.tempfile, "gettempdir", lambda: str(tmp_path))
+  lock = str(tmp_path / "vitret-device-check.lock")
+  with dc.one_run_at_a_time(lock) as first:
+    assert first == lock
+    with dc.one_run_at_a_time(lock) as second:
+      assert second is None
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      assert dc.main(["--no_torch"]) == 1
+    assert "Another device check is running" in out.getvalue()
+  with dc.one_run_at_a_time(lock) as again:
+    assert again == lock
+
+
 # A parent that runs a child (which starts a grandchild) through spawn,
 # with device_check's signal handling, as the real run does.
 _PARENT = """
