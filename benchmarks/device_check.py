@@ -163,9 +163,13 @@ def spawn(cmd, limit, env=None):
   """Runs `cmd` in a session of its own, killed (with whatever it
   started) after `limit` seconds, when this process is interrupted or
   ended, or dies; (stdout, "") or (None, why)."""
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True, env=env,
-                          preexec_fn=_die_with(os.getpid()))
+  try:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env,
+                            preexec_fn=_die_with(os.getpid()))
+  except OSError as e:
+    return None, f"cannot start {cmd[0]}: {e.strerror or e}"
   try:
     out, err = proc.communicate(timeout=limit)
   except subprocess.TimeoutExpired:
@@ -371,6 +375,10 @@ def main(argv=None, runner=None):
   except ValueError:
     parser.error(f"--models={args.models!r}: expected a comma-separated "
                  f"list of <variant>[@<pixels>], e.g. S/16@224,B/16@384.")
+  if args.torch_python and not os.access(args.torch_python, os.X_OK):
+    parser.error(f"--torch_python={args.torch_python!r} is not an "
+                 f"executable Python: give the bin/python of the virtualenv "
+                 f"holding torch and timm.")
   lock = os.path.join(tempfile.gettempdir(), "vitret-device-check.lock")
   cache_root = tempfile.mkdtemp(prefix="vitret-device-check-")
   try:

@@ -374,6 +374,18 @@ def test_device_check_children_hold_one_gpu_alone_and_cold(scripts):
       "CUDA_VISIBLE_DEVICES"] == ""  # no GPU stays no GPU
 
 
+def test_a_python_that_is_not_there(scripts, tmp_path, capsys):
+  """--torch_python naming no executable is a usage error before anything
+  runs; a child that cannot start is a reason in its cell, not a
+  traceback."""
+  dc = scripts["device_check"]
+  with pytest.raises(SystemExit):
+    dc.main(["--torch_python", str(tmp_path / "nope")])
+  assert "is not an executable Python" in capsys.readouterr().err
+  out, why = dc.spawn([str(tmp_path / "nope"), "-c", "pass"], 5)
+  assert out is None and why.startswith("cannot start"), why
+
+
 def test_one_device_check_at_a_time(scripts, monkeypatch, tmp_path):
   """A second check on the host while one runs (their children would share
   the device) stops at once, saying why."""
