@@ -13,9 +13,11 @@ torch's allocators keep what they took until then) and gives each model a
 peak memory of its own.
 """
 import contextlib
+import gc
 import os
 import re
 import resource
+import subprocess
 import sys
 import time
 
@@ -25,9 +27,10 @@ import _workers  # benchmarks/_workers.py (puts the repository on sys.path)
 
 # The forward parity's model and batch (the smoke run's: test size).
 PARITY = {"full": ("S/16", 224, 8), "smoke": ("mu/8", 32, 8)}
-# Custom calls whose work XLA's cost analysis does not count: cuDNN's fused
-# attention (GPU). Convolutions and GEMMs through cuDNN / cuBLAS are
-# counted.
+# Custom calls named in the table as work XLA's cost analysis does not
+# count: cuDNN's fused attention (GPU). GEMMs XLA hands to cuBLAS can be
+# missing from the count too (jax-ml/jax#22249): the table marks any row
+# whose count falls far below the model's.
 _HIDDEN = re.compile(r"fmha|flash|dot_product_attention", re.IGNORECASE)
 
 
@@ -74,11 +77,19 @@ def forward(model, precision=None):
   return jax.jit(apply)
 
 
+# The parity runs: (name, the device model's dtype, its matmul precision).
+# float32 at HIGHEST is the check; the default precision is what float32
+# training gets (TF32 on recent NVIDIA GPUs, one bf16 pass on a TPU).
+PARITY_RUNS = (("float32_highest", "float32", "highest"),
+               ("float32_default", "float32", None),
+               ("bfloat16", "bfloat16", None))
+
+
 def parity(variant, size, batch, seed=0):
   """{name: difference} of the default device's descriptors against the
   host CPU's float32 ones at HIGHEST precision, same parameters and
-  images: max abs for float32 (HIGHEST and default precision), relative L2
-  for bfloat16."""
+  images, for each of PARITY_RUNS: max abs for float32, relative L2 for
+  bfloat16."""
   import jax  # pylint: disable=g-import-not-at-top
   from vitret_jax import models  # pylint: disable=g-import-not-at-top
   cpu, device = jax.devices("cpu")[0], jax.devices()[0]
@@ -94,9 +105,7 @@ def parity(variant, size, batch, seed=0):
   on_device = jax.device_put(params, device)
   x = jax.device_put(images, device)
   out = {}
-  for name, dtype, precision in (("float32_highest", "float32", "highest"),
-                                 ("float32_default", "float32", None),
-                                 ("bfloat16", "bfloat16", None)):
+  for name, dtype, precision in PARITY_RUNS:
     model = models.build_model(model_config(variant, size, dtype))
     got = np.asarray(forward(model, precision)(on_device, x), np.float64)
     out[name] = (float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
@@ -105,18 +114,21 @@ def parity(variant, size, batch, seed=0):
 
 
 def probe(smoke):
-  """The device, versions, "auto"'s choices and parity (see module doc)."""
+  """The device, versions, "auto"'s choices, memory and parity (see the
+  module doc)."""
   import jax  # pylint: disable=g-import-not-at-top
   from vitret_jax import models  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   variant, size, batch = PARITY["smoke" if smoke else "full"]
   auto = models.resolve(model_config(variant, size))
-  stats = _memory_stats(device)
-  out = {"platform": models.platform_name(),
+  platform = models.platform_name()
+  limit = _memory_stats(device).get("bytes_limit")
+  out = {"platform": platform,
          "kind": getattr(device, "device_kind", device.platform),
          "count": jax.device_count(), "versions": _versions(),
          "auto": auto.as_dict(), "parity_model": f"{variant} @ {size}",
-         "memory_gib": stats.get("bytes_limit", 0) / 2 ** 30 or None}
+         "limit_gib": limit / 2 ** 30 if limit else None,
+         "total_gib": total_memory_gib(platform, limit)}
   try:
     out["parity"] = parity(variant, size, batch)
   except Exception as e:  # pylint: disable=broad-except
@@ -127,6 +139,39 @@ def probe(smoke):
                               "beside the device: JAX_PLATFORMS unset, or "
                               "listing cpu)")
   return out
+
+
+# The device's whole memory, from its driver's tool (JAX's own figure,
+# bytes_limit, is what its allocator may take: a fraction of it on a GPU):
+# platform -> (command, the variable naming the device, its flag, unit).
+_TOTAL_QUERY = {
+    "gpu": (["nvidia-smi", "--query-gpu=memory.total",
+             "--format=csv,noheader,nounits"], "CUDA_VISIBLE_DEVICES", "-i",
+            2 ** 20),
+    "rocm": (["rocm-smi", "--showmeminfo", "vram", "--csv"],
+             "HIP_VISIBLE_DEVICES", "-d", 1),
+}
+
+
+def total_memory_gib(platform, limit):
+  """GiB of the device this process uses, or None when unknown. A TPU's
+  allocator limit is its whole HBM; a GPU's total comes from nvidia-smi
+  or rocm-smi, asked for the device *_VISIBLE_DEVICES names (the tools
+  themselves list every device)."""
+  if platform == "tpu":
+    return limit / 2 ** 30 if limit else None
+  if platform not in _TOTAL_QUERY:
+    return None
+  cmd, env, flag, unit = _TOTAL_QUERY[platform]
+  index = os.environ.get(env, "0").split(",")[0]
+  try:
+    text = subprocess.run(cmd + [flag, index], capture_output=True,
+                          text=True, timeout=20, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  # nvidia-smi prints the total alone; rocm-smi the total and the used.
+  numbers = [int(n) for n in re.findall(r"\b\d+\b", text)]
+  return max(numbers) * unit / 2 ** 30 if numbers else None
 
 
 def _memory_stats(device):
@@ -157,51 +202,58 @@ def hidden_work(compiled):
   return sorted(t for t in targets if _HIDDEN.search(t))
 
 
-def _mean_seconds(fn, steps):
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    fn()
-  return (time.perf_counter() - t0) / steps
+def out_of_memory(error):
+  """Whether `error` is a device running out of memory (XLA's
+  RESOURCE_EXHAUSTED, at compile time on a TPU or when a step runs)."""
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def measure_jax(variant, size, batch, steps, flops_fn):
+def measure_jax(variant, size, batch, timing, flops_fn, min_batch=8):
   """vitret_jax's own train step (the trainer's: IRT loss + KoLeo, AdamW)
   and embedding in bfloat16, with the attention "auto" resolves to here.
-  `flops_fn(model_cfg, batch)`: the model's own FLOP count of a step."""
+  A batch the device has no memory for is halved (down to `min_batch`),
+  and the row says so. `timing`: (min steps, min seconds) of each timed
+  run (_workers.seconds_per_step); `flops_fn(model_cfg, batch)`: the
+  model's own FLOP count of a step."""
+  cfg = model_config(variant, size, "bfloat16")
+  short = []  # the batches that ran out of memory
+  while True:
+    try:
+      out = _measure_jax(cfg, batch, timing)
+      break
+    except Exception as e:  # pylint: disable=broad-except
+      if not out_of_memory(e) or batch // 2 < min_batch:
+        raise
+    short.append(batch)
+    batch //= 2
+    gc.collect()  # the failed attempt's buffers, before the next
+  out.update(batch=batch, out_of_memory=short,
+             model_flops=flops_fn(cfg, batch))
+  return out
+
+
+def _measure_jax(cfg, batch, timing):
   import jax  # pylint: disable=g-import-not-at-top
   from vitret_jax import models  # pylint: disable=g-import-not-at-top
   from vitret_jax import profiling  # pylint: disable=g-import-not-at-top
-  cfg = model_config(variant, size, "bfloat16")
-  model, state, step, data = _workers.jax_train_step(
-      variant, size, batch, model_cfg=cfg)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, data).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {"state": state}
-
-  def train():
-    holder["state"], metrics = compiled(holder["state"], data)
-    jax.block_until_ready(metrics["loss"])
-
-  train()  # warm-up
-  step_s = _mean_seconds(train, steps)
-  embed = forward(model)
-  images = jax.device_put(_workers.batch(batch, size, 1)[0])
-  params = holder["state"].params
-  jax.block_until_ready(embed(params, images))
-  embed_s = _mean_seconds(lambda: jax.block_until_ready(embed(params, images)),
-                          steps)
+  w = _workers.JaxWorker(cfg.variant, cfg.image_size, batch, batch,
+                         model_cfg=cfg)
+  out = {}
+  for task in ("train", "embed"):
+    seconds, steps = _workers.seconds_per_step(
+        lambda t=task: w.step(t), w.wait, *timing)
+    out.update({f"{task}_img_s": batch / seconds, f"{task}_steps": steps})
+    if task == "train":
+      out["step_s"] = seconds
   peak_gib, peak_source = peak_memory(jax.devices()[0])
-  compiled_bytes = profiling.compiled_bytes(compiled)
-  return {"train_img_s": batch / step_s, "embed_img_s": batch / embed_s,
-          "step_s": step_s, "compile_s": compile_s,
-          "model_flops": flops_fn(cfg, batch),
-          "xla_flops": profiling.xla_flops(compiled),
-          "hidden": hidden_work(compiled),
-          "peak_gib": peak_gib, "peak_source": peak_source,
-          "compiled_gib": (compiled_bytes / 2 ** 30 if compiled_bytes
-                           is not None else None),
-          "attention": models.resolve(cfg).attention}
+  xla = profiling.xla_flops(w.step_fn)
+  out.update(compile_s=w.compile_train, xla_flops=None if xla != xla else xla,
+             hidden=hidden_work(w.step_fn), peak_gib=peak_gib,
+             peak_source=peak_source, attention=models.resolve(cfg).attention,
+             compiled_gib=(None if w.xla_train_mib is None
+                           else w.xla_train_mib / 1024))
+  return out
 
 
 def probe_torch():
@@ -221,22 +273,23 @@ def probe_torch():
   return out
 
 
-def measure_torch(variant, size, batch, steps, compile_model):
+def measure_torch(variant, size, batch, timing, compile_model):
   """timm's ViT, the same loss and AdamW, under autocast(bfloat16), eager
-  or torch.compile'd, on the device probe_torch names."""
+  or torch.compile'd, on the device probe_torch names, timed as
+  measure_jax times vitret_jax."""
   device = "cpu" if probe_torch()["device"] == "cpu" else "cuda"
   t0 = time.perf_counter()
   w = _workers.TorchWorker(variant, size, batch, batch, device=device,
                            bf16=True, compile_model=compile_model)
-  warm_s = time.perf_counter() - t0
-  train_s = w.run("train", steps) / steps
-  embed_s = w.run("embed", steps) / steps
-  torch = w.torch
+  out = {"warmup_s": time.perf_counter() - t0}
+  for task in ("train", "embed"):
+    seconds, steps = _workers.seconds_per_step(
+        lambda t=task: w.step(t), w.wait, *timing)
+    out.update({f"{task}_img_s": batch / seconds, f"{task}_steps": steps})
   if device == "cuda":
-    peak_gib, source = torch.cuda.max_memory_allocated() / 2 ** 30, "allocator"
+    out.update(peak_gib=w.torch.cuda.max_memory_allocated() / 2 ** 30,
+               peak_source="allocator")
   else:
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    source = "process RSS"
-  return {"train_img_s": batch / train_s, "embed_img_s": batch / embed_s,
-          "warmup_s": warm_s, "peak_gib": peak_gib, "peak_source": source}
-
+    out.update(peak_gib=resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, peak_source="process RSS")
+  return out

@@ -1,5 +1,5 @@
-"""Shared by the benchmarks: simulated CPU devices, XLA's memory figure and
-the line naming the CPU.
+"""Shared by the benchmarks: simulated CPU devices and the line naming the
+CPU.
 
 `simulate(n)` must run before jax is imported: XLA reads the device count
 when its CPU backend starts.
@@ -13,13 +13,6 @@ def simulate(n):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_"
                              f"host_platform_device_count={n}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-
-def peak_bytes(compiled):
-  """Per-device bytes of a compiled function (profiling.compiled_bytes:
-  arguments + outputs + temporaries, less donated outputs)."""
-  from vitret_jax import profiling  # pylint: disable=g-import-not-at-top
-  return profiling.compiled_bytes(compiled)
 
 
 def describe_cpu(cpuinfo="/proc/cpuinfo"):

@@ -8,6 +8,7 @@ Same model (timm's ViT of the variant, drop-path 0.1), same loss (IRT
 contrastive, beta 0.5, anchor mean, + KoLeo 0.7, written here in torch),
 AdamW (lr 3e-5, weight decay 5e-4 on kernels only, timm's groups).
 """
+import math
 import os
 import resource
 import sys
@@ -29,6 +30,28 @@ def batch(n, size, seed=0):
   images = rng.normal(size=(n, size, size, 3)).astype(np.float32)
   labels = np.repeat(np.arange(n // 2), 2).astype(np.int32)
   return images, labels
+
+
+def seconds_per_step(step, wait, min_steps=1, min_seconds=0.0,
+                     max_steps=100_000):
+  """(mean seconds of one `step()`, steps timed): steps are dispatched
+  back to back, as a training loop runs them, and the device's queue is
+  drained once, by `wait(last step's output)`, at the end. A run shorter
+  than `min_seconds` (a few ms steps: clocks still ramping up, the
+  timer's resolution) is repeated with more steps. Both frameworks are
+  timed by this one function."""
+  n = max(1, min_steps)
+  while True:
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+      out = step()
+    wait(out)
+    elapsed = time.perf_counter() - t0
+    if elapsed >= min_seconds or n >= max_steps:
+      return elapsed / n, n
+    n = min(max_steps, max(2 * n, math.ceil(
+        1.2 * n * min_seconds / max(elapsed, 1e-6))))
 
 
 def rss_mib():
@@ -65,18 +88,22 @@ def jax_train_step(variant, size, train_b, drop_path=DROP_PATH, scan=False,
 
 
 class JaxWorker:
-  """vitret_jax's own jitted train step (the trainer's) and embedding."""
+  """vitret_jax's own jitted train step (the trainer's) and embedding,
+  compiled ahead of time; `model_cfg` as in jax_train_step."""
 
-  def __init__(self, variant, size, train_b, embed_b):
+  def __init__(self, variant, size, train_b, embed_b, model_cfg=None):
     import jax  # pylint: disable=g-import-not-at-top
     from vitret_jax import profiling  # pylint: disable=g-import-not-at-top
     self.jax = jax
     base = rss_mib()
-    model, state, step, self.batch = jax_train_step(variant, size, train_b)
+    model, state, step, self.batch = jax_train_step(variant, size, train_b,
+                                                    model_cfg=model_cfg)
+    self.model = model
     t0 = time.perf_counter()
-    self.step = step.lower(state, self.batch).compile()
+    self.step_fn = step.lower(state, self.batch).compile()
     self.compile_train = time.perf_counter() - t0
-    self.xla_train_mib = profiling.compiled_bytes(self.step) / 2 ** 20
+    xla_bytes = profiling.compiled_bytes(self.step_fn)
+    self.xla_train_mib = None if xla_bytes is None else xla_bytes / 2 ** 20
     self.state = state
     embed = jax.jit(lambda p, im: model.apply({"params": p}, im, train=False))
     self.images = jax.device_put(batch(embed_b, size, 1)[0])
@@ -87,15 +114,21 @@ class JaxWorker:
     self.run("train", 1)  # warm-up
     self.run("embed", 1)
 
+  def step(self, task):
+    """Dispatches one step of `task` ("train" or "embed"); returns its
+    output without waiting for it."""
+    if task == "train":
+      self.state, metrics = self.step_fn(self.state, self.batch)
+      return metrics["loss"]
+    return self.embed(self.state.params, self.images)
+
+  def wait(self, out):
+    self.jax.block_until_ready(out)
+
   def run(self, task, n):
-    t0 = time.perf_counter()
-    for _ in range(n):
-      if task == "train":
-        self.state, metrics = self.step(self.state, self.batch)
-        self.jax.block_until_ready(metrics["loss"])
-      else:
-        self.jax.block_until_ready(self.embed(self.state.params, self.images))
-    return time.perf_counter() - t0
+    """Seconds for n steps of `task`, the device's queue drained once at
+    the end (seconds_per_step)."""
+    return seconds_per_step(lambda: self.step(task), self.wait, n)[0] * n
 
   def info(self):
     return {"compile_train_s": self.compile_train,
@@ -157,26 +190,31 @@ class TorchWorker:
     return torch.autocast(self.device, dtype=torch.bfloat16,
                           enabled=self.bf16)
 
-  def run(self, task, n):
-    """Seconds for n steps of `task` ("train" or "embed"), the device's
-    queue drained at the end."""
+  def step(self, task):
+    """Dispatches one step of `task` ("train" or "embed")."""
     torch = self.torch
-    t0 = time.perf_counter()
-    for _ in range(n):
-      if task == "train":
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        with self._autocast():
-          z = self.forward(self.x)
-        self.loss(z, self.y).backward()
-        self.opt.step()
-      else:
-        self.model.eval()
-        with torch.inference_mode(), self._autocast():
-          torch.nn.functional.normalize(self.forward(self.images), dim=1)
+    if task == "train":
+      self.model.train()
+      self.opt.zero_grad(set_to_none=True)
+      with self._autocast():
+        z = self.forward(self.x)
+      self.loss(z, self.y).backward()
+      self.opt.step()
+    else:
+      self.model.eval()
+      with torch.inference_mode(), self._autocast():
+        torch.nn.functional.normalize(self.forward(self.images), dim=1)
+
+  def wait(self, out=None):
+    """Drains the device's queue (a CPU computes synchronously)."""
+    del out
     if self.device != "cpu":
-      torch.cuda.synchronize()
-    return time.perf_counter() - t0
+      self.torch.cuda.synchronize()
+
+  def run(self, task, n):
+    """Seconds for n steps of `task`, the device's queue drained once at
+    the end (seconds_per_step)."""
+    return seconds_per_step(lambda: self.step(task), self.wait, n)[0] * n
 
   def info(self):
     torch = self.torch

@@ -26,6 +26,7 @@ import optax  # pylint: disable=g-import-not-at-top
 
 from vitret_jax import arcface  # pylint: disable=g-import-not-at-top
 from vitret_jax import optim  # pylint: disable=g-import-not-at-top
+from vitret_jax import profiling  # pylint: disable=g-import-not-at-top
 from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
 
 
@@ -57,7 +58,7 @@ def per_device_bytes(n):
 
   compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
       params, opt, emb, lab).compile()
-  return c * args.dim * 4 // n, _devices.peak_bytes(compiled)
+  return c * args.dim * 4 // n, profiling.compiled_bytes(compiled)
 
 
 def main():

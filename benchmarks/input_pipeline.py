@@ -43,6 +43,9 @@ from absl import flags
 from PIL import Image
 
 import _devices  # benchmarks/_devices.py
+import _flops  # benchmarks/_flops.py
+import _pil_reference as ref  # benchmarks/_pil_reference.py
+from vitret_jax import config_common
 from vitret_jax.data import datasets
 from vitret_jax.data import folder
 from vitret_jax.data import pipeline
@@ -51,11 +54,12 @@ from vitret_jax.data import samplers
 from vitret_jax.data import split as split_lib
 from vitret_jax.data import tfds_builders
 
-IRT_TRAIN = "decode|resize(256)|random_crop(224)|flip_lr|normalize"
-LANDMARK_EVAL = "decode|resize_max(1024)|normalize"
-# Train images/s one H100 would take at 30% MFU (benchmarks/throughput.py
-# --project, docs/benchmarks.md): a projection, the host's target.
-H100_RATE = {"IRT S/16 @ 224 (SOP, CUB, In-Shop)": (10_385, IRT_TRAIN)}
+IRT_TRAIN, LANDMARK_EVAL = ref.IRT_TRAIN, ref.LANDMARK_EVAL
+# The recipes whose train images/s one H100 would take at PROJECTED_MFU
+# (the model's own FLOPs over the chip's peak, as throughput.py --project
+# projects): the rate the host must feed. (row, variant, size, distilled).
+H100_RECIPES = (("IRT S/16 @ 224 (SOP, CUB, In-Shop)", "S/16", 224, True),)
+PROJECTED_MFU = 0.3
 # The goals, per core (one thread of the fast path against the loops):
 # (what, spec, row groups, at least this many times the loop's rate).
 GOALS = (("raw images", IRT_TRAIN, ("raw", "raw 1024x768"), 2.0),
@@ -63,8 +67,6 @@ GOALS = (("raw images", IRT_TRAIN, ("raw", "raw 1024x768"), 2.0),
                                          "prepared 256x256"), 4.0),
          ("landmark evaluation", LANDMARK_EVAL, ("raw",), 1.5))
 MIN_BATCHES = 50
-_MEAN = np.asarray(preprocess.IMAGENET_MEAN, np.float32) * 255
-_STD = np.asarray(preprocess.IMAGENET_STD, np.float32) * 255
 
 
 def synthetic(folder_path, sizes=((500, 375), (1024, 768)), per_size=64):
@@ -99,88 +101,36 @@ def shrunk_copy(paths, out_dir, short_side=256, square=False):
   return out
 
 
-def _open(path, size, draft):
-  """The image as RGB; with `draft`, a JPEG decoded by libjpeg at the
-  smallest 1/2, 1/4 or 1/8 scale still at least `size` (w, h)."""
-  im = Image.open(path)
-  if draft and im.format == "JPEG":
-    im.draft("RGB", size)
-  return im.convert("RGB")
-
-
-def _to_array(im):
-  return (np.asarray(im, np.float32) - _MEAN) / _STD
-
-
-def pil_irt_train(path, rng, draft):
-  """resize(256)|random_crop(224)|flip_lr|normalize, as a user writes it
-  (bicubic, as the pipeline resamples)."""
-  im = _open(path, (256, 256), draft).resize((256, 256), Image.BICUBIC)
-  top, left = rng.integers(0, 33), rng.integers(0, 33)
-  im = im.crop((left, top, left + 224, top + 224))
-  if rng.random() < 0.5:
-    im = im.transpose(Image.FLIP_LEFT_RIGHT)
-  return _to_array(im)
-
-
-def pil_landmark_eval(path, rng, draft):
-  """resize_max(1024)|normalize: the longer side to 1024, bicubic."""
-  del rng
-  with Image.open(path) as probe:
-    w, h = probe.size
-  s = 1024 / max(w, h)
-  size = (max(1, round(w * s)), max(1, round(h * s)))
-  im = _open(path, size, draft)
-  if im.size != size:
-    im = im.resize(size, Image.BICUBIC)
-  return _to_array(im)
-
-
-REFERENCES = {IRT_TRAIN: pil_irt_train, LANDMARK_EVAL: pil_landmark_eval}
-
-
-class Clock:
-  """Wall and CPU seconds (this process, all its threads) since made."""
-
-  def __init__(self):
-    self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-  def rates(self, n):
-    """(n / wall seconds, n / CPU seconds)."""
-    return (n / (time.perf_counter() - self.wall),
-            n / max(time.process_time() - self.cpu, 1e-9))
-
-
-def pil_loop(paths, spec, n, draft):
-  """(images/s, images per CPU-second) of the reference loop over n images
-  of `paths` (after one untimed pass over a few, so the files are in the
-  page cache)."""
-  fn = REFERENCES[spec]
-  for i in range(min(len(paths), 8)):
-    fn(paths[i], np.random.default_rng(i), draft)
-  clock = Clock()
-  for i in range(n):
-    fn(paths[i % len(paths)], np.random.default_rng(i), draft)
-  return clock.rates(n)
+def read_ahead(workers, prefetch):
+  """Batches GrainTrainLoader's readers can hold built before they are
+  asked for (data/pipeline.py's grain options): with threads, the
+  prefetch buffer (`prefetch` batches of images) and the batch being
+  assembled; with worker processes, per worker its own threads' buffer
+  (`prefetch`), its output queue (per_worker_buffer_size = `prefetch`),
+  the parent's read-ahead from it (the same size) and one batch in flight
+  on each side."""
+  if workers:
+    return workers * (3 * prefetch + 2)
+  return prefetch + 1
 
 
 def grain_rate(paths, spec, host_pp, n_batches, batch_size, workers,
                threads, prefetch=2):
   """(images/s, images per CPU-second or None) grain sustains: the first
-  batch (start-up) and the batches the readers could hold by then (the
-  prefetch buffers of the threads and of each worker process) are drawn
-  untimed, then n_batches are timed. CPU seconds are this process's (its
-  threads included), so only for threads, not worker processes."""
+  batch (start-up) and as many as the readers could hold by then
+  (read_ahead) are drawn untimed, then n_batches are timed. CPU seconds
+  are this process's (its threads included), so only for threads, not
+  worker processes."""
   split = split_lib.Split(tuple(paths), np.zeros(len(paths), np.int32))
   sampler = samplers.RandomSampler(split.labels, batch_size, 0)
   loader = pipeline.GrainTrainLoader(
       split, spec, sampler, seed=0, num_workers=workers, num_threads=threads,
       prefetch=prefetch, process_index=0, process_count=1, host_pp=host_pp)
-  held = prefetch * (workers + 2)
+  held = read_ahead(workers, prefetch)
   it = loader.iterate(0, 1 + held + n_batches)
   for _ in range(1 + held):
     next(it)
-  clock = Clock()
+  clock = ref.Clock()
   for _ in range(n_batches):
     next(it)
   rate, per_cpu = clock.rates(n_batches * batch_size)
@@ -259,7 +209,7 @@ def measure_group(args, spec, name, imgs, counts):
 
   def chunk():
     for draft in (False, True):
-      refs[draft].append(pil_loop(imgs, spec, args.ref_images, draft))
+      refs[draft].append(ref.pil_loop(imgs, spec, args.ref_images, draft))
     return refs[False][-1] + refs[True][-1]
 
   rows, before = {}, chunk()
@@ -337,6 +287,18 @@ def print_goals(groups):
             f"{goal}x | {verdict} | {why} |")
 
 
+def h100_rates():
+  """(recipe, train images/s one H100 takes at PROJECTED_MFU) of each of
+  H100_RECIPES: a projection, the host's target."""
+  out = []
+  for row, variant, size, distilled in H100_RECIPES:
+    cfg = config_common.base_config().model
+    cfg.update(dict(variant=variant, image_size=size, distilled=distilled))
+    out.append((row, round(_flops.peak_flops(_flops.H100) * PROJECTED_MFU
+                           / _flops.train_flops(cfg))))
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data", default="")
@@ -374,13 +336,14 @@ def main():
     groups[(spec, name)] = (measure_group(args, spec, name, imgs, counts),
                             imgs)
   print_goals(groups)
-  print("\nHost cores one H100 needs (projected train img/s at 30% MFU over "
-        "host_pp=fast's images per CPU-second in one thread):")
+  print(f"\nHost cores one H100 needs (projected train img/s at "
+        f"{PROJECTED_MFU:.0%} MFU over host_pp=fast's images per CPU-second "
+        f"in one thread):")
   print("| recipe | H100 img/s (projected) | raw: cores | prepared s256: "
         "cores | prepared 256x256: cores |")
   print("|---|---|---|---|---|")
-  for recipe, (h100, spec) in H100_RATE.items():
-    rows = [groups[(spec, name)][0].get(("fast", "threads", 1))
+  for recipe, h100 in h100_rates():
+    rows = [groups[(IRT_TRAIN, name)][0].get(("fast", "threads", 1))
             for name in ("raw", "prepared s256", "prepared 256x256")]
     cores = [h100 / row.per_cpu if row else float("nan") for row in rows]
     print(f"| {recipe} | {h100:,} | " + " | ".join(f"{c:.0f}" for c in cores)

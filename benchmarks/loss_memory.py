@@ -20,11 +20,12 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 from vitret_jax import losses  # pylint: disable=g-import-not-at-top
+from vitret_jax import profiling  # pylint: disable=g-import-not-at-top
 from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
 
 
 def peak_bytes(fn, *specs):
-  return _devices.peak_bytes(jax.jit(fn).lower(*specs).compile())
+  return profiling.compiled_bytes(jax.jit(fn).lower(*specs).compile())
 
 
 def main():

@@ -189,7 +189,6 @@ def timed(memory, fn, repeat=1):
 
 def embedding_seconds(mfu, config_arg, sides):
   """Projected seconds to embed ROxford + R1M on one H100 (see the doc)."""
-  from vitret_jax import models  # pylint: disable=g-import-not-at-top
   import importlib.util  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location(
       "dtop", os.path.join(throughput.REPO, "configs", "dtop.py"))
@@ -197,8 +196,7 @@ def embedding_seconds(mfu, config_arg, sides):
   spec.loader.exec_module(module)
   c = module.get_config(config_arg)
   ev = c.evals.roxford
-  flops = throughput.landmark_image_flops(models.build_model(c.model),
-                                          c.model.variant, ev.scales, sides)
+  flops = throughput.landmark_image_flops(c.model, ev.scales, sides)
   return IMAGES * flops / (throughput.PEAK["H100"] * mfu), flops
 
 

@@ -21,12 +21,13 @@ worth to torch.
   python benchmarks/throughput.py --project [--mfu 0.3]
 
 prints instead the projected wall time of each paper's recipe (README,
-"Reproduce the papers") on one H100 and on a TPU v5e-8: the FLOPs of the
-config's model counted by XLA's cost analysis (forward at the training
-size, x3 for the backward pass, +1 forward for In-Shop's key encoder; the
-evaluation at its real sizes and scales), divided by the accelerator's
-peak bf16 rate times an assumed model-FLOPs utilisation. A projection, not
-a measurement: no torch needed, nothing is run.
+"Reproduce the papers") on one H100 and on a TPU v5e-8: the model's own
+FLOPs (benchmarks/_flops.py, the count MFU divides: matmuls and
+convolutions of the config's model at the training size, x3 for the
+backward pass, +1 forward for In-Shop's key encoder; the evaluation at its
+real sizes and scales), divided by the accelerator's peak bf16 rate
+(_flops.PEAK_BF16) times an assumed model-FLOPs utilisation. A
+projection, not a measurement: no torch needed, nothing is run.
 Columns: images/s (median of the repeats), ratio vitret_jax / torch (> 1:
 vitret_jax faster), vitret_jax compile time, peak memory (XLA's compiled
 memory analysis of the step, and each worker's peak RSS growth).
@@ -39,6 +40,7 @@ import subprocess
 import sys
 
 import _devices  # benchmarks/_devices.py
+import _flops  # benchmarks/_flops.py
 import _workers  # benchmarks/_workers.py
 
 REPO = _workers.REPO
@@ -147,8 +149,9 @@ def measure(model, args):
 
 # ---------------------------------------------------------------- projection
 
-# Peak dense bf16 FLOP/s (vendor figures): H100 SXM; TPU v5e-8 = 8 chips.
-PEAK = {"H100": 989e12, "TPU v5e-8": 8 * 197e12}
+# Peak dense bf16 FLOP/s: an H100 SXM; a TPU v5e-8 is 8 chips.
+PEAK = {"H100": _flops.peak_flops(_flops.H100),
+        "TPU v5e-8": 8 * _flops.peak_flops(_flops.TPU_V5E)}
 # (row, config file, config arg, overrides, evaluation images per eval).
 REVISITED = (4_993 + 70) + (6_322 + 70)  # ROxford + RParis, db + queries
 RECIPES = (
@@ -164,32 +167,23 @@ RECIPES = (
 )
 
 
-def _forward_flops(model, h, w):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from vitret_jax import profiling  # pylint: disable=g-import-not-at-top
-  x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  lowered = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(
-      variables, x)
-  return profiling.xla_flops(lowered)
-
-
-def landmark_image_flops(model, variant, scales, sides=(768, 1024)):
-  """Forward FLOPs of one landmark evaluation image (whole, 4:3, longer
-  side 1024) summed over the multi-scale passes, each side rounded to the
-  patch size."""
-  patch = 32 if "/32" in variant else 16
-  return sum(_forward_flops(model, *(max(patch, round(s * d / patch) * patch)
-                                     for d in sides)) for s in scales)
+def landmark_image_flops(model_cfg, scales, sides=(768, 1024)):
+  """The model's own forward FLOPs of one landmark evaluation image (whole,
+  4:3, longer side 1024) summed over the multi-scale passes, each side
+  rounded to the encoder's stride."""
+  from vitret_jax import models  # pylint: disable=g-import-not-at-top
+  patch = models.input_stride(models.build_model(model_cfg))
+  return sum(_flops.forward_flops(
+      model_cfg, *(max(patch, round(s * d / patch) * patch) for d in sides))
+             for s in scales)
 
 
 def project(mfu):
   import importlib.util  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, REPO)
-  from vitret_jax import models  # pylint: disable=g-import-not-at-top
   print(f"Projected wall time, model-FLOPs utilisation {mfu:.0%} assumed "
-        f"(not measured here); FLOPs from XLA's cost analysis.")
+        f"(not measured here); the model's own FLOPs (matmuls and "
+        f"convolutions, benchmarks/_flops.py).")
   print("| recipe | model | train images | fwd GFLOP/img | train PFLOP | "
         "eval PFLOP | " + " | ".join(PEAK) + " | H100 train img/s |")
   print("|---|---|---|---|---|---|" + "---|" * (len(PEAK) + 1))
@@ -202,9 +196,8 @@ def project(mfu):
     for key, value in overrides.items():
       section, field = key.split(".")
       c[section][field] = value
-    model = models.build_model(c.model)
     size = c.model.image_size
-    fwd = _forward_flops(model, size, size)
+    fwd = _flops.train_flops(c.model) / 3
     passes = 3 + (1 if c.loss.xbm.get("momentum", 0.0) else 0)
     images = c.total_steps * c.input.batch_size
     train = passes * fwd * images
@@ -212,7 +205,7 @@ def project(mfu):
         c.total_steps // c.eval_every if c.eval_every else 0)
     ev = next(iter(c.evals.values()))
     if ev.type == "revisited":
-      per_image = landmark_image_flops(model, c.model.variant, ev.scales)
+      per_image = landmark_image_flops(c.model, ev.scales)
     else:
       per_image = fwd
     evaluation = evals * n_eval * per_image

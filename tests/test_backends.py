@@ -227,29 +227,28 @@ def test_exported_forward_is_portable(tmp_path):
     np.testing.assert_allclose(art(x), want_emb, rtol=1e-5, atol=1e-6)
 
 
-def test_device_check_smoke_runs_every_stage_on_cpu():
-  """benchmarks/device_check.py --smoke, the real script in a process:
-  its children (the probe with parity, a model's train step and
-  embedding) run one after another within the budget, and every table
-  comes out with its columns filled (the model's FLOPs within 30% of
-  XLA's on this test-size model, where element-wise work weighs more),
-  the timm cells saying why they are empty. What the figures are worth on
-  a device is device_check's own business (tests/test_benchmark_tools.py
-  checks its guards with fake children)."""
+def test_device_check_smoke_runs_every_child_and_table_on_cpu():
+  """benchmarks/device_check.py --smoke, the real script in a process: its
+  children (the probe with parity, a model's train step and embedding)
+  run one after another within the budget, every table comes out with
+  its columns filled, the timm cells say why they are empty, and the run
+  passes (exit status 0). What the figures are worth on a device is not
+  shown here (the CPU against itself): tests/test_benchmark_tools.py
+  checks the guards with fake children."""
   r = subprocess.run([sys.executable, "benchmarks/device_check.py",
                       "--smoke"], cwd=REPO, capture_output=True, text=True,
                      timeout=300, env=subprocess_env(), check=False)
-  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   out = r.stdout
   assert "model.attention=auto -> cpu" in out
-  assert re.search(r"float32 at HIGHEST precision, max abs \| [0-9.e+-]+ "
-                   r"\(within 1e-4\)", out), out
+  assert re.search(r"\| float32 at HIGHEST precision, max abs \| [0-9.e+-]+ ",
+                   out), out
   row = [l for l in out.splitlines() if l.startswith("| mu/8 @ 32 | cpu |")]
   assert len(row) == 1, out
   cells = [c.strip() for c in row[0].split("|")[1:-1]]
-  train, ratio, peak, embed_rate = (float(cells[2]), float(cells[6]),
-                                    float(cells[7]), float(cells[10]))
-  assert train > 0 and embed_rate > 0 and peak > 0
-  assert 1.0 <= ratio <= 1.3, ratio  # XLA also counts element-wise work
-  assert "no timm model" in out
+  batch, train, peak, embed_rate = (int(cells[2]), float(cells[3]),
+                                    float(cells[8]), float(cells[11]))
+  assert batch == 4 and train > 0 and embed_rate > 0 and peak > 0
+  assert float(cells[5]) > 0 and float(cells[6]) > 0  # model's, XLA's FLOPs
+  assert "no timm model" in out and out.rstrip().endswith("check: passed")
   assert re.search(r"2 children, time limits probe \d+ s, jax \d+ s", out)

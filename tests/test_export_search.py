@@ -106,8 +106,9 @@ def test_export_roundtrip_in_fresh_process(trained, tmp_path):
   images = np.stack([pp(p, None) for p in split.paths[:7]])
   np.save(tmp_path / "images.npy", images)
   want = experiment.RunEmbedder(config, workdir)(images)
-  # The artifact alone, in a process that imports nothing of the model code,
-  # on batch sizes (7 and 3) the export was never traced with.
+  # The artifact alone, in a process that imports nothing of the model code
+  # (nor does the search service's module), on batch sizes (7 and 3) the
+  # export was never traced with.
   # From the JPEG files too, in one call (the artifact's own preprocessing).
   code = ("import sys, json, numpy as np, vitret_jax\n"
           "e = vitret_jax.load_pretrained(sys.argv[1])\n"
@@ -115,7 +116,11 @@ def test_export_roundtrip_in_fresh_process(trained, tmp_path):
           "np.save(sys.argv[3], e(x)); np.save(sys.argv[4], e(x[:3]))\n"
           "np.save(sys.argv[5], e.embed_files(json.loads(sys.argv[6]),\n"
           "                                   batch_size=4))\n"
-          "assert 'vitret_jax.models' not in sys.modules\n")
+          "import importlib.util\n"
+          "if importlib.util.find_spec('fastapi'):\n"
+          "  import vitret_jax.serve  # the service: no model code either\n"
+          "assert 'vitret_jax.models' not in sys.modules, 'model code'\n"
+          "assert 'vitret_jax.eval.evaluator' not in sys.modules\n")
   r = subprocess.run([sys.executable, "-c", code, art,
                       str(tmp_path / "images.npy"), str(tmp_path / "a.npy"),
                       str(tmp_path / "b.npy"), str(tmp_path / "c.npy"),

@@ -3,7 +3,9 @@ the evaluators' EmbedFn, hard-negative mining; a run's RunEmbedder in
 test_export_search.py) runs its steady state under
 jax.transfer_guard("disallow"), which fails any implicit host copy, while
 `host_copies` counts the explicit ones, which would pass the guard: the
-parameters cross from the host once, never once a batch."""
+parameters cross from the host once, never once a batch. An embedder
+uses one device unless asked for more; init_from reads an artifact's
+parameters to the host without placing them."""
 import contextlib
 
 import jax
@@ -14,6 +16,7 @@ import pytest
 import fixtures
 from conftest import model_config
 from vitret_jax import export
+from vitret_jax import init_from
 from vitret_jax import mining
 from vitret_jax import models
 from vitret_jax import sharding
@@ -53,26 +56,30 @@ def tiny():
   return cfg, model, params
 
 
-def test_artifact_parameters_cross_once(tiny, tmp_path, monkeypatch):
-  """export.Embedder: parameters on the devices at load; a steady-state
-  call, with its batch already on a device (jax.device_put) or as numpy,
-  copies nothing of them (two scales and whitening on the way)."""
+@pytest.fixture(scope="module")
+def artifact(tiny, tmp_path_factory):
+  """A test-size artifact (two scales, whitening): its folder."""
   cfg, model, params = tiny
   white = (np.zeros(32), np.eye(32)[:, :16])
-  art = export.load_pretrained(export.export_artifact(
-      models.for_export(model, ("cpu",)), params, str(tmp_path / "a"),
-      model_config=cfg.to_dict(), preprocess="decode|normalize",
-      image_size=32, multiple=8, platforms=("cpu",), scales=(1.0, 1.5),
-      whitening=white))
+  return export.export_artifact(
+      models.for_export(model, ("cpu",)), params,
+      str(tmp_path_factory.mktemp("art") / "a"), model_config=cfg.to_dict(),
+      preprocess="decode|normalize", image_size=32, multiple=8,
+      platforms=("cpu",), scales=(1.0, 1.5), whitening=white)
+
+
+def test_artifact_parameters_cross_once(artifact, monkeypatch):
+  """export.Embedder: parameters on the device at load; a steady-state
+  call, with its batch already on a device (jax.device_put) or as numpy,
+  copies nothing of them (two scales and whitening on the way)."""
+  art = export.load_pretrained(artifact)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(art.params))
   x = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
   want = art(x)  # compiles
   on_device = jax.device_put(x)
   with host_copies(monkeypatch) as sent:
     got = [art(on_device), art(on_device), art(x)]
-  # The numpy batch (padded to the device count), nothing else.
-  padded = -(-len(x) // jax.local_device_count()) * jax.local_device_count()
-  assert sum(sent) == padded * x[0].nbytes, sent
+  assert sum(sent) == x.nbytes, sent  # the numpy batch, nothing else
   for g in got:
     np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-6)
   # The same call with host parameters is caught.
@@ -80,6 +87,41 @@ def test_artifact_parameters_cross_once(tiny, tmp_path, monkeypatch):
   with pytest.raises(Exception, match="Disallowed host-to-device"):
     with jax.transfer_guard("disallow"):
       art(on_device)
+
+
+def test_one_device_unless_asked(artifact):
+  """An embedder computes on one device by default: a service's single
+  image is one row on one device, not padded to the device count and
+  computed on each; all devices, when asked, split the batch and give the
+  same descriptors."""
+  one = export.load_pretrained(artifact)
+  leaf = jax.tree.leaves(one.params)[0]
+  assert len(leaf.sharding.device_set) == 1
+  image = np.random.default_rng(1).normal(size=(1, 32, 32, 3))
+  batch, rows = one._describe.placement.put_batch(image)  # pylint: disable=protected-access
+  assert (batch.shape[0], rows, len(batch.sharding.device_set)) == (1, 1, 1)
+  every = export.load_pretrained(artifact, devices=jax.local_devices())
+  batch, rows = every._describe.placement.put_batch(image)  # pylint: disable=protected-access
+  n = jax.local_device_count()
+  assert (batch.shape[0], rows, len(batch.sharding.device_set)) == (n, 1, n)
+  x = np.random.default_rng(2).normal(size=(5, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_allclose(every(x), one(x), rtol=1e-5, atol=1e-6)
+
+
+def test_init_from_an_artifact_reads_the_file_to_the_host(tiny, artifact,
+                                                          monkeypatch):
+  """model.init_from=<artifact> reads params.safetensors to the host and
+  places nothing (a multi-host run shards them itself: parameters
+  committed to this process's devices could not be put on a global
+  sharding)."""
+  cfg, _, params = tiny
+  load = init_from.make_init_params(artifact, "auto", cfg)
+  with host_copies(monkeypatch) as sent:
+    got = load(params)
+  assert not sent, sent
+  assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(got))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.fixture(scope="module")

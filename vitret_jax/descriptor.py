@@ -54,18 +54,25 @@ def apply_whitening(x, mean, projection):
 
 
 class Placement:
-  """Where an embedder's parameters live and its batches go: this
-  process's devices, parameters replicated on them once (`put_params`),
-  each batch split over them (`put_batch`), so that no call copies the
-  parameters from the host again. Every transfer is an explicit
-  `jax.device_put`, so embedding runs under jax.transfer_guard("disallow").
+  """Where an embedder's parameters live and its batches go: parameters
+  replicated on the devices once (`put_params`), each batch split over
+  them (`put_batch`), so that no call copies the parameters from the host
+  again. Every transfer is an explicit `jax.device_put`, so embedding runs
+  under jax.transfer_guard("disallow").
+
+  One device unless asked for more: a batch split over n devices is
+  padded to a multiple of n (a service's single image would be computed n
+  times over), and an exported forward holding a single-device kernel
+  (cuDNN's fused attention is a custom call) can be replicated on every
+  device by the partitioner rather than split.
 
   Args:
-    devices: the devices to use (default: jax.local_devices()).
+    devices: the devices to use (default: this process's first device;
+      jax.local_devices() splits each batch over all of them).
   """
 
   def __init__(self, devices=None):
-    devices = list(devices or jax.local_devices())
+    devices = list(devices or jax.local_devices()[:1])
     mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 1),
                              sharding.BATCH_AXES)
     self.num_devices = len(devices)
@@ -111,8 +118,8 @@ class MultiScale:
     scales: the evaluator's scales (summed, then L2-normalised).
     multiple: the encoder's stride (image sides are rounded to it).
     whitening: (mean [E], projection [E, d]) or None.
-    placement: the Placement of the batches (default: a new one over this
-      process's devices).
+    placement: the Placement of the batches (default: a new one, on this
+      process's first device).
   """
 
   def __init__(self, forward, scales=(1.0,), multiple=1, whitening=None,

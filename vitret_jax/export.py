@@ -184,20 +184,22 @@ class Embedder:
   Attributes:
     meta: model.json's contents (model config, image_size, embedding_dim,
       preprocess spec, scales, stride, whitening).
-    params: the parameters, a nested dict of jax arrays put on this
-      process's devices once, at load (descriptor.Placement): every call
-      reuses them, none copies them from the host.
+    params: the parameters, a nested dict of jax arrays put on the
+      devices once, at load (descriptor.Placement): every call reuses
+      them, none copies them from the host.
   `embedder(images [B, H, W, 3] float32, preprocessed) -> [B, E]` for any B
   and (format 2) any H and W: the evaluator's descriptors (multi-scale,
-  whitening). `images` may be numpy or a jax array already on a device;
-  the batch is split over the devices.
+  whitening). `images` may be numpy or a jax array already on a device.
+
+  Args:
+    path: the artifact folder.
+    devices: the devices each batch is split over (default: this
+      process's first device; see descriptor.Placement).
   """
 
-  def __init__(self, path):
-    self.meta = _read_meta(path)
+  def __init__(self, path, devices=None):
+    self.meta, params = load_params(path)
     try:
-      params = params_tree.unflatten(
-          st_numpy.load_file(os.path.join(path, "params.safetensors")))
       with open(os.path.join(path, "embed.stablehlo"), "rb") as f:
         self.exported = jax.export.deserialize(bytearray(f.read()))
       whitening = None
@@ -210,7 +212,7 @@ class Embedder:
                       f"({str(e).splitlines()[0][:200]}); export it "
                       f"again.") from e
     self.path = path
-    placement = descriptor.Placement()
+    placement = descriptor.Placement(devices)
     self.params = placement.put_params(params)
     # Format 1 (a fixed size, one scale) has no scales or stride: one
     # scale of 1 at a stride of 1 leaves its images as they are.
@@ -252,6 +254,20 @@ class Embedder:
     return self._describe(images)
 
 
+def load_params(path):
+  """(model.json's contents, the parameters as a nested dict of numpy
+  arrays on the host) of the artifact at `path`, its files checked: what
+  model.init_from reads, without placing anything on a device."""
+  meta = _read_meta(path)
+  try:
+    return meta, params_tree.unflatten(
+        st_numpy.load_file(os.path.join(path, "params.safetensors")))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"{path}: cannot load the artifact's parameters "
+                    f"({str(e).splitlines()[0][:200]}); export it "
+                    f"again.") from e
+
+
 def _read_meta(path):
   """model.json of the artifact at `path`, its format checked and every
   file's checksum verified (a damaged or truncated file is named)."""
@@ -279,6 +295,7 @@ def _read_meta(path):
   return meta
 
 
-def load_pretrained(path) -> Embedder:
-  """The embed function of the artifact folder `path` (see module doc)."""
-  return Embedder(path)
+def load_pretrained(path, devices=None) -> Embedder:
+  """The embed function of the artifact folder `path` (see module doc);
+  `devices`: as Embedder's."""
+  return Embedder(path, devices)

@@ -89,10 +89,12 @@ def _load_vitret(path, fmt, model_cfg):
   """The parameters of a vitret_jax artifact or run, after the variant
   check against the model section it saved."""
   if fmt == "vitret_export":
-    artifact = export.Embedder(path)
-    _check_source_model("a vitret_jax artifact", artifact.meta.get("model"),
+    # Read from the file to the host: the run places them with its own
+    # (possibly multi-host) sharding, never from another placement.
+    meta, params = export.load_params(path)
+    _check_source_model("a vitret_jax artifact", meta.get("model"),
                         model_cfg)
-    return jax.device_get(artifact.params)
+    return params
   workdir = os.path.normpath(path)
   if os.path.basename(workdir) == "checkpoints":
     workdir = os.path.dirname(workdir)

@@ -1,6 +1,7 @@
 """What a run spends its time on: a `jax.profiler` trace of chosen steps,
 the seconds each step waited for its batch against the seconds it computed,
-and XLA's FLOP and memory figures of the compiled train step.
+XLA's FLOP and memory figures of the compiled train step, and the model's
+own FLOP count (matmuls and convolutions of its traced program).
 
 `config.profile.start_step` / `num_steps` choose the traced steps (counted
 as the trainer counts them, from 0); the trace goes to
@@ -9,10 +10,12 @@ plugin reads it, beside a `.trace.json.gz` that Perfetto (ui.perfetto.dev)
 opens.
 """
 import contextlib
+import math
 import os
 import time
 
 import jax
+import jax.extend
 from absl import logging
 
 
@@ -101,21 +104,76 @@ class StepClock:
 def xla_flops(compiled_or_lowered):
   """XLA's FLOP count of a lowered or compiled program (per device; NaN
   when the backend gives none). XLA counts what its own ops do: a custom
-  call (cuDNN's fused attention) is not counted."""
-  cost = compiled_or_lowered.cost_analysis() or {}
+  call (cuDNN's fused attention; on GPU, GEMMs XLA hands to cuBLAS) is
+  not counted, so on a GPU the compiled program's count can fall far
+  below the model's (matmul_flops)."""
+  try:
+    cost = compiled_or_lowered.cost_analysis() or {}
+  except (NotImplementedError, RuntimeError):  # no cost model on a backend
+    return float("nan")
   if isinstance(cost, (list, tuple)):  # older jax: one dict per program
     cost = cost[0] if cost else {}
   return float(cost.get("flops", float("nan")))
+
+
+def matmul_flops(fn, *args):
+  """The model's own FLOP count of `fn(*args)`: 2 per multiply-add of
+  every matrix product (dot_general) and convolution in its traced
+  program, whatever backend or kernel later runs them (MFU's numerator,
+  PaLM appendix B); element-wise work is left out. `args` may be
+  jax.ShapeDtypeStruct. A scan's body counts once per iteration; a
+  while loop's once (its trip count is unknown)."""
+  return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr):
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      total += _dot_flops(eqn)
+    elif name == "conv_general_dilated":
+      total += _conv_flops(eqn)
+    elif name == "cond":  # one branch runs: the costliest is counted
+      total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+    else:
+      inner = sum(_jaxpr_flops(j)
+                  for j in jax.extend.core.jaxprs_in_params(eqn.params))
+      total += inner * (eqn.params["length"] if name == "scan" else 1)
+  return total
+
+
+def _dot_flops(eqn):
+  """2 x output elements (batch x both free dimensions) x the contracted
+  size."""
+  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+  lhs = eqn.invars[0].aval.shape
+  return (2 * math.prod(eqn.outvars[0].aval.shape)
+          * math.prod(lhs[d] for d in lhs_contract))
+
+
+def _conv_flops(eqn):
+  """2 x output elements x (input features per group x kernel window)."""
+  rhs = eqn.invars[1].aval.shape
+  spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+  window = math.prod(rhs[d] for d in spec[1:])
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * window
+
+
+def _memory_analysis(compiled):
+  """XLA's memory analysis of a compiled program, or None where the
+  backend gives none."""
+  try:
+    return compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    return None
 
 
 def compiled_bytes(compiled):
   """Per-device bytes a compiled program needs at its peak, by XLA's
   memory analysis: arguments + outputs + temporaries, less the outputs
   aliased to donated arguments. None when the backend gives no analysis."""
-  try:
-    m = compiled.memory_analysis()
-  except (NotImplementedError, RuntimeError):
-    return None
+  m = _memory_analysis(compiled)
   if m is None:
     return None
   return (m.argument_size_in_bytes + m.output_size_in_bytes
@@ -126,10 +184,7 @@ def describe_compiled(compiled):
   """XLA's figures of a compiled program, per device: FLOPs, and the bytes
   of its arguments, outputs and temporaries."""
   out = {"flops": xla_flops(compiled)}
-  try:
-    m = compiled.memory_analysis()
-  except (NotImplementedError, RuntimeError):
-    m = None
+  m = _memory_analysis(compiled)
   if m is not None:
     out.update(argument_bytes=m.argument_size_in_bytes,
                output_bytes=m.output_size_in_bytes,

@@ -9,7 +9,6 @@ from PIL import ImageDraw
 
 from vitret_jax.data import decode
 from vitret_jax.errors import DataError
-from vitret_jax.eval import evaluator
 from vitret_jax.eval import scoring
 
 # What the codes of a browse record (Evaluator.browse_record) mean.
@@ -89,6 +88,10 @@ def lone_queries(ev, record):
   """[Q] bool of the queries of a retrieval evaluator's browse `record`
   that have no other image of their class among the images searched (as
   scoring.relevant_counts counts them); None for other evaluators."""
+  # Imported here: the search service reads browse files through this
+  # module and should not load the evaluators (and with them the model
+  # code and flax) for it.
+  from vitret_jax.eval import evaluator  # pylint: disable=g-import-not-at-top
   if record is None or not isinstance(ev, evaluator.RetrievalEvaluator):
     return None
   gallery = ev.query if ev.gallery is None else ev.gallery
