@@ -80,7 +80,8 @@ def test_r1m_benchmark_smoke(monkeypatch, capsys):
   items (the same code path as the full size)."""
   import sys  # pylint: disable=g-import-not-at-top
   from conftest import load_script  # pylint: disable=g-import-not-at-top
-  for name in ("_devices", "knn", "throughput"):  # the script's own imports
+  for name in ("_devices", "_flops", "_workers", "knn", "throughput"):
+    # the script's own imports, in the order they import one another
     monkeypatch.setitem(sys.modules, name,
                         load_script(f"benchmarks/{name}.py"))
   r1m = load_script("benchmarks/r1m.py")

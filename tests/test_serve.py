@@ -317,9 +317,14 @@ def test_the_fuzz_corpus_through_search_and_index(served, tmp_path):
                                  "The upload is empty")), message
       assert not re.search(r"<|at 0x", message) and "list" not in message
   msg = commands.index(None, "", art, str(folder), str(tmp_path / "index"))
-  assert msg == (f"Indexed {len(corpus) - len(bad)} images into "
-                 f"{tmp_path / 'index'}; skipped {len(bad)} unreadable "
-                 f"file(s).")
+  index_dir = tmp_path / "index"
+  assert msg.startswith(f"Indexed {len(corpus) - len(bad)} images into "
+                        f"{index_dir} in "), msg
+  assert (f", {len(bad)} unreadable skipped (listed in "
+          f"{index_dir / 'skipped.txt'})") in msg, msg
+  listed = (index_dir / "skipped.txt").read_text()
+  assert all(p in listed for p in bad) and not any(
+      p in listed for p in set(corpus) - bad)
 
 
 def test_cli_search_exits_1_when_a_query_is_unreadable(served, tmp_path):

@@ -636,7 +636,7 @@ def test_browser_labels_seen_classes_and_lone_queries(tmp_path):
   is over seen classes, and a query with no other image of its class (left
   out of Recall@K) is not a miss: marked, out of the misses, listed last."""
   pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
-  from fastapi import testclient  # pylint: disable=g-import-not-at-top
+  import serve_helpers  # pylint: disable=g-import-not-at-top
   from vitret_jax import serve  # pylint: disable=g-import-not-at-top
   from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
   from vitret_jax.eval import evaluator  # pylint: disable=g-import-not-at-top
@@ -656,9 +656,9 @@ def test_browser_labels_seen_classes_and_lone_queries(tmp_path):
   assert lone.tolist() == [False, False, False, False, True]
   report.write_browse(str(tmp_path), "test", record, {"recall@1": 0.5}, 7,
                       lone, seen=True)
-  c = testclient.TestClient(serve.create_app(workdir=str(tmp_path)))
+  c = serve_helpers.client(serve.create_app(workdir=str(tmp_path)))
   body = c.get("/evaluation").json()
-  assert body["seen_classes"] is True and body["lone"] == 1
+  assert body["seen_classes"] is True and body["lone"] == 1, body
   assert [q["i"] for q in body["queries"]] == [2, 1, 0, 3, 4]
   assert body["queries"][-1]["lone"] and not body["queries"][0]["lone"]
   misses = c.get("/evaluation", params={"misses": True}).json()

@@ -182,6 +182,16 @@ def _opened(src, name):
     raise error(_EMPTY if empty else reason(e, bool(name)), name) from e
 
 
+@contextlib.contextmanager
+def opened(data, name=""):
+  """PIL's image of encoded bytes (of the file `name`, or of an upload),
+  under every refusal `decode` makes (FORMATS only, the pixel and JPEG scan
+  limits): whatever is raised in the block is the file's DataError."""
+  _check_scans(data, name)
+  with _opened(data, name) as im:
+    yield im
+
+
 def decode(src, upright=False, name="") -> np.ndarray:
   """Reads an image file (a path, or its bytes from the file `name`, or
   from an upload) as RGB uint8 [H, W, 3] with PIL; `upright`: turned as
@@ -192,8 +202,7 @@ def decode(src, upright=False, name="") -> np.ndarray:
   """
   name = src if isinstance(src, str) else name
   data = read(src) if isinstance(src, str) else src
-  _check_scans(data, name)
-  with _opened(data, name) as im:
+  with opened(data, name) as im:
     turn = _orientation(im) if upright else 1  # before PIL loads it
     return turn_upright(to_rgb8(im), turn)
 

@@ -111,27 +111,18 @@ def shrunk_jpeg(path, short_side, square=False, quality=95):
   JPEG; the file's own bytes when it is no larger (a copy never
   upsamples). The pixels stay as stored, with the photo's EXIF block
   (its Orientation), so that `exif_transpose` turns the copy as it turns
-  the original. A file no decoder reads is a DataError naming it, as
-  data/decode.py words it."""
+  the original. A file `decode` refuses (a format not read, over the pixel
+  or scan limit, damaged) is the DataError naming it that decode raises."""
   data = decode.read(path)
-  if not data:
-    raise decode.error(path, "the file is empty (0 bytes)")
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      w, h = im.size
-      decode.check_pixels(h, w, path)
-      if min(w, h) <= short_side:
-        return data
-      s = short_side / min(w, h)
-      size = ((short_side, short_side) if square else
-              (max(short_side, round(w * s)), max(short_side, round(h * s))))
-      small = Image.fromarray(decode.to_rgb8(im)).resize(size, Image.BICUBIC)
-      exif = _exif_block(im)
-  except DataError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    # Decoders raise anything on a crafted file (data/decode.py).
-    raise decode.error(path, decode.reason(e)) from e
+  with decode.opened(data, path) as im:
+    w, h = im.size
+    if min(w, h) <= short_side:
+      return data
+    s = short_side / min(w, h)
+    size = ((short_side, short_side) if square else
+            (max(short_side, round(w * s)), max(short_side, round(h * s))))
+    small = Image.fromarray(decode.to_rgb8(im)).resize(size, Image.BICUBIC)
+    exif = _exif_block(im)
   out = io.BytesIO()
   small.save(out, format="JPEG", quality=quality, exif=exif)
   return out.getvalue()
