@@ -105,7 +105,7 @@ def test_train_step_with_class_centres_split_over_8_devices():
   state are split along the classes, and 2 steps on 8 devices move the
   parameters as on 1 device."""
   import optax  # pylint: disable=g-import-not-at-top
-  from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
+  from vitret_jax import config_checks  # pylint: disable=g-import-not-at-top
   from vitret_jax import train_step as ts  # pylint: disable=g-import-not-at-top
   from test_train import tiny_model  # pylint: disable=g-import-not-at-top
   from vitret_jax import config_common  # pylint: disable=g-import-not-at-top
@@ -117,7 +117,7 @@ def test_train_step_with_class_centres_split_over_8_devices():
   out = {}
   for n in (1, 8):
     mesh = sharding.make_mesh(n)
-    loss_fn, init = experiment.build_loss(loss_cfg, mesh, 37)
+    loss_fn, init = config_checks.build_loss(loss_cfg, mesh, 37)
     model, tx = tiny_model(), optax.sgd(0.5, momentum=0.9)
     state, shard = ts.create_train_state(model, tx, jax.random.key(0),
                                          (16, 16, 3), mesh,

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 from conftest import model_config
 from conftest import subprocess_env
-from vitret_jax import experiment
+from vitret_jax import config_checks
 from vitret_jax import export
 from vitret_jax import models
 from vitret_jax import optim
@@ -168,7 +168,7 @@ def _train_program(platform, loss_kind, fsdp):
   loss_cfg.kind = loss_kind
   if loss_kind == "arcface":
     loss_cfg.xbm.ratio = 0.0
-  loss_fn, init_loss = experiment.build_loss(loss_cfg, mesh, 16)
+  loss_fn, init_loss = config_checks.build_loss(loss_cfg, mesh, 16)
   tx = optim.make_optimizer(optim.make_schedule("constant", 1e-3, 10),
                             weight_decay=0.05)
   state, shard = ts.create_train_state(

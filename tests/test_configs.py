@@ -71,7 +71,7 @@ def test_training_crop_and_model_size_must_agree():
   """model.image_size alone changed (the first-hour mistake): a one-line
   error naming both before anything heavy; res= sets both and the
   evaluation crop, and passes the check."""
-  from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
+  from vitret_jax import config_checks  # pylint: disable=g-import-not-at-top
   from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
   from vitret_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   mod = load(os.path.join(REPO, "configs", "grocery.py"))
@@ -80,13 +80,13 @@ def test_training_crop_and_model_size_must_agree():
     c.model.image_size = 64
   with pytest.raises(UserError, match=r"224 px crops but model.image_size=64"
                      ) as e:
-    experiment.check_config(c, sharding.make_mesh())
+    config_checks.check_config(c, sharding.make_mesh())
   assert "\n" not in str(e.value) and "res=64" in str(e.value)
   c = mod.get_config("variant=Ti/16,res=64")
   assert c.model.image_size == 64
   assert c.input.pp_train.endswith("random_crop(64)|flip_lr|normalize")
   assert "center_crop(64)" in c.evals.test.pp
-  _, size = experiment.check_config(c, sharding.make_mesh())
+  _, size = config_checks.check_config(c, sharding.make_mesh())
   assert size == 64
 
 
@@ -103,7 +103,7 @@ def test_landmark_configs_koleo_weight_follows_the_loss(name, monkeypatch):
   """loss.kind=irt on the landmark configs trains with KoLeo lambda = 4 (as
   their docs say); their ArcFace trains without it unless asked."""
   from vitret_jax import arcface  # pylint: disable=g-import-not-at-top
-  from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
+  from vitret_jax import config_checks  # pylint: disable=g-import-not-at-top
   from vitret_jax import losses  # pylint: disable=g-import-not-at-top
   from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
   seen = {}
@@ -116,11 +116,11 @@ def test_landmark_configs_koleo_weight_follows_the_loss(name, monkeypatch):
   for kind, weight in (("irt", 4.0), ("arcface", 0.0)):
     with c.unlocked():
       c.loss.kind = kind
-    experiment.build_loss(c.loss, mesh, 8)
+    config_checks.build_loss(c.loss, mesh, 8)
     assert seen[kind]["entropy_weight"] == weight, (name, kind)
   with c.unlocked():
     c.loss.arcface.entropy_weight = 1.5
-  experiment.build_loss(c.loss, mesh, 8)
+  config_checks.build_loss(c.loss, mesh, 8)
   assert seen["arcface"]["entropy_weight"] == 1.5
 
 

@@ -81,6 +81,7 @@ def test_prepared_copy_at_training_size(tmp_path):
   """input.tfds_resize: the copy holds images of that shorter side (never
   larger than the files, never upsampled) and records it; a spec
   needing more pixels than the copy holds is a one-line error at start."""
+  from vitret_jax import config_checks  # pylint: disable=g-import-not-at-top
   from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
   from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
   from vitret_jax.data import decode  # pylint: disable=g-import-not-at-top
@@ -92,18 +93,18 @@ def test_prepared_copy_at_training_size(tmp_path):
   src = splits["train"].source
   sides = {min(decode.size(bytes(src[i]["image"]))) for i in range(20)}
   assert sides == {36}
-  experiment.check_config(c, sharding.make_mesh())  # the spec fits
+  config_checks.check_config(c, sharding.make_mesh())  # the spec fits
   with c.unlocked():
     c.input.pp_train = "decode|resize(72)|random_crop(32)|flip_lr|normalize"
   with pytest.raises(UserError, match=r"input.tfds_resize=36 keeps images .*"
                      r"needs 72 px: prepare the copy with input.tfds_resize="
                      r"72 or more") as e:
-    experiment.check_config(c, sharding.make_mesh())
+    config_checks.check_config(c, sharding.make_mesh())
   assert "\n" not in str(e.value)
   with c.unlocked():
     c.input.pp_train = "decode|random_crop(32)|normalize"
   with pytest.raises(UserError, match="needs the original images"):
-    experiment.check_prepared_size(c)
+    config_checks.check_prepared_size(c)
 
 
 def test_square_prepared_copy(tmp_path):
@@ -111,6 +112,7 @@ def test_square_prepared_copy(tmp_path):
   (S x S records, recorded as such); the fast path then only crops, giving
   the exact path's pixels from those records; a spec starting otherwise is
   a one-line error."""
+  from vitret_jax import config_checks  # pylint: disable=g-import-not-at-top
   from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
   from vitret_jax.data import decode  # pylint: disable=g-import-not-at-top
   from vitret_jax.data import preprocess  # pylint: disable=g-import-not-at-top
@@ -119,7 +121,7 @@ def test_square_prepared_copy(tmp_path):
   with c.unlocked():
     c.input.tfds_dir, c.input.tfds_resize = str(tmp_path / "tfds"), 36
     c.input.tfds_square = True
-  experiment.check_prepared_size(c)
+  config_checks.check_prepared_size(c)
   src = experiment.load_splits(c)["train"].source
   data = bytes(src[3]["image"])
   assert decode.size(data) == (36, 36)
@@ -134,7 +136,7 @@ def test_square_prepared_copy(tmp_path):
   with c.unlocked():
     c.evals.test.pp = "decode|resize_small(36)|center_crop(32)|normalize"
   with pytest.raises(UserError, match="does not start with a resize"):
-    experiment.check_prepared_size(c)
+    config_checks.check_prepared_size(c)
 
 
 def test_shrunk_copy_keeps_orientation_and_names_bad_files(tmp_path,

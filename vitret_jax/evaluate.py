@@ -24,6 +24,7 @@ import os
 import jax
 
 from vitret_jax import checkpoint
+from vitret_jax import config_checks
 from vitret_jax import experiment
 from vitret_jax import init_from
 from vitret_jax import integrity
@@ -156,7 +157,7 @@ def evaluate_only(config, workdir) -> dict:
   a workdir that holds no trained run) the starting weights; writes
   eval.json."""
   mesh = sharding.build_mesh(config.mesh)
-  checked = experiment.check_config(config, mesh)
+  checked = config_checks.check_config(config, mesh)
   with workdir_lib.Lock(workdir, "eval") as lock:
     run = experiment.Run(config, workdir, mesh, checked)
     saved = run.ckpt.latest_step() is not None

@@ -20,6 +20,7 @@ from absl import logging
 
 from vitret_jax import checkpoint
 from vitret_jax import evaluate
+from vitret_jax import config_checks
 from vitret_jax import experiment
 from vitret_jax import metric_writer
 from vitret_jax import mining
@@ -233,7 +234,7 @@ def train_and_evaluate(config, workdir) -> dict:
   """
   check_steps(config)
   mesh = sharding.build_mesh(config.mesh)
-  checked = experiment.check_config(config, mesh)
+  checked = config_checks.check_config(config, mesh)
   with workdir_lib.Lock(workdir, "train") as lock:
     run = experiment.Run(config, workdir, mesh, checked)
     state, source = evaluate.init_state(run, config)
