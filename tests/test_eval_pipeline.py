@@ -17,7 +17,6 @@ from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 from vitret_jax.eval import embed
 from vitret_jax.eval import evaluator
-from vitret_jax.eval import scoring
 from vitret_jax.eval import knn
 from vitret_jax.eval import metrics
 
@@ -124,7 +123,7 @@ def test_revisited_ground_truth_after_dropping_images():
          {"easy": [1], "hard": [], "junk": [3]},
          {"easy": [3], "hard": [2], "junk": []})
   db_ok = np.asarray([True, False, True, True, True])
-  got = scoring.drop_unreadable_revisited(gnd, np.asarray([True, False,
+  got = split_lib.drop_revisited_rows(gnd, np.asarray([True, False,
                                                              True]), db_ok)
   assert got == ({"easy": [0, 1], "hard": [3], "junk": [],
                   "bbx": [0, 0, 1, 1]},
@@ -143,7 +142,7 @@ def test_revisited_evaluator_skips_an_unreadable_database_image(tmp_path):
   # Expected: the readable database alone, ground truth renumbered.
   db_ok = np.arange(len(db)) != 3
   _, idx = knn.exact_knn(q, db[db_ok], int(db_ok.sum()))
-  ref = metrics.revisited_metrics(idx, scoring.drop_unreadable_revisited(
+  ref = metrics.revisited_metrics(idx, split_lib.drop_revisited_rows(
       ev.query.gnd, np.ones(len(q), bool), db_ok), ev.kappas)
   shutil.copy(os.path.join(root, "gnd_roxford5k.pkl"),
               os.path.join(root, "jpg", "db_003.jpg"))

@@ -665,6 +665,27 @@ def test_browser_labels_seen_classes_and_lone_queries(tmp_path):
   assert [q["i"] for q in misses["queries"]] == [2, 1]
 
 
+def test_browse_files_keep_only_the_gallery_images_shown(tmp_path):
+  """A browse file of a search over a large database (+1M distractors)
+  keeps the paths of the neighbours shown, not of every database image;
+  each neighbour still names its own image."""
+  from vitret_jax.eval import report  # pylint: disable=g-import-not-at-top
+  gallery = np.asarray([f"/db/{i:05d}.jpg" for i in range(20_000)])
+  ids = np.asarray([[19_999, 7, -1], [7, 12_345, 0]])
+  record = {"query_paths": np.asarray(["/q/a.jpg", "/q/b.jpg"]),
+            "gallery_paths": gallery, "neighbours": ids,
+            "scores": np.zeros((2, 3), np.float32),
+            "codes": np.zeros((2, 3), np.int8),
+            "first_hit": np.asarray([-1, -1])}
+  report.write_browse(str(tmp_path), "roxford", record, {}, 1)
+  rec = report.read_browse(str(tmp_path))["roxford"]
+  assert len(rec["gallery_paths"]) == 4
+  shown = [[str(rec["gallery_paths"][j]) if j >= 0 else None for j in row]
+           for row in rec["neighbours"]]
+  assert shown == [[gallery[j] if j >= 0 else None for j in row]
+                   for row in ids]
+
+
 def test_failed_checks_leave_nothing_behind(tmp_path):
   """A run stopped by its checks (here the batch/class rule, met only once
   the data and the model are built) writes no config.json and leaves no

@@ -33,7 +33,7 @@ no GPU / TPU plugin is installed), `keep` (always). Opt-in, because in a
 tight loop of one small program (a 64 MiB temporary called back to back on
 a loaded machine) the heap grew by a block at every call for 10 calls
 instead of reusing one: the growth is not shown to stop. `make demo` opts
-in (README "Demo results"). `configure()` says what it did;
+in (docs/benchmarks.md, "Demo"). `configure()` says what it did;
 `python -m vitret_jax.main` logs it.
 """
 import ctypes

@@ -30,6 +30,7 @@ from absl import logging
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import datasets
 from vitret_jax.data import preprocess
+from vitret_jax.data import split as split_lib
 from vitret_jax.errors import UserError
 from vitret_jax.eval import distractors as distractors_lib
 from vitret_jax.eval import embed
@@ -318,7 +319,7 @@ class RevisitedEvaluator(_Evaluator):
     gnd = self.query.gnd
     q_paths, db_paths = self.query.paths, self.database.paths
     if not (q_ok.all() and db_ok.all()):
-      gnd = scoring.drop_unreadable_revisited(gnd, q_ok, db_ok)
+      gnd = split_lib.drop_revisited_rows(gnd, q_ok, db_ok)
       q_paths = _take(self.query, q_ok).paths
       db_paths = _take(self.database, db_ok).paths
       q, db = q[q_ok], db[db_ok]

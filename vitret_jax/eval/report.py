@@ -73,9 +73,17 @@ def write_browse(workdir, name, record, metrics, step, lone=None,
   its metrics and step as browse_<name>.npz, atomically, for
   `--mode=serve --workdir` to show; `lone` [Q] marks the queries with no
   other image of their class (left out of the metrics), `seen` an
-  evaluation over classes seen in training."""
+  evaluation over classes seen in training. Only the gallery images among
+  the neighbours are kept (a +1M database would otherwise store a million
+  paths): the neighbour ids are renumbered into that list."""
   if record is None:
     return
+  record = dict(record)
+  ids = np.asarray(record["neighbours"])
+  used = np.unique(ids[ids >= 0])
+  record["neighbours"] = np.where(ids >= 0, np.searchsorted(used, ids), -1)
+  record["gallery_paths"] = np.asarray(
+      [str(record["gallery_paths"][j]) for j in used], dtype=str)
   path = browse_path(workdir, name)
   tmp = f"{path}.tmp-{os.getpid()}.npz"
   extra = {} if lone is None else {"lone": np.asarray(lone, bool)}

@@ -4,15 +4,9 @@ ground truth without unreadable images (data/split.py's renumbering)."""
 import numpy as np
 from absl import logging
 
-from vitret_jax.data import split as split_lib
 from vitret_jax.errors import DataError
 from vitret_jax.eval import knn as knn_lib
 from vitret_jax.eval import metrics
-
-
-# The data layer's renumbering of Revisited ground truth, under the name the
-# evaluators call it by.
-drop_unreadable_revisited = split_lib.drop_revisited_rows
 
 
 def relevant_counts(q_lab, g_lab, loo) -> np.ndarray:
