@@ -227,6 +227,30 @@ def test_bucketed_passes_equal_one_image_a_pass(photos, tmp_path, n_dev=8):
   assert single == len(split) and bucketed <= 5  # 3 shapes + 2 boxes
 
 
+def test_bucketed_passes_of_phone_photos_take_their_upright_shape(photos,
+                                                                  tmp_path):
+  """Photos stored sideways with an EXIF Orientation, read upright: each
+  is bucketed by the shape it has once turned (not as stored), so the
+  bucketed descriptors equal one image a pass."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  paths = []
+  for i, (p, _) in enumerate(photos[:6]):
+    im = Image.open(p).convert("RGB").resize((60, 40) if i % 2 else (40, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6 if i % 3 else 1  # 90 degrees clockwise to show
+    paths.append(str(tmp_path / f"phone{i}.jpg"))
+    im.save(paths[-1], exif=exif.tobytes())
+  split = split_lib.Split(tuple(paths), np.arange(len(paths)) % 3)
+  upright = preprocess.build_pp("decode|exif_transpose|resize_max(40)|"
+                                "normalize")
+  fn, mesh, params = make_embed()
+  got, _ = embed.embed_split(fn, params, split, upright, 8, mesh,
+                             fixed_size=False)
+  want, _ = embed.embed_split(fn, params, split, upright, 8, mesh,
+                              fixed_size=False, bucket=False)
+  assert np.abs(got - want).max() <= 1e-6
+
+
 def test_bucketed_truncated_file_is_named_or_left_out(photos, tmp_path):
   """A file whose header reads but whose pixels do not: an error naming it,
   or (skip_corrupt) a NaN row of its bucket's shape, the others unchanged."""

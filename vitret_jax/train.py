@@ -294,7 +294,8 @@ def _build_sampler(config, run):
   if config.input.sampler == "group_size":
     sizes = image_sizes.image_sizes(
         run.train_split, os.path.join(run.workdir, "cache"),
-        skip_corrupt=config.input.skip_corrupt)
+        skip_corrupt=config.input.skip_corrupt,
+        upright=preprocess.PPSpec(config.input.pp_train).exif_transpose)
     multiple = models.input_stride(run.model)
   tuples = {k: v for k, v in config.input.tuples.items()
             if k not in ("mine", "pp_mine", "mine_batch_size")}

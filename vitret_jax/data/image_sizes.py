@@ -1,8 +1,10 @@
-"""Image sizes of a split, for group-size sampling.
+"""Image sizes of a split, for group-size sampling and bucketed evaluation.
 
-Read from the files' headers (no decoding) with a thread pool, or decoded
-from the TFDS source when the split reads one; cached as a .npy keyed by the
-split's file list, so a resumed or repeated run reads them once.
+Read from the files' headers (no decoding; as shown upright when the
+preprocessing turns photos by their EXIF orientation) with a thread pool,
+or decoded from the TFDS source when the split reads one; cached as a .npy
+keyed by the split's file list, so a resumed or repeated run reads them
+once.
 """
 import concurrent.futures
 import os
@@ -15,30 +17,35 @@ from vitret_jax.data import decode
 from vitret_jax.errors import DataError
 
 
-def _size_of(split, i):
+def _size_of(split, i, upright):
   if split.source is not None:
     item = split.item(i)  # encoded bytes (or a decoded array)
     if isinstance(item, np.ndarray) and item.ndim == 3:
       return item.shape[:2]
-    return decode.size(bytes(item), split.paths[i])
+    return decode.size(bytes(item), split.paths[i], upright)
   path = split.paths[i]
   try:
-    return decode.size(path)  # every decoder error, bombs included
+    # Every decoder error, bombs included, is a DataError.
+    return decode.size(path, upright=upright)
   except DataError as e:
     raise DataError(f"Cannot read image {path}: {e.reason}. Replace or "
                     f"remove the file, or set input.skip_corrupt=True to "
                     f"leave it out.") from e
 
 
-def image_sizes(split, cache_dir="", num_threads=16, skip_corrupt=False):
-  """[N, 2] int (height, width) of every image of `split`.
+def image_sizes(split, cache_dir="", num_threads=16, skip_corrupt=False,
+                upright=False):
+  """[N, 2] int (height, width) of every image of `split`; with `upright`,
+  as the image is shown once turned by its EXIF orientation (the size the
+  `exif_transpose` pp op gives).
 
   With `skip_corrupt`, an unreadable image gets size (0, 0) (samplers leave
   it out) and is counted in the log; otherwise it is a DataError naming it.
   """
-  # Keyed on the split and on skip_corrupt (which decides whether an
-  # unreadable image is a (0, 0) entry or an error).
-  key = f"{split.fingerprint()}-{int(skip_corrupt)}"
+  # Keyed on the split, on skip_corrupt (which decides whether an
+  # unreadable image is a (0, 0) entry or an error) and on upright.
+  key = f"{split.fingerprint()}-{int(skip_corrupt)}" + (
+      "-upright" if upright else "")
   path = os.path.join(cache_dir, f"image_sizes-{key}.npy") if cache_dir else ""
   if path and workdir_lib.all_agree(os.path.exists(path)):
     try:
@@ -50,7 +57,7 @@ def image_sizes(split, cache_dir="", num_threads=16, skip_corrupt=False):
 
   def one(i):
     try:
-      return _size_of(split, i)
+      return _size_of(split, i, upright)
     except DataError:
       if not skip_corrupt:
         raise

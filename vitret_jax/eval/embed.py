@@ -84,10 +84,12 @@ def readable_rows(emb):
   return np.isfinite(emb).all(axis=1)
 
 
-def _bucket_shapes(split, spec, fallback_hw, skip_corrupt):
+def _bucket_shapes(split, spec, upright, fallback_hw, skip_corrupt):
   """[N, 2] output shape of every image, from the file headers (no
-  decoding); an unreadable image gets `fallback_hw` (with skip_corrupt)."""
-  sizes = image_sizes.image_sizes(split, skip_corrupt=skip_corrupt)
+  decoding; as shown upright with `upright`); an unreadable image gets
+  `fallback_hw` (with skip_corrupt)."""
+  sizes = image_sizes.image_sizes(split, skip_corrupt=skip_corrupt,
+                                  upright=upright)
   out = np.empty((len(split), 2), np.int64)
   for i, hw in enumerate(sizes):
     box = None if split.boxes is None else split.boxes[i]
@@ -104,7 +106,8 @@ def _plan(split, pp_fn, batch_size, n_dev, fixed_size, bucket, fallback_hw,
   if fixed_size:
     return pipeline.eval_plan(len(split), per_pass), None
   if bucket and spec is not None:
-    expected = _bucket_shapes(split, spec, tuple(fallback_hw), skip_corrupt)
+    expected = _bucket_shapes(split, spec, getattr(pp_fn, "upright", False),
+                              tuple(fallback_hw), skip_corrupt)
     return pipeline.eval_plan(len(split), per_pass,
                               groups=[tuple(x) for x in expected]), expected
   # One real image a pass, padded to the device count.
