@@ -13,15 +13,15 @@ then the other, alternating which goes first, and reports medians.
 Needs the reference stack (`make parity`: torch 2.13.0 CPU, timm 1.0.31).
 
 The vitret_jax worker follows VITRET_MALLOC as `python -m vitret_jax.main`
-does (`vitret_jax.host_memory`; the README's table: VITRET_MALLOC=keep).
+does (`vitret_jax.host_memory`; docs/benchmarks.md: VITRET_MALLOC=keep).
 The torch worker runs as users run torch, with glibc's defaults;
 `--torch_malloc keep` gives it the same settings, to show what they are
 worth to torch.
 
   python benchmarks/throughput.py --project [--mfu 0.3]
 
-prints instead the projected wall time of each paper's recipe (README,
-"Reproduce the papers") on one H100 and on a TPU v5e-8: the model's own
+prints instead the projected wall time of each paper's recipe (docs/irt.md
+and docs/dtop.md) on one H100 and on a TPU v5e-8: the model's own
 FLOPs (benchmarks/_flops.py, the count MFU divides: matmuls and
 convolutions of the config's model at the training size, x3 for the
 backward pass, +1 forward for In-Shop's key encoder; the evaluation at its
