@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+import types
 import urllib.request
 
 import pytest
@@ -92,7 +93,7 @@ def test_reload_over_http(served, monkeypatch):
 def test_sighup_reloads(served):
   paths, folder, index_dir, emb, index = served
   reloader = serve_admin.Reloader(index)
-  with serve_admin.on_sighup(reloader):
+  with serve_admin.on_sighup(types.SimpleNamespace(reloader=reloader)):
     shutil.copy(paths[6], folder)
     indexing.build_index(emb, str(folder), index_dir, update=True)
     os.kill(os.getpid(), signal.SIGHUP)

@@ -388,7 +388,7 @@ def run(app, host="127.0.0.1", port=8080, max_connections=MAX_CONNECTIONS):
   reloads the index (serve_admin.py)."""
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
   try:
-    with serve_admin.on_sighup(app.state.reloader):
+    with serve_admin.on_sighup(getattr(app, "state", None)):
       uvicorn.run(app, host=host, port=port, log_level="info",
                   limit_concurrency=max_connections)
   finally:

@@ -67,10 +67,11 @@ class Reloader:
 
 
 @contextlib.contextmanager
-def on_sighup(reloader):
-  """Within it, SIGHUP makes `reloader` (None: nothing) reload the index,
-  in a thread of its own: never inside the signal handler, which runs on
-  the event loop's thread. Main thread only."""
+def on_sighup(state):
+  """Within it, SIGHUP makes the app's `state.reloader` (none: nothing)
+  reload the index, in a thread of its own: never inside the signal
+  handler, which runs on the event loop's thread. Main thread only."""
+  reloader = getattr(state, "reloader", None)
   if reloader is None:
     yield
     return
