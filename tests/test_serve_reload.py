@@ -81,13 +81,19 @@ def test_reload_over_http(served, monkeypatch):
   # Half-written (the moment a rebuild's swap has moved the old one aside).
   os.rename(index_dir, index_dir + ".replaced")
   r = c.post("/admin/reload", headers=ADMIN)
-  assert r.status_code == 409 and "index" in r.json()["error"]
+  assert r.status_code == 409 and "holds no index now" in r.json()["error"]
   assert _upload(c, paths[0], 2).status_code == 200
   # Without a token the server has no administrator; the cookie is not one.
   plain = serve_helpers.client(serve.create_app(emb, index))
   assert plain.post("/admin/reload").status_code == 403
   c.post("/login", data={"token": TOKEN})
   assert c.post("/admin/reload").status_code == 401
+  # Wrong tokens are throttled as at /login.
+  monkeypatch.setattr(serve_guard, "MAX_FAILURES", 2)
+  wrong = {"Authorization": "Bearer wrong"}
+  codes = [c.post("/admin/reload", headers=wrong).status_code
+           for _ in range(3)]
+  assert codes == [401, 429, 429]  # the one wrong token above counts
 
 
 def test_sighup_reloads(served):

@@ -256,6 +256,11 @@ class Index:
     self._state = self._open()
 
   def _open(self):
+    if not is_index(self.index_dir):  # e.g. inside a rebuild's swap
+      raise UserError(f"{self.index_dir} holds no index now (moved away, "
+                      f"or a rebuild is putting the new one in place): "
+                      f"reload once it is there, or build it with "
+                      f"--mode=index.")
     try:
       state = _State(self.index_dir)
     except UserError:
