@@ -300,6 +300,12 @@ def test_an_index_of_version_0_1_is_still_read(tmp_path):
     preprocess = "decode|resize(8)|normalize"
   with pytest.raises(UserError, match="0.1.*--overwrite"):
     indexing.build_index(Any(), str(tmp_path), str(old), update=True)
+  # Queried by an embedder that turns photos upright: 0.1 did not record
+  # whether it did; the user is asked to rebuild (or to say to go on).
+  with pytest.raises(UserError, match=r"\(vitret_jax 0.1\).*upright.*"
+                     r"--overwrite --images=/photos"):
+    search.Index(str(old), Any())
+  assert len(search.Index(str(old), Any(), allow_mismatch=True)) == 5
 
 
 def test_two_builds_at_once_and_a_kill_inside_the_swap(artifact, photos,

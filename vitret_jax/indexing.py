@@ -12,7 +12,9 @@ ScaNN (store/scann_search.py) from SCANN_ABOVE rows. Any embedder with
 `preprocess` (a pp spec) and `__call__(images) -> [B, E]` works: an
 exported artifact (export.Embedder) or a training run
 (experiment.RunEmbedder); another embedder than the index's is a one-line
-error.
+error. The manifest's identity is search.embedder_identity (which records
+whether photos were turned upright); an index of an earlier format, which
+does not, is rebuilt rather than updated.
 """
 import json
 import os
@@ -85,7 +87,7 @@ def _build(embedder, folder, index_dir, overwrite, update, verify, source,
            batch_size, shard_size, searcher, scann_options):
   """build_index, its index locked."""
   t0 = time.time()
-  ident = image_files.identity(embedder)
+  ident = search.embedder_identity(embedder)
   root = os.path.abspath(folder)
   plan = _plan_update if update else _plan_build
   w, segments, new, dropped = plan(index_dir, root, ident, verify,
@@ -189,6 +191,12 @@ def _plan_update(index_dir, root, ident, verify, shard_size, overwrite):
   if not search.is_index(index_dir):
     raise UserError(f"--update: no index at {index_dir}; build it first "
                     f"(the same command without --update).")
+  made = writer.on_process_0(
+      lambda: writer.read_manifest(index_dir)["identity"].get("index_format"))
+  if made != search.INDEX_FORMAT:
+    raise UserError(f"{index_dir} is of index format {made or 1}, which does "
+                    f"not record whether its photos were turned upright: "
+                    f"rebuild it with --overwrite (not --update).")
   w = writer.Writer(index_dir, ident, what="index")
   old_root = w.manifest["extra"].get("root")
   if old_root != root:

@@ -93,6 +93,12 @@ _SEARCHER = flags.DEFINE_enum(
 _QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
 _GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
+# Read by commands (search / serve) through absl's FLAGS.
+flags.DEFINE_bool(
+    "allow_index_mismatch", False, "search / serve: query an index that "
+    "does not record whether its photos were turned upright, or that another "
+    "embedder built (a one-line warning instead of an error; never another "
+    "descriptor size).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process "
     "runs on GPU clusters or CPUs. TPU pods need none: set "

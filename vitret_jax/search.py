@@ -8,15 +8,28 @@ and the searcher (exact search streamed over the shards, or
 `scann-<generation>/`). `Index` opens it memory-mapped and can reload it
 when it grows. Indexes of vitret_jax 0.1 (`embeddings.npy`, `files.json`,
 `scann/`) are still read.
+
+The manifest's identity (embedder_identity) records what made the
+descriptors: the artifact's or run's digests, preprocessing, scales, how
+the host ran it, whether photos were turned upright (EXIF orientation),
+and the index format. An Index opened with an embedder refuses, at opening
+and at every reload, an index made by another one: descriptors of two
+embedders are not comparable, and a photo indexed sideways is not found by
+its upright query. An index that does not record whether its photos were
+turned upright (vitret_jax 0.1, or INDEX_FORMAT 1) is refused to an
+embedder that turns them upright unless `allow_mismatch` (then it says so
+once); it is still read without an embedder (browsing, ids).
 """
 import collections.abc
 import copy
 import json
 import os
+import threading
 
 import numpy as np
 from absl import logging
 
+from vitret_jax import image_files
 from vitret_jax.data import folder as folder_data
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
@@ -26,6 +39,10 @@ from vitret_jax.store import view as view_lib
 from vitret_jax.store import writer
 
 IMAGE_EXTENSIONS = folder_data.IMAGE_EXTENSIONS
+# The index format the identity records; indexes of format 1 (vitret_jax
+# 0.2.0 development builds) do not record whether photos were turned
+# upright, those of 0.1 record no identity at all.
+INDEX_FORMAT = 2
 
 
 def list_images(folder):
@@ -40,6 +57,24 @@ def is_index(index_dir):
   """True when `index_dir` holds an index (of this version or 0.1)."""
   return (os.path.isfile(os.path.join(index_dir, writer.MANIFEST))
           or os.path.isfile(os.path.join(index_dir, "files.json")))
+
+
+def embedder_identity(embedder):
+  """What makes an embedder's index descriptors: image_files.identity,
+  whether files are turned upright (its `exif_transpose`; embedders
+  without one turn them upright, as image_files reads them) and
+  INDEX_FORMAT."""
+  out = image_files.identity(embedder)
+  out["exif_transpose"] = bool(getattr(embedder, "exif_transpose", True))
+  out["index_format"] = INDEX_FORMAT
+  return out
+
+
+def _embedder_dim(embedder):
+  """The descriptor size an embedder declares (an artifact's model.json),
+  or 0 when it declares none (then checked at the first query)."""
+  meta = getattr(embedder, "meta", None)
+  return int(meta.get("embedding_dim") or 0) if isinstance(meta, dict) else 0
 
 
 def build_index(embedder, folder, index_dir, **options):
@@ -78,7 +113,8 @@ class _Legacy:
   def __init__(self, index_dir):
     with open(os.path.join(index_dir, "files.json")) as f:
       files = json.load(f)
-    self.paths = [os.path.join(files["root"], p) for p in files["files"]]
+    self.root = files["root"]
+    self.paths = [os.path.join(self.root, p) for p in files["files"]]
     self.database = view_lib.ArrayView(
         np.load(os.path.join(index_dir, "embeddings.npy"), mmap_mode="r"))
     self._scann = knn.load_scann(os.path.join(index_dir, "scann"))
@@ -105,7 +141,10 @@ class _Legacy:
 
 
 class _State:
-  """One opening of an index (Index swaps it whole on reload)."""
+  """One opening of an index (Index swaps it whole on reload): its rows,
+  and what made them (`identity`: None for an index of vitret_jax 0.1;
+  `source`: the artifact or run named when it was built; `root`: the
+  indexed folder)."""
 
   def __init__(self, index_dir):
     self.stamp = _stamp(index_dir)
@@ -113,11 +152,15 @@ class _State:
       legacy = _Legacy(index_dir)
       self.database, self.paths = legacy.database, legacy.paths
       self.position, self.generation = legacy.position, 0
+      self.identity, self.source = None, ""
+      self.root = legacy.root
       return
     manifest = writer.read_manifest(index_dir)
     segments = writer.committed_segments(index_dir, manifest)
     self.database = view_lib.View(segments, manifest["dim"])
     extra = manifest["extra"]
+    self.identity, self.root = manifest["identity"], extra["root"]
+    self.source = extra.get("embedder", "")
     self.paths = _Paths(self.database, extra["root"])
     self.position = self.paths.position
     self.generation = manifest["generation"]
@@ -139,34 +182,101 @@ def _stamp(index_dir):
   return tuple(out)
 
 
+def _shown(value):
+  text = json.dumps(value, default=str)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fix(state):
+  """How to make an index and a query embedder agree."""
+  rebuild = (f"rebuild the index with this embedder (--mode=index "
+             f"--overwrite --images={state.root})")
+  if not state.source:
+    return rebuild
+  flag = ("--pretrained" if os.path.isfile(os.path.join(
+      state.source, "model.json")) else "--workdir")
+  return f"{rebuild}, or query it with {flag}={state.source} (its own)"
+
+
+def mismatch(index_dir, state, want, want_dim=0):
+  """(why the embedder of identity `want` (embedder_identity) may not
+  query the index opened as `state`, whether --allow_index_mismatch may
+  overrule it), or None when it may."""
+  have, dim = state.identity, state.database.shape[1]
+  if want_dim and dim and want_dim != dim:
+    return (f"{index_dir} holds {dim}-d descriptors, this embedder makes "
+            f"{want_dim}-d ones: {_fix(state)}.", False)
+  known = have is not None and "index_format" in have
+  if have is not None:
+    keys = sorted((set(have) | set(want)) - {"index_format"} - (
+        set() if known else {"exif_transpose"}))
+    diff = [f"{k} {_shown(have.get(k))} (this embedder: "
+            f"{_shown(want.get(k))})" for k in keys
+            if have.get(k) != want.get(k)]
+    if diff:
+      return (f"{index_dir} was built by another embedder than this one: "
+              f"{'; '.join(diff[:3])}: {_fix(state)}.", True)
+  if not known and want["exif_transpose"]:
+    made = ("vitret_jax 0.1" if have is None
+            else f"index format {have.get('index_format', 1)}")
+    return (f"{index_dir} ({made}) does not record whether its photos were "
+            f"turned upright (EXIF orientation), and this embedder turns "
+            f"queries upright: photos taken sideways may not be found; "
+            f"rebuild it (--mode=index --overwrite --images={state.root}),"
+            f" or pass --allow_index_mismatch to search it as it is.", True)
+  return None
+
+
 class Index:
   """A saved index: its image `paths`, descriptors `embeddings` (the
   memory-mapped database, store/view.py) and searcher; a missing or
-  damaged one is a one-line UserError.
+  damaged one is a one-line UserError. Opened with the `embedder` that
+  will query it, an index made by another embedder is a UserError
+  (`mismatch`), or with `allow_mismatch` a warning logged once (never a
+  different descriptor size).
 
   `changed()` says cheaply (one stat) whether the index on disk is another
   than the one open (grown by --update, rebuilt); `reload()` opens the new
-  one and swaps it in whole, so a search running meanwhile finishes on the
-  old one (whose memory-mapped files stay readable); `snapshot()` pins the
-  current one for a request that makes several lookups.
+  one, checks it as at opening, and swaps it in whole, so a search running
+  meanwhile finishes on the old one (whose memory-mapped files stay
+  readable), and a failed reload leaves the old one in place;
+  `snapshot()` pins the current one for a request that makes several
+  lookups.
   """
 
-  def __init__(self, index_dir):
+  def __init__(self, index_dir, embedder=None, allow_mismatch=False):
     self.index_dir = index_dir
+    self._want = None if embedder is None else embedder_identity(embedder)
+    self._want_dim = _embedder_dim(embedder)
+    self.allow_mismatch, self._warned = allow_mismatch, set()
+    self._reloading = threading.Lock()
     if not is_index(index_dir):
       raise UserError(f"{index_dir} is not an index: build one with "
                       f"--mode=index --images=FOLDER.")
     self._state = self._open()
 
   def _open(self):
+    if not is_index(self.index_dir):  # e.g. inside a rebuild's swap
+      raise UserError(f"{self.index_dir} holds no index now (moved away, "
+                      f"or a rebuild is putting the new one in place): "
+                      f"reload once it is there, or build it with "
+                      f"--mode=index.")
     try:
-      return _State(self.index_dir)
+      state = _State(self.index_dir)
     except UserError:
       raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
       raise UserError(f"{self.index_dir}: the index is damaged "
                       f"({str(e).splitlines()[0][:120]}); build it again "
                       f"with --mode=index --overwrite.") from e
+    if self._want is not None:
+      why = mismatch(self.index_dir, state, self._want, self._want_dim)
+      if why is not None and not (self.allow_mismatch and why[1]):
+        raise UserError(why[0])
+      if why is not None and why[0] not in self._warned:
+        self._warned.add(why[0])
+        logging.warning("--allow_index_mismatch: %s", why[0])
+    return state
 
   def changed(self) -> bool:
     return _stamp(self.index_dir) != self._state.stamp
@@ -177,13 +287,21 @@ class Index:
     return copy.copy(self)
 
   def reload(self) -> bool:
-    """Opens the index again if it changed on disk; True when it did."""
-    if not self.changed():
-      return False
-    self._state = self._open()
+    """Opens the index again if it changed on disk; True when it did. A
+    UserError (damaged, half-written, made by another embedder) leaves the
+    open one in place. One reload at a time."""
+    with self._reloading:
+      if not self.changed():
+        return False
+      self._state = self._open()
     logging.info("Reloaded %s: %d images (generation %d).", self.index_dir,
                  len(self), self._state.generation)
     return True
+
+  @property
+  def generation(self) -> int:
+    """The index's generation (each build or update adds one; 0: 0.1)."""
+    return self._state.generation
 
   @property
   def paths(self):
@@ -212,6 +330,10 @@ class Index:
       raise UserError(f"top_k={k}: ask for at least one result.")
     state = self._state
     queries = np.asarray(queries, np.float32)
+    dim = state.database.shape[1]
+    if len(state.database) and queries.shape[-1] != dim:
+      raise UserError(f"Queries of {queries.shape[-1]} dimensions for an "
+                      f"index of {dim}: {_fix(state)}.")
     excl = (np.asarray(exclude, np.int64) if len(exclude)
             else np.full(len(queries), -1, np.int64))
     scores, idx = state.database.search(queries, k, excl)
@@ -221,10 +343,10 @@ class Index:
   def search(self, queries, query_paths, k):
     """Top-k [(path, score)] per query, best first; a query file that is
     itself in the index is left out of its own results."""
-    state = self._state
-    exclude = [state.position(p) for p in query_paths]
-    return [[(state.paths[i], s) for i, s in hits]
-            for hits in self.search_ids(queries, k, exclude)]
+    pinned = self.snapshot()  # one opening for the ids and their paths
+    exclude = [pinned.position(p) for p in query_paths]
+    return [[(pinned.paths[i], s) for i, s in hits]
+            for hits in pinned.search_ids(queries, k, exclude)]
 
 
 def query_paths(query):

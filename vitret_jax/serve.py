@@ -11,7 +11,8 @@ Endpoints:
                      and `k`; JSON {"query": ..., "results": [{"rank", "id",
                      "score", "path", "url"}]}
   GET  /images/{id}  an indexed image (nothing else is served)
-  GET  /healthz      {"status": "ok", "images": N, "max_k": ...}
+  GET  /healthz      {"status": "ok", "images": N, "max_k": ..., "index"}
+  POST /admin/reload reopens a changed index, as SIGHUP does (serve_admin)
   GET  /evaluation   with --workdir: the evaluators, metrics and queries
                      (sortable by the rank of the first correct match,
                      misses only on request; "lone" queries, with no
@@ -57,6 +58,7 @@ from starlette import exceptions
 from starlette import formparsers
 from starlette import requests as starlette_requests
 
+from vitret_jax import serve_admin
 from vitret_jax import serve_batcher
 from vitret_jax import serve_guard
 from vitret_jax.errors import DataError
@@ -107,15 +109,9 @@ def create_app(embedder=None, index=None, workdir="", max_batch=32,
   # ScaNN answers one search at a time, off the event loop.
   app.state.searcher = concurrent.futures.ThreadPoolExecutor(
       1, thread_name_prefix="vitret-search")
+  app.state.reloader = serve_admin.Reloader(index) if index else None
   _error_handlers(app)
-
-  @app.get("/healthz")
-  async def healthz(request: fastapi.Request):
-    if not request.scope.get(serve_guard.AUTH_KEY, True):
-      return {"status": "ok"}  # nothing about the data without the token
-    n = len(index) if index else 0
-    return {"status": "ok", "images": n, "max_k": min(MAX_K, n),
-            "evaluations": sorted(evals)}
+  serve_admin.routes(app, app.state.reloader, token, sorted(evals), MAX_K)
 
   _search_routes(app, index, timeout_s, max_upload_mb)
   _image_routes(app, index)
@@ -253,15 +249,15 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
   """POST /search over `index`."""
   state = app.state
 
-  def hit(rank, i, score):
+  def hit(snap, rank, i, score):
     return {"rank": rank, "id": i, "score": round(float(score), 6),
-            "path": index.paths[i], "url": f"/images/{i}"}
+            "path": snap.paths[i], "url": f"/images/{i}"}
 
-  async def answer(k, me, data, filename):
+  async def answer(snap, k, me, data, filename):  # one opening: `snap`
     t0 = time.perf_counter()
     if me is not None:
-      emb = np.asarray(index.embeddings[me], np.float32)
-      query = {"id": me, "path": index.paths[me], "url": f"/images/{me}"}
+      emb = np.asarray(snap.embeddings[me], np.float32)
+      query = {"id": me, "path": snap.paths[me], "url": f"/images/{me}"}
     else:
       try:
         emb = await state.batcher.embed(await state.reader(data))
@@ -269,10 +265,11 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
         return _error(400, str(e))
       query, me = {"id": None, "filename": filename}, -1
     hits = (await asyncio.get_running_loop().run_in_executor(
-        state.searcher, index.search_ids, emb[None], k, [me]))[0]
+        state.searcher, snap.search_ids, emb[None], k, [me]))[0]
     return {"query": query, "k": k,
             "seconds": round(time.perf_counter() - t0, 4),
-            "results": [hit(r, i, s) for r, (i, s) in enumerate(hits, 1)]}
+            "results": [hit(snap, r, i, s)
+                        for r, (i, s) in enumerate(hits, 1)]}
 
   @app.post("/search")
   async def search_endpoint(request: fastapi.Request):
@@ -280,10 +277,11 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
       return _error(404, "This server has no index (start it with "
                     "--index_dir).")
     deadline = time.monotonic() + timeout_s
+    snap = index.snapshot()
     try:
       form = await _read_form(request, max_upload_mb)
       try:
-        k, me, upload = _read_query(form, len(index))
+        k, me, upload = _read_query(form, len(snap))
         data = await upload.read() if upload is not None else None
       finally:
         await form.close()
@@ -294,7 +292,7 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
     except ValueError as e:
       return _error(400, str(e))
     filename = upload.filename if upload is not None else None
-    work = asyncio.ensure_future(answer(k, me, data, filename))
+    work = asyncio.ensure_future(answer(snap, k, me, data, filename))
     return await _within(request, work, deadline, timeout_s)
 
 
@@ -304,10 +302,11 @@ def _image_routes(app, index):
   @app.get("/images/{image_id:path}")
   def image(image_id: str):
     # Only ids of indexed images: no path of the file system is accepted.
-    i = _index_id(image_id, len(index)) if index is not None else None
+    snap = index.snapshot() if index is not None else None
+    i = _index_id(image_id, len(snap)) if snap is not None else None
     if i is None:
       return _error(404, f"No indexed image {image_id[:40]!r}.")
-    path = index.paths[i]
+    path = snap.paths[i]
     if not os.path.isfile(path):
       return _error(404, f"Indexed image {image_id} is no longer on disk.")
     return responses.FileResponse(path)
@@ -385,10 +384,12 @@ def run(app, host="127.0.0.1", port=8080, max_connections=MAX_CONNECTIONS):
   signal to the handler it found; the one installed here records it, so a
   SIGTERM ends the command normally (exit 0) instead of killing it. Past
   `max_connections` connections or requests at once, uvicorn answers 503
-  (a plain-text one, before the application sees the request)."""
+  (a plain-text one, before the application sees the request). SIGHUP
+  reloads the index (serve_admin.py)."""
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
   try:
-    uvicorn.run(app, host=host, port=port, log_level="info",
-                limit_concurrency=max_connections)
+    with serve_admin.on_sighup(getattr(app, "state", None)):
+      uvicorn.run(app, host=host, port=port, log_level="info",
+                  limit_concurrency=max_connections)
   finally:
     signal.signal(signal.SIGTERM, previous)
