@@ -176,8 +176,8 @@ def check_landmark_export(config, workdir, tmp_path):
   """A landmark run (varying image sizes, several scales, learned
   whitening): its artifact gives the evaluator's own descriptors (queries
   cropped to their boxes, database images at their own aspect ratio) to
-  1e-5, and --mode=index / --mode=search work on the run and on the
-  artifact. Called by tests/test_train.py's DToP test on its run."""
+  1e-5, and --mode=index / --mode=search work on the artifact (on a run:
+  tests of fixed-size runs in this file). Called by tests/test_train.py's DToP test on its run."""
   from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vitret_jax import export  # pylint: disable=g-import-not-at-top
@@ -215,21 +215,19 @@ def check_landmark_export(config, workdir, tmp_path):
     print(f"artifact vs evaluator ({len(got)} images): max abs diff {err:.2e}")
     assert err <= 1e-5
   assert len(shapes) >= 2  # images of several sizes went through
-  # index / search on the landmark run and on its artifact.
+  # index / search with the landmark artifact.
   folder = tmp_path / "to_index"
   folder.mkdir()
   for p in ev.database.paths[:4]:
     os.symlink(p, folder / os.path.basename(p))
   folder = str(folder)
-  for pretrained in ("", str(tmp_path / "artifact")):
-    index_dir = str(tmp_path / f"index{len(pretrained)}")
-    msg = commands.index(None, "" if pretrained else workdir, pretrained,
-                         folder, index_dir)
-    assert "Indexed 4 images" in msg
-    out = commands.run_search(None, "" if pretrained else workdir,
-                              pretrained, ev.database.paths[0], index_dir,
-                              top_k=2)
-    assert "  1. " in out
+  index_dir = str(tmp_path / "index")
+  msg = commands.index(None, "", str(tmp_path / "artifact"), folder,
+                       index_dir)
+  assert "Indexed 4 images" in msg
+  out = commands.run_search(None, "", str(tmp_path / "artifact"),
+                            ev.database.paths[0], index_dir, top_k=2)
+  assert "  1. " in out
 
 
 def test_embed_files_batches_by_shape_and_keeps_the_order(tmp_path):

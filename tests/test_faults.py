@@ -319,7 +319,7 @@ def _cached_equals_fresh(cfg, workdir):
 
 @pytest.mark.slow(30)  # seconds, cold, 2 cores
 def test_eval_cache_follows_pp_dtype_and_data(tmp_path):
-  data = grocery_copy(tmp_path, every=3)  # 12 evaluations: ~430 test photos
+  data = grocery_copy(tmp_path, every=8)  # 12 evaluations: ~160 test photos
 
   def config():
     c = small_config(1, data)
