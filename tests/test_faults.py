@@ -481,8 +481,8 @@ def test_check_counts_override_is_accepted(tmp_path):
 @pytest.mark.slow(25)  # seconds, cold, 2 cores
 def test_command_line_errors(tmp_path):
   """The CLI's parsing and error handling in this process (`main_in_process`,
-  no interpreter start-up each), and in real processes for a config file
-  that fails and for a damaged artifact."""
+  no interpreter start-up each), and in a real process for a config file
+  that fails."""
   run_main = main_in_process
   run = str(tmp_path / "run")
   base = ["--config=configs/demo.py:runlocal=True", "--config.total_steps=1",
@@ -531,20 +531,27 @@ def test_command_line_errors(tmp_path):
   art = os.path.join(run, "export")
   with open(os.path.join(art, "params.safetensors"), "r+b") as f:
     f.truncate(1000)
-  one_line_error(cli("--mode=index", f"--pretrained={art}",
-                     f"--images={datasets.EMBEDDED_GROCERY}/test",
-                     f"--index_dir={tmp_path}/idx"),
+  one_line_error(run_main("--mode=index", f"--pretrained={art}",
+                          f"--images={datasets.EMBEDDED_GROCERY}/test",
+                          f"--index_dir={tmp_path}/idx"),
                  "params.safetensors is damaged or truncated")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """An artifact of a one-step run, made once for the module."""
+  folder = tmp_path_factory.mktemp("exported")
+  workdir = str(folder / "run")
+  train.train_and_evaluate(small_config(1), workdir)
+  commands.export_run(None, workdir, str(folder / "art"))
+  return str(folder / "art")
 
 
 @pytest.mark.parametrize("name", ["params.safetensors", "embed.stablehlo",
                                   "model.json"])
-def test_truncated_export_files(tmp_path, name):
-  workdir = str(tmp_path / "run")
-  c = small_config(1)
-  train.train_and_evaluate(c, workdir)
+def test_truncated_export_files(tmp_path, exported, name):
   art = str(tmp_path / "art")
-  commands.export_run(None, workdir, art)
+  shutil.copytree(exported, art)
   path = os.path.join(art, name)
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) // 2)
