@@ -17,6 +17,8 @@ from test_train import _event_tags
 from test_train import read_jsonl
 
 SPECS = ("aqe", "dba", "aqe+dba", "superglobal(12,3,0.15)")
+# Their canonical names (eval/rerank_spec.py), which the metrics carry.
+NAMES = ("aqe", "dba", "dba+aqe", "superglobal(12,3,0.15)")
 
 
 @pytest.mark.slow(29)  # seconds, cold, 2 cores (under load)
@@ -49,7 +51,7 @@ def test_rerank_metrics_in_every_output(tmp_path):
                 os.environ["VITRET_RERANK_EVAL_JSON"])
   names = [f"roxford/{s}/{m}{r}" for s in ("easy", "medium", "hard")
            for m in ("map", "mp@1", "mp@5", "mp@10")
-           for r in [""] + [f"+{x}" for x in SPECS]]
+           for r in [""] + [f"+{x}" for x in NAMES]]
   for where in (result, result["untrained"]):
     assert set(names) <= set(where)
     assert all(0 <= where[n] <= 1 for n in names)
@@ -60,19 +62,29 @@ def test_rerank_metrics_in_every_output(tmp_path):
   assert {f"eval/{n}" for n in names} <= set(tags)
   row = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
          if "eval/roxford/medium/map+aqe" in r][-1]
-  assert row["eval/roxford/medium/map+aqe+dba"] == result[
-      "roxford/medium/map+aqe+dba"]
+  assert row["eval/roxford/medium/map+dba+aqe"] == result[
+      "roxford/medium/map+dba+aqe"]
   table = {line.split()[0]: line.split()[1:] for line in
            run.stdout.splitlines() if line.startswith("roxford/")}
   assert table["roxford/hard/map+superglobal(12,3,0.15)"] == [
       f"{result['untrained'][n]:.4f}" for n in
       ["roxford/hard/map+superglobal(12,3,0.15)"]] + [
           f"{result['roxford/hard/map+superglobal(12,3,0.15)']:.4f}"]
-  # The best checkpoint is ranked by a re-ranked metric.
+  # The best checkpoint is ranked by a re-ranked metric: a copy of step 2
+  # as step 1, better by map+aqe and worse by map, is the one kept.
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, "checkpoints", "2",
-                         checkpoint.EVAL_METRICS)) as f:
-    assert "roxford/medium/map+aqe" in json.load(f)
+  ckpts = os.path.join(workdir, "checkpoints")
+  with open(os.path.join(ckpts, "2", checkpoint.EVAL_METRICS)) as f:
+    saved = json.load(f)
+  saved["roxford/medium/map+aqe"] += 0.1
+  saved["roxford/medium/map"] -= 0.1
+  os.makedirs(os.path.join(ckpts, "1"), exist_ok=True)
+  with open(os.path.join(ckpts, "1", checkpoint.EVAL_METRICS), "w") as f:
+    json.dump(saved, f)
+  steps = [type("Step", (), {"step": s})() for s in (1, 2)]
+  best = checkpoint._BestByEvalFile(  # pylint: disable=protected-access
+      ckpts, "roxford/medium/map+aqe", 1)
+  assert best.should_preserve(steps, context=None) == [True, False]
 
 
 def test_r1m_benchmark_smoke(monkeypatch, capsys):
