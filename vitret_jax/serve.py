@@ -8,7 +8,8 @@
 Endpoints:
   GET  /             the web page (static files in vitret_jax/assets/web)
   POST /search       multipart: `image` (a file) or `id` (an indexed image),
-                     and `k`; JSON {"query": ..., "results": [{"rank", "id",
+                     `k`, optional `rerank` (aqe / superglobal spec); JSON
+                     {"query", "k", "rerank", "results": [{"rank", "id",
                      "score", "path", "url"}]}
   GET  /images/{id}  an indexed image (nothing else is served)
   GET  /healthz      {"status": "ok", "images": N, "max_k": ...}
@@ -41,6 +42,7 @@ memory, within a budget of bytes.
 """
 import asyncio
 import concurrent.futures
+import functools
 import os
 import signal
 import time
@@ -61,6 +63,7 @@ from vitret_jax import serve_batcher
 from vitret_jax import serve_guard
 from vitret_jax.errors import DataError
 from vitret_jax.eval import report
+from vitret_jax.eval import rerank_spec
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                    "web")
@@ -253,15 +256,16 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
   """POST /search over `index`."""
   state = app.state
 
-  def hit(rank, i, score):
-    return {"rank": rank, "id": i, "score": round(float(score), 6),
-            "path": index.paths[i], "url": f"/images/{i}"}
+  def hit(snap, rank, i, score):
+    return {"rank": rank + 1, "id": i, "score": round(float(score), 6),
+            "path": snap.paths[i], "url": f"/images/{i}"}
 
-  async def answer(k, me, data, filename):
+  async def answer(k, me, data, filename, plan=None):
     t0 = time.perf_counter()
+    snap = index.snapshot()  # one index for the request, whatever reloads
     if me is not None:
-      emb = np.asarray(index.embeddings[me], np.float32)
-      query = {"id": me, "path": index.paths[me], "url": f"/images/{me}"}
+      emb = np.asarray(snap.embeddings[me], np.float32)
+      query = {"id": me, "path": snap.paths[me], "url": f"/images/{me}"}
     else:
       try:
         emb = await state.batcher.embed(await state.reader(data))
@@ -269,10 +273,11 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
         return _error(400, str(e))
       query, me = {"id": None, "filename": filename}, -1
     hits = (await asyncio.get_running_loop().run_in_executor(
-        state.searcher, index.search_ids, emb[None], k, [me]))[0]
-    return {"query": query, "k": k,
+        state.searcher, functools.partial(snap.search_ids, rerank=plan),
+        emb[None], k, [me]))[0]
+    return {"query": query, "k": k, "rerank": plan and plan.name,
             "seconds": round(time.perf_counter() - t0, 4),
-            "results": [hit(r, i, s) for r, (i, s) in enumerate(hits, 1)]}
+            "results": [hit(snap, r, i, s) for r, (i, s) in enumerate(hits)]}
 
   @app.post("/search")
   async def search_endpoint(request: fastapi.Request):
@@ -284,6 +289,7 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
       form = await _read_form(request, max_upload_mb)
       try:
         k, me, upload = _read_query(form, len(index))
+        plan = rerank_spec.from_field(form.get("rerank"), "rerank", MAX_K)
         data = await upload.read() if upload is not None else None
       finally:
         await form.close()
@@ -294,7 +300,7 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
     except ValueError as e:
       return _error(400, str(e))
     filename = upload.filename if upload is not None else None
-    work = asyncio.ensure_future(answer(k, me, data, filename))
+    work = asyncio.ensure_future(answer(k, me, data, filename, plan))
     return await _within(request, work, deadline, timeout_s)
 
 

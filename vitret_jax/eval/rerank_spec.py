@@ -149,6 +149,42 @@ def canonical(dba=None, aqe=None, superglobal=None):
   return "+".join(terms)
 
 
+def for_index(spec, where="--rerank", max_depth=0):
+  """The Plan of a spec a search of an index runs (--mode=search, serve's
+  `rerank` field): aqe and superglobal, which change the query and the
+  ranking; a one-line UserError for dba, which changes the database (it
+  belongs to the building of an index, which --mode=index does not do),
+  and, with `max_depth`, for a plan searching deeper (aqe's n,
+  superglobal's M)."""
+  plan = parse(spec, where)
+  if plan.dba is not None:
+    raise UserError(
+        f"{where}: {spec!r}: dba augments the database itself, so it must "
+        f"be applied when the index is built, which --mode=index does not "
+        f"do; re-rank a search with aqe and/or superglobal, e.g. "
+        f"'aqe+superglobal'.")
+  deep = max(plan.aqe.n if plan.aqe else 0,
+             plan.superglobal.m if plan.superglobal else 0)
+  if max_depth and deep > max_depth:
+    raise UserError(f"{where}: {spec!r} searches {deep:,} neighbours deep; "
+                    f"at most {max_depth:,} (aqe's n, superglobal's M).")
+  return plan
+
+
+def from_field(value, where, max_depth=0):
+  """for_index of a form's text field (None when absent or blank); a
+  ValueError, for a person, when it is not a valid one."""
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return None
+  if not isinstance(value, str) or len(value) > 200:
+    raise ValueError(f"{where}: send a short text field, e.g. 'aqe' or "
+                     f"'aqe(10,3)+superglobal(400,9,0.15)'.")
+  try:
+    return for_index(value, where, max_depth)
+  except UserError as e:
+    raise ValueError(str(e)) from e
+
+
 def parse_all(specs, where="rerank"):
   """Plans of a sequence of specs (a lone string is one spec), each name
   once."""
