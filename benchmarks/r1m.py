@@ -292,8 +292,9 @@ def main():
               args.n + args.db)
   print(f"{args.n:,} distractors + {args.db:,} database images, "
         f"{args.queries} queries; {_devices.describe_cpu()}; "
-        f"{time.strftime('%Y-%m-%d')}. Share: of the step plus the search "
-        f"plus the projected embedding of {IMAGES:,} images on one H100 "
+        f"{time.strftime('%Y-%m-%d')}. Share: what the step adds (this "
+        f"CPU's seconds) over itself plus the search plus the projected "
+        f"embedding of {IMAGES:,} images on one H100 "
         f"({flops / 1e12:.2f} TFLOP an image over its scales, "
         f"{args.mfu:.0%} of the bf16 peak assumed): {embed_s / 3600:.2f} h.")
   for dim in args.dims:
