@@ -406,3 +406,22 @@ def test_retrieval_evaluator_leave_one_out(tmp_path):
                                       search=lambda *a, i=ids: (i, {}))
     for k, v in want.items():
       assert out[f"{k}+{spec}"] == pytest.approx(v, abs=1e-12), (spec, k)
+
+
+def test_recall_on_a_sample_of_queries(data, monkeypatch):
+  """ScaNN's recall@10 is checked against the exact top 10 of at most
+  RECALL_QUERIES queries; an exact view reports none."""
+  db, q = data
+  approx = view(db)
+  approx.searcher = type("Exact", (), {
+      "search": lambda self, x, k, e=None: view(db).search(x, k, e)})()
+  calls = []
+  exact = view_lib.ArrayView.exact_search
+  monkeypatch.setattr(view_lib.ArrayView, "exact_search",
+                      lambda self, x, k, e=None: calls.append((len(x), k))
+                      or exact(self, x, k, e))
+  monkeypatch.setattr(searchers, "RECALL_QUERIES", 5)
+  _, ids = approx.search(q, 50)
+  assert searchers.recall(approx, q, ids) == {"scann_recall@10": 1.0}
+  assert calls == [(5, 10)]
+  assert searchers.recall(view(db), q, ids) == {}
