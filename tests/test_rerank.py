@@ -422,6 +422,7 @@ def test_recall_on_a_sample_of_queries(data, monkeypatch):
                       or exact(self, x, k, e))
   monkeypatch.setattr(searchers, "RECALL_QUERIES", 5)
   _, ids = approx.search(q, 50)
+  calls.clear()
   assert searchers.recall(approx, q, ids) == {"scann_recall@10": 1.0}
   assert calls == [(5, 10)]
   assert searchers.recall(view(db), q, ids) == {}
