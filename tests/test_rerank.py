@@ -426,3 +426,20 @@ def test_recall_on_a_sample_of_queries(data, monkeypatch):
   assert searchers.recall(approx, q, ids) == {"scann_recall@10": 1.0}
   assert calls == [(5, 10)]
   assert searchers.recall(view(db), q, ids) == {}
+
+
+def test_scann_alone_needs_no_other_process(data, tmp_path, monkeypatch):
+  """Process 0 alone searches +R1M: its ScaNN index is built, saved and
+  loaded without a collective (which would wait for the others)."""
+  pytest.importorskip("scann")
+  db, q = data
+  from vitret_jax import workdir  # pylint: disable=g-import-not-at-top
+  for name in ("all_agree", "barrier"):
+    monkeypatch.setattr(workdir, name, lambda *a: pytest.fail("collective"))
+  want = view(db).search(q, 5)[1].tolist()
+  for _ in range(2):  # built and saved, then loaded
+    v = searchers.with_backend(db, "scann", {}, 20, str(tmp_path / "c"),
+                               alone=True)
+    assert v.search(q, 5)[1].tolist() == want
+  assert [p.name.startswith("c-scann-k20-") for p in tmp_path.iterdir()] == [
+      True]

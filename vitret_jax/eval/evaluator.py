@@ -133,12 +133,13 @@ class _Evaluator:
     train = train[embed.readable_rows(train)]
     return whitening_lib.fit(train, self.whiten_dim, self.whiten)
 
-  def _database(self, reference, k, cache=""):
+  def _database(self, reference, k, cache="", alone=False):
     """`reference` (array or view) as a view searched by this evaluator's
     backend, for k neighbours at most (eval/searchers.py: one ScaNN index,
-    saved beside the cached embeddings and reloaded next time)."""
+    saved beside the cached embeddings and reloaded next time; `alone`:
+    this process alone searches)."""
     return searchers.with_backend(reference, self.backend,
-                                  self.scann_options, k, cache)
+                                  self.scann_options, k, cache, alone)
 
   def _search(self, database, query, k, exclude=None):
     """(indices [Q, k], extra metrics: ScaNN's recall@10) of `query` in the
@@ -324,7 +325,7 @@ class RevisitedEvaluator(_Evaluator):
     out = {}
     if more is None or jax.process_index() == 0:
       # One view and searcher for the plain ranking and every re-ranking.
-      database = self._database(database, depth, cache)
+      database = self._database(database, depth, cache, more is not None)
       idx, extra = self._search(database, q, depth)
       out = metrics.revisited_metrics(idx, gnd, self.kappas)
       out.update(self._reranked(q, database, depth,

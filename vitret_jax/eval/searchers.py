@@ -74,7 +74,8 @@ def as_view(reference):
           else view_lib.ArrayView(reference))
 
 
-def with_backend(reference, backend, scann_options=None, k=100, cache=""):
+def with_backend(reference, backend, scann_options=None, k=100, cache="",
+                 alone=False):
   """`reference` as a view searched by `backend`.
 
   Args:
@@ -86,6 +87,8 @@ def with_backend(reference, backend, scann_options=None, k=100, cache=""):
       it; shallower searches re-score fewer candidates).
     cache: a file prefix: the ScaNN index is saved there, keyed on the
       vectors it indexes and its options, and loaded next time.
+    alone: this process alone searches (process 0 with +R1M): no
+      collective between processes; else every process calls this.
   """
   view = as_view(reference)
   if backend == "exact" or not len(view):
@@ -96,22 +99,28 @@ def with_backend(reference, backend, scann_options=None, k=100, cache=""):
           and not isinstance(view.array, np.memmap))
   if small or held:
     array = view.array if held else view[np.arange(len(view))]
-    view.searcher = _array_searcher(array, min(k, len(view)), opts, cache)
+    view.searcher = _array_searcher(array, min(k, len(view)), opts, cache,
+                                    alone)
   else:
     view.searcher = _store_searcher(view, k, opts, cache)
   return view
 
 
-def _array_searcher(array, k, opts, cache):
+def _array_searcher(array, k, opts, cache, alone):
   folder = ""
   if cache:  # keyed on the very vectors it indexes
     key = hashlib.sha256(np.ascontiguousarray(array, np.float32)).hexdigest()
     folder = f"{cache}-scann-k{k}-{key[:12]}"
-  if folder and workdir_lib.all_agree(os.path.isdir(folder)):
+  saved = bool(folder) and os.path.isdir(folder)
+  if saved if alone else workdir_lib.all_agree(saved):
     scann = knn.load_scann(folder)
   else:
     scann = knn.build_scann(array, k, **opts)
-    if folder:
+    if folder and alone:
+      tmp = f"{folder}.tmp-{os.getpid()}"
+      _serialize(scann, tmp)
+      os.replace(tmp, folder)
+    elif folder:
       workdir_lib.write_once(folder, lambda tmp: _serialize(scann, tmp))
   return ArrayScann(scann, len(array), opts.get("reorder", 0))
 
