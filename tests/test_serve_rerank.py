@@ -27,6 +27,7 @@ def test_serve_rerank_field(gallery, monkeypatch):
   _, index = gallery
   c = serve_helpers.client(serve.create_app(serve_helpers.FakeEmbedder(),
                                             index))
+  assert 'id="rerank"' in c.get("/").text  # the page's field
   spec = "aqe(3,3)+superglobal(8,2,0.15)"
   r = c.post("/search", data={"id": "4", "k": "6", "rerank": spec})
   assert r.status_code == 200, r.text
