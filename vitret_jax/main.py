@@ -92,10 +92,10 @@ _SEARCHER = flags.DEFINE_enum(
     "streamed over the shards, or ScaNN (auto: from 100,000 images).")
 _QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
-_GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
 _RERANK = flags.DEFINE_string(
     "rerank", "", "search: re-rank each query's results: aqe(n,alpha), "
     "superglobal(M,K,beta), or both joined by '+' (eval/rerank_spec.py).")
+_GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process "
     "runs on GPU clusters or CPUs. TPU pods need none: set "

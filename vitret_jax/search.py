@@ -230,10 +230,10 @@ class Index:
     """Top-k [(path, score)] per query, best first; a query file that is
     itself in the index is left out of its own results; `rerank` as
     search_ids'."""
-    state = self._state
-    exclude = [state.position(p) for p in query_paths]
-    return [[(state.paths[i], s) for i, s in hits]
-            for hits in self.search_ids(queries, k, exclude, rerank)]
+    pinned = self.snapshot()  # one opening for the ids and their paths
+    exclude = [pinned.position(p) for p in query_paths]
+    return [[(pinned.paths[i], s) for i, s in hits]
+            for hits in pinned.search_ids(queries, k, exclude, rerank)]
 
 
 def query_paths(query):

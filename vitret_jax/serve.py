@@ -8,9 +8,8 @@
 Endpoints:
   GET  /             the web page (static files in vitret_jax/assets/web)
   POST /search       multipart: `image` (a file) or `id` (an indexed image),
-                     `k`, optional `rerank` (aqe / superglobal spec); JSON
-                     {"query", "k", "rerank", "results": [{"rank", "id",
-                     "score", "path", "url"}]}
+                     `k`, `rerank` (optional); JSON {"query", "k", "rerank",
+                     "results": [{"rank", "id", "score", "path", "url"}]}
   GET  /images/{id}  an indexed image (nothing else is served)
   GET  /healthz      {"status": "ok", "images": N, "max_k": ...}
   GET  /evaluation   with --workdir: the evaluators, metrics and queries
@@ -257,12 +256,11 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
   state = app.state
 
   def hit(snap, rank, i, score):
-    return {"rank": rank + 1, "id": i, "score": round(float(score), 6),
+    return {"rank": rank, "id": i, "score": round(float(score), 6),
             "path": snap.paths[i], "url": f"/images/{i}"}
 
-  async def answer(k, me, data, filename, plan=None):
+  async def answer(snap, k, me, data, filename, plan):  # one opening: `snap`
     t0 = time.perf_counter()
-    snap = index.snapshot()  # one index for the request, whatever reloads
     if me is not None:
       emb = np.asarray(snap.embeddings[me], np.float32)
       query = {"id": me, "path": snap.paths[me], "url": f"/images/{me}"}
@@ -277,7 +275,8 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
         emb[None], k, [me]))[0]
     return {"query": query, "k": k, "rerank": plan and plan.name,
             "seconds": round(time.perf_counter() - t0, 4),
-            "results": [hit(snap, r, i, s) for r, (i, s) in enumerate(hits)]}
+            "results": [hit(snap, r, i, s)
+                        for r, (i, s) in enumerate(hits, 1)]}
 
   @app.post("/search")
   async def search_endpoint(request: fastapi.Request):
@@ -285,10 +284,11 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
       return _error(404, "This server has no index (start it with "
                     "--index_dir).")
     deadline = time.monotonic() + timeout_s
+    snap = index.snapshot()
     try:
       form = await _read_form(request, max_upload_mb)
       try:
-        k, me, upload = _read_query(form, len(index))
+        k, me, upload = _read_query(form, len(snap))
         plan = rerank_spec.from_field(form.get("rerank"), "rerank", MAX_K)
         data = await upload.read() if upload is not None else None
       finally:
@@ -300,7 +300,7 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
     except ValueError as e:
       return _error(400, str(e))
     filename = upload.filename if upload is not None else None
-    work = asyncio.ensure_future(answer(k, me, data, filename, plan))
+    work = asyncio.ensure_future(answer(snap, k, me, data, filename, plan))
     return await _within(request, work, deadline, timeout_s)
 
 
