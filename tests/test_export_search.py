@@ -170,6 +170,13 @@ def test_index_search_rank1_equals_recall_at_1(trained, tmp_path):
                             str(tmp_path / "index"), top_k=3,
                             grid=str(tmp_path / "grid.png"))
   assert "  1. " in out and os.path.getsize(tmp_path / "grid.png") > 1000
+  # Re-ranked (aqe through the index's searcher): the same queries, each
+  # with as many results.
+  again = commands.run_search(config, workdir, "", str(folder / "41"),
+                              str(tmp_path / "index"), top_k=3,
+                              rerank="aqe(3,3)")
+  count = lambda text: [line.startswith("  ") for line in text.splitlines()]
+  assert count(again) == count(out[:out.rindex("grid written")].rstrip())
 
 
 def check_landmark_export(config, workdir, tmp_path):

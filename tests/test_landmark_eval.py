@@ -84,9 +84,11 @@ def test_revisited_evaluator(revisited, tmp_path, knn):
   # Names carry a key of the split's files (and, for the index, of the
   # vectors it holds): another data set never reuses them.
   # The distractors: a store of their descriptors, and its whitened copy.
+  # With ScaNN, its index of the database and distractors (eval/searchers.py).
   saved = ["roxford-step0-database-", "roxford-step0-distractors-",
-           "roxford-step0-distractors-", "roxford-step0-query-",
-           "roxford-step0-whiten-"]
+           "roxford-step0-distractors-", "roxford-step0-query-"] + (
+               ["roxford-step0-scann-k"] if knn == "scann" else []) + [
+                   "roxford-step0-whiten-"]
   names = sorted(os.listdir(tmp_path / "emb"))
   assert len(names) == len(saved)
   assert all(n.startswith(want) for n, want in zip(names, saved)), names

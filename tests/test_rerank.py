@@ -14,6 +14,8 @@ from vitret_jax.eval import metrics
 from vitret_jax.eval import rerank
 from vitret_jax.eval import rerank_spec as specs
 from vitret_jax.eval import scoring
+from vitret_jax.eval import searchers
+from vitret_jax.store import view as view_lib
 
 
 def unit(x):
@@ -68,6 +70,14 @@ def ref_superglobal(q, db, m, k, beta):
   return ranks[:m][order], final[order], ranks[m:]
 
 
+def view(x, rows=0):
+  """An ArrayView of x read `rows` rows at a time (default its own)."""
+  v = view_lib.ArrayView(x)
+  if rows:
+    v.BLOCK = v.block_rows = rows
+  return v
+
+
 @pytest.fixture(scope="module")
 def data():
   rng = np.random.default_rng(0)
@@ -78,12 +88,12 @@ def test_search_any_block_size_matches_brute_force(data):
   db, q = data
   want = np.argsort(-(q @ db.T), axis=1)[:, :15]
   for rows in (7, 300):
-    scores, ids = rerank.ArrayDatabase(db, block_rows=rows).search(q, 15)
+    scores, ids = view(db, rows).search(q, 15)
     np.testing.assert_array_equal(ids, want)
     np.testing.assert_allclose(
         scores, np.take_along_axis(q @ db.T, want, 1), atol=1e-6)
   # Excluded ids never come back; a k beyond the database is padded.
-  _, ids = rerank.ArrayDatabase(db[:5], block_rows=2).search(
+  _, ids = view(db[:5], 2).search(
       db[:3], 9, exclude=np.asarray([0, 1, -1]))
   assert ids.shape == (3, 9) and (ids[:, 5:] == -1).all()
   assert 0 not in ids[0] and 1 not in ids[1] and (ids[2, :5] >= 0).all()
@@ -93,7 +103,7 @@ def test_search_any_block_size_matches_brute_force(data):
 @pytest.mark.parametrize("with_self", [False, True])
 def test_aqe_matches_formula(data, with_self):
   db, q = data
-  database = rerank.ArrayDatabase(db, block_rows=64)
+  database = view(db, 64)
   got = rerank.query_expansion(q, database,
                                specs.Expansion(10, 3.0, with_self), block=5)
   # With the item in its own top-10, it weighs 1 and 9 others join it.
@@ -107,7 +117,7 @@ def test_negative_similarities():
   rng = np.random.default_rng(1)
   db, q = random_unit(rng, 8, 16), random_unit(rng, 4, 16)
   assert (np.sort(q @ db.T, 1)[:, :3] < 0).all()  # the case is exercised
-  database = rerank.ArrayDatabase(db)
+  database = view(db)
   got = rerank.query_expansion(q, database, specs.Expansion(6, 3.0))
   np.testing.assert_allclose(got, [ref_aqe(x, db, 6, 3.0) for x in q],
                              atol=1e-6)
@@ -116,34 +126,56 @@ def test_negative_similarities():
   np.testing.assert_allclose(got, clipped, atol=1e-6)
 
 
-def test_dba_matches_formula_in_blocks_into_a_memmap(data, tmp_path):
+class Counting(view_lib.ArrayView):
+  """An ArrayView that counts its searches and the rows they read."""
+
+  def __init__(self, x, rows):
+    super().__init__(x)
+    self.BLOCK = self.block_rows = rows
+    self.searched, self.read = [], 0
+
+  def blocks(self, rows=0):
+    for start, block in super().blocks(rows):
+      self.read += len(block)
+      yield start, block
+
+  def search(self, queries, k, exclude=None):
+    self.searched.append(len(queries))
+    return super().search(queries, k, exclude)
+
+
+def test_dba_matches_formula_in_blocks_into_a_memmap(data, tmp_path,
+                                                     monkeypatch):
   db, _ = data
-  database = rerank.ArrayDatabase(db, block_rows=128)
   out = np.lib.format.open_memmap(str(tmp_path / "dba.npy"), "w+",
                                   np.float32, db.shape)
-  calls = []
-
-  class Counting(rerank.ArrayDatabase):
-    def search(self, queries, k, exclude=None):
-      calls.append(len(queries))
-      return super().search(queries, k, exclude)
-  rerank.augment_database(Counting(db, block_rows=128),
-                          specs.Expansion(10, 3.0), out, block=70)
+  # Neighbours combined 70 items at a time; every item searched at once.
+  monkeypatch.setattr(rerank, "GATHER_BYTES", 70 * 4 * 32 * 10)
+  counting = Counting(db, 128)
+  rerank.augment_database(counting, specs.Expansion(10, 3.0), out)
   # Itself excluded: the 10 most similar other items.
   want = np.stack([ref_aqe(x, db, 10, 3.0, skip=i) for i, x in
                    enumerate(db)])
   np.testing.assert_allclose(np.load(str(tmp_path / "dba.npy")), want,
                              atol=1e-6)
-  assert max(calls) == 70 and sum(calls) == len(db)
+  # One search, one pass over the database, whatever the gather block.
+  assert counting.searched == [len(db)] and counting.read == len(db)
+  # A search budget of 100 items: 3 searches, 3 passes.
+  counting = Counting(db, 128)
+  got = rerank.augment_database(counting, specs.Expansion(10, 3.0),
+                                np.empty_like(db), search_bytes=100 * 4 * 32)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert counting.searched == [100, 100, 100]
+  assert counting.read == 3 * len(db)
   # The winners' convention: their top-10 holds the item itself.
-  got = rerank.augment_database(database, specs.Expansion(10, 3.0, True),
+  got = rerank.augment_database(view(db), specs.Expansion(10, 3.0, True),
                                 np.empty_like(db))
   np.testing.assert_allclose(got, ref_qe_dba(db, 3.0, 10), atol=1e-6)
 
 
 def test_superglobal_matches_authors_computation(data):
   db, q = data
-  database = rerank.ArrayDatabase(db)
+  database = view(db)
   scores, ids = database.search(q, 120)
   got_s, got_i = rerank.superglobal(q, database, scores, ids,
                                     specs.SuperGlobal(50, 9, 0.15), block=5)
@@ -153,7 +185,7 @@ def test_superglobal_matches_authors_computation(data):
     np.testing.assert_allclose(got_s[i, :50], final, atol=1e-6)
     np.testing.assert_array_equal(got_i[i, 50:], rest[:70])  # untouched
   # Fewer candidates than M (a small database): the rest stays empty.
-  s, i = rerank.ArrayDatabase(db[:6]).search(q[:2], 8)
+  s, i = view(db[:6]).search(q[:2], 8)
   s, i = rerank.superglobal(q[:2], database, s, i, specs.SuperGlobal(8, 3))
   assert (i[:, 6:] == -1).all() and np.isinf(s[:, 6:]).all()
   assert sorted(i[0, :6]) == list(range(6))
@@ -183,7 +215,7 @@ def test_hand_worked_four_items():
   1.115, 0.989, -0.534; final (s1 + s2) / 2 = 0.781, 0.966, 0.936, -0.390:
   order 1, 2, 0, 3."""
   db, q = four_items()
-  database = rerank.ArrayDatabase(db)
+  database = view(db)
   assert database.search(q, 4)[1].tolist() == [[1, 2, 0, 3]]
   angle = lambda x: np.rad2deg(np.arctan2(x[:, 1], x[:, 0]))
   moved = rerank.augment_database(database, specs.Expansion(1, 1.0),
@@ -208,7 +240,7 @@ def test_hand_worked_four_items():
 
 def test_specs():
   plan = specs.parse(" AQE + dba(5, 2,self)")
-  assert plan.name == "aqe+dba(5,2,self)"
+  assert plan.name == "dba(5,2,self)+aqe"
   assert plan.aqe == specs.Expansion(10, 3.0)
   assert plan.dba == specs.Expansion(5, 2.0, True) and plan.dba.others == 4
   assert specs.parse("superglobal").superglobal == specs.SuperGlobal()
@@ -221,8 +253,17 @@ def test_specs():
       specs.parse(bad, "evals.rox.rerank")
     assert str(e.value).startswith("evals.rox.rerank: ")
     assert "superglobal(M,K,beta)" in str(e.value) and "\n" not in str(e.value)
-  with pytest.raises(UserError, match="listed twice"):
-    specs.parse_all(("aqe", "AQE"))
+  # One canonical name per plan: terms in the order they apply, bare with
+  # the defaults, else every argument.
+  for spec, name in (("aqe(10,3)", "aqe"), ("aqe(5)", "aqe(5,3)"),
+                     ("superglobal(400,9,0.15)+dba(10,3.0)", "dba+superglobal"),
+                     ("superglobal(200,9,.150)", "superglobal(200,9,0.15)"),
+                     ("aqe(10,3,self)+dba", "dba+aqe(10,3,self)")):
+    assert specs.parse(spec).name == name, spec
+  for twice in (("aqe", "AQE"), ("aqe", "aqe(10,3)"), ("aqe+dba", "dba+aqe")):
+    with pytest.raises(UserError, match="same re-ranking") as e:
+      specs.parse_all(twice)
+    assert "\n" not in str(e.value)
   # The saved config of a run older than the option has no such key.
   import ml_collections  # pylint: disable=g-import-not-at-top
   specs.check(ml_collections.ConfigDict({"knn": "exact"}), "evals.old.rerank")
@@ -233,7 +274,7 @@ def test_specs():
 
 def test_hits_for_search_and_serve(data):
   db, _ = data
-  database = rerank.ArrayDatabase(db[:20])
+  database = view(db[:20])
   reranker = rerank.Reranker(database)
   for spec in ("aqe", "dba(3,3)+aqe(2,3)", "superglobal(10,3,0.15)"):
     hits = rerank.rerank_hits(database, db[:3], 25, spec, [0, 1, -1],
@@ -246,8 +287,8 @@ def test_hits_for_search_and_serve(data):
   # searcher (built for 10 neighbours), here asked for 25.
   pytest.importorskip("scann")
   from vitret_jax.eval import knn  # pylint: disable=g-import-not-at-top
-  index = rerank.ArrayDatabase(db[:20], "scann",
-                               searcher=knn.build_scann(db[:20], 10))
+  index = view(db[:20])
+  index.searcher = searchers.ArrayScann(knn.build_scann(db[:20], 10), 20)
   for spec in ("dba(3,3)+aqe(2,3)", "superglobal(10,3,0.15)"):
     want = rerank.rerank_hits(database, db[:3], 25, spec, [0, 1, -1])
     got = rerank.rerank_hits(index, db[:3], 25, spec, [0, 1, -1])
@@ -255,6 +296,20 @@ def test_hits_for_search_and_serve(data):
                                                 for h in want]
   with pytest.raises(UserError, match="top_k=0"):
     rerank.rerank_hits(database, db[:1], 0, "aqe")
+  with pytest.raises(ValueError, match="another database"):
+    rerank.rerank_hits(index, db[:1], 3, "aqe", reranker=reranker)
+
+
+def test_superglobal_scores_stay_non_increasing(data):
+  """Past M the old order is kept and its scores capped at the M-th new
+  score: a hit list never goes up."""
+  db, q = data
+  hits = rerank.rerank_hits(view(db), q, 60, "superglobal(20,3,0.15)")
+  for row in hits:
+    scores = [s for _, s in row]
+    assert len(scores) == 60 and scores == sorted(scores, reverse=True)
+  plain = view(db).search(q, 60)[1]
+  assert [[i for i, _ in row][20:] for row in hits] == plain[:, 20:].tolist()
 
 
 def clustered(rng, labels, dim=16, spread=0.6):
@@ -268,11 +323,13 @@ def revisited(tmp_path_factory):
   return fixtures.write_revisited(tmp_path_factory.mktemp("rox"))
 
 
-SPECS = ("aqe(3,3)", "dba(2,3)+aqe(2,3)", "superglobal(8,2,0.15)")
+SPECS = ("aqe(3,3)", "dba(2,3)+aqe(2,3)", "superglobal(8,2,0.15)",
+         "dba(2,3)+aqe(2,3)+superglobal(8,2,0.15)")
 
 
 @pytest.mark.parametrize("knn", ["exact", "scann"])
-def test_revisited_evaluator_reports_each_plan(revisited, tmp_path, knn):
+def test_revisited_evaluator_reports_each_plan(revisited, tmp_path, knn,
+                                               monkeypatch):
   """Saved descriptors (no model): the "+<spec>" metrics are those of the
   numpy rankings; the plain ones are unchanged by asking for re-ranking."""
   if knn == "scann":
@@ -287,8 +344,18 @@ def test_revisited_evaluator_reports_each_plan(revisited, tmp_path, knn):
   cache = str(tmp_path / "rox")
   for tag, split, x in (("query", ev.query, q), ("database", ev.database, db)):
     emb_cache.save(f"{cache}-{tag}-{emb_cache.content_key(split)}.npy", x)
+  built = []
+  if knn == "scann":  # one index for every search of the database
+    from vitret_jax.eval import knn as knn_lib  # pylint: disable=g-import-not-at-top
+    build = knn_lib.build_scann
+    monkeypatch.setattr(knn_lib, "build_scann",
+                        lambda x, *a, **o: built.append(len(x)) or build(
+                            x, *a, **o))
   out = ev.run(None, cache)
+  # The database's index, then the one of dba(2,3)'s database, once.
+  assert built == ([] if knn == "exact" else [len(db), len(db)])
   plain = make(()).run(None, cache)
+  assert len(built) == (0 if knn == "exact" else 2)  # reloaded from cache
   assert {k: v for k, v in out.items() if "+" not in k} == plain
   gnd = ev.query.gnd
   rank = lambda x, d: np.argsort(-(x @ d.T), axis=1)
@@ -297,7 +364,10 @@ def test_revisited_evaluator_reports_each_plan(revisited, tmp_path, knn):
       SPECS[0]: rank(np.stack([ref_aqe(x, db, 3, 3.0) for x in q]), db),
       SPECS[1]: rank(np.stack([ref_aqe(x, dba, 2, 3.0) for x in q]), dba),
       SPECS[2]: np.stack([np.concatenate(ref_superglobal(x, db, 8, 2, 0.15)
-                                         [::2]) for x in q])}
+                                         [::2]) for x in q]),
+      # SuperGlobal of the expanded queries in the augmented database.
+      SPECS[3]: np.stack([np.concatenate(ref_superglobal(
+          ref_aqe(x, dba, 2, 3.0), dba, 8, 2, 0.15)[::2]) for x in q])}
   for spec, ranks in want.items():
     for k, v in metrics.revisited_metrics(ranks, gnd).items():
       assert out[f"{k}+{spec}"] == pytest.approx(v, abs=1e-12), (spec, k)
@@ -336,3 +406,40 @@ def test_retrieval_evaluator_leave_one_out(tmp_path):
                                       search=lambda *a, i=ids: (i, {}))
     for k, v in want.items():
       assert out[f"{k}+{spec}"] == pytest.approx(v, abs=1e-12), (spec, k)
+
+
+def test_recall_on_a_sample_of_queries(data, monkeypatch):
+  """ScaNN's recall@10 is checked against the exact top 10 of at most
+  RECALL_QUERIES queries; an exact view reports none."""
+  db, q = data
+  approx = view(db)
+  approx.searcher = type("Exact", (), {
+      "search": lambda self, x, k, e=None: view(db).search(x, k, e)})()
+  calls = []
+  exact = view_lib.ArrayView.exact_search
+  monkeypatch.setattr(view_lib.ArrayView, "exact_search",
+                      lambda self, x, k, e=None: calls.append((len(x), k))
+                      or exact(self, x, k, e))
+  monkeypatch.setattr(searchers, "RECALL_QUERIES", 5)
+  _, ids = approx.search(q, 50)
+  calls.clear()
+  assert searchers.recall(approx, q, ids) == {"scann_recall@10": 1.0}
+  assert calls == [(5, 10)]
+  assert searchers.recall(view(db), q, ids) == {}
+
+
+def test_scann_alone_needs_no_other_process(data, tmp_path, monkeypatch):
+  """Process 0 alone searches +R1M: its ScaNN index is built, saved and
+  loaded without a collective (which would wait for the others)."""
+  pytest.importorskip("scann")
+  db, q = data
+  from vitret_jax import workdir  # pylint: disable=g-import-not-at-top
+  for name in ("all_agree", "barrier"):
+    monkeypatch.setattr(workdir, name, lambda *a: pytest.fail("collective"))
+  want = view(db).search(q, 5)[1].tolist()
+  for _ in range(2):  # built and saved, then loaded
+    v = searchers.with_backend(db, "scann", {}, 20, str(tmp_path / "c"),
+                               alone=True)
+    assert v.search(q, 5)[1].tolist() == want
+  assert [p.name.startswith("c-scann-k20-") for p in tmp_path.iterdir()] == [
+      True]

@@ -18,6 +18,7 @@ from vitret_jax import models
 from vitret_jax import search
 from vitret_jax.errors import UserError
 from vitret_jax.eval import report
+from vitret_jax.eval import rerank_spec
 from vitret_jax.store import writer
 
 
@@ -203,18 +204,20 @@ class Incomplete(str):
 
 
 def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
-               grid="", eval_name=""):
-  """--mode=search: top-k files of the index for each query image; an
-  Incomplete when a query could not be read."""
+               grid="", eval_name="", rerank=""):
+  """--mode=search: top-k files of the index for each query image (with
+  `rerank`, a re-ranking spec: aqe, superglobal); an Incomplete when a
+  query could not be read."""
   if top_k < 1:
     raise UserError(f"--top_k={top_k}: ask for at least one result.")
+  plan = rerank_spec.for_index(rerank) if rerank else None
   embedder, _ = _embedder(config, workdir, pretrained, eval_name)
   idx = search.Index(_index_dir(index_dir, workdir), embedder,
                      _allow_mismatch(None))  # refuses another embedder's
   paths = search.query_paths(query)
   emb, kept, skipped = image_files.embed_files(embedder, paths,
                                                desc="queries")
-  results = idx.search(emb, kept, top_k) if kept else []
+  results = idx.search(emb, kept, top_k, plan) if kept else []
   lines = [f"unreadable query {p}: {why}" for p, why in skipped]
   for q, hits in zip(kept, results):
     lines.append(q)

@@ -92,6 +92,9 @@ _SEARCHER = flags.DEFINE_enum(
     "streamed over the shards, or ScaNN (auto: from 100,000 images).")
 _QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
+_RERANK = flags.DEFINE_string(
+    "rerank", "", "search: re-rank each query's results: aqe(n,alpha), "
+    "superglobal(M,K,beta), or both joined by '+' (eval/rerank_spec.py).")
 _GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
 # Read by commands (search / serve) through absl's FLAGS.
 flags.DEFINE_bool(
@@ -185,7 +188,7 @@ def _run_mode(mode, config, workdir):
                           _SHARD_SIZE.value, _SEARCHER.value)
   return commands.run_search(config, workdir, _PRETRAINED.value, _QUERY.value,
                              _INDEX_DIR.value, _TOP_K.value, _GRID.value,
-                             _EXPORT_EVAL.value)
+                             _EXPORT_EVAL.value, _RERANK.value)
 
 
 def _print_table(result):

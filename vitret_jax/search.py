@@ -34,6 +34,8 @@ from vitret_jax.data import folder as folder_data
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 from vitret_jax.eval import knn
+from vitret_jax.eval import rerank as rerank_lib
+from vitret_jax.eval import rerank_spec
 from vitret_jax.store import scann_search
 from vitret_jax.store import view as view_lib
 from vitret_jax.store import writer
@@ -322,10 +324,12 @@ class Index:
     """The index id of a file, or -1 when it is not indexed."""
     return self._state.position(path)
 
-  def search_ids(self, queries, k, exclude=()):
+  def search_ids(self, queries, k, exclude=(), rerank=None):
     """Top-k [(id, score)] per query, best first, without the id
     `exclude[i]` (-1: none) of query i. A query gets at most as many
-    results as the index holds other images: never a padded row."""
+    results as the index holds other images: never a padded row.
+    `rerank`: a re-ranking spec or Plan (rerank_spec.for_index: aqe,
+    superglobal), through the index's own searcher."""
     if k < 1:
       raise UserError(f"top_k={k}: ask for at least one result.")
     state = self._state
@@ -336,17 +340,22 @@ class Index:
                       f"index of {dim}: {_fix(state)}.")
     excl = (np.asarray(exclude, np.int64) if len(exclude)
             else np.full(len(queries), -1, np.int64))
+    if rerank is not None:
+      plan = (rerank if isinstance(rerank, rerank_spec.Plan)
+              else rerank_spec.for_index(rerank))
+      return rerank_lib.rerank_hits(state.database, queries, k, plan, excl)
     scores, idx = state.database.search(queries, k, excl)
     return [[(int(i), float(s)) for s, i in zip(s_row, i_row) if i >= 0][:k]
             for s_row, i_row in zip(scores, idx)]
 
-  def search(self, queries, query_paths, k):
+  def search(self, queries, query_paths, k, rerank=None):
     """Top-k [(path, score)] per query, best first; a query file that is
-    itself in the index is left out of its own results."""
+    itself in the index is left out of its own results; `rerank` as
+    search_ids'."""
     pinned = self.snapshot()  # one opening for the ids and their paths
     exclude = [pinned.position(p) for p in query_paths]
     return [[(pinned.paths[i], s) for i, s in hits]
-            for hits in pinned.search_ids(queries, k, exclude)]
+            for hits in pinned.search_ids(queries, k, exclude, rerank)]
 
 
 def query_paths(query):

@@ -8,8 +8,8 @@
 Endpoints:
   GET  /             the web page (static files in vitret_jax/assets/web)
   POST /search       multipart: `image` (a file) or `id` (an indexed image),
-                     and `k`; JSON {"query": ..., "results": [{"rank", "id",
-                     "score", "path", "url"}]}
+                     `k`, `rerank` (optional); JSON {"query", "k", "rerank",
+                     "results": [{"rank", "id", "score", "path", "url"}]}
   GET  /images/{id}  an indexed image (nothing else is served)
   GET  /healthz      {"status": "ok", "images": N, "max_k": ..., "index"}
   POST /admin/reload reopens a changed index, as SIGHUP does (serve_admin)
@@ -42,6 +42,7 @@ memory, within a budget of bytes.
 """
 import asyncio
 import concurrent.futures
+import functools
 import os
 import signal
 import time
@@ -63,6 +64,7 @@ from vitret_jax import serve_batcher
 from vitret_jax import serve_guard
 from vitret_jax.errors import DataError
 from vitret_jax.eval import report
+from vitret_jax.eval import rerank_spec
 
 WEB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                    "web")
@@ -253,7 +255,7 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
     return {"rank": rank, "id": i, "score": round(float(score), 6),
             "path": snap.paths[i], "url": f"/images/{i}"}
 
-  async def answer(snap, k, me, data, filename):  # one opening: `snap`
+  async def answer(snap, k, me, data, filename, plan):  # one opening: `snap`
     t0 = time.perf_counter()
     if me is not None:
       emb = np.asarray(snap.embeddings[me], np.float32)
@@ -265,8 +267,9 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
         return _error(400, str(e))
       query, me = {"id": None, "filename": filename}, -1
     hits = (await asyncio.get_running_loop().run_in_executor(
-        state.searcher, snap.search_ids, emb[None], k, [me]))[0]
-    return {"query": query, "k": k,
+        state.searcher, functools.partial(snap.search_ids, rerank=plan),
+        emb[None], k, [me]))[0]
+    return {"query": query, "k": k, "rerank": plan and plan.name,
             "seconds": round(time.perf_counter() - t0, 4),
             "results": [hit(snap, r, i, s)
                         for r, (i, s) in enumerate(hits, 1)]}
@@ -282,6 +285,7 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
       form = await _read_form(request, max_upload_mb)
       try:
         k, me, upload = _read_query(form, len(snap))
+        plan = rerank_spec.from_field(form.get("rerank"), "rerank", MAX_K)
         data = await upload.read() if upload is not None else None
       finally:
         await form.close()
@@ -292,7 +296,7 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
     except ValueError as e:
       return _error(400, str(e))
     filename = upload.filename if upload is not None else None
-    work = asyncio.ensure_future(answer(snap, k, me, data, filename))
+    work = asyncio.ensure_future(answer(snap, k, me, data, filename, plan))
     return await _within(request, work, deadline, timeout_s)
 
 

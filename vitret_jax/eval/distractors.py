@@ -3,7 +3,8 @@ store (vitret_jax/store): embedded in shards under the run's embedding
 cache as they are computed, resumed from the last finished shard after a
 kill, split between the processes of a multi-process run (each embeds its
 own shards on its own devices), and searched from the memory-mapped shards
-by process 0, so memory does not grow with the number of distractors.
+by process 0 (eval/searchers.py, as every evaluator search), so memory
+does not grow with the number of distractors.
 
 Store folders (beside the evaluator's other cached embeddings, keyed like
 them: `cache` covers the evaluator, model and parameters, the split's
@@ -24,9 +25,7 @@ from absl import logging
 from vitret_jax.errors import UserError
 from vitret_jax.eval import emb_cache
 from vitret_jax.eval import embed as embed_lib
-from vitret_jax.eval import knn as knn_lib
 from vitret_jax.store import items as items_lib
-from vitret_jax.store import scann_search
 from vitret_jax.store import view as view_lib
 from vitret_jax.store import writer
 
@@ -150,40 +149,3 @@ def whiten(view, white, cache):
   out = view_lib.View(segments, w.manifest["dim"])
   out.skipped = view.skipped
   return out
-
-
-def search(query, database, k, backend, scann_options, cache=""):
-  """(neighbours [Q, k], extra metrics) of `query` in `database` (a
-  view.Stacked of the data set's database and the distractors), exact
-  (streamed over the shards) or with ScaNN learned from a sample and fed
-  the shards; ScaNN's recall@10 against exact search is reported."""
-  _, exact = database.search(query, k)
-  if backend == "exact":
-    return exact, {}
-  options = dict(scann_options or {})
-  if len(database) < options.get("brute_force_below", 20_000):
-    # ScaNN would score every row (build_scann): small enough to gather.
-    _, idx = knn_lib.search(query, database[np.arange(len(database))], k,
-                            backend="scann", scann_options=options)
-    return idx, {f"scann_recall@{min(10, k)}": knn_lib.neighbour_recall(
-        idx[:, :10], exact[:, :10])}
-  folder = ""
-  if cache:
-    h = hashlib.sha256(repr((sorted((scann_options or {}).items()), k,
-                             len(database))).encode())
-    for part in database.parts:
-      h.update(part.segments[0].key.encode() if hasattr(part, "segments")
-               else np.ascontiguousarray(part.array).tobytes())
-    folder = f"{cache}-scann-store-{h.hexdigest()[:12]}"
-  if folder and os.path.isdir(folder):
-    searcher = scann_search.load(folder, database)
-  else:
-    searcher = scann_search.build(database, **(scann_options or {}))
-    if folder:  # this process alone searches: no other writer
-      tmp = f"{folder}.tmp-{os.getpid()}"
-      searcher.save(tmp)
-      os.replace(tmp, folder)
-  _, idx = searcher.search(query, k)
-  kk = min(10, k)
-  return idx, {f"scann_recall@{kk}": knn_lib.neighbour_recall(
-      idx[:, :kk], exact[:, :kk])}

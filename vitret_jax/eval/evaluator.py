@@ -4,8 +4,10 @@ Each exposes `run(params, cache="") -> dict of metrics` and, after a run,
 `report_rows(num_queries, k)` for the PNG grid. Shared options:
   pp, batch_size, scales    embedding (multi-scale: summed, re-normalised)
   knn ("exact" | "scann"), scann (build_scann options)
-                            search backend; with ScaNN the recall of its
-                            neighbours against exact search is reported
+                            search backend (eval/searchers.py), one
+                            searcher for the plain ranking and the
+                            re-rankings; with ScaNN its recall@10 against
+                            exact search on up to 1,000 queries
   whiten_dim (-1 = off, 0 = full), whiten (False = PCA only)
                             learned PCA whitening fitted on the training split
   skip_corrupt              leave unreadable images out (counted in the
@@ -16,11 +18,11 @@ Each exposes `run(params, cache="") -> dict of metrics` and, after a run,
                             one (landmarks: train on SfM-120k, test on ROxford)
   rerank                    re-ranking specs (eval/rerank.py: "aqe(10,3)",
                             "dba", "aqe+dba", "superglobal(400,9,0.15)"):
-                            each one's metrics too, named "<metric>+<spec>"
+                            each one's metrics too, named "<metric>+<name>"
+                            (the canonical name, eval/rerank_spec.py)
 `cache` names a file prefix: embeddings are saved there and reused, so a
 re-evaluation of the same checkpoint needs no forward pass.
 """
-import hashlib
 import os
 
 import jax
@@ -40,6 +42,7 @@ from vitret_jax.eval import metrics
 from vitret_jax.eval import rerank as rerank_lib
 from vitret_jax.eval import rerank_spec
 from vitret_jax.eval import scoring
+from vitret_jax.eval import searchers
 from vitret_jax.eval import whitening as whitening_lib
 from vitret_jax.store import view as store_view
 from vitret_jax.store import writer
@@ -131,43 +134,32 @@ class _Evaluator:
     train = train[embed.readable_rows(train)]
     return whitening_lib.fit(train, self.whiten_dim, self.whiten)
 
-  def _search(self, query, reference, k, exclude_self, cache=""):
-    """(indices [Q, k], extra metrics) with the configured backend; a ScaNN
-    index is saved beside the cached embeddings and reloaded next time."""
-    k = max(1, min(k, len(reference) - int(exclude_self)))
-    searcher = None
-    if self.backend == "scann":
-      folder = ""
-      if cache:  # keyed on the very reference vectors it indexes
-        ref_key = hashlib.sha256(np.ascontiguousarray(reference)).hexdigest()
-        folder = f"{cache}-scann-k{k + int(exclude_self)}-{ref_key[:12]}"
-      if folder and workdir_lib.all_agree(os.path.isdir(folder)):
-        searcher = knn_lib.load_scann(folder)
-      else:
-        searcher = knn_lib.build_scann(reference, k + int(exclude_self),
-                                       **self.scann_options)
-        if folder:
-          workdir_lib.write_once(folder, lambda tmp: _serialize(searcher,
-                                                                tmp))
-    _, idx = knn_lib.search(query, reference, k, exclude_self, self.backend,
-                        self.scann_options, searcher=searcher)
-    extra = {}
-    if self.backend == "scann":
-      _, exact = knn_lib.search(query, reference, k, exclude_self)
-      kk = min(10, k)
-      extra[f"scann_recall@{kk}"] = knn_lib.neighbour_recall(idx[:, :kk],
-                                                         exact[:, :kk])
-    return idx, extra
+  def _database(self, reference, k, cache="", alone=False):
+    """`reference` (array or view) as a view searched by this evaluator's
+    backend, for k neighbours at most (eval/searchers.py: one ScaNN index,
+    saved beside the cached embeddings and reloaded next time; `alone`:
+    this process alone searches)."""
+    return searchers.with_backend(reference, self.backend,
+                                  self.scann_options, k, cache, alone)
 
-  def _reranked(self, query, reference, depth, score, exclude=None):
+  def _search(self, database, query, k, exclude=None):
+    """(indices [Q, k], extra metrics: ScaNN's recall@10) of `query` in the
+    view `database`; query i never retrieves exclude[i]."""
+    k = max(1, min(k, len(database) - int(exclude is not None)))
+    _, idx = database.search(query, k, exclude)
+    return idx, searchers.recall(database, query, idx, exclude)
+
+  def _reranked(self, query, database, depth, score, exclude=None):
     """score(ids [Q, depth]) -> metrics of each rerank plan, named
-    "<metric>+<spec>"; searched with the evaluator's backend."""
+    "<metric>+<name>"; searched through `database`, the view (and
+    searcher) of the plain ranking; an αDBA database gets its own index
+    of the same backend."""
     if not self.rerank:
       return {}
-    database = rerank_lib.ArrayDatabase(reference, self.backend,
-                                        self.scann_options, build_k=depth)
+    reranker = rerank_lib.Reranker(
+        database, lambda array: self._database(array, depth))
     return rerank_lib.reranked_metrics(self.rerank, query, database, depth,
-                                       score, exclude)
+                                       score, exclude, reranker)
 
   def browse_record(self, k=BROWSE_K):
     """The last run's neighbour table, for browsing (vitret_jax/serve.py):
@@ -234,11 +226,19 @@ class RetrievalEvaluator(_Evaluator):
     score = lambda search: scoring.score_retrieval(
         q, q_split.labels, gallery, g_split.labels, self.ks, self.map_at_r,
         search=search)
-    out, idx = score(lambda *a: self._search(*a, cache=cache))
     # Leave-one-out: a query never retrieves itself, re-ranked or not.
+    exclude = np.arange(len(q)) if gallery is None else None
+    found = {}
+
+    def search(query, reference, k, loo):
+      del loo  # `exclude`
+      found["db"] = self._database(reference, k + int(exclude is not None),
+                                   cache)
+      return self._search(found["db"], query, k, exclude)
+    out, idx = score(search)
     out.update(self._reranked(
-        q, g, idx.shape[1], lambda ids: score(lambda *_: (ids, {}))[0],
-        np.arange(len(q)) if gallery is None else None))
+        q, found["db"], idx.shape[1],
+        lambda ids: score(lambda *_: (ids, {}))[0], exclude))
     if self.skip_corrupt:
       out["skipped_images"] = int((~q_ok).sum() + (
           0 if self.gallery is None else (~g_ok).sum()))
@@ -248,11 +248,6 @@ class RetrievalEvaluator(_Evaluator):
     self.last_codes = lambda i, js: np.where(g_lab[js] == q_lab[i], 1, 0)
     self.last_scores = _top_scores(q, g, idx)
     return out
-
-
-def _serialize(searcher, folder):
-  os.makedirs(folder)
-  searcher.serialize(folder, relative_path=True)
 
 
 def _top_scores(q, g, idx, k=BROWSE_K):
@@ -330,12 +325,11 @@ class RevisitedEvaluator(_Evaluator):
              else min(self.depth, len(database)))
     out = {}
     if more is None or jax.process_index() == 0:
-      idx, extra = (
-          self._search(q, db, depth, False, cache) if more is None else
-          distractors_lib.search(q, database, depth, self.backend,
-                                 self.scann_options, cache))
+      # One view and searcher for the plain ranking and every re-ranking.
+      database = self._database(database, depth, cache, more is not None)
+      idx, extra = self._search(database, q, depth)
       out = metrics.revisited_metrics(idx, gnd, self.kappas)
-      out.update(self._reranked(q, db if more is None else database, depth,
+      out.update(self._reranked(q, database, depth,
                                 lambda ids: metrics.revisited_metrics(
                                     ids, gnd, self.kappas)))
       out.update(extra)

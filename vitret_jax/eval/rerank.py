@@ -11,13 +11,12 @@ a neighbour of negative similarity pulls the query away from itself. A
 fractional power of a negative number does not exist (numpy gives NaN):
 such a neighbour gets weight 0 here.
 
-Everything works from k-NN searches of a database object, never an N x N
-matrix: `.shape`, `len()`, `db[ids] -> float32 [..., E]` (a gather of rows
-by an integer array) and `db.search(queries [Q, E], k, exclude=None) ->
-(scores [Q, k], ids [Q, k])`, best first, -inf / -1 in empty slots;
-`exclude` [Q] is a database id each query must not retrieve (-1: none).
-`ArrayDatabase` is that over an array (or np.memmap) with the evaluators'
-backends (eval/knn.py).
+Everything works from k-NN searches of a database, never an N x N matrix:
+the store's views (store/view.py: ArrayView over an array or np.memmap,
+Stacked for a database and its distractors, View for a store), searched
+exactly block by block or by the searcher attached to them
+(eval/searchers.py: the evaluators' backends). Only `.shape`, `len()`,
+`db[ids]` and `db.search(queries, k, exclude)` are used.
 """
 import time
 
@@ -25,108 +24,8 @@ import numpy as np
 from absl import logging
 
 from vitret_jax.errors import UserError
-from vitret_jax.eval import knn as knn_lib
 from vitret_jax.eval import rerank_spec
-
-
-class ArrayDatabase:
-  """The database interface over `vectors` [N, E] (an array, np.memmap or
-  anything sliced and gathered like one) with an eval/knn.py backend.
-
-  exact: each query block against `block_rows` database rows at a time
-  (knn.exact_knn), top-k lists merged on the host: memory is bounded by the
-  block, whatever N. scann: one searcher over the whole array (`searcher`,
-  or built at the first search for `build_k` neighbours).
-  """
-
-  def __init__(self, vectors, backend="exact", scann_options=None,
-               searcher=None, block_rows=65_536, build_k=100):
-    if backend not in knn_lib.BACKENDS:
-      raise UserError(f"knn={backend!r}; valid: {knn_lib.BACKENDS}.")
-    self.vectors, self.backend = vectors, backend
-    self.scann_options = dict(scann_options or {})
-    self.searcher, self.block_rows, self.build_k = (searcher, block_rows,
-                                                    build_k)
-
-  @property
-  def shape(self):
-    return tuple(self.vectors.shape)
-
-  def __len__(self):
-    return self.shape[0]
-
-  def __getitem__(self, ids):
-    return np.asarray(self.vectors[np.asarray(ids)], np.float32)
-
-  def derived(self, vectors):
-    """A database of other vectors with this one's backend and options."""
-    return ArrayDatabase(vectors, self.backend, self.scann_options,
-                         block_rows=self.block_rows, build_k=self.build_k)
-
-  def search(self, queries, k, exclude=None):
-    """Top-k by inner product.
-
-    Args:
-      queries: [Q, E].
-      k: neighbours per query.
-      exclude: [Q] database ids, query i never retrieves exclude[i] (-1:
-        none); None: no exclusion.
-    Returns:
-      (scores [Q, k] float32, ids [Q, k] int64), best first; -inf / -1
-      where the database holds fewer than k items to return.
-    """
-    queries = np.asarray(queries, np.float32)
-    extra = 0 if exclude is None else 1
-    if self.backend == "scann":
-      if self.searcher is None:
-        self.searcher = knn_lib.build_scann(
-            self.vectors, max(self.build_k, k + extra), **self.scann_options)
-      k_all = min(k + extra, len(self))
-      reorder = self.scann_options.get("reorder") or 100 * k_all
-      scores, ids = knn_lib.scann_search(_Reordering(self.searcher, reorder),
-                                         queries, k_all)
-      return _top(scores, ids, k, exclude)
-    scores = np.full((len(queries), 0), -np.inf, np.float32)
-    ids = np.full((len(queries), 0), -1, np.int64)
-    for start in range(0, len(self), self.block_rows):
-      block = self.vectors[start:start + self.block_rows]
-      s, i = knn_lib.exact_knn(queries, block, min(k + extra, len(block)))
-      scores = np.concatenate([scores, s], 1)
-      ids = np.concatenate([ids, np.where(i >= 0, i + start, -1)], 1)
-      scores, ids = _top(scores, ids, k, exclude)
-    return scores, ids
-
-
-class _Reordering:
-  """A ScaNN searcher that re-scores `reorder` candidates exactly, whatever
-  k it was built for (build_scann's default: 100 x the k of the search),
-  on every core: one index serves a ranking 10,000 deep and αDBA's
-  searches of 11 without re-scoring a million candidates each time."""
-
-  def __init__(self, searcher, reorder):
-    self.searcher, self.reorder = searcher, reorder
-
-  def search_batched(self, queries, final_num_neighbors):
-    return self.searcher.search_batched_parallel(
-        queries, final_num_neighbors=final_num_neighbors,
-        pre_reorder_num_neighbors=self.reorder)
-
-
-def _top(scores, ids, k, exclude=None):
-  """The k best of each row without its `exclude` id, -inf / -1 padded."""
-  ids = np.asarray(ids, np.int64)
-  scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
-  if exclude is not None:
-    scores = np.where(ids == np.asarray(exclude)[:, None], -np.inf, scores)
-  # Stable: equal scores keep their order (lower blocks first).
-  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  scores = np.take_along_axis(scores, order, 1)
-  ids = np.where(np.isfinite(scores), np.take_along_axis(ids, order, 1), -1)
-  pad = k - scores.shape[1]
-  if pad > 0:
-    scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-    ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-  return scores, ids
+from vitret_jax.store import view as view_lib
 
 
 def _power(s, alpha):
@@ -140,10 +39,17 @@ def expand(x, database, exp, exclude=None):
   """L2norm(x + Σ_i w_i d_i) of each row of x [B, E] over its exp.others
   nearest database items (never `exclude`), w_i = (x·d_i)^alpha; the item
   itself weighs 1 (for a unit vector, (x·x)^alpha). Returns [B, E]."""
-  x = np.asarray(x, np.float64)
   if exp.others < 1:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return _combine(x, None, None, database, exp)
   scores, ids = database.search(x, exp.others, exclude)
+  return _combine(x, scores, ids, database, exp)
+
+
+def _combine(x, scores, ids, database, exp):
+  """expand()'s sum over neighbours already searched (scores, ids)."""
+  x = np.asarray(x, np.float64)
+  if ids is None:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
   ok = ids >= 0
   w = np.where(ok, _power(np.where(ok, scores, 0.0).astype(np.float64),
                           exp.alpha), 0.0)
@@ -163,24 +69,39 @@ def query_expansion(queries, database, exp, exclude=None, block=1024):
                         [queries[:0]])
 
 
-def augment_database(database, exp, out, block=0, start=0, stop=None):
+# Bytes of database rows searched as queries at once by αDBA: each search
+# reads (exact: sends to the device) the whole database once, so an αDBA
+# reads it ceil(N·E·4 / SEARCH_BYTES) times, plus once as queries.
+SEARCH_BYTES = 2 << 30
+# Bytes of gathered neighbours [rows, n, E] combined at a time.
+GATHER_BYTES = 64 << 20
+
+
+def augment_database(database, exp, out, start=0, stop=None,
+                     search_bytes=SEARCH_BYTES):
   """αDBA: writes into `out` [stop - start, E] (an array or np.memmap the
   caller gives) database items start..stop-1 (default all) expanded with
   their own neighbours in the whole database (itself excluded from the
-  search); several processes can each take a range. `block` rows at a time
-  (0: about 64 MB of gathered neighbours), so only a block's neighbour
-  lists are ever held."""
+  search); several processes can each take a range. The items are
+  searched `search_bytes` of rows at a time (one pass over the database
+  each), their neighbours combined GATHER_BYTES at a time."""
   n, dim = database.shape
   stop = n if stop is None else stop
-  block = block or max(1, (64 << 20) // (4 * dim * max(1, exp.others)))
-  t0, said = time.time(), 0.0
-  for first in range(start, stop, block):
-    rows = np.arange(first, min(stop, first + block))
-    out[first - start:rows[-1] + 1 - start] = expand(database[rows], database,
-                                                     exp, rows)
-    done = (rows[-1] + 1 - start) / max(1, stop - start)
-    if done - said >= 0.1 and done < 1:
-      said = done
+  step = max(1, search_bytes // (4 * max(1, dim)))
+  gather = max(1, GATHER_BYTES // (4 * dim * max(1, exp.others)))
+  t0 = time.time()
+  for first in range(start, stop, step):
+    rows = np.arange(first, min(stop, first + step))
+    x = database[rows]
+    scores = ids = None
+    if exp.others >= 1:
+      scores, ids = database.search(x, exp.others, rows)
+    for lo in range(0, len(rows), gather):
+      part = slice(lo, lo + gather)
+      out[first - start + lo:first - start + lo + len(rows[part])] = (
+          _combine(x[part], None if ids is None else scores[part],
+                   None if ids is None else ids[part], database, exp))
+    if rows[-1] + 1 < stop:
       logging.info("dba(%d,%g): %d of %d database items (%.0f s)", exp.n,
                    exp.alpha, rows[-1] + 1 - start, stop - start,
                    time.time() - t0)
@@ -201,7 +122,8 @@ def superglobal(queries, database, scores, ids, sg, block=16):
   - the expanded query is the element-wise max of the K + 1 refined
     candidates of highest s1 (the code's `self.K = K + 1`), without the
     query itself and without normalisation; s2 = expanded · refined;
-  - the candidates are ordered by (s1 + s2) / 2, their new score.
+  - the candidates are ordered by (s1 + s2) / 2, their new score; the
+    scores past M are capped at the M-th new score (same order).
   In float32, as the authors' code. Returns (scores, ids) [Q, K]."""
   queries = np.asarray(queries, np.float32)
   m = min(sg.m, ids.shape[1])
@@ -212,6 +134,11 @@ def superglobal(queries, database, scores, ids, sg, block=16):
     new_s, order = _superglobal_block(queries[s:s + block], x, cand >= 0, sg)
     scores[s:s + block, :m] = new_s
     ids[s:s + block, :m] = np.take_along_axis(cand, order, 1)
+  # Ranks past M keep their order; their scores (plain inner products) are
+  # capped at the M-th new score, so that a list of hits stays
+  # non-increasing.
+  if ids.shape[1] > m:
+    scores[:, m:] = np.minimum(scores[:, m:], scores[:, m - 1:m])
   return scores, ids
 
 
@@ -250,20 +177,20 @@ class Reranker:
   kept for the plans that share it.
 
   Args:
-    database: the database interface (see the module doc).
-    make_database: array -> database of the augmented vectors (default:
-      database.derived, ArrayDatabase's).
+    database: a view (store/view.py; an array is taken as an ArrayView),
+      with the searcher of the evaluator's backend attached, if any.
+    make_database: array -> the view of an αDBA's vectors, searched by the
+      same backend (default: an exact ArrayView).
     allocate: (N, E) -> the array an αDBA writes into (default: in memory;
       at scale an np.memmap).
-    augmented: {Expansion: database} computed ahead (e.g. by an index).
   """
 
-  def __init__(self, database, make_database=None, allocate=None,
-               augmented=None):
-    self.database = database
-    self.make_database = make_database or database.derived
+  def __init__(self, database, make_database=None, allocate=None):
+    self.database = (database if hasattr(database, "blocks")
+                     else view_lib.ArrayView(database))
+    self.make_database = make_database or view_lib.ArrayView
     self.allocate = allocate or (lambda shape: np.empty(shape, np.float32))
-    self.augmented = dict(augmented or {})
+    self.augmented = {}
 
   def augment(self, exp):
     if exp not in self.augmented:
@@ -277,7 +204,9 @@ class Reranker:
     return self.augmented[exp]
 
   def rank(self, plan, queries, depth, exclude=None):
-    """(scores, ids) [Q, depth] of the queries under `plan`."""
+    """(scores, ids) [Q, depth] of the queries under `plan`: the database
+    augmented (dba), the queries expanded against it (aqe), searched, the
+    top M re-ranked (superglobal)."""
     db = self.database if plan.dba is None else self.augment(plan.dba)
     if plan.aqe is not None:
       queries = query_expansion(queries, db, plan.aqe, exclude)
@@ -289,10 +218,12 @@ class Reranker:
     return scores[:, :depth], ids[:, :depth]
 
 
-def reranked_metrics(plans, queries, database, depth, score, exclude=None):
+def reranked_metrics(plans, queries, database, depth, score, exclude=None,
+                     reranker=None):
   """{"<metric>+<plan>": value} of each plan: score(ids [Q, depth]) gives
-  the metrics of a ranking (the same function as the plain ranking's)."""
-  reranker, out = Reranker(database), {}
+  the metrics of a ranking (the same function as the plain ranking's).
+  `reranker` (default: a Reranker of `database`) carries the backend."""
+  reranker, out = reranker or Reranker(database), {}
   for plan in plans:
     t0 = time.time()
     _, ids = reranker.rank(plan, queries, depth, exclude)
@@ -302,13 +233,24 @@ def reranked_metrics(plans, queries, database, depth, score, exclude=None):
 
 
 def rerank_hits(database, queries, k, spec, exclude=None, reranker=None):
-  """[(id, score)] per query, best first, under the re-ranking `spec` (for
-  search and serve): never the id `exclude[i]` (-1: none) of query i,
-  never an empty slot. `reranker`: a Reranker kept between calls (its αDBA
-  databases are computed once)."""
+  """[(id, score)] per query, best first, under the re-ranking `spec` (a
+  string or a parsed Plan; for search and serve): never the id
+  `exclude[i]` (-1: none) of query i, never an empty slot.
+
+  Args:
+    database: the view searched (its searcher, if any, is used), or None
+      when `reranker` is given.
+    reranker: a Reranker kept between calls (its αDBA databases are
+      computed once); it must be over `database` when both are given.
+  """
   if k < 1:
     raise UserError(f"top_k={k}: ask for at least one result.")
-  plan = rerank_spec.parse(spec)
+  if reranker is not None and database is not None and (
+      reranker.database is not database):
+    raise ValueError("rerank_hits: the reranker searches another database "
+                     "than `database`; pass one of them.")
+  plan = spec if isinstance(spec, rerank_spec.Plan) else rerank_spec.parse(
+      spec)
   reranker = reranker or Reranker(database)
   ex = None if exclude is None or not len(exclude) else np.asarray(exclude)
   scores, ids = reranker.rank(plan, np.asarray(queries, np.float32), k, ex)

@@ -17,9 +17,28 @@ A spec (evals.<name>.rerank, or a search request's option) names one plan:
                        2023) of the top M, as the authors' code computes it
                        (eval/rerank.py: `superglobal`).
   aqe, dba, superglobal  = aqe(10,3), dba(10,3), superglobal(400,9,0.15).
-Plans join with "+" (each kind once): dba first (the database), then aqe
-(the queries, against the augmented database), then superglobal (the
-final ranking). Metrics of a plan carry "+<spec>" (medium/map+aqe).
+Plans join with "+" (each kind once, in any order): dba first (the
+database), then aqe (the queries, against the augmented database), then
+superglobal (the final ranking).
+
+Names: a plan's metrics carry "+<name>" (medium/map+aqe), its canonical
+name (`canonical`): the terms in the order they apply, each bare when it
+has the defaults, else with every argument. "aqe(10,3)" and "aqe" are one
+plan named "aqe"; "aqe+dba" and "dba+aqe" one named "dba+aqe"; a list
+naming one plan twice is refused.
+
+',self' on both (aqe(10,3,self)+dba(10,3,self)) is the winners' top-n
+convention, not their order: their `qe_dba` searches once with the
+original vectors and expands queries and database items together from
+that one search; here the queries are expanded against the already
+augmented database (the order of Radenović et al.'s αQE after αDBA), so
+the query side differs from theirs.
+
+Leave-one-out (a category evaluator whose queries are the gallery): dba
+augments every gallery item, a query's own descriptor included, with its
+neighbours, so a query's descriptor contributes to the augmented
+neighbours it is then ranked against (one augmented database serves all
+queries, as in the methods' papers, which never used it leave-one-out).
 """
 import dataclasses
 import re
@@ -49,7 +68,7 @@ class SuperGlobal:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """One spec: `name` is its metric suffix (the spec without spaces)."""
+  """One spec: `name` is its metric suffix, canonical() of its terms."""
   name: str
   dba: Expansion = None
   aqe: Expansion = None
@@ -95,7 +114,7 @@ def parse(spec, where="rerank"):
   def bad(why):
     raise UserError(f"{where}: {spec!r} {why}; valid: {FORMS}.")
   parts = {}
-  for term in text.split("+"):
+  for term in text.split("+") if text else ():
     match = _TERM.match(term)
     if not match:
       bad("does not parse")
@@ -104,19 +123,81 @@ def parse(spec, where="rerank"):
     if kind in parts:
       bad(f"names {kind} twice")
     parts[kind] = _term(kind, args, bad)
-  return Plan(text, **parts)
+  if not parts:
+    bad("is empty")
+  return Plan(canonical(**parts), **parts)
+
+
+def canonical(dba=None, aqe=None, superglobal=None):
+  """The one name of a plan: its terms in the order they apply (dba, aqe,
+  superglobal), each bare when it has the defaults (aqe, not aqe(10,3)),
+  else with every argument (aqe(5,3), dba(10,3,self),
+  superglobal(200,9,0.15)); numbers as %g writes them."""
+  terms = []
+  for kind, term, default in (("dba", dba, Expansion()),
+                              ("aqe", aqe, Expansion()),
+                              ("superglobal", superglobal, SuperGlobal())):
+    if term is None:
+      continue
+    if term == default:
+      terms.append(kind)
+    elif kind == "superglobal":
+      terms.append(f"superglobal({term.m},{term.k},{term.beta:g})")
+    else:
+      terms.append(f"{kind}({term.n},{term.alpha:g}"
+                   f"{',self' if term.with_self else ''})")
+  return "+".join(terms)
+
+
+def for_index(spec, where="--rerank", max_depth=0):
+  """The Plan of a spec a search of an index runs (--mode=search, serve's
+  `rerank` field): aqe and superglobal, which change the query and the
+  ranking; a one-line UserError for dba, which changes the database (it
+  belongs to the building of an index, which --mode=index does not do),
+  and, with `max_depth`, for a plan searching deeper (aqe's n,
+  superglobal's M)."""
+  plan = parse(spec, where)
+  if plan.dba is not None:
+    raise UserError(
+        f"{where}: {spec!r}: dba augments the database itself, so it must "
+        f"be applied when the index is built, which --mode=index does not "
+        f"do; re-rank a search with aqe and/or superglobal, e.g. "
+        f"'aqe+superglobal'.")
+  deep = max(plan.aqe.n if plan.aqe else 0,
+             plan.superglobal.m if plan.superglobal else 0)
+  if max_depth and deep > max_depth:
+    raise UserError(f"{where}: {spec!r} searches {deep:,} neighbours deep; "
+                    f"at most {max_depth:,} (aqe's n, superglobal's M).")
+  return plan
+
+
+def from_field(value, where, max_depth=0):
+  """for_index of a form's text field (None when absent or blank); a
+  ValueError, for a person, when it is not a valid one."""
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return None
+  if not isinstance(value, str) or len(value) > 200:
+    raise ValueError(f"{where}: send a short text field, e.g. 'aqe' or "
+                     f"'aqe(10,3)+superglobal(400,9,0.15)'.")
+  try:
+    return for_index(value, where, max_depth)
+  except UserError as e:
+    raise ValueError(str(e)) from e
 
 
 def parse_all(specs, where="rerank"):
   """Plans of a sequence of specs (a lone string is one spec), each name
   once."""
   specs = (specs,) if isinstance(specs, str) else tuple(specs or ())
-  plans = tuple(parse(s, where) for s in specs)
-  names = [p.name for p in plans]
-  twice = sorted({n for n in names if names.count(n) > 1})
-  if twice:
-    raise UserError(f"{where}: {twice[0]!r} is listed twice.")
-  return plans
+  plans, seen = [], {}
+  for spec in specs:
+    plan = parse(spec, where)
+    if plan.name in seen:
+      raise UserError(f"{where}: {seen[plan.name]!r} and {spec!r} are the "
+                      f"same re-ranking ({plan.name}): list it once.")
+    seen[plan.name] = spec
+    plans.append(plan)
+  return tuple(plans)
 
 
 def check(eval_cfg, where):

@@ -12,8 +12,10 @@ them one after the other) offers:
                      (scores [Q, k], ids [Q, k]) by inner product, best
                      first, -inf / -1 for empty slots; exclude[i] is an id
                      query i never retrieves (-1: none). Exact and streamed
-                     block by block (eval/knn.py), unless a ScaNN searcher
-                     is attached (`db.searcher`, store/scann_search.py).
+                     block by block (eval/knn.py), unless a searcher is
+                     attached (`db.searcher`: anything with that search
+                     method, e.g. store/scann_search.py or
+                     eval/searchers.py's; db.exact_search ignores it).
 """
 import numpy as np
 
@@ -48,9 +50,16 @@ class _Rows:
     """(scores [Q, k], ids [Q, k]) best first; see the module doc."""
     if k < 1:
       raise UserError(f"k={k}: ask for at least one neighbour.")
-    queries = np.asarray(queries, np.float32)
     if self.searcher is not None:
-      return self.searcher.search(queries, k, exclude)
+      return self.searcher.search(np.asarray(queries, np.float32), k,
+                                  exclude)
+    return self.exact_search(queries, k, exclude)
+
+  def exact_search(self, queries, k, exclude=None):
+    """search() exact, streamed block by block, even with a searcher
+    attached (the reference an approximate searcher's recall is measured
+    against)."""
+    queries = np.asarray(queries, np.float32)
     if not self._n:
       return (np.full((len(queries), k), -np.inf, np.float32),
               np.full((len(queries), k), -1, np.int32))

@@ -51,6 +51,9 @@ async function fetchJson(url, options) {
 async function search(form, k) {
   $("error").textContent = "";
   form.append("k", String(k));
+  // Optional re-ranking spec (aqe, superglobal); the server checks it.
+  const rerank = $("rerank").value.trim();
+  if (rerank) form.append("rerank", rerank);
   const t0 = performance.now();
   let r, body;
   try {
