@@ -184,7 +184,8 @@ def check_landmark_export(config, workdir, tmp_path):
   whitening): its artifact gives the evaluator's own descriptors (queries
   cropped to their boxes, database images at their own aspect ratio) to
   1e-5, and --mode=index / --mode=search work on the artifact (on a run:
-  tests of fixed-size runs in this file). Called by tests/test_train.py's DToP test on its run."""
+  tests of fixed-size runs in this file). Called by tests/test_train.py's
+  DToP test on its run."""
   from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vitret_jax import export  # pylint: disable=g-import-not-at-top

@@ -5,7 +5,6 @@ Each takes plain arguments (the parsed flags) and returns what main prints.
 import json
 import os
 
-from absl import flags
 from absl import logging
 
 from vitret_jax import checkpoint
@@ -95,14 +94,6 @@ def _embedder(config, workdir, pretrained, eval_name=""):
           os.path.abspath(workdir))
 
 
-def _allow_mismatch(value):
-  """`value`, or when None the --allow_index_mismatch flag (main.py)."""
-  if value is not None:
-    return bool(value)
-  known = "allow_index_mismatch" in flags.FLAGS and flags.FLAGS.is_parsed()
-  return bool(known and flags.FLAGS.allow_index_mismatch)
-
-
 def _index_dir(index_dir, workdir):
   if index_dir:
     return index_dir
@@ -146,14 +137,14 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
 def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
           port=8080, eval_name="", max_batch=32, max_upload_mb=20.0,
           timeout_s=30.0, token="", max_pixels=50_000_000,
-          max_connections=128, allowed_hosts=(), allow_mismatch=None):
+          max_connections=128, allowed_hosts=(), allow_mismatch=False):
   """--mode=serve: the search service and web page over an index (with an
   artifact or a run's embedder), and/or over the evaluations of the run in
   --workdir (limits, token and host names: vitret_jax/serve.py; the token
   defaults to $VITRET_SERVE_TOKEN); returns when the server stops
   (SIGTERM, Ctrl-C). An index made by another embedder is refused
   (search.mismatch), at start and at every reload (SIGHUP, POST
-  /admin/reload), unless `allow_mismatch` (None: --allow_index_mismatch).
+  /admin/reload), unless `allow_mismatch` (--allow_index_mismatch).
   """
   try:
     # FastAPI and uvicorn are the `serve` extra: imported by this mode only.
@@ -173,7 +164,7 @@ def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
   if pretrained or index_dir:
     embedder, _ = _embedder(config, workdir, pretrained, eval_name)
     index = search.Index(_index_dir(index_dir, workdir), embedder,
-                         _allow_mismatch(allow_mismatch))
+                         allow_mismatch)
   evals = report.browse_names(workdir) if workdir else []
   if index is None and not evals:
     raise UserError(f"--mode=serve: nothing to serve: give --index_dir (with "
@@ -204,16 +195,17 @@ class Incomplete(str):
 
 
 def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
-               grid="", eval_name="", rerank=""):
+               grid="", eval_name="", rerank="", allow_mismatch=False):
   """--mode=search: top-k files of the index for each query image (with
   `rerank`, a re-ranking spec: aqe, superglobal); an Incomplete when a
-  query could not be read."""
+  query could not be read. An index made by another embedder is refused
+  (search.mismatch) unless `allow_mismatch` (--allow_index_mismatch)."""
   if top_k < 1:
     raise UserError(f"--top_k={top_k}: ask for at least one result.")
   plan = rerank_spec.for_index(rerank) if rerank else None
   embedder, _ = _embedder(config, workdir, pretrained, eval_name)
   idx = search.Index(_index_dir(index_dir, workdir), embedder,
-                     _allow_mismatch(None))  # refuses another embedder's
+                     allow_mismatch)
   paths = search.query_paths(query)
   emb, kept, skipped = image_files.embed_files(embedder, paths,
                                                desc="queries")

@@ -96,8 +96,7 @@ _RERANK = flags.DEFINE_string(
     "rerank", "", "search: re-rank each query's results: aqe(n,alpha), "
     "superglobal(M,K,beta), or both joined by '+' (eval/rerank_spec.py).")
 _GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
-# Read by commands (search / serve) through absl's FLAGS.
-flags.DEFINE_bool(
+_ALLOW_MISMATCH = flags.DEFINE_bool(
     "allow_index_mismatch", False, "search / serve: query an index that "
     "does not record whether its photos were turned upright, or that another "
     "embedder built (a one-line warning instead of an error; never another "
@@ -180,7 +179,7 @@ def _run_mode(mode, config, workdir):
                           _EXPORT_EVAL.value, _MAX_BATCH.value,
                           _MAX_UPLOAD.value, _TIMEOUT.value, _TOKEN.value,
                           _MAX_PIXELS.value, _MAX_CONNECTIONS.value,
-                          tuple(_ALLOWED_HOSTS.value))
+                          tuple(_ALLOWED_HOSTS.value), _ALLOW_MISMATCH.value)
   if mode == "index":
     return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
                           _INDEX_DIR.value, _OVERWRITE.value,
@@ -188,7 +187,8 @@ def _run_mode(mode, config, workdir):
                           _SHARD_SIZE.value, _SEARCHER.value)
   return commands.run_search(config, workdir, _PRETRAINED.value, _QUERY.value,
                              _INDEX_DIR.value, _TOP_K.value, _GRID.value,
-                             _EXPORT_EVAL.value, _RERANK.value)
+                             _EXPORT_EVAL.value, _RERANK.value,
+                             _ALLOW_MISMATCH.value)
 
 
 def _print_table(result):
