@@ -33,6 +33,11 @@ class Split:
   pairs: Optional[np.ndarray] = None
   names: Optional[dict] = None
 
+  def keep(self, mask):
+    """The rows where the bool `mask` is True (itself when all are), as
+    `take`."""
+    return self if np.all(mask) else self.take(np.flatnonzero(mask))
+
   def take(self, rows):
     """The split of rows `rows` (an index array): paths, labels, boxes, a
     TFDS source and class names follow; ground truth and pairs, which index

@@ -9,17 +9,15 @@ Each exposes `run(params, cache="") -> dict of metrics` and, after a run,
                             re-rankings; with ScaNN its recall@10 against
                             exact search on up to 1,000 queries
   whiten_dim (-1 = off, 0 = full), whiten (False = PCA only)
-                            learned PCA whitening fitted on the training split
-  skip_corrupt              leave unreadable images out (counted in the
-                            metric "skipped_images") instead of failing;
-                            defaults to input.skip_corrupt
+                            learned PCA whitening, fitted on training data
+  skip_corrupt              leave unreadable images out (counted in
+                            "skipped_images"), as input.skip_corrupt
   dataset, data_dir, options
                             evaluate on another data set than the training
                             one (landmarks: train on SfM-120k, test on ROxford)
-  rerank                    re-ranking specs (eval/rerank.py: "aqe(10,3)",
-                            "dba", "aqe+dba", "superglobal(400,9,0.15)"):
-                            each one's metrics too, named "<metric>+<name>"
-                            (the canonical name, eval/rerank_spec.py)
+  rerank                    re-ranking specs (eval/rerank_spec.py: "aqe",
+                            "dba+aqe(10,3)", "superglobal(400,9,0.15)"):
+                            each one's metrics too, "<metric>+<its name>"
 `cache` names a file prefix: embeddings are saved there and reused, so a
 re-evaluation of the same checkpoint needs no forward pass.
 """
@@ -217,8 +215,8 @@ class RetrievalEvaluator(_Evaluator):
         params, self.gallery, "embed gallery", cache, "gallery")
     # Unreadable images (skip_corrupt) are neither queries nor references.
     q_ok, g_ok = embed.readable_rows(q), embed.readable_rows(g)
-    q_split = _take(self.query, q_ok)
-    g_split = q_split if self.gallery is None else _take(self.gallery, g_ok)
+    q_split = self.query.keep(q_ok)
+    g_split = q_split if self.gallery is None else self.gallery.keep(g_ok)
     q, g = q[q_ok], g[g_ok]
     if white is not None:
       q, g = white(q), white(g)
@@ -246,24 +244,8 @@ class RetrievalEvaluator(_Evaluator):
     self.last = (q_split.paths, g_split.paths, idx,
                  lambda i, j: bool(q_lab[i] == g_lab[j]))
     self.last_codes = lambda i, js: np.where(g_lab[js] == q_lab[i], 1, 0)
-    self.last_scores = _top_scores(q, g, idx)
+    self.last_scores = scoring.top_scores(q, g, idx, BROWSE_K)
     return out
-
-
-def _top_scores(q, g, idx, k=BROWSE_K):
-  """Inner products of each query with its first k neighbours [Q, k]
-  (NaN for an empty slot)."""
-  idx = np.asarray(idx)[:, :k]
-  safe = np.maximum(idx, 0)
-  s = np.einsum("qe,qke->qk", np.asarray(q, np.float32),
-                np.asarray(g[safe], np.float32))
-  return np.where(idx >= 0, s, np.nan)
-
-
-def _take(split, keep):
-  """The rows of `split` where `keep` (ground truth does not follow, see
-  RevisitedEvaluator)."""
-  return split if keep.all() else split.take(np.flatnonzero(keep))
 
 
 class RevisitedEvaluator(_Evaluator):
@@ -315,8 +297,8 @@ class RevisitedEvaluator(_Evaluator):
     q_paths, db_paths = self.query.paths, self.database.paths
     if not (q_ok.all() and db_ok.all()):
       gnd = split_lib.drop_revisited_rows(gnd, q_ok, db_ok)
-      q_paths = _take(self.query, q_ok).paths
-      db_paths = _take(self.database, db_ok).paths
+      q_paths = self.query.keep(q_ok).paths
+      db_paths = self.database.keep(db_ok).paths
       q, db = q[q_ok], db[db_ok]
     if white is not None:
       q, db = white(q), white(db)
@@ -360,7 +342,8 @@ class RevisitedEvaluator(_Evaluator):
                         np.isin(js, gnd[i]["hard"]),
                         np.isin(js, gnd[i]["junk"])], [1, 3, 2], 0)
     self.last = (q_paths, db_paths, idx, mark)
-    self.last_codes, self.last_scores = codes, _top_scores(q, database, idx)
+    self.last_codes = codes
+    self.last_scores = scoring.top_scores(q, database, idx, BROWSE_K)
 
 
 EVALUATORS = {"retrieval": RetrievalEvaluator, "revisited": RevisitedEvaluator}

@@ -75,3 +75,13 @@ def score_retrieval(q_emb, q_lab, g_emb=None, g_lab=None, ks=(1,),
                     len(q_lab))
   out.update(extra)
   return out, idx
+
+
+def top_scores(q, g, idx, k):
+  """Inner products of each query with its first k neighbours [Q, k]
+  (NaN for an empty slot); `g` any array or store view indexed by ids."""
+  idx = np.asarray(idx)[:, :k]
+  safe = np.maximum(idx, 0)
+  s = np.einsum("qe,qke->qk", np.asarray(q, np.float32),
+                np.asarray(g[safe], np.float32))
+  return np.where(idx >= 0, s, np.nan)
