@@ -31,13 +31,11 @@ from vitret_jax.errors import UserError
 SHARD = 4
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-  """A test-size model's artifact (random weights: descriptors differ per
-  photo, which is all these tests need)."""
+def _export(tmp_path_factory, seed):
   cfg = model_config(variant="mu/8", image_size=32, drop_path_rate=0.0)
   model = models.build_model(cfg)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = model.init(jax.random.key(seed),
+                      jnp.zeros((1, 32, 32, 3)))["params"]
   path = str(tmp_path_factory.mktemp("artifact") / "art")
   export.export_artifact(
       models.for_export(model, ("cpu",)), params, path,
@@ -45,6 +43,13 @@ def artifact(tmp_path_factory):
       preprocess="decode|resize(36)|center_crop(32)|normalize", image_size=32,
       multiple=8, platforms=("cpu",), host_pp="fast")
   return path
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+  """A test-size model's artifact (random weights: descriptors differ per
+  photo, which is all these tests need)."""
+  return _export(tmp_path_factory, 0)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +195,8 @@ class Other:
 
 
 def test_update_new_changed_deleted_verify_and_reload(artifact, photos,
-                                                      tmp_path):
+                                                      tmp_path,
+                                                      tmp_path_factory):
   emb = export.load_pretrained(artifact)
   folder = tmp_path / "photos"
   shutil.copytree(photos, folder)
@@ -248,6 +254,16 @@ def test_update_new_changed_deleted_verify_and_reload(artifact, photos,
   assert len(search.Index(index_dir)) == 24
   with pytest.raises(UserError, match="another embedder.*build a new index"):
     indexing.build_index(Other(emb), str(folder), index_dir, update=True)
+  # Real embedders: the same model with other weights; the same artifact
+  # read with another preprocessing, or another host decoder.
+  others = [export.load_pretrained(_export(tmp_path_factory, 1))]
+  for change in ({"preprocess": "decode|resize(40)|center_crop(32)|"
+                                "normalize"}, {"host_pp": "exact"}):
+    others.append(export.load_pretrained(artifact))
+    others[-1].meta = dict(others[-1].meta, **change)
+  for other in others:
+    with pytest.raises(UserError, match="another embedder.*build a new"):
+      indexing.build_index(other, str(folder), index_dir, update=True)
   with pytest.raises(UserError, match="exists: pass --update"):
     indexing.build_index(emb, str(folder), index_dir)
   with pytest.raises(UserError, match="indexes .*not --images"):
