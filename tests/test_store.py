@@ -240,3 +240,37 @@ def test_distractor_store_repaired_when_reused_and_temporary_removed(
   distractors.temporary(view)
   assert not [n for n in os.listdir(tmp_path)
               if n.startswith(distractors.TMP_PREFIX)]
+
+
+def test_a_dead_peer_at_a_barrier_is_one_line(monkeypatch):
+  """What Gloo raises in the waiting process when another one is killed
+  (seen with two processes on 127.0.0.1) becomes a one-line UserError."""
+  from vitret_jax import workdir  # pylint: disable=g-import-not-at-top
+
+  def dead_peer(name):
+    raise ValueError(f"UNKNOWN: Gloo AllGather failed: [pair.cc:547] "
+                     f"Connection closed by peer [127.0.0.1]:36574 ({name})"
+                     f"\nmore lines")
+  monkeypatch.setattr(workdir, "barrier", dead_peer)
+  with pytest.raises(UserError, match=r"another process stopped before "
+                     r"'store fill x' \(.*closed by peer.*\): .*run the same "
+                     r"command again on every host\.$"):
+    writer.barrier("store fill x")
+
+
+def test_a_shard_another_process_wrote_must_be_visible(tmp_path):
+  """After the last barrier of a fill, process 0 sees every shard, or the
+  folder is not shared between the hosts: one line saying so."""
+  w = writer.Writer(str(tmp_path / "s"), IDENTITY)
+  items = items_lib.Items.from_paths([f"{i}.jpg" for i in range(8)],
+                                     stat=False)
+  seg = w.plan(items, 2)
+  for s in (0, 2):  # process 0's shards of 2 processes; 1 and 3 unseen
+    seg.write_shard(s, np.zeros((2, 4), np.float32), [])
+  with pytest.raises(UserError, match="process 1 wrote shard 1, which "
+                     "process 0 cannot see: .*filesystem every process "
+                     "shares"):
+    writer.check_shared(seg, 2)
+  for s in (1, 3):
+    seg.write_shard(s, np.zeros((2, 4), np.float32), [])
+  writer.check_shared(seg, 2)

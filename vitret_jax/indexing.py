@@ -312,4 +312,4 @@ def _swap(work, index_dir):
     os.remove(os.path.join(index_dir, "build.json"))
     shutil.rmtree(old, ignore_errors=True)
   writer.on_process_0(swap)
-  workdir_lib.barrier(f"index swap {index_dir}")
+  writer.barrier(f"index swap {index_dir}")

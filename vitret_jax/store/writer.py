@@ -40,6 +40,21 @@ def identity_key(identity) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def barrier(name):
+  """workdir.barrier, a peer's death a one-line UserError: the collective
+  fails (Gloo: "Connection closed by peer") when another process stops
+  while this one waits; finished shards are kept."""
+  try:
+    workdir_lib.barrier(name)
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    raise UserError(
+        f"process {jax.process_index()} of {jax.process_count()}: another "
+        f"process stopped before '{name}' ({first[:200]}): see its log; the "
+        f"finished shards are kept: run the same command again on every "
+        f"host.") from e
+
+
 def broadcast_json(obj):
   """Process 0's JSON-able `obj`, on every process (others pass None)."""
   if jax.process_count() == 1:
@@ -83,7 +98,7 @@ class Writer:
     self.folder, self.identity = os.path.abspath(folder), identity
     self.key, self.what = identity_key(identity), what
     on_process_0(self._open, replace_other)
-    workdir_lib.barrier(f"store open {self.folder}")
+    barrier(f"store open {self.folder}")
     self.manifest = read_manifest(self.folder)
 
   def _open(self, replace_other):
@@ -124,7 +139,7 @@ class Writer:
     name = f"seg-{len(self.segments()):04d}"
     folder = os.path.join(self.folder, name)
     on_process_0(self._write_plan, folder, name, items, shard_size)
-    workdir_lib.barrier(f"store plan {folder}")
+    barrier(f"store plan {folder}")
     return segment_lib.load_plan(folder, name, self.key)
 
   def pending(self):
@@ -192,9 +207,9 @@ class Writer:
       bar.update(stop - start)
     bar.close()
     seconds = time.time() - t0  # before waiting for the other processes
-    workdir_lib.barrier(f"store fill {segment.folder}")
+    barrier(f"store fill {segment.folder}")
     if n > 1:
-      on_process_0(_check_shared, segment, n)
+      on_process_0(check_shared, segment, n)
     embedded, skipped, reused = _sum_over_processes(
         [embedded, skipped, len(mine) - len(todo)])
     return {"shards": segment.num_shards, "reused_shards": reused,
@@ -232,11 +247,11 @@ class Writer:
       segment_lib.fsync_dir(self.folder)
       return manifest
     self.manifest = on_process_0(write)
-    workdir_lib.barrier(f"store commit {self.folder}")
+    barrier(f"store commit {self.folder}")
     return self.manifest
 
 
-def _check_shared(segment, n):
+def check_shared(segment, n):
   """Process 0, once every process has written its shards: a UserError
   when it cannot see one (the store's folder is not shared)."""
   for s in range(segment.num_shards):
