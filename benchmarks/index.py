@@ -3,7 +3,6 @@
   python benchmarks/index.py memory [--counts 20000,100000,200000]
       [--searcher auto]
   python benchmarks/index.py speed [--images 256] [--variants Ti/16,S/16]
-      [--repeats 5]
   python benchmarks/index.py search [--rows 1000000] [--dim 768]
   python benchmarks/index.py distractors [--counts 20000,100000,200000]
 
@@ -12,11 +11,10 @@ memory: --mode=index of 20k, 100k and 200k generated small JPEGs with a
   of each child process; beside it image_files.embed_files (every
   descriptor in one array, as --mode=index before the store) and an Index
   opened and searched (what --mode=serve holds).
-speed: --mode=index against benchmarks/index_torch.py (PIL, timm under
-  inference_mode, batch 64; also with Image.draft) on camera-size JPEGs
-  (as benchmarks/input_pipeline.py --synthetic), Ti/16 and S/16 at 224 px,
-  random weights, same cores, run alternately: median ratio of the loops'
-  images per second; JAX's compilation cache warmed by a first run.
+speed: --mode=index against benchmarks/index_torch.py (PIL, timm, batch
+  64; plain, with Image.draft, with a DataLoader of one worker a core) on
+  camera-size JPEGs, Ti/16 and S/16 at 224 px, random weights, same cores,
+  one after another: ratios of the loops' img/s (JIT cache warmed first).
 search: `rows` clustered unit descriptors in a store: exact search
   streamed over the shards, and ScaNN learned from 100,000 rows and fed
   the shards: build time, single-query p50 / p95, recall@10, peak memory.
@@ -208,9 +206,12 @@ def speed(args):
   print(f"# --mode=index vs a PyTorch + timm loop, {args.images} synthetic "
         f"JPEGs (500x375, 1024x768, q90), IRT eval spec at 224 px, batch 64; "
         f"{_devices.describe_cpu()}")
-  print("| model | run | vitret_jax img/s | torch | torch + draft | ratio vs "
-        "torch / + draft | process s: vitret_jax / torch / + draft |")
-  print("|---|---|---|---|---|---|---|")
+  torch_kinds = {"torch": [], "+ draft": ["--draft"],
+                 f"+ DataLoader({os.cpu_count()})": [
+                     f"--num_workers={os.cpu_count()}"]}
+  print(f"| model | run | vitret_jax img/s | {' | '.join(torch_kinds)} | "
+        f"ratio vs each | process s: vitret_jax / each |")
+  print("|---" * (5 + len(torch_kinds)) + "|")
   for variant in args.variants.split(","):
     art = export_model(os.path.join(args.dir, variant.replace("/", "")),
                        variant, 224)
@@ -222,18 +223,20 @@ def speed(args):
                                "--searcher=exact", env=env)
       ours = float(re.search(r"\(([\d.]+) img/s\)", msg).group(1))
       if not rep:
-        print(f"| {variant} | first (compiles) | {ours:.1f} | | | | {wall:.0f}"
-              f" | |", flush=True)
+        print(f"| {variant} | first (compiles) | {ours:.1f} |"
+              + " |" * len(torch_kinds) + f" | {wall:.0f} |", flush=True)
         continue
-      (t, t_wall), (d, d_wall) = [torch_run(images, name, draft)
-                                  for draft in ([], ["--draft"])]
-      ratios.append((ours / t, ours / d))
-      print(f"| {variant} | {rep} | {ours:.1f} | {t:.1f} | {d:.1f} | "
-            f"{ours / t:.2f}x / {ours / d:.2f}x | {wall:.0f} / {t_wall:.0f} "
-            f"/ {d_wall:.0f} |", flush=True)
+      # One after another, in the same order each repeat.
+      got = [torch_run(images, name, x) for x in torch_kinds.values()]
+      ratios.append([ours / r for r, _ in got])
+      print(f"| {variant} | {rep} | {ours:.1f} | "
+            + " | ".join(f"{r:.1f}" for r, _ in got) + " | "
+            + " / ".join(f"{x:.2f}x" for x in ratios[-1]) + f" | {wall:.0f}"
+            + "".join(f" / {w:.0f}" for _, w in got) + " |", flush=True)
     med = np.median(np.asarray(ratios), axis=0)
-    print(f"| {variant} | median of {len(ratios)} | | | | {med[0]:.2f}x / "
-          f"{med[1]:.2f}x | |", flush=True)
+    print(f"| {variant} | median of {len(ratios)} | |" + " |" * len(
+        torch_kinds) + " " + " / ".join(f"{x:.2f}x" for x in med) + " | |",
+          flush=True)
 
 
 def torch_run(images, model, extra):

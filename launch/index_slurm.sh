@@ -11,7 +11,8 @@
 # makes jax.distributed.initialize() read the SLURM environment (coordinator,
 # process count and index, the task's own GPU). Process p of N embeds the
 # shards s with s % N == p; process 0 builds the searcher and the manifest.
-# IMAGES and INDEX_DIR must be on a filesystem all nodes share. Submitting
+# IMAGES and INDEX_DIR must be on a filesystem all nodes share (NFS,
+# Lustre, GPFS: atomic directory renames, locks across nodes). Submitting
 # the same script again after a preemption or a time limit resumes from the
 # finished shards; UPDATE=1 adds the new and changed files to an existing
 # index. --dry-run prints the batch script and the sbatch command without

@@ -31,13 +31,11 @@ from vitret_jax.errors import UserError
 SHARD = 4
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-  """A test-size model's artifact (random weights: descriptors differ per
-  photo, which is all these tests need)."""
+def _export(tmp_path_factory, seed):
   cfg = model_config(variant="mu/8", image_size=32, drop_path_rate=0.0)
   model = models.build_model(cfg)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = model.init(jax.random.key(seed),
+                      jnp.zeros((1, 32, 32, 3)))["params"]
   path = str(tmp_path_factory.mktemp("artifact") / "art")
   export.export_artifact(
       models.for_export(model, ("cpu",)), params, path,
@@ -45,6 +43,13 @@ def artifact(tmp_path_factory):
       preprocess="decode|resize(36)|center_crop(32)|normalize", image_size=32,
       multiple=8, platforms=("cpu",), host_pp="fast")
   return path
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+  """A test-size model's artifact (random weights: descriptors differ per
+  photo, which is all these tests need)."""
+  return _export(tmp_path_factory, 0)
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +168,17 @@ def test_two_processes_build_the_index_of_one(artifact, photos, reference,
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  # Process 0 reports (the files of both processes); process 1 says nothing.
-  assert "Indexed 22 images" in outs[0][0] and "23 embedded" not in outs[0][0]
+  # Process 0 reports (the files of both processes, each embedded once);
+  # process 1 says nothing.
+  assert "Indexed 22 images" in outs[0][0], outs[0][0]
+  assert "22 embedded now" in outs[0][0], outs[0][0]
   assert "Indexed" not in outs[1][0] and "process 1 of 2" in outs[1][1]
+  assert "(process 0: 3 of 6 shards)" in outs[0][1]
+  # Each shard was written by its own process (s % 2), and by it alone.
+  seg = os.path.join(index, "seg-0000")
+  for s in range(6):
+    with open(os.path.join(seg, f"{s:05d}.json")) as f:
+      assert json.load(f)["process"] == s % 2, s
   assert_same_index(search.Index(index), reference)
 
 
@@ -182,7 +195,8 @@ class Other:
 
 
 def test_update_new_changed_deleted_verify_and_reload(artifact, photos,
-                                                      tmp_path):
+                                                      tmp_path,
+                                                      tmp_path_factory):
   emb = export.load_pretrained(artifact)
   folder = tmp_path / "photos"
   shutil.copytree(photos, folder)
@@ -227,7 +241,7 @@ def test_update_new_changed_deleted_verify_and_reload(artifact, photos,
                            verify=True, shard_size=SHARD)
   assert s["files"] == 1 and s["dropped"] == 1
   assert sorted(os.listdir(index_dir)) == [
-      ".vitret.lock", "seg-0000", "seg-0001", "seg-0002", "skipped.txt",
+      "seg-0000", "seg-0001", "seg-0002", "skipped.txt",
       "store.json"]
   # A shard lost after the fact: a one-line error, and --update embeds its
   # files again.
@@ -240,10 +254,68 @@ def test_update_new_changed_deleted_verify_and_reload(artifact, photos,
   assert len(search.Index(index_dir)) == 24
   with pytest.raises(UserError, match="another embedder.*build a new index"):
     indexing.build_index(Other(emb), str(folder), index_dir, update=True)
+  # Real embedders: the same model with other weights; the same artifact
+  # read with another preprocessing, or another host decoder.
+  others = [export.load_pretrained(_export(tmp_path_factory, 1))]
+  for change in ({"preprocess": "decode|resize(40)|center_crop(32)|"
+                                "normalize"}, {"host_pp": "exact"}):
+    others.append(export.load_pretrained(artifact))
+    others[-1].meta = dict(others[-1].meta, **change)
+  for other in others:
+    with pytest.raises(UserError, match="another embedder.*build a new"):
+      indexing.build_index(other, str(folder), index_dir, update=True)
   with pytest.raises(UserError, match="exists: pass --update"):
     indexing.build_index(emb, str(folder), index_dir)
   with pytest.raises(UserError, match="indexes .*not --images"):
     indexing.build_index(emb, photos, index_dir, update=True)
+
+
+def _generation(index_dir):
+  with open(os.path.join(index_dir, "store.json")) as f:
+    return json.load(f)["generation"]
+
+
+def test_unchanged_folder_is_up_to_date_and_an_update_resumes_its_plan(
+    artifact, photos, tmp_path, monkeypatch):
+  emb = export.load_pretrained(artifact)
+  folder = tmp_path / "photos"
+  shutil.copytree(photos, folder)
+  index_dir = str(tmp_path / "index")
+  indexing.build_index(emb, str(folder), index_dir, shard_size=SHARD)
+  # The unreadable file, unchanged, is not tried again: nothing to do.
+  for _ in range(2):
+    s = indexing.build_index(emb, str(folder), index_dir, update=True,
+                             shard_size=SHARD)
+    assert (s["files"], s["indexed"], len(s["skipped"])) == (0, 22, 1)
+  assert _generation(index_dir) == 1
+  assert not os.path.exists(os.path.join(index_dir, "seg-0001"))
+  # An update of 9 new files (3 shards) killed in its second shard.
+  for i in range(9):
+    shutil.copy(folder / "f0" / f"{i:03d}.jpg", folder / "f1" / f"n{i}.jpg")
+  real, calls = image_files.embed_shard, []
+
+  def killed_in_second(*a):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt("killed")
+    return real(*a)
+  monkeypatch.setattr(image_files, "embed_shard", killed_in_second)
+  with pytest.raises(KeyboardInterrupt):
+    indexing.build_index(emb, str(folder), index_dir, update=True,
+                         shard_size=SHARD)
+  monkeypatch.setattr(image_files, "embed_shard", real)
+  # A file added meanwhile waits for the next update; the interrupted
+  # update's finished shard is kept.
+  shutil.copy(folder / "f0" / "009.jpg", folder / "f1" / "later.jpg")
+  s = indexing.build_index(emb, str(folder), index_dir, update=True,
+                           shard_size=SHARD)
+  assert (s["files"], s["indexed"]) == (5, 31)
+  # The unreadable file changed (its time): tried again, with the newer one.
+  os.utime(folder / "f1" / "zz_broken.jpg", ns=(1, 10**18))
+  s = indexing.build_index(emb, str(folder), index_dir, update=True,
+                           shard_size=SHARD)
+  assert (s["files"], s["indexed"], len(s["skipped"])) == (2, 32, 1)
+  assert _generation(index_dir) == 3
 
 
 def test_embed_files_iter_in_order_and_lazy(artifact, photos):
@@ -313,11 +385,18 @@ def test_two_builds_at_once_and_a_kill_inside_the_swap(artifact, photos,
   from vitret_jax import workdir  # pylint: disable=g-import-not-at-top
   emb = export.load_pretrained(artifact)
   index_dir = str(tmp_path / "index")
-  with workdir.Lock(index_dir + ".partial", "index"):  # another build
+  with workdir.Lock(index_dir + ".lock", "index"):  # another build
     with pytest.raises(UserError, match="Another vitret_jax run is using "
-                       "the index .*index.partial"):
+                       "the index .*index .*another --index_dir"):
       indexing.build_index(emb, photos, index_dir, shard_size=SHARD)
   indexing.build_index(emb, photos, index_dir, shard_size=SHARD)
+  # An update holds the same lock: neither --overwrite nor another update
+  # runs beside it.
+  with workdir.Lock(index_dir + ".lock", "index"):
+    for kw in ({"overwrite": True}, {"update": True}):
+      with pytest.raises(UserError, match="Another vitret_jax run is using "
+                         "the index"):
+        indexing.build_index(emb, photos, index_dir, shard_size=SHARD, **kw)
   # --overwrite killed between moving the old index aside and putting the
   # new one in place: the same command finishes the swap, embedding nothing.
   real_rename, calls = os.rename, []

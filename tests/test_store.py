@@ -185,3 +185,92 @@ def test_content_key_of_a_split_without_joining_its_paths():
     s = split_lib.Split(("a.jpg", "b/é.jpg", "c d.jpg"), np.arange(3),
                         boxes)
     assert emb_cache.fingerprint(s) == s.fingerprint()
+
+
+def test_distractor_store_repaired_when_reused_and_temporary_removed(
+    tmp_path, monkeypatch):
+  """A reused distractor store is checked (size always, checksum once per
+  process) and its damaged shards embedded again; a View refuses a shard
+  of the wrong size; a killed evaluation's temporary store is removed by
+  the next one."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import distractors  # pylint: disable=g-import-not-at-top
+  table = clustered(20, 8)
+  paths = tuple(f"/r1m/{i:03d}.jpg" for i in range(20))
+  split = split_lib.Split(paths, np.zeros(20, np.int32))
+  calls = []
+
+  def embed_rows(part):
+    calls.append(part.paths[0])
+    return table[[paths.index(p) for p in part.paths]]
+  cache = str(tmp_path / "embeddings" / "roxford-step1-abc")
+  view = distractors.embed(split, embed_rows, cache, shard_size=5)
+  assert len(calls) == 4 and len(view) == 20
+  seg = view.segments[0]
+  # Same size, other bytes: seen by the checksum of a process's first open.
+  with open(seg.npy(2), "r+b") as f:
+    f.seek(-4, os.SEEK_END)
+    f.write(b"\x00\x00\xc8\x42")  # 100.0
+  calls.clear()
+  monkeypatch.setattr(distractors, "_CHECKED", set())  # another process
+  view = distractors.embed(split, embed_rows, cache, shard_size=5)
+  assert calls == [paths[10]]
+  np.testing.assert_array_equal(view[np.arange(20)], table)
+  # Truncated: seen by the size check of every open.
+  with open(seg.npy(1), "r+b") as f:
+    f.truncate(os.path.getsize(seg.npy(1)) - 8)
+  calls.clear()
+  view = distractors.embed(split, embed_rows, cache, shard_size=5)
+  assert calls == [paths[5]]
+  np.testing.assert_array_equal(view[np.arange(20)], table)
+  # Extended: a View refuses it.
+  with open(seg.npy(0), "ab") as f:
+    f.write(b"\x00" * 32)
+  with pytest.raises(UserError, match="00000.npy has .* bytes, its record"):
+    view_lib.View(view.segments, 8)
+  # No cache: a temporary store; a dead process's one is removed.
+  monkeypatch.setattr(distractors.tempfile, "tempdir", str(tmp_path))
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  orphan = tmp_path / f"{distractors.TMP_PREFIX}{dead.pid}-x"
+  orphan.mkdir()
+  view = distractors.embed(split, embed_rows, "", shard_size=5)
+  assert not orphan.exists() and len(view) == 20
+  distractors.temporary(view)
+  assert not [n for n in os.listdir(tmp_path)
+              if n.startswith(distractors.TMP_PREFIX)]
+
+
+def test_a_dead_peer_at_a_barrier_is_one_line(monkeypatch):
+  """What Gloo raises in the waiting process when another one is killed
+  (seen with two processes on 127.0.0.1) becomes a one-line UserError."""
+  from vitret_jax import workdir  # pylint: disable=g-import-not-at-top
+
+  def dead_peer(name):
+    raise ValueError(f"UNKNOWN: Gloo AllGather failed: [pair.cc:547] "
+                     f"Connection closed by peer [127.0.0.1]:36574 ({name})"
+                     f"\nmore lines")
+  monkeypatch.setattr(workdir, "barrier", dead_peer)
+  with pytest.raises(UserError, match=r"another process stopped before "
+                     r"'store fill x' \(.*closed by peer.*\): .*run the same "
+                     r"command again on every host\.$"):
+    writer.barrier("store fill x")
+
+
+def test_a_shard_another_process_wrote_must_be_visible(tmp_path):
+  """After the last barrier of a fill, process 0 sees every shard, or the
+  folder is not shared between the hosts: one line saying so."""
+  w = writer.Writer(str(tmp_path / "s"), IDENTITY)
+  items = items_lib.Items.from_paths([f"{i}.jpg" for i in range(8)],
+                                     stat=False)
+  seg = w.plan(items, 2)
+  for s in (0, 2):  # process 0's shards of 2 processes; 1 and 3 unseen
+    seg.write_shard(s, np.zeros((2, 4), np.float32), [])
+  with pytest.raises(UserError, match="process 1 wrote shard 1, which "
+                     "process 0 cannot see: .*filesystem every process "
+                     "shares"):
+    writer.check_shared(seg, 2)
+  for s in (1, 3):
+    seg.write_shard(s, np.zeros((2, 4), np.float32), [])
+  writer.check_shared(seg, 2)

@@ -151,3 +151,28 @@ def test_two_processes_split_resume_and_match_one(tmp_path):
     assert one[k] == pytest.approx(two[k], abs=1e-6), k
   np.testing.assert_array_equal(store_rows(cache), store_rows(single))
   shutil.rmtree(tmp_path / "roxford")
+
+
+def test_the_untrained_evaluation_is_cached_like_a_step(tmp_path):
+  """Its embeddings (the +R1M store with them) go under workdir/embeddings,
+  keyed like step 0's: resumable, and shared by several processes."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from vitret_jax import evaluate  # pylint: disable=g-import-not-at-top
+
+  class Run:
+    workdir, steps = str(tmp_path), []
+
+    def evaluate(self, params, step=None, report=False, names=None):
+      del params, report, names
+      self.steps.append(step)
+      return {"map": 0.5}
+
+  class Stopper:
+    def interruptible(self, *a):
+      del a
+      return contextlib.nullcontext()
+  run = Run()
+  assert evaluate.untrained_eval(run, {}, True, Stopper()) == {"map": 0.5}
+  assert run.steps == [0]
+  assert evaluate.untrained_eval(run, {}, False, Stopper()) == {"map": 0.5}
+  assert run.steps == [0]  # a resumed run reads eval_untrained.json

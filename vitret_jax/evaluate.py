@@ -67,7 +67,10 @@ def seen_marks(run, metrics) -> dict:
 def untrained_eval(run, params, fresh, stopper):
   """The untrained model's metrics: computed by a fresh run (every process
   takes part, so the decision must not depend on files another process may
-  be writing) and kept in eval_untrained.json; a resumed run reads them."""
+  be writing) and kept in eval_untrained.json; a resumed run reads them.
+  Its descriptors are cached as step 0's (workdir/embeddings, keyed on the
+  parameters): +R1M distractors resume after a kill and are shared by the
+  processes of a multi-process run."""
   path = os.path.join(run.workdir, "eval_untrained.json")
   if not fresh:
     if not os.path.exists(path):
@@ -75,7 +78,7 @@ def untrained_eval(run, params, fresh, stopper):
     with open(path) as f:
       return json.load(f)
   with stopper.interruptible(0, "the untrained evaluation"):
-    res = run.evaluate(params)
+    res = run.evaluate(params, step=0)
   write_json(path, res)
   return res
 

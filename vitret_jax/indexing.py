@@ -69,18 +69,15 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
   if searcher not in SEARCHERS:
     raise UserError(f"--searcher={searcher!r}; valid: {SEARCHERS}.")
   index_dir = os.path.abspath(index_dir)
-  # One build or update of an index at a time (a second is refused, naming
-  # the first); the lock is the kernel's, released even on kill -9.
-  folder_locked = index_dir if update else index_dir + ".partial"
-  try:
-    with workdir_lib.Lock(folder_locked, "index"):
-      return _build(embedder, folder, index_dir, overwrite, update, verify,
-                    source, batch_size, shard_size, searcher, scann_options)
-  except UserError as e:
-    raise UserError(str(e).replace(f"--workdir={folder_locked}",
-                                   f"the index {folder_locked}").replace(
-                                       "another --workdir",
-                                       "another --index_dir")) from e
+  # One build or update of an index at a time, whichever it is (a second is
+  # refused, naming the first): the lock lives beside the index, in
+  # <index>.lock/, which neither the swap of a build nor an --overwrite
+  # removes. It is the kernel's, released even on kill -9.
+  with workdir_lib.Lock(index_dir + ".lock", "index",
+                        subject=f"the index {index_dir}",
+                        instead="another --index_dir"):
+    return _build(embedder, folder, index_dir, overwrite, update, verify,
+                  source, batch_size, shard_size, searcher, scann_options)
 
 
 def _build(embedder, folder, index_dir, overwrite, update, verify, source,
@@ -90,11 +87,12 @@ def _build(embedder, folder, index_dir, overwrite, update, verify, source,
   ident = search.embedder_identity(embedder)
   root = os.path.abspath(folder)
   plan = _plan_update if update else _plan_build
-  w, segments, new, dropped = plan(index_dir, root, ident, verify,
-                                   shard_size, overwrite)
+  w, segments, new, dropped, changed = plan(index_dir, root, ident, verify,
+                                            shard_size, overwrite)
   stats = {"embedded": 0, "seconds": 0.0}
-  if new is None and not dropped:
-    # Nothing to update, or a build that finished before its swap.
+  if not changed:
+    # Nothing to update (no new segment, no new generation, the searcher
+    # kept), or a build that finished before its swap.
     summary = _up_to_date(w, index_dir, t0)
     if not update:
       _swap(w.folder, index_dir)
@@ -162,22 +160,22 @@ def _plan_build(index_dir, root, ident, verify, shard_size, overwrite):
   w = writer.Writer(work, ident, replace_other=overwrite, what="index")
   if w.manifest and os.path.exists(marker):
     logging.info("%s is a finished build: putting it in place.", work)
-    return w, w.segments(), None, 0
+    return w, w.segments(), None, 0, False
   listed = {}
 
   def mark_and_list():
-    planned = os.path.join(work, "seg-0000", "plan.npz")
-    if os.path.exists(marker) and os.path.exists(planned):
+    pending = w.pending() if os.path.exists(marker) else None
+    if pending is not None:
       # The interrupted build's own listing: the same shards (files added
       # since then come with --update).
       logging.info("Resuming the interrupted build in %s.", work)
-      listed["items"] = items_lib.Items.load(planned)
+      listed["items"] = pending
     else:
       listed["items"] = _listing(root, verify)
     with open(marker, "w") as f:
       json.dump({"root": root}, f)
   writer.on_process_0(mark_and_list)
-  return w, [], w.plan(listed.get("items"), shard_size), 0
+  return w, [], w.plan(listed.get("items"), shard_size), 0, True
 
 
 def _plan_update(index_dir, root, ident, verify, shard_size, overwrite):
@@ -208,42 +206,59 @@ def _plan_update(index_dir, root, ident, verify, shard_size, overwrite):
   def diff():
     current = _listing(root, verify)
     covered = np.zeros(len(current), bool)
-    dropped = 0
+    dropped, touched = 0, False
     for seg in segments:
-      pos, gone = _described(seg)
-      keep, cov = items_lib.unchanged(seg.items.take(pos), current, verify)
-      covered |= cov
+      live, skipped, damaged = _described(seg, checksum=verify)
+      keep, cov = items_lib.unchanged(seg.items.take(live), current, verify)
+      # An unreadable file with the size and time it had is not tried
+      # again (it stays in skipped.txt); one that changed since is.
+      same, cov_skipped = items_lib.unchanged(seg.items.take(skipped),
+                                              current, verify)
+      covered |= cov | cov_skipped
       dropped += int((~keep).sum())
-      seg.dropped = np.union1d(seg.dropped, np.concatenate([gone,
-                                                            pos[~keep]]))
-    listed["items"] = current.take(np.flatnonzero(~covered))
+      gone = np.concatenate([damaged, live[~keep], skipped[~same]])
+      touched |= bool(len(np.setdiff1d(gone, seg.dropped)))
+      seg.dropped = np.union1d(seg.dropped, gone)
+    pending = w.pending()
+    if pending is not None:
+      # An interrupted update's own plan, resumed: its finished shards are
+      # kept; what was added or changed since it started waits for the
+      # next --update.
+      logging.info("Resuming the interrupted update of %s (%d files "
+                   "planned).", index_dir, len(pending))
+      listed["items"] = pending
+    else:
+      listed["items"] = current.take(np.flatnonzero(~covered))
     if verify and any(s.items.sha is None for s in segments):
       logging.warning("--verify: files indexed without --verify have no "
                       "content digest and are embedded again.")
-    return dropped, bool(len(listed["items"]))
-  dropped, has_new = writer.on_process_0(diff)
+    return dropped, bool(len(listed["items"])), touched
+  dropped, has_new, touched = writer.on_process_0(diff)
   new = w.plan(listed.get("items"), shard_size) if has_new else None
-  return w, segments, new, dropped
+  return w, segments, new, dropped, has_new or touched
 
 
-def _described(seg):
-  """(positions of the segment's items described by intact shards, the
-  positions to drop besides: unreadable files, to be tried again, and the
-  items of damaged shards, to be embedded again)."""
-  live, gone = [], []
+def _described(seg, checksum):
+  """(positions of the items that intact shards describe, of the
+  unreadable files they record, of the items of damaged shards, to be
+  embedded again) in a segment, none already dropped. Shards are checked
+  by record and size; by checksum too when `checksum` (--verify)."""
+  live, skipped, damaged = [], [], []
   for s in range(seg.num_shards):
-    why = seg.check(s)
+    if seg.all_dropped(s):
+      continue
+    why = seg.check(s, checksum=checksum)
     if why is not None:
       logging.warning("%s shard %d is damaged (%s): its files are embedded "
                       "again.", seg.folder, s, why or "missing")
-      gone.append(np.arange(*seg.bounds(s)))
+      damaged.append(np.arange(*seg.bounds(s)))
       continue
     pos, alive = seg.live_positions(s)
     live.append(pos[alive])
-    gone.append(np.asarray([p for p, _ in seg.record(s)["skipped"]],
-                           np.int64))
+    skipped.append(np.asarray([p for p, _ in seg.record(s)["skipped"]],
+                              np.int64))
   cat = lambda x: np.concatenate(x) if x else np.zeros(0, np.int64)
-  return cat(live), cat(gone)
+  return cat(live), np.setdiff1d(cat(skipped), seg.dropped), cat(damaged)
 
 
 def _finish(w, segments, root, source, searcher, scann_options):
@@ -251,8 +266,7 @@ def _finish(w, segments, root, source, searcher, scann_options):
   gen = (w.manifest or {}).get("generation", 0) + 1
 
   def build_searcher():
-    dim = writer._dim(segments)  # pylint: disable=protected-access
-    view = view_lib.View(segments, dim)
+    view = view_lib.View(segments, writer.descriptor_dim(segments))
     if not len(view):
       raise DataError(f"None of the images under {root} could be read.")
     kind = searcher
@@ -298,4 +312,4 @@ def _swap(work, index_dir):
     os.remove(os.path.join(index_dir, "build.json"))
     shutil.rmtree(old, ignore_errors=True)
   writer.on_process_0(swap)
-  workdir_lib.barrier(f"index swap {index_dir}")
+  writer.barrier(f"index swap {index_dir}")

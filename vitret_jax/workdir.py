@@ -66,8 +66,13 @@ class Lock:
   index or export, an audit, which take no lock).
   """
 
-  def __init__(self, workdir, mode="train"):
+  def __init__(self, workdir, mode="train", subject=None,
+               instead="another --workdir"):
+    """`subject` and `instead` word the refusal: "Another vitret_jax run is
+    using <subject> (...): ..., or use <instead>" (default: the workdir)."""
     self.workdir, self.mode = os.path.abspath(workdir), mode
+    self.subject = subject or f"--workdir={self.workdir}"
+    self.instead = instead
     self.path = os.path.join(self.workdir, LOCK_FILE)
     self._file = None
     self._before = set()  # the workdir's entries before the run
@@ -120,9 +125,9 @@ class Lock:
         if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
           raise _unwritable(self.workdir, e) from e
         raise UserError(
-            f"Another vitret_jax run is using --workdir={self.workdir} "
+            f"Another vitret_jax run is using {self.subject} "
             f"({_describe(holder)}): wait for it to end, stop it, or use "
-            f"another --workdir.") from None
+            f"{self.instead}.") from None
       try:
         same = os.path.samestat(os.fstat(f.fileno()), os.stat(self.path))
       except FileNotFoundError:

@@ -7,6 +7,7 @@ distractors of the revisited evaluator.
 - items.py   the work: a list of files (path, size, mtime, optional
              SHA-256), held compactly (one UTF-8 blob, no Python string per
              file until one is asked for).
+- segment.py one list of items cut into shards: records, checks.
 - writer.py  the list cut into fixed shards by position (boundaries depend
              only on the list and the shard size, never on the process
              count); process p of N embeds shards s with s % N == p and

@@ -17,6 +17,8 @@ them one after the other) offers:
                      method, e.g. store/scann_search.py or
                      eval/searchers.py's; db.exact_search ignores it).
 """
+import os
+
 import numpy as np
 
 from vitret_jax.errors import UserError
@@ -186,7 +188,13 @@ class View(_Rows):
 
 
 def _open_shard(seg, s, rows, dim):
+  """Shard s memory-mapped, its size first checked against its record (a
+  truncated or extended file is refused, not read)."""
   path = seg.npy(s)
+  size = (seg.record(s).get("npy") or [None])[0]
+  if os.path.exists(path) and os.path.getsize(path) != size:
+    raise UserError(f"{path} has {os.path.getsize(path)} bytes, its record "
+                    f"says {size}: the store is damaged; {_REPAIR}")
   try:
     arr = np.load(path, mmap_mode="r")
   except (OSError, ValueError) as e:

@@ -9,7 +9,6 @@ warning. Under JAX's multi-process runtime the processes meet at barriers
 (workdir.barrier); what process 0 decides (a plan, an error) reaches the
 others by broadcast, so a refusal stops every process with the same line.
 """
-import dataclasses
 import glob
 import hashlib
 import json
@@ -26,17 +25,34 @@ from jax.experimental import multihost_utils
 from vitret_jax import integrity
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.errors import UserError
-from vitret_jax.store import items as items_lib
+from vitret_jax.store import segment as segment_lib
 
 FORMAT = 1
 MANIFEST = "store.json"
 SHARD_SIZE = 10_000
+# The segment class, where the readers of a store name it.
+Segment = segment_lib.Segment
 
 
 def identity_key(identity) -> str:
   """A short hash of what made the descriptors (see Writer)."""
   text = json.dumps(identity, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def barrier(name):
+  """workdir.barrier, a peer's death a one-line UserError: the collective
+  fails (Gloo: "Connection closed by peer") when another process stops
+  while this one waits; finished shards are kept."""
+  try:
+    workdir_lib.barrier(name)
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    raise UserError(
+        f"process {jax.process_index()} of {jax.process_count()}: another "
+        f"process stopped before '{name}' ({first[:200]}): see its log; the "
+        f"finished shards are kept: run the same command again on every "
+        f"host.") from e
 
 
 def broadcast_json(obj):
@@ -69,122 +85,6 @@ def on_process_0(fn, *args):
   return result["ok"]
 
 
-def _save_atomic(path, write):
-  """write(f) into a temporary file, synced, renamed to `path`."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-@dataclasses.dataclass
-class Segment:
-  """A list of items cut into shards of `shard_size` by position.
-
-  Attributes:
-    folder: the segment's folder; name: its name in the manifest.
-    items: items_lib.Items; key: the store's identity key.
-    dropped: sorted int64 positions of items no longer in the store.
-  """
-  folder: str
-  name: str
-  items: items_lib.Items
-  shard_size: int
-  key: str
-  dropped: np.ndarray = dataclasses.field(
-      default_factory=lambda: np.zeros(0, np.int64))
-
-  @property
-  def num_shards(self):
-    return -(-len(self.items) // self.shard_size)
-
-  def bounds(self, s):
-    return s * self.shard_size, min((s + 1) * self.shard_size,
-                                    len(self.items))
-
-  def count(self, s):
-    start, stop = self.bounds(s)
-    return stop - start
-
-  def npy(self, s):
-    return os.path.join(self.folder, f"{s:05d}.npy")
-
-  def record_path(self, s):
-    return os.path.join(self.folder, f"{s:05d}.json")
-
-  def record(self, s):
-    """Shard s's record (see `write_shard`); None when absent or
-    unreadable."""
-    try:
-      with open(self.record_path(s)) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return None
-
-  def check(self, s, checksum=True):
-    """None when shard s is finished and intact, else why not ("" when it
-    was simply never written)."""
-    rec = self.record(s)
-    if rec is None:
-      return "" if not os.path.exists(self.record_path(s)) else (
-          "its record is unreadable")
-    start, stop = self.bounds(s)
-    if (rec.get("key"), rec.get("plan"), rec.get("start"),
-        rec.get("stop")) != (self.key, self.items.digest(), start, stop):
-      return "its record belongs to another plan or embedder"
-    path = self.npy(s)
-    if not os.path.exists(path):
-      return f"{path} is missing"
-    size, digest = rec["npy"]
-    if os.path.getsize(path) != size:
-      return f"{path} has {os.path.getsize(path)} bytes, {size} were written"
-    if checksum and integrity.sha256(path) != digest:
-      return f"{path} does not match its checksum"
-    return None
-
-  def write_shard(self, s, emb, skipped):
-    """Writes shard s: `emb` [rows, E] float32 (the readable items in
-    order) and its record (the items left out: [(position, reason)])."""
-    emb = np.ascontiguousarray(emb, np.float32)
-    _save_atomic(self.npy(s), lambda f: np.save(f, emb))
-    start, stop = self.bounds(s)
-    rec = {"key": self.key, "plan": self.items.digest(), "start": start,
-           "stop": stop, "rows": int(len(emb)),
-           "skipped": [[int(p), str(r)] for p, r in skipped],
-           "npy": integrity.file_digest(self.npy(s))}
-    _save_atomic(self.record_path(s),
-                 lambda f: f.write(json.dumps(rec).encode()))
-
-  def all_dropped(self, s):
-    """True when none of shard s's items is in the store any more (its
-    files may then be missing or damaged: they are never read)."""
-    start, stop = self.bounds(s)
-    return bool(len(self.dropped)) and bool(
-        np.isin(np.arange(start, stop), self.dropped).all())
-
-  def live_positions(self, s):
-    """Item positions of shard s's rows (its .npy's row order), and a mask
-    of those still in the store."""
-    rec = self.record(s)
-    start, stop = self.bounds(s)
-    skipped = {p for p, _ in rec["skipped"]}
-    pos = np.asarray([p for p in range(start, stop) if p not in skipped],
-                     np.int64)
-    return pos, ~np.isin(pos, self.dropped)
-
-
-def _load_plan(folder, name, key):
-  meta_path = os.path.join(folder, "plan.json")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  items = items_lib.Items.load(os.path.join(folder, "plan.npz"))
-  if meta["items"] != items.digest():
-    raise ValueError(f"{folder}/plan.npz does not match plan.json")
-  return Segment(folder, name, items, int(meta["shard_size"]), meta["key"])
-
-
 class Writer:
   """Adds segments to the store in `folder`, made by `identity` (a JSON-able
   dict: what made the descriptors, e.g. the artifact's hash, the
@@ -198,7 +98,7 @@ class Writer:
     self.folder, self.identity = os.path.abspath(folder), identity
     self.key, self.what = identity_key(identity), what
     on_process_0(self._open, replace_other)
-    workdir_lib.barrier(f"store open {self.folder}")
+    barrier(f"store open {self.folder}")
     self.manifest = read_manifest(self.folder)
 
   def _open(self, replace_other):
@@ -239,12 +139,23 @@ class Writer:
     name = f"seg-{len(self.segments()):04d}"
     folder = os.path.join(self.folder, name)
     on_process_0(self._write_plan, folder, name, items, shard_size)
-    workdir_lib.barrier(f"store plan {folder}")
-    return _load_plan(folder, name, self.key)
+    barrier(f"store plan {folder}")
+    return segment_lib.load_plan(folder, name, self.key)
+
+  def pending(self):
+    """The items of the segment an interrupted run of this identity
+    planned and did not commit, or None (to resume that run's own plan)."""
+    name = f"seg-{len(self.segments()):04d}"
+    folder = os.path.join(self.folder, name)
+    try:
+      seg = segment_lib.load_plan(folder, name, self.key)
+    except (OSError, ValueError, KeyError):
+      return None
+    return seg.items if seg.key == self.key else None
 
   def _write_plan(self, folder, name, items, shard_size):
     try:
-      old = _load_plan(folder, name, self.key)
+      old = segment_lib.load_plan(folder, name, self.key)
       if (old.items.digest(), old.shard_size) == (items.digest(), shard_size):
         return
       logging.warning("%s: an interrupted run planned other files or "
@@ -254,7 +165,7 @@ class Writer:
       pass
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    _save_atomic(os.path.join(folder, "plan.npz"), items.save)
+    segment_lib.save_atomic(os.path.join(folder, "plan.npz"), items.save)
     meta = {"key": self.key, "shard_size": int(shard_size),
             "items": items.digest(), "count": len(items)}
     integrity.write_json_atomic(os.path.join(folder, "plan.json"), meta)
@@ -263,8 +174,8 @@ class Writer:
     """Embeds this process's unfinished shards of `segment` (s % N == p):
     `embed_shard(start, stop) -> (emb [rows, E], skipped [(position,
     reason)])` for items [start, stop). Returns the counts of every
-    process (embedded items, skipped, reused shards) and this process's
-    seconds."""
+    process (embedded items, skipped, reused shards) and the seconds of
+    the slowest process's embedding (not counting the wait for others)."""
     p, n = jax.process_index(), jax.process_count()
     mine = list(range(p, segment.num_shards, n))
     todo, done_items = [], 0
@@ -280,9 +191,12 @@ class Writer:
                         segment.folder, s, why)
       todo.append(s)
     total = sum(segment.count(s) for s in mine)
-    bar = tqdm.tqdm(total=int(total), initial=int(done_items), desc=desc,
-                    unit="img", disable=p != 0, smoothing=0.1,
-                    dynamic_ncols=True)
+    # The bar and its ETA are this process's shards (process 0 shows it).
+    mine_desc = desc if n == 1 else (
+        f"{desc} (process 0: {len(mine)} of {segment.num_shards} shards)")
+    bar = tqdm.tqdm(total=int(total), initial=int(done_items),
+                    desc=mine_desc, unit="img", disable=p != 0,
+                    smoothing=0.1, dynamic_ncols=True)
     t0, embedded, skipped = time.time(), 0, 0
     for s in todo:
       start, stop = segment.bounds(s)
@@ -292,12 +206,15 @@ class Writer:
       skipped += len(bad)
       bar.update(stop - start)
     bar.close()
-    workdir_lib.barrier(f"store fill {segment.folder}")
-    seconds = time.time() - t0
+    seconds = time.time() - t0  # before waiting for the other processes
+    barrier(f"store fill {segment.folder}")
+    if n > 1:
+      on_process_0(check_shared, segment, n)
     embedded, skipped, reused = _sum_over_processes(
         [embedded, skipped, len(mine) - len(todo)])
     return {"shards": segment.num_shards, "reused_shards": reused,
-            "embedded": embedded, "skipped": skipped, "seconds": seconds}
+            "embedded": embedded, "skipped": skipped,
+            "seconds": _max_over_processes(seconds)}
 
   def commit(self, segments, extra=None):
     """Makes `segments` (with their `dropped` items) the store's content,
@@ -317,20 +234,41 @@ class Writer:
         dropped = None
         if len(seg.dropped):
           dropped = f"dropped-{gen}.npy"
-          _save_atomic(os.path.join(seg.folder, dropped),
+          segment_lib.save_atomic(os.path.join(seg.folder, dropped),
                        lambda f, d=seg.dropped: np.save(f, d))
         entries.append({"name": seg.name, "count": len(seg.items),
                         "shard_size": seg.shard_size, "dropped": dropped})
       manifest = {"format": FORMAT, "identity": self.identity,
                   "key": self.key, "generation": gen,
-                  "dim": _dim(segments), "segments": entries,
+                  "dim": descriptor_dim(segments), "segments": entries,
                   "extra": extra or {}}
       integrity.write_json_atomic(os.path.join(self.folder, MANIFEST),
                                   manifest)
+      segment_lib.fsync_dir(self.folder)
       return manifest
     self.manifest = on_process_0(write)
-    workdir_lib.barrier(f"store commit {self.folder}")
+    barrier(f"store commit {self.folder}")
     return self.manifest
+
+
+def check_shared(segment, n):
+  """Process 0, once every process has written its shards: a UserError
+  when it cannot see one (the store's folder is not shared)."""
+  for s in range(segment.num_shards):
+    if s % n and segment.check(s, checksum=False) is not None:
+      raise UserError(
+          f"{segment.folder}: process {s % n} wrote shard {s}, which "
+          f"process 0 cannot see: the folder must be on a filesystem every "
+          f"process shares (NFS, Filestore, Lustre, ...), not a local "
+          f"disk; put --index_dir (or the --workdir) there.")
+
+
+def _max_over_processes(seconds):
+  """The longest of every process's `seconds`."""
+  if jax.process_count() == 1:
+    return float(seconds)
+  return float(np.asarray(multihost_utils.process_allgather(
+      np.float64(seconds))).max())
 
 
 def _sum_over_processes(counts):
@@ -341,7 +279,8 @@ def _sum_over_processes(counts):
   return [int(c) for c in counts]
 
 
-def _dim(segments):
+def descriptor_dim(segments):
+  """The descriptor size of the first live shard with rows (0: none)."""
   for seg in segments:
     for s in range(seg.num_shards):
       if not seg.all_dropped(s) and seg.record(s)["rows"]:
@@ -380,7 +319,7 @@ def _committed_segment(folder, entry):
   try:
     with open(os.path.join(seg_folder, "plan.json")) as f:
       key = json.load(f)["key"]
-    seg = _load_plan(seg_folder, entry["name"], key)
+    seg = segment_lib.load_plan(seg_folder, entry["name"], key)
     if entry["dropped"]:
       seg.dropped = np.load(os.path.join(seg_folder, entry["dropped"]))
   except (OSError, ValueError, KeyError) as e:
