@@ -19,7 +19,7 @@ IDENTITY = {"artifact": "abc", "preprocess": "decode|resize(8)|normalize"}
 
 def clustered(n, dim, seed=0, clusters=40):
   """Unit vectors around `clusters` centres (embedding-like: ScaNN's
-  partitions mean something; see ENVIRONMENT.md on random data)."""
+  partitions mean something, as on no isotropic random data)."""
   rng = np.random.default_rng(seed)
   centres = rng.normal(size=(clusters, dim)).astype(np.float32)
   x = centres[rng.integers(0, clusters, n)] + 0.25 * rng.normal(

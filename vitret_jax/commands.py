@@ -120,8 +120,10 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
                            searcher=searcher)
   for path, why in s["skipped"][:20]:
     logging.warning("skipped unreadable %s: %s", path, why)
-  rate = (f" ({s['files'] / s['embed_seconds']:.1f} img/s)"
-          if s["embed_seconds"] and s["files"] else "")
+  # Files read (unreadable ones too) per second of the slowest process's
+  # embedding, every process together.
+  rate = (f" ({s['files'] / s['embed_seconds']:.1f} files/s, all "
+          f"processes)" if s["embed_seconds"] and s["files"] else "")
   head = (f"Updated {index_dir}: {s['indexed']} images" if update else
           f"Indexed {s['indexed']} images into {index_dir}")
   skipped = len(s["skipped"])

@@ -109,7 +109,7 @@ class View(_Rows):
   mmap_mode="r"): ids count rows in order of segments, shards and items.
 
   Args:
-    segments: writer.Segment list (committed, or about to be).
+    segments: segment.Segment list (committed, or about to be).
     dim: the descriptor size (0 for an empty store).
   """
 

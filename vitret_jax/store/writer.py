@@ -30,8 +30,6 @@ from vitret_jax.store import segment as segment_lib
 FORMAT = 1
 MANIFEST = "store.json"
 SHARD_SIZE = 10_000
-# The segment class, where the readers of a store name it.
-Segment = segment_lib.Segment
 
 
 def identity_key(identity) -> str:
