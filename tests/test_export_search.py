@@ -177,6 +177,14 @@ def test_index_search_rank1_equals_recall_at_1(trained, tmp_path):
                               rerank="aqe(3,3)")
   count = lambda text: [line.startswith("  ") for line in text.splitlines()]
   assert count(again) == count(out[:out.rindex("grid written")].rstrip())
+  # The run's own export is the same embedder: it searches the run's index.
+  art = str(tmp_path / "artifact")
+  commands.export_run(None, workdir, art, platforms=("cpu",))
+  by_artifact = commands.run_search(None, "", art, str(folder / "41"),
+                                    str(tmp_path / "index"), top_k=3)
+  paths_of = lambda text: [l.split()[-1] for l in text.splitlines()
+                           if l.startswith("  ")]
+  assert paths_of(by_artifact) == paths_of(out)
 
 
 def check_landmark_export(config, workdir, tmp_path):
@@ -188,6 +196,7 @@ def check_landmark_export(config, workdir, tmp_path):
   DToP test on its run."""
   from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitret_jax import descriptor  # pylint: disable=g-import-not-at-top
   from vitret_jax import export  # pylint: disable=g-import-not-at-top
   name = next(iter(config.evals))
   run = experiment.Run(config, workdir)
@@ -210,6 +219,10 @@ def check_landmark_export(config, workdir, tmp_path):
   assert meta["scales"] == list(config.evals[name].scales)
   assert meta["embedding_dim"] == config.evals[name].whiten_dim
   art = export.load_pretrained(art)
+  # The artifact is the run's embedder for an index (the run's digest of
+  # its parameters and whitening, as RunEmbedder computes it).
+  assert art.params_digest == descriptor.digest(
+      params, (white.mean, white.projection))
   pp = preprocess.build_pp(art.preprocess)
   shapes = set()
   for split, want in ((ev.query, want_q[:3]), (ev.database, want_db[:8])):

@@ -7,6 +7,8 @@ that both give the same descriptors).
 Only JAX, numpy and the mesh helpers (sharding.py): an exported artifact
 runs this without model code.
 """
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,18 @@ def apply_whitening(x, mean, projection):
   y = (np.asarray(x, np.float64) - mean) @ projection
   y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
   return y.astype(np.float32)
+
+
+def digest(params, whitening=None) -> str:
+  """A short digest of what makes a model's descriptors: its parameters
+  (as stored) and its whitening (mean, projection; as float64). A run and
+  its exported artifact give the same digest."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+  for x in whitening or ():
+    h.update(np.ascontiguousarray(x, np.float64).tobytes())
+  return h.hexdigest()[:16]
 
 
 class Placement:

@@ -2,6 +2,7 @@
 mesh, data, model, fresh train state, evaluators, checkpointer; the config
 checked first by config_checks), and a run's descriptors as its evaluator
 computes them (`RunEmbedder`)."""
+import functools
 import hashlib
 import json
 import os
@@ -227,6 +228,12 @@ class RunEmbedder:
     self._describe = descriptor.MultiScale(
         lambda x: apply(self.params, x), self.scales, self.multiple,
         self.whitening, placement)
+
+  @functools.cached_property
+  def params_digest(self) -> str:
+    """descriptor.digest of the parameters and whitening (an index's
+    identity; the same as the run's exported artifact's)."""
+    return descriptor.digest(self.params, self.whitening)
 
   def __call__(self, images):
     return self._describe(images)

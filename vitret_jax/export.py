@@ -18,6 +18,7 @@ code moves on. Around the exported forward pass it applies the evaluator's
 multi-scale and whitening steps (vitret_jax/descriptor.py), so its
 descriptors are the evaluator's.
 """
+import functools
 import json
 import os
 import shutil
@@ -187,6 +188,7 @@ class Embedder:
     params: the parameters, a nested dict of jax arrays put on the
       devices once, at load (descriptor.Placement): every call reuses
       them, none copies them from the host.
+    whitening: (mean, projection), or None.
   `embedder(images [B, H, W, 3] float32, preprocessed) -> [B, E]` for any B
   and (format 2) any H and W: the evaluator's descriptors (multi-scale,
   whitening). `images` may be numpy or a jax array already on a device.
@@ -211,7 +213,7 @@ class Embedder:
       raise UserError(f"{path}: cannot load the artifact "
                       f"({str(e).splitlines()[0][:200]}); export it "
                       f"again.") from e
-    self.path = path
+    self.path, self.whitening = path, whitening
     placement = descriptor.Placement(devices)
     self.params = placement.put_params(params)
     # Format 1 (a fixed size, one scale) has no scales or stride: one
@@ -220,6 +222,12 @@ class Embedder:
         lambda x: self.exported.call(self.params, x),
         self.meta.get("scales", (1.0,)), self.meta.get("multiple", 1),
         whitening, placement)
+
+  @functools.cached_property
+  def params_digest(self) -> str:
+    """descriptor.digest of the parameters and whitening (an index's
+    identity)."""
+    return descriptor.digest(self.params, self.whitening)
 
   @property
   def image_size(self) -> int:

@@ -16,14 +16,13 @@ program computes every descriptor. Preprocessings of varying size
 """
 import collections
 import concurrent.futures
-import hashlib
 import json
 import os
 
-import jax
 import numpy as np
 import tqdm
 
+from vitret_jax import descriptor
 from vitret_jax import integrity
 from vitret_jax.data import preprocess
 from vitret_jax.errors import DataError
@@ -202,31 +201,25 @@ def embed_shard(embedder, paths, batch_size=64, workers=None):
   return emb, sorted(skipped)
 
 
-def _params_digest(params):
-  h = hashlib.sha256()
-  for leaf in jax.tree.leaves(params):
-    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
-  return h.hexdigest()[:16]
-
-
 def identity(embedder):
-  """What makes an embedder's descriptors, for a store's identity: an
-  artifact's model.json digest (which covers its parameters, forward pass,
-  whitening and every setting it records), or a run's step and parameter
-  and whitening digests; the preprocessing and scales for both. Where the
-  embedder is (a path) is not part of it: a copied artifact is the same
-  embedder. An embedder of one's own may add an `identity` dict."""
+  """What makes an embedder's descriptors, for a store's identity: the
+  digest of its parameters and whitening (`params_digest`, the same for a
+  run and for its exported artifact, whatever JAX version or platforms it
+  was exported with), its preprocessing and scales. Where the embedder is
+  (a path) is not part of it: a copied artifact is the same embedder. An
+  embedder without parameters is known by its model.json's digest; an
+  embedder of one's own may add an `identity` dict."""
   out = {"preprocess": embedder.preprocess,
          "host_pp": getattr(embedder, "host_pp", "exact"),
          "scales": [float(s) for s in getattr(embedder, "scales", (1.0,))]}
   path = getattr(embedder, "path", None)
-  if path and os.path.isfile(os.path.join(path, "model.json")):
-    out["artifact"] = integrity.sha256(os.path.join(path, "model.json"))[:16]
+  if getattr(embedder, "params_digest", None):
+    out["params"] = embedder.params_digest
   elif getattr(embedder, "params", None) is not None:
-    out["step"] = getattr(embedder, "step", None)
-    out["params"] = _params_digest(embedder.params)
-    white = getattr(embedder, "whitening", None)
-    out["whitening"] = None if white is None else _params_digest(list(white))
+    out["params"] = descriptor.digest(embedder.params,
+                                      getattr(embedder, "whitening", None))
+  elif path and os.path.isfile(os.path.join(path, "model.json")):
+    out["artifact"] = integrity.sha256(os.path.join(path, "model.json"))[:16]
   extra = getattr(embedder, "identity", None)
   if isinstance(extra, dict):
     out["own"] = json.loads(json.dumps(extra, default=str))
