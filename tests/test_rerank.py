@@ -270,8 +270,8 @@ def test_specs():
     plan = specs.parse(spec)
     assert specs.parse(plan.name) == plan, (spec, plan.name)
   assert len(specs.parse_all(("aqe(5,2.0000001)", "aqe(5,2.0000002)"))) == 2
-  for bad in ("aqe(3,inf)", "dba(3,nan)", "aqe(3,0)", "dba(3,-1)",
-              "superglobal(400,9,inf)", "superglobal(400,9,0)"):
+  for bad in ("aqe(3,inf)", "dba(3,nan)", "dba(3,-1)", "aqe(3,-1e-9)",
+              "superglobal(400,9,inf)", "superglobal(400,9,-0.1)"):
     with pytest.raises(UserError, match="finite"):
       specs.parse(bad)
   # The saved config of a run older than the option has no such key.

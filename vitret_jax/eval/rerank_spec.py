@@ -91,16 +91,17 @@ def _term(kind, args, bad):
         bad("takes n, alpha and optionally 'self'")
       n = int(args[0]) if args else 10
       alpha = float(args[1]) if len(args) > 1 else 3.0
-      if n < 1 or not 0 < alpha < float("inf"):
-        bad("needs n >= 1 and a finite alpha > 0")
+      # alpha = 0: equal weights (average query expansion).
+      if n < 1 or not 0 <= alpha < float("inf"):
+        bad("needs n >= 1 and a finite alpha >= 0")
       return Expansion(n, alpha, len(args) == 3)
     if kind == "superglobal":
       if len(args) > 3:
         bad("takes M, K and beta")
       m, k = (int(a) for a in (list(args[:2]) + ["400", "9"][len(args):]))
       beta = float(args[2]) if len(args) == 3 else 0.15
-      if not (1 <= k < m and 0 < beta < float("inf")):
-        bad("needs 1 <= K < M and a finite beta > 0")
+      if not (1 <= k < m and 0 <= beta < float("inf")):
+        bad("needs 1 <= K < M and a finite beta >= 0")
       return SuperGlobal(m, k, beta)
   except ValueError:
     bad("has a number that does not parse")
