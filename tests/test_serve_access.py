@@ -15,7 +15,8 @@ import serve_helpers
 
 fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
 import httpx  # noqa: E402  (after the skip)
-from vitret_jax import serve  # noqa: E402  (after the skip)
+from vitret_jax import indexing  # noqa: E402  (after the skip)
+from vitret_jax import serve  # noqa: E402
 from vitret_jax import serve_guard  # noqa: E402
 from vitret_jax.eval import report  # noqa: E402
 
@@ -241,6 +242,16 @@ def test_names_that_are_script_are_shown_as_text_in_a_browser(tmp_path):
       text = b.find_element(By.ID, "search").text
       assert PAYLOADS[0] in text, text  # the names, shown as text
       assert b.execute_script(untouched) == ["vitret_jax search", True, 0]
+      # A result listed before a reload: the message, nothing stale shown.
+      shutil.copy(photos[0], hostile / "added.jpg")
+      indexing.build_index(serve_helpers.FakeEmbedder(), str(hostile),
+                           str(tmp_path / "index"), update=True)
+      assert index.reload()
+      b.find_elements(By.CSS_SELECTOR, "#results .card")[1].click()
+      wait.until(lambda d: d.find_element(By.ID, "error").text)
+      assert b.find_element(By.ID, "error").text.startswith(
+          "The index was reloaded")
+      assert not b.find_elements(By.CSS_SELECTOR, "#results .card, #query *")
       # An error replaces the results it would otherwise sit above.
       b.find_element(By.ID, "file").send_keys(str(broken))
       wait.until(lambda d: d.find_element(By.ID, "error").text)
