@@ -111,8 +111,8 @@ def test_r1m_benchmark_smoke(monkeypatch, capsys):
       "write the shards", "search, depth 3,210", "aqe(10,3)" + inc,
       "superglobal(400,9,0.15)" + inc, "dba(10,3)", "build index",
       "search, depth 3,210", "aqe(10,3)" + inc,
-      "superglobal(400,9,0.15)" + inc, "dba(10,3): the new database",
-      "dba(10,3): its index", "dba(10,3)" + inc,
+      "superglobal(400,9,0.15)" + inc,
+      "dba(10,3): the new database and its index", "dba(10,3)" + inc,
       "aqe(10,3)+dba(10,3)" + inc]
   # Brute-force ScaNN below 20,000 items: the exact rankings.
   assert rows[6][6] == rows[1][6] and "Recall@100 1.0000" in rows[6][9]
