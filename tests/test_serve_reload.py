@@ -197,3 +197,16 @@ def test_searches_during_reloads_never_fail(served):
         f.result(60)  # an error in a search thread fails here
   assert len(statuses) > 3 and set(statuses) == {(200, 4)}
   assert index.generation == 5 and len(index) == 6
+
+
+def test_sighup_on_an_evaluations_only_server(caplog):
+  """No index: SIGHUP is handled (not the default action, which would kill
+  the server) and says there is nothing to reload."""
+  caplog.set_level("INFO")
+  with serve_admin.on_sighup() as sighup:
+    sighup.attach(None)
+    os.kill(os.getpid(), signal.SIGHUP)
+    t0 = time.monotonic()
+    while "serves evaluations only" not in caplog.text:
+      assert time.monotonic() - t0 < 30, caplog.text
+      time.sleep(0.01)
