@@ -17,13 +17,16 @@ defaults; exact is the reference):
   shards block by block) and the search of the 70 queries to the
   evaluator's +R1M depth (RevisitedEvaluator.DISTRACTOR_DEPTH), scored by
   metrics.revisited_metrics; ScaNN's Recall@100 against the exact search;
-- each re-ranking (eval/rerank.py's Reranker, as evals.*.rerank runs it,
-  on the same view and searcher): aqe(10,3) and superglobal(400,9,0.15),
-  timed with the search they include; dba(10,3): one k-NN search of every
-  database item, into a memory-mapped output, then the index of the new
-  database and its rankings. The exact backend's dba is timed on
-  --exact_dba_rows random items (one pass over the database) and
-  extrapolated (the table says so); those items also check ScaNN's dba;
+- each re-ranking through the evaluator's own re-ranker
+  (eval/searchers.py `reranker`, as RevisitedEvaluator runs evals.*.rerank
+  on process 0 alone, on the same view and searcher): aqe(10,3) and
+  superglobal(400,9,0.15), timed with the search they include; dba(10,3):
+  one k-NN search of every database item into a memory-mapped file (in
+  the data's folder) and the new database's own index (the store's
+  searcher at this size), timed together, then its rankings. The exact
+  backend's dba is timed on --exact_dba_rows random items (one pass over
+  the database) and extrapolated (the table says so); those items also
+  check ScaNN's dba;
 - every timed search or re-ranking is the second call (compiled, pages
   read, as in an evaluation after the first);
 - peak resident memory of each step, anonymous (the process's own) and
@@ -240,28 +243,21 @@ def measure_scann(table, dim, folder, q, depth, truth, exact_part, exact_s):
   table.row(dim, "scann", f"search, depth {depth:,}", search_s, m, ids,
             search_s, note=f"Recall@100 {recall:.4f}; "
             f"{exact_s / search_s:.1f}x exact")
-  reranker = rerank.Reranker(database, lambda a: searchers.with_backend(
-      a, "scann", OPTIONS, depth))
+  # The evaluator's re-ranker (RevisitedEvaluator._reranked, process 0
+  # alone): an αDBA database memory-mapped, then its own ScaNN index.
+  reranker = searchers.reranker(database, "scann", OPTIONS, depth, folder,
+                                alone=True)
   rerankings(table, dim, "scann", reranker, q, depth, search_s,
              ("aqe(10,3)", "superglobal(400,9,0.15)"))
   exp = rerank_spec.Expansion(10, 3.0)
-  out = np.lib.format.open_memmap(os.path.join(folder, "dba.npy"), "w+",
-                                  np.float32, database.shape)
-  _, dba_s, m = timed(mem, lambda: rerank.augment_database(database, exp,
-                                                           out))
+  augmented, dba_s, m = timed(mem, lambda: reranker.augment(exp))
   rows, part = exact_part
-  diff = float(np.max(np.abs(out[rows] - part)))
-  table.row(dim, "scann", "dba(10,3): the new database", dba_s, m,
-            extra=dba_s, search_s=search_s, note=f"{len(out):,} k-NN "
-            f"searches; max abs difference from exact dba on "
+  diff = float(np.max(np.abs(augmented[rows] - part)))
+  table.row(dim, "scann", "dba(10,3): the new database and its index",
+            dba_s, m, extra=dba_s, search_s=search_s,
+            note=f"{len(augmented):,} k-NN searches into a memory-mapped "
+            f"file, then the index; max abs difference from exact dba on "
             f"{len(rows):,} random items {diff:.2g}")
-  out.flush()
-  augmented, t, m = timed(mem, lambda: searchers.with_backend(
-      np.load(os.path.join(folder, "dba.npy"), mmap_mode="r"), "scann",
-      OPTIONS, depth))
-  table.row(dim, "scann", "dba(10,3): its index", t, m, extra=t,
-            search_s=search_s)
-  reranker.augmented[exp] = augmented
   rerankings(table, dim, "scann", reranker, q, depth, search_s,
              ("dba(10,3)", "aqe(10,3)+dba(10,3)"))
 

@@ -1,5 +1,6 @@
 """Every config file builds, with and without runlocal, and is locked."""
 import glob
+import json
 import importlib.util
 import os
 
@@ -173,3 +174,40 @@ def test_import_directions():
         names |= {f"{node.module}.{a.name}" for a in node.names}
     bad = sorted(n for n in names if n.startswith(forbidden))
     assert not bad, (module, bad)
+
+
+def test_best_metric_canonical_or_refused(tmp_path):
+  """ckpt.best_metric names a re-ranked metric by its spec: it becomes the
+  canonical name the evaluators write (so the best step is kept); a name
+  no evaluator reports is refused in one line, with the closest ones."""
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitret_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from vitret_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  c = load(os.path.join(REPO, "configs", "gldv2.py")).get_config(
+      "runlocal=True")
+  c.evals.roxford.rerank = ("aqe+dba",)
+  c.ckpt.best_metric = "roxford/medium/map+aqe+dba"
+  config_checks.check_best_metric(c)
+  assert c.ckpt.best_metric == "roxford/medium/map+dba+aqe"
+  # Two steps' metrics as the evaluators name them: step 1 is the best.
+  for step, value in ((1, 0.9), (2, 0.5)):
+    os.makedirs(tmp_path / str(step))
+    with open(tmp_path / str(step) / checkpoint.EVAL_METRICS, "w") as f:
+      json.dump({"roxford/medium/map+dba+aqe": value,
+                 "roxford/medium/map": 1 - value}, f)
+  best = checkpoint._BestByEvalFile(  # pylint: disable=protected-access
+      str(tmp_path), c.ckpt.best_metric, 1)
+  steps = [type("Step", (), {"step": s})() for s in (1, 2)]
+  assert best.should_preserve(steps, context=None) == [True, False]
+  for bad, near in (("roxford/medium/map+superglobal", "map+dba+aqe"),
+                    ("roxford/medium/mAP", "'roxford/medium/map'"),
+                    ("recall@1", "")):
+    c.ckpt.best_metric = bad
+    with pytest.raises(UserError, match="not a metric of the evaluators") as e:
+      config_checks.check_best_metric(c)
+    assert near in str(e.value) and "\n" not in str(e.value)
+  # One evaluator: its metrics carry no prefix.
+  c.evals = {"roxford": c.evals.roxford}
+  c.ckpt.best_metric = "roxford/hard/map+aqe+dba"
+  config_checks.check_best_metric(c)
+  assert c.ckpt.best_metric == "hard/map+dba+aqe"

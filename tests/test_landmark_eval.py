@@ -60,8 +60,35 @@ def make_embed(dtype="float32"):
   return embed.make_embed_fn(model, mesh), mesh, params
 
 
+def no_collective_once_alone(ev, monkeypatch):
+  """Fails the test if a collective (workdir.all_agree / barrier) runs
+  after the evaluator's first search by process 0 alone (+R1M: the other
+  processes wait in broadcast_json); records each αDBA output's type."""
+  alone, outputs = [], []
+  database = ev._database  # pylint: disable=protected-access
+
+  def search_alone(reference, k, cache="", is_alone=False):
+    alone.append(is_alone)
+    return database(reference, k, cache, is_alone)
+
+  def collective(flag=None):  # one process: all_agree(flag) is flag
+    assert not any(alone), "a collective while process 0 alone re-ranks"
+    return flag if isinstance(flag, bool) else None
+  monkeypatch.setattr(ev, "_database", search_alone)
+  from vitret_jax import workdir  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(workdir, "all_agree", collective)
+  monkeypatch.setattr(workdir, "barrier", collective)
+  from vitret_jax.eval import rerank  # pylint: disable=g-import-not-at-top
+  augment = rerank.augment_database
+  monkeypatch.setattr(rerank, "augment_database", lambda db, exp, out: (
+      outputs.append(type(out)) or augment(db, exp, out)))
+  return alone, outputs
+
+
 @pytest.mark.parametrize("knn", ["exact", "scann"])
-def test_revisited_evaluator(revisited, tmp_path, knn):
+def test_revisited_evaluator(revisited, tmp_path, knn, monkeypatch):
+  """+R1M with every re-ranking: process 0 alone searches and re-ranks
+  (no collective), an αDBA database is memory-mapped (and removed)."""
   if knn == "scann":
     pytest.importorskip("scann")
   fn, mesh, params = make_embed()
@@ -72,9 +99,13 @@ def test_revisited_evaluator(revisited, tmp_path, knn):
       options=dict(distractors_dir=os.path.join(revisited, "r1m"),
                    check_counts=False),
       pp="decode|resize_max(48)|normalize", scales=(0.7071, 1.0, 1.4142),
-      knn=knn, whiten_dim=16)
+      knn=knn, whiten_dim=16,
+      rerank=("dba(2,3)+aqe(2,3)+superglobal(8,2,0.15)",))
   cache = str(tmp_path / "emb" / "roxford-step0")
+  alone, outputs = no_collective_once_alone(ev, monkeypatch)
   out = ev.run(params, cache)
+  assert alone[0] and outputs == [np.memmap]
+  assert 0 < out[f"medium/map+{ev.rerank[0].name}"] <= 1
   # Each query's own photo is in the database as an easy positive: rank 1.
   assert out["easy/mp@1"] == 1.0 and out["medium/mp@1"] == 1.0
   for setting in ("easy", "medium", "hard"):
@@ -92,6 +123,7 @@ def test_revisited_evaluator(revisited, tmp_path, knn):
   names = sorted(os.listdir(tmp_path / "emb"))
   assert len(names) == len(saved)
   assert all(n.startswith(want) for n, want in zip(names, saved)), names
+  alone.clear()  # a new run: its collectives come before the search
   again = ev.run(None, cache)  # no parameters: only the saved embeddings
   assert again == out
   rows = ev.report_rows(3, 4)

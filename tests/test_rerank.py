@@ -264,6 +264,16 @@ def test_specs():
     with pytest.raises(UserError, match="same re-ranking") as e:
       specs.parse_all(twice)
     assert "\n" not in str(e.value)
+  # Names parse back to the same plan; nothing non-finite or non-positive.
+  for spec in ("dba(10,3.0000001)", "aqe(5,2.0000001)", "aqe(3,1e-7)",
+               "superglobal(400,9,0.1500000001)"):
+    plan = specs.parse(spec)
+    assert specs.parse(plan.name) == plan, (spec, plan.name)
+  assert len(specs.parse_all(("aqe(5,2.0000001)", "aqe(5,2.0000002)"))) == 2
+  for bad in ("aqe(3,inf)", "dba(3,nan)", "dba(3,-1)", "aqe(3,-1e-9)",
+              "superglobal(400,9,inf)", "superglobal(400,9,-0.1)"):
+    with pytest.raises(UserError, match="finite"):
+      specs.parse(bad)
   # The saved config of a run older than the option has no such key.
   import ml_collections  # pylint: disable=g-import-not-at-top
   specs.check(ml_collections.ConfigDict({"knn": "exact"}), "evals.old.rerank")
@@ -443,3 +453,14 @@ def test_scann_alone_needs_no_other_process(data, tmp_path, monkeypatch):
     assert v.search(q, 5)[1].tolist() == want
   assert [p.name.startswith("c-scann-k20-") for p in tmp_path.iterdir()] == [
       True]
+  # Other ScaNN options: another index, never the saved one.
+  from vitret_jax.eval import knn  # pylint: disable=g-import-not-at-top
+  built = []
+  build = knn.build_scann
+  monkeypatch.setattr(knn, "build_scann", lambda x, k, **o: built.append(o)
+                      or build(x, k, **o))
+  for leaves in (5, 5, 100):
+    searchers.with_backend(db, "scann", {"num_leaves_to_search": leaves}, 20,
+                           str(tmp_path / "c"), alone=True)
+  assert [o["num_leaves_to_search"] for o in built] == [5, 100]
+  assert len(list(tmp_path.iterdir())) == 3

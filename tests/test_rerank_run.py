@@ -42,7 +42,8 @@ def test_rerank_metrics_in_every_output(tmp_path):
       "error: evals.roxford.rerank: 'aqe(0)' needs n >= 1")
   run = main_in_process(*common, f"--config.evals.roxford.rerank={SPECS}",
                         "--config.total_steps=2",
-                        "--config.ckpt.best_metric=roxford/medium/map+aqe")
+                        "--config.ckpt.best_metric=roxford/medium/map+aqe"
+                        "+dba")
   assert run.returncode == 0, run.stderr[-2000:]
   with open(os.path.join(workdir, "eval.json")) as f:
     result = json.load(f)
@@ -70,20 +71,23 @@ def test_rerank_metrics_in_every_output(tmp_path):
       f"{result['untrained'][n]:.4f}" for n in
       ["roxford/hard/map+superglobal(12,3,0.15)"]] + [
           f"{result['roxford/hard/map+superglobal(12,3,0.15)']:.4f}"]
-  # The best checkpoint is ranked by a re-ranked metric: a copy of step 2
-  # as step 1, better by map+aqe and worse by map, is the one kept.
+  # The best checkpoint is ranked by a re-ranked metric, named by its spec
+  # (config check: the canonical name): a copy of step 2 as step 1,
+  # better by map+dba+aqe and worse by map, is the one kept.
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   ckpts = os.path.join(workdir, "checkpoints")
   with open(os.path.join(ckpts, "2", checkpoint.EVAL_METRICS)) as f:
     saved = json.load(f)
-  saved["roxford/medium/map+aqe"] += 0.1
+  saved["roxford/medium/map+dba+aqe"] += 0.1
   saved["roxford/medium/map"] -= 0.1
   os.makedirs(os.path.join(ckpts, "1"), exist_ok=True)
   with open(os.path.join(ckpts, "1", checkpoint.EVAL_METRICS), "w") as f:
     json.dump(saved, f)
   steps = [type("Step", (), {"step": s})() for s in (1, 2)]
+  with open(os.path.join(workdir, "config.json")) as f:
+    best_metric = json.load(f)["ckpt"]["best_metric"]
   best = checkpoint._BestByEvalFile(  # pylint: disable=protected-access
-      ckpts, "roxford/medium/map+aqe", 1)
+      ckpts, best_metric, 1)
   assert best.should_preserve(steps, context=None) == [True, False]
 
 
@@ -107,8 +111,8 @@ def test_r1m_benchmark_smoke(monkeypatch, capsys):
       "write the shards", "search, depth 3,210", "aqe(10,3)" + inc,
       "superglobal(400,9,0.15)" + inc, "dba(10,3)", "build index",
       "search, depth 3,210", "aqe(10,3)" + inc,
-      "superglobal(400,9,0.15)" + inc, "dba(10,3): the new database",
-      "dba(10,3): its index", "dba(10,3)" + inc,
+      "superglobal(400,9,0.15)" + inc,
+      "dba(10,3): the new database and its index", "dba(10,3)" + inc,
       "aqe(10,3)+dba(10,3)" + inc]
   # Brute-force ScaNN below 20,000 items: the exact rankings.
   assert rows[6][6] == rows[1][6] and "Recall@100 1.0000" in rows[6][9]

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -81,12 +82,17 @@ def test_search_by_upload_and_by_id(served):
   body = r.json()
   assert [h["rank"] for h in body["results"]] == [1, 2, 3]
   top = body["results"][0]
-  assert top["id"] == 5 and top["score"] > 0.999 and top["url"] == "/images/5"
-  r = c.post("/search", data={"id": "5", "k": "11"}).json()
+  assert top["id"] == 5 and top["score"] > 0.999
+  # Ids and URLs carry the index's generation (a fresh index: 1).
+  assert top["generation"] == body["generation"] == 1
+  assert top["url"] == "/images/1/5"
+  r = c.post("/search", data={"id": "1:5", "k": "11"}).json()
   assert len(r["results"]) == 11 and 5 not in [h["id"] for h in r["results"]]
   scores = [h["score"] for h in r["results"]]
   assert scores == sorted(scores, reverse=True)
-  img = c.get("/images/5")
+  assert r == dict(c.post("/search", data={"id": "5", "k": "11"}).json(),
+                  seconds=r["seconds"])  # a bare id: the index served now
+  img = c.get("/images/1/5")
   assert img.status_code == 200 and img.content == open(index.paths[5],
                                                         "rb").read()
   assert "<title>vitret_jax search</title>" in c.get("/").text
@@ -104,13 +110,13 @@ def test_bad_input_is_a_4xx_with_a_message(served, monkeypatch):
       c.post("/search", data={"id": "x"}),
       c.post("/search", data={"id": "1", "k": "12"}),  # 11 others
       c.post("/search", data={"k": "3"}),
-      c.get("/images/12"), c.get("/images/..%2F..%2Fetc%2Fpasswd"),
-      c.get("/images/-1"),
+      c.get("/images/1/12"), c.get("/images/..%2F..%2Fetc%2Fpasswd"),
+      c.get("/images/1/-1"), c.get("/images/5"),
   ]
   for r in cases:
     assert 400 <= r.status_code < 500, (r.status_code, r.text)
     assert r.json()["error"], r.text
-  assert [r.status_code for r in cases[-3:]] == [404, 404, 404]
+  assert [r.status_code for r in cases[-4:]] == [404, 404, 404, 404]
   monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
   r = upload(c, index.paths[0])
   assert r.status_code == 400 and "decompression-bomb" in r.json()["error"]
@@ -232,7 +238,7 @@ def _sign_in_and_search(url, token, paths, tmp_path):
     cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
     assert len(cards) == 10
     assert cards[0].get_attribute("title") == paths[7]
-    assert cards[0].get_attribute("data-id") == "7"
+    assert cards[0].get_attribute("data-id") == "1:7"
     shot = os.environ.get("VITRET_SCREENSHOT") or str(tmp_path / "p.png")
     browser.save_screenshot(shot)
     assert Image.open(shot).size[0] > 500
@@ -268,8 +274,24 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
       cwd=REPO, env=subprocess_env(VITRET_SERVE_TOKEN=token),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   url = f"http://127.0.0.1:{port}"
+  lines = []
+
+  def read_log():
+    for line in proc.stderr:
+      lines.append(line)
+  reader = threading.Thread(target=read_log, daemon=True)
+  reader.start()
   try:
+    # SIGHUP while the model loads: neither fatal nor lost (a reload once
+    # the index is open); again once serving.
+    t0 = time.monotonic()
+    while not any("reloads the index from now on" in x for x in lines):
+      assert proc.poll() is None, "".join(lines)[-3000:]
+      assert time.monotonic() - t0 < 120, "".join(lines)[-3000:]
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGHUP)
     assert _wait_for(url + "/healthz", proc) == {"status": "ok"}
+    proc.send_signal(signal.SIGHUP)
     with urllib.request.urlopen(urllib.request.Request(
         url + "/healthz", headers={"Authorization": f"Bearer {token}"})) as r:
       assert json.load(r)["images"] == 12
@@ -277,10 +299,20 @@ def test_web_page_in_a_browser_and_sigterm(served, tmp_path):
       urllib.request.urlopen(urllib.request.Request(
           url + "/healthz", headers={"Host": "attacker.example"}))
     _sign_in_and_search(url, token, index.paths, tmp_path)
+    while sum("SIGHUP: unchanged (generation 1, 12 images)" in x
+              for x in lines) < 2:
+      assert proc.poll() is None, "".join(lines)[-3000:]
+      assert time.monotonic() - t0 < 120, "".join(lines)[-3000:]
+      time.sleep(0.01)
   finally:
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out = proc.stdout.read()
+    proc.wait(60)
+    reader.join(30)
+  err = "".join(lines)
   assert proc.returncode == 0, err[-3000:]
+  assert err.index("reloads the index from now on") < err.index(
+      "Compiled 3 forward passes")  # handled before loading and compiles
   assert "Server stopped." in out
   assert "Traceback" not in err and "without a token" not in err
   assert "Compiled 3 forward passes" in err and "32x32" in err

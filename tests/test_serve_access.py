@@ -15,7 +15,8 @@ import serve_helpers
 
 fastapi = pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
 import httpx  # noqa: E402  (after the skip)
-from vitret_jax import serve  # noqa: E402  (after the skip)
+from vitret_jax import indexing  # noqa: E402  (after the skip)
+from vitret_jax import serve  # noqa: E402
 from vitret_jax import serve_guard  # noqa: E402
 from vitret_jax.eval import report  # noqa: E402
 
@@ -42,11 +43,11 @@ def test_a_token_guards_the_api_and_the_page(gallery, monkeypatch):
       serve.create_app(serve_helpers.FakeEmbedder(), gallery, token=TOKEN),
       follow_redirects=False)
   assert c.get("/healthz").json() == {"status": "ok"}  # nothing more
-  for r in (_upload(c, gallery.paths[0]), c.get("/images/0"),
+  for r in (_upload(c, gallery.paths[0]), c.get("/images/1/0"),
             c.get("/app.js"), c.get("/evaluation"),
             _upload(c, gallery.paths[0],
                     headers={"Authorization": "Bearer wrong"}),
-            c.get("/images/0", cookies={serve_guard.COOKIE: "forged"})):
+            c.get("/images/1/0", cookies={serve_guard.COOKIE: "forged"})):
     assert r.status_code == 401, (r.request.url, r.status_code)
     assert "default-src 'self'" in r.headers["content-security-policy"]
     assert "Authorization: Bearer" in r.json()["error"]
@@ -69,7 +70,7 @@ def test_a_token_guards_the_api_and_the_page(gallery, monkeypatch):
   assert c.get("/").status_code == 200
   assert c.get("/healthz").json()["images"] == 6
   assert _upload(c, gallery.paths[0]).status_code == 200
-  assert c.get("/images/0").status_code == 200
+  assert c.get("/images/1/0").status_code == 200
 
 
 def test_the_token_from_the_environment_and_the_open_address_warning(
@@ -98,14 +99,14 @@ def test_without_a_token_only_its_own_host_names_are_answered(gallery):
   without a token; loopback names and the allowed ones are answered."""
   c = serve_helpers.client(serve.create_app(serve_helpers.FakeEmbedder(),
                                             gallery))
-  for path in ("/images/0", "/healthz", "/", "/app.js"):
+  for path in ("/images/1/0", "/healthz", "/", "/app.js"):
     r = c.get(path, headers={"host": "attacker.example"})
     assert r.status_code == 400, (path, r.status_code)
     assert "does not answer to the host name 'attacker.example'" in (
         r.json()["error"])
     assert "default-src 'self'" in r.headers["content-security-policy"]
   for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "LOCALHOST"):
-    assert c.get("/images/0", headers={"host": host}).status_code == 200
+    assert c.get("/images/1/0", headers={"host": host}).status_code == 200
   hosts = serve_guard.allowed_hosts
   assert hosts("0.0.0.0", "", ["photos.lan"]) == [
       "127.0.0.1", "::1", "localhost", "photos.lan"]
@@ -116,7 +117,7 @@ def test_without_a_token_only_its_own_host_names_are_answered(gallery):
     app = serve.create_app(serve_helpers.FakeEmbedder(), gallery,
                            token=token, allowed_hosts=allowed)
     r = serve_helpers.client(app).get(
-        "/images/0", headers={"host": "attacker.example"})
+        "/images/1/0", headers={"host": "attacker.example"})
     assert r.status_code == status
 
 
@@ -140,17 +141,17 @@ def test_wrong_tokens_cost_a_delay_and_are_throttled_per_address(
     async with client("10.0.0.1") as guesser, client("10.0.0.2") as other:
       t0 = time.monotonic()
       guesses = await asyncio.gather(*[guesser.get(
-          "/images/0", headers={"Authorization": f"Bearer guess-{i}"})
+          "/images/1/0", headers={"Authorization": f"Bearer guess-{i}"})
                                        for i in range(10)])
       took = time.monotonic() - t0
-      late = [await guesser.get("/images/0", headers=right),
+      late = [await guesser.get("/images/1/0", headers=right),
               await guesser.post("/login", data={"token": TOKEN})]
       t0 = time.monotonic()
-      cookies = [await other.get("/images/0", headers={
+      cookies = [await other.get("/images/1/0", headers={
           "cookie": f"{serve_guard.COOKIE}=forged-{i}"}) for i in range(6)]
       cookie_s = time.monotonic() - t0
       return guesses, took, late, cookies, cookie_s, await other.get(
-          "/images/0", headers=right)
+          "/images/1/0", headers=right)
   guesses, took, late, cookies, cookie_s, served = asyncio.run(scenario())
   codes = sorted(r.status_code for r in guesses)
   assert codes == [401] * 4 + [429] * 6 and took >= 0.3, (codes, took)
@@ -241,6 +242,16 @@ def test_names_that_are_script_are_shown_as_text_in_a_browser(tmp_path):
       text = b.find_element(By.ID, "search").text
       assert PAYLOADS[0] in text, text  # the names, shown as text
       assert b.execute_script(untouched) == ["vitret_jax search", True, 0]
+      # A result listed before a reload: the message, nothing stale shown.
+      shutil.copy(photos[0], hostile / "added.jpg")
+      indexing.build_index(serve_helpers.FakeEmbedder(), str(hostile),
+                           str(tmp_path / "index"), update=True)
+      assert index.reload()
+      b.find_elements(By.CSS_SELECTOR, "#results .card")[1].click()
+      wait.until(lambda d: d.find_element(By.ID, "error").text)
+      assert b.find_element(By.ID, "error").text.startswith(
+          "The index was reloaded")
+      assert not b.find_elements(By.CSS_SELECTOR, "#results .card, #query *")
       # An error replaces the results it would otherwise sit above.
       b.find_element(By.ID, "file").send_keys(str(broken))
       wait.until(lambda d: d.find_element(By.ID, "error").text)

@@ -60,8 +60,8 @@ def test_errors_are_4xx_for_people_with_security_headers(gallery):
             c.post("/search", data={"k": "3"})],
       404: [c.post("/search", data={"id": "12"}),
             c.post("/search", data={"id": "\u0665"}),  # an Arabic five
-            c.get("/images/\u00b2"), c.get("/images/..%2Fetc%2Fpasswd"),
-            c.get("/images/" + "0" * 5000),  # past int()'s digits
+            c.get("/images/1/\u00b2"), c.get("/images/..%2Fetc%2Fpasswd"),
+            c.get("/images/1/" + "0" * 5000),  # past int()'s digits
             c.post("/search", data={"id": "1" * 5000})],
   }
   cases[400] += [
@@ -87,7 +87,7 @@ def test_errors_are_4xx_for_people_with_security_headers(gallery):
   assert "offset" in cases[400][11].json()["error"]
   assert "not an image file" in cases[400][12].json()["error"]
   for r in [_post(c, photo), c.get("/"), c.get("/app.js"), c.get("/healthz"),
-            c.get("/images/0"), c.get("/nothing"), cases[400][0]]:
+            c.get("/images/1/0"), c.get("/nothing"), cases[400][0]]:
     csp = r.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "script-src" not in csp
     assert r.headers["x-content-type-options"] == "nosniff"

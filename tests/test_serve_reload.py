@@ -9,7 +9,6 @@ import shutil
 import signal
 import threading
 import time
-import types
 import urllib.request
 
 import pytest
@@ -96,18 +95,60 @@ def test_reload_over_http(served, monkeypatch):
   assert codes == [401, 429, 429]  # the one wrong token above counts
 
 
+def test_ids_of_an_older_generation_are_refused(served):
+  """An update that drops a photo renumbers the later ones: after the
+  reload, a URL or id listed before is a 409 (search again), never the
+  photo that now has its number; the new ones answer the right photo."""
+  paths, folder, index_dir, emb, index = served
+  c = serve_helpers.client(serve.create_app(emb, index))
+  before = _upload(c, paths[3], 6).json()
+  old = {os.path.basename(h["path"]): h for h in before["results"]}
+  os.remove(folder / os.path.basename(paths[0]))
+  indexing.build_index(emb, str(folder), index_dir, update=True)
+  assert index.reload()
+  moved = old[os.path.basename(paths[2])]  # its number now is another's
+  for r in (c.get(moved["url"]),
+            c.post("/search", data={"id": f"{moved['generation']}:"
+                                          f"{moved['id']}"})):
+    assert r.status_code == 409, r.text
+    assert r.json()["error"].startswith("The index was reloaded")
+    assert r.json()["error"].endswith("search again.")
+  now = _upload(c, paths[3], 4).json()["results"]
+  assert now[0]["generation"] == index.generation == 2
+  for h in now:
+    assert c.get(h["url"]).content == open(h["path"], "rb").read()
+    r = c.post("/search", data={"id": f"2:{h['id']}", "k": "1"}).json()
+    assert r["query"]["path"] == h["path"]
+
+
 def test_sighup_reloads(served):
   paths, folder, index_dir, emb, index = served
   reloader = serve_admin.Reloader(index)
-  with serve_admin.on_sighup(types.SimpleNamespace(reloader=reloader)):
+  calls = []
+  reload = index.reload
+
+  def flaky():  # the first reload fails unexpectedly; later ones run
+    calls.append(1)
+    if len(calls) == 1:
+      raise RuntimeError("disk went away")
+    return reload()
+  index.reload = flaky
+  # Installed before there is a reloader (the model is loading): a SIGHUP
+  # then neither kills the process nor is lost.
+  with serve_admin.on_sighup() as sighup:
     shutil.copy(paths[6], folder)
     indexing.build_index(emb, str(folder), index_dir, update=True)
-    os.kill(os.getpid(), signal.SIGHUP)
-    t0 = time.monotonic()
-    while reloader.last["status"] != "reloaded":
-      assert time.monotonic() - t0 < 30, reloader.last
-      time.sleep(0.01)
-  assert len(index) == 7 and index.generation == 2
+    for expected in ("failed", "reloaded"):
+      os.kill(os.getpid(), signal.SIGHUP)
+      if not sighup.attached:
+        sighup.attach(reloader)
+      t0 = time.monotonic()
+      while reloader.last["status"] != expected:
+        assert time.monotonic() - t0 < 30, reloader.last
+        time.sleep(0.01)
+  assert "disk went away" in reloader.health()["last_reload"].get(
+      "error", "disk went away")
+  assert len(index) == 7 and index.generation == 2 and len(calls) == 2
 
 
 def test_a_request_works_on_one_snapshot(served):
@@ -156,3 +197,16 @@ def test_searches_during_reloads_never_fail(served):
         f.result(60)  # an error in a search thread fails here
   assert len(statuses) > 3 and set(statuses) == {(200, 4)}
   assert index.generation == 5 and len(index) == 6
+
+
+def test_sighup_on_an_evaluations_only_server(caplog):
+  """No index: SIGHUP is handled (not the default action, which would kill
+  the server) and says there is nothing to reload."""
+  caplog.set_level("INFO")
+  with serve_admin.on_sighup() as sighup:
+    sighup.attach(None)
+    os.kill(os.getpid(), signal.SIGHUP)
+    t0 = time.monotonic()
+    while "serves evaluations only" not in caplog.text:
+      assert time.monotonic() - t0 < 30, caplog.text
+      time.sleep(0.01)

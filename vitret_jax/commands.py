@@ -162,6 +162,27 @@ def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
                     f"--serve_max_connections={max_connections}: each must "
                     f"be positive.")
   token = serve_lib.resolve_token(token)
+  # SIGHUP reloads (or says there is nothing to reload) from here on: its
+  # default action would kill the server while it loads and compiles.
+  with serve_lib.on_sighup() as sighup:
+    app, hosts = _serve_app(serve_lib, config, workdir, pretrained,
+                            index_dir, host, token, eval_name, max_batch,
+                            max_upload_mb, timeout_s, max_pixels,
+                            allowed_hosts, allow_mismatch)
+    sighup.attach(app.state.reloader)
+    if app.state.batcher is not None:
+      logging.info("%s", serve_lib.warm_up(app.state.batcher.embedder,
+                                           app.state.buckets, max_batch))
+    logging.info("Serving %s on http://%s:%d/ (host names: %s)",
+                 app.state.serving, host, port, ", ".join(hosts))
+    serve_lib.run(app, host, port, max_connections, sighup)
+  return "Server stopped."
+
+
+def _serve_app(serve_lib, config, workdir, pretrained, index_dir, host,
+               token, eval_name, max_batch, max_upload_mb, timeout_s,
+               max_pixels, allowed_hosts, allow_mismatch):
+  """serve()'s app (what it serves in app.state.serving) and host names."""
   embedder = index = None
   if pretrained or index_dir:
     embedder, _ = _embedder(config, workdir, pretrained, eval_name)
@@ -179,16 +200,10 @@ def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
                              timeout_s=timeout_s, token=token,
                              max_pixels=max_pixels, allowed_hosts=hosts)
   serve_lib.warn_if_exposed(host, token, hosts)
-  if embedder is not None:
-    logging.info("%s", serve_lib.warm_up(embedder, app.state.buckets,
-                                         max_batch))
-  logging.info("Serving %s on http://%s:%d/ (host names: %s)",
-               ", ".join(filter(None, [
-                   f"{len(index)} indexed images" if index else "",
-                   f"evaluations {sorted(evals)}" if evals else ""])),
-               host, port, ", ".join(hosts))
-  serve_lib.run(app, host, port, max_connections)
-  return "Server stopped."
+  app.state.serving = ", ".join(filter(None, [
+      f"{len(index)} indexed images" if index else "",
+      f"evaluations {sorted(evals)}" if evals else ""]))
+  return app, hosts
 
 
 class Incomplete(str):

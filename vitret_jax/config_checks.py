@@ -1,6 +1,7 @@
 """The checks of a run's config that need no data, run before anything
 heavy so that a mistake stops the run in seconds with one line
 (`check_config`), and the loss the config names (`build_loss`)."""
+import difflib
 import os
 
 from absl import logging
@@ -187,4 +188,60 @@ def check_config(config, mesh):
           f"set it to the {ev.dataset} data (--config.evals.{name}.data_dir="
           f"...).\n{readers.INSTRUCTIONS.get(ev.dataset, '')}")
   check_resolution(config, size)
+  check_best_metric(config)
   return model, size
+
+
+def metric_names(evals_cfg) -> list:
+  """The names of the metrics the evaluators of `evals_cfg` report, as
+  vitret_eval.json and eval.json hold them ("<evaluator>/" first when
+  there are several), re-ranked ones under their plans' canonical names."""
+  names = []
+  for name, ev in evals_cfg.items():
+    prefix = "" if len(evals_cfg) == 1 else f"{name}/"
+    if ev.type == "revisited":
+      plain = [f"{s}/{m}" for s in ("easy", "medium", "hard") for m in
+               ["map"] + [f"mp@{k}" for k in ev.get("kappas", (1, 5, 10))]]
+    else:
+      plain = [f"recall@{k}" for k in ev.get("ks", (1,))] + (
+          ["map@r"] if ev.get("map_at_r", True) else [])
+    plans = rerank_spec.parse_all(ev.get("rerank", ()))
+    names += [prefix + m + suffix for m in plain
+              for suffix in [""] + [f"+{p.name}" for p in plans]]
+    if ev.get("knn", "exact") == "scann":
+      names.append(f"{prefix}scann_recall@10")
+  return names
+
+
+def check_best_metric(config):
+  """ckpt.best_metric (with keep_best and evaluators): a re-ranked metric
+  spelled as its spec ("roxford/medium/map+aqe+dba") becomes the plan's
+  canonical name ("...+dba+aqe"), which the metrics carry; a name no
+  evaluator reports is a one-line UserError (else no step would compete
+  and keep_best would keep nothing)."""
+  ckpt = config.ckpt
+  if not ckpt.get("keep_best") or not config.evals:
+    return
+  metric = canonical = ckpt.best_metric
+  base, plus, spec = metric.partition("+")
+  if plus:
+    try:
+      canonical = f"{base}+{rerank_spec.parse(spec).name}"
+    except UserError:
+      pass
+  names = metric_names(config.evals)
+  (only,) = config.evals if len(config.evals) == 1 else (None,)
+  if only and canonical.startswith(f"{only}/") and canonical not in names:
+    canonical = canonical[len(only) + 1:]  # a lone evaluator: no prefix
+  if canonical != metric:
+    logging.info("ckpt.best_metric=%r: the metric is named %r (canonical "
+                 "re-ranking names; no evaluator prefix when there is one "
+                 "evaluator).", metric, canonical)
+    ckpt.best_metric = metric = canonical
+  if metric not in names:
+    near = difflib.get_close_matches(metric, names, 3, 0.5)
+    raise UserError(
+        f"ckpt.best_metric={metric!r} is not a metric of the evaluators "
+        f"(evals): use one of " + ", ".join(repr(n) for n in (
+            near if len(names) > 12 and near else names[:12])) + (
+                ", ..." if len(names) > 12 and not near else "") + ".")

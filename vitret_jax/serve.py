@@ -7,20 +7,18 @@
 
 Endpoints:
   GET  /             the web page (static files in vitret_jax/assets/web)
-  POST /search       multipart: `image` (a file) or `id` (an indexed image),
-                     `k`, `rerank` (optional); JSON {"query", "k", "rerank",
-                     "results": [{"rank", "id", "score", "path", "url"}]}
-  GET  /images/{id}  an indexed image (nothing else is served)
+  POST /search       multipart: `image` (a file) or `id` (an indexed image,
+                     "<generation>:<id>"), `k`, `rerank` (optional); JSON
+                     {"query", "k", "rerank", "generation", "results":
+                     [{"rank", "id", "generation", "score", "path", "url"}]}
+  GET  /images/{generation}/{id}  an indexed image (nothing else is served)
   GET  /healthz      {"status": "ok", "images": N, "max_k": ..., "index"}
   POST /admin/reload reopens a changed index, as SIGHUP does (serve_admin)
   GET  /evaluation   with --workdir: the evaluators, metrics and queries
-                     (sortable by the rank of the first correct match,
-                     misses only on request; "lone" queries, with no
-                     other image of their class, are not misses: the
-                     metrics leave them out), whether the evaluation is
-                     over classes seen in training ("seen_classes"), and
-                     /evaluation/{name}/{i} one query's neighbours with
-                     their marks.
+                     (sortable by first correct rank, misses on request;
+                     "lone" queries, alone in their class, are not misses:
+                     the metrics leave them out), "seen_classes", and
+                     /evaluation/{name}/{i} one query's marked neighbours.
   GET, POST /login   with a token: the sign-in form (serve_guard.py).
 
 What it promises: the event loop only routes. Uploads are decoded in worker
@@ -29,7 +27,8 @@ batched forward passes in one model thread (Batcher), searches run in their
 own thread. Bad input is a 4xx with a JSON message written for a person:
 not an image, a damaged file, a decompression bomb (refused from its
 header), a JPEG of too many scans or an image over --serve_max_pixels 400,
-k outside 1 to min(1000, index) 400, an unknown id 404, a body over
+k outside 1 to min(1000, index) 400, an unknown id 404, an id of an
+older generation (the index was reloaded since) 409, a body over
 --serve_max_upload_mb 413 (counted as it arrives), a body not in within
 --serve_timeout_s 408, a request with a malformed parameter 400. A query
 not answered within --serve_timeout_s is a 503; a query given up by its
@@ -42,6 +41,7 @@ memory, within a budget of bytes.
 """
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import os
 import signal
@@ -77,6 +77,7 @@ GONE = 499  # the status logged for a request whose client went away
 warm_up = serve_batcher.warm_up
 resolve_token = serve_guard.resolve_token
 warn_if_exposed = serve_guard.warn_if_exposed
+on_sighup = serve_admin.on_sighup
 allowed_hosts = serve_guard.allowed_hosts
 
 
@@ -116,7 +117,7 @@ def create_app(embedder=None, index=None, workdir="", max_batch=32,
   serve_admin.routes(app, app.state.reloader, token, sorted(evals), MAX_K)
 
   _search_routes(app, index, timeout_s, max_upload_mb)
-  _image_routes(app, index)
+  serve_admin.image_routes(app, index)
   _evaluation_routes(app, evals)
   throttle = serve_guard.Throttle()
   if token:
@@ -180,16 +181,11 @@ def _k(value, n_others):
   return int(text)
 
 
-def _index_id(text, n):
-  """The id `text` names (ASCII digits, below `n`), or None."""
-  text = text.strip() if isinstance(text, str) else ""
-  ok = text.isascii() and text.isdigit() and len(text) <= len(str(n))
-  return int(text) if ok and int(text) < n else None
-
-
-def _read_query(form, n):
+def _read_query(form, snap):
   """(k, id or None, upload or None) of a /search form; a ValueError saying
-  what to send instead (a LookupError for an unknown id)."""
+  what to send instead (a LookupError for an unknown id, Stale for an id
+  of an older generation)."""
+  n = len(snap)
   upload, qid = form.get("image"), form.get("id")
   if (upload is None) == (qid is None):
     raise ValueError("Send either an image file ('image') or the id of an "
@@ -197,10 +193,11 @@ def _read_query(form, n):
   if upload is not None and not isinstance(upload, datastructures.UploadFile):
     raise ValueError("Send the image as a file ('image'), not as text.")
   if qid is not None:
-    me = _index_id(qid, n)
+    me = serve_admin.image_ref(qid, snap)
     if me is None:
       shown = repr(qid[:40]) if isinstance(qid, str) else "a file"
-      raise LookupError(f"id={shown}: no such image; ids are 0 to {n - 1}.")
+      raise LookupError(f"id={shown}: no such image; ids are "
+                        f"{snap.generation}:0 to {snap.generation}:{n - 1}.")
     return _k(form.get("k"), n - 1), me, None
   return _k(form.get("k"), n), None, upload
 
@@ -251,15 +248,15 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
   """POST /search over `index`."""
   state = app.state
 
-  def hit(snap, rank, i, score):
-    return {"rank": rank, "id": i, "score": round(float(score), 6),
-            "path": snap.paths[i], "url": f"/images/{i}"}
+  def ref(snap, i):
+    return {"id": i, "generation": snap.generation, "path": snap.paths[i],
+            "url": f"/images/{snap.generation}/{i}"}
 
   async def answer(snap, k, me, data, filename, plan):  # one opening: `snap`
     t0 = time.perf_counter()
     if me is not None:
       emb = np.asarray(snap.embeddings[me], np.float32)
-      query = {"id": me, "path": snap.paths[me], "url": f"/images/{me}"}
+      query = ref(snap, me)
     else:
       try:
         emb = await state.batcher.embed(await state.reader(data))
@@ -270,8 +267,10 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
         state.searcher, functools.partial(snap.search_ids, rerank=plan),
         emb[None], k, [me]))[0]
     return {"query": query, "k": k, "rerank": plan and plan.name,
+            "generation": snap.generation,
             "seconds": round(time.perf_counter() - t0, 4),
-            "results": [hit(snap, r, i, s)
+            "results": [{"rank": r, **ref(snap, i),
+                         "score": round(float(s), 6)}
                         for r, (i, s) in enumerate(hits, 1)]}
 
   @app.post("/search")
@@ -284,13 +283,15 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
     try:
       form = await _read_form(request, max_upload_mb)
       try:
-        k, me, upload = _read_query(form, len(snap))
+        k, me, upload = _read_query(form, snap)
         plan = rerank_spec.from_field(form.get("rerank"), "rerank", MAX_K)
         data = await upload.read() if upload is not None else None
       finally:
         await form.close()
     except starlette_requests.ClientDisconnect:
       return _error(GONE, "The client went away.")
+    except serve_admin.Stale as e:
+      return _error(409, str(e))
     except LookupError as e:
       return _error(404, str(e))
     except ValueError as e:
@@ -298,22 +299,6 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
     filename = upload.filename if upload is not None else None
     work = asyncio.ensure_future(answer(snap, k, me, data, filename, plan))
     return await _within(request, work, deadline, timeout_s)
-
-
-def _image_routes(app, index):
-  """GET /images/{id}: an indexed image."""
-
-  @app.get("/images/{image_id:path}")
-  def image(image_id: str):
-    # Only ids of indexed images: no path of the file system is accepted.
-    snap = index.snapshot() if index is not None else None
-    i = _index_id(image_id, len(snap)) if snap is not None else None
-    if i is None:
-      return _error(404, f"No indexed image {image_id[:40]!r}.")
-    path = snap.paths[i]
-    if not os.path.isfile(path):
-      return _error(404, f"Indexed image {image_id} is no longer on disk.")
-    return responses.FileResponse(path)
 
 
 def _eval_url(name):
@@ -382,17 +367,20 @@ def _evaluation_routes(app, evals):
     return responses.FileResponse(path)
 
 
-def run(app, host="127.0.0.1", port=8080, max_connections=MAX_CONNECTIONS):
+def run(app, host="127.0.0.1", port=8080, max_connections=MAX_CONNECTIONS,
+        sighup=None):
   """Serves `app` with uvicorn until SIGTERM or Ctrl-C: uvicorn stops taking
   connections and finishes the requests in flight. It then re-raises the
   signal to the handler it found; the one installed here records it, so a
   SIGTERM ends the command normally (exit 0) instead of killing it. Past
   `max_connections` connections or requests at once, uvicorn answers 503
   (a plain-text one, before the application sees the request). SIGHUP
-  reloads the index (serve_admin.py)."""
+  reloads the index (serve_admin.py; `sighup`: the caller's handler, from
+  serve_admin.on_sighup, else one installed now)."""
   previous = signal.signal(signal.SIGTERM, lambda *_: None)
   try:
-    with serve_admin.on_sighup(getattr(app, "state", None)):
+    with (contextlib.nullcontext() if sighup else serve_admin.on_sighup(
+        getattr(app, "state", None))):
       uvicorn.run(app, host=host, port=port, log_level="info",
                   limit_concurrency=max_connections)
   finally:

@@ -8,10 +8,22 @@ place. The new opening is checked as at start (intact, made by the
 served embedder: search.Index) and swapped in whole; each request works
 on the one snapshot it took when it began. A failed reload (a damaged or
 half-written index, another embedder's) leaves the old one serving and
-says why: in the log, in the response, and in /healthz.
+says why: in the log, in the response, and in /healthz; so does any other
+error, and later reloads still run.
+
+Ids outlive no reload: an update renumbers the images, so every id the
+service hands out carries the index's generation ("<generation>:<id>",
+/images/<generation>/<id>), and one of an older generation is a 409
+(`Stale`: the index was reloaded; search again), never another image.
+
+SIGHUP is handled from `on_sighup()` on (commands.serve: before the model
+is loaded and compiled, when the default action would kill the server):
+it reloads once an index is attached, and says there is none to reload
+on an evaluations-only server.
 """
 import asyncio
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -42,11 +54,15 @@ class Reloader:
     try:
       try:
         done = self.index.reload()
-      except UserError as e:
+      except Exception as e:  # pylint: disable=broad-except
+        # Anything (not only a UserError): the old index keeps serving.
+        if not isinstance(e, UserError):
+          logging.exception("Reload (%s): unexpected error", why)
         logging.error("Reload (%s) failed; still serving generation %d of "
                       "%s: %s", why, self.index.generation,
                       self.index.index_dir, e)
-        self.last = {"status": "failed", "error": str(e), "at": time.time()}
+        self.last = {"status": "failed", "error": str(e) or repr(e),
+                     "at": time.time()}
         return {**self.last, **self.serving()}
       if done:
         self.last = {"status": "reloaded", "at": time.time()}
@@ -66,32 +82,104 @@ class Reloader:
             "last_reload": dict(self.last)}
 
 
-@contextlib.contextmanager
-def on_sighup(state):
-  """Within it, SIGHUP makes the app's `state.reloader` (none: nothing)
-  reload the index, in a thread of its own: never inside the signal
-  handler, which runs on the event loop's thread. Main thread only."""
-  reloader = getattr(state, "reloader", None)
-  if reloader is None:
-    yield
-    return
-  wake, stop = threading.Event(), threading.Event()
+class Stale(LookupError):
+  """An id or image URL of an older generation of the index."""
 
-  def loop():
+  def __init__(self, generation, now):
+    super().__init__(f"The index was reloaded (generation {generation} is "
+                     f"now {now}); search again.")
+
+
+def image_ref(text, snap):
+  """The row of `snap` (search.Index.snapshot()) that "<generation>:<id>"
+  (or a bare "<id>": the index served now) names: None when there is no
+  such image; Stale when the generation is not the one served."""
+  text = text.strip() if isinstance(text, str) else ""
+  gen, colon, rest = text.rpartition(":")
+  if colon and not (gen.isascii() and gen.isdigit() and len(gen) <= 9):
+    return None
+  if colon and int(gen) != snap.generation:
+    raise Stale(int(gen), snap.generation)
+  n = len(snap)
+  ok = rest.isascii() and rest.isdigit() and len(rest) <= len(str(n))
+  return int(rest) if ok and int(rest) < n else None
+
+
+def image_routes(app, index):
+  """GET /images/{generation}/{id}: an indexed image of `index` (None: a
+  404), by id alone: no path of the file system is accepted."""
+
+  def error(status, message):
+    return responses.JSONResponse({"error": message}, status_code=status)
+
+  @app.get("/images/{generation}/{image_id}")
+  def image(generation: str, image_id: str):
+    snap = index.snapshot() if index is not None else None
+    try:
+      i = (image_ref(f"{generation}:{image_id}", snap) if snap is not None
+           else None)
+    except Stale as e:
+      return error(409, str(e))
+    if i is None:
+      return error(404, f"No indexed image {image_id[:40]!r}.")
+    path = snap.paths[i]
+    if not os.path.isfile(path):
+      return error(404, f"Indexed image {image_id} is no longer on disk.")
+    return responses.FileResponse(path)
+
+
+class Sighup:
+  """SIGHUP's reloads (see on_sighup): `attach(reloader)` once the index
+  is open (None: an evaluations-only server); a SIGHUP before then
+  reloads at attach (the index may have been opened before it came)."""
+
+  def __init__(self):
+    self.reloader, self.attached = None, False
+    self.wake, self.stop = threading.Event(), threading.Event()
+
+  def attach(self, reloader):
+    self.reloader, self.attached = reloader, True
+    if reloader is None:
+      logging.info("SIGHUP: this server has no index to reload.")
+
+  def loop(self):
     while True:
-      wake.wait()
-      wake.clear()
-      if stop.is_set():
+      self.wake.wait()
+      if self.stop.is_set():
         return
-      reloader("SIGHUP")
-  previous = signal.signal(signal.SIGHUP, lambda *_: wake.set())
-  threading.Thread(target=loop, name="vitret-reload", daemon=True).start()
+      if not self.attached:
+        time.sleep(0.1)  # the index is being opened: reload once it is
+        continue
+      self.wake.clear()
+      if self.reloader is None:
+        logging.warning("SIGHUP: this server has no index to reload (it "
+                        "serves evaluations only).")
+      else:
+        out = self.reloader("SIGHUP")  # never raises: it catches all
+        logging.info("SIGHUP: %s (generation %d, %d images).", out["status"],
+                     out["generation"], out["images"])
+
+
+@contextlib.contextmanager
+def on_sighup(state=None):
+  """Within it, SIGHUP reloads the index in a thread of its own: never
+  inside the signal handler, which runs on the event loop's thread. Yields
+  the Sighup (attached at once to `state.reloader` when `state` is
+  given). Main thread only."""
+  sighup = Sighup()
+  if state is not None:
+    sighup.attach(getattr(state, "reloader", None))
+  previous = signal.signal(signal.SIGHUP, lambda *_: sighup.wake.set())
+  logging.info("SIGHUP (kill -HUP %d) reloads the index from now on.",
+               os.getpid())
+  threading.Thread(target=sighup.loop, name="vitret-reload",
+                   daemon=True).start()
   try:
-    yield
+    yield sighup
   finally:
     signal.signal(signal.SIGHUP, previous)
-    stop.set()
-    wake.set()
+    sighup.stop.set()
+    sighup.wake.set()
 
 
 def routes(app, reloader, token, evals, max_k):

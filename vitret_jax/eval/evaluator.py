@@ -133,10 +133,8 @@ class _Evaluator:
     return whitening_lib.fit(train, self.whiten_dim, self.whiten)
 
   def _database(self, reference, k, cache="", alone=False):
-    """`reference` (array or view) as a view searched by this evaluator's
-    backend, for k neighbours at most (eval/searchers.py: one ScaNN index,
-    saved beside the cached embeddings and reloaded next time; `alone`:
-    this process alone searches)."""
+    """`reference` as a view searched by the backend, k deep at most
+    (searchers.with_backend; `alone`: this process alone searches)."""
     return searchers.with_backend(reference, self.backend,
                                   self.scann_options, k, cache, alone)
 
@@ -147,15 +145,16 @@ class _Evaluator:
     _, idx = database.search(query, k, exclude)
     return idx, searchers.recall(database, query, idx, exclude)
 
-  def _reranked(self, query, database, depth, score, exclude=None):
+  def _reranked(self, query, database, depth, score, exclude=None,
+                cache="", alone=False):
     """score(ids [Q, depth]) -> metrics of each rerank plan, named
     "<metric>+<name>"; searched through `database`, the view (and
-    searcher) of the plain ranking; an αDBA database gets its own index
-    of the same backend."""
+    searcher) of the plain ranking (searchers.reranker: an αDBA database
+    memory-mapped beside `cache`; `alone`: as _database's)."""
     if not self.rerank:
       return {}
-    reranker = rerank_lib.Reranker(
-        database, lambda array: self._database(array, depth))
+    reranker = searchers.reranker(database, self.backend, self.scann_options,
+                                  depth, os.path.dirname(cache), alone)
     return rerank_lib.reranked_metrics(self.rerank, query, database, depth,
                                        score, exclude, reranker)
 
@@ -236,7 +235,7 @@ class RetrievalEvaluator(_Evaluator):
     out, idx = score(search)
     out.update(self._reranked(
         q, found["db"], idx.shape[1],
-        lambda ids: score(lambda *_: (ids, {}))[0], exclude))
+        lambda ids: score(lambda *_: (ids, {}))[0], exclude, cache))
     if self.skip_corrupt:
       out["skipped_images"] = int((~q_ok).sum() + (
           0 if self.gallery is None else (~g_ok).sum()))
@@ -311,9 +310,10 @@ class RevisitedEvaluator(_Evaluator):
       database = self._database(database, depth, cache, more is not None)
       idx, extra = self._search(database, q, depth)
       out = metrics.revisited_metrics(idx, gnd, self.kappas)
-      out.update(self._reranked(q, database, depth,
-                                lambda ids: metrics.revisited_metrics(
-                                    ids, gnd, self.kappas)))
+      out.update(self._reranked(
+          q, database, depth,
+          lambda ids: metrics.revisited_metrics(ids, gnd, self.kappas),
+          None, cache, more is not None))
       out.update(extra)
       if depth < len(database):
         out["ranking_depth"] = depth

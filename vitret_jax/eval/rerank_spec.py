@@ -91,16 +91,17 @@ def _term(kind, args, bad):
         bad("takes n, alpha and optionally 'self'")
       n = int(args[0]) if args else 10
       alpha = float(args[1]) if len(args) > 1 else 3.0
-      if n < 1 or not alpha >= 0:
-        bad("needs n >= 1 and alpha >= 0")
+      # alpha = 0: equal weights (average query expansion).
+      if n < 1 or not 0 <= alpha < float("inf"):
+        bad("needs n >= 1 and a finite alpha >= 0")
       return Expansion(n, alpha, len(args) == 3)
     if kind == "superglobal":
       if len(args) > 3:
         bad("takes M, K and beta")
       m, k = (int(a) for a in (list(args[:2]) + ["400", "9"][len(args):]))
       beta = float(args[2]) if len(args) == 3 else 0.15
-      if not (1 <= k < m and beta >= 0):
-        bad("needs 1 <= K < M and beta >= 0")
+      if not (1 <= k < m and 0 <= beta < float("inf")):
+        bad("needs 1 <= K < M and a finite beta >= 0")
       return SuperGlobal(m, k, beta)
   except ValueError:
     bad("has a number that does not parse")
@@ -132,7 +133,8 @@ def canonical(dba=None, aqe=None, superglobal=None):
   """The one name of a plan: its terms in the order they apply (dba, aqe,
   superglobal), each bare when it has the defaults (aqe, not aqe(10,3)),
   else with every argument (aqe(5,3), dba(10,3,self),
-  superglobal(200,9,0.15)); numbers as %g writes them."""
+  superglobal(200,9,0.15)); numbers as `_number` writes them, so that
+  the name parses back to the same plan."""
   terms = []
   for kind, term, default in (("dba", dba, Expansion()),
                               ("aqe", aqe, Expansion()),
@@ -142,11 +144,18 @@ def canonical(dba=None, aqe=None, superglobal=None):
     if term == default:
       terms.append(kind)
     elif kind == "superglobal":
-      terms.append(f"superglobal({term.m},{term.k},{term.beta:g})")
+      terms.append(f"superglobal({term.m},{term.k},{_number(term.beta)})")
     else:
-      terms.append(f"{kind}({term.n},{term.alpha:g}"
+      terms.append(f"{kind}({term.n},{_number(term.alpha)}"
                    f"{',self' if term.with_self else ''})")
   return "+".join(terms)
+
+
+def _number(x):
+  """x as %g writes it (3, 0.15) when that reads back as x, else its
+  shortest exact form (repr: 3.0000001)."""
+  short = f"{x:g}"
+  return short if float(short) == x else repr(float(x))
 
 
 def for_index(spec, where="--rerank", max_depth=0):

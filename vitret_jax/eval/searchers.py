@@ -10,19 +10,25 @@ scann: a searcher attached to the view (`view.searcher`), built once per
   search of it:
   - an array held in memory, or any database under
     scann.brute_force_below rows (default 20,000; ScaNN then scores every
-    row): knn.build_scann over the array, as before the store existed;
-  - otherwise (memory-mapped shards, +R1M): store/scann_search.py, learned
-    from a sample and fed the blocks, never concatenating the database.
+    row): knn.build_scann over the array, held in memory;
+  - otherwise (memory-mapped shards or arrays, +R1M, an αDBA's database):
+    store/scann_search.py, learned from a sample and fed the blocks, never
+    concatenating the database.
+Saved indexes are keyed on the vectors they index, k and the ScaNN
+options. `reranker` gives the evaluators' re-rankings this backend, and
+writes an αDBA's database to a memory-mapped file.
   Its recall against exact search (`recall`) is measured on at most
   RECALL_QUERIES queries (a fixed sample, seed 0), the exact top 10 alone.
 """
 import hashlib
 import os
+import tempfile
 
 import numpy as np
 
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.eval import knn
+from vitret_jax.eval import rerank
 from vitret_jax.store import scann_search
 from vitret_jax.store import view as view_lib
 
@@ -108,9 +114,10 @@ def with_backend(reference, backend, scann_options=None, k=100, cache="",
 
 def _array_searcher(array, k, opts, cache, alone):
   folder = ""
-  if cache:  # keyed on the very vectors it indexes
-    key = hashlib.sha256(np.ascontiguousarray(array, np.float32)).hexdigest()
-    folder = f"{cache}-scann-k{k}-{key[:12]}"
+  if cache:  # keyed on the very vectors it indexes and the options
+    h = hashlib.sha256(repr(sorted(opts.items())).encode())
+    h.update(np.ascontiguousarray(array, np.float32))
+    folder = f"{cache}-scann-k{k}-{h.hexdigest()[:12]}"
   saved = bool(folder) and os.path.isdir(folder)
   if saved if alone else workdir_lib.all_agree(saved):
     scann = knn.load_scann(folder)
@@ -148,6 +155,27 @@ def _store_searcher(view, k, opts, cache):
     searcher.save(tmp)
     os.replace(tmp, folder)
   return searcher
+
+
+def reranker(database, backend, scann_options, depth, folder="",
+             alone=False):
+  """An eval/rerank.py Reranker of `database` (a view with its searcher)
+  for rankings `depth` deep: an αDBA's database is written to a
+  memory-mapped file in `folder` (default: the system's temporary folder),
+  removed at once (its pages live while the Reranker holds it), and
+  searched by `backend` (with_backend: memory-mapped, so through the
+  store's searcher at scale); `alone`: as with_backend's, no collective
+  (process 0 alone re-ranks +R1M)."""
+  def allocate(shape):
+    fd, path = tempfile.mkstemp(".npy", "dba-", folder or None)
+    os.close(fd)
+    try:
+      return np.lib.format.open_memmap(path, "w+", np.float32, shape)
+    finally:
+      os.remove(path)
+  return rerank.Reranker(
+      database, lambda array: with_backend(array, backend, scann_options,
+                                           depth, "", alone), allocate)
 
 
 def recall(view, queries, ids, exclude=None, k=10):

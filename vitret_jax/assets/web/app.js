@@ -62,6 +62,13 @@ async function search(form, k) {
     showError(`The server did not answer (${e.message}).`);
     return;
   }
+  if (r.status === 409) {
+    // The index was reloaded: its ids changed, so nothing shown is valid.
+    $("query").replaceChildren();
+    showError(body.error || "The index was reloaded; search again.");
+    loadHealth();
+    return;
+  }
   if (!r.ok) {
     showError(body.error || `${r.status} ${r.statusText}`);
     return;
@@ -72,9 +79,11 @@ async function search(form, k) {
   for (const h of body.results) {
     const c = card(h, "", el("span", "score", `#${h.rank} ${h.score.toFixed(3)}`),
                    document.createElement("br"), el("span", "path", shortPath(h.path)));
-    c.dataset.id = h.id;
+    // The id with the generation of the index that listed it: after a
+    // reload, the server refuses it (409) rather than answer another image.
+    c.dataset.id = `${h.generation}:${h.id}`;
     c.title = h.path;
-    c.addEventListener("click", () => searchId(h.id, h));
+    c.addEventListener("click", () => searchId(c.dataset.id, h));
     results.append(c);
   }
 }
@@ -171,17 +180,21 @@ function show(which) {
 $("tab-search").addEventListener("click", (e) => { e.preventDefault(); show("search"); });
 $("tab-eval").addEventListener("click", (e) => { e.preventDefault(); show("eval"); });
 
-fetchJson("/healthz").then(([r, h]) => {
-  if (!r.ok || h.images === undefined) {
-    showError(h.error || "This server needs a token: sign in at /login.");
-    return;
-  }
-  images = h.images;
-  maxK = Math.max(1, h.max_k);
-  $("k").max = String(maxK);
-  $("k").value = String(Math.min(10, maxK));
-  $("status").textContent = `${h.images} images indexed` + (h.evaluations.length ? `; evaluations: ${h.evaluations.join(", ")}` : "");
-  if (!h.images && h.evaluations.length) show("eval");
-  if (!h.evaluations.length) $("tab-eval").hidden = true;
-  if (!h.images) $("tab-search").hidden = true;
-});
+function loadHealth() {
+  return fetchJson("/healthz").then(([r, h]) => {
+    if (!r.ok || h.images === undefined) {
+      showError(h.error || "This server needs a token: sign in at /login.");
+      return;
+    }
+    const first = maxK === null;  // later: after a reload, keep k as typed
+    images = h.images;
+    maxK = Math.max(1, h.max_k);
+    $("k").max = String(maxK);
+    if (first) $("k").value = String(Math.min(10, maxK));
+    $("status").textContent = `${h.images} images indexed` + (h.evaluations.length ? `; evaluations: ${h.evaluations.join(", ")}` : "");
+    if (!h.images && h.evaluations.length) show("eval");
+    if (!h.evaluations.length) $("tab-eval").hidden = true;
+    if (!h.images) $("tab-search").hidden = true;
+  });
+}
+loadHealth();
