@@ -409,6 +409,7 @@ def test_evaluators_are_lazy_and_keep_their_own_cadence(tmp_path):
     c.eval_every = 1
     c.evals.late = c.evals.test.copy_and_resolve_references()
     c.evals.late.every = 0  # only at the end
+    c.ckpt.best_metric = "test/recall@1"  # two evaluators: named in full
   workdir = str(tmp_path / "run")
   out = train.train_and_evaluate(c, workdir)
   rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
