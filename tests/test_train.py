@@ -110,8 +110,6 @@ def test_train_evaluate_and_resume(tmp_path, caplog):
   assert again["recall@1"] == pytest.approx(out["recall@1"])
 
 
-
-
 def test_cli_errors_are_clear(tmp_path):
   """A mistyped key in a real process; the rest through the same parsing
   and error handling in this process (`main_in_process`)."""
