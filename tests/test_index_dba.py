@@ -57,7 +57,7 @@ def dba_files(index_dir):
 
 
 def test_built_with_dba_ranks_like_the_evaluator_and_refuses_another(
-    folder, tmp_path):
+    folder, tmp_path, monkeypatch):
   index_dir = tmp_path / "index"
   summary = build(folder, index_dir, dba="dba(3,3)")
   assert summary["dba"] == "dba(3,3)"
@@ -69,6 +69,13 @@ def test_built_with_dba_ranks_like_the_evaluator_and_refuses_another(
                                  index.dba, np.empty_like(rows))
   np.testing.assert_allclose(index._state.augmented.array, want, atol=1e-6)
   queries = rows[[0, 5, 9]] + 0.01
+  # A search uses the stored database: it never augments one itself.
+  augment = rerank.augment_database
+  monkeypatch.setattr(rerank, "augment_database", lambda *a, **k: pytest.fail(
+      "a search augmented the database"))
+  hits = index.search_ids(queries, 5, [0, -1, 9], rerank=PLANS[1])
+  monkeypatch.setattr(rerank, "augment_database", augment)
+  assert hits == index.search_ids(queries, 5, [0, -1, 9], rerank=PLANS[1])
   assert_ranks_like_the_evaluator(index, queries, np.asarray([0, -1, 9]))
   # Another dba is refused in one line naming what the index holds and
   # the command that adds the one asked for.

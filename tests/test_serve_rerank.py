@@ -104,5 +104,5 @@ def test_serve_dba_of_an_index_built_with_it(gallery, tmp_path):
         (i, round(s, 6)) for i, s in want]
   assert r.json()["rerank"] == "dba(3,3)+aqe(2,3)+superglobal(8,2,0.15)"
   r = c.post("/search", data={"id": "5", "k": "4", "rerank": "dba"})
-  assert r.status_code == 400 and "holds the database augmented by " \
-      "dba(3,3)" in r.json()["error"]
+  assert r.status_code == 400
+  assert "holds the database augmented by dba(3,3)" in r.json()["error"]
