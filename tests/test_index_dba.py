@@ -3,6 +3,7 @@ searches re-ranked with dba, dba+aqe, dba+superglobal ranking as the
 evaluator's re-ranker does on the same descriptors (an embedder that needs
 no model: serve_helpers.FakeEmbedder)."""
 import os
+import shlex
 import shutil
 
 import numpy as np
@@ -85,10 +86,10 @@ def test_built_with_dba_ranks_like_the_evaluator_and_refuses_another(
     text = str(e.value)
     assert "\n" not in text and "holds the database augmented by dba(3,3)" in (
         text)
-    name = rerank_spec.parse(plan).dba
+    name = rerank_spec.canonical(dba=rerank_spec.parse(plan).dba)
     assert (f"--mode=index --update --images={folder} "
-            f"--index_dir={index_dir} --dba="
-            f"{rerank_spec.canonical(dba=name)}") in text
+            f"--index_dir={index_dir} " + shlex.quote(f"--dba={name}")
+            ) in text
   # The query side alone still runs without the augmented database.
   plain = index.search_ids(queries, 3, rerank="aqe(3,3)")
   assert plain == rerank.rerank_hits(view_lib.ArrayView(rows), queries, 3,

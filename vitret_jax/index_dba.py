@@ -15,6 +15,7 @@ serve's reload) sees both or neither. Every build and update recomputes
 it; one without --dba drops it.
 """
 import os
+import shlex
 import shutil
 
 import numpy as np
@@ -123,9 +124,12 @@ def check(plan, have, index_dir, root, where="--rerank"):
   want = name(plan.dba)
   holds = (f"holds the database augmented by {name(have)}" if have
            else "holds no augmented database")
+  command = " ".join(shlex.quote(a) for a in (
+      "--mode=index", "--update", f"--images={root}",
+      f"--index_dir={index_dir}", f"--dba={want}"))
   raise UserError(
       f"{where}: {plan.name!r} searches the database augmented by {want}, "
-      f"and {index_dir} {holds}: add it with --mode=index --update "
-      f"--images={root} --index_dir={index_dir} --dba={want} (and the "
-      f"index's --pretrained or --workdir), or re-rank with "
-      f"{name(have) + ' or ' if have else ''}aqe / superglobal alone.")
+      f"and {index_dir} {holds}: add it with {command} (and the index's "
+      f"--pretrained or --workdir), or re-rank with "
+      f"{name(have) + ' (what it holds) or ' if have else ''}aqe / "
+      f"superglobal alone.")
