@@ -130,9 +130,14 @@ def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path):
   got = served.search_ids(q, 4, rerank="dba(2,1,self)+aqe(2,3)")
   _, want = evaluator_ranks(served, "dba(2,1,self)+aqe(2,3)", q, 4, None)
   assert [[i for i, _ in h] for h in got] == want.tolist()
-  # The same again: nothing to do, the generation kept.
+  # The same again: nothing to do, the generation kept; unless the file
+  # is damaged: then computed again.
   build(photos, index_dir, update=True, dba="dba(2,1,self)")
   assert not served.reload()
+  (path,) = [index_dir / f for f in dba_files(index_dir)]
+  os.truncate(path, os.path.getsize(path) - 4)
+  build(photos, index_dir, update=True, dba="dba(2,1,self)")
+  assert served.reload() and served.generation == gen + 2
   # Without --dba: dropped, and a dba search says how to add it.
   s = build(photos, index_dir, update=True)
   assert s["dba"] is None and served.reload() and served.dba is None

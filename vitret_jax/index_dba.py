@@ -19,6 +19,7 @@ import shlex
 import shutil
 
 import numpy as np
+from absl import logging
 
 from vitret_jax.errors import UserError
 from vitret_jax.eval import rerank
@@ -114,6 +115,18 @@ def open_view(folder, info, rows, dim):
     view.searcher = scann_search.load(os.path.join(folder, info["scann"]),
                                       view)
   return view
+
+
+def intact(folder, info, dim):
+  """True when the augmented database `info` names opens, of the rows it
+  records (an --update then keeps it; else it is computed again)."""
+  try:
+    open_view(folder, info, info["rows"], dim)
+  except (OSError, ValueError, KeyError, RuntimeError) as e:
+    logging.warning("%s: the augmented database is damaged (%s): computing "
+                    "it again.", folder, str(e).splitlines()[0][:120])
+    return False
+  return True
 
 
 def check(plan, have, index_dir, root, where="--rerank"):

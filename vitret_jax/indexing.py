@@ -148,10 +148,11 @@ def _dba_name(extra):
 
 def _refresh_dba(w, dba, scann_options):
   """Makes the committed index `w` hold the database augmented by `dba`
-  (an Expansion; None: none): unless it already does, computes it and
-  commits the same rows with it (a new generation)."""
+  (an Expansion; None: none): unless it already does, intact, computes it
+  and commits the same rows with it (a new generation)."""
   extra = dict(w.manifest["extra"])
-  if index_dba.held(extra) == dba:
+  if index_dba.held(extra) == dba and (dba is None or writer.on_process_0(
+      index_dba.intact, w.folder, extra["dba"], w.manifest["dim"])):
     return
   segments = w.segments()
   gen = w.manifest["generation"] + 1
