@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import serve_helpers
+from conftest import main_in_process
 from vitret_jax import commands
 from vitret_jax import image_files
 from vitret_jax import indexing
@@ -172,12 +173,16 @@ def test_cli_checks_dba_before_work(folder, tmp_path, monkeypatch):
   with a dba the index lacks is refused before a query is embedded."""
   monkeypatch.setattr(commands, "_embedder", lambda *a: pytest.fail(
       "loaded a model for a bad --dba"))
-  for bad, why in (("aqe", "name the database side alone"),
-                   ("dba+superglobal", "name the database side alone"),
+  for bad, why in (("dba+superglobal", "name the database side alone"),
                    ("dba(0,3)", "n >= 1")):
     with pytest.raises(UserError, match="--dba") as e:
       commands.index(None, "", "art", str(folder), "idx", dba=bad)
     assert why in str(e.value) and "\n" not in str(e.value)
+  # The flag reaches it.
+  out = main_in_process("--mode=index", "--pretrained=art",
+                        f"--images={folder}", "--index_dir=idx", "--dba=aqe")
+  assert out.returncode == 2 and "--dba='aqe': name the database side " \
+      "alone" in out.stderr, out.stderr
   index_dir = tmp_path / "index"
   build(folder, index_dir)
   monkeypatch.setattr(commands, "_embedder", lambda *a: (
