@@ -1,7 +1,8 @@
 """--mode=index at scale, at test size: a kill -9 and a SIGTERM resume with
 the same descriptors as an uninterrupted build; two processes on 127.0.0.1
-build the index one process builds; --update (new, changed, deleted files;
---verify; another embedder refused); Index.reload; embed_files_iter."""
+build the index one process builds (with its augmented database);
+--update (new, changed, deleted files; --verify; another embedder
+refused); Index.reload; embed_files_iter."""
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from vitret_jax import models
 from vitret_jax import search
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
+from vitret_jax.eval import rerank_spec
 
 SHARD = 4
 
@@ -162,7 +164,8 @@ def test_two_processes_build_the_index_of_one(artifact, photos, reference,
   index = str(tmp_path / "index")
   procs = [subprocess.Popen(
       cli(artifact, photos, index, f"--coordinator_address=127.0.0.1:{port}",
-          "--num_processes=2", f"--process_id={i}"), cwd=REPO,
+          "--num_processes=2", f"--process_id={i}", "--dba=dba(3,3)"),
+      cwd=REPO,
       env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
@@ -171,6 +174,8 @@ def test_two_processes_build_the_index_of_one(artifact, photos, reference,
   # Process 0 reports (the files of both processes, each embedded once);
   # process 1 says nothing.
   assert "Indexed 22 images" in outs[0][0], outs[0][0]
+  # Process 0 alone computes the augmented database (test_index_dba.py).
+  assert "augmented database: dba(3,3)." in outs[0][0], outs[0][0]
   assert "22 embedded now" in outs[0][0], outs[0][0]
   assert "Indexed" not in outs[1][0] and "process 1 of 2" in outs[1][1]
   assert "(process 0: 3 of 6 shards)" in outs[0][1]
@@ -179,7 +184,9 @@ def test_two_processes_build_the_index_of_one(artifact, photos, reference,
   for s in range(6):
     with open(os.path.join(seg, f"{s:05d}.json")) as f:
       assert json.load(f)["process"] == s % 2, s
-  assert_same_index(search.Index(index), reference)
+  built = search.Index(index)
+  assert_same_index(built, reference)
+  assert built.dba == rerank_spec.Expansion(3, 3.0)
 
 
 class Other:

@@ -1,10 +1,13 @@
 """Re-ranking a search of an index (eval/rerank.py through search.Index):
 serve's optional `rerank` field and --mode=search --rerank, with an
 embedder that needs no model (serve_helpers.FakeEmbedder)."""
+import os
+
 import pytest
 
 import serve_helpers
 from vitret_jax import commands
+from vitret_jax import search
 from vitret_jax.errors import UserError
 from vitret_jax.eval import rerank
 from vitret_jax.eval import rerank_spec
@@ -22,8 +25,8 @@ def gallery(tmp_path_factory):
 
 def test_serve_rerank_field(gallery, monkeypatch):
   """The field re-ranks through the index's database (the hits are
-  rerank_hits' own), on the request's snapshot; a bad spec or dba is a
-  400 for a person; blank means none."""
+  rerank_hits' own), on the request's snapshot; a bad spec, or a dba the
+  index does not hold, is a 400 for a person; blank means none."""
   _, index = gallery
   c = serve_helpers.client(serve.create_app(serve_helpers.FakeEmbedder(),
                                             index))
@@ -43,7 +46,9 @@ def test_serve_rerank_field(gallery, monkeypatch):
   assert [h["id"] for h in plain["results"]] != [i for i, _ in want]
   blank = c.post("/search", data={"id": "4", "k": "6", "rerank": " "})
   assert blank.json()["results"] == plain["results"]
-  for bad, why in (("dba", "built"), ("aqe(0)", "n >= 1"), ("qe", "valid:"),
+  for bad, why in (("dba", "holds no augmented database: add it with "
+                   "--mode=index --update"),
+                   ("aqe(0)", "n >= 1"), ("qe", "valid:"),
                    ("superglobal(5000,9,0.15)", "at most 1,000"),
                    ("x" * 300, "short text")):
     r = c.post("/search", data={"id": "4", "k": "3", "rerank": bad})
@@ -72,9 +77,32 @@ def test_index_and_cli_rerank(gallery, monkeypatch):
   # --mode=search: the spec is checked before any model is loaded.
   monkeypatch.setattr(commands, "_embedder", lambda *a: pytest.fail(
       "loaded a model for a bad spec"))
-  for bad, why in (("dba(10,3)", "dba augments the database itself"),
-                   ("aqe+", "does not parse")):
+  for bad, why in (("aqe+", "does not parse"),
+                   ("dba+aqe(0)", "n >= 1")):
     with pytest.raises(UserError, match="--rerank: ") as e:
       commands.run_search(None, "", "art", paths[0], "idx", 3, rerank=bad)
     assert why in str(e.value) and "\n" not in str(e.value)
   assert rerank_spec.for_index("aqe+superglobal").name == "aqe+superglobal"
+
+
+def test_serve_dba_of_an_index_built_with_it(gallery, tmp_path):
+  """An index built with --dba answers dba plans through the field, as
+  Index.search_ids ranks them (test_index_dba.py: as the evaluator's
+  re-ranker); another dba is a 400 naming the one it holds."""
+  paths, _ = gallery
+  index_dir = str(tmp_path / "index")
+  search.build_index(serve_helpers.FakeEmbedder(), os.path.dirname(paths[0]),
+                     index_dir, dba="dba(3,3)")
+  index = search.Index(index_dir)
+  c = serve_helpers.client(serve.create_app(serve_helpers.FakeEmbedder(),
+                                            index))
+  for spec in ("dba(3,3)", "aqe(2,3)+dba(3,3)+superglobal(8,2,0.15)"):
+    r = c.post("/search", data={"id": "5", "k": "4", "rerank": spec})
+    assert r.status_code == 200, r.text
+    want = index.search_ids(index.database[[5]], 4, [5], spec)[0]
+    assert [(h["id"], h["score"]) for h in r.json()["results"]] == [
+        (i, round(s, 6)) for i, s in want]
+  assert r.json()["rerank"] == "dba(3,3)+aqe(2,3)+superglobal(8,2,0.15)"
+  r = c.post("/search", data={"id": "5", "k": "4", "rerank": "dba"})
+  assert r.status_code == 400
+  assert "holds the database augmented by dba(3,3)" in r.json()["error"]

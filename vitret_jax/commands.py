@@ -12,6 +12,7 @@ from vitret_jax import config_common
 from vitret_jax import experiment
 from vitret_jax import export
 from vitret_jax import image_files
+from vitret_jax import index_dba
 from vitret_jax import indexing
 from vitret_jax import models
 from vitret_jax import search
@@ -105,19 +106,22 @@ def _index_dir(index_dir, workdir):
 
 def index(config, workdir, pretrained, images, index_dir, overwrite=False,
           eval_name="", update=False, verify=False,
-          shard_size=writer.SHARD_SIZE, searcher="auto", batch_size=64):
+          shard_size=writer.SHARD_SIZE, searcher="auto", batch_size=64,
+          dba=""):
   """--mode=index: every image under `images` into a searchable index of
   memory-mapped shards (vitret_jax/indexing.py): resumed when interrupted,
   brought up to date with `update`, shared by every process of a
-  multi-process run."""
+  multi-process run; with `dba` (--dba=SPEC), the database augmented by
+  it stored too (index_dba.py), for --rerank=dba[+aqe|+superglobal]."""
   if not images:
     raise UserError("--mode=index needs --images=FOLDER.")
+  exp = index_dba.parse(dba)  # checked before a model is loaded
   embedder, source = _embedder(config, workdir, pretrained, eval_name)
   index_dir = _index_dir(index_dir, workdir)
   s = indexing.build_index(embedder, images, index_dir, overwrite=overwrite,
                            update=update, verify=verify, source=source,
                            batch_size=batch_size, shard_size=shard_size,
-                           searcher=searcher)
+                           searcher=searcher, dba=exp)
   for path, why in s["skipped"][:20]:
     logging.warning("skipped unreadable %s: %s", path, why)
   # Files read (unreadable ones too) per second of the slowest process's
@@ -133,7 +137,8 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
              else "")
           + (f", {skipped} unreadable skipped (listed in "
              f"{os.path.join(index_dir, 'skipped.txt')})" if skipped else "")
-          + f"; searcher: {s['searcher']}.")
+          + f"; searcher: {s['searcher']}"
+          + (f"; augmented database: {s['dba']}" if s["dba"] else "") + ".")
 
 
 def serve(config, workdir, pretrained, index_dir, host="127.0.0.1",
@@ -214,7 +219,9 @@ class Incomplete(str):
 def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
                grid="", eval_name="", rerank="", allow_mismatch=False):
   """--mode=search: top-k files of the index for each query image (with
-  `rerank`, a re-ranking spec: aqe, superglobal); an Incomplete when a
+  `rerank`, a re-ranking spec: aqe, superglobal, and dba when the index
+  was built with that --dba, checked before any query is embedded); an
+  Incomplete when a
   query could not be read. An index made by another embedder is refused
   (search.mismatch) unless `allow_mismatch` (--allow_index_mismatch)."""
   if top_k < 1:
@@ -223,6 +230,7 @@ def run_search(config, workdir, pretrained, query, index_dir, top_k=5,
   embedder, _ = _embedder(config, workdir, pretrained, eval_name)
   idx = search.Index(_index_dir(index_dir, workdir), embedder,
                      allow_mismatch)
+  idx.check_rerank(plan)
   paths = search.query_paths(query)
   emb, kept, skipped = image_files.embed_files(embedder, paths,
                                                desc="queries")

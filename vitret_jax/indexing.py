@@ -14,7 +14,9 @@ exported artifact (export.Embedder) or a training run
 (experiment.RunEmbedder); another embedder than the index's is a one-line
 error. The manifest's identity is search.embedder_identity (which records
 whether photos were turned upright); an index of an earlier format, which
-does not, is rebuilt rather than updated.
+does not, is rebuilt rather than updated. With `dba`, every build and
+update also stores the database augmented by αDBA (index_dba.py); one
+without drops it.
 """
 import json
 import os
@@ -25,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from vitret_jax import image_files
+from vitret_jax import index_dba
 from vitret_jax import search
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.errors import DataError
@@ -55,7 +58,7 @@ def _listing(folder, verify):
 def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
                 verify=False, source="", batch_size=64,
                 shard_size=writer.SHARD_SIZE, searcher="auto",
-                scann_options=None):
+                scann_options=None, dba=None):
   """Embeds every image under `folder` into the index `index_dir`; resumes
   an interrupted build; with `update`, brings an existing index up to date
   with the folder. Every process of a multi-process run calls it.
@@ -64,10 +67,16 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
   process), embedded (of those, the readable ones), embed_seconds (this
   process's), reused (rows kept from before), dropped, skipped [(path,
   reason)] (also written to skipped.txt in the index), seconds, searcher,
-  index.
+  index, dba (the canonical name of the augmentation stored, or None).
+
+  `dba`: a --dba spec ('dba', 'dba(10,3)', 'dba(10,3,self)') or None: the
+  database augmented by it is computed after the rows are (index_dba.py)
+  and committed with them; without it, an index's augmented database is
+  dropped.
   """
   if searcher not in SEARCHERS:
     raise UserError(f"--searcher={searcher!r}; valid: {SEARCHERS}.")
+  dba = index_dba.parse(dba) if isinstance(dba, str) else dba
   index_dir = os.path.abspath(index_dir)
   # One build or update of an index at a time, whichever it is (a second is
   # refused, naming the first): the lock lives beside the index, in
@@ -77,11 +86,12 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
                         subject=f"the index {index_dir}",
                         instead="another --index_dir"):
     return _build(embedder, folder, index_dir, overwrite, update, verify,
-                  source, batch_size, shard_size, searcher, scann_options)
+                  source, batch_size, shard_size, searcher, scann_options,
+                  dba)
 
 
 def _build(embedder, folder, index_dir, overwrite, update, verify, source,
-           batch_size, shard_size, searcher, scann_options):
+           batch_size, shard_size, searcher, scann_options, dba):
   """build_index, its index locked."""
   t0 = time.time()
   ident = search.embedder_identity(embedder)
@@ -92,7 +102,9 @@ def _build(embedder, folder, index_dir, overwrite, update, verify, source,
   stats = {"embedded": 0, "seconds": 0.0}
   if not changed:
     # Nothing to update (no new segment, no new generation, the searcher
-    # kept), or a build that finished before its swap.
+    # kept), or a build that finished before its swap; its dba brought to
+    # the one asked for.
+    _refresh_dba(w, dba, scann_options)
     summary = _up_to_date(w, index_dir, t0)
     if not update:
       _swap(w.folder, index_dir)
@@ -104,7 +116,8 @@ def _build(embedder, folder, index_dir, overwrite, update, verify, source,
       return emb, [(start + i, why) for i, why in bad]
     stats = w.fill(new, embed_shard, desc="index")
     segments = segments + [new]
-  summary = _finish(w, segments, root, source, searcher, scann_options)
+  summary = _finish(w, segments, root, source, searcher, scann_options,
+                    dba)
   if not update:
     _swap(w.folder, index_dir)
   embedded = stats["embedded"] - stats.get("skipped", 0)
@@ -124,7 +137,40 @@ def _up_to_date(w, index_dir, t0):
           "reused": rows, "dropped": 0, "seconds": time.time() - t0,
           "index": index_dir, "skipped": _skipped(segments, w.manifest[
               "extra"]["root"]),
-          "searcher": w.manifest["extra"]["searcher"]["kind"]}
+          "searcher": w.manifest["extra"]["searcher"]["kind"],
+          "dba": _dba_name(w.manifest["extra"])}
+
+
+def _dba_name(extra):
+  have = index_dba.held(extra)
+  return None if have is None else index_dba.name(have)
+
+
+def _refresh_dba(w, dba, scann_options):
+  """Makes the committed index `w` hold the database augmented by `dba`
+  (an Expansion; None: none): unless it already does, intact, computes it
+  and commits the same rows with it (a new generation)."""
+  extra = dict(w.manifest["extra"])
+  if index_dba.held(extra) == dba and (dba is None or writer.on_process_0(
+      index_dba.intact, w.folder, extra["dba"], w.manifest["dim"])):
+    return
+  segments = w.segments()
+  gen = w.manifest["generation"] + 1
+
+  def compute():
+    if dba is None:
+      return None
+    view = view_lib.View(segments, w.manifest["dim"])
+    folder = extra["searcher"].get("folder")
+    if folder:
+      view.searcher = scann_search.load(os.path.join(w.folder, folder), view)
+    return index_dba.write(w.folder, view, dba, gen, scann_options)
+  record = writer.on_process_0(compute)
+  extra.pop("dba", None)
+  if record:
+    extra["dba"] = record
+  w.commit(segments, extra)
+  writer.on_process_0(index_dba.clean, w.folder, record)
 
 
 def _skipped(segments, root):
@@ -261,8 +307,9 @@ def _described(seg, checksum):
   return cat(live), np.setdiff1d(cat(skipped), seg.dropped), cat(damaged)
 
 
-def _finish(w, segments, root, source, searcher, scann_options):
-  """Process 0 builds the searcher and commits the manifest."""
+def _finish(w, segments, root, source, searcher, scann_options, dba):
+  """Process 0 builds the searcher (and the dba database, with its
+  searcher, when `dba`) and commits the manifest."""
   gen = (w.manifest or {}).get("generation", 0) + 1
 
   def build_searcher():
@@ -277,25 +324,34 @@ def _finish(w, segments, root, source, searcher, scann_options):
       info["folder"] = f"scann-{gen}"
       path = os.path.join(w.folder, info["folder"])
       shutil.rmtree(path, ignore_errors=True)
-      scann_search.build(view, **(scann_options or {})).save(path)
+      view.searcher = scann_search.build(view, **(scann_options or {}))
+      view.searcher.save(path)
     elif kind == "scann":
       info = {"kind": "exact"}
-    return info, len(view)
-  info, rows = writer.on_process_0(build_searcher)
+    # αDBA finds each item's neighbours with the searcher just built.
+    record = (None if dba is None else
+              index_dba.write(w.folder, view, dba, gen, scann_options))
+    return info, len(view), record
+  info, rows, record = writer.on_process_0(build_searcher)
   skipped = _skipped(segments, root)
   def write_skipped():
     with open(os.path.join(w.folder, "skipped.txt"), "w") as f:
       f.writelines(f"{p}\t{why}\n" for p, why in skipped)
   writer.on_process_0(write_skipped)
-  w.commit(segments, {"root": root, "embedder": source, "searcher": info,
-                      "skipped": len(skipped)})
+  extra = {"root": root, "embedder": source, "searcher": info,
+           "skipped": len(skipped)}
+  if record:
+    extra["dba"] = record
+  w.commit(segments, extra)
 
   def clean():
     for entry in os.listdir(w.folder):
       if entry.startswith("scann-") and entry != info.get("folder"):
         shutil.rmtree(os.path.join(w.folder, entry), ignore_errors=True)
+    index_dba.clean(w.folder, record)
   writer.on_process_0(clean)
-  return {"indexed": rows, "skipped": skipped, "searcher": info["kind"]}
+  return {"indexed": rows, "skipped": skipped, "searcher": info["kind"],
+          "dba": _dba_name(extra)}
 
 
 def _swap(work, index_dir):

@@ -90,11 +90,17 @@ _SHARD_SIZE = flags.DEFINE_integer(
 _SEARCHER = flags.DEFINE_enum(
     "searcher", "auto", ["auto", "exact", "scann"], "index: exact search "
     "streamed over the shards, or ScaNN (auto: from 100,000 images).")
+_DBA = flags.DEFINE_string(
+    "dba", "", "index: also store the database augmented by dba, "
+    "dba(n,alpha[,self]) ('dba' = dba(10,3)), recomputed at every build "
+    "and --update (dropped by one without --dba), for --rerank=dba, "
+    "dba+aqe, dba+superglobal.")
 _QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
 _RERANK = flags.DEFINE_string(
     "rerank", "", "search: re-rank each query's results: aqe(n,alpha), "
-    "superglobal(M,K,beta), or both joined by '+' (eval/rerank_spec.py).")
+    "superglobal(M,K,beta), dba(n,alpha) (an index built with that --dba),"
+    " joined by '+' (eval/rerank_spec.py).")
 _GRID = flags.DEFINE_string("grid", "", "search: also write a PNG grid here.")
 _ALLOW_MISMATCH = flags.DEFINE_bool(
     "allow_index_mismatch", False, "search / serve: query an index that "
@@ -184,7 +190,8 @@ def _run_mode(mode, config, workdir):
     return commands.index(config, workdir, _PRETRAINED.value, _IMAGES.value,
                           _INDEX_DIR.value, _OVERWRITE.value,
                           _EXPORT_EVAL.value, _UPDATE.value, _VERIFY.value,
-                          _SHARD_SIZE.value, _SEARCHER.value)
+                          _SHARD_SIZE.value, _SEARCHER.value,
+                          dba=_DBA.value)
   return commands.run_search(config, workdir, _PRETRAINED.value, _QUERY.value,
                              _INDEX_DIR.value, _TOP_K.value, _GRID.value,
                              _EXPORT_EVAL.value, _RERANK.value,

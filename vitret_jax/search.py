@@ -5,9 +5,10 @@ An index folder is a descriptor store (vitret_jax/store): the descriptors
 in memory-mapped shards, the files' paths relative to the indexed root,
 and the manifest `store.json`, whose `extra` names the root, the embedder
 and the searcher (exact search streamed over the shards, or
-`scann-<generation>/`). `Index` opens it memory-mapped and can reload it
-when it grows. Indexes of vitret_jax 0.1 (`embeddings.npy`, `files.json`,
-`scann/`) are still read.
+`scann-<generation>/`), and the database augmented by αDBA when the index
+was built with --dba (index_dba.py). `Index` opens it memory-mapped and can
+reload it when it grows. Indexes of vitret_jax 0.1 (`embeddings.npy`,
+`files.json`, `scann/`) are still read.
 
 The manifest's identity (embedder_identity) records what made the
 descriptors: the artifact's or run's digests, preprocessing, scales, how
@@ -30,6 +31,7 @@ import numpy as np
 from absl import logging
 
 from vitret_jax import image_files
+from vitret_jax import index_dba
 from vitret_jax.data import folder as folder_data
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
@@ -146,7 +148,8 @@ class _State:
   """One opening of an index (Index swaps it whole on reload): its rows,
   and what made them (`identity`: None for an index of vitret_jax 0.1;
   `source`: the artifact or run named when it was built; `root`: the
-  indexed folder)."""
+  indexed folder; `dba`: the Expansion of its augmented database
+  `augmented`, or None)."""
 
   def __init__(self, index_dir):
     self.stamp = _stamp(index_dir)
@@ -156,6 +159,7 @@ class _State:
       self.position, self.generation = legacy.position, 0
       self.identity, self.source = None, ""
       self.root = legacy.root
+      self.dba = self.augmented = None
       return
     manifest = writer.read_manifest(index_dir)
     segments = writer.committed_segments(index_dir, manifest)
@@ -170,6 +174,10 @@ class _State:
     if info.get("kind") == "scann":
       self.database.searcher = scann_search.load(
           os.path.join(index_dir, info["folder"]), self.database)
+    self.dba, self.augmented = index_dba.held(extra), None
+    if self.dba is not None:
+      self.augmented = index_dba.open_view(index_dir, extra["dba"],
+                                           *self.database.shape)
 
 
 def _stamp(index_dir):
@@ -310,6 +318,18 @@ class Index:
     return self._state.paths
 
   @property
+  def dba(self):
+    """The Expansion of the augmented database the index holds (built
+    with --dba), or None."""
+    return self._state.dba
+
+  def check_rerank(self, plan, where="--rerank"):
+    """A one-line UserError when the Plan `plan` needs an augmented
+    database this index does not hold (another dba, or none)."""
+    index_dba.check(plan, self._state.dba, self.index_dir, self._state.root,
+                    where)
+
+  @property
   def embeddings(self):
     return self._state.database
 
@@ -329,7 +349,9 @@ class Index:
     `exclude[i]` (-1: none) of query i. A query gets at most as many
     results as the index holds other images: never a padded row.
     `rerank`: a re-ranking spec or Plan (rerank_spec.for_index: aqe,
-    superglobal), through the index's own searcher."""
+    superglobal, and dba when the index holds that augmented database),
+    through the index's own searchers, as the evaluator's Reranker ranks.
+    """
     if k < 1:
       raise UserError(f"top_k={k}: ask for at least one result.")
     state = self._state
@@ -343,7 +365,11 @@ class Index:
     if rerank is not None:
       plan = (rerank if isinstance(rerank, rerank_spec.Plan)
               else rerank_spec.for_index(rerank))
-      return rerank_lib.rerank_hits(state.database, queries, k, plan, excl)
+      index_dba.check(plan, state.dba, self.index_dir, state.root)
+      reranker = rerank_lib.Reranker(state.database)
+      if state.dba is not None:  # computed at --mode=index
+        reranker.augmented[state.dba] = state.augmented
+      return rerank_lib.rerank_hits(None, queries, k, plan, excl, reranker)
     scores, idx = state.database.search(queries, k, excl)
     return [[(int(i), float(s)) for s, i in zip(s_row, i_row) if i >= 0][:k]
             for s_row, i_row in zip(scores, idx)]

@@ -284,7 +284,8 @@ def _search_routes(app, index, timeout_s, max_upload_mb):
       form = await _read_form(request, max_upload_mb)
       try:
         k, me, upload = _read_query(form, snap)
-        plan = rerank_spec.from_field(form.get("rerank"), "rerank", MAX_K)
+        plan = rerank_spec.from_field(form.get("rerank"), "rerank", MAX_K,
+                                      snap)
         data = await upload.read() if upload is not None else None
       finally:
         await form.close()

@@ -158,20 +158,16 @@ def _number(x):
   return short if float(short) == x else repr(float(x))
 
 
-def for_index(spec, where="--rerank", max_depth=0):
+def for_index(spec, where="--rerank", max_depth=0, index=None):
   """The Plan of a spec a search of an index runs (--mode=search, serve's
-  `rerank` field): aqe and superglobal, which change the query and the
-  ranking; a one-line UserError for dba, which changes the database (it
-  belongs to the building of an index, which --mode=index does not do),
-  and, with `max_depth`, for a plan searching deeper (aqe's n,
-  superglobal's M)."""
+  `rerank` field): aqe and superglobal change the query and the ranking;
+  dba names the augmented database, which the index must hold (built with
+  --mode=index --dba: search.Index.check_rerank of `index`, when given,
+  says otherwise in one line, as a search of it does). With `max_depth`,
+  a plan searching deeper (aqe's n, superglobal's M) is a UserError."""
   plan = parse(spec, where)
-  if plan.dba is not None:
-    raise UserError(
-        f"{where}: {spec!r}: dba augments the database itself, so it must "
-        f"be applied when the index is built, which --mode=index does not "
-        f"do; re-rank a search with aqe and/or superglobal, e.g. "
-        f"'aqe+superglobal'.")
+  if index is not None:
+    index.check_rerank(plan, where)
   deep = max(plan.aqe.n if plan.aqe else 0,
              plan.superglobal.m if plan.superglobal else 0)
   if max_depth and deep > max_depth:
@@ -180,16 +176,17 @@ def for_index(spec, where="--rerank", max_depth=0):
   return plan
 
 
-def from_field(value, where, max_depth=0):
+def from_field(value, where, max_depth=0, index=None):
   """for_index of a form's text field (None when absent or blank); a
-  ValueError, for a person, when it is not a valid one."""
+  ValueError, for a person, when it is not a valid one, or one `index`
+  cannot run (a dba it does not hold)."""
   if value is None or (isinstance(value, str) and not value.strip()):
     return None
   if not isinstance(value, str) or len(value) > 200:
     raise ValueError(f"{where}: send a short text field, e.g. 'aqe' or "
                      f"'aqe(10,3)+superglobal(400,9,0.15)'.")
   try:
-    return for_index(value, where, max_depth)
+    return for_index(value, where, max_depth, index)
   except UserError as e:
     raise ValueError(str(e)) from e
 
