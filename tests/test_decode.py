@@ -327,12 +327,17 @@ def test_which_readers_turn_photos_upright():
   keys = {experiment.cache_prefix("w", cfg_, "test", b"p", 1)
           for cfg_ in (c, load_config("folder"))}
   assert len(keys) == 2
+  assert preprocess.with_exif_transpose(SPEC) == (
+      "decode|exif_transpose|resize(36)|center_crop(32)|normalize")
+  with pytest.raises(Exception, match="right after 'decode'"):
+    preprocess.PPSpec("decode|resize(8)|exif_transpose")
 
 
 def test_the_cache_key_leaves_out_search_options():
   """Re-ranking, k-NN backend, metrics and cadence act on descriptors
   already computed: changing them keeps the cached descriptors; the
-  preprocessing, scales or whitening change them and the key."""
+  preprocessing, scales, whitening or skip_corrupt change them and the
+  key."""
   c = load_config("dtop")
   key = lambda: experiment.cache_prefix("w", c, "roxford", b"p", 1)
   first = key()
@@ -340,6 +345,7 @@ def test_the_cache_key_leaves_out_search_options():
     ev = c.evals.roxford
     ev.rerank, ev.every, ev.knn = ("aqe(10,3)",), 5, "scann"
     ev.kappas, ev.ranking_depth, ev.num_workers = (1,), 100, 8
+    ev.distractor_shard_size = 1000
   assert key() == first
   for field, value in (("scales", (1.0,)), ("whiten", not ev.whiten),
                        ("pp", ev.pp + "|normalize"), ("dtype", "bfloat16")):
@@ -348,10 +354,10 @@ def test_the_cache_key_leaves_out_search_options():
     assert key() != first, field
     with c.unlocked():
       ev[field] = old
-  assert preprocess.with_exif_transpose(SPEC) == (
-      "decode|exif_transpose|resize(36)|center_crop(32)|normalize")
-  with pytest.raises(Exception, match="right after 'decode'"):
-    preprocess.PPSpec("decode|resize(8)|exif_transpose")
+  # An unreadable image is a NaN row with skip_corrupt, an error without.
+  with c.unlocked():
+    c.input.skip_corrupt = not c.input.skip_corrupt
+  assert key() != first
 
 
 # The corpus through every reader of users' files.

@@ -251,6 +251,26 @@ def test_bucketed_passes_of_phone_photos_take_their_upright_shape(photos,
   assert np.abs(got - want).max() <= 1e-6
 
 
+def test_image_sizes_upright_for_group_size_sampling(photos, tmp_path):
+  """Header sizes as stored, or as shown once turned (what group-size
+  sampling and bucketing see when the spec has exif_transpose); each
+  cached under its own key."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import image_sizes  # pylint: disable=g-import-not-at-top
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  path = str(tmp_path / "phone.jpg")
+  Image.open(photos[0][0]).convert("RGB").resize((60, 40)).save(
+      path, exif=exif.tobytes())
+  split = split_lib.Split((path,), np.zeros(1, np.int32))
+  cache = str(tmp_path / "cache")
+  for _ in range(2):  # computed, then read from the cache
+    assert image_sizes.image_sizes(split, cache).tolist() == [[40, 60]]
+    assert image_sizes.image_sizes(split, cache, upright=True).tolist() == [
+        [60, 40]]
+  assert len(os.listdir(cache)) == 2
+
+
 def test_bucketed_truncated_file_is_named_or_left_out(photos, tmp_path):
   """A file whose header reads but whose pixels do not: an error naming it,
   or (skip_corrupt) a NaN row of its bucket's shape, the others unchanged."""

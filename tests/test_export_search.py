@@ -219,10 +219,13 @@ def check_landmark_export(config, workdir, tmp_path):
   assert meta["scales"] == list(config.evals[name].scales)
   assert meta["embedding_dim"] == config.evals[name].whiten_dim
   art = export.load_pretrained(art)
-  # The artifact is the run's embedder for an index (the run's digest of
-  # its parameters and whitening, as RunEmbedder computes it).
+  # The artifact is the run's embedder for an index: the same parameters,
+  # whitening (fitted again from the run's cached descriptors), model
+  # config, preprocessing and scales.
   assert art.params_digest == descriptor.digest(
       params, (white.mean, white.projection))
+  assert image_files.identity(art) == image_files.identity(
+      experiment.RunEmbedder(config, workdir))
   pp = preprocess.build_pp(art.preprocess)
   shapes = set()
   for split, want in ((ev.query, want_q[:2]), (ev.database, want_db[:4])):

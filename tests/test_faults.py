@@ -132,9 +132,8 @@ def test_sigterm_during_final_evaluation_keeps_the_final_state(tmp_path):
   assert ckpt.latest_step() == 3
   assert integrity.verify_checksums(ckpt.step_dir(3)) is None
   ckpt.close()
-  # Run again (in this process, on its 8 devices): nothing to train, the
-  # evaluation is done.
-  r = conftest.main_in_process(*args)
+  # The same command again: nothing to train, the evaluation is done.
+  r = cli(*args)
   assert r.returncode == 0, r.stderr[-3000:]
   with open(os.path.join(workdir, "eval.json")) as f:
     assert json.load(f)["step"] == 3

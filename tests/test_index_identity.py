@@ -56,6 +56,12 @@ def test_another_embedder_is_refused_naming_both_and_the_fix(built):
   with pytest.raises(UserError, match=r"host_pp \"fast\" \(this embedder: "
                      r"\"exact\"\)"):
     search.Index(index_dir, serve_helpers.FakeEmbedder(host_pp="exact"))
+  # The same weights under another model config (e.g. DToP's GeM input):
+  # another forward pass, another embedder.
+  gem = serve_helpers.FakeEmbedder()
+  gem.model_config = {"dtop": {"gem_input": "clamp"}}
+  with pytest.raises(UserError, match=r"model null \(this embedder: \""):
+    search.Index(index_dir, gem)
   # Overruled on request; never for another descriptor size.
   assert len(search.Index(index_dir, serve_helpers.FakeEmbedder(OTHER_PP),
                           allow_mismatch=True)) == 6

@@ -89,6 +89,11 @@ def test_two_processes_stop_together_resume_and_match_one(tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps = [json.loads(l)["step"] for l in f if '"loss"' in l]
   assert steps == list(range(1, 31))
+  # Only process 0 prints the table of metrics.
+  last = [open(tmp_path / f"p{i}.log").read().splitlines()[-1]  # pylint: disable=consider-using-with
+          for i in range(2)]
+  assert "metric" in open(tmp_path / "p0.log").read()  # pylint: disable=consider-using-with
+  assert "metric" not in last[1], last
   single = str(tmp_path / "single")
   r = subprocess.run([sys.executable, *args[:-1], f"--workdir={single}"],
                      cwd=REPO, env=env(2), capture_output=True, text=True,

@@ -683,6 +683,7 @@ def test_browse_files_keep_only_the_gallery_images_shown(tmp_path):
            for row in rec["neighbours"]]
   assert shown == [[gallery[j] if j >= 0 else None for j in row]
                    for row in ids]
+  assert rec["gallery_ids"][rec["neighbours"][0][0]] == 19_999
 
 
 def test_failed_checks_leave_nothing_behind(tmp_path):

@@ -174,22 +174,27 @@ def check_config(config, mesh):
                     f"stride of {stride} px (model.variant="
                     f"{config.model.variant!r}): use e.g. "
                     f"{max(stride, size // stride * stride)}.")
-  for name, ev in config.evals.items():
+  check_evals(config.evals)
+  check_resolution(config, size)
+  check_best_metric(config)
+  return model, size
+
+
+def check_evals(evals_cfg):
+  """Each evaluator's pp spec, re-ranking specs, type and (for one with
+  data of its own, revisited_eval) folder: evaluators are built when first
+  used, so these are checked before training."""
+  for name, ev in evals_cfg.items():
     preprocess.build_pp(ev.pp)
     rerank_spec.check(ev, f"evals.{name}.rerank")
     if ev.type not in evaluator.EVALUATORS:
       raise UserError(f"evals.{name}.type={ev.type!r}; valid: "
                       f"{sorted(evaluator.EVALUATORS)}.")
-    # Evaluators are built when first used: the folder of one with data of
-    # its own (revisited_eval) is checked here, before training.
     if "dataset" in ev and not os.path.isdir(ev.data_dir):
       raise UserError(
           f"evals.{name}.data_dir={ev.data_dir!r} is not a folder: "
           f"set it to the {ev.dataset} data (--config.evals.{name}.data_dir="
           f"...).\n{readers.INSTRUCTIONS.get(ev.dataset, '')}")
-  check_resolution(config, size)
-  check_best_metric(config)
-  return model, size
 
 
 def metric_names(evals_cfg) -> list:

@@ -56,14 +56,19 @@ def apply_whitening(x, mean, projection):
 
 
 def digest(params, whitening=None) -> str:
-  """A short digest of what makes a model's descriptors: its parameters
-  (as stored) and its whitening (mean, projection; as float64). A run and
-  its exported artifact give the same digest."""
+  """A short digest of a model's parameters (values, shapes and dtypes, as
+  stored) and its whitening (mean, projection; as float64): what a run and
+  its exported artifact share. The forward pass is not in it (the model
+  config is: image_files.identity)."""
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(params):
-    h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    x = np.ascontiguousarray(jax.device_get(leaf))
+    h.update(f"{x.dtype.str}{x.shape}".encode())
+    h.update(x.tobytes())
   for x in whitening or ():
-    h.update(np.ascontiguousarray(x, np.float64).tobytes())
+    x = np.ascontiguousarray(x, np.float64)
+    h.update(f"{x.shape}".encode())
+    h.update(x.tobytes())
   return h.hexdigest()[:16]
 
 

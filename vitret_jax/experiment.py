@@ -119,25 +119,28 @@ def params_fingerprint(params) -> bytes:
 
 
 # Evaluator options that act on the descriptors once computed (search,
-# re-ranking, metrics, cadence, loader threads): left out of the cache key,
-# so that changing them reuses the descriptors.
+# re-ranking, metrics, cadence, loader threads) or on how they are stored
+# (the distractor store's shard size: a committed store is read whatever
+# its shards, an unfinished one planned otherwise is started again): left
+# out of the cache key, so that changing them reuses the descriptors.
 SEARCH_ONLY = ("every", "rerank", "knn", "scann", "ks", "map_at_r", "kappas",
-               "ranking_depth", "num_workers")
+               "ranking_depth", "num_workers", "distractor_shard_size")
 
 
 def cache_prefix(workdir, config, name, params_key, step):
   """workdir/embeddings/<name>-step<step>-<key>: the key covers what
   changes a descriptor besides the images (the evaluator's config but
-  SEARCH_ONLY, the model's, the parameters themselves, `params_key`); the
-  evaluator adds each split's fingerprint. "" (no caching) when params_key
-  is None."""
+  SEARCH_ONLY, the model's, the parameters themselves, `params_key`) and
+  input.skip_corrupt (whether an unreadable image is a NaN row or an
+  error); the evaluator adds each split's fingerprint. "" (no caching) when
+  params_key is None."""
   if params_key is None:
     return ""
   ev = {k: v for k, v in config.evals[name].to_dict().items()
         if k not in SEARCH_ONLY}
   key = hashlib.sha256(json.dumps(
-      [ev, config.model.to_dict(), config.input.host_pp], sort_keys=True,
-      default=str).encode())
+      [ev, config.model.to_dict(), config.input.host_pp,
+       config.input.skip_corrupt], sort_keys=True, default=str).encode())
   key.update(params_key)
   return os.path.join(workdir, "embeddings",
                       f"{name}-step{step}-{key.hexdigest()[:12]}")
@@ -210,6 +213,7 @@ class RunEmbedder:
       raise UserError(f"--export_eval={self.eval_name!r}: the run's "
                       f"evaluators are {sorted(config.evals)}.")
     ev = config.evals[self.eval_name]
+    self.model_config = config.model.to_dict()  # as an export records it
     self.model = models.build_model(config.model)
     params, self.step = checkpoint.load_run_params(workdir, with_step=True)
     self.preprocess, self.host_pp = ev.pp, config.input.host_pp

@@ -230,6 +230,17 @@ class Embedder:
     return descriptor.digest(self.params, self.whitening)
 
   @property
+  def scales(self) -> tuple:
+    """The evaluator's scales the descriptors combine (1.0 alone for
+    format 1)."""
+    return tuple(float(x) for x in self.meta.get("scales", (1.0,)))
+
+  @property
+  def model_config(self):
+    """The model config as the run wrote it (model.json's "model")."""
+    return self.meta.get("model")
+
+  @property
   def image_size(self) -> int:
     return self.meta["image_size"]
 

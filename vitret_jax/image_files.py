@@ -16,6 +16,7 @@ program computes every descriptor. Preprocessings of varying size
 """
 import collections
 import concurrent.futures
+import hashlib
 import json
 import os
 
@@ -203,12 +204,14 @@ def embed_shard(embedder, paths, batch_size=64, workers=None):
 
 def identity(embedder):
   """What makes an embedder's descriptors, for a store's identity: the
-  digest of its parameters and whitening (`params_digest`, the same for a
-  run and for its exported artifact, whatever JAX version or platforms it
-  was exported with), its preprocessing and scales. Where the embedder is
-  (a path) is not part of it: a copied artifact is the same embedder. An
-  embedder without parameters is known by its model.json's digest; an
-  embedder of one's own may add an `identity` dict."""
+  digest of its parameters and whitening (`params_digest`) and of its model
+  config as written (`model_config`: e.g. dtype "auto", not what it
+  resolved to on this machine), its preprocessing and scales; the same for
+  a run and for its exported artifact, whatever JAX version or platforms
+  that was exported with. Where the embedder is (a path) is not part of
+  it: a copied artifact is the same embedder. An embedder without
+  parameters is known by its model.json's digest; an embedder of one's own
+  may add an `identity` dict."""
   out = {"preprocess": embedder.preprocess,
          "host_pp": getattr(embedder, "host_pp", "exact"),
          "scales": [float(s) for s in getattr(embedder, "scales", (1.0,))]}
@@ -220,6 +223,10 @@ def identity(embedder):
                                       getattr(embedder, "whitening", None))
   elif path and os.path.isfile(os.path.join(path, "model.json")):
     out["artifact"] = integrity.sha256(os.path.join(path, "model.json"))[:16]
+  model = getattr(embedder, "model_config", None)
+  if model is not None:
+    text = json.dumps(model, sort_keys=True, default=str)
+    out["model"] = hashlib.sha256(text.encode()).hexdigest()[:16]
   extra = getattr(embedder, "identity", None)
   if isinstance(extra, dict):
     out["own"] = json.loads(json.dumps(extra, default=str))

@@ -63,11 +63,11 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
   an interrupted build; with `update`, brings an existing index up to date
   with the folder. Every process of a multi-process run calls it.
 
-  Returns a summary dict: indexed (rows), files (read now, by every
-  process), embedded (of those, the readable ones), embed_seconds (this
-  process's), reused (rows kept from before), dropped, skipped [(path,
-  reason)] (also written to skipped.txt in the index), seconds, searcher,
-  index, dba (the canonical name of the augmentation stored, or None).
+  Returns a summary dict: indexed (rows), files (read now, by every process),
+  embedded (of those, the readable ones), embed_seconds (the slowest process's
+  embedding), reused (rows kept from before), dropped, skipped [(path, reason)]
+  (also written to skipped.txt in the index), seconds, searcher, index, dba (the
+  canonical name of the augmentation stored, or None).
 
   `dba`: a --dba spec ('dba', 'dba(10,3)', 'dba(10,3,self)') or None: the
   database augmented by it is computed after the rows are (index_dba.py)

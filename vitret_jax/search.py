@@ -11,15 +11,16 @@ reload it when it grows. Indexes of vitret_jax 0.1 (`embeddings.npy`,
 `files.json`, `scann/`) are still read.
 
 The manifest's identity (embedder_identity) records what made the
-descriptors: the artifact's or run's digests, preprocessing, scales, how
-the host ran it, whether photos were turned upright (EXIF orientation),
-and the index format. An Index opened with an embedder refuses, at opening
-and at every reload, an index made by another one: descriptors of two
-embedders are not comparable, and a photo indexed sideways is not found by
-its upright query. An index that does not record whether its photos were
-turned upright (vitret_jax 0.1, or INDEX_FORMAT 1) is refused to an
-embedder that turns them upright unless `allow_mismatch` (then it says so
-once); it is still read without an embedder (browsing, ids).
+descriptors: parameter, whitening and model digests, preprocessing,
+scales, how the host ran it, whether photos were turned upright (EXIF
+orientation), and the index format. An Index opened with an embedder
+refuses, at opening and at every reload, an index made by another one:
+descriptors of two embedders are not comparable, and a photo indexed
+sideways is not found by its upright query. An index that does not record
+whether its photos were turned upright (vitret_jax 0.1, or INDEX_FORMAT 1)
+is refused to an embedder that turns them upright unless `allow_mismatch`
+(then it says so once); it is still read without an embedder (browsing,
+ids).
 """
 import collections.abc
 import copy

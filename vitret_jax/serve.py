@@ -348,7 +348,8 @@ def _evaluation_routes(app, evals):
     return {"i": i, "path": str(rec["query_paths"][i]),
             "url": f"{base}/query/{i}",
             "neighbours": [
-                {"rank": r, "id": int(j), "path": str(rec["gallery_paths"][j]),
+                {"rank": r, "id": int(rec["gallery_ids"][j]),
+                 "path": str(rec["gallery_paths"][j]),
                  "url": f"{base}/gallery/{int(j)}",
                  "score": float(s), "mark": report.MARKS[int(c)]}
                 for r, (j, s, c) in enumerate(zip(

@@ -186,7 +186,8 @@ def _opened(src, name):
 def opened(data, name=""):
   """PIL's image of encoded bytes (of the file `name`, or of an upload),
   under every refusal `decode` makes (FORMATS only, the pixel and JPEG scan
-  limits): whatever is raised in the block is the file's DataError."""
+  limits). Whatever is raised in the block is the file's DataError: keep
+  the block to reading the image (PIL decodes lazily, as it is used)."""
   _check_scans(data, name)
   with _opened(data, name) as im:
     yield im

@@ -118,11 +118,11 @@ def shrunk_jpeg(path, short_side, square=False, quality=95):
     w, h = im.size
     if min(w, h) <= short_side:
       return data
-    s = short_side / min(w, h)
-    size = ((short_side, short_side) if square else
-            (max(short_side, round(w * s)), max(short_side, round(h * s))))
-    small = Image.fromarray(decode.to_rgb8(im)).resize(size, Image.BICUBIC)
-    exif = _exif_block(im)
+    rgb, exif = decode.to_rgb8(im), _exif_block(im)
+  s = short_side / min(w, h)
+  size = ((short_side, short_side) if square else
+          (max(short_side, round(w * s)), max(short_side, round(h * s))))
+  small = Image.fromarray(rgb).resize(size, Image.BICUBIC)
   out = io.BytesIO()
   small.save(out, format="JPEG", quality=quality, exif=exif)
   return out.getvalue()

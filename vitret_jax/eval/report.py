@@ -75,7 +75,8 @@ def write_browse(workdir, name, record, metrics, step, lone=None,
   other image of their class (left out of the metrics), `seen` an
   evaluation over classes seen in training. Only the gallery images among
   the neighbours are kept (a +1M database would otherwise store a million
-  paths): the neighbour ids are renumbered into that list."""
+  paths): the neighbour ids are renumbered into that list, whose
+  "gallery_ids" are their positions in the gallery searched."""
   if record is None:
     return
   record = dict(record)
@@ -84,6 +85,7 @@ def write_browse(workdir, name, record, metrics, step, lone=None,
   record["neighbours"] = np.where(ids >= 0, np.searchsorted(used, ids), -1)
   record["gallery_paths"] = np.asarray(
       [str(record["gallery_paths"][j]) for j in used], dtype=str)
+  record["gallery_ids"] = used.astype(np.int64)
   path = browse_path(workdir, name)
   tmp = f"{path}.tmp-{os.getpid()}.npz"
   extra = {} if lone is None else {"lone": np.asarray(lone, bool)}
@@ -120,7 +122,8 @@ def write_evaluation(workdir, name, ev, metrics, step, seen=False):
 
 def read_browse(workdir):
   """{evaluator name: record dict with "metrics" (a dict), "step",
-  "seen_classes" and "lone" ([Q] bool)} of the browse files in
+  "seen_classes", "lone" ([Q] bool) and "gallery_ids" (each kept gallery
+  image's position in the gallery searched)} of the browse files in
   `workdir`."""
   out = {}
   for name in browse_names(workdir):
@@ -130,5 +133,6 @@ def read_browse(workdir):
     rec["step"] = int(rec["step"])
     rec["seen_classes"] = bool(rec.get("seen_classes", False))
     rec.setdefault("lone", np.zeros(len(rec["first_hit"]), bool))
+    rec.setdefault("gallery_ids", np.arange(len(rec["gallery_paths"])))
     out[name] = rec
   return out
