@@ -97,11 +97,13 @@ def test_built_with_dba_ranks_like_the_evaluator_and_refuses_another(
                                      "aqe(3,3)")
 
 
-def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path):
-  """An update recomputes the augmented database (every item's neighbours
-  can change), an unchanged update with another --dba replaces it, one
-  without --dba drops it; a served Index reloads rows and augmented
-  database together, a snapshot taken before keeps both."""
+def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path,
+                                                      caplog):
+  """An update, with or without --dba, recomputes the augmented database
+  it holds (every item's neighbours can change), an unchanged update with
+  another --dba replaces it, one without --dba keeps it, --dba=none drops
+  it; a served Index reloads rows and augmented database together, a
+  snapshot taken before keeps both."""
   photos = tmp_path / "photos"
   shutil.copytree(folder, photos)
   extra = photos / "photo 11.jpg"
@@ -112,7 +114,7 @@ def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path):
   before = served.snapshot()
   old_files = dba_files(index_dir)
   shutil.move(tmp_path / "later.jpg", extra)
-  s = build(photos, index_dir, update=True, dba="dba(3,3)")
+  s = build(photos, index_dir, update=True)  # the spec it holds
   assert s["indexed"] == 12 and s["dba"] == "dba(3,3)"
   assert served.reload() and len(served) == 12
   new_files = dba_files(index_dir)
@@ -139,8 +141,20 @@ def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path):
   os.truncate(path, os.path.getsize(path) - 4)
   build(photos, index_dir, update=True, dba="dba(2,1,self)")
   assert served.reload() and served.generation == gen + 2
-  # Without --dba: dropped, and a dba search says how to add it.
+  # Without --dba: kept; an interrupted write's and clean-up's leftovers
+  # removed all the same.
+  kept = dba_files(index_dir)
+  for leftover in ("dba-99.npy.tmp-7", "dba-1-scann", "scann-1"):
+    os.makedirs(index_dir / leftover) if "scann" in leftover else (
+        index_dir / leftover).write_bytes(b"x")
   s = build(photos, index_dir, update=True)
+  assert s["dba"] == "dba(2,1,self)" and not served.reload()
+  assert dba_files(index_dir) == kept
+  assert not (index_dir / "scann-1").exists()
+  # --dba=none: dropped (logged), and a dba search says how to add it.
+  s = build(photos, index_dir, update=True, dba="none")
+  assert "--dba=none: dropping the database augmented by dba(2,1,self)" in (
+      caplog.text)
   assert s["dba"] is None and served.reload() and served.dba is None
   assert dba_files(index_dir) == []
   with pytest.raises(UserError, match="holds no augmented database: add "
