@@ -13,6 +13,7 @@ import serve_helpers
 from conftest import main_in_process
 from vitret_jax import commands
 from vitret_jax import image_files
+from vitret_jax import index_dba
 from vitret_jax import indexing
 from vitret_jax import search
 from vitret_jax.errors import UserError
@@ -207,3 +208,49 @@ def test_cli_checks_dba_before_work(folder, tmp_path, monkeypatch):
                      "augmented database"):
     commands.run_search(None, "", "art", str(folder), str(index_dir), 3,
                         rerank="aqe+dba")
+
+
+def test_a_missing_dba_refuses_only_dba_plans_and_opening_races_retry(
+    folder, tmp_path, monkeypatch):
+  """Without its dba file an index still answers plain, aqe and
+  superglobal searches; dba plans are refused in one line naming the
+  update that computes it again (no server path). An opening that an
+  update's commit and clean-up overtakes is tried again."""
+  index_dir = tmp_path / "index"
+  build(folder, index_dir, dba="dba(3,3)")
+  (path,) = [index_dir / f for f in dba_files(index_dir) if
+             f.endswith(".npy")]
+  os.remove(path)
+  index = search.Index(str(index_dir))
+  q = index.database[[0, 5]]
+  assert index.search_ids(q, 3) and index.search_ids(q, 3, rerank="aqe")
+  for where in ("--rerank", "rerank"):
+    with pytest.raises(UserError) as e:
+      rerank_spec.for_index("dba(3,3)+aqe", where, index=index)
+    text = str(e.value)
+    assert "\n" not in text and str(tmp_path) not in text, text
+    assert "No such file or directory" in text
+    assert "--mode=index --update --dba=dba(3,3) (the rows are kept)" in text
+  build(folder, index_dir, update=True, dba="dba(3,3)")
+  assert index.reload() and index.search_ids(q, 3, rerank="dba(3,3)")
+  # An update commits (and removes the files of the generation being
+  # opened) while a reload opens the augmented database, then the rows.
+  open_view, open_held = index_dba.open_view, index_dba.open_held
+  specs = iter(["dba(2,2)", "dba(2,4)"])
+
+  def overtaken(real, error=None):
+    def opened(*args):
+      build(folder, index_dir, update=True, dba=next(specs))
+      monkeypatch.setattr(index_dba, real.__name__, real)
+      if error:
+        raise error
+      return real(*args)
+    return opened
+  build(folder, index_dir, update=True, dba="dba(2,1)")
+  monkeypatch.setattr(index_dba, "open_view", overtaken(open_view))
+  assert index.reload() and index.dba == rerank_spec.Expansion(2, 2.0)
+  assert index.search_ids(q, 3, rerank="dba(2,2)")
+  build(folder, index_dir, update=True, dba="dba(2,3)")
+  monkeypatch.setattr(index_dba, "open_held", overtaken(
+      open_held, FileNotFoundError("scann-3 is gone")))
+  assert index.reload() and index.dba == rerank_spec.Expansion(2, 4.0)
