@@ -19,6 +19,7 @@ from vitret_jax import search
 from vitret_jax.errors import UserError
 from vitret_jax.eval import rerank
 from vitret_jax.eval import rerank_spec
+from vitret_jax.store import scann_search
 from vitret_jax.store import view as view_lib
 
 PLANS = ("dba(3,3)", "dba(3,3)+aqe(3,3)", "dba(3,3)+superglobal(8,2,0.15)",
@@ -163,7 +164,8 @@ def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path,
     served.search_ids(q, 3, rerank="dba(2,1,self)")
 
 
-def test_a_rebuild_without_dba_drops_it_and_scann_gets_its_own(tmp_path):
+def test_a_rebuild_without_dba_drops_it_and_scann_gets_its_own(tmp_path,
+                                                              monkeypatch):
   pytest.importorskip("scann")
   # ScaNN's hashing learns 16 centres per block: 20 rows.
   folder = tmp_path / "photos"
@@ -171,13 +173,32 @@ def test_a_rebuild_without_dba_drops_it_and_scann_gets_its_own(tmp_path):
   index_dir = tmp_path / "index"
   # Every leaf searched (both searchers get the options): ScaNN's candidates
   # are every row, re-scored exactly, so it ranks as exact search.
+  options = {"num_leaves": 2, "num_leaves_to_search": 2}
+  # The rows each ScaNN searcher learns and holds (ScaNN's k-means is not
+  # seeded: two builds on the same rows may partition them differently, so
+  # its raw candidates are not compared with another build's).
+  fed, scann_build = [], scann_search.build
+  monkeypatch.setattr(scann_search, "build", lambda view, **o: fed.append(
+      np.asarray(view[np.arange(len(view))])) or scann_build(view, **o))
   build(folder, index_dir, dba="dba", searcher="scann",
-        scann_options={"num_leaves": 2, "num_leaves_to_search": 2})
+        scann_options=options)
+  monkeypatch.setattr(scann_search, "build", scann_build)
   index = search.Index(str(index_dir))
-  assert index._state.augmented.searcher is not None  # its own ScaNN
+  augmented = index._state.augmented
+  assert augmented.searcher is not None  # its own ScaNN
+  assert augmented.searcher.database is augmented  # re-scores augmented rows
   assert any(f.endswith("-scann") for f in dba_files(index_dir))
+  # The index's searcher holds its rows, the dba's the augmented ones.
+  assert len(fed) == 2
+  np.testing.assert_array_equal(fed[0], index.database[np.arange(20)])
+  np.testing.assert_array_equal(fed[1], augmented.array)
   q = index.database[[1, 4]]
   assert_ranks_like_the_evaluator(index, q, np.asarray([1, 4]), dba="dba")
+  # An update changing only the dba gives the new one its own ScaNN too.
+  s = build(folder, index_dir, update=True, dba="dba(2,1)",
+            scann_options=options)
+  assert s["dba"] == "dba(2,1)" and index.reload()
+  assert index._state.augmented.searcher is not None
   build(folder, index_dir, overwrite=True)
   assert search.Index(str(index_dir)).dba is None
   assert dba_files(index_dir) == []
@@ -189,7 +210,7 @@ def test_cli_checks_dba_before_work(folder, tmp_path, monkeypatch):
   monkeypatch.setattr(commands, "_embedder", lambda *a: pytest.fail(
       "loaded a model for a bad --dba"))
   for bad, why in (("dba+superglobal", "name the database side alone"),
-                   ("dba(0,3)", "n >= 1")):
+                   ("dba(0,3)", "n >= 1"), ("dba(1001,3)", "at most 1,000")):
     with pytest.raises(UserError, match="--dba") as e:
       commands.index(None, "", "art", str(folder), "idx", dba=bad)
     assert why in str(e.value) and "\n" not in str(e.value)
