@@ -275,3 +275,27 @@ def test_a_missing_dba_refuses_only_dba_plans_and_opening_races_retry(
   monkeypatch.setattr(index_dba, "open_held", overtaken(
       open_held, FileNotFoundError("scann-3 is gone")))
   assert index.reload() and index.dba == rerank_spec.Expansion(2, 4.0)
+
+
+def test_an_interrupted_dba_write_changes_nothing_and_is_cleaned(
+    folder, tmp_path, monkeypatch):
+  """A dba write stopped halfway (kill, SIGTERM, a full disk) leaves the
+  index as it was; the next update, even one with nothing to do, removes
+  the partial file."""
+  index_dir = tmp_path / "index"
+  build(folder, index_dir)
+  gen = search.Index(str(index_dir)).generation
+  augment = rerank.augment_database
+
+  def stopped(database, exp, out):
+    out[:3] = 1.0
+    raise KeyboardInterrupt
+  monkeypatch.setattr(rerank, "augment_database", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    build(folder, index_dir, update=True, dba="dba(3,3)")
+  monkeypatch.setattr(rerank, "augment_database", augment)
+  index = search.Index(str(index_dir))
+  assert index.generation == gen and index.dba is None
+  assert [f for f in dba_files(index_dir) if ".tmp-" in f]
+  assert build(folder, index_dir, update=True)["dba"] is None
+  assert dba_files(index_dir) == []
