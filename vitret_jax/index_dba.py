@@ -143,7 +143,12 @@ def open_held(folder, extra, rows, dim):
   except (OSError, ValueError, KeyError, RuntimeError) as e:
     # The reason without the server's paths (serve answers with it).
     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    return have, None, why.splitlines()[0][:120] or type(e).__name__
+    why = why.splitlines()[0][:120] if why else type(e).__name__
+    logging.warning("%s: the database augmented by %s did not open (%s): "
+                    "dba plans are refused until --mode=index --update "
+                    "--dba=%s computes it again.", folder, name(have), e,
+                    name(have))
+    return have, None, why
 
 
 def intact(folder, info, dim):
