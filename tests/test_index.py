@@ -28,7 +28,9 @@ from vitret_jax import models
 from vitret_jax import search
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
+from vitret_jax.eval import rerank
 from vitret_jax.eval import rerank_spec
+from vitret_jax.store import view as view_lib
 
 SHARD = 4
 
@@ -174,8 +176,10 @@ def test_two_processes_build_the_index_of_one(artifact, photos, reference,
   # Process 0 reports (the files of both processes, each embedded once);
   # process 1 says nothing.
   assert "Indexed 22 images" in outs[0][0], outs[0][0]
-  # Process 0 alone computes the augmented database (test_index_dba.py).
+  # Process 0 alone computes the augmented database (the others wait on
+  # its result file, removed after: writer.on_process_0_long).
   assert "augmented database: dba(3,3)." in outs[0][0], outs[0][0]
+  assert not [e for e in os.listdir(index) if e.startswith(".result-")]
   assert "22 embedded now" in outs[0][0], outs[0][0]
   assert "Indexed" not in outs[1][0] and "process 1 of 2" in outs[1][1]
   assert "(process 0: 3 of 6 shards)" in outs[0][1]
@@ -187,6 +191,11 @@ def test_two_processes_build_the_index_of_one(artifact, photos, reference,
   built = search.Index(index)
   assert_same_index(built, reference)
   assert built.dba == rerank_spec.Expansion(3, 3.0)
+  # The evaluator's αDBA of the rows, as one process computes it.
+  rows = built.database[np.arange(len(built))]
+  want = rerank.augment_database(view_lib.ArrayView(rows), built.dba,
+                                 np.empty_like(rows))
+  np.testing.assert_allclose(built._state.augmented.array, want, atol=1e-6)
 
 
 class Other:

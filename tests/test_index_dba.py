@@ -13,11 +13,13 @@ import serve_helpers
 from conftest import main_in_process
 from vitret_jax import commands
 from vitret_jax import image_files
+from vitret_jax import index_dba
 from vitret_jax import indexing
 from vitret_jax import search
 from vitret_jax.errors import UserError
 from vitret_jax.eval import rerank
 from vitret_jax.eval import rerank_spec
+from vitret_jax.store import scann_search
 from vitret_jax.store import view as view_lib
 
 PLANS = ("dba(3,3)", "dba(3,3)+aqe(3,3)", "dba(3,3)+superglobal(8,2,0.15)",
@@ -97,11 +99,13 @@ def test_built_with_dba_ranks_like_the_evaluator_and_refuses_another(
                                      "aqe(3,3)")
 
 
-def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path):
-  """An update recomputes the augmented database (every item's neighbours
-  can change), an unchanged update with another --dba replaces it, one
-  without --dba drops it; a served Index reloads rows and augmented
-  database together, a snapshot taken before keeps both."""
+def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path,
+                                                      caplog):
+  """An update, with or without --dba, recomputes the augmented database
+  it holds (every item's neighbours can change), an unchanged update with
+  another --dba replaces it, one without --dba keeps it, --dba=none drops
+  it; a served Index reloads rows and augmented database together, a
+  snapshot taken before keeps both."""
   photos = tmp_path / "photos"
   shutil.copytree(folder, photos)
   extra = photos / "photo 11.jpg"
@@ -112,7 +116,7 @@ def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path):
   before = served.snapshot()
   old_files = dba_files(index_dir)
   shutil.move(tmp_path / "later.jpg", extra)
-  s = build(photos, index_dir, update=True, dba="dba(3,3)")
+  s = build(photos, index_dir, update=True)  # the spec it holds
   assert s["indexed"] == 12 and s["dba"] == "dba(3,3)"
   assert served.reload() and len(served) == 12
   new_files = dba_files(index_dir)
@@ -139,8 +143,20 @@ def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path):
   os.truncate(path, os.path.getsize(path) - 4)
   build(photos, index_dir, update=True, dba="dba(2,1,self)")
   assert served.reload() and served.generation == gen + 2
-  # Without --dba: dropped, and a dba search says how to add it.
+  # Without --dba: kept; an interrupted write's and clean-up's leftovers
+  # removed all the same.
+  kept = dba_files(index_dir)
+  for leftover in ("dba-99.npy.tmp-7", "dba-1-scann", "scann-1"):
+    os.makedirs(index_dir / leftover) if "scann" in leftover else (
+        index_dir / leftover).write_bytes(b"x")
   s = build(photos, index_dir, update=True)
+  assert s["dba"] == "dba(2,1,self)" and not served.reload()
+  assert dba_files(index_dir) == kept
+  assert not (index_dir / "scann-1").exists()
+  # --dba=none: dropped (logged), and a dba search says how to add it.
+  s = build(photos, index_dir, update=True, dba="none")
+  assert "--dba=none: dropping the database augmented by dba(2,1,self)" in (
+      caplog.text)
   assert s["dba"] is None and served.reload() and served.dba is None
   assert dba_files(index_dir) == []
   with pytest.raises(UserError, match="holds no augmented database: add "
@@ -148,7 +164,8 @@ def test_update_recomputes_drops_and_reload_takes_both(folder, tmp_path):
     served.search_ids(q, 3, rerank="dba(2,1,self)")
 
 
-def test_a_rebuild_without_dba_drops_it_and_scann_gets_its_own(tmp_path):
+def test_a_rebuild_without_dba_drops_it_and_scann_gets_its_own(tmp_path,
+                                                              monkeypatch):
   pytest.importorskip("scann")
   # ScaNN's hashing learns 16 centres per block: 20 rows.
   folder = tmp_path / "photos"
@@ -156,13 +173,32 @@ def test_a_rebuild_without_dba_drops_it_and_scann_gets_its_own(tmp_path):
   index_dir = tmp_path / "index"
   # Every leaf searched (both searchers get the options): ScaNN's candidates
   # are every row, re-scored exactly, so it ranks as exact search.
+  options = {"num_leaves": 2, "num_leaves_to_search": 2}
+  # The rows each ScaNN searcher learns and holds (ScaNN's k-means is not
+  # seeded: two builds on the same rows may partition them differently, so
+  # its raw candidates are not compared with another build's).
+  fed, scann_build = [], scann_search.build
+  monkeypatch.setattr(scann_search, "build", lambda view, **o: fed.append(
+      np.asarray(view[np.arange(len(view))])) or scann_build(view, **o))
   build(folder, index_dir, dba="dba", searcher="scann",
-        scann_options={"num_leaves": 2, "num_leaves_to_search": 2})
+        scann_options=options)
+  monkeypatch.setattr(scann_search, "build", scann_build)
   index = search.Index(str(index_dir))
-  assert index._state.augmented.searcher is not None  # its own ScaNN
+  augmented = index._state.augmented
+  assert augmented.searcher is not None  # its own ScaNN
+  assert augmented.searcher.database is augmented  # re-scores augmented rows
   assert any(f.endswith("-scann") for f in dba_files(index_dir))
+  # The index's searcher holds its rows, the dba's the augmented ones.
+  assert len(fed) == 2
+  np.testing.assert_array_equal(fed[0], index.database[np.arange(20)])
+  np.testing.assert_array_equal(fed[1], augmented.array)
   q = index.database[[1, 4]]
   assert_ranks_like_the_evaluator(index, q, np.asarray([1, 4]), dba="dba")
+  # An update changing only the dba gives the new one its own ScaNN too.
+  s = build(folder, index_dir, update=True, dba="dba(2,1)",
+            scann_options=options)
+  assert s["dba"] == "dba(2,1)" and index.reload()
+  assert index._state.augmented.searcher is not None
   build(folder, index_dir, overwrite=True)
   assert search.Index(str(index_dir)).dba is None
   assert dba_files(index_dir) == []
@@ -174,7 +210,7 @@ def test_cli_checks_dba_before_work(folder, tmp_path, monkeypatch):
   monkeypatch.setattr(commands, "_embedder", lambda *a: pytest.fail(
       "loaded a model for a bad --dba"))
   for bad, why in (("dba+superglobal", "name the database side alone"),
-                   ("dba(0,3)", "n >= 1")):
+                   ("dba(0,3)", "n >= 1"), ("dba(1001,3)", "at most 1,000")):
     with pytest.raises(UserError, match="--dba") as e:
       commands.index(None, "", "art", str(folder), "idx", dba=bad)
     assert why in str(e.value) and "\n" not in str(e.value)
@@ -193,3 +229,73 @@ def test_cli_checks_dba_before_work(folder, tmp_path, monkeypatch):
                      "augmented database"):
     commands.run_search(None, "", "art", str(folder), str(index_dir), 3,
                         rerank="aqe+dba")
+
+
+def test_a_missing_dba_refuses_only_dba_plans_and_opening_races_retry(
+    folder, tmp_path, monkeypatch):
+  """Without its dba file an index still answers plain, aqe and
+  superglobal searches; dba plans are refused in one line naming the
+  update that computes it again (no server path). An opening that an
+  update's commit and clean-up overtakes is tried again."""
+  index_dir = tmp_path / "index"
+  build(folder, index_dir, dba="dba(3,3)")
+  (path,) = [index_dir / f for f in dba_files(index_dir) if
+             f.endswith(".npy")]
+  os.remove(path)
+  index = search.Index(str(index_dir))
+  q = index.database[[0, 5]]
+  assert index.search_ids(q, 3) and index.search_ids(q, 3, rerank="aqe")
+  for where in ("--rerank", "rerank"):
+    with pytest.raises(UserError) as e:
+      rerank_spec.for_index("dba(3,3)+aqe", where, index=index)
+    text = str(e.value)
+    assert "\n" not in text and str(tmp_path) not in text, text
+    assert "No such file or directory" in text
+    assert "--mode=index --update --dba=dba(3,3) (the rows are kept)" in text
+  build(folder, index_dir, update=True, dba="dba(3,3)")
+  assert index.reload() and index.search_ids(q, 3, rerank="dba(3,3)")
+  # An update commits (and removes the files of the generation being
+  # opened) while a reload opens the augmented database, then the rows.
+  open_view, open_held = index_dba.open_view, index_dba.open_held
+  specs = iter(["dba(2,2)", "dba(2,4)"])
+
+  def overtaken(real, error=None):
+    def opened(*args):
+      build(folder, index_dir, update=True, dba=next(specs))
+      monkeypatch.setattr(index_dba, real.__name__, real)
+      if error:
+        raise error
+      return real(*args)
+    return opened
+  build(folder, index_dir, update=True, dba="dba(2,1)")
+  monkeypatch.setattr(index_dba, "open_view", overtaken(open_view))
+  assert index.reload() and index.dba == rerank_spec.Expansion(2, 2.0)
+  assert index.search_ids(q, 3, rerank="dba(2,2)")
+  build(folder, index_dir, update=True, dba="dba(2,3)")
+  monkeypatch.setattr(index_dba, "open_held", overtaken(
+      open_held, FileNotFoundError("scann-3 is gone")))
+  assert index.reload() and index.dba == rerank_spec.Expansion(2, 4.0)
+
+
+def test_an_interrupted_dba_write_changes_nothing_and_is_cleaned(
+    folder, tmp_path, monkeypatch):
+  """A dba write stopped halfway (kill, SIGTERM, a full disk) leaves the
+  index as it was; the next update, even one with nothing to do, removes
+  the partial file."""
+  index_dir = tmp_path / "index"
+  build(folder, index_dir)
+  gen = search.Index(str(index_dir)).generation
+  augment = rerank.augment_database
+
+  def stopped(database, exp, out):
+    out[:3] = 1.0
+    raise KeyboardInterrupt
+  monkeypatch.setattr(rerank, "augment_database", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    build(folder, index_dir, update=True, dba="dba(3,3)")
+  monkeypatch.setattr(rerank, "augment_database", augment)
+  index = search.Index(str(index_dir))
+  assert index.generation == gen and index.dba is None
+  assert [f for f in dba_files(index_dir) if ".tmp-" in f]
+  assert build(folder, index_dir, update=True)["dba"] is None
+  assert dba_files(index_dir) == []

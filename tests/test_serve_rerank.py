@@ -46,8 +46,8 @@ def test_serve_rerank_field(gallery, monkeypatch):
   assert [h["id"] for h in plain["results"]] != [i for i, _ in want]
   blank = c.post("/search", data={"id": "4", "k": "6", "rerank": " "})
   assert blank.json()["results"] == plain["results"]
-  for bad, why in (("dba", "holds no augmented database: add it with "
-                   "--mode=index --update"),
+  for bad, why in (("dba", "this index holds no augmented database: send "
+                   "aqe / superglobal alone."),
                    ("aqe(0)", "n >= 1"), ("qe", "valid:"),
                    ("superglobal(5000,9,0.15)", "at most 1,000"),
                    ("x" * 300, "short text")):
@@ -105,4 +105,8 @@ def test_serve_dba_of_an_index_built_with_it(gallery, tmp_path):
   assert r.json()["rerank"] == "dba(3,3)+aqe(2,3)+superglobal(8,2,0.15)"
   r = c.post("/search", data={"id": "5", "k": "4", "rerank": "dba"})
   assert r.status_code == 400
-  assert "holds the database augmented by dba(3,3)" in r.json()["error"]
+  # What to send instead; no server path, no command (those are logged).
+  assert r.json()["error"] == (
+      "rerank: 'dba' searches the database augmented by dba; this index "
+      "holds dba(3,3): send rerank=dba(3,3)[+aqe|+superglobal], or aqe / "
+      "superglobal alone.")

@@ -4,7 +4,9 @@ memory-mapped views (gather, blocks, exact search equal to eval/knn), and
 ScaNN learned from a sample and fed the shards."""
 import glob
 import os
+import threading
 
+import jax
 import numpy as np
 import pytest
 
@@ -172,7 +174,16 @@ def test_scann_learned_from_a_sample_and_fed_the_shards(tmp_path):
   # Re-scored exactly: a neighbour found has its exact score.
   hit = i == i_exact
   np.testing.assert_allclose(s[hit], s_exact[hit], atol=1e-5)
-  searcher.save(str(tmp_path / "scann"))
+  synced = []
+  fsync = os.fsync
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(os, "fsync", lambda fd: synced.append(os.readlink(
+        f"/proc/self/fd/{fd}")) or fsync(fd))
+    searcher.save(str(tmp_path / "scann"))
+  # Every file (and the folder) on disk before a manifest names it.
+  saved = [os.path.normpath(p) for p in glob.glob(
+      str(tmp_path / "scann" / "**"), recursive=True)]
+  assert set(saved) <= set(synced) and len(saved) > 3
   loaded = scann_search.load(str(tmp_path / "scann"), view)
   s2, i2 = loaded.search(q, 10, exclude=i[:, 0])
   np.testing.assert_array_equal(i2[:, :9], i[:, 1:])
@@ -274,3 +285,57 @@ def test_a_shard_another_process_wrote_must_be_visible(tmp_path):
   for s in (1, 3):
     seg.write_shard(s, np.zeros((2, 4), np.float32), [])
   writer.check_shared(seg, 2)
+
+
+def simulate_two_processes(monkeypatch):
+  """jax.process_index of the calling thread (0, or `p` of its local),
+  process_count 2; the token broadcast and the barrier met between two
+  threads; returns the names of the barriers met."""
+  local = threading.local()
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: getattr(local, "p", 0))
+  monkeypatch.setattr(writer, "broadcast_json", lambda obj: "tok")
+  monkeypatch.setattr(writer, "POLL_SECONDS", 0.005)
+  meet, met = threading.Barrier(2, timeout=10), []
+  monkeypatch.setattr(writer, "barrier",
+                      lambda name: met.append(name) or meet.wait())
+  return local, met
+
+
+def test_long_work_of_process_0_is_awaited_on_a_file(tmp_path, monkeypatch):
+  """The other processes wait for process 0's long work (a searcher,
+  αDBA) by polling its result file, outside any collective (XLA's CPU
+  collectives time out), then meet at one barrier; an error of process 0
+  stops them all with its line, none waiting at a barrier."""
+  local, met = simulate_two_processes(monkeypatch)
+  out = {}
+
+  def other(fn):
+    local.p = 1
+    try:
+      out[1] = writer.on_process_0_long(fn, str(tmp_path), "t", 3)
+    except Exception as e:  # pylint: disable=broad-except
+      out[1] = e
+
+  def work(x):
+    # Process 1 is waiting meanwhile, and not at a barrier.
+    assert thread.is_alive() and not met
+    return {"rows": np.int64(x) * 2}
+  thread = threading.Thread(target=other, args=(work,))
+  thread.start()
+  threading.Event().wait(0.05)  # process 1 polls before the result exists
+  assert writer.on_process_0_long(work, str(tmp_path), "t", 3) == {"rows": 6}
+  thread.join(10)
+  assert out[1] == {"rows": 6} and met == [f"long t {tmp_path}"] * 2
+  assert os.listdir(tmp_path) == []  # the result file removed
+
+  def refuse(x):
+    raise UserError(f"no rows in {x}")
+  met.clear()
+  thread = threading.Thread(target=other, args=(refuse,))
+  thread.start()
+  with pytest.raises(UserError, match="^no rows in 3$"):
+    writer.on_process_0_long(refuse, str(tmp_path), "t", 3)
+  thread.join(10)
+  assert isinstance(out[1], UserError) and str(out[1]) == "no rows in 3"
+  assert not met

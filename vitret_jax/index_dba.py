@@ -11,8 +11,9 @@ temporary name renamed, never held whole in memory), with its own ScaNN
 searcher in `dba-<generation>-scann/` when the index searches with ScaNN.
 The manifest's `extra["dba"]` names the file and the spec; it is written
 in the same atomic commit as the rows it augments, so a reader (search,
-serve's reload) sees both or neither. Every build and update recomputes
-it; one without --dba drops it.
+serve's reload) sees both or neither. Every build and update that
+changes the rows recomputes it; an update without --dba keeps the spec
+the index holds, --dba=none drops it.
 """
 import os
 import shlex
@@ -28,17 +29,30 @@ from vitret_jax.store import scann_search
 from vitret_jax.store import segment as segment_lib
 from vitret_jax.store import view as view_lib
 
+# --dba=none: an update drops the augmented database the index holds.
+DROP = "none"
+# The largest n of --dba: αDBA scores every row against n neighbours in
+# blocks sized by the descriptor alone (eval/rerank.py), so a huge n would
+# allocate rows x n scores at once.
+MAX_N = 1000
+
 
 def parse(spec):
   """The Expansion of a --dba spec (dba, dba(n,alpha), dba(n,alpha,self)),
-  None for none; a one-line UserError for anything else."""
+  DROP for 'none', None for an empty one (keep what the index holds); a
+  one-line UserError for anything else."""
   if not spec:
     return None
+  if spec.strip().lower() == DROP:
+    return DROP
   plan = rerank_spec.parse(spec, "--dba")
   if plan.dba is None or plan.aqe is not None or plan.superglobal is not None:
     raise UserError(f"--dba={spec!r}: name the database side alone, e.g. "
                     f"'dba' or 'dba(10,3)'; aqe and superglobal re-rank "
                     f"each search (--rerank={plan.name}).")
+  if plan.dba.n > MAX_N:
+    raise UserError(f"--dba={spec!r}: n = {plan.dba.n:,} neighbours; at "
+                    f"most {MAX_N:,} (dba(10,3) is the usual one).")
   return plan.dba
 
 
@@ -117,6 +131,26 @@ def open_view(folder, info, rows, dim):
   return view
 
 
+def open_held(folder, extra, rows, dim):
+  """(the Expansion the manifest's `extra` holds or None, its augmented
+  database or None, why that did not open or None): a missing or damaged
+  file leaves the index's rows searchable, dba plans refused (check)."""
+  have = held(extra)
+  if have is None:
+    return None, None, None
+  try:
+    return have, open_view(folder, extra["dba"], rows, dim), None
+  except (OSError, ValueError, KeyError, RuntimeError) as e:
+    # The reason without the server's paths (serve answers with it).
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    why = why.splitlines()[0][:120] if why else type(e).__name__
+    logging.warning("%s: the database augmented by %s did not open (%s): "
+                    "dba plans are refused until --mode=index --update "
+                    "--dba=%s computes it again.", folder, name(have), e,
+                    name(have))
+    return have, None, why
+
+
 def intact(folder, info, dim):
   """True when the augmented database `info` names opens, of the rows it
   records (an --update then keeps it; else it is computed again)."""
@@ -129,20 +163,40 @@ def intact(folder, info, dim):
   return True
 
 
-def check(plan, have, index_dir, root, where="--rerank"):
+def check(plan, have, index_dir, root, where="--rerank", error=None):
   """A one-line UserError when `plan` needs a dba that the index (holding
-  Expansion `have`, or None) does not hold."""
-  if plan is None or plan.dba is None or plan.dba == have:
+  Expansion `have`, or None; `error`: why its file did not open) cannot
+  search. `where` a flag (--rerank): the text names the command that
+  makes it; else (serve's `rerank` field, for an HTTP client) only what
+  the index holds, the command logged on the server."""
+  if plan is None or plan.dba is None or (plan.dba == have and not error):
     return
-  want = name(plan.dba)
-  holds = (f"holds the database augmented by {name(have)}" if have
-           else "holds no augmented database")
+  want = name(plan.dba if error is None else have)
   command = " ".join(shlex.quote(a) for a in (
       "--mode=index", "--update", f"--images={root}",
       f"--index_dir={index_dir}", f"--dba={want}"))
+  if error is not None:
+    logging.warning("%s: the augmented database did not open (%s): %s "
+                    "computes it again.", index_dir, error, command)
+    raise UserError(
+        f"{where}: {plan.name!r}: the index's database augmented by "
+        f"{name(have)} did not open ({error}): compute it again with "
+        f"--mode=index --update --dba={want} (the rows are kept), or "
+        f"re-rank with aqe / superglobal alone.")
+  if not where.startswith("--"):
+    logging.info("%s: a request for %s; %s adds it.", index_dir, want,
+                 command)
+    holds = (f"this index holds {name(have)}: send "
+             f"rerank={name(have)}[+aqe|+superglobal], or " if have else
+             "this index holds no augmented database: send ")
+    raise UserError(f"{where}: {plan.name!r} searches the database "
+                    f"augmented by {want}; {holds}aqe / superglobal alone.")
+  holds = (f"holds the database augmented by {name(have)}" if have
+           else "holds no augmented database")
+  verb = "replace it by this one" if have else "add it"
   raise UserError(
       f"{where}: {plan.name!r} searches the database augmented by {want}, "
-      f"and {index_dir} {holds}: add it with {command} (and the index's "
+      f"and {index_dir} {holds}: {verb} with {command} (and the index's "
       f"--pretrained or --workdir), or re-rank with "
       f"{name(have) + ' (what it holds) or ' if have else ''}aqe / "
       f"superglobal alone.")

@@ -14,9 +14,10 @@ exported artifact (export.Embedder) or a training run
 (experiment.RunEmbedder); another embedder than the index's is a one-line
 error. The manifest's identity is search.embedder_identity (which records
 whether photos were turned upright); an index of an earlier format, which
-does not, is rebuilt rather than updated. With `dba`, every build and
-update also stores the database augmented by αDBA (index_dba.py); one
-without drops it.
+does not, is rebuilt rather than updated. With `dba`, a build or
+update also stores the database augmented by αDBA (index_dba.py); an
+update without it keeps (recomputes) the one the index holds, and
+`dba="none"` drops it.
 """
 import json
 import os
@@ -69,10 +70,10 @@ def build_index(embedder, folder, index_dir, *, overwrite=False, update=False,
   (also written to skipped.txt in the index), seconds, searcher, index, dba (the
   canonical name of the augmentation stored, or None).
 
-  `dba`: a --dba spec ('dba', 'dba(10,3)', 'dba(10,3,self)') or None: the
-  database augmented by it is computed after the rows are (index_dba.py)
-  and committed with them; without it, an index's augmented database is
-  dropped.
+  `dba`: a --dba spec ('dba', 'dba(10,3)', 'dba(10,3,self)'), 'none' or
+  None: the database augmented by it is computed after the rows are
+  (index_dba.py) and committed with them; None keeps the one the index
+  holds (recomputed when its rows change), 'none' drops it.
   """
   if searcher not in SEARCHERS:
     raise UserError(f"--searcher={searcher!r}; valid: {SEARCHERS}.")
@@ -99,6 +100,7 @@ def _build(embedder, folder, index_dir, overwrite, update, verify, source,
   plan = _plan_update if update else _plan_build
   w, segments, new, dropped, changed = plan(index_dir, root, ident, verify,
                                             shard_size, overwrite)
+  dba = _wanted_dba(dba, w.manifest, index_dir)
   stats = {"embedded": 0, "seconds": 0.0}
   if not changed:
     # Nothing to update (no new segment, no new generation, the searcher
@@ -141,6 +143,21 @@ def _up_to_date(w, index_dir, t0):
           "dba": _dba_name(w.manifest["extra"])}
 
 
+def _wanted_dba(dba, manifest, index_dir):
+  """The Expansion the index is to hold: `dba` when named, what it holds
+  when None (recomputed when its rows change), none for index_dba.DROP
+  (--dba=none; the drop logged)."""
+  have = index_dba.held((manifest or {}).get("extra"))
+  if dba is None:
+    return have
+  if dba == index_dba.DROP:
+    if have is not None:
+      logging.warning("%s: --dba=none: dropping the database augmented by "
+                   "%s.", index_dir, index_dba.name(have))
+    return None
+  return dba
+
+
 def _dba_name(extra):
   have = index_dba.held(extra)
   return None if have is None else index_dba.name(have)
@@ -153,6 +170,8 @@ def _refresh_dba(w, dba, scann_options):
   extra = dict(w.manifest["extra"])
   if index_dba.held(extra) == dba and (dba is None or writer.on_process_0(
       index_dba.intact, w.folder, extra["dba"], w.manifest["dim"])):
+    # Unchanged; an interrupted write's or clean-up's files removed.
+    writer.on_process_0(_clean, w.folder, extra)
     return
   segments = w.segments()
   gen = w.manifest["generation"] + 1
@@ -165,12 +184,12 @@ def _refresh_dba(w, dba, scann_options):
     if folder:
       view.searcher = scann_search.load(os.path.join(w.folder, folder), view)
     return index_dba.write(w.folder, view, dba, gen, scann_options)
-  record = writer.on_process_0(compute)
+  record = writer.on_process_0_long(compute, w.folder, f"dba-{gen}")
   extra.pop("dba", None)
   if record:
     extra["dba"] = record
   w.commit(segments, extra)
-  writer.on_process_0(index_dba.clean, w.folder, record)
+  writer.on_process_0(_clean, w.folder, extra)
 
 
 def _skipped(segments, root):
@@ -332,7 +351,10 @@ def _finish(w, segments, root, source, searcher, scann_options, dba):
     record = (None if dba is None else
               index_dba.write(w.folder, view, dba, gen, scann_options))
     return info, len(view), record
-  info, rows, record = writer.on_process_0(build_searcher)
+  # Process 0 alone: the others wait on a file, not in a collective
+  # (writer.on_process_0_long), however long the searcher and αDBA take.
+  info, rows, record = writer.on_process_0_long(build_searcher, w.folder,
+                                                f"searcher-{gen}")
   skipped = _skipped(segments, root)
   def write_skipped():
     with open(os.path.join(w.folder, "skipped.txt"), "w") as f:
@@ -344,14 +366,20 @@ def _finish(w, segments, root, source, searcher, scann_options, dba):
     extra["dba"] = record
   w.commit(segments, extra)
 
-  def clean():
-    for entry in os.listdir(w.folder):
-      if entry.startswith("scann-") and entry != info.get("folder"):
-        shutil.rmtree(os.path.join(w.folder, entry), ignore_errors=True)
-    index_dba.clean(w.folder, record)
-  writer.on_process_0(clean)
+  writer.on_process_0(_clean, w.folder, extra)
   return {"indexed": rows, "skipped": skipped, "searcher": info["kind"],
           "dba": _dba_name(extra)}
+
+
+def _clean(folder, extra):
+  """Removes the searchers and dba files the manifest's `extra` does not
+  name (earlier generations', interrupted writes): process 0, under the
+  index's lock."""
+  keep = extra["searcher"].get("folder")
+  for entry in os.listdir(folder):
+    if entry.startswith("scann-") and entry != keep:
+      shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+  index_dba.clean(folder, extra.get("dba"))
 
 
 def _swap(work, index_dir):

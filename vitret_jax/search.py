@@ -13,14 +13,12 @@ reload it when it grows. Indexes of vitret_jax 0.1 (`embeddings.npy`,
 The manifest's identity (embedder_identity) records what made the
 descriptors: parameter, whitening and model digests, preprocessing,
 scales, how the host ran it, whether photos were turned upright (EXIF
-orientation), and the index format. An Index opened with an embedder
-refuses, at opening and at every reload, an index made by another one:
-descriptors of two embedders are not comparable, and a photo indexed
-sideways is not found by its upright query. An index that does not record
-whether its photos were turned upright (vitret_jax 0.1, or INDEX_FORMAT 1)
-is refused to an embedder that turns them upright unless `allow_mismatch`
-(then it says so once); it is still read without an embedder (browsing,
-ids).
+orientation), the index format. An Index opened with an embedder refuses,
+at opening and every reload, an index made by another one (descriptors of
+two embedders are not comparable; a photo indexed sideways is not found by
+its upright query), and one not recording whether its photos were turned
+upright (0.1, INDEX_FORMAT 1) unless `allow_mismatch` (said once); any
+index is read without an embedder (browsing, ids).
 """
 import collections.abc
 import copy
@@ -147,10 +145,10 @@ class _Legacy:
 
 class _State:
   """One opening of an index (Index swaps it whole on reload): its rows,
-  and what made them (`identity`: None for an index of vitret_jax 0.1;
-  `source`: the artifact or run named when it was built; `root`: the
-  indexed folder; `dba`: the Expansion of its augmented database
-  `augmented`, or None)."""
+  what made them (`identity`: None for vitret_jax 0.1; `source`: the
+  artifact or run named at build; `root`: the indexed folder), `dba`:
+  the Expansion of its augmented database `augmented` (None: none) and
+  `dba_error`: why that did not open (rows searchable, dba refused)."""
 
   def __init__(self, index_dir):
     self.stamp = _stamp(index_dir)
@@ -158,9 +156,8 @@ class _State:
       legacy = _Legacy(index_dir)
       self.database, self.paths = legacy.database, legacy.paths
       self.position, self.generation = legacy.position, 0
-      self.identity, self.source = None, ""
-      self.root = legacy.root
-      self.dba = self.augmented = None
+      self.identity, self.source, self.root = None, "", legacy.root
+      self.dba = self.augmented = self.dba_error = None
       return
     manifest = writer.read_manifest(index_dir)
     segments = writer.committed_segments(index_dir, manifest)
@@ -175,10 +172,8 @@ class _State:
     if info.get("kind") == "scann":
       self.database.searcher = scann_search.load(
           os.path.join(index_dir, info["folder"]), self.database)
-    self.dba, self.augmented = index_dba.held(extra), None
-    if self.dba is not None:
-      self.augmented = index_dba.open_view(index_dir, extra["dba"],
-                                           *self.database.shape)
+    self.dba, self.augmented, self.dba_error = index_dba.open_held(
+        index_dir, extra, *self.database.shape)
 
 
 def _stamp(index_dir):
@@ -272,14 +267,7 @@ class Index:
                       f"or a rebuild is putting the new one in place): "
                       f"reload once it is there, or build it with "
                       f"--mode=index.")
-    try:
-      state = _State(self.index_dir)
-    except UserError:
-      raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-      raise UserError(f"{self.index_dir}: the index is damaged "
-                      f"({str(e).splitlines()[0][:120]}); build it again "
-                      f"with --mode=index --overwrite.") from e
+    state = self._open_state()
     if self._want is not None:
       why = mismatch(self.index_dir, state, self._want, self._want_dim)
       if why is not None and not (self.allow_mismatch and why[1]):
@@ -288,6 +276,25 @@ class Index:
         self._warned.add(why[0])
         logging.warning("--allow_index_mismatch: %s", why[0])
     return state
+
+  def _open_state(self, tries=3):
+    """_State of the index, opened again when it changed meanwhile (an
+    update removes the generation it replaced right after its commit)."""
+    for attempt in range(1, tries + 1):
+      stamp = _stamp(self.index_dir)
+      try:
+        state = _State(self.index_dir)
+      except UserError:
+        raise
+      except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        if attempt < tries and _stamp(self.index_dir) != stamp:
+          continue
+        raise UserError(f"{self.index_dir}: the index is damaged "
+                        f"({str(e).splitlines()[0][:120]}); build it again "
+                        f"with --mode=index --overwrite.") from e
+      if state.dba_error is None or _stamp(self.index_dir) == stamp or (
+          attempt == tries):
+        return state
 
   def changed(self) -> bool:
     return _stamp(self.index_dir) != self._state.stamp
@@ -298,9 +305,8 @@ class Index:
     return copy.copy(self)
 
   def reload(self) -> bool:
-    """Opens the index again if it changed on disk; True when it did. A
-    UserError (damaged, half-written, made by another embedder) leaves the
-    open one in place. One reload at a time."""
+    """Opens the index again if it changed on disk (True); a UserError
+    (damaged, half-written, another embedder's) keeps the open one."""
     with self._reloading:
       if not self.changed():
         return False
@@ -320,15 +326,14 @@ class Index:
 
   @property
   def dba(self):
-    """The Expansion of the augmented database the index holds (built
-    with --dba), or None."""
+    """The Expansion of the index's augmented database (--dba), or None."""
     return self._state.dba
 
   def check_rerank(self, plan, where="--rerank"):
     """A one-line UserError when the Plan `plan` needs an augmented
     database this index does not hold (another dba, or none)."""
     index_dba.check(plan, self._state.dba, self.index_dir, self._state.root,
-                    where)
+                    where, self._state.dba_error)
 
   @property
   def embeddings(self):
@@ -366,9 +371,10 @@ class Index:
     if rerank is not None:
       plan = (rerank if isinstance(rerank, rerank_spec.Plan)
               else rerank_spec.for_index(rerank))
-      index_dba.check(plan, state.dba, self.index_dir, state.root)
+      index_dba.check(plan, state.dba, self.index_dir, state.root,
+                      error=state.dba_error)
       reranker = rerank_lib.Reranker(state.database)
-      if state.dba is not None:  # computed at --mode=index
+      if state.augmented is not None:  # computed at --mode=index
         reranker.augmented[state.dba] = state.augmented
       return rerank_lib.rerank_hits(None, queries, k, plan, excl, reranker)
     scores, idx = state.database.search(queries, k, excl)

@@ -80,6 +80,22 @@ class Searcher:
     np.save(os.path.join(folder, "order.npy"), self.order)
     with open(os.path.join(folder, "searcher.json"), "w") as f:
       json.dump({"reorder": self.reorder, "rows": len(self.order)}, f)
+    _fsync_files(folder)
+
+
+def _fsync_files(folder):
+  """Syncs every file under `folder`, and its folders' entries, to disk:
+  a manifest committed after the save never names a searcher whose files
+  a power loss left empty."""
+  for path, dirs, files in os.walk(folder, topdown=False):
+    for name in files:
+      with open(os.path.join(path, name), "rb") as f:
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
 
 
 def load(folder, database):
