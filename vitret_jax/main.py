@@ -92,9 +92,10 @@ _SEARCHER = flags.DEFINE_enum(
     "streamed over the shards, or ScaNN (auto: from 100,000 images).")
 _DBA = flags.DEFINE_string(
     "dba", "", "index: also store the database augmented by dba, "
-    "dba(n,alpha[,self]) ('dba' = dba(10,3)), recomputed at every build "
-    "and --update (dropped by one without --dba), for --rerank=dba, "
-    "dba+aqe, dba+superglobal.")
+    "dba(n,alpha[,self]) ('dba' = dba(10,3), n <= 1000), recomputed when "
+    "the rows change; an --update without --dba keeps the one the index "
+    "holds, --dba=none drops it; for --rerank=dba, dba+aqe, "
+    "dba+superglobal.")
 _QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
 _RERANK = flags.DEFINE_string(
