@@ -306,6 +306,22 @@ def _eval_url(name):
   return "/evaluation/" + urllib.parse.quote(name, safe="")
 
 
+def _query_order(rec, misses, sort):
+  """The queries of browse record `rec` to list: with `misses`, those whose
+  top-1 is not a correct match though one was there; sorted by
+  "first_hit", misses in the top k as rank k + 1, lone queries last."""
+  first, lone = rec["first_hit"], rec["lone"]
+  order = np.arange(len(first))
+  if misses:
+    order = order[(first != 0) & ~lone[order]]
+  if sort == "first_hit":
+    key = np.where(first[order] < 0, len(rec["neighbours"][0]) + 1,
+                   first[order])
+    key = np.where(lone[order], -1, key)
+    order = order[np.argsort(-key, kind="stable")]
+  return order
+
+
 def _evaluation_routes(app, evals):
   """GET /evaluation, one query's neighbours and their images."""
 
@@ -321,14 +337,7 @@ def _evaluation_routes(app, evals):
                     f"{sorted(evals)}.")
     rec = evals[name]
     first, lone = rec["first_hit"], rec["lone"]
-    order = np.arange(len(first))
-    if misses:  # the top-1 is not a correct match, and one was there
-      order = order[(first != 0) & ~lone[order]]
-    if sort == "first_hit":  # misses in the top k as rank k + 1, lone last
-      key = np.where(first[order] < 0, len(rec["neighbours"][0]) + 1,
-                     first[order])
-      key = np.where(lone[order], -1, key)
-      order = order[np.argsort(-key, kind="stable")]
+    order = _query_order(rec, misses, sort)
     offset, base = max(0, offset), _eval_url(name)
     queries = [{"i": int(i), "path": str(rec["query_paths"][i]),
                 "url": f"{base}/query/{int(i)}",

@@ -114,6 +114,20 @@ def _plan(split, pp_fn, batch_size, n_dev, fixed_size, bucket, fallback_hw,
   return pipeline.eval_plan(len(split), n_dev, real_rows=1), None
 
 
+def _describe(embed_fn, params, batch, mesh, scales):
+  """The multi-scale descriptors of one pass's batch (a global array)."""
+  if batch["image"].dtype == np.uint8:  # normalised on the device
+    arrays = sharding.to_global_batch(
+        {"image": batch["image"], "bad": batch["bad"]}, mesh)
+    per_scale = [embed_fn(params, arrays["image"], s, arrays["bad"])
+                 for s in scales]
+  else:
+    images = sharding.to_global_batch({"image": batch["image"]},
+                                      mesh)["image"]
+    per_scale = [embed_fn(params, images, s) for s in scales]
+  return descriptor.combine_scales(per_scale)
+
+
 def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
                 desc="embed", num_workers=2, scales=(1.0,), fixed_size=True,
                 skip_corrupt=False, fallback_hw=(32, 32), bucket=True,
@@ -157,17 +171,8 @@ def embed_split(embed_fn, params, split, pp_fn, batch_size, mesh,
                                      skip_corrupt=skip_corrupt,
                                      fallback_hw=fallback_hw,
                                      expected_hw=expected):
-    if batch["image"].dtype == np.uint8:  # normalised on the device
-      arrays = sharding.to_global_batch(
-          {"image": batch["image"], "bad": batch["bad"]}, mesh)
-      per_scale = [embed_fn(params, arrays["image"], s, arrays["bad"])
-                   for s in scales]
-    else:
-      images = sharding.to_global_batch({"image": batch["image"]},
-                                        mesh)["image"]
-      per_scale = [embed_fn(params, images, s) for s in scales]
-    emb = descriptor.combine_scales(per_scale)
-    emb = np.asarray(jax.device_get(emb))
+    emb = np.asarray(jax.device_get(_describe(embed_fn, params, batch,
+                                              mesh, scales)))
     if out is None:
       out = np.full((len(split), emb.shape[1]), np.nan, np.float32)
     out[batch["rows"][batch["mask"]]] = emb[batch["mask"]]
