@@ -177,7 +177,7 @@ def test_two_processes_build_the_index_of_one(artifact, photos, reference,
   # process 1 says nothing.
   assert "Indexed 22 images" in outs[0][0], outs[0][0]
   # Process 0 alone computes the augmented database (the others wait on
-  # its result file, removed after: writer.on_process_0_long).
+  # its result file, removed after: long_work.on_process_0_long).
   assert "augmented database: dba(3,3)." in outs[0][0], outs[0][0]
   assert not [e for e in os.listdir(index) if e.startswith(".result-")]
   assert "22 embedded now" in outs[0][0], outs[0][0]

@@ -254,6 +254,16 @@ def test_a_missing_dba_refuses_only_dba_plans_and_opening_races_retry(
     assert "--mode=index --update --dba=dba(3,3) (the rows are kept)" in text
   build(folder, index_dir, update=True, dba="dba(3,3)")
   assert index.reload() and index.search_ids(q, 3, rerank="dba(3,3)")
+  # An empty file (numpy: EOFError) is the same: rows served, dba repaired.
+  (path,) = [index_dir / f for f in dba_files(index_dir) if
+             f.endswith(".npy")]
+  open(path, "w").close()  # pylint: disable=consider-using-with
+  empty = search.Index(str(index_dir))
+  assert empty.search_ids(q, 3)
+  with pytest.raises(UserError, match="the rows are kept"):
+    rerank_spec.for_index("dba(3,3)", "--rerank", index=empty)
+  build(folder, index_dir, update=True, dba="dba(3,3)")
+  assert empty.reload() and empty.search_ids(q, 3, rerank="dba(3,3)")
   # An update commits (and removes the files of the generation being
   # opened) while a reload opens the augmented database, then the rows.
   open_view, open_held = index_dba.open_view, index_dba.open_held

@@ -13,6 +13,7 @@ import pytest
 from vitret_jax.errors import UserError
 from vitret_jax.eval import knn
 from vitret_jax.store import items as items_lib
+from vitret_jax.store import long_work
 from vitret_jax.store import view as view_lib
 from vitret_jax.store import writer
 
@@ -295,7 +296,7 @@ def simulate_two_processes(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: getattr(local, "p", 0))
   monkeypatch.setattr(writer, "broadcast_json", lambda obj: "tok")
-  monkeypatch.setattr(writer, "POLL_SECONDS", 0.005)
+  monkeypatch.setattr(long_work, "POLL_SECONDS", 0.005)
   meet, met = threading.Barrier(2, timeout=10), []
   monkeypatch.setattr(writer, "barrier",
                       lambda name: met.append(name) or meet.wait())
@@ -310,10 +311,10 @@ def test_long_work_of_process_0_is_awaited_on_a_file(tmp_path, monkeypatch):
   local, met = simulate_two_processes(monkeypatch)
   out = {}
 
-  def other(fn):
+  def other(fn, tag="t"):
     local.p = 1
     try:
-      out[1] = writer.on_process_0_long(fn, str(tmp_path), "t", 3)
+      out[1] = long_work.on_process_0_long(fn, str(tmp_path), tag, 3)
     except Exception as e:  # pylint: disable=broad-except
       out[1] = e
 
@@ -324,7 +325,7 @@ def test_long_work_of_process_0_is_awaited_on_a_file(tmp_path, monkeypatch):
   thread = threading.Thread(target=other, args=(work,))
   thread.start()
   threading.Event().wait(0.05)  # process 1 polls before the result exists
-  assert writer.on_process_0_long(work, str(tmp_path), "t", 3) == {"rows": 6}
+  assert long_work.on_process_0_long(work, str(tmp_path), "t", 3) == {"rows": 6}
   thread.join(10)
   assert out[1] == {"rows": 6} and met == [f"long t {tmp_path}"] * 2
   assert os.listdir(tmp_path) == []  # the result file removed
@@ -335,7 +336,34 @@ def test_long_work_of_process_0_is_awaited_on_a_file(tmp_path, monkeypatch):
   thread = threading.Thread(target=other, args=(refuse,))
   thread.start()
   with pytest.raises(UserError, match="^no rows in 3$"):
-    writer.on_process_0_long(refuse, str(tmp_path), "t", 3)
+    long_work.on_process_0_long(refuse, str(tmp_path), "t", 3)
   thread.join(10)
   assert isinstance(out[1], UserError) and str(out[1]) == "no rows in 3"
   assert not met
+  # Whatever stops process 0 reaches the others in one line: an interrupt,
+  # and a result it cannot write atomically (a full disk).
+  def interrupted(x):
+    raise KeyboardInterrupt
+  thread = threading.Thread(target=other, args=(interrupted, "k"))
+  thread.start()
+  with pytest.raises(KeyboardInterrupt):
+    long_work.on_process_0_long(interrupted, str(tmp_path), "k", 3)
+  thread.join(10)
+  assert "process 0 failed in k (KeyboardInterrupt" in str(out[1]), out
+  def full(*_):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(long_work.integrity, "write_json_atomic", full)
+  thread = threading.Thread(target=other, args=(lambda x: x, "f"))
+  thread.start()
+  with pytest.raises(OSError):
+    long_work.on_process_0_long(lambda x: x, str(tmp_path), "f", 3)
+  thread.join(10)
+  assert "could not write its result (OSError" in str(out[1])
+  assert not [f for f in os.listdir(tmp_path) if f.endswith(".alive")]
+  # Process 0 gone without a word: the others stop once its ".alive" file
+  # is stale, never waiting forever.
+  monkeypatch.setattr(long_work, "STALE_SECONDS", 0.2)
+  local.p = 1
+  with pytest.raises(UserError, match="process 0 stopped answering during g"):
+    long_work.on_process_0_long(lambda: None, str(tmp_path), "g")
+  local.p = 0

@@ -140,7 +140,7 @@ def open_held(folder, extra, rows, dim):
     return None, None, None
   try:
     return have, open_view(folder, extra["dba"], rows, dim), None
-  except (OSError, ValueError, KeyError, RuntimeError) as e:
+  except (OSError, ValueError, EOFError, KeyError, RuntimeError) as e:
     # The reason without the server's paths (serve answers with it).
     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     why = why.splitlines()[0][:120] if why else type(e).__name__
@@ -156,7 +156,7 @@ def intact(folder, info, dim):
   records (an --update then keeps it; else it is computed again)."""
   try:
     open_view(folder, info, info["rows"], dim)
-  except (OSError, ValueError, KeyError, RuntimeError) as e:
+  except (OSError, ValueError, EOFError, KeyError, RuntimeError) as e:
     logging.warning("%s: the augmented database is damaged (%s): computing "
                     "it again.", folder, str(e).splitlines()[0][:120])
     return False

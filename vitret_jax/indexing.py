@@ -34,6 +34,7 @@ from vitret_jax import workdir as workdir_lib
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
 from vitret_jax.store import items as items_lib
+from vitret_jax.store import long_work
 from vitret_jax.store import scann_search
 from vitret_jax.store import view as view_lib
 from vitret_jax.store import writer
@@ -184,7 +185,7 @@ def _refresh_dba(w, dba, scann_options):
     if folder:
       view.searcher = scann_search.load(os.path.join(w.folder, folder), view)
     return index_dba.write(w.folder, view, dba, gen, scann_options)
-  record = writer.on_process_0_long(compute, w.folder, f"dba-{gen}")
+  record = long_work.on_process_0_long(compute, w.folder, f"dba-{gen}")
   extra.pop("dba", None)
   if record:
     extra["dba"] = record
@@ -352,8 +353,8 @@ def _finish(w, segments, root, source, searcher, scann_options, dba):
               index_dba.write(w.folder, view, dba, gen, scann_options))
     return info, len(view), record
   # Process 0 alone: the others wait on a file, not in a collective
-  # (writer.on_process_0_long), however long the searcher and αDBA take.
-  info, rows, record = writer.on_process_0_long(build_searcher, w.folder,
+  # (long_work.on_process_0_long), however long the searcher and αDBA take.
+  info, rows, record = long_work.on_process_0_long(build_searcher, w.folder,
                                                 f"searcher-{gen}")
   skipped = _skipped(segments, root)
   def write_skipped():
@@ -372,9 +373,9 @@ def _finish(w, segments, root, source, searcher, scann_options, dba):
 
 
 def _clean(folder, extra):
-  """Removes the searchers and dba files the manifest's `extra` does not
-  name (earlier generations', interrupted writes): process 0, under the
-  index's lock."""
+  """Removes what the manifest's `extra` does not name (earlier searchers,
+  dba files, long_work results): process 0, under the index's lock."""
+  long_work.remove_results(folder)
   keep = extra["searcher"].get("folder")
   for entry in os.listdir(folder):
     if entry.startswith("scann-") and entry != keep:

@@ -286,7 +286,8 @@ class Index:
         state = _State(self.index_dir)
       except UserError:
         raise
-      except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+      except (OSError, ValueError, EOFError, KeyError, TypeError,
+              RuntimeError) as e:
         if attempt < tries and _stamp(self.index_dir) != stamp:
           continue
         raise UserError(f"{self.index_dir}: the index is damaged "

@@ -83,56 +83,6 @@ def on_process_0(fn, *args):
   return result["ok"]
 
 
-# The longest wait between two looks of on_process_0_long's other
-# processes (the first after 10 ms, each next one 1.5 times longer).
-POLL_SECONDS = 2.0
-
-
-def on_process_0_long(fn, folder, tag, *args):
-  """on_process_0 for work that may outlast a JAX collective's timeout
-  (XLA's CPU collectives give up after 30 minutes: a searcher or αDBA
-  build of a large index takes longer): the other processes wait by
-  polling for a result file process 0 writes atomically into `folder`
-  (a store's folder, which every process shares), named by `tag` and a
-  token of this call, then meet process 0 at one short barrier. An
-  exception of process 0 other than a UserError is re-raised there and
-  reaches the others as a one-line UserError; on an error no process
-  waits at the barrier (its small result file stays)."""
-  if jax.process_count() == 1:
-    return fn(*args)
-  token = broadcast_json(os.urandom(6).hex() if jax.process_index() == 0
-                         else None)
-  path = os.path.join(folder, f".result-{tag}-{token}.json")
-  if jax.process_index() == 0:
-    failure = None
-    try:
-      result = {"ok": fn(*args)}
-    except UserError as e:
-      result = {"error": str(e)}
-    except Exception as e:  # pylint: disable=broad-except
-      failure = e
-      result = {"error": f"process 0 failed in {tag} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''})"
-                         f": see its log."}
-    integrity.write_json_atomic(path, json.loads(json.dumps(
-        result, default=lambda x: x.item())))  # numpy scalars
-    if failure is not None:
-      raise failure
-  else:
-    wait = 0.01
-    while not os.path.exists(path):
-      time.sleep(wait)
-      wait = min(wait * 1.5, POLL_SECONDS)
-    with open(path) as f:
-      result = json.load(f)
-  if "error" in result:  # every process stops; none waits for another
-    raise UserError(result["error"])
-  barrier(f"long {tag} {folder}")
-  if jax.process_index() == 0:
-    os.remove(path)
-  return result["ok"]
-
-
 class Writer:
   """Adds segments to the store in `folder`, made by `identity` (a JSON-able
   dict: what made the descriptors, e.g. the artifact's hash, the
