@@ -23,6 +23,18 @@ run() {
   fi
 }
 
+# Runs the shell command $1 on every worker of $TPU_NAME over ssh; its
+# output is appended to $LOG too (not on a dry run, which only prints).
+on_every_worker() {
+  local cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT"
+             --zone="$ZONE" --worker=all --command="$1")
+  if [[ "$DRY_RUN" == 1 ]]; then
+    run "${cmd[@]}"
+  else
+    run "${cmd[@]}" 2>&1 | tee -a "$LOG"
+  fi
+}
+
 # Defaults shared by the TPU scripts; override any of them in the environment.
 : "${PROJECT:=$(gcloud config get-value project 2>/dev/null || echo my-project)}"
 : "${QR_ID:=${TPU_NAME:-vitret}-qr}"

@@ -49,10 +49,4 @@ if [[ -n "$PRETRAINED" ]]; then remote+=" --pretrained=${PRETRAINED}"; fi
 if [[ -n "$WORKDIR" ]]; then remote+=" --workdir=${WORKDIR}"; fi
 if [[ "$UPDATE" == 1 ]]; then remote+=" --update"; fi
 remote+=" ${EXTRA_ARGS}"
-if [[ "$DRY_RUN" == 1 ]]; then
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" \
-    --zone="$ZONE" --worker=all --command="$remote"
-else
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" \
-    --zone="$ZONE" --worker=all --command="$remote" 2>&1 | tee -a "$LOG"
-fi
+on_every_worker "$remote"

@@ -23,10 +23,4 @@ source "$(dirname "$0")/common.sh" "$@"
 
 remote="cd ~/vitret_jax && VITRET_DISTRIBUTED=1 .venv/bin/python -m vitret_jax.main"
 remote+=" --config=${CONFIG} --workdir=${WORKDIR} --mode=${MODE} ${EXTRA_ARGS}"
-if [[ "$DRY_RUN" == 1 ]]; then
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" \
-    --zone="$ZONE" --worker=all --command="$remote"
-else
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" \
-    --zone="$ZONE" --worker=all --command="$remote" 2>&1 | tee -a "$LOG"
-fi
+on_every_worker "$remote"

@@ -56,6 +56,14 @@ def photos(folder, n=12):
   return out
 
 
+def gallery(tmp_path_factory):
+  """(photo paths, their Index by FakeEmbedder) in a fresh folder: the
+  serve tests' module fixture."""
+  root = tmp_path_factory.mktemp("gallery")
+  paths = photos(root / "photos")
+  return paths, build_index(root / "photos", root / "index")
+
+
 def build_index(folder, index_dir, embedder=None):
   search.build_index(embedder or FakeEmbedder(), str(folder), str(index_dir))
   return search.Index(str(index_dir))

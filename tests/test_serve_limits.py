@@ -28,9 +28,7 @@ from vitret_jax.errors import UserError  # noqa: E402
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
-  root = tmp_path_factory.mktemp("gallery")
-  paths = serve_helpers.photos(root / "photos")
-  return paths, serve_helpers.build_index(root / "photos", root / "index")
+  return serve_helpers.gallery(tmp_path_factory)
 
 
 def _png(h, w, seed=0):

@@ -18,9 +18,7 @@ from vitret_jax import serve  # noqa: E402  (after the skip)
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
-  root = tmp_path_factory.mktemp("gallery")
-  paths = serve_helpers.photos(root / "photos")
-  return paths, serve_helpers.build_index(root / "photos", root / "index")
+  return serve_helpers.gallery(tmp_path_factory)
 
 
 def test_serve_rerank_field(gallery, monkeypatch):

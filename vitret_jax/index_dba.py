@@ -94,11 +94,9 @@ def write(folder, database, exp, gen, scann_options=None):
   if database.searcher is not None and len(database) > 1:
     info["scann"] = f"dba-{gen}-scann"
     target = os.path.join(folder, info["scann"])
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.rmtree(target + ".tmp", ignore_errors=True)
     view = view_lib.ArrayView(np.load(path, mmap_mode="r"))
-    scann_search.build(view, **(scann_options or {})).save(target + ".tmp")
-    os.replace(target + ".tmp", target)
+    scann_search.build(view, **(scann_options or {})).save_atomic(
+        target, target + ".tmp")
   segment_lib.fsync_dir(folder)
   return info
 

@@ -343,9 +343,8 @@ def _finish(w, segments, root, source, searcher, scann_options, dba):
     if kind == "scann" and len(view) > 1:
       info["folder"] = f"scann-{gen}"
       path = os.path.join(w.folder, info["folder"])
-      shutil.rmtree(path, ignore_errors=True)
-      view.searcher = scann_search.build(view, **(scann_options or {}))
-      view.searcher.save(path)
+      view.searcher = scann_search.build(
+          view, **(scann_options or {})).save_atomic(path, path + ".tmp")
     elif kind == "scann":
       info = {"kind": "exact"}
     # αDBA finds each item's neighbours with the searcher just built.

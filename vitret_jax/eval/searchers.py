@@ -151,9 +151,7 @@ def _store_searcher(view, k, opts, cache):
     return scann_search.load(folder, view)
   searcher = scann_search.build(view, **opts)
   if folder:
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    searcher.save(tmp)
-    os.replace(tmp, folder)
+    searcher.save_atomic(folder, f"{folder}.tmp-{os.getpid()}")
   return searcher
 
 

@@ -10,6 +10,7 @@ the best k returned.
 """
 import json
 import os
+import shutil
 
 import numpy as np
 from absl import logging
@@ -81,6 +82,16 @@ class Searcher:
     with open(os.path.join(folder, "searcher.json"), "w") as f:
       json.dump({"reorder": self.reorder, "rows": len(self.order)}, f)
     _fsync_files(folder)
+
+
+  def save_atomic(self, folder, tmp):
+    """save() into the temporary folder `tmp`, then renamed to `folder`
+    (what was there replaced): a reader finds the whole searcher or none."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    self.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return self
 
 
 def _fsync_files(folder):
