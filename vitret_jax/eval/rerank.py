@@ -73,6 +73,10 @@ def query_expansion(queries, database, exp, exclude=None, block=1024):
 # reads (exact: sends to the device) the whole database once, so an αDBA
 # reads it ceil(N·E·4 / SEARCH_BYTES) times, plus once as queries.
 SEARCH_BYTES = 2 << 30
+# The same with a searcher attached (ScaNN): it reads only each query's
+# candidates, so a small batch costs no extra pass and bounds the query
+# rows and the searcher's results held at once.
+SEARCHER_BYTES = 64 << 20
 # Bytes of gathered neighbours [rows, n, E] combined at a time.
 GATHER_BYTES = 64 << 20
 
@@ -84,9 +88,12 @@ def augment_database(database, exp, out, start=0, stop=None,
   their own neighbours in the whole database (itself excluded from the
   search); several processes can each take a range. The items are
   searched `search_bytes` of rows at a time (one pass over the database
-  each), their neighbours combined GATHER_BYTES at a time."""
+  each; SEARCHER_BYTES at most with a searcher attached), their neighbours
+  combined GATHER_BYTES at a time."""
   n, dim = database.shape
   stop = n if stop is None else stop
+  if getattr(database, "searcher", None) is not None:
+    search_bytes = min(search_bytes, SEARCHER_BYTES)
   step = max(1, search_bytes // (4 * max(1, dim)))
   gather = max(1, GATHER_BYTES // (4 * dim * max(1, exp.others)))
   t0 = time.time()

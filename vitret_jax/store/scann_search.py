@@ -19,6 +19,9 @@ from absl import logging
 _FEED = 8192
 # Bytes of candidate rows gathered at a time when re-scoring.
 _RESCORE_BYTES = 64 << 20
+# Queries given to ScaNN at once: its results and their ids are held for
+# a batch, so a caller's huge batch (αDBA searches every row) is split.
+_QUERIES = 4096
 
 
 def _pybind():
@@ -46,10 +49,20 @@ class Searcher:
 
   def search(self, queries, k, exclude=None):
     queries = np.asarray(queries, np.float32)
+    if len(queries) > _QUERIES:
+      ex = None if exclude is None else np.asarray(exclude)
+      parts = [self.search(queries[lo:lo + _QUERIES], k,
+                           None if ex is None else ex[lo:lo + _QUERIES])
+               for lo in range(0, len(queries), _QUERIES)]
+      return (np.concatenate([s for s, _ in parts]),
+              np.concatenate([i for _, i in parts]))
     n = len(self.order)
     want = min(n, max(self.reorder, k + 1))
-    idx, scores = self.scann.search_batched(queries,
-                                            final_num_neighbors=want)
+    # A large batch (αDBA's) is searched on every core, 256 queries a
+    # thread; each query's result is the same either way.
+    search = (self.scann.search_batched_parallel if len(queries) > 256
+              else self.scann.search_batched)
+    idx, scores = search(queries, final_num_neighbors=want)
     idx = np.asarray(idx, np.int64).reshape(len(queries), -1)
     scores = np.asarray(scores, np.float32).reshape(len(queries), -1)
     # ScaNN pads a short result with row 0 and a NaN score (knn.scann_search).
@@ -65,12 +78,14 @@ class Searcher:
       rows = self.database[np.maximum(c, 0)]  # [q, want, E]
       s = np.einsum("qe,qke->qk", queries[lo:lo + step], rows)
       s = np.where(c >= 0, s, -np.inf)
-      for j in range(len(c)):
-        # Best first; equal scores by id, as exact search orders them.
-        best = np.lexsort((c[j], -s[j]))[:k]
-        keep = np.isfinite(s[j][best])
-        out_s[lo + j, :keep.sum()] = s[j][best][keep]
-        out_i[lo + j, :keep.sum()] = c[j][best][keep]
+      # Best first; equal scores by id, as exact search orders them; the
+      # empty slots (-inf) last, left as -inf / -1.
+      best = np.lexsort((c, -s), axis=1)[:, :k]
+      top_s = np.take_along_axis(s, best, 1)
+      keep = np.isfinite(top_s)
+      out_s[lo:lo + len(c), :best.shape[1]] = np.where(keep, top_s, -np.inf)
+      out_i[lo:lo + len(c), :best.shape[1]] = np.where(
+          keep, np.take_along_axis(c, best, 1), -1)
     return out_s, out_i
 
   def save(self, folder):
