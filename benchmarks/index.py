@@ -218,7 +218,7 @@ def speed(args):
     for rep in range(args.repeats + 1):
       wall, msg, _ = run_index(art, images, os.path.join(args.dir, "idx"),
                                "--searcher=exact", env=env)
-      ours = float(re.search(r"\(([\d.]+) img/s\)", msg).group(1))
+      ours = float(re.search(r"\(([\d.]+) files/s", msg).group(1))
       if not rep:
         print(f"| {variant} | first (compiles) | {ours:.1f} |"
               + " |" * len(torch_kinds) + f" | {wall:.0f} |", flush=True)
