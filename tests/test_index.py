@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import fixtures
+from conftest import main_in_process
 from conftest import model_config
 from conftest import REPO
 from conftest import subprocess_env
@@ -332,6 +333,25 @@ def test_unchanged_folder_is_up_to_date_and_an_update_resumes_its_plan(
                            shard_size=SHARD)
   assert (s["files"], s["indexed"], len(s["skipped"])) == (2, 32, 1)
   assert _generation(index_dir) == 3
+
+
+@pytest.mark.slow(4)  # seconds, 2 cores
+def test_each_batch_is_split_over_the_local_devices(artifact, photos,
+                                                    reference, tmp_path):
+  """--index_devices=local (the default) splits each batch over this
+  process's devices (the suite's 8 simulated CPUs): the descriptors of one
+  device to float rounding; =first is one device, bit for bit."""
+  for devices, n in (("local", 8), ("first", 1)):
+    index = str(tmp_path / devices)
+    r = main_in_process(*cli(artifact, photos, index)[3:],
+                        f"--index_devices={devices}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("8 devices each" in r.stdout) == (n == 8), r.stdout
+    (got, order), (want, ref_order) = (contents(search.Index(index)),
+                                       contents(reference))
+    assert order == ref_order
+    err = max(float(np.max(np.abs(got[k] - want[k]))) for k in order)
+    assert err <= (1e-6 if n == 8 else 0.0), (devices, err)
 
 
 def test_embed_files_iter_in_order_and_lazy(artifact, photos):

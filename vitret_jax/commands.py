@@ -5,6 +5,7 @@ Each takes plain arguments (the parsed flags) and returns what main prints.
 import json
 import os
 
+import jax
 from absl import logging
 
 from vitret_jax import checkpoint
@@ -84,14 +85,16 @@ def export_run(config, workdir, export_dir="", overwrite=False,
           f"vitret_jax.load_pretrained({path!r}).")
 
 
-def _embedder(config, workdir, pretrained, eval_name=""):
+def _embedder(config, workdir, pretrained, eval_name="", devices=None):
+  """(embedder, its source); `devices`: those each batch is split over
+  (default: this process's first, descriptor.Placement)."""
   if pretrained:
-    return export.load_pretrained(pretrained), pretrained
+    return export.load_pretrained(pretrained, devices), pretrained
   if not workdir:
     raise UserError("index / search need --pretrained=ARTIFACT, or the "
                     "--workdir of a training run.")
   config = run_config(config, workdir, "index / search")
-  return (experiment.RunEmbedder(config, workdir, eval_name),
+  return (experiment.RunEmbedder(config, workdir, eval_name, devices),
           os.path.abspath(workdir))
 
 
@@ -107,16 +110,23 @@ def _index_dir(index_dir, workdir):
 def index(config, workdir, pretrained, images, index_dir, overwrite=False,
           eval_name="", update=False, verify=False,
           shard_size=writer.SHARD_SIZE, searcher="auto", batch_size=64,
-          dba=""):
+          dba="", devices="local"):
   """--mode=index: every image under `images` into a searchable index of
   memory-mapped shards (vitret_jax/indexing.py): resumed when interrupted,
   brought up to date with `update`, shared by every process of a
   multi-process run; with `dba` (--dba=SPEC), the database augmented by
-  it stored too (index_dba.py), for --rerank=dba[+aqe|+superglobal]."""
+  it stored too (index_dba.py), for --rerank=dba[+aqe|+superglobal].
+  `devices`: "local" splits each batch over all of this process's devices
+  (--index_devices), "first" uses its first."""
   if not images:
     raise UserError("--mode=index needs --images=FOLDER.")
   exp = index_dba.parse(dba)  # checked before a model is loaded
-  embedder, source = _embedder(config, workdir, pretrained, eval_name)
+  local = jax.local_devices() if devices == "local" else None
+  embedder, source = _embedder(config, workdir, pretrained, eval_name, local)
+  split = len(local) if local and len(local) > 1 else 0
+  if split:
+    logging.info("index: each batch of %d split over %d devices (%s).",
+                 batch_size, split, local[0].device_kind)
   index_dir = _index_dir(index_dir, workdir)
   s = indexing.build_index(embedder, images, index_dir, overwrite=overwrite,
                            update=update, verify=verify, source=source,
@@ -127,7 +137,8 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
   # Files read (unreadable ones too) per second of the slowest process's
   # embedding, every process together.
   rate = (f" ({s['files'] / s['embed_seconds']:.1f} files/s, all "
-          f"processes)" if s["embed_seconds"] and s["files"] else "")
+          f"processes{f', {split} devices each' if split else ''})"
+          if s["embed_seconds"] and s["files"] else "")
   head = (f"Updated {index_dir}: {s['indexed']} images" if update else
           f"Indexed {s['indexed']} images into {index_dir}")
   skipped = len(s["skipped"])

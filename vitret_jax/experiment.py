@@ -202,9 +202,11 @@ class RunEmbedder:
     config: the run's config.
     workdir: the run folder.
     eval_name: the evaluator to follow (default: the config's first).
+    devices: those each batch is split over (default: this process's
+      first; descriptor.Placement).
   """
 
-  def __init__(self, config, workdir, eval_name=""):
+  def __init__(self, config, workdir, eval_name="", devices=None):
     if not config.evals:
       raise UserError("the config has no evals section to take the "
                       "evaluation preprocessing from.")
@@ -225,7 +227,7 @@ class RunEmbedder:
     self.whitening = run_whitening(
         config, workdir, self.eval_name, params, self.step, self.model,
         sharding.make_mesh())
-    placement = descriptor.Placement()
+    placement = descriptor.Placement(devices)
     self.params = placement.put_params(params)  # once, for every call
     apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
                                                   train=False))

@@ -96,6 +96,10 @@ _DBA = flags.DEFINE_string(
     "the rows change; an --update without --dba keeps the one the index "
     "holds, --dba=none drops it; for --rerank=dba, dba+aqe, "
     "dba+superglobal.")
+_INDEX_DEVICES = flags.DEFINE_enum(
+    "index_devices", "local", ["local", "first"], "index: split each batch "
+    "over all of this process's devices (a TPU host's chips, a GPU host's "
+    "GPUs), or use its first device only.")
 _QUERY = flags.DEFINE_string("query", "", "search: an image or a folder.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "search: results per query.")
 _RERANK = flags.DEFINE_string(
@@ -192,7 +196,7 @@ def _run_mode(mode, config, workdir):
                           _INDEX_DIR.value, _OVERWRITE.value,
                           _EXPORT_EVAL.value, _UPDATE.value, _VERIFY.value,
                           _SHARD_SIZE.value, _SEARCHER.value,
-                          dba=_DBA.value)
+                          dba=_DBA.value, devices=_INDEX_DEVICES.value)
   return commands.run_search(config, workdir, _PRETRAINED.value, _QUERY.value,
                              _INDEX_DIR.value, _TOP_K.value, _GRID.value,
                              _EXPORT_EVAL.value, _RERANK.value,
