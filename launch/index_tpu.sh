@@ -13,8 +13,9 @@
 # workers share, and process 0
 # builds the searcher and the manifest. Running the same command again after
 # a preemption resumes from the finished shards; UPDATE=1 adds the new and
-# changed files of IMAGES to an existing index. Each process embeds on one
-# chip of its host (the embedder's forward runs on its default device).
+# changed files of IMAGES to an existing index. Each process splits its
+# batches over every chip of its host (--index_devices=local, the default;
+# 64 images a chip).
 #
 # INDEX_DIR must be on a filesystem every worker shares, with atomic
 # directory renames and locks that hold across hosts: an NFS share such as

@@ -346,12 +346,22 @@ def test_each_batch_is_split_over_the_local_devices(artifact, photos,
     r = main_in_process(*cli(artifact, photos, index)[3:],
                         f"--index_devices={devices}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert ("8 devices each" in r.stdout) == (n == 8), r.stdout
+    # The count the embedder splits over (export.Embedder.num_devices).
+    assert ("8 devices a process" in r.stdout) == (n == 8), r.stdout
     (got, order), (want, ref_order) = (contents(search.Index(index)),
                                        contents(reference))
     assert order == ref_order
     err = max(float(np.max(np.abs(got[k] - want[k]))) for k in order)
     assert err <= (1e-6 if n == 8 else 0.0), (devices, err)
+  # An artifact exported with cuDNN's attention (a custom call with no rule
+  # to split it) stays on the first device.
+  cudnn = str(tmp_path / "cudnn")
+  shutil.copytree(artifact, cudnn)
+  with open(os.path.join(cudnn, "model.json")) as f:
+    meta = json.load(f)
+  with open(os.path.join(cudnn, "model.json"), "w") as f:
+    json.dump(dict(meta, attention="cudnn"), f)
+  assert export.load_pretrained(cudnn, jax.local_devices()).num_devices == 1
 
 
 def test_embed_files_iter_in_order_and_lazy(artifact, photos):

@@ -164,8 +164,10 @@ def test_scann_learned_from_a_sample_and_fed_the_shards(tmp_path):
   table = clustered(3000, 32, seed=1)
   view, _, _ = build(tmp_path / "s", table, shard_size=500)
   q = view[np.arange(0, 2700, 90)] + 0.02
+  # ScaNN's training differs from one process to the next: 10 of 30
+  # leaves searched keep the recall above the bound whatever it learns.
   searcher = scann_search.build(view, sample_size=800, num_leaves=30,
-                                num_leaves_to_search=6)
+                                num_leaves_to_search=10)
   assert sorted(searcher.order) == list(range(len(view)))
   view.searcher = searcher
   s, i = view.search(q, 10)
@@ -188,6 +190,40 @@ def test_scann_learned_from_a_sample_and_fed_the_shards(tmp_path):
   loaded = scann_search.load(str(tmp_path / "scann"), view)
   s2, i2 = loaded.search(q, 10, exclude=i[:, 0])
   np.testing.assert_array_equal(i2[:, :9], i[:, 1:])
+
+
+def test_scann_batches_split_parallel_and_ties_ordered_by_id(monkeypatch):
+  """A batch split into parts searched in parallel (the parts and the
+  threshold made tiny) gives one call's answer; equal scores (each row
+  twice) are ordered by id, a per-query exclude applies to its own query
+  in every part, and no query gives empty arrays."""
+  pytest.importorskip("scann")
+  from vitret_jax.store import scann_search  # pylint: disable=g-import-not-at-top
+  half = clustered(400, 16, seed=3)
+  db = view_lib.ArrayView(np.concatenate([half, half]))
+  searcher = scann_search.build(db, sample_size=400, num_leaves=8,
+                                num_leaves_to_search=8)
+  rows = np.arange(0, 400, 13)  # 31 queries, each a row of both halves
+  exclude = rows + 400 * (rows % 2)
+  whole = searcher.search(db[rows], 5, exclude)
+  monkeypatch.setattr(scann_search, "_QUERIES", 7)
+  monkeypatch.setattr(scann_search, "_PER_THREAD", 3)
+  parts = searcher.search(db[rows], 5, exclude)
+  for a, b in zip(whole, parts):
+    np.testing.assert_array_equal(a, b)
+  scores, ids = parts
+  # Its twin first when the query's own id is excluded, else both, the
+  # lower id first, with equal scores.
+  odd = rows % 2 == 1
+  np.testing.assert_array_equal(ids[odd, 0], rows[odd])
+  np.testing.assert_array_equal(ids[~odd, 0], rows[~odd] + 400)
+  assert not (ids == exclude[:, None]).any()
+  both = searcher.search(db[rows], 5)
+  np.testing.assert_array_equal(both[1][:, :2],
+                                np.stack([rows, rows + 400], 1))
+  np.testing.assert_array_equal(both[0][:, 0], both[0][:, 1])
+  s0, i0 = searcher.search(np.zeros((0, 16), np.float32), 5)
+  assert s0.shape == i0.shape == (0, 5)
 
 
 def test_content_key_of_a_split_without_joining_its_paths():

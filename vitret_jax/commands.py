@@ -121,11 +121,16 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
   if not images:
     raise UserError("--mode=index needs --images=FOLDER.")
   exp = index_dba.parse(dba)  # checked before a model is loaded
+  if devices not in ("local", "first"):
+    raise ValueError(f"devices={devices!r}: 'local' or 'first'.")
   local = jax.local_devices() if devices == "local" else None
   embedder, source = _embedder(config, workdir, pretrained, eval_name, local)
-  split = len(local) if local and len(local) > 1 else 0
+  split = getattr(embedder, "num_devices", 1)
+  split = split if split > 1 else 0
   if split:
-    logging.info("index: each batch of %d split over %d devices (%s).",
+    # batch_size images per device, as on one.
+    batch_size *= split
+    logging.info("index: batches of %d split over %d devices (%s).",
                  batch_size, split, local[0].device_kind)
   index_dir = _index_dir(index_dir, workdir)
   s = indexing.build_index(embedder, images, index_dir, overwrite=overwrite,
@@ -137,7 +142,7 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
   # Files read (unreadable ones too) per second of the slowest process's
   # embedding, every process together.
   rate = (f" ({s['files'] / s['embed_seconds']:.1f} files/s, all "
-          f"processes{f', {split} devices each' if split else ''})"
+          f"processes{f', {split} devices a process' if split else ''})"
           if s["embed_seconds"] and s["files"] else "")
   head = (f"Updated {index_dir}: {s['indexed']} images" if update else
           f"Indexed {s['indexed']} images into {index_dir}")

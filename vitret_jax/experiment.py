@@ -228,6 +228,7 @@ class RunEmbedder:
         config, workdir, self.eval_name, params, self.step, self.model,
         sharding.make_mesh())
     placement = descriptor.Placement(devices)
+    self.num_devices = placement.num_devices
     self.params = placement.put_params(params)  # once, for every call
     apply = jax.jit(lambda p, x: self.model.apply({"params": p}, x,
                                                   train=False))

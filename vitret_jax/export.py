@@ -27,6 +27,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from safetensors import numpy as st_numpy
 
 from vitret_jax import descriptor
@@ -214,7 +215,15 @@ class Embedder:
                       f"({str(e).splitlines()[0][:200]}); export it "
                       f"again.") from e
     self.path, self.whitening = path, whitening
+    if devices and len(devices) > 1 and self.meta.get("attention") == "cudnn":
+      # Its exported cuDNN attention is a custom call without a rule to
+      # split it: every device would gather the whole batch.
+      logging.info("%s: cuDNN attention, exported for one device: each "
+                   "batch runs on the first of %d devices.", path,
+                   len(devices))
+      devices = devices[:1]
     placement = descriptor.Placement(devices)
+    self.num_devices = placement.num_devices
     self.params = placement.put_params(params)
     # Format 1 (a fixed size, one scale) has no scales or stride: one
     # scale of 1 at a stride of 1 leaves its images as they are.

@@ -19,9 +19,13 @@ from absl import logging
 _FEED = 8192
 # Bytes of candidate rows gathered at a time when re-scoring.
 _RESCORE_BYTES = 64 << 20
-# Queries given to ScaNN at once: its results and their ids are held for
-# a batch, so a caller's huge batch (αDBA searches every row) is split.
-_QUERIES = 4096
+# Queries a thread of ScaNN's parallel search takes at once; a batch of
+# more than this is searched in parallel (search_batched_parallel).
+_PER_THREAD = 256
+# Queries given to ScaNN in one call: their results and ids are held at
+# once, so a caller's huge batch (αDBA searches every row) is split; at
+# least 16 threads' worth, and one per core.
+_QUERIES = _PER_THREAD * max(16, os.cpu_count() or 1)
 
 
 def _pybind():
@@ -49,6 +53,8 @@ class Searcher:
 
   def search(self, queries, k, exclude=None):
     queries = np.asarray(queries, np.float32)
+    if not len(queries):
+      return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
     if len(queries) > _QUERIES:
       ex = None if exclude is None else np.asarray(exclude)
       parts = [self.search(queries[lo:lo + _QUERIES], k,
@@ -58,11 +64,14 @@ class Searcher:
               np.concatenate([i for _, i in parts]))
     n = len(self.order)
     want = min(n, max(self.reorder, k + 1))
-    # A large batch (αDBA's) is searched on every core, 256 queries a
-    # thread; each query's result is the same either way.
-    search = (self.scann.search_batched_parallel if len(queries) > 256
-              else self.scann.search_batched)
-    idx, scores = search(queries, final_num_neighbors=want)
+    # A large batch (αDBA's) is searched on ScaNN's threads (one per
+    # core); each query's result is the same either way.
+    if len(queries) > _PER_THREAD:
+      idx, scores = self.scann.search_batched_parallel(
+          queries, final_num_neighbors=want, batch_size=_PER_THREAD)
+    else:
+      idx, scores = self.scann.search_batched(queries,
+                                              final_num_neighbors=want)
     idx = np.asarray(idx, np.int64).reshape(len(queries), -1)
     scores = np.asarray(scores, np.float32).reshape(len(queries), -1)
     # ScaNN pads a short result with row 0 and a NaN score (knn.scann_search).
