@@ -9,9 +9,7 @@
 #
 # One task per GPU (GPUS_PER_NODE=0: one CPU task per node): VITRET_DISTRIBUTED=1
 # makes jax.distributed.initialize() read the SLURM environment (coordinator,
-# process count and index, the task's own GPU). (One task per node seeing
-# all its GPUs works too: --mode=index splits each batch over a process's
-# devices, --index_devices=local.) Process p of N embeds the
+# process count and index, the task's own GPU). Process p of N embeds the
 # shards s with s % N == p; process 0 builds the searcher and the manifest.
 # IMAGES and INDEX_DIR must be on a filesystem all nodes share (NFS,
 # Lustre, GPFS: atomic directory renames, locks across nodes). Submitting

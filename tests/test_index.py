@@ -346,8 +346,10 @@ def test_each_batch_is_split_over_the_local_devices(artifact, photos,
     r = main_in_process(*cli(artifact, photos, index)[3:],
                         f"--index_devices={devices}")
     assert r.returncode == 0, r.stderr[-2000:]
-    # The count the embedder splits over (export.Embedder.num_devices).
-    assert ("8 devices a process" in r.stdout) == (n == 8), r.stdout
+    # The count the embedder splits over (export.Embedder.num_devices),
+    # 64 images a device.
+    assert ("batches of 512 over 8 devices" in r.stdout) == (n == 8), (
+        r.stdout)
     (got, order), (want, ref_order) = (contents(search.Index(index)),
                                        contents(reference))
     assert order == ref_order

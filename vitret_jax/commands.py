@@ -17,6 +17,7 @@ from vitret_jax import index_dba
 from vitret_jax import indexing
 from vitret_jax import models
 from vitret_jax import search
+from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
 from vitret_jax.eval import report
 from vitret_jax.eval import rerank_spec
@@ -127,9 +128,12 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
   embedder, source = _embedder(config, workdir, pretrained, eval_name, local)
   split = getattr(embedder, "num_devices", 1)
   split = split if split > 1 else 0
-  if split:
-    # batch_size images per device, as on one.
+  if split and preprocess.is_fixed_size(embedder.preprocess):
+    # batch_size images a device, as on one. Not for a preprocessing of
+    # varying size (landmarks): its decoded images are large, and up to
+    # 6 x batch_size of them wait on the host (image_files).
     batch_size *= split
+  if split:
     logging.info("index: batches of %d split over %d devices (%s).",
                  batch_size, split, local[0].device_kind)
   index_dir = _index_dir(index_dir, workdir)
@@ -141,9 +145,11 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
     logging.warning("skipped unreadable %s: %s", path, why)
   # Files read (unreadable ones too) per second of the slowest process's
   # embedding, every process together.
+  spread = (f"; process 0: batches of {batch_size} over {split} devices"
+            if split else "")
   rate = (f" ({s['files'] / s['embed_seconds']:.1f} files/s, all "
-          f"processes{f', {split} devices a process' if split else ''})"
-          if s["embed_seconds"] and s["files"] else "")
+          f"processes{spread})" if s["embed_seconds"] and s["files"]
+          else "")
   head = (f"Updated {index_dir}: {s['indexed']} images" if update else
           f"Indexed {s['indexed']} images into {index_dir}")
   skipped = len(s["skipped"])

@@ -12,7 +12,8 @@ An artifact is a folder:
   whitening.safetensors  the learned whitening (mean, projection), when the
                        evaluator it follows has one
 
-`load_pretrained(path)` needs only that folder, JAX, safetensors and pillow:
+`load_pretrained(path)` needs only that folder, JAX, safetensors, pillow and
+absl-py:
 no model code of this repository runs, so an artifact keeps working when the
 code moves on. Around the exported forward pass it applies the evaluator's
 multi-scale and whitening steps (vitret_jax/descriptor.py), so its

@@ -39,9 +39,9 @@ def pp_of(embedder):
       exif_transpose=getattr(embedder, "exif_transpose", True))
 
 
-def default_workers():
-  """Decoding threads: one per core, at most 8."""
-  return max(1, min(8, os.cpu_count() or 1))
+def default_workers(devices=1):
+  """Decoding threads: one per core, at most 8 a device."""
+  return max(1, min(8 * max(1, devices), os.cpu_count() or 1))
 
 
 def _load(pp, path):
@@ -99,7 +99,8 @@ def forward_passes(embedder, paths, batch_size=64, skipped=None,
     emb = np.asarray(embedder(images), np.float32)[:len(group)]
     return np.asarray([pos for pos, _ in group], np.int64), emb
 
-  for pos, img in _decoded(pp, paths, workers or default_workers(),
+  workers = workers or default_workers(getattr(embedder, "num_devices", 1))
+  for pos, img in _decoded(pp, paths, workers,
                            2 * batch_size):
     if isinstance(img, DataError):
       # decode's reason, without the file's name (said once, here).
