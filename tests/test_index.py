@@ -355,6 +355,17 @@ def test_each_batch_is_split_over_the_local_devices(artifact, photos,
     assert order == ref_order
     err = max(float(np.max(np.abs(got[k] - want[k]))) for k in order)
     assert err <= (1e-6 if n == 8 else 0.0), (devices, err)
+  # Batches of fewer rows than devices, and of other sizes (a
+  # preprocessing of varying size groups images by shape): padded, split,
+  # the padding dropped.
+  multi = export.load_pretrained(artifact, jax.local_devices())
+  one = export.load_pretrained(artifact)
+  rng = np.random.default_rng(0)
+  for shape in ((1, 32, 32, 3), (3, 40, 48, 3), (11, 24, 32, 3)):
+    x = rng.standard_normal(shape).astype(np.float32)
+    got = multi(x)
+    assert got.shape == (shape[0], one(x).shape[1])
+    np.testing.assert_allclose(got, one(x), atol=1e-6)
   # An artifact exported with cuDNN's attention (a custom call with no rule
   # to split it) stays on the first device.
   cudnn = str(tmp_path / "cudnn")
