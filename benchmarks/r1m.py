@@ -314,7 +314,7 @@ def main():
   parser.add_argument("--folder", default=None, help="for the shards "
                       "(default: the system's temporary folder)")
   parser.add_argument("--exact_only", action="store_true", help="leave "
-                      "ScaNN out (its peak memory: docs/benchmarks.md)")
+                      "ScaNN out")
   parser.add_argument("--scann_dba_rows", type=int, default=0, help="time "
                       "ScaNN's dba on this many consecutive items and "
                       "extrapolate (0: compute the whole dba and its index)")
