@@ -26,10 +26,12 @@ demo: $(STAMP)
 	VITRET_MALLOC=$(VITRET_MALLOC) $(PY) -m vitret_jax.main \
 	    --config=configs/demo.py --workdir=$(WORKDIR)
 
-# Two pytest workers (pytest-xdist) share the JAX compilation cache; on a
-# larger machine TEST_WORKERS=4 (each worker holds 8 simulated devices and
+# Three pytest workers (pytest-xdist) share the JAX compilation cache: on
+# 2 cores a third keeps them busy while a test waits on the processes it
+# starts (the whole machine peaked under 8 GB with three); on a larger
+# machine TEST_WORKERS=4 or more (each worker holds 8 simulated devices and
 # up to ~7 GiB), TEST_WORKERS=0 runs in one process.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
