@@ -127,13 +127,12 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
   local = jax.local_devices() if devices == "local" else None
   embedder, source = _embedder(config, workdir, pretrained, eval_name, local)
   split = getattr(embedder, "num_devices", 1)
-  split = split if split > 1 else 0
-  if split and preprocess.is_fixed_size(embedder.preprocess):
-    # batch_size images a device, as on one. Not for a preprocessing of
-    # varying size (landmarks): its decoded images are large, and up to
-    # 6 x batch_size of them wait on the host (image_files).
-    batch_size *= split
-  if split:
+  if split > 1:
+    if preprocess.is_fixed_size(embedder.preprocess):
+      # batch_size images a device, as on one. Not for a preprocessing of
+      # varying size (landmarks): its decoded images are large, and up to
+      # 6 x batch_size of them wait on the host (image_files).
+      batch_size *= split
     logging.info("index: batches of %d split over %d devices (%s).",
                  batch_size, split, local[0].device_kind)
   index_dir = _index_dir(index_dir, workdir)
@@ -146,7 +145,7 @@ def index(config, workdir, pretrained, images, index_dir, overwrite=False,
   # Files read (unreadable ones too) per second of the slowest process's
   # embedding, every process together.
   spread = (f"; process 0: batches of {batch_size} over {split} devices"
-            if split else "")
+            if split > 1 else "")
   rate = (f" ({s['files'] / s['embed_seconds']:.1f} files/s, all "
           f"processes{spread})" if s["embed_seconds"] and s["files"]
           else "")
