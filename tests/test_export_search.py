@@ -17,6 +17,7 @@ from conftest import load_config
 from conftest import REPO
 from conftest import subprocess_env
 from vitret_jax import commands
+from vitret_jax import descriptor
 from vitret_jax import experiment
 from vitret_jax import image_files
 from vitret_jax import profiling
@@ -87,6 +88,39 @@ def test_run_embedder_parameters_cross_once(trained, monkeypatch):
     got = run(on_device)
   assert sum(sent) == 0, sent
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_cpu_batch_goes_through_in_calls_of_bounded_tokens(trained):
+  """On one CPU device a batch larger than `step_tokens` allows is embedded
+  in several forward calls, in order, each at every scale, with the same
+  descriptors as one call; a placement over several devices keeps one call
+  a batch; the budget follows the widest dense layer."""
+  config, workdir, _ = trained
+  run = experiment.RunEmbedder(config, workdir)
+  describe = run._describe  # pylint: disable=protected-access
+  assert describe.step_tokens == descriptor.step_tokens(run.params)
+  x = np.random.default_rng(1).normal(size=(7, 32, 32, 3)).astype(np.float32)
+  want = run(x)
+  assert describe.images_per_call(x.shape) == 7  # the demo's tiny model
+  h, w = descriptor.scaled_hw((32, 32), max(describe.scales),
+                              describe.multiple)
+  tokens = (h // describe.multiple) * (w // describe.multiple)
+  describe.step_tokens = 3 * tokens + 1
+  seen, forward = [], describe.forward
+  describe.forward = lambda images: seen.append(images.shape[0]) or forward(
+      images)
+  got = run(x)
+  assert seen == [n for n in (3, 3, 1) for _ in describe.scales], seen
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  order = run(x[::-1])
+  np.testing.assert_allclose(order[::-1], want, rtol=0, atol=1e-6)
+  two = descriptor.MultiScale(forward, placement=descriptor.Placement(
+      jax.local_devices()[:2]), step_tokens=10)
+  assert two.step_tokens is None and two.images_per_call(x.shape) == 7
+  widths = {"mlp": np.zeros((384, 1536)), "conv": np.zeros((3, 3, 3, 4096)),
+            "bias": np.zeros((4096,))}
+  assert descriptor.step_tokens(widths) == descriptor.STEP_BYTES // (
+      4 * 1536)
 
 
 def test_export_roundtrip_in_fresh_process(trained, tmp_path):

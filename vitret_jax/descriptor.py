@@ -72,6 +72,28 @@ def digest(params, whitening=None) -> str:
   return h.hexdigest()[:16]
 
 
+# A batch embedded on a one-device CPU placement goes through the forward
+# pass in calls of at most `step_tokens(params)` tokens. On a CPU, one call
+# over a large batch is slower per image than several calls over its parts:
+# XLA:CPU gives each call its temporaries as one block, which glibc maps
+# afresh and the kernel faults in a page at a time at every call
+# (host_memory.py), and a block that large no longer stays in the caches.
+# Per call, the widest dense layer's output (a ViT's MLP hidden layer, in
+# float32) stays under STEP_BYTES: ViT-S/16 at 224 px then runs 10 images a
+# call, Ti/16 20 and B/16 5 (docs/benchmarks.md, "Forward calls on a CPU":
+# from 5 to 20 images a call S/16 ran at the same speed, 1.2x one call of
+# 64 or 80). Accelerators keep whole batches.
+STEP_BYTES = 12 << 20
+
+
+def step_tokens(params) -> int:
+  """Tokens per forward call on a CPU (see STEP_BYTES): the budget over
+  the widest output of the model's 2-D (dense) kernels, float32."""
+  widest = max((int(x.shape[-1]) for x in jax.tree.leaves(params)
+                if getattr(x, "ndim", 0) == 2), default=1)
+  return max(1, STEP_BYTES // (4 * widest))
+
+
 class Placement:
   """Where an embedder's parameters live and its batches go: parameters
   replicated on the devices once (`put_params`), each batch split over
@@ -95,6 +117,8 @@ class Placement:
     mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 1),
                              sharding.BATCH_AXES)
     self.num_devices = len(devices)
+    # Where MultiScale splits a batch into calls (see STEP_BYTES).
+    self.one_cpu = len(devices) == 1 and devices[0].platform == "cpu"
     self.params_sharding = sharding.replicated(mesh)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self._pad = jax.jit(_pad_rows, static_argnums=1)
@@ -139,16 +163,37 @@ class MultiScale:
     whitening: (mean [E], projection [E, d]) or None.
     placement: the Placement of the batches (default: a new one, on this
       process's first device).
+    step_tokens: on a one-device CPU placement, the most tokens (at the
+      largest scale) one forward call takes (`step_tokens(params)`); a
+      larger batch goes through in several calls, in order. None: one
+      call a batch.
   """
 
   def __init__(self, forward, scales=(1.0,), multiple=1, whitening=None,
-               placement=None):
+               placement=None, step_tokens=None):
     self.forward, self.scales = forward, tuple(float(s) for s in scales)
     self.multiple, self.whitening = int(multiple), whitening
     self.placement = placement or Placement()
+    self.step_tokens = step_tokens if self.placement.one_cpu else None
     self._resize = jax.jit(resize_for_scale, static_argnums=(1, 2))
 
+  def images_per_call(self, shape) -> int:
+    """How many of a batch of `shape` [B, H, W, C] one forward call
+    takes."""
+    if not self.step_tokens:
+      return int(shape[0])
+    h, w = scaled_hw(shape[1:3], max(self.scales), self.multiple)
+    tokens = (h // self.multiple) * (w // self.multiple)
+    return min(int(shape[0]), max(1, self.step_tokens // tokens))
+
   def __call__(self, images):
+    rows, step = int(images.shape[0]), self.images_per_call(images.shape)
+    if step >= rows:
+      return self._describe(images)
+    return np.concatenate([self._describe(images[i:i + step])
+                           for i in range(0, rows, step)])
+
+  def _describe(self, images):
     images, rows = self.placement.put_batch(images)
     per_scale = [self.forward(self._resize(images, s, self.multiple))
                  for s in self.scales]

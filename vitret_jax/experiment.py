@@ -234,7 +234,7 @@ class RunEmbedder:
                                                   train=False))
     self._describe = descriptor.MultiScale(
         lambda x: apply(self.params, x), self.scales, self.multiple,
-        self.whitening, placement)
+        self.whitening, placement, descriptor.step_tokens(params))
 
   @functools.cached_property
   def params_digest(self) -> str:

@@ -231,7 +231,7 @@ class Embedder:
     self._describe = descriptor.MultiScale(
         lambda x: self.exported.call(self.params, x),
         self.meta.get("scales", (1.0,)), self.meta.get("multiple", 1),
-        whitening, placement)
+        whitening, placement, descriptor.step_tokens(params))
 
   @functools.cached_property
   def params_digest(self) -> str:

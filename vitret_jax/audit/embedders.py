@@ -48,7 +48,8 @@ class InitFromEmbedder:
                                                   train=False))
     self._describe = descriptor.MultiScale(
         lambda x: apply(self.params, x), scales,
-        models.input_stride(self.model))
+        models.input_stride(self.model),
+        step_tokens=descriptor.step_tokens(self.params))
 
   def __call__(self, images):
     return self._describe(images)
