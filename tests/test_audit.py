@@ -16,6 +16,7 @@ import fixtures
 from conftest import REPO
 from conftest import load_config
 from vitret_jax import audit
+from vitret_jax import descriptor
 from vitret_jax.audit import embedders
 from vitret_jax.audit import signals
 from vitret_jax.data import datasets
@@ -154,6 +155,8 @@ def test_model_signal_on_planted_pairs(planted, tmp_path):
   st_numpy.save_file(sd, weights)
   config = folder_config(root)
   model = embedders.InitFromEmbedder(config, weights)
+  assert model._describe.step_tokens == descriptor.step_tokens(  # pylint: disable=protected-access
+      model.params)
   result = audit.run_audit(config, str(tmp_path / "audit"),
                            audit.Settings(exclude="classes"), model,
                            "mu/8 golden")

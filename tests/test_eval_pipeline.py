@@ -10,6 +10,8 @@ import pytest
 
 import fixtures
 from test_landmark_eval import make_embed
+from vitret_jax import descriptor
+from vitret_jax import sharding
 from vitret_jax.data import split as split_lib
 from vitret_jax.data import pipeline
 from vitret_jax.data import preprocess
@@ -94,6 +96,39 @@ def test_unreadable_eval_image_error_or_nan_row(photos, broken_file, fixed):
   print("max abs diff of the readable rows:",
         np.abs(got[ok] - want[ok]).max())
   np.testing.assert_allclose(got[ok], want[ok], atol=1e-6)
+
+
+def test_one_cpu_device_embeds_in_calls_of_bounded_tokens(
+    photos, broken_file, monkeypatch):
+  """On a mesh of one CPU device the evaluators' EmbedFn takes a batch in
+  calls of at most descriptor.step_tokens tokens at each scale, rows in
+  order, an unreadable image's NaN row in its place; a mesh of several
+  devices keeps one call a pass."""
+  fn, mesh, params = make_embed()
+  one = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1),
+                          sharding.BATCH_AXES)
+  split = split_of(photos, 10, (broken_file, [3]))
+  run = lambda f, m: embed.embed_split(
+      f, params, split, FIXED, 8, m, scales=(1.0, 1.5), skip_corrupt=True,
+      fallback_hw=(32, 32))[0]
+  want = run(embed.make_embed_fn(fn.model, one), one)
+  sizes, on_one = [], embed.make_embed_fn(fn.model, one)
+  for f in (on_one, fn):
+    call = f._call  # pylint: disable=protected-access
+    monkeypatch.setattr(f, "_call", lambda p, x, s, b, call=call: (
+        sizes.append((s, x.shape[0])) or call(p, x, s, b)))
+  # mu/8's widest layer is 128 wide: 3 images a call at 48 px (36 tokens
+  # each), 6 at 32 px (16 tokens).
+  monkeypatch.setattr(descriptor, "STEP_BYTES", 3 * 36 * 4 * 128)
+  got = run(on_one, one)
+  assert sizes == [(1.0, 6), (1.0, 2), (1.5, 3), (1.5, 3), (1.5, 2)] * 2, (
+      sizes)
+  ok = embed.readable_rows(got)
+  assert ok.tolist() == [i != 3 for i in range(10)]
+  np.testing.assert_allclose(got[ok], want[ok], rtol=0, atol=1e-6)
+  sizes.clear()
+  run(fn, mesh)
+  assert sizes == [(1.0, 8), (1.5, 8)] * 2, sizes
 
 
 def test_retrieval_evaluator_leaves_unreadable_images_out(photos,

@@ -114,11 +114,27 @@ def test_a_cpu_batch_goes_through_in_calls_of_bounded_tokens(trained):
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
   order = run(x[::-1])
   np.testing.assert_allclose(order[::-1], want, rtol=0, atol=1e-6)
-  two = descriptor.MultiScale(forward, placement=descriptor.Placement(
-      jax.local_devices()[:2]), step_tokens=10)
-  assert two.step_tokens is None and two.images_per_call(x.shape) == 7
-  widths = {"mlp": np.zeros((384, 1536)), "conv": np.zeros((3, 3, 3, 4096)),
-            "bias": np.zeros((4096,))}
+  # Two scales: the larger one's tokens set the calls, and a batch already
+  # on the device is split there (no host transfer: the guard allows none).
+  scaled = descriptor.MultiScale(forward, (1.0, 1.5), describe.multiple,
+                                 step_tokens=3 * 36 + 1)
+  seen.clear()
+  want = descriptor.MultiScale(forward, (1.0, 1.5), describe.multiple)(x)
+  on_device = jax.device_put(x)
+  with jax.transfer_guard("disallow"):
+    got = scaled(on_device)
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  assert scaled.images_per_call(x.shape) == 3
+  # Several devices, or a stride of 1 (format 1: tokens unknown): one call.
+  for other in (descriptor.MultiScale(forward, placement=descriptor.Placement(
+      jax.local_devices()[:2]), multiple=8, step_tokens=10),
+                descriptor.MultiScale(forward, step_tokens=10)):
+    assert other.step_tokens is None and other.images_per_call(x.shape) == 7
+  # The encoder's widest dense layer; a head's layers are left out.
+  widths = {"encoder": {"mlp": np.zeros((384, 1536)),
+                        "conv": np.zeros((3, 3, 3, 4096)),
+                        "bias": np.zeros((4096,))},
+            "head": {"proj": np.zeros((384, 2048))}}
   assert descriptor.step_tokens(widths) == descriptor.STEP_BYTES // (
       4 * 1536)
 
@@ -168,6 +184,8 @@ def test_export_roundtrip_in_fresh_process(trained, tmp_path):
   assert np.max(np.abs(np.load(tmp_path / "b.npy") - want[:3])) < 1e-5
   assert np.max(np.abs(np.load(tmp_path / "c.npy") - want)) < 1e-5
   art_embedder = vitret_jax.load_pretrained(art)
+  assert art_embedder._describe.step_tokens == descriptor.step_tokens(  # pylint: disable=protected-access
+      art_embedder.params)
   with pytest.raises(DataError, match="not-an-image.jpg: not a readable"):
     bad = tmp_path / "not-an-image.jpg"
     bad.write_bytes(b"text")

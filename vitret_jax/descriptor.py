@@ -77,21 +77,33 @@ def digest(params, whitening=None) -> str:
 # over a large batch is slower per image than several calls over its parts:
 # XLA:CPU gives each call its temporaries as one block, which glibc maps
 # afresh and the kernel faults in a page at a time at every call
-# (host_memory.py), and a block that large no longer stays in the caches.
-# Per call, the widest dense layer's output (a ViT's MLP hidden layer, in
-# float32) stays under STEP_BYTES: ViT-S/16 at 224 px then runs 10 images a
-# call, Ti/16 20 and B/16 5 (docs/benchmarks.md, "Forward calls on a CPU":
-# from 5 to 20 images a call S/16 ran at the same speed, 1.2x one call of
-# 64 or 80). Accelerators keep whole batches.
+# (host_memory.py). The budget is a heuristic on the encoder's widest dense
+# layer (a ViT's MLP hidden layer): its float32 output in one call stays
+# under STEP_BYTES. Attention scores (larger images) and a hybrid's
+# convolutions are not counted; at those sizes the rule already gives a
+# few images a call. docs/benchmarks.md, "Forward calls on a CPU", has the
+# measurements behind the budget. Accelerators keep whole batches.
 STEP_BYTES = 12 << 20
 
 
 def step_tokens(params) -> int:
   """Tokens per forward call on a CPU (see STEP_BYTES): the budget over
-  the widest output of the model's 2-D (dense) kernels, float32."""
+  the widest output of the encoder's 2-D (dense) kernels, float32. A
+  head's layers, applied once an image, are left out."""
+  if isinstance(params, dict) and "encoder" in params:
+    params = params["encoder"]
   widest = max((int(x.shape[-1]) for x in jax.tree.leaves(params)
                 if getattr(x, "ndim", 0) == 2), default=1)
   return max(1, STEP_BYTES // (4 * widest))
+
+
+def take_rows(x, start, stop):
+  """x[start:stop] along the first axis; for a jax array a static slice
+  on its device (plain indexing would send the start from the host, which
+  jax.transfer_guard("disallow") refuses)."""
+  if isinstance(x, jax.Array):
+    return jax.lax.slice_in_dim(x, start, min(stop, x.shape[0]), axis=0)
+  return x[start:stop]
 
 
 class Placement:
@@ -165,7 +177,8 @@ class MultiScale:
       process's first device).
     step_tokens: on a one-device CPU placement, the most tokens (at the
       largest scale) one forward call takes (`step_tokens(params)`); a
-      larger batch goes through in several calls, in order. None: one
+      larger batch goes through in several calls, in order. None, or a
+      stride of 1 (an artifact of format 1, whose tokens are unknown): one
       call a batch.
   """
 
@@ -174,7 +187,8 @@ class MultiScale:
     self.forward, self.scales = forward, tuple(float(s) for s in scales)
     self.multiple, self.whitening = int(multiple), whitening
     self.placement = placement or Placement()
-    self.step_tokens = step_tokens if self.placement.one_cpu else None
+    split = self.placement.one_cpu and self.multiple > 1
+    self.step_tokens = step_tokens if split else None
     self._resize = jax.jit(resize_for_scale, static_argnums=(1, 2))
 
   def images_per_call(self, shape) -> int:
@@ -190,7 +204,7 @@ class MultiScale:
     rows, step = int(images.shape[0]), self.images_per_call(images.shape)
     if step >= rows:
       return self._describe(images)
-    return np.concatenate([self._describe(images[i:i + step])
+    return np.concatenate([self._describe(take_rows(images, i, i + step))
                            for i in range(0, rows, step)])
 
   def _describe(self, images):

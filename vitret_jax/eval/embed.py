@@ -3,6 +3,7 @@ optionally at several scales (descriptors averaged, then re-normalised).
 Unreadable images, when skipped, come out as rows of NaN (see
 pipeline.eval_batches); `readable_rows` finds the others."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
@@ -31,7 +32,28 @@ class EmbedFn:
 
   def __call__(self, params, images, scale=1.0, bad=None):
     """`bad` [B] (with uint8 images): NaN for an unreadable image, whose
-    descriptor then comes out NaN; 0 otherwise."""
+    descriptor then comes out NaN; 0 otherwise. On a mesh of one CPU
+    device, a batch goes through in calls of at most
+    `descriptor.step_tokens(params)` tokens (see descriptor.STEP_BYTES)."""
+    step = self._images_per_call(params, images.shape, scale)
+    if step < images.shape[0]:
+      take = descriptor.take_rows
+      return jnp.concatenate([
+          self._call(params, take(images, i, i + step), scale,
+                     None if bad is None else take(bad, i, i + step))
+          for i in range(0, images.shape[0], step)])
+    return self._call(params, images, scale, bad)
+
+  def _images_per_call(self, params, shape, scale):
+    devices = self.mesh.devices
+    if (devices.size != 1 or devices.flat[0].platform != "cpu"
+        or self.multiple == 1):
+      return int(shape[0])
+    h, w = descriptor.scaled_hw(shape[1:3], scale, self.multiple)
+    tokens = (h // self.multiple) * (w // self.multiple)
+    return max(1, descriptor.step_tokens(params) // tokens)
+
+  def _call(self, params, images, scale, bad):
     key = (images.shape, images.dtype, scale, bad is None)
     if key not in self._compiled:
       model, multiple = self.model, self.multiple
