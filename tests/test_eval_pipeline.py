@@ -3,6 +3,7 @@ share, unreadable images as an error or left out of the metrics."""
 import glob
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -107,9 +108,13 @@ def test_one_cpu_device_embeds_in_calls_of_bounded_tokens(
   fn, mesh, params = make_embed()
   one = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1),
                           sharding.BATCH_AXES)
-  split = split_of(photos, 10, (broken_file, [3]))
-  run = lambda f, m: embed.embed_split(
-      f, params, split, FIXED, 8, m, scales=(1.0, 1.5), skip_corrupt=True,
+  # Normalised on the device, as the evaluators do: an unreadable image is
+  # a `bad` row, here in the last call of each scale.
+  deferred = preprocess.build_pp(
+      "decode|resize(36)|center_crop(32)|normalize", defer_normalize=True)
+  split = split_of(photos, 10, (broken_file, [7]))
+  run = lambda f, m, scales=(1.0, 1.5): embed.embed_split(
+      f, params, split, deferred, 8, m, scales=scales, skip_corrupt=True,
       fallback_hw=(32, 32))[0]
   want = run(embed.make_embed_fn(fn.model, one), one)
   sizes, on_one = [], embed.make_embed_fn(fn.model, one)
@@ -124,11 +129,28 @@ def test_one_cpu_device_embeds_in_calls_of_bounded_tokens(
   assert sizes == [(1.0, 6), (1.0, 2), (1.5, 3), (1.5, 3), (1.5, 2)] * 2, (
       sizes)
   ok = embed.readable_rows(got)
-  assert ok.tolist() == [i != 3 for i in range(10)]
+  assert ok.tolist() == [i != 7 for i in range(10)]
   np.testing.assert_allclose(got[ok], want[ok], rtol=0, atol=1e-6)
+  for scale in (1.0, 1.5):  # each scale's calls keep the NaN in its row
+    alone = run(on_one, one, (scale,))
+    assert embed.readable_rows(alone).tolist() == ok.tolist(), scale
   sizes.clear()
   run(fn, mesh)
   assert sizes == [(1.0, 8), (1.5, 8)] * 2, sizes
+
+
+def test_only_one_cpu_device_splits_batches():
+  """Accelerators, several devices and a stride of 1 keep whole batches;
+  a call takes at least one image, however large."""
+  cpu, gpu = (types.SimpleNamespace(platform=p) for p in ("cpu", "gpu"))
+  assert descriptor.splits_batches([cpu], 16)
+  assert not descriptor.splits_batches([gpu], 16)
+  assert not descriptor.splits_batches([cpu, cpu], 16)
+  assert not descriptor.splits_batches([cpu], 1)
+  assert descriptor.images_per_call((64, 224, 224, 3), 1.0, 16, 2048) == 10
+  assert descriptor.images_per_call((64, 224, 224, 3), 2.0, 16, 2048) == 2
+  assert descriptor.images_per_call((64, 1024, 1024, 3), 1.0, 16, 2048) == 1
+  assert descriptor.images_per_call((4, 224, 224, 3), 1.0, 16, 2048) == 4
 
 
 def test_retrieval_evaluator_leaves_unreadable_images_out(photos,

@@ -97,6 +97,26 @@ def step_tokens(params) -> int:
   return max(1, STEP_BYTES // (4 * widest))
 
 
+def splits_batches(devices, multiple) -> bool:
+  """Whether embedding on `devices` takes a batch in calls of
+  `step_tokens`: one CPU device, and a stride above 1 (a stride of 1, an
+  artifact of format 1, leaves the tokens of an image unknown).
+  Accelerators and several devices keep whole batches."""
+  devices = list(devices)
+  return (len(devices) == 1 and devices[0].platform == "cpu"
+          and multiple > 1)
+
+
+def images_per_call(shape, scale, multiple, tokens) -> int:
+  """How many images of a batch of `shape` [B, H, W, C] one forward call
+  at `scale` takes when a call holds at most `tokens` tokens (patches of
+  the encoder's stride `multiple`); at least one, however large the
+  image."""
+  h, w = scaled_hw(shape[1:3], scale, multiple)
+  per_image = (h // multiple) * (w // multiple)
+  return min(int(shape[0]), max(1, tokens // per_image))
+
+
 def take_rows(x, start, stop):
   """x[start:stop] along the first axis; for a jax array a static slice
   on its device (plain indexing would send the start from the host, which
@@ -129,8 +149,7 @@ class Placement:
     mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 1),
                              sharding.BATCH_AXES)
     self.num_devices = len(devices)
-    # Where MultiScale splits a batch into calls (see STEP_BYTES).
-    self.one_cpu = len(devices) == 1 and devices[0].platform == "cpu"
+    self.devices = devices
     self.params_sharding = sharding.replicated(mesh)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self._pad = jax.jit(_pad_rows, static_argnums=1)
@@ -175,11 +194,10 @@ class MultiScale:
     whitening: (mean [E], projection [E, d]) or None.
     placement: the Placement of the batches (default: a new one, on this
       process's first device).
-    step_tokens: on a one-device CPU placement, the most tokens (at the
-      largest scale) one forward call takes (`step_tokens(params)`); a
-      larger batch goes through in several calls, in order. None, or a
-      stride of 1 (an artifact of format 1, whose tokens are unknown): one
-      call a batch.
+    step_tokens: where `splits_batches` (one CPU device), the most tokens
+      (at the largest scale) one forward call takes (`step_tokens(params)`),
+      or one image when one alone exceeds it; a larger batch goes through
+      in several calls, in order. None: one call a batch.
   """
 
   def __init__(self, forward, scales=(1.0,), multiple=1, whitening=None,
@@ -187,18 +205,18 @@ class MultiScale:
     self.forward, self.scales = forward, tuple(float(s) for s in scales)
     self.multiple, self.whitening = int(multiple), whitening
     self.placement = placement or Placement()
-    split = self.placement.one_cpu and self.multiple > 1
+    split = splits_batches(self.placement.devices, self.multiple)
     self.step_tokens = step_tokens if split else None
     self._resize = jax.jit(resize_for_scale, static_argnums=(1, 2))
 
   def images_per_call(self, shape) -> int:
     """How many of a batch of `shape` [B, H, W, C] one forward call
-    takes."""
+    takes: the calls of a part run at every scale, so the largest scale
+    sizes them."""
     if not self.step_tokens:
       return int(shape[0])
-    h, w = scaled_hw(shape[1:3], max(self.scales), self.multiple)
-    tokens = (h // self.multiple) * (w // self.multiple)
-    return min(int(shape[0]), max(1, self.step_tokens // tokens))
+    return images_per_call(shape, max(self.scales), self.multiple,
+                           self.step_tokens)
 
   def __call__(self, images):
     rows, step = int(images.shape[0]), self.images_per_call(images.shape)

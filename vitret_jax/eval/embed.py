@@ -33,8 +33,9 @@ class EmbedFn:
   def __call__(self, params, images, scale=1.0, bad=None):
     """`bad` [B] (with uint8 images): NaN for an unreadable image, whose
     descriptor then comes out NaN; 0 otherwise. On a mesh of one CPU
-    device, a batch goes through in calls of at most
-    `descriptor.step_tokens(params)` tokens (see descriptor.STEP_BYTES)."""
+    device (descriptor.splits_batches), a batch goes through in calls of
+    at most `descriptor.step_tokens(params)` tokens at this scale (see
+    descriptor.STEP_BYTES)."""
     step = self._images_per_call(params, images.shape, scale)
     if step < images.shape[0]:
       take = descriptor.take_rows
@@ -45,13 +46,10 @@ class EmbedFn:
     return self._call(params, images, scale, bad)
 
   def _images_per_call(self, params, shape, scale):
-    devices = self.mesh.devices
-    if (devices.size != 1 or devices.flat[0].platform != "cpu"
-        or self.multiple == 1):
+    if not descriptor.splits_batches(self.mesh.devices.flat, self.multiple):
       return int(shape[0])
-    h, w = descriptor.scaled_hw(shape[1:3], scale, self.multiple)
-    tokens = (h // self.multiple) * (w // self.multiple)
-    return max(1, descriptor.step_tokens(params) // tokens)
+    return descriptor.images_per_call(shape, scale, self.multiple,
+                                      descriptor.step_tokens(params))
 
   def _call(self, params, images, scale, bad):
     key = (images.shape, images.dtype, scale, bad is None)
