@@ -11,9 +11,10 @@ Files are decoded and preprocessed in a pool of threads, ahead of the
 forward pass that consumes them (decoders and XLA release the GIL), and
 every batch of a fixed-size preprocessing has the same shape (the last
 batch is padded and the padding dropped), so the same compiled programs
-compute every descriptor (one, or on one CPU device the embedder's calls
-of `descriptor.step_tokens`: two shapes at most). Preprocessings of varying size
-(landmarks) batch images of one shape together, padded to a power of two.
+compute every descriptor (one; on one CPU device, the embedder's calls of
+`descriptor.step_tokens`, two shapes at most). Preprocessings of varying
+size (landmarks) batch images of one shape together, padded to a power of
+two.
 """
 import collections
 import concurrent.futures
