@@ -29,6 +29,8 @@ class EmbedFn:
     self.model, self.mesh, self.multiple = model, mesh, multiple
     self.param_sharding = param_sharding or sharding.replicated(mesh)
     self._compiled = {}
+    self._splits = descriptor.splits_batches(mesh.devices.flat, multiple)
+    self._step_tokens = None  # the model's, from its first params
 
   def __call__(self, params, images, scale=1.0, bad=None):
     """`bad` [B] (with uint8 images): NaN for an unreadable image, whose
@@ -46,10 +48,12 @@ class EmbedFn:
     return self._call(params, images, scale, bad)
 
   def _images_per_call(self, params, shape, scale):
-    if not descriptor.splits_batches(self.mesh.devices.flat, self.multiple):
+    if not self._splits:
       return int(shape[0])
+    if self._step_tokens is None:  # shapes only: the same for every params
+      self._step_tokens = descriptor.step_tokens(params)
     return descriptor.images_per_call(shape, scale, self.multiple,
-                                      descriptor.step_tokens(params))
+                                      self._step_tokens)
 
   def _call(self, params, images, scale, bad):
     key = (images.shape, images.dtype, scale, bad is None)
