@@ -40,6 +40,13 @@ def test_save_restore_roundtrip(tmp_path):
   assert int(restored.step) == 7 and int(restored.mem_ptr) == 3
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
     np.testing.assert_array_equal(a, b)
+  # The parameters alone (export, index, init_from): numpy, equal.
+  params, step = checkpoint.load_run_params(str(tmp_path), with_step=True)
+  assert step == 7
+  assert jax.tree.structure(params) == jax.tree.structure(state.params)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    assert isinstance(b, np.ndarray) and b.dtype == a.dtype
+    np.testing.assert_array_equal(a, b)
 
 
 def test_replicated_arrays_small_and_large_roundtrip(tmp_path):

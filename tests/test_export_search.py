@@ -16,6 +16,7 @@ import vitret_jax
 from conftest import load_config
 from conftest import REPO
 from conftest import subprocess_env
+from vitret_jax import checkpoint
 from vitret_jax import commands
 from vitret_jax import descriptor
 from vitret_jax import experiment
@@ -170,14 +171,30 @@ def test_export_roundtrip_in_fresh_process(trained, tmp_path):
           "if importlib.util.find_spec('fastapi'):\n"
           "  import vitret_jax.serve  # the service: no model code either\n"
           "assert 'vitret_jax.models' not in sys.modules, 'model code'\n"
-          "assert 'vitret_jax.eval.evaluator' not in sys.modules\n")
+          "assert 'vitret_jax.eval.evaluator' not in sys.modules\n"
+          # The run's parameters, saved from this suite's 8 devices, read
+          # by a process of 1 (export, index, search and init_from do).
+          "from vitret_jax import checkpoint\n"
+          "p = checkpoint.load_run_params(sys.argv[7])\n"
+          "import jax; np.savez(sys.argv[8], *jax.tree.leaves(p))\n")
   r = subprocess.run([sys.executable, "-c", code, art,
                       str(tmp_path / "images.npy"), str(tmp_path / "a.npy"),
                       str(tmp_path / "b.npy"), str(tmp_path / "c.npy"),
-                      json.dumps(list(split.paths[:7]))], cwd=REPO,
+                      json.dumps(list(split.paths[:7])), workdir,
+                      str(tmp_path / "params.npz")], cwd=REPO,
                      capture_output=True, text=True, timeout=300,
                      env=subprocess_env())
   assert r.returncode == 0, r.stderr[-2000:]
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  saved = ckpt.manager.item_metadata(ckpt.latest_step())["state"]["params"]
+  ckpt.close()
+  assert len(jax.tree.leaves(saved)[0].sharding.device_mesh.mesh) == 8
+  with np.load(tmp_path / "params.npz") as f:
+    read = [f[f"arr_{i}"] for i in range(len(f.files))]
+  here = jax.tree.leaves(checkpoint.load_run_params(workdir))
+  assert len(read) == len(here)
+  for a, b in zip(read, here):
+    np.testing.assert_array_equal(a, b)
   got = np.load(tmp_path / "a.npy")
   assert got.shape == want.shape
   assert np.max(np.abs(got - want)) < 1e-5

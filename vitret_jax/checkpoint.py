@@ -233,6 +233,27 @@ class Checkpointer:
     logging.warning("Checkpoint step %d is damaged: %s. Moved it to %s.",
                     step, problem, dest)
 
+  def read_params(self, step):
+    """The parameters of `step` alone, as numpy arrays on the host. Only
+    their files are read (not the optimizer state's), and not in the
+    layout they were saved in: a run trained on a pod's devices loads in a
+    process with other devices, or one CPU."""
+    saved = self.manager.item_metadata(step)
+    saved = saved.get("state") if saved is not None else None
+    if saved is None or "params" not in saved:
+      raise UserError(f"Checkpoint {self.step_dir(step)} holds no "
+                      f"parameters: it is not a vitret_jax checkpoint.")
+    shapes = {"params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])}
+    as_numpy = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+    with ocp.PyTreeCheckpointer() as reader:
+      restored = reader.restore(
+          os.path.join(self.step_dir(step), "state"),
+          args=ocp.args.PyTreeRestore(item=shapes, restore_args=as_numpy,
+                                      partial_restore=True))
+    return restored["params"]
+
   def read_meta(self, step=None):
     """The JSON meta of `step` (default latest), without the state."""
     step = self.latest_step() if step is None else step
@@ -354,13 +375,9 @@ def load_run_params(workdir, step=None, flag="--workdir", with_step=False):
   ckpt = _run_checkpoints(workdir, flag)
   try:
     step = ckpt.latest_intact() if step is None else step
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+    params = ckpt.read_params(step)
   finally:
     ckpt.close()
-  state = restored.state
-  params = state["params"] if isinstance(state, dict) else state.params
-  params = jax.tree.map(np.asarray, params)
   return (params, step) if with_step else params
 
 
