@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import main_in_process
 from conftest import subprocess_env
 
 
@@ -94,11 +95,13 @@ def test_two_processes_stop_together_resume_and_match_one(tmp_path):
           for i in range(2)]
   assert "metric" in open(tmp_path / "p0.log").read()  # pylint: disable=consider-using-with
   assert "metric" not in last[1], last
+  # One process of two devices: 2 of this process's 8, the same program.
   single = str(tmp_path / "single")
-  r = subprocess.run([sys.executable, *args[:-1], f"--workdir={single}"],
-                     cwd=REPO, env=env(2), capture_output=True, text=True,
-                     timeout=300)
+  r = main_in_process(*args[2:-1], f"--workdir={single}",
+                      "--config.mesh.num_devices=2")
   assert r.returncode == 0, r.stderr[-3000:]
+  with open(os.path.join(single, "config.json")) as f:
+    assert json.load(f)["mesh"]["num_devices"] == 2
   (l_multi, r_multi), (l_single, r_single) = (losses_of(workdir),
                                               losses_of(single))
   np.testing.assert_allclose(l_multi, l_single, rtol=1e-6)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import main_in_process
 from conftest import subprocess_env
 from vitret_jax import checkpoint
 from vitret_jax import preemption
@@ -34,8 +35,10 @@ def losses(workdir):
 @pytest.mark.slow(19)  # seconds, cold, 2 cores
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
   ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-  r = subprocess.run(cli_args(ref), cwd=REPO, env=ENV, capture_output=True,
-                     text=True, timeout=600)
+  # Uninterrupted: in this process, on 2 of its 8 devices (the program of
+  # the 2-device processes below).
+  r = main_in_process(*ARGS[2:], f"--workdir={ref}",
+                      "--config.mesh.num_devices=2")
   assert r.returncode == 0, r.stderr[-2000:]
   proc = subprocess.Popen(cli_args(cut), cwd=REPO, env=ENV, text=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
