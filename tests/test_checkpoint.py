@@ -1,5 +1,7 @@
 """Orbax save -> restore equality; a checkpoint of the wrong shape is
 refused."""
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -47,6 +49,86 @@ def test_save_restore_roundtrip(tmp_path):
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
     assert isinstance(b, np.ndarray) and b.dtype == a.dtype
     np.testing.assert_array_equal(a, b)
+
+
+_READ_PARAMS = r"""
+import json, sys, numpy as np, jax
+from vitret_jax import checkpoint
+p = checkpoint.load_run_params(sys.argv[1])
+leaves = jax.tree.leaves(p)
+assert all(isinstance(x, np.ndarray) for x in leaves)
+json.dump({"dtypes": [str(x.dtype) for x in leaves], "devices":
+           jax.device_count()}, open(sys.argv[2] + ".json", "w"))
+np.savez(sys.argv[2], *[x.astype(np.float32) for x in leaves])
+"""
+
+
+def test_params_split_over_8_devices_load_in_a_process_of_1(tmp_path):
+  """Parameters saved from this process's 8 devices, split over them
+  (FSDP) or replicated, float32 and bfloat16, read by a process of 1
+  device (export, index, search and init_from of a pod's run)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO, subprocess_env  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(8, fsdp=2)
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      sharding.FSDP))
+  rng = np.random.default_rng(0)
+  params = {
+      "kernel": jax.device_put(rng.normal(size=(64, 16)).astype(np.float32),
+                               split),
+      "half": jax.device_put(jnp.asarray(rng.normal(size=(32, 8)),
+                                         jnp.bfloat16), split),
+      "bias": jax.device_put(rng.normal(size=(7,)).astype(np.float32),
+                             sharding.replicated(mesh))}
+  assert len(params["kernel"].sharding.device_set) == 8
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(ts.TrainState(step=jnp.int32(3), params=params, opt_state={},
+                          rng=jnp.zeros((2,), jnp.uint32)))
+  ckpt.close()
+  out = str(tmp_path / "read")
+  r = subprocess.run([sys.executable, "-c", _READ_PARAMS, str(tmp_path), out],
+                     cwd=REPO, env=subprocess_env(), capture_output=True,
+                     text=True, timeout=300, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(out + ".json") as f:
+    info = json.load(f)
+  want = jax.tree.leaves(params)
+  assert info == {"devices": 1, "dtypes": [str(x.dtype) for x in want]}
+  with np.load(out + ".npz") as f:
+    for i, x in enumerate(want):
+      np.testing.assert_array_equal(f[f"arr_{i}"],
+                                    np.asarray(x).astype(np.float32))
+
+
+def test_unreadable_params_are_a_one_line_error(tmp_path):
+  """A checkpoint without checksums (an older version's, restored
+  unverified) whose state metadata or data files are damaged: the error
+  names the checkpoint and what to do."""
+  import os  # pylint: disable=g-import-not-at-top
+  for damage in ("metadata", "data"):
+    workdir = str(tmp_path / damage)
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+    ckpt.save(ts.TrainState(step=jnp.int32(1),
+                            params={"w": jnp.asarray(  # incompressible
+                                np.random.default_rng(0).normal(
+                                    size=4096), jnp.float32)}, opt_state={},
+                            rng=jnp.zeros((2,), jnp.uint32)))
+    ckpt.close()
+    step_dir = os.path.join(workdir, "checkpoints", "1")
+    os.remove(os.path.join(step_dir, checkpoint.CHECKSUMS))
+    if damage == "metadata":
+      victim, match = (os.path.join(step_dir, "state", "_METADATA"),
+                       "no readable state metadata")
+    else:
+      files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir)
+               for f in fs if "ocdbt.process" in r and "/d" in r]
+      victim, match = max(files, key=os.path.getsize), "are unreadable"
+    with open(victim, "r+b") as f:
+      f.truncate(10)
+    with pytest.raises(UserError, match=match) as e:
+      checkpoint.load_run_params(workdir)
+    assert "checkpoints/1" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_replicated_arrays_small_and_large_roundtrip(tmp_path):

@@ -39,7 +39,7 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
   # the 2-device processes below).
   r = main_in_process(*ARGS[2:], f"--workdir={ref}",
                       "--config.mesh.num_devices=2")
-  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
   proc = subprocess.Popen(cli_args(cut), cwd=REPO, env=ENV, text=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   for line in proc.stderr:  # absl logs each step's metrics to stderr

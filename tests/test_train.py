@@ -226,7 +226,6 @@ def test_dtop_config_trains_with_group_size_batches(tmp_path):
     c.evals = {"roxford": c.evals.roxford}
     c.evals.roxford.data_dir = fixtures.write_revisited(tmp_path / "rox")
     c.evals.roxford.options.check_counts = False
-    c.evals.roxford.pp = "decode|resize_max(64)|normalize"
     # Two scales and a learned whitening, for the export check below.
     c.evals.roxford.scales = (1.0, 1.4142)
     c.evals.roxford.whiten_dim = 16

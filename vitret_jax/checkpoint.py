@@ -233,25 +233,44 @@ class Checkpointer:
     logging.warning("Checkpoint step %d is damaged: %s. Moved it to %s.",
                     step, problem, dest)
 
+  def saved_state(self, step):
+    """The metadata tree of `step`'s state; a UserError when it is missing
+    or unreadable."""
+    try:
+      saved = self.manager.item_metadata(step)
+      saved = saved.get("state") if saved is not None else None
+    except (OSError, ValueError):
+      saved = None
+    if saved is None:
+      raise UserError(
+          f"Checkpoint {self.step_dir(step)} has no readable state metadata "
+          f"(state/_METADATA): it is damaged or not a vitret_jax checkpoint. "
+          f"Restore it from a backup, or name another run with {self.flag}.")
+    return saved
+
   def read_params(self, step):
-    """The parameters of `step` alone, as numpy arrays on the host. Only
-    their files are read (not the optimizer state's), and not in the
-    layout they were saved in: a run trained on a pod's devices loads in a
-    process with other devices, or one CPU."""
-    saved = self.manager.item_metadata(step)
-    saved = saved.get("state") if saved is not None else None
-    if saved is None or "params" not in saved:
+    """The parameters of `step` alone, as numpy arrays on the host, read
+    whatever devices and layout they were saved from: a run trained on a
+    pod loads in a process of other devices, or on one CPU."""
+    saved = self.saved_state(step)
+    if "params" not in saved:
       raise UserError(f"Checkpoint {self.step_dir(step)} holds no "
                       f"parameters: it is not a vitret_jax checkpoint.")
     shapes = {"params": jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])}
     as_numpy = jax.tree.map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
-    with ocp.PyTreeCheckpointer() as reader:
-      restored = reader.restore(
-          os.path.join(self.step_dir(step), "state"),
-          args=ocp.args.PyTreeRestore(item=shapes, restore_args=as_numpy,
-                                      partial_restore=True))
+    try:
+      with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(
+            os.path.join(self.step_dir(step), "state"),
+            args=ocp.args.PyTreeRestore(item=shapes, restore_args=as_numpy,
+                                        partial_restore=True))
+    except (OSError, ValueError) as e:
+      raise UserError(
+          f"Checkpoint {self.step_dir(step)}: its parameters are unreadable "
+          f"({str(e).splitlines()[0][:200]}). Restore it from a backup, or "
+          f"name another run with {self.flag}.") from e
     return restored["params"]
 
   def read_meta(self, step=None):
@@ -270,11 +289,7 @@ class Checkpointer:
 
 
 def _check_shapes(ckpt, step, abstract):
-  saved = ckpt.manager.item_metadata(step)
-  saved = saved.get("state") if saved is not None else None
-  if saved is None:
-    raise UserError(f"Checkpoint {ckpt.step_dir(step)} has no state "
-                    f"metadata: it is not a vitret_jax checkpoint.")
+  saved = ckpt.saved_state(step)
   want, have = params_tree.shapes(abstract), params_tree.shapes(saved)
   diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
   if diff and all(k.startswith("ema_params") for k in diff):
@@ -380,24 +395,3 @@ def load_run_params(workdir, step=None, flag="--workdir", with_step=False):
     ckpt.close()
   return (params, step) if with_step else params
 
-
-def read_saved_config(workdir):
-  """The config a run was trained with, as the dict it was saved as: from
-  its latest intact checkpoint's meta (exactly the config of those
-  parameters), else its config.json; None when it has neither.
-  config_common.complete turns it into a ConfigDict."""
-  saved = None
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    ckpt = Checkpointer(workdir, read_only=True)
-    try:
-      if ckpt.latest_step() is not None:
-        saved = ckpt.read_meta(ckpt.latest_intact()).get("config")
-    finally:
-      ckpt.close()
-  path = os.path.join(workdir, "config.json")
-  if saved is None and os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-  if saved is not None:
-    saved.pop("resolved", None)  # a record of the run, not a setting
-  return saved

@@ -8,7 +8,6 @@ import os
 import jax
 from absl import logging
 
-from vitret_jax import checkpoint
 from vitret_jax import config_common
 from vitret_jax import experiment
 from vitret_jax import export
@@ -17,6 +16,7 @@ from vitret_jax import index_dba
 from vitret_jax import indexing
 from vitret_jax import models
 from vitret_jax import search
+from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import preprocess
 from vitret_jax.errors import UserError
 from vitret_jax.eval import report
@@ -35,12 +35,12 @@ def _flat(d, prefix=""):
 
 
 def run_config(config, workdir, mode):
-  """The run's own saved config (checkpoint.read_saved_config, completed
+  """The run's own saved config (workdir_lib.read_saved_config, completed
   by config_common.complete), so that the training overrides need not be
   repeated. A --config whose model differs from it is an error (those
   parameters belong to the saved model); other differences are reported
   and the run's values used."""
-  saved = checkpoint.read_saved_config(workdir) if workdir else None
+  saved = workdir_lib.read_saved_config(workdir) if workdir else None
   if saved is not None:
     saved = config_common.complete(saved)
   if saved is None:

@@ -16,6 +16,7 @@ from vitret_jax import export
 from vitret_jax import hub
 from vitret_jax import params_tree
 from vitret_jax import weights
+from vitret_jax import workdir as workdir_lib
 from vitret_jax.errors import UserError
 
 INIT_FORMATS = ("auto", "vitret_run", "vitret_export", "timm", "npz")
@@ -98,7 +99,7 @@ def _load_vitret(path, fmt, model_cfg):
   workdir = os.path.normpath(path)
   if os.path.basename(workdir) == "checkpoints":
     workdir = os.path.dirname(workdir)
-  saved = (checkpoint.read_saved_config(workdir) if os.path.isdir(workdir)
+  saved = (workdir_lib.read_saved_config(workdir) if os.path.isdir(workdir)
            else None)
   _check_source_model("a vitret_jax run", saved and saved.get("model"),
                       model_cfg)

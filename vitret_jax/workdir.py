@@ -236,3 +236,26 @@ def write_config(config, workdir, resolved=None):
   with open(path, "w") as f:
     f.write(text)
   return path
+
+
+def read_saved_config(workdir):
+  """The config a run was trained with, as the dict it was saved as: from
+  its latest intact checkpoint's meta (exactly the config of those
+  parameters), else its config.json; None when it has neither.
+  config_common.complete turns it into a ConfigDict."""
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  saved = None
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+      if ckpt.latest_step() is not None:
+        saved = ckpt.read_meta(ckpt.latest_intact()).get("config")
+    finally:
+      ckpt.close()
+  path = os.path.join(workdir, "config.json")
+  if saved is None and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+  if saved is not None:
+    saved.pop("resolved", None)  # a record of the run, not a setting
+  return saved
