@@ -147,6 +147,31 @@ def test_saved_config_completed_from_base_config(tmp_path, caplog):
   assert "lacks model.attention, profile: filled" in caplog.text
 
 
+def test_a_pods_mesh_is_fitted_to_this_machine(tmp_path, caplog):
+  """--mode=eval / export / index of a run whose saved mesh does not fit
+  here (FSDP over 16 devices; 8 exist) use every device, fsdp=1, and say
+  so; a mesh that fits is kept."""
+  import json  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from vitret_jax import commands  # pylint: disable=g-import-not-at-top
+  from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
+  c = load_config("demo", "runlocal=True")
+  for mesh, want in (((0, 16), (0, 1)), ((16, 2), (0, 1)), ((4, 2), (4, 2))):
+    with c.unlocked():
+      c.mesh.num_devices, c.mesh.fsdp = mesh
+    (tmp_path / "config.json").write_text(c.to_json_best_effort())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      got = commands.run_config(None, str(tmp_path), "eval")
+    assert (got.mesh.num_devices, got.mesh.fsdp) == want
+    assert ("does not fit the 8 device(s) here" in caplog.text) == (
+        mesh != want)
+    sharding.build_mesh(got.mesh)
+  assert json.loads((tmp_path / "config.json").read_text())["mesh"] == {
+      "num_devices": 4, "fsdp": 2}  # the run's record is untouched
+
+
 def test_reader_options_table_matches_the_readers():
   """config_common's table of reader options (what input.options holds)
   equals the readers' own signatures, for every data set."""
