@@ -148,28 +148,35 @@ def test_saved_config_completed_from_base_config(tmp_path, caplog):
 
 
 def test_a_pods_mesh_is_fitted_to_this_machine(tmp_path, caplog):
-  """--mode=eval / export / index of a run whose saved mesh does not fit
-  here (FSDP over 16 devices; 8 exist) use every device, fsdp=1, and say
-  so; a mesh that fits is kept."""
+  """--mode=eval of a run whose saved mesh does not fit here (8 devices):
+  the most devices that split its batch, FSDP over the largest divisor of
+  its size, said in the log; a mesh that fits is kept; the run's record
+  is untouched."""
   import json  # pylint: disable=g-import-not-at-top
   import logging  # pylint: disable=g-import-not-at-top
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   from vitret_jax import commands  # pylint: disable=g-import-not-at-top
+  from vitret_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from vitret_jax import evaluate  # pylint: disable=g-import-not-at-top
   from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
   c = load_config("demo", "runlocal=True")
-  for mesh, want in (((0, 16), (0, 1)), ((16, 2), (0, 1)), ((4, 2), (4, 2))):
+  for mesh, batch, want in (((4, 2), 16, (4, 2)), ((0, 16), 16, (0, 8)),
+                            ((16, 2), 16, (0, 2)), ((0, 16), 12, (6, 2)),
+                            ((12, 3), 36, (6, 3)), ((16, 2), 28, (7, 1)),
+                            ((0, 1), 12, (6, 1))):
     with c.unlocked():
-      c.mesh.num_devices, c.mesh.fsdp = mesh
+      (c.mesh.num_devices, c.mesh.fsdp), c.input.batch_size = mesh, batch
     (tmp_path / "config.json").write_text(c.to_json_best_effort())
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-      got = commands.run_config(None, str(tmp_path), "eval")
-    assert (got.mesh.num_devices, got.mesh.fsdp) == want
+      got = evaluate.fit_mesh(commands.run_config(None, str(tmp_path),
+                                                  "eval"))
+    assert (got.mesh.num_devices, got.mesh.fsdp) == want, mesh
     assert ("does not fit the 8 device(s) here" in caplog.text) == (
         mesh != want)
-    sharding.build_mesh(got.mesh)
-  assert json.loads((tmp_path / "config.json").read_text())["mesh"] == {
-      "num_devices": 4, "fsdp": 2}  # the run's record is untouched
+    config_checks.check_config(got, sharding.build_mesh(got.mesh))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["mesh"]["num_devices"], saved["mesh"]["fsdp"]) == mesh
 
 
 def test_reader_options_table_matches_the_readers():

@@ -188,7 +188,7 @@ def test_export_roundtrip_in_fresh_process(trained, tmp_path):
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   saved = ckpt.manager.item_metadata(ckpt.latest_step())["state"]["params"]
   ckpt.close()
-  assert len(jax.tree.leaves(saved)[0].sharding.device_mesh.mesh) == 8
+  assert np.size(jax.tree.leaves(saved)[0].sharding.device_mesh.mesh) == 8
   with np.load(tmp_path / "params.npz") as f:
     read = [f[f"arr_{i}"] for i in range(len(f.files))]
   here = jax.tree.leaves(checkpoint.load_run_params(workdir))

@@ -105,7 +105,7 @@ def test_two_processes_stop_together_resume_and_match_one(tmp_path):
   ckpt = checkpoint.Checkpointer(single, read_only=True)
   saved = ckpt.saved_state(ckpt.latest_step())["params"]
   ckpt.close()
-  assert len(jax.tree.leaves(saved)[0].sharding.device_mesh.mesh) == 2
+  assert np.size(jax.tree.leaves(saved)[0].sharding.device_mesh.mesh) == 2
   (l_multi, r_multi), (l_single, r_single) = (losses_of(workdir),
                                               losses_of(single))
   np.testing.assert_allclose(l_multi, l_single, rtol=1e-6)

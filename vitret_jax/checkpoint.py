@@ -47,8 +47,8 @@ orbax_compat.register_array_handler()
 
 @dataclasses.dataclass
 class _BestByEvalFile:
-  """Orbax preservation policy: the `n` steps whose vitret_eval.json has the
-  highest `metric` (steps without one do not compete)."""
+  """Orbax preservation policy: the `n` steps of highest `metric` in their
+  vitret_eval.json (steps without one do not compete)."""
   directory: str
   metric: str
   n: int
@@ -167,8 +167,7 @@ class Checkpointer:
     aside (see module doc); a model of other shapes is a UserError."""
     if step is None:
       step = self.latest_intact()
-    _check_shapes(self, step, abstract_state)
-    saved = self.manager.item_metadata(step)["state"]
+    saved = check_shapes(self, step, abstract_state)
     target, absent = _older_state_target(saved, abstract_state)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target),
@@ -234,28 +233,30 @@ class Checkpointer:
                     step, problem, dest)
 
   def saved_state(self, step):
-    """The metadata tree of `step`'s state; a UserError when it is missing
-    or unreadable."""
+    """The metadata tree of `step`'s state; a UserError when it is missing,
+    unreadable or without parameters."""
     try:
       saved = self.manager.item_metadata(step)
       saved = saved.get("state") if saved is not None else None
-    except (OSError, ValueError):
-      saved = None
-    if saved is None:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+      saved = None  # missing, or not JSON of orbax's layout
+    if saved is None or "params" not in saved:
       raise UserError(
           f"Checkpoint {self.step_dir(step)} has no readable state metadata "
-          f"(state/_METADATA): it is damaged or not a vitret_jax checkpoint. "
-          f"Restore it from a backup, or name another run with {self.flag}.")
+          f"with parameters (state/_METADATA): it is damaged or not a "
+          f"vitret_jax checkpoint. {self._fix(step)}")
     return saved
 
+  def _fix(self, step):
+    return "Restore it from a backup, or " + (
+        f"move {self.step_dir(step)} aside to use the run's previous "
+        f"checkpoint." if self.flag == "--workdir" else
+        f"name another run with {self.flag}.")
+
   def read_params(self, step):
-    """The parameters of `step` alone, as numpy arrays on the host, read
-    whatever devices and layout they were saved from: a run trained on a
-    pod loads in a process of other devices, or on one CPU."""
+    """The parameters of `step` alone, numpy arrays on the host, from any
+    device layout: a pod's run loads on other devices, or one CPU."""
     saved = self.saved_state(step)
-    if "params" not in saved:
-      raise UserError(f"Checkpoint {self.step_dir(step)} holds no "
-                      f"parameters: it is not a vitret_jax checkpoint.")
     shapes = {"params": jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])}
     as_numpy = jax.tree.map(
@@ -269,28 +270,28 @@ class Checkpointer:
     except (OSError, ValueError) as e:
       raise UserError(
           f"Checkpoint {self.step_dir(step)}: its parameters are unreadable "
-          f"({str(e).splitlines()[0][:200]}). Restore it from a backup, or "
-          f"name another run with {self.flag}.") from e
+          f"({str(e).splitlines()[0][:200]}). {self._fix(step)}") from e
     return restored["params"]
 
   def read_meta(self, step=None):
     """The JSON meta of `step` (default latest), without the state."""
     step = self.latest_step() if step is None else step
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))
-    return dict(out.meta or {})
+    return dict(self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta or {})
 
-  def wait(self):
-    self._seal()
+  wait = _seal  # the saves in flight: finished, then checksummed
 
   def close(self):
     self._seal()
     self.manager.close()
 
 
-def _check_shapes(ckpt, step, abstract):
+def check_shapes(ckpt, step, abstract, only=None):
+  """`step`'s state metadata, once its shapes are `abstract`'s (`only`:
+  of that field alone); a UserError naming what differs otherwise."""
   saved = ckpt.saved_state(step)
-  want, have = params_tree.shapes(abstract), params_tree.shapes(saved)
+  have = {only: saved[only]} if only in saved else saved
+  want, have = params_tree.shapes(abstract), params_tree.shapes(have)
   diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
   if diff and all(k.startswith("ema_params") for k in diff):
     has = any(k.startswith("ema_params") for k in have)
@@ -308,6 +309,8 @@ def _check_shapes(ckpt, step, abstract):
             f"{k}: checkpoint {have.get(k)} vs model {want.get(k)}"
             for k in diff[:5]) +
         f". Use the config it was trained with, or a new {ckpt.flag}.")
+  return saved
+
 
 
 def _older_state_target(saved, abstract):
@@ -315,7 +318,7 @@ def _older_state_target(saved, abstract):
   TrainState field existed (ema_params, loss_params) lacks it; when this
   run does not use that field either (None), the fields the checkpoint has
   are restored and the others stay None. (A field this run does use is a
-  shape mismatch, reported by _check_shapes.)"""
+  shape mismatch, reported by check_shapes.)"""
   if not dataclasses.is_dataclass(abstract) or not hasattr(saved, "keys"):
     return abstract, []
   fields = {f.name: getattr(abstract, f.name)

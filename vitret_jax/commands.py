@@ -65,24 +65,7 @@ def run_config(config, workdir, mode):
     if diff:
       logging.warning("Using the run's saved config; --config differs in %s.",
                       ", ".join(diff[:8]))
-  return _fit_mesh(saved, mode)
-
-
-def _fit_mesh(config, mode):
-  """`config` with its mesh when that fits this machine's devices; else
-  with all of them and the parameters whole (fsdp=1), said in the log: a
-  run trained on a pod's mesh evaluates and exports on a workstation. The
-  mesh lays the computation out; descriptors differ by float rounding."""
-  have, mesh = jax.device_count(), config.mesh
-  want = mesh.num_devices or have
-  if want <= have and want % mesh.fsdp == 0:
-    return config
-  logging.warning("--mode=%s: the run's mesh (num_devices=%d, fsdp=%d) does "
-                  "not fit the %d device(s) here: using all of them, with "
-                  "fsdp=1.", mode, mesh.num_devices, mesh.fsdp, have)
-  with config.unlocked():
-    config.mesh.num_devices, config.mesh.fsdp = 0, 1
-  return config
+  return saved
 
 
 def export_run(config, workdir, export_dir="", overwrite=False,

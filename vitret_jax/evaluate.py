@@ -19,9 +19,11 @@ evaluation (metrics.jsonl, TensorBoard, each checkpoint's vitret_eval.json:
 seen_marks) and the browser's /evaluation page (eval/report.py).
 """
 import json
+import math
 import os
 
 import jax
+from absl import logging
 
 from vitret_jax import checkpoint
 from vitret_jax import config_checks
@@ -166,16 +168,64 @@ def evaluate_only(config, workdir) -> dict:
     saved = run.ckpt.latest_step() is not None
     try:
       if saved:
-        state, _ = run.ckpt.restore(
-            checkpoint.abstract_like(run.state, run.state_sharding))
+        step = run.ckpt.latest_intact()
+        params = restore_params(run.ckpt, step, checkpoint.abstract_like(
+            run.state, run.state_sharding).params)
       else:
         state = _starting_state(run, config, workdir)
+        params, step = state.params, int(jax.device_get(state.step))
     finally:
       run.ckpt.close()
     lock.checks_passed()
     untrained = untrained_eval(run, None, fresh=False, stopper=None)
-    step = int(jax.device_get(state.step))
-    final = run.evaluate(state.params, step=step, report=True)
+    final = run.evaluate(params, step=step, report=True)
     if saved:
       run.ckpt.record_eval(step, dict(final, **seen_marks(run, final)))
     return finish(workdir, final, untrained, step, config, run.seen_classes)
+
+
+def restore_params(ckpt, step, abstract_params):
+  """`step`'s parameters alone, checked against `abstract_params` and
+  placed with their shardings, from a checkpoint of any device layout
+  (Checkpointer.read_params). The optimizer and loss state, whose shapes
+  can depend on the devices of the training (ArcFace pads its class rows
+  to them), are neither read nor checked: an evaluation needs neither."""
+  checkpoint.check_shapes(ckpt, step, {"params": abstract_params},
+                          only="params")
+  return jax.device_put(ckpt.read_params(step), jax.tree.map(
+      lambda x: x.sharding, abstract_params))
+
+
+def fit_mesh(config):
+  """A run's saved `config` (--mode=eval of the run) with a mesh of this
+  machine's devices: the run's own when it fits; else the most devices
+  here that split the run's batch, every device with several processes,
+  FSDP over the largest divisor of the run's size that fits; said in the
+  log. The layout changes descriptors by float rounding only."""
+  mesh, have = config.mesh, jax.device_count()
+  want, fsdp = mesh.num_devices or have, mesh.fsdp
+  mesh_devices = mesh.num_devices or "all"
+  def splits(n):  # the batch over n devices (config_checks' rule)
+    return config.input.batch_size % (n * config.optim.accum_steps) == 0
+  if fsdp < 1 or (want <= have and want % fsdp == 0 and splits(want) and (
+      jax.process_count() == 1 or want == have)):
+    return config  # fits (or an invalid fsdp, which build_mesh reports)
+  sizes = [have] if jax.process_count() > 1 else range(have, 0, -1)
+  n = next((n for n in sizes if splits(n)), None)
+  if n is None:
+    raise UserError(
+        f"--mode=eval: the run's mesh ({mesh_devices} devices, fsdp={fsdp}) "
+        f"does not fit the {have} devices here, and its input.batch_size="
+        f"{config.input.batch_size} does not split over them: evaluate it "
+        f"on {want} devices, or give its --config with a mesh and batch "
+        f"size that fit (--config.mesh.num_devices, --config.mesh.fsdp, "
+        f"--config.input.batch_size).")
+  with config.unlocked():
+    config.mesh.num_devices = 0 if n == have else n
+    config.mesh.fsdp = math.gcd(fsdp, n)
+  if jax.process_index() == 0:
+    logging.warning(
+        "--mode=eval: the run's mesh (%s devices, fsdp=%d) does not fit the "
+        "%d device(s) here: evaluating on %d, fsdp=%d.",
+        mesh_devices, fsdp, have, n, config.mesh.fsdp)
+  return config

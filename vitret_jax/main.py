@@ -166,7 +166,7 @@ def _run_mode(mode, config, workdir):
     raise app.UsageError("--mode=eval needs the run's --workdir (its saved "
                          "config is used unless --config is given).")
   if mode == "eval" and config is None:
-    config = commands.run_config(None, workdir, "eval")
+    config = evaluate.fit_mesh(commands.run_config(None, workdir, "eval"))
   if config is not None:
     paths.expand_config(config)
   if mode == "export" and not workdir:

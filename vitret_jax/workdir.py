@@ -14,7 +14,8 @@ are written by process 0 alone, into a temporary name renamed into place,
 while the other processes wait at a barrier.
 
 `write_config(config, workdir)`: the run's config.json, never overwriting a
-different one.
+different one; `read_saved_config(workdir)` reads it back (from the latest
+intact checkpoint first).
 """
 import datetime
 import errno
@@ -29,6 +30,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vitret_jax import checkpoint
 from vitret_jax.errors import UserError
 
 LOCK_FILE = ".vitret.lock"
@@ -243,7 +245,6 @@ def read_saved_config(workdir):
   its latest intact checkpoint's meta (exactly the config of those
   parameters), else its config.json; None when it has neither.
   config_common.complete turns it into a ConfigDict."""
-  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   saved = None
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
