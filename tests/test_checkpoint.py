@@ -101,6 +101,43 @@ def test_params_split_over_8_devices_load_in_a_process_of_1(tmp_path):
                                     np.asarray(x).astype(np.float32))
 
 
+def test_evaluation_reads_the_parameters_alone_into_another_layout(
+    tmp_path):
+  """evaluate.restore_params (--mode=eval): the parameters of a state
+  saved on 8 devices, placed on 4 (a fitted mesh) with one kernel split
+  over them, in the model's dtype; a model of other shapes is refused."""
+  from vitret_jax import evaluate  # pylint: disable=g-import-not-at-top
+  state, _ = make_state()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(state)
+  step = ckpt.latest_step()
+  mesh = sharding.make_mesh(4, fsdp=4)
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      sharding.FSDP))
+  leaves, tree = jax.tree.flatten(state.params)
+  big = max(range(len(leaves)), key=lambda i: leaves[i].size)
+  assert leaves[big].shape[0] % 4 == 0
+  shardings = [split if i == big else whole for i in range(len(leaves))]
+  for dtype in (jnp.float32, jnp.bfloat16):
+    abstract = jax.tree.unflatten(tree, [
+        jax.ShapeDtypeStruct(x.shape, dtype, sharding=s)
+        for x, s in zip(leaves, shardings)])
+    got = jax.tree.leaves(evaluate.restore_params(ckpt, step, abstract))
+    for x, y, s in zip(leaves, got, shardings):
+      assert y.dtype == dtype and y.sharding == s
+      np.testing.assert_array_equal(np.asarray(y),
+                                    np.asarray(x).astype(dtype))
+  assert len(got[big].addressable_shards[0].data) == leaves[big].shape[0] // 4
+  wrong = jax.tree.unflatten(tree, [
+      jax.ShapeDtypeStruct(x.shape + (1,) if i == big else x.shape,
+                           x.dtype, sharding=whole)
+      for i, x in enumerate(leaves)])
+  with pytest.raises(UserError, match="does not match this config's model"):
+    evaluate.restore_params(ckpt, step, wrong)
+  ckpt.close()
+
+
 def test_unreadable_params_are_a_one_line_error(tmp_path):
   """A checkpoint without checksums (an older version's, restored
   unverified) whose state metadata or data files are damaged: the error

@@ -238,8 +238,8 @@ class Checkpointer:
     try:
       saved = self.manager.item_metadata(step)
       saved = saved.get("state") if saved is not None else None
-    except (OSError, ValueError, KeyError, AttributeError, TypeError):
-      saved = None  # missing, or not JSON of orbax's layout
+    except (OSError, ValueError, KeyError):
+      saved = None  # missing, not JSON, or JSON without orbax's keys
     if saved is None or "params" not in saved:
       raise UserError(
           f"Checkpoint {self.step_dir(step)} has no readable state metadata "
@@ -290,7 +290,7 @@ def check_shapes(ckpt, step, abstract, only=None):
   """`step`'s state metadata, once its shapes are `abstract`'s (`only`:
   of that field alone); a UserError naming what differs otherwise."""
   saved = ckpt.saved_state(step)
-  have = {only: saved[only]} if only in saved else saved
+  have = saved if only is None else {only: saved[only]}
   want, have = params_tree.shapes(abstract), params_tree.shapes(have)
   diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
   if diff and all(k.startswith("ema_params") for k in diff):
@@ -310,7 +310,6 @@ def check_shapes(ckpt, step, abstract, only=None):
             for k in diff[:5]) +
         f". Use the config it was trained with, or a new {ckpt.flag}.")
   return saved
-
 
 
 def _older_state_target(saved, abstract):

@@ -128,6 +128,12 @@ def check_resolution(config, train_size):
           name, spec.size, image_size, image_size, image_size)
 
 
+def batch_splits(config, devices):
+  """Whether input.batch_size splits into optim.accum_steps micro-batches
+  over `devices` devices."""
+  return config.input.batch_size % (devices * config.optim.accum_steps) == 0
+
+
 def check_config(config, mesh):
   """The checks that need no data: run before anything heavy, so a config
   mistake stops the run in seconds with one line."""
@@ -135,7 +141,7 @@ def check_config(config, mesh):
   if cfg.batch_size < 1:
     raise UserError(f"input.batch_size={cfg.batch_size}: it must be >= 1.")
   unit = sharding.batch_size_on(mesh) * config.optim.accum_steps
-  if cfg.batch_size % unit:
+  if not batch_splits(config, sharding.batch_size_on(mesh)):
     raise UserError(
         f"input.batch_size={cfg.batch_size} does not split into "
         f"{config.optim.accum_steps} micro-batch(es) over "

@@ -8,6 +8,11 @@ the papers report before fine-tuning, labelled "pretrained". A trained run
 that lost its checkpoints is an error, never overwritten with the starting
 weights' figures; so is a workdir with neither.
 
+A run's saved config whose mesh does not fit this machine is fitted to it
+(`fit_mesh`, said in the log), and only the parameters are read
+(`restore_params`), in whatever layout they were saved: a run trained on a
+pod's mesh evaluates on a workstation.
+
 eval.json holds the final metrics and `step`, the metrics before the first
 step under "untrained" with what they were of under "start", and labels:
 "evaluated": "pretrained" when the metrics are of the starting weights (no
@@ -23,6 +28,7 @@ import math
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
 from vitret_jax import checkpoint
@@ -186,40 +192,48 @@ def evaluate_only(config, workdir) -> dict:
 
 def restore_params(ckpt, step, abstract_params):
   """`step`'s parameters alone, checked against `abstract_params` and
-  placed with their shardings, from a checkpoint of any device layout
-  (Checkpointer.read_params). The optimizer and loss state, whose shapes
-  can depend on the devices of the training (ArcFace pads its class rows
-  to them), are neither read nor checked: an evaluation needs neither."""
+  placed with their shardings and dtypes, from a checkpoint of any device
+  layout (Checkpointer.read_params). The optimizer and loss state, whose
+  shapes can depend on the devices of the training (ArcFace pads its class
+  rows to them), are neither read nor checked: an evaluation needs neither.
+  Each process places its own devices' slices of its host copy."""
   checkpoint.check_shapes(ckpt, step, {"params": abstract_params},
                           only="params")
-  return jax.device_put(ckpt.read_params(step), jax.tree.map(
-      lambda x: x.sharding, abstract_params))
+
+  def place(host, abstract):
+    host = np.asarray(host, abstract.dtype)
+    return jax.make_array_from_callback(host.shape, abstract.sharding,
+                                        lambda index: host[index])
+  return jax.tree.map(place, ckpt.read_params(step), abstract_params)
 
 
 def fit_mesh(config):
   """A run's saved `config` (--mode=eval of the run) with a mesh of this
   machine's devices: the run's own when it fits; else the most devices
-  here that split the run's batch, every device with several processes,
-  FSDP over the largest divisor of the run's size that fits; said in the
-  log. The layout changes descriptors by float rounding only."""
+  here that split the run's batch (config_checks' rule; every device with
+  several processes), keeping the run's FSDP size where it divides them,
+  else the largest divisor of it that does; said in the log. The layout
+  changes descriptors by float rounding only."""
   mesh, have = config.mesh, jax.device_count()
   want, fsdp = mesh.num_devices or have, mesh.fsdp
   mesh_devices = mesh.num_devices or "all"
-  def splits(n):  # the batch over n devices (config_checks' rule)
-    return config.input.batch_size % (n * config.optim.accum_steps) == 0
+
+  def splits(n):
+    return config_checks.batch_splits(config, n)
   if fsdp < 1 or (want <= have and want % fsdp == 0 and splits(want) and (
       jax.process_count() == 1 or want == have)):
     return config  # fits (or an invalid fsdp, which build_mesh reports)
   sizes = [have] if jax.process_count() > 1 else range(have, 0, -1)
-  n = next((n for n in sizes if splits(n)), None)
-  if n is None:
+  sizes = [n for n in sizes if splits(n)]
+  if not sizes:
+    unit = have * config.optim.accum_steps
     raise UserError(
         f"--mode=eval: the run's mesh ({mesh_devices} devices, fsdp={fsdp}) "
         f"does not fit the {have} devices here, and its input.batch_size="
-        f"{config.input.batch_size} does not split over them: evaluate it "
-        f"on {want} devices, or give its --config with a mesh and batch "
-        f"size that fit (--config.mesh.num_devices, --config.mesh.fsdp, "
-        f"--config.input.batch_size).")
+        f"{config.input.batch_size} does not split over them: give its "
+        f"--config (with its training overrides) and "
+        f"--config.input.batch_size a multiple of {unit}.")
+  n = next((n for n in sizes if n % fsdp == 0), sizes[0])
   with config.unlocked():
     config.mesh.num_devices = 0 if n == have else n
     config.mesh.fsdp = math.gcd(fsdp, n)

@@ -30,7 +30,6 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from vitret_jax import checkpoint
 from vitret_jax.errors import UserError
 
 LOCK_FILE = ".vitret.lock"
@@ -245,6 +244,8 @@ def read_saved_config(workdir):
   its latest intact checkpoint's meta (exactly the config of those
   parameters), else its config.json; None when it has neither.
   config_common.complete turns it into a ConfigDict."""
+  # Imported here: orbax loads only where a run's checkpoints are read.
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
   saved = None
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
