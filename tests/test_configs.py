@@ -149,8 +149,9 @@ def test_saved_config_completed_from_base_config(tmp_path, caplog):
 
 def test_a_pods_mesh_is_fitted_to_this_machine(tmp_path, caplog):
   """--mode=eval of a run whose saved mesh does not fit here (8 devices):
-  the most devices that split its batch, FSDP over the largest divisor of
-  its size, said in the log; a mesh that fits is kept."""
+  the most devices that split its batch and keep its FSDP size, else FSDP
+  over the largest divisor of its size, said in the log; a mesh that fits
+  is kept."""
   import logging  # pylint: disable=g-import-not-at-top
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   from vitret_jax import commands  # pylint: disable=g-import-not-at-top

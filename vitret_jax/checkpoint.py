@@ -235,15 +235,16 @@ class Checkpointer:
   def saved_state(self, step):
     """The metadata tree of `step`'s state; a UserError when it is missing,
     unreadable or without parameters."""
-    try:
-      saved = self.manager.item_metadata(step)
+    try:  # missing, not JSON, or JSON of another layout: named below
+      saved, why = self.manager.item_metadata(step), ""
       saved = saved.get("state") if saved is not None else None
-    except (OSError, ValueError, KeyError):
-      saved = None  # missing, not JSON, or JSON without orbax's keys
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+      first = (str(e).splitlines() or [""])[0][:100]
+      saved, why = None, f" ({type(e).__name__}: {first})"
     if saved is None or "params" not in saved:
       raise UserError(
           f"Checkpoint {self.step_dir(step)} has no readable state metadata "
-          f"with parameters (state/_METADATA): it is damaged or not a "
+          f"with parameters (state/_METADATA){why}: it is damaged or not a "
           f"vitret_jax checkpoint. {self._fix(step)}")
     return saved
 

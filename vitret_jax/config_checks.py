@@ -140,13 +140,12 @@ def check_config(config, mesh):
   cfg = config.input
   if cfg.batch_size < 1:
     raise UserError(f"input.batch_size={cfg.batch_size}: it must be >= 1.")
-  unit = sharding.batch_size_on(mesh) * config.optim.accum_steps
-  if not batch_splits(config, sharding.batch_size_on(mesh)):
+  devices = sharding.batch_size_on(mesh)
+  if not batch_splits(config, devices):
     raise UserError(
         f"input.batch_size={cfg.batch_size} does not split into "
-        f"{config.optim.accum_steps} micro-batch(es) over "
-        f"{sharding.batch_size_on(mesh)} device(s): use a multiple of "
-        f"{unit}.")
+        f"{config.optim.accum_steps} micro-batch(es) over {devices} "
+        f"device(s): use a multiple of {devices * config.optim.accum_steps}.")
   check_loss(config.loss)
   if config.ckpt.every_steps < 1:
     raise UserError(f"ckpt.every_steps={config.ckpt.every_steps}: it must be "

@@ -209,11 +209,13 @@ def restore_params(ckpt, step, abstract_params):
 
 def fit_mesh(config):
   """A run's saved `config` (--mode=eval of the run) with a mesh of this
-  machine's devices: the run's own when it fits; else the most devices
-  here that split the run's batch (config_checks' rule; every device with
-  several processes), keeping the run's FSDP size where it divides them,
-  else the largest divisor of it that does; said in the log. The layout
-  changes descriptors by float rounding only."""
+  machine's devices, said in the log: the run's own when it fits; else the
+  most devices here that split the run's batch (config_checks' rule) and
+  that the run's FSDP size divides, so its parameters stay split as in
+  training (memory first); when none does, the most devices that split the
+  batch, FSDP over the largest divisor of the run's size. With several
+  processes, every device. The layout changes descriptors by float
+  rounding only."""
   mesh, have = config.mesh, jax.device_count()
   want, fsdp = mesh.num_devices or have, mesh.fsdp
   mesh_devices = mesh.num_devices or "all"
