@@ -126,6 +126,14 @@ def take_rows(x, start, stop):
   return x[start:stop]
 
 
+def in_calls(fn, rows, step, *arrays, concatenate=np.concatenate):
+  """fn over the rows of `arrays` (None stays None) in calls of `step`
+  rows, in order, the outputs concatenated."""
+  return concatenate([
+      fn(*(None if a is None else take_rows(a, i, i + step) for a in arrays))
+      for i in range(0, rows, step)])
+
+
 class Placement:
   """Where an embedder's parameters live and its batches go: parameters
   replicated on the devices once (`put_params`), each batch split over
@@ -222,8 +230,7 @@ class MultiScale:
     rows, step = int(images.shape[0]), self.images_per_call(images.shape)
     if step >= rows:
       return self._describe(images)
-    return np.concatenate([self._describe(take_rows(images, i, i + step))
-                           for i in range(0, rows, step)])
+    return in_calls(self._describe, rows, step, images)
 
   def _describe(self, images):
     images, rows = self.placement.put_batch(images)

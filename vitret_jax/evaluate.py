@@ -176,7 +176,7 @@ def evaluate_only(config, workdir) -> dict:
       if saved:
         step = run.ckpt.latest_intact()
         params = restore_params(run.ckpt, step, checkpoint.abstract_like(
-            run.state, run.state_sharding).params)
+            run.state.params, run.state_sharding.params))
       else:
         state = _starting_state(run, config, workdir)
         params, step = state.params, int(jax.device_get(state.step))

@@ -40,11 +40,9 @@ class EmbedFn:
     descriptor.STEP_BYTES)."""
     step = self._images_per_call(params, images.shape, scale)
     if step < images.shape[0]:
-      take = descriptor.take_rows
-      return jnp.concatenate([
-          self._call(params, take(images, i, i + step), scale,
-                     None if bad is None else take(bad, i, i + step))
-          for i in range(0, images.shape[0], step)])
+      return descriptor.in_calls(
+          lambda x, b: self._call(params, x, scale, b), images.shape[0],
+          step, images, bad, concatenate=jnp.concatenate)
     return self._call(params, images, scale, bad)
 
   def _images_per_call(self, params, shape, scale):
