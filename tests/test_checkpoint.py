@@ -28,6 +28,12 @@ def make_state(width_variant="mu/8", memory=8):
                                jax.random.key(0), (16, 16, 3), mesh, memory)
 
 
+def resume(ckpt, fresh, fresh_shard, **kwargs):
+  return checkpoint.resume_or_init(
+      ckpt, checkpoint.abstract_like(fresh, fresh_shard), lambda: fresh,
+      **kwargs)
+
+
 def test_save_restore_roundtrip(tmp_path):
   state, shard = make_state()
   state = state.replace(step=jnp.int32(7), mem_ptr=jnp.int32(3))
@@ -36,7 +42,7 @@ def test_save_restore_roundtrip(tmp_path):
   ckpt.wait()
   fresh, fresh_shard = make_state()
   fresh = fresh.replace(params=jax.tree.map(jnp.zeros_like, fresh.params))
-  restored, source = checkpoint.resume_or_init(ckpt, fresh, fresh_shard)
+  restored, source = resume(ckpt, fresh, fresh_shard)
   ckpt.close()
   assert source == "workdir"
   assert int(restored.step) == 7 and int(restored.mem_ptr) == 3
@@ -214,7 +220,7 @@ def test_wrong_shape_checkpoint_is_refused(tmp_path):
   other, other_shard = make_state(memory=16)
   with pytest.raises(UserError, match=r"memory/emb: checkpoint \(8, 32\) "
                      r"vs model \(16, 32\)"):
-    checkpoint.resume_or_init(ckpt, other, other_shard)
+    resume(ckpt, other, other_shard)
   ckpt.close()
 
 
@@ -239,22 +245,29 @@ def test_resume_order(tmp_path):
   other.close()
   fresh, fresh_shard = make_state()
   mine = checkpoint.Checkpointer(str(tmp_path / "mine"))
-  got, source = checkpoint.resume_or_init(mine, fresh, fresh_shard)
+  got, source = resume(mine, fresh, fresh_shard)
   assert source == "scratch" and int(got.step) == 0
   init = init_from.make_init_params(str(tmp_path / "other"))
-  got, source = checkpoint.resume_or_init(mine, fresh, fresh_shard,
-                                          init_params=init)
+  got, source = resume(mine, fresh, fresh_shard, init_params=init)
   assert source == "init_from" and int(got.step) == 0
   assert np.allclose(jax.tree.leaves(got.params)[0],
                      jax.tree.leaves(trained.params)[0])
+  for a, b in zip(jax.tree.leaves(got.params),
+                  jax.tree.leaves(fresh_shard.params)):
+    assert a.sharding == b
+  # A restored run never makes a fresh state beside the restored one.
+  abstract = checkpoint.abstract_like(fresh, fresh_shard)
+
+  def never():
+    raise AssertionError("a fresh state was made")
   got, source = checkpoint.resume_or_init(
-      mine, fresh, fresh_shard, resume_from=str(tmp_path / "other"),
+      mine, abstract, never, resume_from=str(tmp_path / "other"),
       init_params=init)
   assert source == "resume_from" and int(got.step) == 5
   mine.save(got.replace(step=jnp.int32(9)))
   mine.wait()
   got, source = checkpoint.resume_or_init(
-      mine, fresh, fresh_shard, resume_from=str(tmp_path / "other"))
+      mine, abstract, never, resume_from=str(tmp_path / "other"))
   assert source == "workdir" and int(got.step) == 9
   mine.close()
 
@@ -307,7 +320,7 @@ def test_checkpoint_of_the_first_release_layout_restores(tmp_path):
   saved = ckpt.manager.item_metadata(5)["state"]
   assert "ema_params" not in saved.keys()
   fresh, fresh_shard = make_state()
-  restored, source = checkpoint.resume_or_init(ckpt, fresh, fresh_shard)
+  restored, source = resume(ckpt, fresh, fresh_shard)
   assert source == "workdir" and int(restored.step) == 5
   assert restored.ema_params is None and restored.loss_params is None
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
@@ -316,7 +329,7 @@ def test_checkpoint_of_the_first_release_layout_restores(tmp_path):
   fresh = fresh.with_params(fresh.params)
   with_ema = fresh.replace(ema_params=fresh.params)
   with pytest.raises(UserError, match="without a momentum encoder"):
-    checkpoint.resume_or_init(ckpt, with_ema, fresh_shard.replace(
+    resume(ckpt, with_ema, fresh_shard.replace(
         ema_params=fresh_shard.params))
   ckpt.close()
 

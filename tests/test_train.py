@@ -73,14 +73,23 @@ def read_jsonl(path):
 
 
 @pytest.mark.slow(12)  # seconds, cold, 2 cores
-def test_train_evaluate_and_resume(tmp_path, caplog):
+def test_train_evaluate_and_resume(tmp_path, caplog, monkeypatch):
   """Train, evaluate, resume in the same workdir; the resumed run profiles
   steps 2-3 (--config.profile.start_step=2 --config.profile.num_steps=2):
   a trace TensorBoard and Perfetto read, each log row's input-wait and
-  compute seconds, the compiled step's FLOPs and memory logged once."""
+  compute seconds, the compiled step's FLOPs and memory logged once. Only
+  the first run makes a fresh state: the resumed run and the evaluation
+  hold the restored one alone."""
+  made = []
+
+  def counted(*args, **kwargs):
+    make, abstract, shardings = init(*args, **kwargs)
+    return (lambda: made.append(1) or make()), abstract, shardings
+  init = ts.train_state_init
+  monkeypatch.setattr(ts, "train_state_init", counted)
   workdir = str(tmp_path / "run")
   out = train.train_and_evaluate(small_config(2), workdir)
-  assert out["step"] == 2
+  assert out["step"] == 2 and len(made) == 1
   assert set(out) >= {"recall@1", "recall@8", "map@r", "untrained"}
   assert 0 < out["recall@1"] <= 1
   with open(os.path.join(workdir, "eval.json")) as f:
@@ -108,6 +117,7 @@ def test_train_evaluate_and_resume(tmp_path, caplog):
   assert "untrained" in out  # kept from the first run
   again = evaluate.evaluate_only(small_config(4), workdir)
   assert again["recall@1"] == pytest.approx(out["recall@1"])
+  assert len(made) == 1
 
 
 def test_cli_errors_are_clear(tmp_path):

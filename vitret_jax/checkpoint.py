@@ -36,6 +36,7 @@ from orbax.checkpoint import checkpoint_managers
 from vitret_jax import integrity
 from vitret_jax import orbax_compat
 from vitret_jax import params_tree
+from vitret_jax import sharding
 from vitret_jax.errors import UserError
 
 CHECKSUMS = integrity.CHECKSUMS
@@ -353,21 +354,20 @@ def _run_checkpoints(path, flag="resume_from"):
   return ckpt
 
 
-def resume_or_init(ckpt, state, state_sharding, resume_from="",
+def resume_or_init(ckpt, abstract, make_state, resume_from="",
                    init_params=None):
   """The resume order, in one place.
 
   Args:
     ckpt: this run's Checkpointer.
-    state: the freshly initialised TrainState.
-    state_sharding: its shardings.
+    abstract: the TrainState's shapes, dtypes and shardings.
+    make_state: () -> a fresh TrainState, made only if nothing is restored.
     resume_from: another run's workdir to continue from (whole state).
     init_params: callable(params) -> params loading `model.init_from`, or None.
   Returns:
     (state, source) with source one of "workdir", "resume_from", "init_from",
     "scratch".
   """
-  abstract = abstract_like(state, state_sharding)
   if ckpt.latest_step() is not None:
     restored = ckpt.restore(abstract)[0]
     logging.info("Resuming from %s/%d", ckpt.directory,
@@ -379,9 +379,9 @@ def resume_or_init(ckpt, state, state_sharding, resume_from="",
     restored = other.restore(abstract)[0]
     other.close()
     return restored, "resume_from"
+  state = make_state()
   if init_params is not None:
-    params = init_params(state.params)
-    params = jax.device_put(params, state_sharding.params)
+    params = sharding.place(init_params(state.params), abstract.params)
     return state.with_params(params), "init_from"
   return state, "scratch"
 

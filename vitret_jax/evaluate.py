@@ -110,7 +110,7 @@ def init_state(run, config):
   """(state, source) of a run without a checkpoint of its own: the starting
   weights (checkpoint.resume_or_init's order)."""
   return checkpoint.resume_or_init(
-      run.ckpt, run.state, run.state_sharding, config.resume_from,
+      run.ckpt, run.abstract_state, run.make_state, config.resume_from,
       init_from.make_init_params(config.model.init_from,
                                  config.model.init_format, config.model,
                                  tuple(config.model.init_fresh)))
@@ -175,8 +175,7 @@ def evaluate_only(config, workdir) -> dict:
     try:
       if saved:
         step = run.ckpt.latest_intact()
-        params = restore_params(run.ckpt, step, checkpoint.abstract_like(
-            run.state.params, run.state_sharding.params))
+        params = restore_params(run.ckpt, step, run.abstract_state.params)
       else:
         state = _starting_state(run, config, workdir)
         params, step = state.params, int(jax.device_get(state.step))
@@ -199,12 +198,7 @@ def restore_params(ckpt, step, abstract_params):
   Each process places its own devices' slices of its host copy."""
   checkpoint.check_shapes(ckpt, step, {"params": abstract_params},
                           only="params")
-
-  def place(host, abstract):
-    host = np.asarray(host, abstract.dtype)
-    return jax.make_array_from_callback(host.shape, abstract.sharding,
-                                        lambda index: host[index])
-  return jax.tree.map(place, ckpt.read_params(step), abstract_params)
+  return sharding.place(ckpt.read_params(step), abstract_params)
 
 
 def fit_mesh(config):

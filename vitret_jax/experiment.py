@@ -1,7 +1,8 @@
 """What training and evaluation share, built once from the config (`Run`:
-mesh, data, model, fresh train state, evaluators, checkpointer; the config
-checked first by config_checks), and a run's descriptors as its evaluator
-computes them (`RunEmbedder`)."""
+mesh, data, model, the train state's layout and how to make it fresh,
+evaluators, checkpointer; the config checked first by config_checks), and a
+run's descriptors as its evaluator computes them (`RunEmbedder`).
+"""
 import functools
 import hashlib
 import json
@@ -55,13 +56,16 @@ class Run:
       self.train_split = self.train_split.with_class_indices()
     self.loss_fn, init_loss_params = config_checks.build_loss(
         config.loss, self.mesh, self.train_split.num_classes)
-    self.state, self.state_sharding = ts.create_train_state(
-        self.model, self.tx, jax.random.key(config.seed),
-        (self.image_size, self.image_size, 3), self.mesh,
-        config_checks.memory_slots(config.loss, len(self.train_split),
-                                   config.input.batch_size),
-        momentum_encoder=bool(config.loss.xbm.momentum),
-        init_loss_params=init_loss_params)
+    # The fresh state is made only where a run starts without a checkpoint
+    # (make_state), never beside a restored one.
+    self.make_state, self.abstract_state, self.state_sharding = (
+        ts.train_state_init(
+            self.model, self.tx, jax.random.key(config.seed),
+            (self.image_size, self.image_size, 3), self.mesh,
+            config_checks.memory_slots(config.loss, len(self.train_split),
+                                       config.input.batch_size),
+            momentum_encoder=bool(config.loss.xbm.momentum),
+            init_loss_params=init_loss_params))
     self.embed_fn_for = make_embed_fn_for(config.model, self.mesh,
                                           self.state_sharding.params)
     self.evaluators = evaluator.Evaluators(

@@ -106,6 +106,22 @@ def state_shardings(abstract_state, mesh):
       memory=jax.tree.map(lambda _: rep, abstract_state.memory))
 
 
+def place(tree, abstract):
+  """`tree` with the dtypes and shardings of `abstract` (ShapeDtypeStructs
+  with shardings). A host (numpy) leaf is placed by each process on its own
+  devices, from its own copy: jax.device_put of host data to devices of
+  several processes would first check that every process holds equal
+  values (a transfer of the whole tree, failing on NaN). A leaf already on
+  the devices moves there as it is."""
+  def one(x, a):
+    if isinstance(x, jax.Array):
+      return jax.device_put(x.astype(a.dtype), a.sharding)
+    host = np.asarray(x, a.dtype)
+    return jax.make_array_from_callback(host.shape, a.sharding,
+                                        lambda index: host[index])
+  return jax.tree.map(one, tree, abstract)
+
+
 def to_global_batch(batch: dict, mesh) -> dict:
   """Host numpy arrays (this process's rows) -> global `jax.Array`s on `mesh`.
 

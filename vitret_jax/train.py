@@ -1,12 +1,13 @@
-"""The training loop: takes the run (experiment.Run: data, model, state,
-evaluators) and trains with logging, checkpointing and evaluation at the
-config's cadence, under the workdir's lock.
+"""The training loop: takes the run (experiment.Run: data, model, the
+state's layout, evaluators) and trains with logging, checkpointing and
+evaluation at the config's cadence, under the workdir's lock.
 
-Data flow: check_config (no data) -> Run (data, fresh state) ->
-resume_or_init -> loader (sampler checks) -> config.json -> [untrained
-evaluation] -> _Trainer.train (step, log, save, evaluate the saved step,
-stop on SIGTERM) -> final save -> final evaluation -> eval.json
-(evaluate.finish). No model or loss maths lives here.
+Data flow: check_config (no data) -> Run (data, the state's layout) ->
+resume_or_init (the checkpoint, else a fresh state) -> loader (sampler
+checks) -> config.json -> [untrained evaluation] -> _Trainer.train (step,
+log, save, evaluate the saved step, stop on SIGTERM) -> final save -> final
+evaluation -> eval.json (evaluate.finish). No model or loss maths lives
+here.
 """
 import json
 import math

@@ -63,7 +63,19 @@ def init_memory(size: int, dim: int) -> dict:
 def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0,
                        momentum_encoder=False, init_loss_params=None):
   """Initialises the state directly in its shardings on `mesh` (params and
-  optimizer state split over the FSDP axis, the rest replicated).
+  optimizer state split over the FSDP axis, the rest replicated): (state,
+  state_sharding); train_state_init's arguments."""
+  make, _, state_sharding = train_state_init(
+      model, tx, rng, image_shape, mesh, memory_size, momentum_encoder,
+      init_loss_params)
+  return make(), state_sharding
+
+
+def train_state_init(model, tx, rng, image_shape, mesh, memory_size=0,
+                     momentum_encoder=False, init_loss_params=None):
+  """The state's shardings, and how to make it, without allocating it: a
+  run that restores a checkpoint, or evaluates one, never holds a fresh
+  state beside the restored one.
 
   Args:
     model: the RetrievalModel.
@@ -76,7 +88,9 @@ def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0,
       whose descriptors fill the memory.
     init_loss_params: callable(rng, descriptor_dim) -> loss_params, or None.
   Returns:
-    (state, state_sharding).
+    (make, abstract, state_sharding): make() initialises a new state in
+    its shardings (jitted); `abstract` is its shapes, dtypes and
+    shardings.
   """
   init_rng, loop_rng = jax.random.split(rng)
 
@@ -98,10 +112,13 @@ def create_train_state(model, tx, rng, image_shape, mesh, memory_size=0,
                       ema_params=(jax.tree.map(jnp.copy, params)
                                   if momentum_encoder else None))
 
-  abstract = jax.eval_shape(init)
-  state_sharding = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=state_sharding)()
-  return state, state_sharding
+  shapes = jax.eval_shape(init)
+  state_sharding = sharding.state_shardings(shapes, mesh)
+  abstract = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      shapes, state_sharding)
+  return (jax.jit(init, out_shardings=state_sharding), abstract,
+          state_sharding)
 
 
 def _micro_batches(x, k, num_shards):
