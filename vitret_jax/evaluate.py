@@ -28,7 +28,6 @@ import math
 import os
 
 import jax
-import numpy as np
 from absl import logging
 
 from vitret_jax import checkpoint
