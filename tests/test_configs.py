@@ -149,20 +149,21 @@ def test_saved_config_completed_from_base_config(tmp_path, caplog):
 
 def test_a_pods_mesh_is_fitted_to_this_machine(tmp_path, caplog):
   """--mode=eval of a run whose saved mesh does not fit here (8 devices):
-  the most devices that split its batch and keep its FSDP size, else FSDP
-  over the largest divisor of its size, said in the log; a mesh that fits
-  is kept."""
+  the most devices that keep its FSDP size, else all of them with FSDP over
+  the largest divisor of its size, said in the log, whether or not its
+  training batch splits over them; a mesh that fits is kept."""
   import logging  # pylint: disable=g-import-not-at-top
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   from vitret_jax import commands  # pylint: disable=g-import-not-at-top
   from vitret_jax import config_checks  # pylint: disable=g-import-not-at-top
   from vitret_jax import evaluate  # pylint: disable=g-import-not-at-top
   from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
+  from vitret_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   c = load_config("demo", "runlocal=True")
   for mesh, batch, want in (((4, 2), 16, (4, 2)), ((0, 16), 16, (0, 8)),
-                            ((16, 2), 16, (0, 2)), ((0, 16), 12, (6, 2)),
-                            ((12, 3), 36, (6, 3)), ((16, 2), 28, (4, 2)),
-                            ((0, 1), 12, (6, 1))):
+                            ((16, 2), 16, (0, 2)), ((0, 16), 12, (0, 8)),
+                            ((12, 3), 36, (6, 3)), ((16, 2), 28, (0, 2)),
+                            ((0, 1), 12, (0, 1))):
     with c.unlocked():
       (c.mesh.num_devices, c.mesh.fsdp), c.input.batch_size = mesh, batch
     (tmp_path / "config.json").write_text(c.to_json_best_effort())
@@ -173,6 +174,10 @@ def test_a_pods_mesh_is_fitted_to_this_machine(tmp_path, caplog):
     assert (got.mesh.num_devices, got.mesh.fsdp) == want, mesh
     assert ("does not fit the 8 device(s) here" in caplog.text) == (
         mesh != want)
+    config_checks.check_config(got, sharding.build_mesh(got.mesh),
+                               training=False)
+  # Training itself still needs its batch to split over the devices.
+  with pytest.raises(UserError, match="does not split into 1 micro-batch"):
     config_checks.check_config(got, sharding.build_mesh(got.mesh))
 
 

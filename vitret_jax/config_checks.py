@@ -134,14 +134,16 @@ def batch_splits(config, devices):
   return config.input.batch_size % (devices * config.optim.accum_steps) == 0
 
 
-def check_config(config, mesh):
+def check_config(config, mesh, training=True):
   """The checks that need no data: run before anything heavy, so a config
-  mistake stops the run in seconds with one line."""
+  mistake stops the run in seconds with one line. An evaluation alone
+  (`training=False`) does not need the training batch to split over the
+  mesh: its passes are rounded up to the devices."""
   cfg = config.input
   if cfg.batch_size < 1:
     raise UserError(f"input.batch_size={cfg.batch_size}: it must be >= 1.")
   devices = sharding.batch_size_on(mesh)
-  if not batch_splits(config, devices):
+  if training and not batch_splits(config, devices):
     raise UserError(
         f"input.batch_size={cfg.batch_size} does not split into "
         f"{config.optim.accum_steps} micro-batch(es) over {devices} "

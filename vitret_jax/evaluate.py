@@ -167,7 +167,7 @@ def evaluate_only(config, workdir) -> dict:
   a workdir that holds no trained run) the starting weights; writes
   eval.json."""
   mesh = sharding.build_mesh(config.mesh)
-  checked = config_checks.check_config(config, mesh)
+  checked = config_checks.check_config(config, mesh, training=False)
   with workdir_lib.Lock(workdir, "eval") as lock:
     run = experiment.Run(config, workdir, mesh, checked)
     saved = run.ckpt.latest_step() is not None
@@ -202,33 +202,22 @@ def restore_params(ckpt, step, abstract_params):
 
 def fit_mesh(config):
   """A run's saved `config` (--mode=eval of the run) with a mesh of this
-  machine's devices, said in the log: the run's own when it fits; else the
-  most devices here that split the run's batch (config_checks' rule) and
+  machine's devices, said in the log: the run's own when it fits (the
+  descriptors of its training's evaluations); else the most devices here
   that the run's FSDP size divides, so its parameters stay split as in
-  training (memory first); when none does, the most devices that split the
-  batch, FSDP over the largest divisor of the run's size. With several
-  processes, every device. The layout changes descriptors by float
-  rounding only."""
+  training (memory first), or when none does every device, FSDP over the
+  largest divisor of the run's size. With several processes, every device.
+  The training batch need not split over them (check_config's
+  training=False). The layout changes descriptors by float rounding
+  only."""
   mesh, have = config.mesh, jax.device_count()
   want, fsdp = mesh.num_devices or have, mesh.fsdp
-  mesh_devices = mesh.num_devices or "all"
-
-  def splits(n):
-    return config_checks.batch_splits(config, n)
-  if fsdp < 1 or (want <= have and want % fsdp == 0 and splits(want) and (
-      jax.process_count() == 1 or want == have)):
+  saved, several = mesh.num_devices or "all", jax.process_count() > 1
+  if fsdp < 1 or (want <= have and want % fsdp == 0 and (
+      not several or want == have)):
     return config  # fits (or an invalid fsdp, which build_mesh reports)
-  sizes = [have] if jax.process_count() > 1 else range(have, 0, -1)
-  sizes = [n for n in sizes if splits(n)]
-  if not sizes:
-    unit = have * config.optim.accum_steps
-    raise UserError(
-        f"--mode=eval: the run's mesh ({mesh_devices} devices, fsdp={fsdp}) "
-        f"does not fit the {have} devices here, and its input.batch_size="
-        f"{config.input.batch_size} does not split over them: give its "
-        f"--config (with its training overrides) and "
-        f"--config.input.batch_size a multiple of {unit}.")
-  n = next((n for n in sizes if n % fsdp == 0), sizes[0])
+  n = have if several else next(
+      (n for n in range(have, 0, -1) if n % fsdp == 0), have)
   with config.unlocked():
     config.mesh.num_devices = 0 if n == have else n
     config.mesh.fsdp = math.gcd(fsdp, n)
@@ -236,5 +225,5 @@ def fit_mesh(config):
     logging.warning(
         "--mode=eval: the run's mesh (%s devices, fsdp=%d) does not fit the "
         "%d device(s) here: evaluating on %d, fsdp=%d.",
-        mesh_devices, fsdp, have, n, config.mesh.fsdp)
+        saved, fsdp, have, n, config.mesh.fsdp)
   return config
