@@ -19,9 +19,13 @@ def describe_cpu(cpuinfo="/proc/cpuinfo"):
   """One line naming the CPU the figures were taken on: model, family /
   model number (x86) or implementer / part (Arm), cores, caches, vector ISA,
   and any ISA cap in force (XLA's --xla_cpu_max_isa, torch's
-  ATEN_CPU_CAPABILITY, oneDNN's ONEDNN_MAX_CPU_ISA). Ratios against torch
-  differ between CPU models (docs/benchmarks.md), so a figure without this
-  is not comparable with another."""
+  ATEN_CPU_CAPABILITY, oneDNN's ONEDNN_MAX_CPU_ISA, MKL's
+  MKL_ENABLE_INSTRUCTIONS). Ratios against torch differ between CPU models
+  (docs/benchmarks.md), so a figure without this is not comparable with
+  another. XLA's cap reaches the code XLA generates but not the library
+  its matrix products run in, which picks its kernels from the CPU itself:
+  capped ratios against torch (whose libraries the caps do reach) are no
+  emulation of an older CPU, and the line says so."""
   import platform  # pylint: disable=g-import-not-at-top
   info = {}
   try:
@@ -65,12 +69,17 @@ def describe_cpu(cpuinfo="/proc/cpuinfo"):
   caps = [f"{name}={value}" for name, value in (
       ("xla_cpu_max_isa", _xla_flag("xla_cpu_max_isa")),
       ("ATEN_CPU_CAPABILITY", os.environ.get("ATEN_CPU_CAPABILITY")),
-      ("ONEDNN_MAX_CPU_ISA", os.environ.get("ONEDNN_MAX_CPU_ISA"))) if value]
+      ("ONEDNN_MAX_CPU_ISA", os.environ.get("ONEDNN_MAX_CPU_ISA")),
+      ("MKL_ENABLE_INSTRUCTIONS", os.environ.get("MKL_ENABLE_INSTRUCTIONS")),
+  ) if value]
   parts = [info.get("model name") or platform.processor() or "CPU", ident,
            f"{os.cpu_count()} cores", "/".join(caches) or "caches unknown",
            " + ".join(isa)]
   if caps:
     parts.append("capped: " + ", ".join(caps))
+  if _xla_flag("xla_cpu_max_isa"):
+    parts.append("(XLA's matrix products ignore xla_cpu_max_isa: not an "
+                 "emulation of an older CPU)")
   return ", ".join(parts)
 
 

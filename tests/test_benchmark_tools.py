@@ -34,6 +34,7 @@ _devices = load_script("benchmarks/_devices.py")
 def test_describe_cpu_names_cores_isa_and_caps(monkeypatch):
   monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
   monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+  monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   line = _devices.describe_cpu()
   assert f"{os.cpu_count()} cores" in line
@@ -44,6 +45,12 @@ def test_describe_cpu_names_cores_isa_and_caps(monkeypatch):
   monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
   line = _devices.describe_cpu()
   assert "capped: xla_cpu_max_isa=AVX2, ONEDNN_MAX_CPU_ISA=AVX2" in line
+  assert "not an emulation of an older CPU" in line
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+  line = _devices.describe_cpu()
+  assert "capped: ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2" in (
+      line) and "emulation" not in line
 
 
 def test_describe_cpu_other_machines(tmp_path):
