@@ -30,7 +30,7 @@ def make_state(width_variant="mu/8", memory=8):
 
 def resume(ckpt, fresh, fresh_shard, **kwargs):
   return checkpoint.resume_or_init(
-      ckpt, checkpoint.abstract_like(fresh, fresh_shard), lambda: fresh,
+      ckpt, sharding.abstract_like(fresh, fresh_shard), lambda: fresh,
       **kwargs)
 
 
@@ -150,6 +150,31 @@ def test_evaluation_reads_the_parameters_alone_into_another_layout(
   ckpt.close()
 
 
+def test_processes_placing_other_bytes_are_a_one_line_error(monkeypatch):
+  """sharding.place with several processes (simulated: two, the other's
+  digest given): each fills its own devices from its own copy, so copies
+  that differ (init_from through a path that names another file on each
+  host) are an error, not a model mixed from both; NaN equals NaN."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  host = {"w": np.array([1.0, np.nan], np.float32), "n": np.arange(3)}
+  abstract = sharding.abstract_like(host, {
+      k: sharding.replicated(sharding.make_mesh()) for k in host})
+  theirs = {}
+
+  def gather(mine):
+    return np.stack([mine, theirs.get("digest", mine)])
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+  got = sharding.place(host, abstract, "model.init_from's parameters")
+  np.testing.assert_array_equal(np.asarray(got["w"]), host["w"])
+  theirs["digest"] = np.zeros(32, np.uint8)
+  with pytest.raises(UserError, match=r"model.init_from's parameters "
+                     r"differ between the processes \(process 0 and "
+                     r"process\(es\) \[1\]") as e:
+    sharding.place(host, abstract, "model.init_from's parameters")
+  assert "\n" not in str(e.value)
+
+
 def test_unreadable_params_are_a_one_line_error(tmp_path):
   """A checkpoint without checksums (an older version's, restored
   unverified) whose state metadata or data files are damaged: the error
@@ -256,7 +281,7 @@ def test_resume_order(tmp_path):
                   jax.tree.leaves(fresh_shard.params)):
     assert a.sharding == b
   # A restored run never makes a fresh state beside the restored one.
-  abstract = checkpoint.abstract_like(fresh, fresh_shard)
+  abstract = sharding.abstract_like(fresh, fresh_shard)
 
   def never():
     raise AssertionError("a fresh state was made")

@@ -31,6 +31,7 @@ from vitret_jax import export
 from vitret_jax import integrity
 from vitret_jax import metric_writer
 from vitret_jax import preemption
+from vitret_jax import sharding
 from vitret_jax import train
 from vitret_jax import train_step as ts
 from vitret_jax import workdir as workdir_lib
@@ -189,7 +190,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, kind, caplog):
   saved_steps(workdir)
   path = damage(os.path.join(workdir, "checkpoints", "2"), kind)
   ckpt = checkpoint.Checkpointer(workdir)
-  state, meta = ckpt.restore(checkpoint.abstract_like(
+  state, meta = ckpt.restore(sharding.abstract_like(
       tiny_state(0, 0.0), jax.tree.map(lambda x: x.sharding,
                                        tiny_state(0, 0.0))))
   assert int(state.step) == 1 and float(state.params["w"][0]) == 1.0
@@ -214,7 +215,7 @@ def test_checkpoint_without_checksums_is_restored_with_a_warning(
   saved_steps(workdir)
   os.remove(os.path.join(workdir, "checkpoints", "2", checkpoint.CHECKSUMS))
   ckpt = checkpoint.Checkpointer(workdir)
-  state, _ = ckpt.restore(checkpoint.abstract_like(
+  state, _ = ckpt.restore(sharding.abstract_like(
       tiny_state(0, 0.0), jax.tree.map(lambda x: x.sharding,
                                        tiny_state(0, 0.0))))
   ckpt.close()
@@ -230,7 +231,7 @@ def test_every_checkpoint_damaged_is_an_error(tmp_path):
     damage(os.path.join(workdir, "checkpoints", str(s)), "random_bytes")
   ckpt = checkpoint.Checkpointer(workdir)
   with pytest.raises(UserError, match=r"Every checkpoint .* is damaged"):
-    ckpt.restore(checkpoint.abstract_like(
+    ckpt.restore(sharding.abstract_like(
         tiny_state(0, 0.0), jax.tree.map(lambda x: x.sharding,
                                          tiny_state(0, 0.0))))
   ckpt.close()

@@ -16,6 +16,7 @@ from conftest import main_in_process
 from conftest import subprocess_env
 from vitret_jax import checkpoint
 from vitret_jax import preemption
+from vitret_jax import sharding
 
 ARGS = ["-m", "vitret_jax.main", "--config=configs/demo.py:runlocal=True",
         "--config.total_steps=40", "--config.eval_untrained=False",
@@ -106,7 +107,7 @@ def test_killed_save_is_never_restored(tmp_path):
   target = ts.TrainState(step=jnp.int32(0),
                          params={"w": jnp.zeros((50_000_000,))},
                          opt_state={}, rng=jnp.zeros((2,), jnp.uint32))
-  state, _ = ckpt.restore(checkpoint.abstract_like(
+  state, _ = ckpt.restore(sharding.abstract_like(
       target, jax.tree.map(lambda x: x.sharding, target)))
   assert int(state.step) == step
   assert float(state.params["w"][0]) == float(step)  # 1.0 or 2.0, intact

@@ -115,7 +115,12 @@ def test_train_evaluate_and_resume(tmp_path, caplog, monkeypatch):
   assert caplog.text.count("GFLOP per device per step") == 1
   assert "Profiling steps 2..3" in caplog.text
   assert "untrained" in out  # kept from the first run
-  again = evaluate.evaluate_only(small_config(4), workdir)
+  # An evaluation alone needs no training batch that splits over the 8
+  # devices.
+  c = small_config(4)
+  with c.unlocked():
+    c.input.batch_size = 12
+  again = evaluate.evaluate_only(c, workdir)
   assert again["recall@1"] == pytest.approx(out["recall@1"])
   assert len(made) == 1
 
@@ -525,7 +530,8 @@ def _golden_timm_file(folder):
 def zero_step_run(tmp_path_factory):
   """Train and test splits that share classes on purpose, the golden timm
   ViT (mu/8, 32 px) as model.init_from, and a total_steps=0 run of it:
-  (folder, weights file, config, result, run folder). Its tests carry no
+  (folder, weights file, config, result, run folder), its batch of 12
+  not split over the 8 devices (no step trains). Its tests carry no
   `slow` mark: the reordering would split them and build this twice."""
   from test_folder import NAMES, _split_layout  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("pretrained")
@@ -535,7 +541,7 @@ def zero_step_run(tmp_path_factory):
   with c.unlocked():
     c.input.data_dir, c.model.init_from = str(root / "split"), weights
     c.input.options.shared_classes = True
-    c.total_steps = 0
+    c.total_steps, c.input.batch_size = 0, 12
   run = str(root / "zero")
   return root, weights, c, train.train_and_evaluate(c, run), run
 
@@ -551,7 +557,7 @@ def test_pretrained_weights_evaluated_as_they_are(zero_step_run,
   root, _, _, zero, _ = zero_step_run
   monkeypatch.setenv("HOME", str(root))
   args = ["--mode=eval", "--config=configs/folder.py:runlocal=True",
-          "--config.input.data_dir=~/split",
+          "--config.input.data_dir=~/split", "--config.input.batch_size=12",
           "--config.model.init_from=~/vit_tiny.safetensors"]
   r = main_in_process(*args, "--workdir=~/refused")
   assert r.returncode == 2 and "share 2 class name(s): dill & co, eggplant" \

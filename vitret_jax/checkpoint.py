@@ -330,13 +330,7 @@ def _older_state_target(saved, abstract):
   return {k: v for k, v in fields.items() if k not in absent}, absent
 
 
-def abstract_like(state, state_sharding):
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state, state_sharding)
-
-
-def _run_checkpoints(path, flag="resume_from"):
+def open_run(path, flag="resume_from"):
   """A Checkpointer reading another run (its workdir or checkpoints folder);
   `flag` is what the user set to name it (for the error messages)."""
   path = os.path.abspath(path)
@@ -374,14 +368,15 @@ def resume_or_init(ckpt, abstract, make_state, resume_from="",
                  int(jax.device_get(restored.step)))
     return restored, "workdir"
   if resume_from:
-    other = _run_checkpoints(resume_from, "resume_from")
+    other = open_run(resume_from, "resume_from")
     logging.info("Continuing %s/%d", other.directory, other.latest_step())
     restored = other.restore(abstract)[0]
     other.close()
     return restored, "resume_from"
   state = make_state()
   if init_params is not None:
-    params = sharding.place(init_params(state.params), abstract.params)
+    params = sharding.place(init_params(state.params), abstract.params,
+                            "model.init_from's parameters")
     return state.with_params(params), "init_from"
   return state, "scratch"
 
@@ -390,7 +385,7 @@ def load_run_params(workdir, step=None, flag="--workdir", with_step=False):
   """The parameters of a vitret_jax run's latest intact (or `step`)
   checkpoint, as numpy arrays, without rebuilding its optimizer or data
   (with `with_step`: (params, step))."""
-  ckpt = _run_checkpoints(workdir, flag)
+  ckpt = open_run(workdir, flag)
   try:
     step = ckpt.latest_intact() if step is None else step
     params = ckpt.read_params(step)

@@ -128,12 +128,6 @@ def check_resolution(config, train_size):
           name, spec.size, image_size, image_size, image_size)
 
 
-def batch_splits(config, devices):
-  """Whether input.batch_size splits into optim.accum_steps micro-batches
-  over `devices` devices."""
-  return config.input.batch_size % (devices * config.optim.accum_steps) == 0
-
-
 def check_config(config, mesh, training=True):
   """The checks that need no data: run before anything heavy, so a config
   mistake stops the run in seconds with one line. An evaluation alone
@@ -143,7 +137,7 @@ def check_config(config, mesh, training=True):
   if cfg.batch_size < 1:
     raise UserError(f"input.batch_size={cfg.batch_size}: it must be >= 1.")
   devices = sharding.batch_size_on(mesh)
-  if training and not batch_splits(config, devices):
+  if training and cfg.batch_size % (devices * config.optim.accum_steps):
     raise UserError(
         f"input.batch_size={cfg.batch_size} does not split into "
         f"{config.optim.accum_steps} micro-batch(es) over {devices} "

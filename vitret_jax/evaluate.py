@@ -106,13 +106,36 @@ def finish(workdir, final, untrained, step, config, seen=()):
 
 
 def init_state(run, config):
-  """(state, source) of a run without a checkpoint of its own: the starting
-  weights (checkpoint.resume_or_init's order)."""
+  """(state, source): the run's own checkpoint, else its starting weights
+  (checkpoint.resume_or_init's order)."""
   return checkpoint.resume_or_init(
       run.ckpt, run.abstract_state, run.make_state, config.resume_from,
-      init_from.make_init_params(config.model.init_from,
-                                 config.model.init_format, config.model,
-                                 tuple(config.model.init_fresh)))
+      _init_params(config))
+
+
+def _init_params(config):
+  return init_from.make_init_params(config.model.init_from,
+                                    config.model.init_format, config.model,
+                                    tuple(config.model.init_fresh))
+
+
+def _starting_weights(run, config):
+  """(params, step) of the starting weights alone, with neither optimizer
+  nor loss state: resume_from's latest intact checkpoint's parameters (in
+  any saved layout, as restore_params), else model.init_from's over a fresh
+  initialisation (the leaves it leaves fresh; the rest of that fresh
+  state is dropped at once)."""
+  if config.resume_from:
+    other = checkpoint.open_run(config.resume_from, "resume_from")
+    try:
+      step = other.latest_intact()
+      return restore_params(other, step, run.abstract_state.params), step
+    finally:
+      other.close()
+  fresh = run.make_state().params
+  return sharding.place(_init_params(config)(fresh),
+                        run.abstract_state.params,
+                        "model.init_from's parameters"), 0
 
 
 def _trained_run(workdir):
@@ -139,9 +162,10 @@ def _trained_run(workdir):
   return ""
 
 
-def _starting_state(run, config, workdir):
-  """The state to evaluate in a workdir without a checkpoint: the starting
-  weights, only where no trained run would have its results replaced."""
+def _starting_params(run, config, workdir):
+  """(params, step) to evaluate in a workdir without a checkpoint: the
+  starting weights, only where no trained run would have its results
+  replaced."""
   if start_name(config) != "pretrained":
     raise UserError(f"No checkpoint in {run.ckpt.directory}: train first "
                     f"(--mode=train), point --workdir at a trained run, "
@@ -155,11 +179,11 @@ def _starting_state(run, config, workdir):
         f"starting weights of model.init_from are not evaluated over its "
         f"results. Evaluate them in a new --workdir, or restore the run's "
         f"checkpoints.")
-  state, _ = init_state(run, config)
+  out = _starting_weights(run, config)
   if jax.process_index() == 0:
     workdir_lib.write_config(config, workdir,
                              models.resolve(config.model).as_dict())
-  return state
+  return out
 
 
 def evaluate_only(config, workdir) -> dict:
@@ -176,8 +200,7 @@ def evaluate_only(config, workdir) -> dict:
         step = run.ckpt.latest_intact()
         params = restore_params(run.ckpt, step, run.abstract_state.params)
       else:
-        state = _starting_state(run, config, workdir)
-        params, step = state.params, int(jax.device_get(state.step))
+        params, step = _starting_params(run, config, workdir)
     finally:
       run.ckpt.close()
     lock.checks_passed()
@@ -197,7 +220,8 @@ def restore_params(ckpt, step, abstract_params):
   Each process places its own devices' slices of its host copy."""
   checkpoint.check_shapes(ckpt, step, {"params": abstract_params},
                           only="params")
-  return sharding.place(ckpt.read_params(step), abstract_params)
+  return sharding.place(ckpt.read_params(step), abstract_params,
+                        f"the parameters of {ckpt.step_dir(step)}")
 
 
 def fit_mesh(config):

@@ -6,8 +6,11 @@ ViT-L-sized models). The batch is split over both (`BATCH_AXES`); a parameter
 is split along its largest dimension divisible by the FSDP size and otherwise
 replicated. Axis names are imported from here wherever they are used.
 """
+import hashlib
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -106,13 +109,25 @@ def state_shardings(abstract_state, mesh):
       memory=jax.tree.map(lambda _: rep, abstract_state.memory))
 
 
-def place(tree, abstract):
-  """`tree` with the dtypes and shardings of `abstract` (ShapeDtypeStructs
-  with shardings). A host (numpy) leaf is placed by each process on its own
-  devices, from its own copy: jax.device_put of host data to devices of
-  several processes would first check that every process holds equal
-  values (a transfer of the whole tree, failing on NaN). A leaf already on
-  the devices moves there as it is."""
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs of `tree`'s leaves (arrays or their shapes) with
+  `shardings`: what a restore or a jit is given in place of arrays."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
+def place(tree, abstract, what="the parameters"):
+  """`tree` with the dtypes and shardings of `abstract` (abstract_like).
+  A host (numpy) leaf is placed by each process on its own devices, from
+  its own copy; a leaf that is already a global jax.Array (as a fresh
+  state's are) is moved with jax.device_put. With several processes the
+  host leaves must be the same bytes on every process, checked by a digest
+  (jax.device_put would compare whole arrays, and call NaNs unequal): else
+  a one-line error naming `what`."""
+  if jax.process_count() > 1:
+    _check_same_bytes(tree, what)
+
   def one(x, a):
     if isinstance(x, jax.Array):
       return jax.device_put(x.astype(a.dtype), a.sharding)
@@ -120,6 +135,25 @@ def place(tree, abstract):
     return jax.make_array_from_callback(host.shape, a.sharding,
                                         lambda index: host[index])
   return jax.tree.map(one, tree, abstract)
+
+
+def _check_same_bytes(tree, what):
+  digest = hashlib.sha256()
+  for x in jax.tree.leaves(tree):
+    if not isinstance(x, jax.Array):
+      x = np.ascontiguousarray(x)
+      digest.update(str((x.shape, x.dtype)).encode())
+      digest.update(x.reshape(-1).view(np.uint8))
+  mine = np.frombuffer(digest.digest(), np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine))
+  differ = [i for i in range(1, len(every))
+            if not np.array_equal(every[i], every[0])]
+  if differ:
+    raise UserError(
+        f"{what} differ between the processes (process 0 and process(es) "
+        f"{differ} read other bytes): every process must read the same "
+        f"file (a path with ~, a relative path or a local disk can name "
+        f"another file on each host).")
 
 
 def to_global_batch(batch: dict, mesh) -> dict:

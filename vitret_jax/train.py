@@ -235,7 +235,9 @@ def train_and_evaluate(config, workdir) -> dict:
   """
   check_steps(config)
   mesh = sharding.build_mesh(config.mesh)
-  checked = config_checks.check_config(config, mesh)
+  # total_steps=0 evaluates the starting weights: no batch to split.
+  checked = config_checks.check_config(config, mesh,
+                                       training=bool(config.total_steps))
   with workdir_lib.Lock(workdir, "train") as lock:
     run = experiment.Run(config, workdir, mesh, checked)
     state, source = evaluate.init_state(run, config)

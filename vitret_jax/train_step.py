@@ -114,11 +114,8 @@ def train_state_init(model, tx, rng, image_shape, mesh, memory_size=0,
 
   shapes = jax.eval_shape(init)
   state_sharding = sharding.state_shardings(shapes, mesh)
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      shapes, state_sharding)
-  return (jax.jit(init, out_shardings=state_sharding), abstract,
-          state_sharding)
+  return (jax.jit(init, out_shardings=state_sharding),
+          sharding.abstract_like(shapes, state_sharding), state_sharding)
 
 
 def _micro_batches(x, k, num_shards):
