@@ -181,6 +181,38 @@ def test_a_pods_mesh_is_fitted_to_this_machine(tmp_path, caplog):
     config_checks.check_config(got, sharding.build_mesh(got.mesh))
 
 
+def test_processes_given_other_configs_are_a_one_line_error(monkeypatch):
+  """Several processes (simulated: two, the other's digests given) must
+  run one config: a section that differs (here the model's init_from,
+  expanded under another HOME) is named; equal configs pass."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from vitret_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from vitret_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  def digests(config):  # what this process sends (two equal processes)
+    sent = []
+    with monkeypatch.context() as m:
+      m.setattr(multihost_utils, "process_allgather",
+                lambda x: sent.append(x) or np.stack([x, x]))
+      config_checks.same_on_every_process(config)
+    return sent[0]
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  mine = load_config("demo", "runlocal=True")
+  theirs = load_config("demo", "runlocal=True")
+  with theirs.unlocked():
+    theirs.model.init_from = "/home/other/weights.safetensors"
+  theirs = digests(theirs)
+  assert not np.array_equal(digests(mine), theirs)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, theirs]))
+  with pytest.raises(UserError, match=r"2 processes were given different "
+                     r"configs \(differing from process 0's: model\)"):
+    config_checks.same_on_every_process(mine)
+
+
 def test_reader_options_table_matches_the_readers():
   """config_common's table of reader options (what input.options holds)
   equals the readers' own signatures, for every data set."""

@@ -2,11 +2,17 @@
 heavy so that a mistake stops the run in seconds with one line
 (`check_config`), and the loss the config names (`build_loss`)."""
 import difflib
+import hashlib
+import json
 import os
 
+import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from vitret_jax import arcface
+from vitret_jax import config_common
 from vitret_jax import losses
 from vitret_jax import models
 from vitret_jax import sharding
@@ -251,3 +257,28 @@ def check_best_metric(config):
         f"(evals): use one of " + ", ".join(repr(n) for n in (
             near if len(names) > 12 and near else names[:12])) + (
                 ", ..." if len(names) > 12 and not near else "") + ".")
+
+
+def same_on_every_process(config):
+  """With several processes, each must run the same config: one whose
+  paths expand to other folders on another host (`~` under another HOME)
+  would train as one run and then part ways at the first shared file. A
+  digest of each section is compared across the processes at the start;
+  sections that differ are a one-line error naming them."""
+  if jax.process_count() == 1:
+    return
+  plain = config.to_dict()
+  names = sorted(set(config_common.base_config().keys()) | {"other"})
+  plain["other"] = {k: v for k, v in plain.items() if k not in names}
+  digests = np.stack([np.frombuffer(hashlib.sha256(json.dumps(
+      plain.get(name), sort_keys=True, default=str).encode()).digest(),
+      np.uint8) for name in names])
+  every = np.asarray(multihost_utils.process_allgather(digests))
+  differ = [n for i, n in enumerate(names)
+            if any(not np.array_equal(d[i], every[0][i]) for d in every)]
+  if differ:
+    raise UserError(
+        f"The {jax.process_count()} processes were given different configs "
+        f"(differing from process 0's: {', '.join(differ)}): give every "
+        f"process the same flags, and paths that name the same folder on "
+        f"every host (`~` expands to each host's HOME).")

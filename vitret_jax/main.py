@@ -21,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from vitret_jax import commands
+from vitret_jax import config_checks
 from vitret_jax import evaluate
 from vitret_jax import host_memory
 from vitret_jax import paths
@@ -169,6 +170,7 @@ def _run_mode(mode, config, workdir):
     config = evaluate.fit_mesh(commands.run_config(None, workdir, "eval"))
   if config is not None:
     paths.expand_config(config)
+    config_checks.same_on_every_process(config)
   if mode == "export" and not workdir:
     raise app.UsageError("--mode=export needs the run's --workdir (its "
                          "saved config is used; --config is optional).")
