@@ -22,10 +22,11 @@ def describe_cpu(cpuinfo="/proc/cpuinfo"):
   ATEN_CPU_CAPABILITY, oneDNN's ONEDNN_MAX_CPU_ISA, MKL's
   MKL_ENABLE_INSTRUCTIONS). Ratios against torch differ between CPU models
   (docs/benchmarks.md), so a figure without this is not comparable with
-  another. XLA's cap reaches the code XLA generates but not the library
-  its matrix products run in, which picks its kernels from the CPU itself:
-  capped ratios against torch (whose libraries the caps do reach) are no
-  emulation of an older CPU, and the line says so."""
+  another. No cap emulates an older CPU for such a ratio, and the line
+  says so when one is set: XLA's reaches the code XLA generates but not
+  its matrix products (YNNPACK in jaxlib 0.10, which picks its kernels
+  from the CPU), and torch's float32 matrix products follow MKL's alone
+  (benchmarks/isa_cap.py)."""
   import platform  # pylint: disable=g-import-not-at-top
   info = {}
   try:
@@ -77,9 +78,10 @@ def describe_cpu(cpuinfo="/proc/cpuinfo"):
            " + ".join(isa)]
   if caps:
     parts.append("capped: " + ", ".join(caps))
-  if _xla_flag("xla_cpu_max_isa"):
-    parts.append("(XLA's matrix products ignore xla_cpu_max_isa: not an "
-                 "emulation of an older CPU)")
+  if caps:
+    parts.append("(not an emulation of an older CPU: XLA's matrix "
+                 "products ignore xla_cpu_max_isa, torch's follow "
+                 "MKL_ENABLE_INSTRUCTIONS alone)")
   return ", ".join(parts)
 
 

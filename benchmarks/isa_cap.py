@@ -1,6 +1,7 @@
 """What an ISA cap reaches on a CPU: XLA's code, or also its matrix products.
 
-  python benchmarks/isa_cap.py [--caps AVX2,SSE4_2] [--size 2048] [--repeats 15]
+  python benchmarks/isa_cap.py [--caps AVX2,SSE4_2] [--size 2048]
+      [--repeats 15] [--rounds 2] [--torch]
 
 Capping the vector ISA (XLA_FLAGS=--xla_cpu_max_isa=..., torch's
 ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS) is a
@@ -9,14 +10,16 @@ at hand. This measures whether the XLA cap does that: a jitted float32
 matrix product [size, size] @ [size, size] and a jitted element-wise
 expression over the same array, each in a child process with no cap (the
 reference, same run) and with each of `--caps`; the children take turns in
-each repeat. Columns: median milliseconds a call and the ratio to the
-uncapped child. A cap that reaches a computation slows it (SSE4.2 has
-4-lane vectors against AVX-512's 16); one that does not leaves it as it
-was. JAX runs on the CPU (JAX_PLATFORMS=cpu).
+each of `--rounds`. Columns: milliseconds a call (the median over the
+children of each one's median) and the ratio to the uncapped children.
+A cap that reaches a computation slows it (SSE4.2 has 4-lane vectors
+against AVX-512's 16); one that does not leaves it as it was. JAX runs
+on the CPU (JAX_PLATFORMS=cpu).
 
---torch adds torch's float32 matrix product under the same caps as its
-libraries take them (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA,
-MKL_ENABLE_INSTRUCTIONS; needs the reference stack: `make parity`).
+--torch adds torch's float32 `torch.mm` under the same level of torch's
+caps, in two children: ATEN_CPU_CAPABILITY with ONEDNN_MAX_CPU_ISA, and
+MKL_ENABLE_INSTRUCTIONS alone (needs the reference stack: `make parity`).
+Every child clears the caps it is not given.
 """
 import argparse
 import json
@@ -32,14 +35,19 @@ sys.path.insert(0, HERE)
 import _devices  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402
 
 
-# The caps torch's libraries take for each of XLA's names.
-TORCH_CAPS = {
-    "AVX2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "SSE4_2": {"ATEN_CPU_CAPABILITY": "default",
-               "ONEDNN_MAX_CPU_ISA": "SSE41",
-               "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+# The environment of each cap, by what it caps: XLA's generated code, and
+# torch's libraries (ATen's own kernels and oneDNN; MKL, which runs its
+# float32 matrix products on x86).
+CAPS = {
+    "AVX2": {"xla": "AVX2", "aten": {"ATEN_CPU_CAPABILITY": "avx2",
+                                     "ONEDNN_MAX_CPU_ISA": "AVX2"},
+             "mkl": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}},
+    "SSE4_2": {"xla": "SSE4_2", "aten": {"ATEN_CPU_CAPABILITY": "default",
+                                         "ONEDNN_MAX_CPU_ISA": "SSE41"},
+               "mkl": {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}},
 }
+CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+            "MKL_ENABLE_INSTRUCTIONS")
 
 
 def timed(fn, repeats):
@@ -53,41 +61,49 @@ def timed(fn, repeats):
   return 1e3 * statistics.median(times)
 
 
-def child(size, repeats, torch_too):
-  """Times the programs in this process; prints one JSON line."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def child(size, repeats, what):
+  """Times `what` (xla: both XLA programs; torch: torch.mm) in this
+  process; prints one JSON line."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   host = np.random.default_rng(0).random((size, size)).astype(np.float32)
+  if what == "torch":
+    import torch  # pylint: disable=g-import-not-at-top
+    t = torch.from_numpy(host)
+    print(json.dumps({"mm": timed(lambda: torch.mm(t, t), repeats)}))
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   x = jnp.asarray(host)
   matmul = jax.jit(lambda a: a @ a)
   elementwise = jax.jit(
       lambda a: jnp.tanh(a) * jnp.exp(-a) + jnp.sqrt(jnp.abs(a)))
-  out = {"matmul": timed(lambda: matmul(x).block_until_ready(), repeats),
-         "elementwise": timed(lambda: elementwise(x).block_until_ready(),
-                              repeats)}
-  if torch_too:
-    import torch  # pylint: disable=g-import-not-at-top
-    t = torch.from_numpy(host)
-    out["torch"] = timed(lambda: torch.mm(t, t), repeats)
-  print(json.dumps(out))
+  print(json.dumps({
+      "matmul": timed(lambda: matmul(x).block_until_ready(), repeats),
+      "elementwise": timed(lambda: elementwise(x).block_until_ready(),
+                           repeats)}))
 
 
-def run_child(cap, size, repeats, torch_too):
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+def child_env(cap, part):
+  """The environment of a child timing `part` (xla, aten or mkl) under
+  `cap` ("" for none): that part's cap alone, every other cap cleared."""
+  env = {k: v for k, v in os.environ.items() if k not in CAP_VARS}
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_cpu_max_isa")]
-  env = {k: v for k, v in os.environ.items()
-         if k not in TORCH_CAPS["AVX2"]}
-  if cap:
-    flags.append(f"--xla_cpu_max_isa={cap}")
-    env.update(TORCH_CAPS.get(cap, {}))
+  if cap and part == "xla":
+    flags.append(f"--xla_cpu_max_isa={CAPS[cap]['xla']}")
+  elif cap:
+    env.update(CAPS[cap][part])
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
-  r = subprocess.run([sys.executable, __file__, "--child", "--size",
-                      str(size), "--repeats", str(repeats)]
-                     + ["--torch"] * torch_too,
-                     capture_output=True, text=True, env=env, check=False)
+  return env
+
+
+def run_child(cap, part, size, repeats):
+  r = subprocess.run(
+      [sys.executable, __file__, "--child", "xla" if part == "xla" else
+       "torch", "--size", str(size), "--repeats", str(repeats)],
+      capture_output=True, text=True, env=child_env(cap, part), check=False)
   if r.returncode:
-    raise SystemExit(f"child (cap {cap or 'none'}) failed:\n"
+    raise SystemExit(f"child ({part}, cap {cap or 'none'}) failed:\n"
                      f"{r.stderr[-2000:]}")
   return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -99,34 +115,40 @@ def main():
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--torch", action="store_true")
-  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--child", choices=("xla", "torch"),
+                      help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
-    child(args.size, args.repeats, args.torch)
+    child(args.size, args.repeats, args.child)
     return
-  unknown = [c for c in args.caps.split(",") if c and c not in TORCH_CAPS]
-  if args.torch and unknown:
-    raise SystemExit(f"--torch: no torch caps known for {unknown}; use "
-                     f"{sorted(TORCH_CAPS)}.")
   caps = [""] + [c for c in args.caps.split(",") if c]
-  seen = {cap: [] for cap in caps}
-  for _ in range(args.rounds):  # the caps take turns
+  unknown = [c for c in caps[1:] if c not in CAPS]
+  if unknown:
+    raise SystemExit(f"--caps: {unknown} unknown; known: {sorted(CAPS)}.")
+  parts = ["xla"] + (["aten", "mkl"] if args.torch else [])
+  seen = {(cap, part): [] for cap in caps for part in parts}
+  for _ in range(args.rounds):  # the children take turns
     for cap in caps:
-      seen[cap].append(run_child(cap, args.size, args.repeats, args.torch))
-  base = {k: statistics.median(r[k] for r in seen[""])
-          for k in seen[""][0]}
-  print(f"# jitted float32 programs on [{args.size}, {args.size}], median "
-        f"of {args.rounds} x {args.repeats} calls; "
-        f"{_devices.describe_cpu()}")
-  names = {"matmul": "XLA matmul", "elementwise": "XLA element-wise",
-           "torch": "torch matmul"}
-  print("| cap | " + " | ".join(f"{names[k]} ms | vs no cap" for k in base)
-        + " |")
-  print("|---" * (1 + 2 * len(base)) + "|")
+      for part in parts:
+        seen[cap, part].append(run_child(cap, part, args.size, args.repeats))
+  columns = [("xla", "matmul", "XLA matmul"),
+             ("xla", "elementwise", "XLA element-wise")]
+  if args.torch:
+    columns += [("aten", "mm", "torch mm, ATen + oneDNN caps"),
+                ("mkl", "mm", "torch mm, MKL cap")]
+  ms = {(cap, part, key): statistics.median(r[key] for r in seen[cap, part])
+        for cap in caps for part, key, _ in columns}
+  print(f"# float32 programs on [{args.size}, {args.size}]: the median over "
+        f"{args.rounds} child processes of each one's median of "
+        f"{args.repeats} calls; {_devices.describe_cpu()}")
+  print("| cap | " + " | ".join(f"{name} ms | vs no cap"
+                                for _, _, name in columns) + " |")
+  print("|---" * (1 + 2 * len(columns)) + "|")
   for cap in caps:
-    ms = {k: statistics.median(r[k] for r in seen[cap]) for k in base}
     print(f"| {cap or 'none (reference)'} | " + " | ".join(
-        f"{ms[k]:.2f} | {ms[k] / base[k]:.2f}x" for k in base) + " |")
+        f"{ms[cap, part, key]:.2f} | "
+        f"{ms[cap, part, key] / ms['', part, key]:.2f}x"
+        for part, key, _ in columns) + " |")
 
 
 if __name__ == "__main__":

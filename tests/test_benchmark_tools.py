@@ -50,7 +50,28 @@ def test_describe_cpu_names_cores_isa_and_caps(monkeypatch):
   monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
   line = _devices.describe_cpu()
   assert "capped: ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2" in (
-      line) and "emulation" not in line
+      line) and "not an emulation of an older CPU" in line
+
+
+def test_isa_cap_children_get_one_cap_each(monkeypatch):
+  """benchmarks/isa_cap.py: each child has its own part's cap alone (a cap
+  of the environment or of XLA_FLAGS cleared), the reference none."""
+  monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_cpu_max_isa=AVX")
+  monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX")
+  isa = load_script("benchmarks/isa_cap.py")
+  caps = set(isa.CAP_VARS)
+  none = isa.child_env("", "mkl")
+  assert none["XLA_FLAGS"] == "--xla_foo=1" and not caps & set(none)
+  xla = isa.child_env("SSE4_2", "xla")
+  assert xla["XLA_FLAGS"] == "--xla_foo=1 --xla_cpu_max_isa=SSE4_2"
+  assert not caps & set(xla)
+  aten = isa.child_env("AVX2", "aten")
+  assert {k for k in caps if k in aten} == {"ATEN_CPU_CAPABILITY",
+                                           "ONEDNN_MAX_CPU_ISA"}
+  mkl = isa.child_env("AVX2", "mkl")
+  assert {k: mkl[k] for k in caps if k in mkl} == {
+      "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+  assert mkl["XLA_FLAGS"] == "--xla_foo=1"
 
 
 def test_describe_cpu_other_machines(tmp_path):

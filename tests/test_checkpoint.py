@@ -151,28 +151,58 @@ def test_evaluation_reads_the_parameters_alone_into_another_layout(
 
 
 def test_processes_placing_other_bytes_are_a_one_line_error(monkeypatch):
-  """sharding.place with several processes (simulated: two, the other's
-  digest given): each fills its own devices from its own copy, so copies
+  """sharding.place with several processes (simulated: two, what the other
+  sends given): each fills its own devices from its own copy, so copies
   that differ (init_from through a path that names another file on each
-  host) are an error, not a model mixed from both; NaN equals NaN."""
+  host) are an error, not a model mixed from both. The digest covers
+  values, dtypes and shapes, and NaN equals NaN; a read that fails on one
+  process fails on every process. tests/test_multiprocess.py runs it in
+  two real processes."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   host = {"w": np.array([1.0, np.nan], np.float32), "n": np.arange(3)}
   abstract = sharding.abstract_like(host, {
       k: sharding.replicated(sharding.make_mesh()) for k in host})
-  theirs = {}
-
-  def gather(mine):
-    return np.stack([mine, theirs.get("digest", mine)])
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+
+  def sent(source):  # what this process sends, the other sending the same
+    out = []
+    with monkeypatch.context() as m:
+      m.setattr(multihost_utils, "process_allgather",
+                lambda x: out.append(x) or np.stack([x, x]))
+      try:
+        sharding.place(source, abstract)
+      except UserError:
+        pass
+    return out[0]
+  mine = sent(host)
+  assert mine[0] == 0 and np.array_equal(sent(dict(host)), mine)
+  assert np.array_equal(sent({"w": np.array([1.0, np.nan], np.float32),
+                              "n": np.arange(3)}), mine)  # NaN == NaN
+  for other in ({"w": host["w"], "n": np.arange(1, 4)},
+                {"w": host["w"], "n": np.arange(3, dtype=np.int32)},
+                {"w": host["w"], "n": np.arange(3).reshape(1, 3)}):
+    assert not np.array_equal(sent(other), mine)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, mine]))
   got = sharding.place(host, abstract, "model.init_from's parameters")
   np.testing.assert_array_equal(np.asarray(got["w"]), host["w"])
-  theirs["digest"] = np.zeros(32, np.uint8)
-  with pytest.raises(UserError, match=r"model.init_from's parameters "
-                     r"differ between the processes \(process 0 and "
-                     r"process\(es\) \[1\]") as e:
-    sharding.place(host, abstract, "model.init_from's parameters")
-  assert "\n" not in str(e.value)
+
+  def boom():
+    raise UserError("model.init_from='/x': no such file.")
+  assert sent(boom)[0] == 1
+  for theirs, match in (
+      (sent({"w": host["w"], "n": np.arange(1, 4)}),
+       r"model.init_from's parameters differ between the processes "
+       r"\(process 0 and process\(es\) \[1\] read other bytes\)"),
+      (sent(boom), r"model.init_from's parameters: process\(es\) \[1\] "
+       r"could not read them")):
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x, theirs=theirs: np.stack([x, theirs]))
+    with pytest.raises(UserError, match=match) as e:
+      sharding.place(host, abstract, "model.init_from's parameters")
+    assert "\n" not in str(e.value)
+  with pytest.raises(UserError, match="no such file"):
+    sharding.place(boom, abstract, "model.init_from's parameters")
 
 
 def test_unreadable_params_are_a_one_line_error(tmp_path):

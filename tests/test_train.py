@@ -115,13 +115,23 @@ def test_train_evaluate_and_resume(tmp_path, caplog, monkeypatch):
   assert caplog.text.count("GFLOP per device per step") == 1
   assert "Profiling steps 2..3" in caplog.text
   assert "untrained" in out  # kept from the first run
-  # An evaluation alone needs no training batch that splits over the 8
-  # devices.
+  # An evaluation alone has no training batch: 14 neither splits over the
+  # 8 devices nor into classes of input.m_per_class=4.
   c = small_config(4)
   with c.unlocked():
-    c.input.batch_size = 12
+    c.input.batch_size = 14
   again = evaluate.evaluate_only(c, workdir)
   assert again["recall@1"] == pytest.approx(out["recall@1"])
+  assert len(made) == 1
+  # Its weights as another run's starting weights (resume_from): the
+  # parameters alone, labelled "pretrained" at the run's step, and a
+  # second evaluation of them is not refused as a trained run's.
+  with c.unlocked():
+    c.resume_from = workdir
+  for _ in range(2):
+    start = evaluate.evaluate_only(c, str(tmp_path / "start"))
+    assert start["evaluated"] == "pretrained" and start["step"] == 4
+    assert start["recall@1"] == again["recall@1"]
   assert len(made) == 1
 
 

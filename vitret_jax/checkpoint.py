@@ -304,6 +304,12 @@ def check_shapes(ckpt, step, abstract, only=None):
         f"--config.loss.xbm.momentum "
         + ("to the run's value (In-Shop: 0.999)" if has else "=0")
         + f", or use a new {ckpt.flag}.")
+  if diff and all("class_weights" in k for k in diff):
+    raise UserError(
+        f"Checkpoint {ckpt.step_dir(step)} was trained on another number of "
+        f"devices: ArcFace pads its class rows to it ({have.get(diff[0])} vs "
+        f"{want.get(diff[0])} here). Continue it on the devices it trained "
+        f"on, or evaluate its weights on these with --mode=eval.")
   if diff:
     raise UserError(
         f"Checkpoint {ckpt.step_dir(step)} does not match this config's "
@@ -358,9 +364,8 @@ def resume_or_init(ckpt, abstract, make_state, resume_from="",
     make_state: () -> a fresh TrainState, made only if nothing is restored.
     resume_from: another run's workdir to continue from (whole state).
     init_params: callable(params) -> params loading `model.init_from`, or None.
-  Returns:
-    (state, source) with source one of "workdir", "resume_from", "init_from",
-    "scratch".
+  Returns: (state, source), source one of "workdir", "resume_from",
+    "init_from", "scratch".
   """
   if ckpt.latest_step() is not None:
     restored = ckpt.restore(abstract)[0]
@@ -375,9 +380,9 @@ def resume_or_init(ckpt, abstract, make_state, resume_from="",
     return restored, "resume_from"
   state = make_state()
   if init_params is not None:
-    params = sharding.place(init_params(state.params), abstract.params,
-                            "model.init_from's parameters")
-    return state.with_params(params), "init_from"
+    return state.with_params(sharding.place(
+        lambda: init_params(state.params), abstract.params,
+        "model.init_from's parameters")), "init_from"
   return state, "scratch"
 
 

@@ -24,8 +24,9 @@ from vitret_jax.eval import evaluator
 from vitret_jax.eval import rerank_spec
 
 
-def memory_slots(loss_cfg, num_train: int, global_batch: int) -> int:
-  """Cross-batch memory size: ratio x training-set size (0 = no memory)."""
+def memory_slots(loss_cfg, num_train: int, global_batch: int = 0) -> int:
+  """Cross-batch memory size: ratio x training-set size (0 = no memory),
+  checked to hold a batch of `global_batch` (0: no batch, no check)."""
   if not loss_cfg.xbm.ratio:
     return 0
   size = int(round(loss_cfg.xbm.ratio * num_train))
@@ -137,8 +138,9 @@ def check_resolution(config, train_size):
 def check_config(config, mesh, training=True):
   """The checks that need no data: run before anything heavy, so a config
   mistake stops the run in seconds with one line. An evaluation alone
-  (`training=False`) does not need the training batch to split over the
-  mesh: its passes are rounded up to the devices."""
+  (`training=False`) has no training batch: it need not split over the
+  mesh (the evaluation's passes are rounded up to the devices) nor suit
+  the sampler."""
   cfg = config.input
   if cfg.batch_size < 1:
     raise UserError(f"input.batch_size={cfg.batch_size}: it must be >= 1.")
@@ -152,8 +154,9 @@ def check_config(config, mesh, training=True):
   if config.ckpt.every_steps < 1:
     raise UserError(f"ckpt.every_steps={config.ckpt.every_steps}: it must be "
                     f">= 1.")
-  samplers.check_config(cfg.sampler, cfg.batch_size, cfg.m_per_class,
-                        cfg.tuples)
+  if training:
+    samplers.check_config(cfg.sampler, cfg.batch_size, cfg.m_per_class,
+                          cfg.tuples)
   check_prepared_size(config)
   if cfg.host_pp not in preprocess.HOST_PP:
     raise UserError(f"input.host_pp={cfg.host_pp!r}; valid: "

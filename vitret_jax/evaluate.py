@@ -90,14 +90,16 @@ def untrained_eval(run, params, fresh, stopper):
   return res
 
 
-def finish(workdir, final, untrained, step, config, seen=()):
-  """Writes eval.json (see the module doc) and returns its contents. Step 0
-  is the starting weights: labelled with start_name(config)."""
+def finish(workdir, final, untrained, step, config, seen=(), starting=None):
+  """Writes eval.json (see the module doc) and returns its contents.
+  `starting`: the evaluated weights are the starting weights, no step
+  trained on them here (default: step 0), labelled with
+  start_name(config); resume_from's keep the other run's step."""
   out = dict(final, step=step)
   if untrained is not None:
     out["untrained"] = untrained
     out["start"] = start_name(config)
-  if step == 0:
+  if step == 0 if starting is None else starting:
     out["evaluated"] = start_name(config)
   if seen:
     out["seen_classes"] = list(seen)
@@ -133,7 +135,7 @@ def _starting_weights(run, config):
     finally:
       other.close()
   fresh = run.make_state().params
-  return sharding.place(_init_params(config)(fresh),
+  return sharding.place(lambda: _init_params(config)(fresh),
                         run.abstract_state.params,
                         "model.init_from's parameters"), 0
 
@@ -176,9 +178,9 @@ def _starting_params(run, config, workdir):
     raise UserError(
         f"--workdir={workdir} holds a run without an intact checkpoint "
         f"({why}): its trained weights cannot be evaluated, and the "
-        f"starting weights of model.init_from are not evaluated over its "
-        f"results. Evaluate them in a new --workdir, or restore the run's "
-        f"checkpoints.")
+        f"starting weights (model.init_from, resume_from) are not evaluated "
+        f"over its results. Evaluate them in a new --workdir, or restore the "
+        f"run's checkpoints.")
   out = _starting_weights(run, config)
   if jax.process_index() == 0:
     workdir_lib.write_config(config, workdir,
@@ -193,7 +195,7 @@ def evaluate_only(config, workdir) -> dict:
   mesh = sharding.build_mesh(config.mesh)
   checked = config_checks.check_config(config, mesh, training=False)
   with workdir_lib.Lock(workdir, "eval") as lock:
-    run = experiment.Run(config, workdir, mesh, checked)
+    run = experiment.Run(config, workdir, mesh, checked, training=False)
     saved = run.ckpt.latest_step() is not None
     try:
       if saved:
@@ -208,7 +210,8 @@ def evaluate_only(config, workdir) -> dict:
     final = run.evaluate(params, step=step, report=True)
     if saved:
       run.ckpt.record_eval(step, dict(final, **seen_marks(run, final)))
-    return finish(workdir, final, untrained, step, config, run.seen_classes)
+    return finish(workdir, final, untrained, step, config, run.seen_classes,
+                  starting=not saved)
 
 
 def restore_params(ckpt, step, abstract_params):
@@ -218,9 +221,11 @@ def restore_params(ckpt, step, abstract_params):
   shapes can depend on the devices of the training (ArcFace pads its class
   rows to them), are neither read nor checked: an evaluation needs neither.
   Each process places its own devices' slices of its host copy."""
-  checkpoint.check_shapes(ckpt, step, {"params": abstract_params},
-                          only="params")
-  return sharding.place(ckpt.read_params(step), abstract_params,
+  def read():
+    checkpoint.check_shapes(ckpt, step, {"params": abstract_params},
+                            only="params")
+    return ckpt.read_params(step)
+  return sharding.place(read, abstract_params,
                         f"the parameters of {ckpt.step_dir(step)}")
 
 

@@ -34,9 +34,11 @@ from vitret_jax.eval import report as report_lib
 class Run:
   """What training and evaluation share, built once from the config."""
 
-  def __init__(self, config, workdir, mesh=None, checked=None):
+  def __init__(self, config, workdir, mesh=None, checked=None,
+               training=True):
     """`mesh` and `checked` (check_config's result on it) when the caller
-    has already built and checked them, so neither is done twice."""
+    has already built and checked them, so neither is done twice; without
+    `training` no batch is checked against the cross-batch memory."""
     self.config, self.workdir = config, workdir
     self.mesh = mesh if mesh is not None else sharding.build_mesh(config.mesh)
     self.model, self.image_size = checked or config_checks.check_config(
@@ -62,8 +64,9 @@ class Run:
         ts.train_state_init(
             self.model, self.tx, jax.random.key(config.seed),
             (self.image_size, self.image_size, 3), self.mesh,
-            config_checks.memory_slots(config.loss, len(self.train_split),
-                                       config.input.batch_size),
+            config_checks.memory_slots(
+                config.loss, len(self.train_split),
+                config.input.batch_size if training else 0),
             momentum_encoder=bool(config.loss.xbm.momentum),
             init_loss_params=init_loss_params))
     self.embed_fn_for = make_embed_fn_for(config.model, self.mesh,

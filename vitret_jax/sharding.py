@@ -117,16 +117,29 @@ def abstract_like(tree, shardings):
       tree, shardings)
 
 
-def place(tree, abstract, what="the parameters"):
-  """`tree` with the dtypes and shardings of `abstract` (abstract_like).
-  A host (numpy) leaf is placed by each process on its own devices, from
-  its own copy; a leaf that is already a global jax.Array (as a fresh
-  state's are) is moved with jax.device_put. With several processes the
-  host leaves must be the same bytes on every process, checked by a digest
-  (jax.device_put would compare whole arrays, and call NaNs unequal): else
-  a one-line error naming `what`."""
+def place(source, abstract, what="the parameters"):
+  """`source` (a tree, or a function that reads one) with the dtypes and
+  shardings of `abstract` (abstract_like). A host (numpy) leaf is placed by
+  each process on its own devices, from its own copy; a leaf that is
+  already a global jax.Array (as a fresh state's are) is moved with
+  jax.device_put.
+
+  With several processes they first agree on what they read: a function
+  that fails on one process fails on all (each raising, the others with a
+  one-line error naming `what` and the process), never leaving the others
+  waiting in a collective; and the host leaves must be the same bytes on
+  every process, compared by a digest (jax.device_put would compare whole
+  arrays, and call NaNs unequal)."""
+  tree, error = source, None
+  if callable(source):
+    try:
+      tree = source()
+    except Exception as e:  # pylint: disable=broad-except
+      if jax.process_count() == 1:
+        raise
+      tree, error = None, e
   if jax.process_count() > 1:
-    _check_same_bytes(tree, what)
+    _agree(tree, what, error)
 
   def one(x, a):
     if isinstance(x, jax.Array):
@@ -137,15 +150,26 @@ def place(tree, abstract, what="the parameters"):
   return jax.tree.map(one, tree, abstract)
 
 
-def _check_same_bytes(tree, what):
+def _agree(tree, what, error):
+  """Every process sends whether it read `tree` and a SHA-256 of its host
+  leaves (shapes, dtypes and bytes); raises `error` where it happened, and
+  a one-line UserError elsewhere when a process failed or read other
+  bytes than process 0."""
   digest = hashlib.sha256()
   for x in jax.tree.leaves(tree):
     if not isinstance(x, jax.Array):
       x = np.ascontiguousarray(x)
       digest.update(str((x.shape, x.dtype)).encode())
       digest.update(x.reshape(-1).view(np.uint8))
-  mine = np.frombuffer(digest.digest(), np.uint8)
+  mine = np.concatenate([[np.uint8(error is not None)],
+                         np.frombuffer(digest.digest(), np.uint8)])
   every = np.asarray(multihost_utils.process_allgather(mine))
+  if error is not None:
+    raise error
+  failed = [i for i in range(len(every)) if every[i][0]]
+  if failed:
+    raise UserError(f"{what}: process(es) {failed} could not read them "
+                    f"(their logs say why); every process stops.")
   differ = [i for i in range(1, len(every))
             if not np.array_equal(every[i], every[0])]
   if differ:

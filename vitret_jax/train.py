@@ -235,11 +235,11 @@ def train_and_evaluate(config, workdir) -> dict:
   """
   check_steps(config)
   mesh = sharding.build_mesh(config.mesh)
-  # total_steps=0 evaluates the starting weights: no batch to split.
-  checked = config_checks.check_config(config, mesh,
-                                       training=bool(config.total_steps))
+  # total_steps=0 evaluates the starting weights: no training batch.
+  training = bool(config.total_steps)
+  checked = config_checks.check_config(config, mesh, training)
   with workdir_lib.Lock(workdir, "train") as lock:
-    run = experiment.Run(config, workdir, mesh, checked)
+    run = experiment.Run(config, workdir, mesh, checked, training)
     state, source = evaluate.init_state(run, config)
     loader = _build_loader(config, run) if config.total_steps else None
     if jax.process_index() == 0:
@@ -267,8 +267,11 @@ def train_and_evaluate(config, workdir) -> dict:
         loader.close()
       writer.close()
       run.ckpt.close()
+    # No step trained here: the starting weights (resume_from's keep that
+    # run's step).
+    starting = end == 0 or (end == start and source != "workdir")
     out = evaluate.finish(workdir, final, untrained, end, config,
-                          run.seen_classes)
+                          run.seen_classes, starting)
   if jax.process_index() == 0:
     logging.info("Done: metrics in %s (eval.json, metrics.jsonl), "
                  "checkpoints in %s, retrieval grids report_<eval>.png.",
