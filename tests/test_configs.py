@@ -261,8 +261,8 @@ def test_best_metric_canonical_or_refused(tmp_path):
     with open(tmp_path / str(step) / checkpoint.EVAL_METRICS, "w") as f:
       json.dump({"roxford/medium/map+dba+aqe": value,
                  "roxford/medium/map": 1 - value}, f)
-  best = checkpoint._BestByEvalFile(  # pylint: disable=protected-access
-      str(tmp_path), c.ckpt.best_metric, 1)
+  from vitret_jax import best_policy  # pylint: disable=g-import-not-at-top
+  best = best_policy.BestByEvalFile(str(tmp_path), c.ckpt.best_metric, 1)
   steps = [type("Step", (), {"step": s})() for s in (1, 2)]
   assert best.should_preserve(steps, context=None) == [True, False]
   for bad, near in (("roxford/medium/map+superglobal", "map+dba+aqe"),

@@ -112,12 +112,14 @@ def test_two_processes_stop_together_resume_and_match_one(tmp_path):
   assert r_multi == r_single
 
 
+@pytest.mark.slow(20)  # seconds, cold, 2 cores
 def test_processes_agree_on_the_weights_they_read(tmp_path):
   """Two processes read model.init_from through /proc/self/cwd, each
   started in a folder of its own (a local disk each, one config): equal
-  files evaluate as one set of weights; files that differ, or one that is
-  missing on one host, stop both processes at once with one line each
-  (never one left waiting in a collective for the other)."""
+  files evaluate as one set of weights; a file missing on one host stops
+  both processes at once with one line each (never one left waiting in a
+  collective for the other). Files that differ: the digest test of
+  tests/test_checkpoint.py."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
   with np.load(os.path.join(REPO, "tests", "golden", "vit_tiny.npz")) as f:
     sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
@@ -144,18 +146,9 @@ def test_processes_agree_on_the_weights_they_read(tmp_path):
   assert codes == [0, 0], errs[0][-3000:]
   with open(tmp_path / "equal" / "eval.json") as f:
     assert json.load(f)["evaluated"] == "pretrained"
-  key = sorted(sd)[5]
-  st_numpy.save_file(dict(sd, **{key: sd[key] + np.float32(1e-3)}),
-                     str(hosts[1] / "init.safetensors"))
-  codes, errs = run("differ")
-  assert codes == [2, 2], errs[0][-3000:]
-  for err in errs:
-    assert ("error: model.init_from's parameters differ between the "
-            "processes (process 0 and process(es) [1] read other bytes)"
-            ) in err, err[-3000:]
   os.remove(hosts[1] / "init.safetensors")
   codes, errs = run("missing")
   assert codes == [2, 2], errs[0][-3000:]
-  assert ("error: model.init_from's parameters: process(es) [1] could not "
-          "read them") in errs[0], errs[0][-3000:]
+  assert ("error: model.init_from's parameters: process(es) [1] failed "
+          "(their logs say why)") in errs[0], errs[0][-3000:]
   assert "init.safetensors" in errs[1].splitlines()[-1], errs[1][-3000:]

@@ -86,8 +86,8 @@ def test_rerank_metrics_in_every_output(tmp_path):
   steps = [type("Step", (), {"step": s})() for s in (1, 2)]
   with open(os.path.join(workdir, "config.json")) as f:
     best_metric = json.load(f)["ckpt"]["best_metric"]
-  best = checkpoint._BestByEvalFile(  # pylint: disable=protected-access
-      ckpts, best_metric, 1)
+  from vitret_jax import best_policy  # pylint: disable=g-import-not-at-top
+  best = best_policy.BestByEvalFile(ckpts, best_metric, 1)
   assert best.should_preserve(steps, context=None) == [True, False]
 
 

@@ -133,6 +133,16 @@ def test_train_evaluate_and_resume(tmp_path, caplog, monkeypatch):
     assert start["evaluated"] == "pretrained" and start["step"] == 4
     assert start["recall@1"] == again["recall@1"]
   assert len(made) == 1
+  # total_steps=0 saves them as they are: still "pretrained" when the same
+  # command runs again (as after a SIGTERM in its evaluation), and in a
+  # --mode=eval of its workdir.
+  with c.unlocked():
+    c.total_steps = 0
+  for _ in range(2):
+    saved = train.train_and_evaluate(c, str(tmp_path / "saved"))
+    assert saved["evaluated"] == "pretrained" and saved["step"] == 4
+  assert evaluate.evaluate_only(c, str(tmp_path / "saved"))[
+      "evaluated"] == "pretrained"
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -606,6 +616,7 @@ def test_zero_steps_saves_the_starting_weights(zero_step_run, tmp_path):
   _, _, c, out, run = zero_step_run
   assert out["evaluated"] == "pretrained" and out["step"] == 0
   assert "untrained" not in out
+  assert evaluate.evaluate_only(c, run)["evaluated"] == "pretrained"
   assert os.listdir(os.path.join(run, "checkpoints")) == ["0"]
   # Over shared classes: labelled wherever its metrics go.
   assert out["seen_classes"] == ["test"]

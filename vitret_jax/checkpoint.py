@@ -22,7 +22,6 @@ Resume order (`resume_or_init`): the workdir's own latest checkpoint, then
 `config.model.init_from` (parameters only), then the fresh state.
 """
 import dataclasses
-import json
 import os
 import shutil
 
@@ -33,6 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from vitret_jax import best_policy
 from vitret_jax import integrity
 from vitret_jax import orbax_compat
 from vitret_jax import params_tree
@@ -40,34 +40,10 @@ from vitret_jax import sharding
 from vitret_jax.errors import UserError
 
 CHECKSUMS = integrity.CHECKSUMS
-EVAL_METRICS = "vitret_eval.json"
+EVAL_METRICS = best_policy.EVAL_METRICS
 _OWN_FILES = (CHECKSUMS, EVAL_METRICS)
 
 orbax_compat.register_array_handler()
-
-
-@dataclasses.dataclass
-class _BestByEvalFile:
-  """Orbax preservation policy: the `n` steps of highest `metric` in their
-  vitret_eval.json (steps without one do not compete)."""
-  directory: str
-  metric: str
-  n: int
-
-  def _score(self, step):
-    try:
-      with open(os.path.join(self.directory, str(step), EVAL_METRICS)) as f:
-        value = json.load(f).get(self.metric)
-      return float(value) if value is not None else None
-    except (OSError, ValueError, TypeError):
-      return None
-
-  def should_preserve(self, checkpoints, *, context):
-    del context
-    scores = {c.step: self._score(c.step) for c in checkpoints}
-    ranked = sorted((s for s, v in scores.items() if v is not None),
-                    key=lambda s: (scores[s], s), reverse=True)[:self.n]
-    return [c.step in ranked for c in checkpoints]
 
 
 class Checkpointer:
@@ -92,7 +68,8 @@ class Checkpointer:
     self.read_only, self.flag = read_only, flag
     policies = [checkpoint_managers.LatestN(n=keep)]
     if keep_best:
-      policies.append(_BestByEvalFile(self.directory, best_metric, keep_best))
+      policies.append(best_policy.BestByEvalFile(self.directory, best_metric,
+                                                  keep_best))
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -181,13 +158,19 @@ class Checkpointer:
 
   def latest_intact(self):
     """The newest step whose files pass their checksums, decided by process
-    0 and shared with the others."""
-    step = -1
+    0 and shared with the others (-2: process 0 found none, and raised)."""
+    step, error = -1, None
     if jax.process_index() == 0:
-      step = self._find_intact()
+      try:
+        step = self._find_intact()
+      except UserError as e:
+        step, error = -2, e
     if jax.process_count() > 1:
       step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
       self.manager.reload()
+    if error is not None or step == -2:
+      raise error or UserError(f"No intact checkpoint in {self.directory} "
+                               f"(process 0's log says why).")
     return step
 
   def _find_intact(self):
@@ -306,10 +289,11 @@ def check_shapes(ckpt, step, abstract, only=None):
         + f", or use a new {ckpt.flag}.")
   if diff and all("class_weights" in k for k in diff):
     raise UserError(
-        f"Checkpoint {ckpt.step_dir(step)} was trained on another number of "
-        f"devices: ArcFace pads its class rows to it ({have.get(diff[0])} vs "
-        f"{want.get(diff[0])} here). Continue it on the devices it trained "
-        f"on, or evaluate its weights on these with --mode=eval.")
+        f"Checkpoint {ckpt.step_dir(step)} has other ArcFace class rows "
+        f"({have.get(diff[0])} vs {want.get(diff[0])} here): another number "
+        f"of classes (data set, input.options), or of devices, to which the "
+        f"rows are padded. Continue it with its own data on its devices; its "
+        f"weights evaluate on any with --mode=eval.")
   if diff:
     raise UserError(
         f"Checkpoint {ckpt.step_dir(step)} does not match this config's "
@@ -338,20 +322,26 @@ def _older_state_target(saved, abstract):
 
 def open_run(path, flag="resume_from"):
   """A Checkpointer reading another run (its workdir or checkpoints folder);
-  `flag` is what the user set to name it (for the error messages)."""
+  `flag` is what the user set to name it (for the error messages). With
+  several processes, each checks the folder before any collective, and a
+  folder missing on one host stops all (sharding.agree)."""
   path = os.path.abspath(path)
   if os.path.basename(path) == "checkpoints":
     path = os.path.dirname(path)
-  if not os.path.isdir(os.path.join(path, "checkpoints")):
+  folder, error = os.path.join(path, "checkpoints"), None
+  if not os.path.isdir(folder):
     what = "does not exist" if not os.path.exists(path) else (
         "holds no checkpoints/ folder")
-    raise UserError(f"{flag}={path!r} {what}: point it at a vitret_jax "
-                    f"run's --workdir.")
-  ckpt = Checkpointer(path, read_only=True, flag=flag)
-  if ckpt.latest_step() is None:
-    raise UserError(f"{flag}={path!r}: its checkpoints/ folder is empty "
-                    f"(the run saved nothing yet).")
-  return ckpt
+    error = UserError(f"{flag}={path!r} {what}: point it at a vitret_jax "
+                      f"run's --workdir.")
+  elif not any(name.isdigit() for name in os.listdir(folder)):
+    error = UserError(f"{flag}={path!r}: its checkpoints/ folder is empty "
+                      f"(the run saved nothing yet).")
+  if jax.process_count() > 1:
+    sharding.agree([], error, f"{flag}={path!r}")
+  elif error is not None:
+    raise error
+  return Checkpointer(path, read_only=True, flag=flag)
 
 
 def resume_or_init(ckpt, abstract, make_state, resume_from="",

@@ -7,9 +7,7 @@ import json
 import os
 
 import jax
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from vitret_jax import arcface
 from vitret_jax import config_common
@@ -24,7 +22,7 @@ from vitret_jax.eval import evaluator
 from vitret_jax.eval import rerank_spec
 
 
-def memory_slots(loss_cfg, num_train: int, global_batch: int = 0) -> int:
+def memory_slots(loss_cfg, num_train: int, global_batch: int) -> int:
   """Cross-batch memory size: ratio x training-set size (0 = no memory),
   checked to hold a batch of `global_batch` (0: no batch, no check)."""
   if not loss_cfg.xbm.ratio:
@@ -262,23 +260,25 @@ def check_best_metric(config):
                 ", ..." if len(names) > 12 and not near else "") + ".")
 
 
-def same_on_every_process(config):
+def same_on_every_process(config, error=None):
   """With several processes, each must run the same config: one whose
   paths expand to other folders on another host (`~` under another HOME)
   would train as one run and then part ways at the first shared file. A
-  digest of each section is compared across the processes at the start;
-  sections that differ are a one-line error naming them."""
+  digest of each section is compared across the processes at the start
+  (sharding.agree: a process that failed to make its config, `error`,
+  stops them all); sections that differ are a one-line error naming
+  them."""
   if jax.process_count() == 1:
+    if error is not None:
+      raise error
     return
-  plain = config.to_dict()
+  plain = config.to_dict() if config is not None else {}
   names = sorted(set(config_common.base_config().keys()) | {"other"})
   plain["other"] = {k: v for k, v in plain.items() if k not in names}
-  digests = np.stack([np.frombuffer(hashlib.sha256(json.dumps(
-      plain.get(name), sort_keys=True, default=str).encode()).digest(),
-      np.uint8) for name in names])
-  every = np.asarray(multihost_utils.process_allgather(digests))
-  differ = [n for i, n in enumerate(names)
-            if any(not np.array_equal(d[i], every[0][i]) for d in every)]
+  differ = sharding.agree([hashlib.sha256(json.dumps(
+      plain.get(name), sort_keys=True, default=str).encode()).digest()
+                           for name in names], error, "the config")
+  differ = [name for name, d in zip(names, differ) if d]
   if differ:
     raise UserError(
         f"The {jax.process_count()} processes were given different configs "

@@ -90,21 +90,30 @@ def untrained_eval(run, params, fresh, stopper):
   return res
 
 
-def finish(workdir, final, untrained, step, config, seen=(), starting=None):
+def finish(workdir, final, untrained, step, config, seen, starting):
   """Writes eval.json (see the module doc) and returns its contents.
   `starting`: the evaluated weights are the starting weights, no step
-  trained on them here (default: step 0), labelled with
-  start_name(config); resume_from's keep the other run's step."""
+  trained on them (saved_as_starting), labelled with start_name(config);
+  resume_from's keep the other run's step."""
   out = dict(final, step=step)
   if untrained is not None:
     out["untrained"] = untrained
     out["start"] = start_name(config)
-  if step == 0 if starting is None else starting:
+  if starting:
     out["evaluated"] = start_name(config)
   if seen:
     out["seen_classes"] = list(seen)
   write_json(os.path.join(workdir, "eval.json"), out)
   return out
+
+
+def saved_as_starting(ckpt, step):
+  """Whether checkpoint `step` holds starting weights on which no step was
+  trained (its meta's "starting", written by training; a run saved before
+  that key, by its total_steps=0)."""
+  meta = ckpt.read_meta(step)
+  return bool(meta.get("starting",
+                       meta.get("config", {}).get("total_steps") == 0))
 
 
 def init_state(run, config):
@@ -201,8 +210,9 @@ def evaluate_only(config, workdir) -> dict:
       if saved:
         step = run.ckpt.latest_intact()
         params = restore_params(run.ckpt, step, run.abstract_state.params)
+        starting = saved_as_starting(run.ckpt, step)
       else:
-        params, step = _starting_params(run, config, workdir)
+        (params, step), starting = _starting_params(run, config, workdir), True
     finally:
       run.ckpt.close()
     lock.checks_passed()
@@ -211,7 +221,7 @@ def evaluate_only(config, workdir) -> dict:
     if saved:
       run.ckpt.record_eval(step, dict(final, **seen_marks(run, final)))
     return finish(workdir, final, untrained, step, config, run.seen_classes,
-                  starting=not saved)
+                  starting)
 
 
 def restore_params(ckpt, step, abstract_params):

@@ -166,11 +166,16 @@ def _run_mode(mode, config, workdir):
   if mode == "eval" and not workdir:
     raise app.UsageError("--mode=eval needs the run's --workdir (its saved "
                          "config is used unless --config is given).")
-  if mode == "eval" and config is None:
-    config = evaluate.fit_mesh(commands.run_config(None, workdir, "eval"))
-  if config is not None:
-    paths.expand_config(config)
-    config_checks.same_on_every_process(config)
+  error = None
+  try:  # the processes agree on the config before any other collective
+    if mode == "eval" and config is None:
+      config = evaluate.fit_mesh(commands.run_config(None, workdir, "eval"))
+    if config is not None:
+      paths.expand_config(config)
+  except UserError as e:
+    error = e
+  if config is not None or error is not None:
+    config_checks.same_on_every_process(config, error)
   if mode == "export" and not workdir:
     raise app.UsageError("--mode=export needs the run's --workdir (its "
                          "saved config is used; --config is optional).")

@@ -124,22 +124,32 @@ def place(source, abstract, what="the parameters"):
   already a global jax.Array (as a fresh state's are) is moved with
   jax.device_put.
 
-  With several processes they first agree on what they read: a function
-  that fails on one process fails on all (each raising, the others with a
-  one-line error naming `what` and the process), never leaving the others
-  waiting in a collective; and the host leaves must be the same bytes on
-  every process, compared by a digest (jax.device_put would compare whole
-  arrays, and call NaNs unequal)."""
+  With several processes they first agree (`agree`) on what they read: a
+  function that fails on one process fails on all, never leaving the
+  others waiting in a collective; and the host leaves must be the same
+  bytes on every process, compared by a digest (jax.device_put would
+  compare whole arrays, and call NaNs unequal)."""
   tree, error = source, None
   if callable(source):
     try:
       tree = source()
-    except Exception as e:  # pylint: disable=broad-except
+    except BaseException as e:  # pylint: disable=broad-except
       if jax.process_count() == 1:
         raise
       tree, error = None, e
   if jax.process_count() > 1:
-    _agree(tree, what, error)
+    digest = hashlib.sha256()
+    for x in jax.tree.leaves(tree):
+      if not isinstance(x, jax.Array):
+        x = np.ascontiguousarray(x)
+        digest.update(str((x.shape, x.dtype)).encode())
+        digest.update(x.reshape(-1).view(np.uint8))
+    if agree([digest.digest()], error, what)[0]:
+      raise UserError(
+          f"{what} differ between the processes (read as other bytes than "
+          f"process 0's): every process must read the same file (a path "
+          f"with ~, a relative path or a local disk can name another file "
+          f"on each host).")
 
   def one(x, a):
     if isinstance(x, jax.Array):
@@ -150,34 +160,26 @@ def place(source, abstract, what="the parameters"):
   return jax.tree.map(one, tree, abstract)
 
 
-def _agree(tree, what, error):
-  """Every process sends whether it read `tree` and a SHA-256 of its host
-  leaves (shapes, dtypes and bytes); raises `error` where it happened, and
-  a one-line UserError elsewhere when a process failed or read other
-  bytes than process 0."""
-  digest = hashlib.sha256()
-  for x in jax.tree.leaves(tree):
-    if not isinstance(x, jax.Array):
-      x = np.ascontiguousarray(x)
-      digest.update(str((x.shape, x.dtype)).encode())
-      digest.update(x.reshape(-1).view(np.uint8))
-  mine = np.concatenate([[np.uint8(error is not None)],
-                         np.frombuffer(digest.digest(), np.uint8)])
+def agree(digests, error, what):
+  """Every process sends whether it failed (`error`, an exception or None)
+  and its `digests` (equal-length byte strings, the same count on every
+  process), in one collective: a failure on one process must not leave
+  the others waiting in a later one. Raises `error` where it happened and,
+  when another process failed, a one-line UserError naming `what` and the
+  processes; returns, for each digest, whether some process's differs
+  from process 0's."""
+  rows = np.stack([np.frombuffer(d, np.uint8) for d in digests] or [
+      np.zeros(0, np.uint8)])[:len(digests)]
+  mine = np.concatenate([[np.uint8(error is not None)], rows.reshape(-1)])
   every = np.asarray(multihost_utils.process_allgather(mine))
   if error is not None:
     raise error
-  failed = [i for i in range(len(every)) if every[i][0]]
+  failed = [int(i) for i in np.flatnonzero(every[:, 0])]
   if failed:
-    raise UserError(f"{what}: process(es) {failed} could not read them "
-                    f"(their logs say why); every process stops.")
-  differ = [i for i in range(1, len(every))
-            if not np.array_equal(every[i], every[0])]
-  if differ:
-    raise UserError(
-        f"{what} differ between the processes (process 0 and process(es) "
-        f"{differ} read other bytes): every process must read the same "
-        f"file (a path with ~, a relative path or a local disk can name "
-        f"another file on each host).")
+    raise UserError(f"{what}: process(es) {failed} failed (their logs say "
+                    f"why); every process stops.")
+  every = every[:, 1:].reshape((len(every),) + rows.shape)
+  return [bool((every[:, k] != every[0, k]).any()) for k in range(len(rows))]
 
 
 def to_global_batch(batch: dict, mesh) -> dict:

@@ -73,9 +73,11 @@ class _Trainer:
   """The loop's state between steps: saving, evaluating and logging at the
   config's cadence (train_and_evaluate drives it)."""
 
-  def __init__(self, run, loader, writer, stopper):
+  def __init__(self, run, loader, writer, stopper, starting):
+    """`starting`: the state holds starting weights, no step trained on
+    them yet (recorded in the meta of each checkpoint saved so)."""
     self.run, self.loader, self.writer = run, loader, writer
-    self.config, self.stopper = run.config, stopper
+    self.config, self.stopper, self.starting = run.config, stopper, starting
     self.t_last, self.n_last, self.skipped = time.time(), 0, 0
 
   def save(self, state, force=False):
@@ -89,8 +91,10 @@ class _Trainer:
           f"{self.run.ckpt.latest_step()}) is untouched in "
           f"{self.run.ckpt.directory}. Lower optim.lr or set "
           f"optim.clip_norm.")
-    self.run.ckpt.save(state, _meta(self.config, step, self.loader),
-                       force=force)
+    meta = _meta(self.config, step, self.loader)
+    if self.starting:
+      meta["starting"] = True
+    self.run.ckpt.save(state, meta, force=force)
     return step
 
   def evaluate_saved(self, state, step, report=False, names=None):
@@ -161,6 +165,7 @@ class _Trainer:
         tracer.before_step(step)
         with jax.transfer_guard("disallow"):  # and no implicit one
           state, metrics = step_fn(state, batch)
+        self.starting = False
         tracer.after_step(step, metrics)
         latest["params"] = state.params
         # At most one step runs ahead of the host: the bar shows real
@@ -249,6 +254,8 @@ def train_and_evaluate(config, workdir) -> dict:
                                models.resolve(config.model).as_dict())
     lock.checks_passed()
     start = int(jax.device_get(state.step))
+    starting = source != "workdir" or evaluate.saved_as_starting(run.ckpt,
+                                                                 start)
     writer = metric_writer.MetricWriter(workdir, resume_step=start)
     try:
       with preemption.Stopper(run.ckpt.directory) as stopper:
@@ -256,7 +263,7 @@ def train_and_evaluate(config, workdir) -> dict:
         if config.eval_untrained and config.total_steps:
           untrained = evaluate.untrained_eval(
               run, state.params, source != "workdir", stopper)
-        trainer = _Trainer(run, loader, writer, stopper)
+        trainer = _Trainer(run, loader, writer, stopper, starting)
         if loader is not None:
           state = trainer.train(state, source)
         end = trainer.save(state, force=True)  # first save, then evaluate
@@ -267,11 +274,8 @@ def train_and_evaluate(config, workdir) -> dict:
         loader.close()
       writer.close()
       run.ckpt.close()
-    # No step trained here: the starting weights (resume_from's keep that
-    # run's step).
-    starting = end == 0 or (end == start and source != "workdir")
     out = evaluate.finish(workdir, final, untrained, end, config,
-                          run.seen_classes, starting)
+                          run.seen_classes, trainer.starting)
   if jax.process_index() == 0:
     logging.info("Done: metrics in %s (eval.json, metrics.jsonl), "
                  "checkpoints in %s, retrieval grids report_<eval>.png.",
