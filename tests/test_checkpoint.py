@@ -401,3 +401,44 @@ def test_orbax_compat():
   want = orbax_compat.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL
   assert vars(handler)["_min_slice_bytes_for_replica_parallel"] == want
   assert vars(handler)["_array_metadata_store"] is not None
+
+
+def test_a_run_one_host_lacks_stops_every_process(tmp_path, monkeypatch):
+  """checkpoint.open_run with several processes (simulated: two, what the
+  other sends given): each checks the folder before any collective, so a
+  run folder missing on one host is a one-line error on both, never a
+  process left waiting in orbax's collectives."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  state, _ = make_state()
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False)
+  ckpt.save(state)
+  ckpt.close()
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for path, theirs, match in (
+      (tmp_path / "run", 1, r"resume_from='.*run': process\(es\) \[1\] "
+       r"failed \(their logs say why\)"),
+      (tmp_path / "missing", 0, r"resume_from='.*missing' does not exist")):
+    monkeypatch.setattr(
+        multihost_utils, "process_allgather",
+        lambda x, theirs=theirs: np.stack([x, np.uint8([theirs])]))
+    with pytest.raises(UserError, match=match):
+      checkpoint.open_run(str(path))
+
+
+def test_arcface_rows_of_another_shape_name_both_causes(tmp_path):
+  """A checkpoint whose ArcFace class rows (and their optimizer moments)
+  alone differ: the error says classes or devices, and --mode=eval."""
+  def state(rows):
+    w = {"class_weights": jnp.zeros((rows, 4))}
+    return ts.TrainState(step=jnp.int32(1), params={"w": jnp.zeros(3)},
+                         opt_state={"mu": w}, loss_params=w,
+                         rng=jnp.zeros((2,), jnp.uint32))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(state(3072))
+  want = state(1024)
+  with pytest.raises(UserError, match=r"other ArcFace class rows \(\(3072, "
+                     r"4\) vs \(1024, 4\) here\): another number of classes "
+                     r".*--mode=eval"):
+    checkpoint.check_shapes(ckpt, 1, sharding.abstract_like(
+        want, jax.tree.map(lambda x: x.sharding, want)))
+  ckpt.close()
