@@ -76,7 +76,7 @@ def describe_cpu(cpuinfo="/proc/cpuinfo"):
   parts = [info.get("model name") or platform.processor() or "CPU", ident,
            f"{os.cpu_count()} cores", "/".join(caches) or "caches unknown",
            " + ".join(isa)]
-  if caps:  # measured on x86 with jaxlib 0.10 and torch's MKL build
+  if caps:
     parts.append("capped: " + ", ".join(caps) + " (not an emulation of an "
                  "older CPU: XLA's matrix products ignore xla_cpu_max_isa, "
                  "torch's follow MKL_ENABLE_INSTRUCTIONS alone)")

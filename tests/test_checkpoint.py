@@ -442,3 +442,31 @@ def test_arcface_rows_of_another_shape_name_both_causes(tmp_path):
     checkpoint.check_shapes(ckpt, 1, sharding.abstract_like(
         want, jax.tree.map(lambda x: x.sharding, want)))
   ckpt.close()
+
+
+def test_processes_seeing_other_checkpoints_stop_together(tmp_path,
+                                                         monkeypatch):
+  """With several processes (simulated: two, what the other sends given)
+  the latest step is agreed before a restore, and a process 0 that finds
+  no intact checkpoint tells the others (its broadcast) instead of leaving
+  them waiting."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  state, _ = make_state()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(state)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, x]))
+  assert ckpt.agreed_latest_step() == 0
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, np.zeros_like(x)]))
+  with pytest.raises(UserError, match="The processes see other checkpoints "
+                     "in .*: every host must see the same run folder"):
+    ckpt.agreed_latest_step()
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                      lambda x: np.int32(-2))
+  with pytest.raises(UserError, match=r"No intact checkpoint in .* \(process "
+                     r"0's log says why\)"):
+    ckpt.latest_intact()
+  ckpt.close()

@@ -89,7 +89,7 @@ def test_train_evaluate_and_resume(tmp_path, caplog, monkeypatch):
   monkeypatch.setattr(ts, "train_state_init", counted)
   workdir = str(tmp_path / "run")
   out = train.train_and_evaluate(small_config(2), workdir)
-  assert out["step"] == 2 and len(made) == 1
+  assert out["step"] == 2 and len(made) == 1 and "evaluated" not in out
   assert set(out) >= {"recall@1", "recall@8", "map@r", "untrained"}
   assert 0 < out["recall@1"] <= 1
   with open(os.path.join(workdir, "eval.json")) as f:
@@ -141,7 +141,15 @@ def test_train_evaluate_and_resume(tmp_path, caplog, monkeypatch):
   for _ in range(2):
     saved = train.train_and_evaluate(c, str(tmp_path / "saved"))
     assert saved["evaluated"] == "pretrained" and saved["step"] == 4
-  assert evaluate.evaluate_only(c, str(tmp_path / "saved"))[
+  from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "saved"), read_only=True)
+  assert ckpt.read_meta(4)["starting"] == "pretrained"
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  assert "starting" not in ckpt.read_meta(4)  # steps were trained on it
+  ckpt.close()
+  # Its label is the run's, whatever --config evaluates it.
+  assert evaluate.evaluate_only(small_config(4), str(tmp_path / "saved"))[
       "evaluated"] == "pretrained"
 
 

@@ -98,6 +98,16 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def agreed_latest_step(self):
+    """latest_step, the same on every process (restoring is collective)."""
+    step = self.manager.latest_step()
+    if jax.process_count() > 1 and sharding.agree(
+        [f"{step}".encode().ljust(24)], None, self.directory)[0]:
+      raise UserError(f"The processes see other checkpoints in "
+                      f"{self.directory}: every host must see the same run "
+                      f"folder (a shared filesystem, and an absolute path).")
+    return step
+
   def all_steps(self):
     return list(self.manager.all_steps())
 
@@ -357,7 +367,7 @@ def resume_or_init(ckpt, abstract, make_state, resume_from="",
   Returns: (state, source), source one of "workdir", "resume_from",
     "init_from", "scratch".
   """
-  if ckpt.latest_step() is not None:
+  if ckpt.agreed_latest_step() is not None:
     restored = ckpt.restore(abstract)[0]
     logging.info("Resuming from %s/%d", ckpt.directory,
                  int(jax.device_get(restored.step)))

@@ -92,15 +92,16 @@ def untrained_eval(run, params, fresh, stopper):
 
 def finish(workdir, final, untrained, step, config, seen, starting):
   """Writes eval.json (see the module doc) and returns its contents.
-  `starting`: the evaluated weights are the starting weights, no step
-  trained on them (saved_as_starting), labelled with start_name(config);
-  resume_from's keep the other run's step."""
+  `starting`: "" when a step was trained on the evaluated weights, else
+  what they are ("pretrained", "untrained": start_name of the run that
+  started from them; saved_as_starting); resume_from's keep the other
+  run's step."""
   out = dict(final, step=step)
   if untrained is not None:
     out["untrained"] = untrained
     out["start"] = start_name(config)
   if starting:
-    out["evaluated"] = start_name(config)
+    out["evaluated"] = starting
   if seen:
     out["seen_classes"] = list(seen)
   write_json(os.path.join(workdir, "eval.json"), out)
@@ -108,12 +109,14 @@ def finish(workdir, final, untrained, step, config, seen, starting):
 
 
 def saved_as_starting(ckpt, step):
-  """Whether checkpoint `step` holds starting weights on which no step was
-  trained (its meta's "starting", written by training; a run saved before
-  that key, by its total_steps=0)."""
+  """What checkpoint `step`'s weights are when no step was trained on them
+  (finish's `starting`; its meta's "starting", written by training; a run
+  saved before that key: "pretrained" when its total_steps was 0), else
+  ""."""
   meta = ckpt.read_meta(step)
-  return bool(meta.get("starting",
-                       meta.get("config", {}).get("total_steps") == 0))
+  if "starting" in meta:
+    return str(meta["starting"])
+  return "pretrained" if meta.get("config", {}).get("total_steps") == 0 else ""
 
 
 def init_state(run, config):
@@ -205,14 +208,15 @@ def evaluate_only(config, workdir) -> dict:
   checked = config_checks.check_config(config, mesh, training=False)
   with workdir_lib.Lock(workdir, "eval") as lock:
     run = experiment.Run(config, workdir, mesh, checked, training=False)
-    saved = run.ckpt.latest_step() is not None
+    saved = run.ckpt.agreed_latest_step() is not None
     try:
       if saved:
         step = run.ckpt.latest_intact()
         params = restore_params(run.ckpt, step, run.abstract_state.params)
         starting = saved_as_starting(run.ckpt, step)
       else:
-        (params, step), starting = _starting_params(run, config, workdir), True
+        (params, step), starting = (_starting_params(run, config, workdir),
+                                    start_name(config))
     finally:
       run.ckpt.close()
     lock.checks_passed()

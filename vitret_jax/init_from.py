@@ -15,6 +15,7 @@ from vitret_jax import checkpoint
 from vitret_jax import export
 from vitret_jax import hub
 from vitret_jax import params_tree
+from vitret_jax import sharding
 from vitret_jax import weights
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.errors import UserError
@@ -159,6 +160,11 @@ def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
     return None
 
   def load(template):
+    local = not (hub.is_hub_name(path) or hub.is_gcs_name(path))
+    if local and jax.process_count() > 1:  # before a run's collective reads
+      sharding.agree([], None if os.path.exists(path) else UserError(
+          f"model.init_from={path!r}: not found on this host."),
+                     f"model.init_from={path!r}")
     loaded, resampled = _load_init_source(path, fmt, model_cfg)
     loaded, fitted = _fit_pos_embedding(loaded, template, model_cfg)
     resampled = resampled + ["encoder/pos_embedding"] * fitted

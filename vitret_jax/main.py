@@ -159,22 +159,24 @@ def config_flag():
                     f"({lines[-1] if lines else e}).") from e
 
 
-def _run_mode(mode, config, workdir):
+def _run_mode(mode, workdir):
   """The mode's result: a metrics dict (train, eval) or a message."""
-  if mode == "train" and (config is None or not workdir):
+  given = _CONFIG.value is not None  # the flag, not yet its file
+  if mode == "train" and (not given or not workdir):
     raise app.UsageError("--mode=train needs --config and --workdir.")
   if mode == "eval" and not workdir:
     raise app.UsageError("--mode=eval needs the run's --workdir (its saved "
                          "config is used unless --config is given).")
-  error = None
+  config = error = None
   try:  # the processes agree on the config before any other collective
+    config = config_flag()
     if mode == "eval" and config is None:
       config = evaluate.fit_mesh(commands.run_config(None, workdir, "eval"))
     if config is not None:
       paths.expand_config(config)
-  except UserError as e:
+  except Exception as e:  # pylint: disable=broad-except
     error = e
-  if config is not None or error is not None:
+  if given or config is not None or error is not None:
     config_checks.same_on_every_process(config, error)
   if mode == "export" and not workdir:
     raise app.UsageError("--mode=export needs the run's --workdir (its "
@@ -278,7 +280,7 @@ def main(argv):
     jax.config.update("jax_threefry_partitionable", True)
     logging.info("process %d of %d; devices: %s", jax.process_index(),
                  jax.process_count(), jax.devices())
-    result = _run_mode(_MODE.value, config_flag(), _WORKDIR.value)
+    result = _run_mode(_MODE.value, _WORKDIR.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

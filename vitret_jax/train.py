@@ -74,8 +74,9 @@ class _Trainer:
   config's cadence (train_and_evaluate drives it)."""
 
   def __init__(self, run, loader, writer, stopper, starting):
-    """`starting`: the state holds starting weights, no step trained on
-    them yet (recorded in the meta of each checkpoint saved so)."""
+    """`starting`: what the state's weights are while no step has been
+    trained on them (evaluate.finish), recorded in the meta of each
+    checkpoint saved so; "" once a step has."""
     self.run, self.loader, self.writer = run, loader, writer
     self.config, self.stopper, self.starting = run.config, stopper, starting
     self.t_last, self.n_last, self.skipped = time.time(), 0, 0
@@ -93,7 +94,7 @@ class _Trainer:
           f"optim.clip_norm.")
     meta = _meta(self.config, step, self.loader)
     if self.starting:
-      meta["starting"] = True
+      meta["starting"] = self.starting
     self.run.ckpt.save(state, meta, force=force)
     return step
 
@@ -132,9 +133,8 @@ class _Trainer:
   def train(self, state, source):
     """Steps from the state's step to total_steps; returns the last state.
     Saves and evaluates at the config's cadence, stops on SIGTERM."""
-    config, run = self.config, self.run
-    start, total = int(jax.device_get(state.step)), config.total_steps
-    self.n_last = start
+    config, run, total = self.config, self.run, self.config.total_steps
+    start = self.n_last = int(jax.device_get(state.step))
     step_fn = profiling.CompiledStep(_build_step(config, run))
     tracer = profiling.Tracer(run.workdir, config.profile.start_step,
                               config.profile.num_steps)
@@ -165,7 +165,7 @@ class _Trainer:
         tracer.before_step(step)
         with jax.transfer_guard("disallow"):  # and no implicit one
           state, metrics = step_fn(state, batch)
-        self.starting = False
+        self.starting = ""
         tracer.after_step(step, metrics)
         latest["params"] = state.params
         # At most one step runs ahead of the host: the bar shows real
@@ -254,8 +254,8 @@ def train_and_evaluate(config, workdir) -> dict:
                                models.resolve(config.model).as_dict())
     lock.checks_passed()
     start = int(jax.device_get(state.step))
-    starting = source != "workdir" or evaluate.saved_as_starting(run.ckpt,
-                                                                 start)
+    starting = (evaluate.start_name(config) if source != "workdir" else
+                evaluate.saved_as_starting(run.ckpt, start))
     writer = metric_writer.MetricWriter(workdir, resume_step=start)
     try:
       with preemption.Stopper(run.ckpt.directory) as stopper:

@@ -85,8 +85,23 @@ class Lock:
     self._passed = True
 
   def __enter__(self):
-    if jax.process_index() != 0:
-      return self
+    """Process 0 takes the lock; with several processes they all learn at
+    once whether it could (sharding.agree), so a refused lock stops every
+    process with one line instead of leaving the others in a collective."""
+    error = None
+    if jax.process_index() == 0:
+      try:
+        self._enter()
+      except BaseException as e:  # pylint: disable=broad-except
+        if jax.process_count() == 1:
+          raise
+        error = e
+    if jax.process_count() > 1:
+      from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
+      sharding.agree([], error, self.subject)
+    return self
+
+  def _enter(self):
     self._made = not os.path.exists(self.workdir)
     if not self._made and os.path.isdir(self.workdir):
       self._before = set(os.listdir(self.workdir))
@@ -105,7 +120,6 @@ class Lock:
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")}))
     self._file.flush()
-    return self
 
   def _take(self):
     """The open lock file, locked. A failed start removes its lock file
@@ -258,7 +272,7 @@ def read_saved_config(workdir):
   if here:
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
-      if ckpt.latest_step() is not None:
+      if ckpt.agreed_latest_step() is not None:
         saved = ckpt.read_meta(ckpt.latest_intact()).get("config")
     finally:
       ckpt.close()
