@@ -470,3 +470,26 @@ def test_processes_seeing_other_checkpoints_stop_together(tmp_path,
                      r"0's log says why\)"):
     ckpt.latest_intact()
   ckpt.close()
+
+
+def test_init_from_is_classified_alike_by_every_process(tmp_path,
+                                                        monkeypatch):
+  """A relative `owner/name` path is a local file where it exists and a
+  hub name elsewhere: with several processes (simulated: two) that
+  difference, or a local file one host lacks, is a one-line error before
+  any read (a run's read is collective)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from vitret_jax import init_from  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  os.makedirs("w")
+  open("w/init.safetensors", "wb").close()
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  # What the other process sends: [failed, local].
+  for theirs, match in (([0, 0], r"is a local path on some hosts and a "
+                         r"hub name on others"),
+                        ([1, 1], r"process\(es\) \[1\] failed")):
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x, t=theirs: np.stack([x, np.uint8(t)]))
+    with pytest.raises(UserError, match=match):
+      init_from._agree_on_source("w/init.safetensors")  # pylint: disable=protected-access

@@ -582,3 +582,38 @@ def test_only_process_0_writes_caches(tmp_path, monkeypatch):
   assert len(calls) == 1 and calls[0] != target
   np.testing.assert_array_equal(np.load(target), np.ones(3))
   assert os.listdir(tmp_path) == ["cache.npy"]
+
+
+def test_a_lock_refused_on_process_0_stops_every_process(tmp_path,
+                                                         monkeypatch):
+  """With several processes (simulated: two, what the other sends given)
+  process 0 takes the workdir's lock and all learn the outcome in one
+  collective: refused, process 0 raises its own line and the others one
+  naming it; taken, but another process failed, the lock is released."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, np.uint8([0])]))
+  with open(os.path.join(workdir, workdir_lib.LOCK_FILE), "a+") as held:
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(UserError, match="Another vitret_jax run is using"):
+      with workdir_lib.Lock(workdir, "eval"):
+        pass
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: np.stack([np.uint8([1]), x]))
+    with pytest.raises(UserError, match=r"--workdir=.*run: process\(es\) "
+                       r"\[0\] failed"):
+      with workdir_lib.Lock(workdir, "eval"):
+        pass
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, np.uint8([1])]))
+  with pytest.raises(UserError, match=r"process\(es\) \[1\] failed"):
+    with workdir_lib.Lock(workdir, "eval"):
+      pass
+  with open(os.path.join(workdir, workdir_lib.LOCK_FILE), "a+") as free:
+    fcntl.flock(free.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released

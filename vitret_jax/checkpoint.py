@@ -173,7 +173,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       try:
         step = self._find_intact()
-      except UserError as e:
+      except Exception as e:  # pylint: disable=broad-except
         step, error = -2, e
     if jax.process_count() > 1:
       step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
@@ -347,10 +347,7 @@ def open_run(path, flag="resume_from"):
   elif not any(name.isdigit() for name in os.listdir(folder)):
     error = UserError(f"{flag}={path!r}: its checkpoints/ folder is empty "
                       f"(the run saved nothing yet).")
-  if jax.process_count() > 1:
-    sharding.agree([], error, f"{flag}={path!r}")
-  elif error is not None:
-    raise error
+  sharding.agree([], error, f"{flag}={path!r}")
   return Checkpointer(path, read_only=True, flag=flag)
 
 

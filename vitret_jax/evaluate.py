@@ -179,20 +179,21 @@ def _trained_run(workdir):
 def _starting_params(run, config, workdir):
   """(params, step) to evaluate in a workdir without a checkpoint: the
   starting weights, only where no trained run would have its results
-  replaced."""
+  replaced (decided from local files: agreed by the processes)."""
+  why, error = _trained_run(workdir), None
   if start_name(config) != "pretrained":
-    raise UserError(f"No checkpoint in {run.ckpt.directory}: train first "
-                    f"(--mode=train), point --workdir at a trained run, "
-                    f"or set model.init_from to evaluate pretrained "
-                    f"weights.")
-  why = _trained_run(workdir)
-  if why:
-    raise UserError(
+    error = UserError(f"No checkpoint in {run.ckpt.directory}: train first "
+                      f"(--mode=train), point --workdir at a trained run, "
+                      f"or set model.init_from to evaluate pretrained "
+                      f"weights.")
+  elif why:
+    error = UserError(
         f"--workdir={workdir} holds a run without an intact checkpoint "
         f"({why}): its trained weights cannot be evaluated, and the "
         f"starting weights (model.init_from, resume_from) are not evaluated "
         f"over its results. Evaluate them in a new --workdir, or restore the "
         f"run's checkpoints.")
+  sharding.agree([], error, f"--workdir={workdir}")
   out = _starting_weights(run, config)
   if jax.process_index() == 0:
     workdir_lib.write_config(config, workdir,

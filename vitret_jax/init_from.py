@@ -107,6 +107,19 @@ def _load_vitret(path, fmt, model_cfg):
   return checkpoint.load_run_params(path, flag="model.init_from")
 
 
+def _agree_on_source(path):
+  """Every process classifies `path` alike (a hub name is told from a
+  local path by whether the path exists here) and finds a local one."""
+  local = not (hub.is_hub_name(path) or hub.is_gcs_name(path))
+  error = None if not local or os.path.exists(path) else UserError(
+      f"model.init_from={path!r}: not found on this host: every host must "
+      f"see the same file (a shared filesystem, and an absolute path).")
+  if sharding.agree([bytes([local])], error, f"model.init_from={path!r}")[0]:
+    raise UserError(
+        f"model.init_from={path!r} is a local path on some hosts and a hub "
+        f"name on others: give an absolute path that every host sees.")
+
+
 def _check_source_model(what, source, model_cfg):
   """The variant hint for a run or artifact whose saved model section
   (`source`, a dict) is of another variant than the config's."""
@@ -160,11 +173,8 @@ def make_init_params(path, fmt="auto", model_cfg=None, fresh=("head/",)):
     return None
 
   def load(template):
-    local = not (hub.is_hub_name(path) or hub.is_gcs_name(path))
-    if local and jax.process_count() > 1:  # before a run's collective reads
-      sharding.agree([], None if os.path.exists(path) else UserError(
-          f"model.init_from={path!r}: not found on this host."),
-                     f"model.init_from={path!r}")
+    if jax.process_count() > 1:  # before a run's collective reads
+      _agree_on_source(path)
     loaded, resampled = _load_init_source(path, fmt, model_cfg)
     loaded, fitted = _fit_pos_embedding(loaded, template, model_cfg)
     resampled = resampled + ["encoder/pos_embedding"] * fitted

@@ -25,11 +25,13 @@ import os
 import re
 import shutil
 import socket
+import sys
 
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vitret_jax import sharding
 from vitret_jax.errors import UserError
 
 LOCK_FILE = ".vitret.lock"
@@ -97,8 +99,12 @@ class Lock:
           raise
         error = e
     if jax.process_count() > 1:
-      from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
-      sharding.agree([], error, self.subject)
+      try:
+        sharding.agree([], error, self.subject)
+      except BaseException:
+        if error is None and jax.process_index() == 0:
+          self.__exit__(*sys.exc_info())  # release what it took
+        raise
     return self
 
   def _enter(self):
@@ -260,7 +266,6 @@ def read_saved_config(workdir):
   config_common.complete turns it into a ConfigDict."""
   # Imported here: orbax loads only where a run's checkpoints are read.
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
   saved, here = None, os.path.isdir(os.path.join(workdir, "checkpoints"))
   # Reading them is collective: every process must see the same folder.
   if jax.process_count() > 1 and sharding.agree(
