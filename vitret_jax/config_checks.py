@@ -143,11 +143,12 @@ def check_config(config, mesh, training=True):
   if cfg.batch_size < 1:
     raise UserError(f"input.batch_size={cfg.batch_size}: it must be >= 1.")
   devices = sharding.batch_size_on(mesh)
-  if training and cfg.batch_size % (devices * config.optim.accum_steps):
+  unit = devices * config.optim.accum_steps
+  if training and cfg.batch_size % unit:
     raise UserError(
         f"input.batch_size={cfg.batch_size} does not split into "
         f"{config.optim.accum_steps} micro-batch(es) over {devices} "
-        f"device(s): use a multiple of {devices * config.optim.accum_steps}.")
+        f"device(s): use a multiple of {unit}.")
   check_loss(config.loss)
   if config.ckpt.every_steps < 1:
     raise UserError(f"ckpt.every_steps={config.ckpt.every_steps}: it must be "

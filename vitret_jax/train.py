@@ -246,7 +246,7 @@ def train_and_evaluate(config, workdir) -> dict:
   with workdir_lib.Lock(workdir, "train") as lock:
     run = experiment.Run(config, workdir, mesh, checked, training)
     state, source = evaluate.init_state(run, config)
-    loader = _build_loader(config, run) if config.total_steps else None
+    loader = _build_loader(config, run) if training else None
     if jax.process_index() == 0:
       # Only now: the data, the sampler and the starting weights passed
       # their checks, so a run that failed them leaves no config behind.
@@ -260,7 +260,7 @@ def train_and_evaluate(config, workdir) -> dict:
     try:
       with preemption.Stopper(run.ckpt.directory) as stopper:
         untrained = None
-        if config.eval_untrained and config.total_steps:
+        if config.eval_untrained and training:
           untrained = evaluate.untrained_eval(
               run, state.params, source != "workdir", stopper)
         trainer = _Trainer(run, loader, writer, stopper, starting)
