@@ -193,7 +193,7 @@ def test_processes_placing_other_bytes_are_a_one_line_error(monkeypatch):
   for theirs, match in (
       (sent({"w": host["w"], "n": np.arange(1, 4)}),
        r"model.init_from's parameters differ between the processes "
-       r"\(read as other bytes than process 0's\)"),
+       r"\(process\(es\) \[1\] read other bytes than process 0\)"),
       (sent(boom), r"model.init_from's parameters: process\(es\) \[1\] "
        r"failed \(their logs say why\)")):
     monkeypatch.setattr(multihost_utils, "process_allgather",

@@ -99,3 +99,76 @@ def test_unknown_dataset_and_empty_data_dir():
     datasets.load_dataset("imagenet", "/tmp")
   with pytest.raises(UserError, match="input.data_dir is empty"):
     datasets.load_dataset("sop", "")
+
+
+def test_processes_must_read_the_same_data(grocery_copy, tmp_path,
+                                           monkeypatch):
+  """Each process feeds and evaluates its rows of a split by position: a
+  host whose copy of the data lists other images (a partial or stale local
+  copy) stops every process with one line, as does one that fails to read
+  it; split.digest covers every field that travels with the rows."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  from fixtures import write_revisited  # pylint: disable=g-import-not-at-top
+  from vitret_jax import experiment  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import evaluator  # pylint: disable=g-import-not-at-top
+  read = lambda root=grocery_copy: datasets.load_dataset(
+      "grocery", str(root), protocol="official")
+  mine = split_lib.digest(read())
+  assert split_lib.digest(read()) == mine and len(mine) == 32
+  s = read()["test"]
+  rox = datasets.load_dataset("revisited", write_revisited(tmp_path / "rox"),
+                              check_counts=False)
+  q = rox["query"]
+  gnd = (dict(q.gnd[0], easy=q.gnd[0]["easy"][:-1]),) + q.gnd[1:]
+  for other in ({"train": s}, {"test": s.take(np.arange(1, len(s)))},
+                {"test": dataclasses.replace(s, labels=s.labels[::-1])},
+                {"test": dataclasses.replace(s, boxes=np.zeros((len(s), 4)))},
+                {"test": dataclasses.replace(s, names={0: "apple"})}):
+    assert split_lib.digest(other) != split_lib.digest({"test": s})
+  assert split_lib.digest(rox) != split_lib.digest(
+      dict(rox, query=dataclasses.replace(q, gnd=gnd)))
+
+  # A copy on another host that misses one image of its lists.
+  with open(grocery_copy / "test.txt") as f:
+    lines = f.readlines()
+  other = tmp_path / "other"
+  shutil.copytree(grocery_copy, other)
+  with open(other / "test.txt", "w") as f:
+    f.writelines(lines[1:])
+  theirs = split_lib.digest(read(other))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  sent = []
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: sent.append(x) or np.stack([x, x]))
+  assert split_lib.digest(datasets.read_alike(read, "data")) == mine
+  assert sent[0][0] == 0 and bytes(sent[0][1:]) == mine
+  failed = np.concatenate([[1], np.zeros(32, np.uint8)])
+  for row, match in (
+      (np.concatenate([[0], np.frombuffer(theirs, np.uint8)]),
+       r"input.data_dir='.*' \(grocery\): process\(es\) \[1\] list other "
+       r"images than process 0 \(paths, labels, boxes or ground truth "
+       r"differ\): every host must read the same data"),
+      (failed, r"input.data_dir='.*' \(grocery\): process\(es\) \[0\] failed "
+       r"\(their logs say why\)")):
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x, row=row: np.stack([row, x]))
+    config = load_config("demo", "runlocal=True")
+    with config.unlocked():
+      config.input.data_dir = str(grocery_copy)
+      config.input.options = {"protocol": "official"}
+    with pytest.raises(UserError, match=match) as e:
+      experiment.load_splits(config)
+    assert "\n" not in str(e.value)
+  # An evaluator's own data set, and a process that fails itself.
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, failed]))
+  with pytest.raises(UserError, match=r"evals: '.*': process\(es\) \[1\]"):
+    evaluator.RevisitedEvaluator(
+        None, None, {}, pp=config.evals.test.pp, dataset="revisited",
+        data_dir=str(tmp_path / "rox"), options={"check_counts": False})
+  with pytest.raises(DataError, match="the folder does not exist"):
+    datasets.read_alike(lambda: read(tmp_path / "absent"), "data")

@@ -235,6 +235,28 @@ def test_content_key_of_a_split_without_joining_its_paths():
     assert emb_cache.fingerprint(s) == s.fingerprint()
 
 
+def test_content_key_is_process_0s(tmp_path, monkeypatch):
+  """The cache key holds the files' times, which differ between equal
+  copies on each host's disk: every process takes process 0's (it alone
+  reads them), so all name the same cache file."""
+  import json  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
+  from vitret_jax.eval import emb_cache  # pylint: disable=g-import-not-at-top
+  (tmp_path / "a.jpg").write_bytes(b"x")
+  s = split_lib.Split((str(tmp_path / "a.jpg"),), np.zeros(1, np.int32))
+  key = emb_cache.content_key(s)
+  os.utime(tmp_path / "a.jpg", (1, 1))
+  assert emb_cache.content_key(s) != key  # the time is in the key
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  sent = np.frombuffer(json.dumps({"ok": key}).encode(), np.uint8)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                      lambda x: len(sent) if np.ndim(x) == 0 else sent)
+  monkeypatch.setattr(emb_cache.items, "file_stat", None)  # never called
+  assert emb_cache.content_key(s) == key
+
+
 def test_distractor_store_repaired_when_reused_and_temporary_removed(
     tmp_path, monkeypatch):
   """A reused distractor store is checked (size always, checksum once per

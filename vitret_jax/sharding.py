@@ -124,32 +124,26 @@ def place(source, abstract, what="the parameters"):
   already a global jax.Array (as a fresh state's are) is moved with
   jax.device_put.
 
-  With several processes they first agree (`agree`) on what they read: a
+  With several processes they first agree (`read_alike`) on what they read: a
   function that fails on one process fails on all, never leaving the
   others waiting in a collective; and the host leaves must be the same
   bytes on every process, compared by a digest (jax.device_put would
   compare whole arrays, and call NaNs unequal)."""
-  tree, error = source, None
-  if callable(source):
-    try:
-      tree = source()
-    except BaseException as e:  # pylint: disable=broad-except
-      if jax.process_count() == 1:
-        raise
-      tree, error = None, e
-  if jax.process_count() > 1:
-    digest = hashlib.sha256()
+  def digest(tree):
+    h = hashlib.sha256()
     for x in jax.tree.leaves(tree):
       if not isinstance(x, jax.Array):
         x = np.ascontiguousarray(x)
-        digest.update(str((x.shape, x.dtype)).encode())
-        digest.update(x.reshape(-1).view(np.uint8))
-    if agree([digest.digest()], error, what)[0]:
-      raise UserError(
-          f"{what} differ between the processes (read as other bytes than "
-          f"process 0's): every process must read the same file (a path "
-          f"with ~, a relative path or a local disk can name another file "
-          f"on each host).")
+        h.update(str((x.shape, x.dtype)).encode())
+        h.update(x.reshape(-1).view(np.uint8))
+    return h.digest()
+  tree = read_alike(source if callable(source) else lambda: source, digest,
+                    what, lambda others: (
+                        f"{what} differ between the processes (process(es) "
+                        f"{others} read other bytes than process 0): every "
+                        f"process must read the same file (a path with ~, a "
+                        f"relative path or a local disk can name another "
+                        f"file on each host)."))
 
   def one(x, a):
     if isinstance(x, jax.Array):
@@ -160,18 +154,38 @@ def place(source, abstract, what="the parameters"):
   return jax.tree.map(one, tree, abstract)
 
 
+def read_alike(read, digest, what, differ):
+  """`read()` on every process, which then agree (`agree`) that it succeeded
+  on all of them and that `digest(result)` (a SHA-256) equals process 0's:
+  a failure on one process stops every process with one line, instead of
+  leaving the others waiting in a later collective; results that differ
+  are `UserError(differ(processes))`, `processes` those whose result
+  differs from process 0's. With one process: `read()`."""
+  if jax.process_count() == 1:
+    return read()
+  try:
+    out, error = read(), None
+  except BaseException as e:  # pylint: disable=broad-except
+    out, error = None, e
+  others = agree([bytes(32) if error is not None else digest(out)], error,
+                 what)[0]
+  if others:
+    raise UserError(differ(others))
+  return out
+
+
 def agree(digests, error, what):
   """Every process sends whether it failed (`error`, an exception or None)
   and its `digests` (equal-length byte strings, the same count on every
   process), in one collective: a failure on one process must not leave
   the others waiting in a later one. Raises `error` where it happened and,
   when another process failed, a one-line UserError naming `what` and the
-  processes; returns, for each digest, whether some process's differs
-  from process 0's. With one process: raises `error`, if any."""
+  processes; returns, for each digest, the processes whose digest differs
+  from process 0's ([]: none). With one process: raises `error`, if any."""
   if jax.process_count() == 1:
     if error is not None:
       raise error
-    return [False] * len(digests)
+    return [[] for _ in digests]
   rows = np.stack([np.frombuffer(d, np.uint8) for d in digests] or [
       np.zeros(0, np.uint8)])[:len(digests)]
   mine = np.concatenate([[np.uint8(error is not None)], rows.reshape(-1)])
@@ -183,7 +197,8 @@ def agree(digests, error, what):
     raise UserError(f"{what}: process(es) {failed} failed (their logs say "
                     f"why); every process stops.")
   every = every[:, 1:].reshape((len(every),) + rows.shape)
-  return [bool((every[:, k] != every[0, k]).any()) for k in range(len(rows))]
+  return [[int(i) for i in np.flatnonzero((every[:, k] != every[0, k]).any(1))]
+          for k in range(len(rows))]
 
 
 def to_global_batch(batch: dict, mesh) -> dict:

@@ -72,6 +72,22 @@ def load_dataset(dataset: str, data_dir: Optional[str], **options) -> dict:
   return splits
 
 
+def read_alike(read, what) -> dict:
+  """`read()` ({name: Split}), checked with several processes to list the
+  same images on every one of them (sharding.read_alike): each process
+  feeds and evaluates its share of the rows by position, so a host whose
+  copy of the data differs would pair images with other rows' labels, and
+  a host that fails to read it would leave the others waiting."""
+  from vitret_jax import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.read_alike(
+      read, split_lib.digest, what, lambda others: (
+          f"{what}: process(es) {others} list other images than process 0 "
+          f"(paths, labels, boxes or ground truth differ): every host must "
+          f"read the same data; a copy on each host's disk that is partial "
+          f"or out of date reads differently: make the copies equal, or read "
+          f"one shared folder."))
+
+
 def exclude_line(path) -> str:
   """The line of `path` in an exclude file (read_exclude_file): the path
   as it is, or a JSON string when it holds a character that a line cannot

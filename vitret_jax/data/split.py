@@ -88,6 +88,30 @@ class Split:
         names={i: self.class_name(c) for i, c in enumerate(classes)})
 
 
+def digest(splits) -> bytes:
+  """SHA-256 of what {name: Split} lists: split names, paths, labels, boxes,
+  training pairs, ground truth and class names (not the files' bytes:
+  processes compare it to know they read the same data set)."""
+  h = hashlib.sha256()
+  def arr(a, dtype):
+    h.update(b"-" if a is None else
+             np.ascontiguousarray(np.asarray(a, dtype)).tobytes() + b"|")
+  for name in sorted(splits):
+    s = splits[name]
+    h.update(f"\0{name}\0{len(s.paths)}\0".encode())
+    for i in range(0, len(s.paths), 65536):  # +R1M: a million paths
+      h.update("\n".join(s.paths[i:i + 65536]).encode() + b"\n")
+    arr(s.labels, np.int64)
+    arr(s.boxes, np.float64)
+    arr(s.pairs, np.int64)
+    for g in s.gnd or ():
+      for k in sorted(g):
+        h.update(k.encode())
+        arr(g[k], np.int64)
+    h.update(repr(sorted((s.names or {}).items())).encode())
+  return h.digest()
+
+
 class _SourceRows:
   """Rows `rows` of a random-access data source, as a source of their own."""
 

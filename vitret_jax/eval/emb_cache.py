@@ -7,6 +7,7 @@ import numpy as np
 from absl import logging
 
 from vitret_jax.store import items
+from vitret_jax.store import writer
 
 
 def fingerprint(split) -> str:
@@ -24,7 +25,15 @@ def fingerprint(split) -> str:
 
 def content_key(split):
   """The split's fingerprint (paths, labels, boxes) and its files' sizes and
-  modification times: an image replaced under the same name changes it."""
+  modification times: an image replaced under the same name changes it.
+  With several processes, process 0's: it alone reads the files' times,
+  which differ between equal copies on each host's disk, and every process
+  must name the same cache file (the listing itself is compared when the
+  data set is read: datasets.read_alike)."""
+  return writer.on_process_0(_content_key, split)
+
+
+def _content_key(split):
   h = hashlib.sha256(fingerprint(split).encode())
   if split.source is None:
     # Threads: a million files (+R1M) on a network filesystem.

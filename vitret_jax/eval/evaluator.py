@@ -62,7 +62,8 @@ class _Evaluator:
     # reads a data set of its own.
     self.train_split = splits.get("train")
     if dataset:
-      splits = datasets.load_dataset(dataset, data_dir, **dict(options or {}))
+      splits = datasets.read_alike(lambda: datasets.load_dataset(
+          dataset, data_dir, **dict(options or {})), f"evals: {data_dir!r}")
     self.splits = splits
     self.embed_fn, self.mesh = embed_fn, mesh
     self.pp_fn = preprocess.build_host_pp(pp, host_pp, defer_normalize=True)
@@ -286,8 +287,7 @@ class RevisitedEvaluator(_Evaluator):
   def run(self, params, cache="") -> dict:
     white = self.whitening(params, cache)
     q = self._embed(params, self.query, "embed queries", cache, "query")
-    db = self._embed(params, self.database, "embed database", cache,
-                     "database")
+    db = self._embed(params, self.database, "embed database", cache, "database")
     # +R1M: a store of the distractors' descriptors (eval/distractors.py).
     more = (None if self.distractors is None
             else distractors_lib.store_of(self, params, cache, white))
