@@ -277,3 +277,52 @@ def test_best_metric_canonical_or_refused(tmp_path):
   c.ckpt.best_metric = "roxford/hard/map+aqe+dba"
   config_checks.check_best_metric(c)
   assert c.ckpt.best_metric == "hard/map+dba+aqe"
+
+
+def test_a_config_failing_on_one_host_stops_every_process(tmp_path,
+                                                          monkeypatch):
+  """With several processes, a --config that fails on one host only (a file
+  or a variable that host lacks) is shared once the processes connect, as
+  any config error: that host prints its own line and the others one
+  naming it, instead of waiting for it to connect. Simulated: two
+  processes, what the other sends given; alone, the error is printed at
+  once as before."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from conftest import main_in_process  # pylint: disable=g-import-not-at-top
+  from vitret_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  bad = tmp_path / "bad.py"
+  bad.write_text("def get_config(arg=None):\n"
+                 "  raise ValueError('no /secrets/key.json on this host')\n")
+  sent = []
+  monkeypatch.setattr(main_lib, "_init_distributed", lambda: None)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: sent.append(x) or np.stack([x, x]))
+  multi = ("--coordinator_address=127.0.0.1:1", "--num_processes=2",
+           "--process_id=1")
+  r = main_in_process(f"--config={bad}", "--workdir=" + str(tmp_path / "w"),
+                      *multi)
+  assert r.returncode == 2 and len(sent) == 1 and sent[0][0] == 1, r
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: ValueError: no /secrets/key.json on this host"), r.stderr
+  # A process whose config loads learns that process 1's failed.
+  failed = np.concatenate([[1], np.zeros(len(sent[0]) - 1, np.uint8)])
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, failed]))
+  r = main_in_process("--config=configs/demo.py:runlocal=True",
+                      "--config.total_steps=0", "--workdir=" + str(
+                          tmp_path / "w"), *multi[:2], "--process_id=0")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+      "error: the config: process(es) [1] failed (their logs say why); "
+      "every process stops."), r.stderr[-2000:]
+  # Alone, or with another flag wrong too: printed at once.
+  sent.clear()
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: sent.append(x) or np.stack([x, x]))
+  for more in ((), (*multi, "--mode=bogus")):
+    r = main_in_process(f"--config={bad}", "--workdir=w", *more)
+    assert r.returncode == 2 and not sent, r
+    assert r.stderr.startswith("error: ValueError: no /secrets"), r.stderr
+  assert not main_lib.CONFIG_ERROR

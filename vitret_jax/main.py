@@ -28,6 +28,8 @@ from vitret_jax import paths
 from vitret_jax import preemption
 from vitret_jax.errors import UserError
 
+# The --config error kept for the processes to share (_config_error_shared).
+CONFIG_ERROR = []
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py[:arg].",
     lock_config=True)
@@ -161,7 +163,7 @@ def config_flag():
 
 def _run_mode(mode, workdir):
   """The mode's result: a metrics dict (train, eval) or a message."""
-  given = _CONFIG.value is not None  # the flag, not yet its file
+  given = _CONFIG.value is not None or bool(CONFIG_ERROR)
   if mode == "train" and (not given or not workdir):
     raise app.UsageError("--mode=train needs --config and --workdir.")
   if mode == "eval" and not workdir:
@@ -169,6 +171,8 @@ def _run_mode(mode, workdir):
                          "config is used unless --config is given).")
   config = error = None
   try:  # the processes agree on the config before any other collective
+    if CONFIG_ERROR:
+      raise UserError(CONFIG_ERROR[0])
     config = config_flag()
     if mode == "eval" and config is None:
       config = evaluate.fit_mesh(commands.run_config(None, workdir, "eval"))
@@ -327,6 +331,7 @@ def parse_flags(argv):
     print(USAGE)
     sys.exit(0)
   argv = paths.expand_argv(argv)
+  CONFIG_ERROR.clear()
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -334,14 +339,14 @@ def parse_flags(argv):
     # its last line names the problem.
     lines = [l for l in str(e).splitlines() if l.strip()]
     msg = lines[-1] if "Traceback" in str(e) else str(e)
-    print(f"error: {msg}\nPass --help for the flags.", file=sys.stderr)
+    hint = "\nPass --help for the flags."
   except (AttributeError, KeyError, TypeError, ValueError, UserError) as e:
     msg = re.sub(r"\\?'", "", str(e).replace("\\n", " ").replace("\n", " "))
     try:
       msg += _reader_options_hint(argv)
     except Exception:  # pylint: disable=broad-except
       pass  # the hint is a courtesy; the error stands without it
-    print(f"error: bad --config or override: {msg}", file=sys.stderr)
+    msg, hint = f"bad --config or override: {msg}", ""
   except Exception as e:  # pylint: disable=broad-except
     # The config file itself raised (a NameError, an ImportError, ...): name
     # its line rather than print absl's traceback.
@@ -350,9 +355,35 @@ def parse_flags(argv):
               f.filename and not f.filename.endswith("vitret_jax/main.py")]
     where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames \
         else ""
-    print(f"error: the config file failed{where}: {type(e).__name__}: {e}",
-          file=sys.stderr)
+    msg, hint = f"the config file failed{where}: {type(e).__name__}: {e}", ""
+  parsed = _config_error_shared(argv, msg)
+  if parsed is not None:
+    return parsed
+  print(f"error: {msg}{hint}", file=sys.stderr)
   sys.exit(2)
+
+
+def _without_config(argv):
+  return [a for a in argv if a != "--config" and not a.startswith(
+      ("--config=", "--config."))]
+
+
+def _config_error_shared(argv, msg):
+  """With several processes, a config that fails on some hosts only (a
+  file, a module or a variable one host lacks) would leave the others
+  waiting for it to connect: when the other flags parse without --config,
+  the error is kept (CONFIG_ERROR) and raised once the processes have
+  connected, where they agree on the config (_run_mode), and the parsed
+  arguments are returned; None otherwise."""
+  if not (any(a.startswith("--coordinator_address=") for a in argv)
+          or os.environ.get("VITRET_DISTRIBUTED") == "1"):
+    return None
+  try:
+    parsed = flags.FLAGS(_without_config(argv))
+  except Exception:  # pylint: disable=broad-except
+    return None  # another flag is wrong too: reported as it is
+  CONFIG_ERROR[:] = [msg]
+  return parsed
 
 
 if __name__ == "__main__":
