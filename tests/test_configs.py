@@ -284,45 +284,79 @@ def test_a_config_failing_on_one_host_stops_every_process(tmp_path,
   """With several processes, a --config that fails on one host only (a file
   or a variable that host lacks) is shared once the processes connect, as
   any config error: that host prints its own line and the others one
-  naming it, instead of waiting for it to connect. Simulated: two
-  processes, what the other sends given; alone, the error is printed at
-  once as before."""
+  naming it, instead of waiting for it to connect; in each of absl's
+  forms of the flags, a flag file, and VITRET_DISTRIBUTED=1. Simulated:
+  two processes, what the other sends given. Alone, when another flag is
+  wrong, when the processes cannot connect and in the audit's command
+  line, the config's error is printed at once."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from conftest import main_in_process  # pylint: disable=g-import-not-at-top
+  from vitret_jax import cli  # pylint: disable=g-import-not-at-top
   from vitret_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from vitret_jax.audit import __main__ as audit_cli  # pylint: disable=g-import-not-at-top
   bad = tmp_path / "bad.py"
   bad.write_text("def get_config(arg=None):\n"
                  "  raise ValueError('no /secrets/key.json on this host')\n")
+  flagfile = tmp_path / "args.txt"
+  flagfile.write_text(f"--config={bad}\n--config.total_steps=3\n")
+  line = "error: ValueError: no /secrets/key.json on this host"
   sent = []
   monkeypatch.setattr(main_lib, "_init_distributed", lambda: None)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "process_allgather",
                       lambda x: sent.append(x) or np.stack([x, x]))
-  multi = ("--coordinator_address=127.0.0.1:1", "--num_processes=2",
-           "--process_id=1")
-  r = main_in_process(f"--config={bad}", "--workdir=" + str(tmp_path / "w"),
-                      *multi)
-  assert r.returncode == 2 and len(sent) == 1 and sent[0][0] == 1, r
-  assert r.stderr.strip().splitlines()[-1] == (
-      "error: ValueError: no /secrets/key.json on this host"), r.stderr
+  work = "--workdir=" + str(tmp_path / "w")
+  peers = ("--num_processes=2", "--process_id=1")
+  coordinator = ("--coordinator_address=127.0.0.1:1",) + peers
+  for args in (
+      (f"--config={bad}", "--config.total_steps=3",
+       "--config.input.data_dir=/d", work, *coordinator),
+      ("--config", str(bad), "--config.total_steps", "3", work,
+       *coordinator),
+      (f"-config={bad}", "--config.total_steps=3", work, *coordinator),
+      (f"--flagfile={flagfile}", work, *coordinator),
+      (f"--config={bad}", "--config.total_steps=3", work,
+       "--coordinator_address", "127.0.0.1:1", *peers)):
+    sent.clear()
+    r = main_in_process(*args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line, (
+        args, r.stderr[-2000:])
+    assert len(sent) == 1 and sent[0][0] == 1, args  # shared, failed
+  monkeypatch.setenv("VITRET_DISTRIBUTED", "1")
+  sent.clear()
+  r = main_in_process(f"--config={bad}", "--config.total_steps=3", work)
+  assert r.returncode == 2 and len(sent) == 1, r.stderr[-2000:]
   # A process whose config loads learns that process 1's failed.
   failed = np.concatenate([[1], np.zeros(len(sent[0]) - 1, np.uint8)])
   monkeypatch.setattr(multihost_utils, "process_allgather",
                       lambda x: np.stack([x, failed]))
   r = main_in_process("--config=configs/demo.py:runlocal=True",
-                      "--config.total_steps=0", "--workdir=" + str(
-                          tmp_path / "w"), *multi[:2], "--process_id=0")
+                      "--config.total_steps=0", work)
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
       "error: the config: process(es) [1] failed (their logs say why); "
       "every process stops."), r.stderr[-2000:]
+  # The processes cannot connect: the config's error, not JAX's.
+  def unreachable():
+    raise RuntimeError("coordinator_address should be defined")
+  monkeypatch.setattr(main_lib, "_init_distributed", unreachable)
+  r = main_in_process(f"--config={bad}", "--config.total_steps=3", work)
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line
+  # The audit's command line, which never connects processes.
+  with monkeypatch.context() as m:
+    m.setattr(main_lib, "main", audit_cli.main)
+    r = main_in_process(f"--config={bad}", "--config.total_steps=3",
+                        "--out_dir=" + str(tmp_path / "audit"))
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line
   # Alone, or with another flag wrong too: printed at once.
+  monkeypatch.delenv("VITRET_DISTRIBUTED")
   sent.clear()
   monkeypatch.setattr(multihost_utils, "process_allgather",
                       lambda x: sent.append(x) or np.stack([x, x]))
-  for more in ((), (*multi, "--mode=bogus")):
-    r = main_in_process(f"--config={bad}", "--workdir=w", *more)
+  for more in ((), (*coordinator, "--mode=bogus")):
+    r = main_in_process(f"--config={bad}", "--config.total_steps=3", work,
+                        *more)
     assert r.returncode == 2 and not sent, r
-    assert r.stderr.startswith("error: ValueError: no /secrets"), r.stderr
-  assert not main_lib.CONFIG_ERROR
+    assert r.stderr.startswith(line), r.stderr
+  assert not cli.CONFIG_ERROR

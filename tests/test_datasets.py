@@ -127,7 +127,8 @@ def test_processes_must_read_the_same_data(grocery_copy, tmp_path,
   for other in ({"train": s}, {"test": s.take(np.arange(1, len(s)))},
                 {"test": dataclasses.replace(s, labels=s.labels[::-1])},
                 {"test": dataclasses.replace(s, boxes=np.zeros((len(s), 4)))},
-                {"test": dataclasses.replace(s, names={0: "apple"})}):
+                {"test": dataclasses.replace(s, names={0: "apple"})},
+                {"test": dataclasses.replace(s, pairs=np.zeros((1, 2)))}):
     assert split_lib.digest(other) != split_lib.digest({"test": s})
   assert split_lib.digest(rox) != split_lib.digest(
       dict(rox, query=dataclasses.replace(q, gnd=gnd)))
@@ -172,3 +173,11 @@ def test_processes_must_read_the_same_data(grocery_copy, tmp_path,
         data_dir=str(tmp_path / "rox"), options={"check_counts": False})
   with pytest.raises(DataError, match="the folder does not exist"):
     datasets.read_alike(lambda: read(tmp_path / "absent"), "data")
+  # The digest failing on this process is shared as a read failing is.
+  sent.clear()
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: sent.append(x) or np.stack([x, x]))
+  monkeypatch.setattr(split_lib, "digest", lambda s: 1 / 0)
+  with pytest.raises(ZeroDivisionError):
+    datasets.read_alike(read, "data")
+  assert sent[0][0] == 1

@@ -226,13 +226,27 @@ def test_scann_batches_split_parallel_and_ties_ordered_by_id(monkeypatch):
   assert s0.shape == i0.shape == (0, 5)
 
 
-def test_content_key_of_a_split_without_joining_its_paths():
+def test_fingerprint_of_a_split_a_chunk_of_paths_at_a_time():
+  """Split.fingerprint hashes the paths joined by newlines a chunk at a
+  time (+R1M: a million paths): the hash of the whole joined text, so
+  caches keep their keys; a path past the first chunk changes it; a name
+  that is not UTF-8 hashes as its bytes."""
+  import hashlib  # pylint: disable=g-import-not-at-top
   from vitret_jax.data import split as split_lib  # pylint: disable=g-import-not-at-top
-  from vitret_jax.eval import emb_cache  # pylint: disable=g-import-not-at-top
-  for boxes in (None, np.ones((3, 4))):
-    s = split_lib.Split(("a.jpg", "b/é.jpg", "c d.jpg"), np.arange(3),
-                        boxes)
-    assert emb_cache.fingerprint(s) == s.fingerprint()
+  paths = tuple(f"/r1m/{i}/é.jpg" for i in range(70_000))
+  for boxes in (None, np.ones((70_000, 4))):
+    s = split_lib.Split(paths, np.arange(70_000), boxes)
+    h = hashlib.sha256("\n".join(paths).encode())
+    h.update(np.arange(70_000).astype(np.int64).tobytes())
+    if boxes is not None:
+      h.update(boxes.tobytes())
+    assert s.fingerprint() == h.hexdigest()[:16]
+  other = split_lib.Split(paths[:-1] + ("/r1m/x.jpg",), np.arange(70_000))
+  assert other.fingerprint() != split_lib.Split(
+      paths, np.arange(70_000)).fingerprint()
+  odd = split_lib.Split((os.fsdecode(b"/d/caf\xe9.jpg"),), np.zeros(1))
+  assert odd.fingerprint() != split_lib.Split(("/d/café.jpg",),
+                                              np.zeros(1)).fingerprint()
 
 
 def test_content_key_is_process_0s(tmp_path, monkeypatch):
@@ -255,6 +269,36 @@ def test_content_key_is_process_0s(tmp_path, monkeypatch):
                       lambda x: len(sent) if np.ndim(x) == 0 else sent)
   monkeypatch.setattr(emb_cache.items, "file_stat", None)  # never called
   assert emb_cache.content_key(s) == key
+
+
+def test_a_failure_of_process_0_alone_reaches_the_others(monkeypatch):
+  """writer.on_process_0 with two processes (simulated): process 0's
+  UserError is raised on both; any other exception is raised as it is on
+  process 0, after the others learnt of it (a one-line UserError naming
+  it), never leaving them waiting for a result."""
+  import json  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  sent = []
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                      lambda x: sent.append(np.asarray(x)) or x)
+
+  def fails(kind):
+    raise kind("/r1m/list.txt: stale NFS file handle\nmore")
+  for kind in (UserError, OSError):
+    sent.clear()
+    with pytest.raises(kind, match="stale NFS"):
+      writer.on_process_0(fails, kind)
+    told = json.loads(sent[-1].tobytes().decode())["error"]
+    assert "\n" not in told or kind is UserError
+  assert told == ("process 0 failed (OSError: /r1m/list.txt: stale NFS "
+                  "file handle): see its log.")
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  data = np.frombuffer(json.dumps({"error": told}).encode(), np.uint8)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                      lambda x: len(data) if np.ndim(x) == 0 else data)
+  with pytest.raises(UserError, match=r"^process 0 failed \(OSError"):
+    writer.on_process_0(fails, OSError)
 
 
 def test_distractor_store_repaired_when_reused_and_temporary_removed(

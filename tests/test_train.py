@@ -179,11 +179,12 @@ def test_cli_errors_are_clear(tmp_path):
   assert r.returncode == 2 and "train first" in r.stderr
   # The first hour's rough edges: a missing config file, a mistyped reader
   # option, eval without --config on a folder that is no run, --help.
-  r = main_in_process("--config=configs/demoo.py", w)
-  assert r.returncode == 2 and "Traceback" not in r.stderr
-  assert r.stderr.strip().splitlines() == [
-      "error: --config: cannot load the config file ([Errno 2] No such file "
-      "or directory: 'configs/demoo.py')."]
+  for more in ((), ("--config.total_steps=3",)):  # loaded at parsing
+    r = main_in_process("--config=configs/demoo.py", *more, w)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: --config: cannot load the config file ([Errno 2] No such "
+        "file or directory: 'configs/demoo.py')."], r.stderr
   r = main_in_process("--config=configs/demo.py:runlocal=True",
                       "--config.input.options.protocl=official", w)
   assert r.returncode == 2 and ("valid: ['exclude_file', 'num_train_classes',"

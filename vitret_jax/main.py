@@ -8,11 +8,8 @@ as a pretrained artifact), index (embed a folder of images into a searchable
 index), search (query it) and serve (vitret_jax/serve.py). Config values
 are overridden with --config.section.key=value; a mistyped key is an error.
 """
-import importlib.util
 import os
-import re
 import sys
-import traceback
 
 import jax
 from absl import app
@@ -20,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from vitret_jax import cli
 from vitret_jax import commands
 from vitret_jax import config_checks
 from vitret_jax import evaluate
@@ -28,8 +26,6 @@ from vitret_jax import paths
 from vitret_jax import preemption
 from vitret_jax.errors import UserError
 
-# The --config error kept for the processes to share (_config_error_shared).
-CONFIG_ERROR = []
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py[:arg].",
     lock_config=True)
@@ -148,8 +144,11 @@ Every flag: --helpfull. The guide: README.md."""
 
 def config_flag():
   """The --config flag's value (None when not given); a file that cannot be
-  loaded is a one-line error naming it. Also read by the audit's command
-  line, which shares these flags."""
+  loaded is a one-line error naming it (as is one that failed while the
+  flags were parsed: cli.CONFIG_ERROR). Also read by the audit's command line,
+  which shares these flags."""
+  if cli.CONFIG_ERROR:
+    raise UserError(cli.CONFIG_ERROR[0])
   try:
     config = _CONFIG.value
     if config is not None:
@@ -163,7 +162,7 @@ def config_flag():
 
 def _run_mode(mode, workdir):
   """The mode's result: a metrics dict (train, eval) or a message."""
-  given = _CONFIG.value is not None or bool(CONFIG_ERROR)
+  given = _CONFIG.value is not None or bool(cli.CONFIG_ERROR)
   if mode == "train" and (not given or not workdir):
     raise app.UsageError("--mode=train needs --config and --workdir.")
   if mode == "eval" and not workdir:
@@ -171,8 +170,6 @@ def _run_mode(mode, workdir):
                          "config is used unless --config is given).")
   config = error = None
   try:  # the processes agree on the config before any other collective
-    if CONFIG_ERROR:
-      raise UserError(CONFIG_ERROR[0])
     config = config_flag()
     if mode == "eval" and config is None:
       config = evaluate.fit_mesh(commands.run_config(None, workdir, "eval"))
@@ -279,7 +276,12 @@ def main(argv):
     # Before anything starts JAX's backend; a mistyped VITRET_MALLOC is a
     # UserError like any other.
     logging.info("%s", host_memory.configure())
-    _init_distributed()
+    try:
+      _init_distributed()
+    except Exception as e:  # pylint: disable=broad-except
+      if cli.CONFIG_ERROR:  # the error that was kept for the processes to share
+        raise UserError(cli.CONFIG_ERROR[0]) from e
+      raise
     # Partitionable threefry: random bits do not depend on the device layout.
     jax.config.update("jax_threefry_partitionable", True)
     logging.info("process %d of %d; devices: %s", jax.process_index(),
@@ -300,90 +302,10 @@ def main(argv):
     sys.exit(1)  # some of the input could not be used
 
 
-def _reader_options_hint(argv):
-  """For a mistyped --config.input.options.KEY: the options of the config's
-  reader, from the config file without overrides ("" when not that case)."""
-  keys = [a.split("=")[0][len("--config.input.options."):] for a in argv
-          if a.startswith("--config.input.options.")]
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-              "")
-  if not keys or not path:
-    return ""
-  file, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location("_vitret_config", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None)
-  valid = sorted(config.input.options)
-  wrong = [k for k in keys if k not in valid]
-  if not wrong:
-    return ""
-  return (f" input.options.{wrong[0]} is not an option of the "
-          f"{config.input.dataset} reader; valid: {valid}.")
-
-
 def parse_flags(argv):
-  """absl's parsing, with config mistakes (unknown key, wrong type, a failing
-  config file) reported in one line instead of a traceback; --help prints
-  the short usage (absl's flag list: --helpfull). The flags parser of this
-  command line and of the audit's."""
-  if any(a in ("--help", "-h", "-?") for a in argv[1:]):
-    print(USAGE)
-    sys.exit(0)
-  argv = paths.expand_argv(argv)
-  CONFIG_ERROR.clear()
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    # A failing config file arrives with its traceback inside the message:
-    # its last line names the problem.
-    lines = [l for l in str(e).splitlines() if l.strip()]
-    msg = lines[-1] if "Traceback" in str(e) else str(e)
-    hint = "\nPass --help for the flags."
-  except (AttributeError, KeyError, TypeError, ValueError, UserError) as e:
-    msg = re.sub(r"\\?'", "", str(e).replace("\\n", " ").replace("\n", " "))
-    try:
-      msg += _reader_options_hint(argv)
-    except Exception:  # pylint: disable=broad-except
-      pass  # the hint is a courtesy; the error stands without it
-    msg, hint = f"bad --config or override: {msg}", ""
-  except Exception as e:  # pylint: disable=broad-except
-    # The config file itself raised (a NameError, an ImportError, ...): name
-    # its line rather than print absl's traceback.
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if "/absl/" not in f.filename and "ml_collections" not in
-              f.filename and not f.filename.endswith("vitret_jax/main.py")]
-    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames \
-        else ""
-    msg, hint = f"the config file failed{where}: {type(e).__name__}: {e}", ""
-  parsed = _config_error_shared(argv, msg)
-  if parsed is not None:
-    return parsed
-  print(f"error: {msg}{hint}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _without_config(argv):
-  return [a for a in argv if a != "--config" and not a.startswith(
-      ("--config=", "--config."))]
-
-
-def _config_error_shared(argv, msg):
-  """With several processes, a config that fails on some hosts only (a
-  file, a module or a variable one host lacks) would leave the others
-  waiting for it to connect: when the other flags parse without --config,
-  the error is kept (CONFIG_ERROR) and raised once the processes have
-  connected, where they agree on the config (_run_mode), and the parsed
-  arguments are returned; None otherwise."""
-  if not (any(a.startswith("--coordinator_address=") for a in argv)
-          or os.environ.get("VITRET_DISTRIBUTED") == "1"):
-    return None
-  try:
-    parsed = flags.FLAGS(_without_config(argv))
-  except Exception:  # pylint: disable=broad-except
-    return None  # another flag is wrong too: reported as it is
-  CONFIG_ERROR[:] = [msg]
-  return parsed
+  """The flags parser of this command line and of the audit's
+  (cli.parse_flags); --help prints USAGE."""
+  return cli.parse_flags(argv, USAGE)
 
 
 if __name__ == "__main__":

@@ -165,10 +165,10 @@ def read_alike(read, digest, what, differ):
     return read()
   try:
     out, error = read(), None
+    mine = digest(out)
   except BaseException as e:  # pylint: disable=broad-except
-    out, error = None, e
-  others = agree([bytes(32) if error is not None else digest(out)], error,
-                 what)[0]
+    out, error, mine = None, e, bytes(32)
+  others = agree([mine], error, what)[0]
   if others:
     raise UserError(differ(others))
   return out

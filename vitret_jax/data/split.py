@@ -59,11 +59,19 @@ class Split:
   def fingerprint(self) -> str:
     """A hash of what the split holds (paths, labels, boxes): caches of
     anything computed from it are keyed on this."""
-    h = hashlib.sha256("\n".join(self.paths).encode())
+    return self._hash().hexdigest()[:16]
+
+  def _hash(self):
+    # The paths joined by newlines, a chunk at a time (+R1M: a million of
+    # them); a name that is not UTF-8 hashes as the bytes it came from.
+    h = hashlib.sha256()
+    for i in range(0, len(self.paths), 65536):
+      h.update((b"\n" if i else b"") + "\n".join(
+          self.paths[i:i + 65536]).encode("utf-8", "surrogateescape"))
     h.update(np.asarray(self.labels, np.int64).tobytes())
     if self.boxes is not None:
       h.update(np.asarray(self.boxes, np.float64).tobytes())
-    return h.hexdigest()[:16]
+    return h
 
   def item(self, i):
     """What preprocessing takes for row i: the file path, or the decoded
@@ -89,21 +97,20 @@ class Split:
 
 
 def digest(splits) -> bytes:
-  """SHA-256 of what {name: Split} lists: split names, paths, labels, boxes,
-  training pairs, ground truth and class names (not the files' bytes:
-  processes compare it to know they read the same data set)."""
+  """SHA-256 of what {name: Split} lists: split names, each split's
+  fingerprint (paths, labels, boxes), training pairs, ground truth and
+  class names (not the files' bytes: processes compare it to know they
+  read the same data set)."""
   h = hashlib.sha256()
   def arr(a, dtype):
-    h.update(b"-" if a is None else
-             np.ascontiguousarray(np.asarray(a, dtype)).tobytes() + b"|")
+    a = None if a is None else np.ascontiguousarray(np.asarray(a, dtype))
+    h.update(b"-" if a is None else str(a.shape).encode() + a.tobytes())
   for name in sorted(splits):
     s = splits[name]
     h.update(f"\0{name}\0{len(s.paths)}\0".encode())
-    for i in range(0, len(s.paths), 65536):  # +R1M: a million paths
-      h.update("\n".join(s.paths[i:i + 65536]).encode() + b"\n")
-    arr(s.labels, np.int64)
-    arr(s.boxes, np.float64)
+    h.update(s._hash().digest())  # pylint: disable=protected-access
     arr(s.pairs, np.int64)
+    h.update(str(len(s.gnd or ())).encode())
     for g in s.gnd or ():
       for k in sorted(g):
         h.update(k.encode())

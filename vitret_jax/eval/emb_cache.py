@@ -10,19 +10,6 @@ from vitret_jax.store import items
 from vitret_jax.store import writer
 
 
-def fingerprint(split) -> str:
-  """split.fingerprint() computed path by path: the same value without
-  joining a million paths (+R1M) into one string first."""
-  h = hashlib.sha256()
-  for i, p in enumerate(split.paths):
-    h.update(b"\n" if i else b"")
-    h.update(p.encode())
-  h.update(np.asarray(split.labels, np.int64).tobytes())
-  if split.boxes is not None:
-    h.update(np.asarray(split.boxes, np.float64).tobytes())
-  return h.hexdigest()[:16]
-
-
 def content_key(split):
   """The split's fingerprint (paths, labels, boxes) and its files' sizes and
   modification times: an image replaced under the same name changes it.
@@ -34,7 +21,7 @@ def content_key(split):
 
 
 def _content_key(split):
-  h = hashlib.sha256(fingerprint(split).encode())
+  h = hashlib.sha256(split.fingerprint().encode())
   if split.source is None:
     # Threads: a million files (+R1M) on a network filesystem.
     stats = np.full((len(split.paths), 2), -1, np.int64)

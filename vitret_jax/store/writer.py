@@ -68,16 +68,23 @@ def broadcast_json(obj):
 
 def on_process_0(fn, *args):
   """fn(*args) on process 0 (its JSON-able result, or its UserError)
-  returned, or raised, on every process."""
-  result = None
+  returned, or raised, on every process. Another exception is raised as
+  it is on process 0, and as a one-line UserError naming it on the
+  others (which never wait for a result that is not coming)."""
+  result, own = None, None
   if jax.process_index() == 0:
     try:
       result = {"ok": fn(*args)}
-    except UserError as e:
+    except Exception as e:  # pylint: disable=broad-except
       if jax.process_count() == 1:
         raise
-      result = {"error": str(e)}
+      first = (str(e).strip().splitlines() or [""])[0][:200]
+      result, own = ({"error": str(e)} if isinstance(e, UserError) else
+                     {"error": f"process 0 failed ({type(e).__name__}: "
+                               f"{first}): see its log."}), e
   result = broadcast_json(result)
+  if own is not None and not isinstance(own, UserError):
+    raise own
   if "error" in result:
     raise UserError(result["error"])
   return result["ok"]
