@@ -318,11 +318,16 @@ def test_a_config_failing_on_one_host_stops_every_process(tmp_path,
       (f"-config={bad}", "--config.total_steps=3", work, *coordinator),
       (f"--flagfile={flagfile}", work, *coordinator),
       (f"--config={bad}", "--config.total_steps=3", work,
-       "--coordinator_address", "127.0.0.1:1", *peers)):
+       "--coordinator_address", "127.0.0.1:1", *peers),
+      (f"--config={bad}", "--config.seed", "-1", work, *coordinator),
+      (f"--flagfile={tmp_path / 'absent.txt'}", work, *coordinator)):
     sent.clear()
     r = main_in_process(*args)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line, (
-        args, r.stderr[-2000:])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and (last == line if "absent" not in args[0] else
+                                  last.startswith("error: ") and last.endswith(
+                                      f"'{tmp_path}/absent.txt'")), (
+                                          args, r.stderr[-2000:])
     assert len(sent) == 1 and sent[0][0] == 1, args  # shared, failed
   monkeypatch.setenv("VITRET_DISTRIBUTED", "1")
   sent.clear()

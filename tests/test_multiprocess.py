@@ -112,21 +112,27 @@ def test_two_processes_stop_together_resume_and_match_one(tmp_path):
   assert r_multi == r_single
 
 
-@pytest.mark.slow(20)  # seconds, cold, 2 cores
-def test_processes_agree_on_the_weights_they_read(tmp_path):
-  """Two processes read model.init_from through /proc/self/cwd, each
-  started in a folder of its own (a local disk each, one config): equal
-  files evaluate as one set of weights; a file missing on one host stops
-  both processes at once with one line each (never one left waiting in a
-  collective for the other). Files that differ: the digest test of
-  tests/test_checkpoint.py."""
+@pytest.mark.slow(30)  # seconds, cold, 2 cores
+def test_processes_agree_on_the_weights_and_data_they_read(tmp_path):
+  """Two processes read model.init_from and the data through
+  /proc/self/cwd, each started in a folder of its own (a local disk each,
+  one config): equal files (the data copied at other times: other file
+  times) evaluate as one set of weights, with one TFDS copy in a shared
+  tfds_dir prepared by process 0 alone; a weights file missing on one
+  host, or a data list that differs, stops both processes at once with
+  one line each (never one left waiting in a collective for the other).
+  Weights that differ: the digest test of tests/test_checkpoint.py."""
+  import shutil  # pylint: disable=g-import-not-at-top
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  from vitret_jax.data import datasets  # pylint: disable=g-import-not-at-top
   with np.load(os.path.join(REPO, "tests", "golden", "vit_tiny.npz")) as f:
     sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
   hosts = [tmp_path / f"host{i}" for i in range(2)]
   for host in hosts:
     host.mkdir()
     st_numpy.save_file(sd, str(host / "init.safetensors"))
+    shutil.copytree(datasets.EMBEDDED_GROCERY, host / "data")
+    time.sleep(0.01)
 
   def run(name):
     port = free_port()
@@ -134,6 +140,8 @@ def test_processes_agree_on_the_weights_they_read(tmp_path):
         [sys.executable, "-m", "vitret_jax.main", "--mode=eval",
          f"--config={REPO}/configs/demo.py:runlocal=True",
          "--config.model.init_from=/proc/self/cwd/init.safetensors",
+         "--config.input.data_dir=/proc/self/cwd/data",
+         f"--config.input.tfds_dir={tmp_path / 'tfds'}",
          f"--workdir={tmp_path / name}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
          f"--process_id={i}"], cwd=hosts[i],
@@ -146,6 +154,8 @@ def test_processes_agree_on_the_weights_they_read(tmp_path):
   assert codes == [0, 0], errs[0][-3000:]
   with open(tmp_path / "equal" / "eval.json") as f:
     assert json.load(f)["evaluated"] == "pretrained"
+  assert "Generating splits" in errs[0] and "Generating splits" not in (
+      errs[1]), errs[1][-3000:]
   os.remove(hosts[1] / "init.safetensors")
   codes, errs = run("missing")
   assert codes == [2, 2], errs[0][-3000:]
@@ -155,3 +165,14 @@ def test_processes_agree_on_the_weights_they_read(tmp_path):
   assert errs[1].splitlines()[-1].startswith(
       "error: model.init_from='/proc/self/cwd/init.safetensors': not found "
       "on this host"), errs[1][-3000:]
+  st_numpy.save_file(sd, str(hosts[1] / "init.safetensors"))
+  with open(hosts[1] / "data" / "test.txt") as f:
+    lines = f.readlines()
+  with open(hosts[1] / "data" / "test.txt", "w") as f:
+    f.writelines(lines[1:])
+  codes, errs = run("stale")
+  assert codes == [2, 2], errs[0][-3000:]
+  for err in errs:
+    assert err.splitlines()[-1].startswith(
+        "error: input.data_dir='/proc/self/cwd/data' (grocery): process(es) "
+        "[1] list other images than process 0"), err[-3000:]

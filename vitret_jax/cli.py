@@ -11,6 +11,7 @@ from absl import flags
 
 from vitret_jax import paths
 from vitret_jax.errors import UserError
+from vitret_jax.errors import last_line
 
 # The --config error kept for the processes to share (_config_error_shared;
 # main.config_flag raises it).
@@ -37,6 +38,11 @@ def _reader_options_hint(argv):
     return ""
   return (f" input.options.{wrong[0]} is not an option of the "
           f"{config.input.dataset} reader; valid: {valid}.")
+
+
+def cannot_load(e) -> str:
+  """The one line for a config file that cannot be read (OSError `e`)."""
+  return f"--config: cannot load the config file ({last_line(e)})."
 
 
 def parse_flags(argv, usage):
@@ -72,12 +78,9 @@ def parse_flags(argv, usage):
                   ("vitret_jax/main.py", "vitret_jax/cli.py"))]
     where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames \
         else ""
-    # ml_collections' errors span lines (the paths it tried): the last one
-    # names the problem.
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [""]
-    msg = (f"--config: cannot load the config file ({lines[-1]})."
-           if isinstance(e, OSError) else
-           f"the config file failed{where}: {type(e).__name__}: {lines[-1]}")
+    msg = (cannot_load(e) if isinstance(e, OSError) else
+           f"the config file failed{where}: {type(e).__name__}: "
+           f"{last_line(e)}")
     hint = ""
   parsed = _config_error_shared(argv, msg)
   if parsed is not None:
@@ -86,39 +89,62 @@ def parse_flags(argv, usage):
   sys.exit(2)
 
 
-def _without_config(argv):
-  """argv (flag files read) without --config and its overrides, in each of
-  absl's forms (--config=F, --config F, -config=F, --config.key=v,
-  --config.key v)."""
-  args = [argv[0]] + flags.FLAGS.read_flags_from_files(argv[1:], False)
+def _without_local_files(argv):
+  """argv without --config and its overrides, in each of absl's forms
+  (--config=F, --config F, -config=F, --config.key=v, --config.key v, a
+  flag file's lines), and without flag files that cannot be read: the
+  flags that name files one host may lack."""
+  try:
+    args = [argv[0]] + flags.FLAGS.read_flags_from_files(argv[1:], False)
+  except Exception:  # pylint: disable=broad-except
+    args = [a for i, a in enumerate(argv) if not _is_flag(a, "flagfile") and
+            not (i and argv[i - 1].lstrip("-") == "flagfile")]
   out, i = [], 0
   while i < len(args):
     arg = args[i]
     if arg == "--":
       return out + args[i:]
-    name = arg.lstrip("-").split("=", 1)[0] if arg.startswith("-") else ""
-    if name == "config" or name.startswith(("config.", "noconfig.")):
-      value_next = "=" not in arg and i + 1 < len(args) and not args[
-          i + 1].startswith("-")
-      i += 2 if value_next else 1
+    if _is_flag(arg, "config") or _is_flag(arg, "config.", prefix=True):
+      name = arg.lstrip("-")
+      # absl takes the next word as the value of a flag that is not a
+      # boolean, whatever it starts with (`--config.seed -1`); an override
+      # the failed parse did not register is taken as one unless the next
+      # word is a flag of this command line.
+      boolean = name.startswith("no") or (
+          name in flags.FLAGS and flags.FLAGS[name].boolean)
+      nxt = args[i + 1] if i + 1 < len(args) else "-"
+      valued = "=" not in arg and not boolean and not (
+          nxt.startswith("-") and nxt.lstrip("-").split("=")[0] in flags.FLAGS
+          and name not in flags.FLAGS)
+      i += 2 if valued else 1
       continue
     out.append(arg)
     i += 1
   return out
 
 
+def _is_flag(arg, name, prefix=False):
+  """Whether argument `arg` is flag `name` (-name, --name, =value or not;
+  `prefix`: a flag whose name starts with `name`, or its --no form)."""
+  if not arg.startswith("-") or arg in ("-", "--"):
+    return False
+  flag = arg.lstrip("-").split("=", 1)[0]
+  if prefix:
+    return flag.startswith((name, "no" + name))
+  return flag == name
+
+
 def _config_error_shared(argv, msg):
   """With several processes, a config that fails on some hosts only (a
-  file, a module or a variable one host lacks) would leave the others
-  waiting for it to connect: when the other flags parse without --config,
-  the error is kept (CONFIG_ERROR, raised by config_flag once the
-  processes have connected, where they agree on the config) and the parsed
-  arguments are returned; None otherwise."""
+  file, a module or a variable one host lacks, or a flag file) would leave
+  the others waiting for it to connect: when the other flags parse without
+  them (_without_local_files), the error is kept (CONFIG_ERROR, raised by
+  config_flag once the processes have connected, where they agree on the
+  config) and the parsed arguments are returned; None otherwise."""
   try:
-    rest = _without_config(argv)
+    rest = _without_local_files(argv)
     if not (os.environ.get("VITRET_DISTRIBUTED") == "1" or any(
-        a.lstrip("-").split("=", 1)[0] == "coordinator_address"
-        for a in rest if a.startswith("-"))):
+        _is_flag(a, "coordinator_address") for a in rest)):
       return None
     parsed = flags.FLAGS(rest)
   except Exception:  # pylint: disable=broad-except

@@ -157,18 +157,17 @@ def load_splits(config):
   """The training data set's splits (config.input), read from its folder
   or its prepared TFDS copy."""
   cfg = config.input
-
-  def read():
-    if cfg.tfds_dir:
-      # tensorflow_datasets takes seconds to import: only runs that read a
-      # prepared copy pay for it.
-      from vitret_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-      return tfds_builders.load_splits(
-          cfg.dataset, cfg.data_dir, cfg.tfds_dir, cfg.tfds_resize,
-          cfg.tfds_square, **cfg.options)
-    return datasets.load_dataset(cfg.dataset, cfg.data_dir, **cfg.options)
-  return datasets.read_alike(
-      read, f"input.data_dir={cfg.data_dir!r} ({cfg.dataset})")
+  splits = datasets.read_alike(
+      lambda: datasets.load_dataset(cfg.dataset, cfg.data_dir, **cfg.options),
+      f"input.data_dir={cfg.data_dir!r} ({cfg.dataset})")
+  if not cfg.tfds_dir:
+    return splits
+  # tensorflow_datasets takes seconds to import: only runs that read a
+  # prepared copy pay for it.
+  from vitret_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  return tfds_builders.with_sources(
+      splits, cfg.dataset, cfg.data_dir, cfg.tfds_dir, cfg.tfds_resize,
+      cfg.tfds_square, **cfg.options)
 
 
 def run_whitening(config, workdir, name, params, step, model, mesh):

@@ -155,9 +155,7 @@ def config_flag():
       config.keys()  # the file is loaded on first use
     return config
   except (IOError, OSError) as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    raise UserError(f"--config: cannot load the config file "
-                    f"({lines[-1] if lines else e}).") from e
+    raise UserError(cli.cannot_load(e)) from e
 
 
 def _run_mode(mode, workdir):

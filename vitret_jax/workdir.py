@@ -28,6 +28,7 @@ import socket
 import sys
 
 import jax
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -223,6 +224,36 @@ def all_agree(flag: bool) -> bool:
   if jax.process_count() == 1:
     return bool(flag)
   return bool(multihost_utils.broadcast_one_to_all(int(bool(flag))))
+
+
+def shared_by_all(folder) -> bool:
+  """With several processes: whether `folder` is one folder that every
+  process sees (a bucket, NFS) rather than each host's own disk. Process 0
+  leaves a mark in it that every process looks for: True when all see it,
+  False when none of the others does, a one-line UserError when some do."""
+  token = int(multihost_utils.broadcast_one_to_all(
+      np.int64(int.from_bytes(os.urandom(6), "big"))))
+  mark, error = os.path.join(folder, f".vitret-shared-{token:012x}"), None
+  try:
+    os.makedirs(folder, exist_ok=True)
+    if jax.process_index() == 0:
+      with open(mark, "w"):
+        pass
+  except OSError as e:
+    error = e
+  sharding.agree([], error, folder)  # and process 0's mark is written
+  # Every process has looked once this collective returns.
+  seen = np.asarray(multihost_utils.process_allgather(
+      np.uint8(os.path.exists(mark)))).reshape(-1)
+  if jax.process_index() == 0:
+    os.remove(mark)
+  if seen.all() or not seen[1:].any():
+    return bool(seen.all())
+  raise UserError(
+      f"{folder} is one folder for processes "
+      f"{np.flatnonzero(seen).tolist()} but another for "
+      f"{np.flatnonzero(~seen.astype(bool)).tolist()}: use a folder every "
+      f"host shares, or one on each host's own disk.")
 
 
 def write_once(path, write_fn):

@@ -17,15 +17,19 @@ import hashlib
 import io
 import os
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from vitret_jax import sharding
+from vitret_jax import workdir as workdir_lib
 from vitret_jax.data import datasets
 from vitret_jax.data import decode
 from vitret_jax.data import readers
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
+from vitret_jax.store import long_work
 
 _INSTRUCTIONS = "\n\n".join(
     f"[{k}]\n{v}" for k, v in readers.INSTRUCTIONS.items())
@@ -175,38 +179,66 @@ def prepare(name, manual_dir, data_dir, key="", resize=0, square=False,
                            resize=resize, square=square and bool(resize))
   builder = Retrieval(config=config, data_dir=data_dir,
                       file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir))
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except FileExistsError:
+    # Another run prepared the same copy meanwhile and renamed it into
+    # place first: read that one.
+    builder = Retrieval(config=config, data_dir=data_dir,
+                        file_format="array_record")
+    if not builder.is_prepared():
+      raise
   return builder
 
 
-def load_splits(name, manual_dir, data_dir, resize=0, square=False,
-                **options):
-  """The reader's splits with `source` set to the prepared TFDS data source:
-  the input pipeline then reads encoded images from array_record files
-  instead of the original folder."""
-  splits = datasets.load_dataset(name, manual_dir, **options)
+def with_sources(splits, name, manual_dir, data_dir, resize=0, square=False,
+                 **options):
+  """The reader's `splits` (of `manual_dir`) with `source` set to their
+  prepared TFDS copy in `data_dir` (prepared first when missing): the
+  input pipeline then reads encoded images from array_record files
+  instead of the original folder.
+
+  With several processes (the splits agreed on: datasets.read_alike), a
+  `data_dir` every process shares is prepared by process 0 alone (builders
+  preparing one copy at once collide when renaming it into place) while
+  the others wait; on each host's own disk, each prepares its own. The
+  processes then check they read copies of the same size."""
   key = hashlib.sha256(" ".join(
       f"{k}:{v.fingerprint()}" for k, v in sorted(splits.items())).encode())
   # Records give the encoded bytes: the pipeline decodes them as it decodes
   # files (its fast path DCT-scales JPEGs), so a prepared copy trains on the
   # same pixels as the folder.
-  builder = prepare(name, manual_dir, data_dir, key=key.hexdigest()[:12],
-                    resize=resize, square=square, **options)
-  meta = builder.info.metadata
-  recorded = (int(meta.get("short_side", 0)), bool(meta.get("square")))
-  if recorded != (int(resize), bool(square and resize)):
-    raise DataError(f"The TFDS copy of {name} in {data_dir} records images "
-                    f"of size {recorded} (side, square), not "
-                    f"{(resize, square)}: delete it to prepare it again.")
-  sources = builder.as_data_source(
-      decoders={"image": tfds.decode.SkipDecoding()})
-  for k, v in splits.items():
-    if len(sources[k]) != len(v):
-      raise DataError(
-          f"TFDS copy of {name} in {data_dir}: split {k} holds "
-          f"{len(sources[k])} records but the reader lists {len(v)} images; "
-          f"delete that folder's {name}_{key.hexdigest()[:12]} to prepare it "
-          f"again.")
-  return {k: dataclasses.replace(v, source=sources[k])
-          for k, v in splits.items()}
+  def made():
+    return prepare(name, manual_dir, data_dir, key=key.hexdigest()[:12],
+                   resize=resize, square=square, **options)
+  def prepared():
+    made()
+  if jax.process_count() > 1 and workdir_lib.shared_by_all(data_dir):
+    long_work.on_process_0_long(prepared, data_dir, f"prepare {name}")
+
+  def opened():
+    builder = made()
+    meta = builder.info.metadata
+    recorded = (int(meta.get("short_side", 0)), bool(meta.get("square")))
+    if recorded != (int(resize), bool(square and resize)):
+      raise DataError(f"The TFDS copy of {name} in {data_dir} records images "
+                      f"of size {recorded} (side, square), not "
+                      f"{(resize, square)}: delete it to prepare it again.")
+    sources = builder.as_data_source(
+        decoders={"image": tfds.decode.SkipDecoding()})
+    for k, v in splits.items():
+      if len(sources[k]) != len(v):
+        raise DataError(
+            f"TFDS copy of {name} in {data_dir}: split {k} holds "
+            f"{len(sources[k])} records but the reader lists {len(v)} "
+            f"images; delete that folder's {name}_{key.hexdigest()[:12]} to "
+            f"prepare it again.")
+    return {k: dataclasses.replace(v, source=sources[k])
+            for k, v in splits.items()}
+  return sharding.read_alike(
+      opened, lambda out: hashlib.sha256(repr(sorted(
+          (k, len(v.source)) for k, v in out.items())).encode()).digest(),
+      f"input.tfds_dir={data_dir!r}", lambda others: (
+          f"input.tfds_dir={data_dir!r}: process(es) {others} read another "
+          f"copy than process 0."))

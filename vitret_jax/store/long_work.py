@@ -11,6 +11,7 @@ import jax
 
 from vitret_jax import integrity
 from vitret_jax.errors import UserError
+from vitret_jax.errors import first_line
 from vitret_jax.store import writer
 
 
@@ -73,10 +74,9 @@ def _run_on_process_0(fn, args, tag, path):
     # Anything else (KeyboardInterrupt too) is re-raised here, after the
     # others are told.
     failure = e
-    text = str(e).splitlines()[0][:200] if str(e) else ""
     result = {"error": f"process 0 failed in {tag} ({type(e).__name__}: "
-                       f"{text}): see its log; run the same command again "
-                       f"on every host."}
+                       f"{first_line(e)}): see its log; run the same "
+                       f"command again on every host."}
   finally:
     done.set()
     toucher.join()

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from vitret_jax import integrity
 from vitret_jax import workdir as workdir_lib
 from vitret_jax.errors import UserError
+from vitret_jax.errors import first_line
 from vitret_jax.store import segment as segment_lib
 
 FORMAT = 1
@@ -45,10 +46,9 @@ def barrier(name):
   try:
     workdir_lib.barrier(name)
   except Exception as e:  # pylint: disable=broad-except
-    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
     raise UserError(
         f"process {jax.process_index()} of {jax.process_count()}: another "
-        f"process stopped before '{name}' ({first[:200]}): see its log; the "
+        f"process stopped before '{name}' ({first_line(e)}): see its log; the "
         f"finished shards are kept: run the same command again on every "
         f"host.") from e
 
@@ -68,20 +68,20 @@ def broadcast_json(obj):
 
 def on_process_0(fn, *args):
   """fn(*args) on process 0 (its JSON-able result, or its UserError)
-  returned, or raised, on every process. Another exception is raised as
-  it is on process 0, and as a one-line UserError naming it on the
-  others (which never wait for a result that is not coming)."""
+  returned, or raised, on every process. Another exception (an interrupt
+  too) is raised as it is on process 0 once the others are told, and as a
+  one-line UserError naming it on the others."""
   result, own = None, None
   if jax.process_index() == 0:
     try:
       result = {"ok": fn(*args)}
-    except Exception as e:  # pylint: disable=broad-except
+    except BaseException as e:  # pylint: disable=broad-except
       if jax.process_count() == 1:
         raise
-      first = (str(e).strip().splitlines() or [""])[0][:200]
       result, own = ({"error": str(e)} if isinstance(e, UserError) else
                      {"error": f"process 0 failed ({type(e).__name__}: "
-                               f"{first}): see its log."}), e
+                               f"{first_line(e)}): see its log; run the "
+                               f"same command again on every host."}), e
   result = broadcast_json(result)
   if own is not None and not isinstance(own, UserError):
     raise own
