@@ -461,13 +461,14 @@ def test_configs_list_every_reader_option(name):
 
 def test_check_counts_override_is_accepted(tmp_path):
   root = fixtures.write_cub(tmp_path / "cub")
-  r = cli("--config=configs/cub.py:runlocal=True",
-          f"--config.input.data_dir={root}",
-          "--config.input.options.check_counts=False",
-          "--config.input.options.num_train_classes=100",
-          f"--workdir={tmp_path / 'run'}", "--config.total_steps=1",
-          "--config.eval_untrained=False", "--config.input.batch_size=8",
-          "--config.loss.xbm.ratio=0")
+  r = main_in_process("--config=configs/cub.py:runlocal=True",
+                      f"--config.input.data_dir={root}",
+                      "--config.input.options.check_counts=False",
+                      "--config.input.options.num_train_classes=100",
+                      f"--workdir={tmp_path / 'run'}",
+                      "--config.total_steps=1", "--config.eval_untrained=False",
+                      "--config.input.batch_size=8",
+                      "--config.loss.xbm.ratio=0")
   assert r.returncode == 0, r.stderr[-3000:]
   r = main_in_process("--config=configs/cub.py:runlocal=True",
                       "--config.input.options.check_count=False",
