@@ -228,9 +228,9 @@ def all_agree(flag: bool) -> bool:
 
 def shared_by_all(folder) -> bool:
   """With several processes: whether `folder` is one folder that every
-  process sees (a bucket, NFS) rather than each host's own disk. Process 0
-  leaves a mark in it that every process looks for: True when all see it,
-  False when none of the others does, a one-line UserError when some do."""
+  process sees (a bucket, NFS), not each host's own disk (which the
+  processes of one host share). Process 0 leaves a mark in it that every
+  process looks for: True when all of them see it."""
   token = int(multihost_utils.broadcast_one_to_all(
       np.int64(int.from_bytes(os.urandom(6), "big"))))
   mark, error = os.path.join(folder, f".vitret-shared-{token:012x}"), None
@@ -247,13 +247,7 @@ def shared_by_all(folder) -> bool:
       np.uint8(os.path.exists(mark)))).reshape(-1)
   if jax.process_index() == 0:
     os.remove(mark)
-  if seen.all() or not seen[1:].any():
-    return bool(seen.all())
-  raise UserError(
-      f"{folder} is one folder for processes "
-      f"{np.flatnonzero(seen).tolist()} but another for "
-      f"{np.flatnonzero(~seen.astype(bool)).tolist()}: use a folder every "
-      f"host shares, or one on each host's own disk.")
+  return bool(seen.all())
 
 
 def write_once(path, write_fn):
