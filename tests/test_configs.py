@@ -285,10 +285,10 @@ def test_a_config_failing_on_one_host_stops_every_process(tmp_path,
   or a variable that host lacks) is shared once the processes connect, as
   any config error: that host prints its own line and the others one
   naming it, instead of waiting for it to connect; in each of absl's
-  forms of the flags, a flag file, and VITRET_DISTRIBUTED=1. Simulated:
-  two processes, what the other sends given. Alone, when another flag is
-  wrong, when the processes cannot connect and in the audit's command
-  line, the config's error is printed at once."""
+  forms of the flags, inside a flag file, and with VITRET_DISTRIBUTED=1.
+  Simulated: two processes, what the other sends given. Alone, when
+  another flag is wrong, when the processes cannot connect and in the
+  audit's command line, the config's error is printed at once."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -319,15 +319,11 @@ def test_a_config_failing_on_one_host_stops_every_process(tmp_path,
       (f"--flagfile={flagfile}", work, *coordinator),
       (f"--config={bad}", "--config.total_steps=3", work,
        "--coordinator_address", "127.0.0.1:1", *peers),
-      (f"--config={bad}", "--config.seed", "-1", work, *coordinator),
-      (f"--flagfile={tmp_path / 'absent.txt'}", work, *coordinator)):
+      (f"--config={bad}", "--config.seed", "-1", work, *coordinator)):
     sent.clear()
     r = main_in_process(*args)
-    last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode == 2 and (last == line if "absent" not in args[0] else
-                                  last.startswith("error: ") and last.endswith(
-                                      f"'{tmp_path}/absent.txt'")), (
-                                          args, r.stderr[-2000:])
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line, (
+        args, r.stderr[-2000:])
     assert len(sent) == 1 and sent[0][0] == 1, args  # shared, failed
   monkeypatch.setenv("VITRET_DISTRIBUTED", "1")
   sent.clear()

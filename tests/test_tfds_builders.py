@@ -196,14 +196,26 @@ def test_one_copy_prepared_once_by_several_processes(tmp_path, monkeypatch):
   root = fixtures.WRITERS["cub"](tmp_path / "src")
   prepared = tfds_builders.Retrieval.download_and_prepare
 
-  def lost_the_race(self, *args, **kwargs):
-    prepared(self, *args, **kwargs)  # the other run's copy, in place first
-    raise FileExistsError("Cannot rename ...: destination already exists.")
+  import errno  # pylint: disable=g-import-not-at-top
+  for i, lost in enumerate((
+      FileExistsError("Cannot rename ...: destination already exists."),
+      OSError(errno.ENOTEMPTY, "Directory not empty"))):
+    def lost_the_race(self, *args, lost=lost, **kwargs):
+      prepared(self, *args, **kwargs)  # the other run's copy, there first
+      raise lost
+    monkeypatch.setattr(tfds_builders.Retrieval, "download_and_prepare",
+                        lost_the_race)
+    builder = tfds_builders.prepare("cub", root, str(tmp_path / f"tfds{i}"),
+                                    check_counts=False)
+    assert builder.is_prepared() and len(builder.as_data_source()["train"])
+
+  def no_copy_there(self, *args, **kwargs):
+    raise FileExistsError("another error, and no copy")
   monkeypatch.setattr(tfds_builders.Retrieval, "download_and_prepare",
-                      lost_the_race)
-  builder = tfds_builders.prepare("cub", root, str(tmp_path / "tfds"),
-                                  check_counts=False)
-  assert builder.is_prepared() and len(builder.as_data_source()["train"])
+                      no_copy_there)
+  with pytest.raises(FileExistsError, match="and no copy"):
+    tfds_builders.prepare("cub", root, str(tmp_path / "tfds2"),
+                          check_counts=False)
 
   monkeypatch.setattr(jax, "process_count", lambda: 3)
   monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)

@@ -38,6 +38,7 @@ from vitret_jax import orbax_compat
 from vitret_jax import params_tree
 from vitret_jax import sharding
 from vitret_jax.errors import UserError
+from vitret_jax.errors import first_line
 
 CHECKSUMS = integrity.CHECKSUMS
 EVAL_METRICS = best_policy.EVAL_METRICS
@@ -209,7 +210,7 @@ class Checkpointer:
       self.read_meta(step)
       return None
     except Exception as e:  # pylint: disable=broad-except
-      return f"its meta item is unreadable ({str(e).splitlines()[0][:200]})"
+      return f"its meta item is unreadable ({first_line(e)})"
 
   def _set_aside(self, step, problem):
     folder = self.step_dir(step)
@@ -265,7 +266,7 @@ class Checkpointer:
     except (OSError, ValueError) as e:
       raise UserError(
           f"Checkpoint {self.step_dir(step)}: its parameters are unreadable "
-          f"({str(e).splitlines()[0][:200]}). {self._fix(step)}") from e
+          f"({first_line(e)}). {self._fix(step)}") from e
     return restored["params"]
 
   def read_meta(self, step=None):

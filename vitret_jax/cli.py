@@ -89,16 +89,11 @@ def parse_flags(argv, usage):
   sys.exit(2)
 
 
-def _without_local_files(argv):
-  """argv without --config and its overrides, in each of absl's forms
-  (--config=F, --config F, -config=F, --config.key=v, --config.key v, a
-  flag file's lines), and without flag files that cannot be read: the
-  flags that name files one host may lack."""
-  try:
-    args = [argv[0]] + flags.FLAGS.read_flags_from_files(argv[1:], False)
-  except Exception:  # pylint: disable=broad-except
-    args = [a for i, a in enumerate(argv) if not _is_flag(a, "flagfile") and
-            not (i and argv[i - 1].lstrip("-") == "flagfile")]
+def _without_config(argv):
+  """argv (flag files read) without --config and its overrides, in each of
+  absl's forms (--config=F, --config F, -config=F, --config.key=v,
+  --config.key v)."""
+  args = [argv[0]] + flags.FLAGS.read_flags_from_files(argv[1:], False)
   out, i = [], 0
   while i < len(args):
     arg = args[i]
@@ -112,10 +107,11 @@ def _without_local_files(argv):
       # word is a flag of this command line.
       boolean = name.startswith("no") or (
           name in flags.FLAGS and flags.FLAGS[name].boolean)
-      nxt = args[i + 1] if i + 1 < len(args) else "-"
-      valued = "=" not in arg and not boolean and not (
-          nxt.startswith("-") and nxt.lstrip("-").split("=")[0] in flags.FLAGS
-          and name not in flags.FLAGS)
+      nxt = args[i + 1] if i + 1 < len(args) else "--"
+      nxt_name = nxt.lstrip("-").split("=")[0]
+      valued = "=" not in arg and not boolean and nxt != "--" and not (
+          nxt.startswith("-") and name not in flags.FLAGS and (
+              nxt_name in flags.FLAGS or nxt_name[2:] in flags.FLAGS))
       i += 2 if valued else 1
       continue
     out.append(arg)
@@ -136,13 +132,13 @@ def _is_flag(arg, name, prefix=False):
 
 def _config_error_shared(argv, msg):
   """With several processes, a config that fails on some hosts only (a
-  file, a module or a variable one host lacks, or a flag file) would leave
-  the others waiting for it to connect: when the other flags parse without
-  them (_without_local_files), the error is kept (CONFIG_ERROR, raised by
+  file, a module or a variable one host lacks) would leave the others
+  waiting for it to connect: when the other flags parse without it
+  (_without_config), the error is kept (CONFIG_ERROR, raised by
   config_flag once the processes have connected, where they agree on the
   config) and the parsed arguments are returned; None otherwise."""
   try:
-    rest = _without_local_files(argv)
+    rest = _without_config(argv)
     if not (os.environ.get("VITRET_DISTRIBUTED") == "1" or any(
         _is_flag(a, "coordinator_address") for a in rest)):
       return None

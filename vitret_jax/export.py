@@ -36,6 +36,7 @@ from vitret_jax import image_files
 from vitret_jax import integrity
 from vitret_jax import params_tree
 from vitret_jax.errors import UserError
+from vitret_jax.errors import first_line
 
 # 2: symbolic height and width, scales, stride and whitening. Version 1
 # artifacts (fixed square size, one scale) still load: an artifact is a
@@ -213,7 +214,7 @@ class Embedder:
     except Exception as e:  # pylint: disable=broad-except
       # Artifacts from before checksums: the library's own error, in a line.
       raise UserError(f"{path}: cannot load the artifact "
-                      f"({str(e).splitlines()[0][:200]}); export it "
+                      f"({first_line(e)}); export it "
                       f"again.") from e
     self.path, self.whitening = path, whitening
     if devices and len(devices) > 1 and self.meta.get("attention") == "cudnn":
@@ -293,7 +294,7 @@ def load_params(path):
         st_numpy.load_file(os.path.join(path, "params.safetensors")))
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f"{path}: cannot load the artifact's parameters "
-                    f"({str(e).splitlines()[0][:200]}); export it "
+                    f"({first_line(e)}); export it "
                     f"again.") from e
 
 

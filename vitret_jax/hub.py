@@ -34,6 +34,7 @@ from absl import logging
 
 from vitret_jax.data import download
 from vitret_jax.errors import UserError
+from vitret_jax.errors import first_line
 
 PREFIXES = ("hf-hub:", "hf_hub:")
 WEIGHTS_FILE = "model.safetensors"
@@ -157,7 +158,7 @@ def fetch(name: str):
           f"({kw['cache_dir'] or 'the default HF cache'}): fetch it once "
           f"online, or pass a local file.") from e
     raise UserError(f"model.init_from={name!r}: cannot reach {where} to "
-                    f"fetch {repo!r} ({str(e).splitlines()[0][:200]}); "
+                    f"fetch {repo!r} ({first_line(e)}); "
                     f"check the network, or set HF_HUB_OFFLINE=1 to use "
                     f"the cache.") from e
   except errors.RepositoryNotFoundError as e:

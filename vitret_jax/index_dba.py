@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from vitret_jax.errors import UserError
+from vitret_jax.errors import first_line
 from vitret_jax.eval import rerank
 from vitret_jax.eval import rerank_spec
 from vitret_jax.store import scann_search
@@ -156,7 +157,7 @@ def intact(folder, info, dim):
     open_view(folder, info, info["rows"], dim)
   except (OSError, ValueError, EOFError, KeyError, RuntimeError) as e:
     logging.warning("%s: the augmented database is damaged (%s): computing "
-                    "it again.", folder, str(e).splitlines()[0][:120])
+                    "it again.", folder, first_line(e, 120))
     return False
   return True
 

@@ -1,13 +1,11 @@
 """Search a folder of one's own images: query an index built by
---mode=index (vitret_jax/indexing.py).
-
-An index folder is a descriptor store (vitret_jax/store): the descriptors
+--mode=index (vitret_jax/indexing.py). An index folder is a descriptor store (vitret_jax/store): the descriptors
 in memory-mapped shards, the files' paths relative to the indexed root,
 and the manifest `store.json`, whose `extra` names the root, the embedder
 and the searcher (exact search streamed over the shards, or
 `scann-<generation>/`), and the database augmented by αDBA when the index
 was built with --dba (index_dba.py). `Index` opens it memory-mapped and can
-reload it when it grows. Indexes of vitret_jax 0.1 (`embeddings.npy`,
+reload it when it grows; indexes of vitret_jax 0.1 (`embeddings.npy`,
 `files.json`, `scann/`) are still read.
 
 The manifest's identity (embedder_identity) records what made the
@@ -34,6 +32,7 @@ from vitret_jax import index_dba
 from vitret_jax.data import folder as folder_data
 from vitret_jax.errors import DataError
 from vitret_jax.errors import UserError
+from vitret_jax.errors import first_line
 from vitret_jax.eval import knn
 from vitret_jax.eval import rerank as rerank_lib
 from vitret_jax.eval import rerank_spec
@@ -290,9 +289,9 @@ class Index:
               RuntimeError) as e:
         if attempt < tries and _stamp(self.index_dir) != stamp:
           continue
-        raise UserError(f"{self.index_dir}: the index is damaged "
-                        f"({str(e).splitlines()[0][:120]}); build it again "
-                        f"with --mode=index --overwrite.") from e
+        raise UserError(f"{self.index_dir}: the index is damaged ("
+                        f"{first_line(e, 120)}); build it again with "
+                        f"--mode=index --overwrite.") from e
       if state.dba_error is None or _stamp(self.index_dir) == stamp or (
           attempt == tries):
         return state

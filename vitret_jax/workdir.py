@@ -231,9 +231,9 @@ def shared_by_all(folder) -> bool:
   process sees (a bucket, NFS), not each host's own disk (which the
   processes of one host share). Process 0 leaves a mark in it that every
   process looks for: True when all of them see it."""
-  token = int(multihost_utils.broadcast_one_to_all(
-      np.int64(int.from_bytes(os.urandom(6), "big"))))
-  mark, error = os.path.join(folder, f".vitret-shared-{token:012x}"), None
+  token = int(multihost_utils.broadcast_one_to_all(  # int32 without x64
+      np.int32(int.from_bytes(os.urandom(3), "big"))))
+  mark, error = os.path.join(folder, f".vitret-shared-{token:06x}"), None
   try:
     os.makedirs(folder, exist_ok=True)
     if jax.process_index() == 0:

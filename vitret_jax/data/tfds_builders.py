@@ -13,6 +13,7 @@ relative to the folder, its crop box (zeros = whole image) and, for Revisited
 queries, the easy / hard / junk database indices.
 """
 import dataclasses
+import errno
 import hashlib
 import io
 import os
@@ -156,11 +157,22 @@ def _exif_block(im):
   return small.tobytes()
 
 
+def _builder(name, data_dir, key, resize, square, options):
+  """The builder of a copy (prepared or not), named as `prepare` says."""
+  config_name = (f"{name}_{key}" if key else name) + (
+      f"_{'sq' if square else 's'}{int(resize)}" if resize else "")
+  config = RetrievalConfig(name=config_name, dataset=name,
+                           version=Retrieval.VERSION, options=options,
+                           resize=resize, square=square and bool(resize))
+  return Retrieval(config=config, data_dir=data_dir,
+                   file_format="array_record")
+
+
 def prepare(name, manual_dir, data_dir, key="", resize=0, square=False,
             **options):
   """Builds (once) and returns the builder of data set `name`.
 
-  `key` (a fingerprint of the reader's splits, see load_splits) names the
+  `key` (a fingerprint of the reader's splits, see with_sources) names the
   prepared copy, so that another folder, other reader options or an edited
   list file prepare a new copy instead of reading a stale one. `resize`
   and `square`: the copy's images have at most this shorter side, or are
@@ -172,21 +184,18 @@ def prepare(name, manual_dir, data_dir, key="", resize=0, square=False,
   if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
     raise DataError(f"{manual_dir!r} does not exist or is empty.\n"
                     f"{readers.INSTRUCTIONS[name]}")
-  config_name = (f"{name}_{key}" if key else name) + (
-      f"_{'sq' if square else 's'}{int(resize)}" if resize else "")
-  config = RetrievalConfig(name=config_name, dataset=name,
-                           version=Retrieval.VERSION, options=options,
-                           resize=resize, square=square and bool(resize))
-  builder = Retrieval(config=config, data_dir=data_dir,
-                      file_format="array_record")
+  builder = _builder(name, data_dir, key, resize, square, options)
   try:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  except FileExistsError:
+  except OSError as e:
     # Another run prepared the same copy meanwhile and renamed it into
-    # place first: read that one.
-    builder = Retrieval(config=config, data_dir=data_dir,
-                        file_format="array_record")
+    # place first (the loser's rename finds the folder there, or not yet
+    # there but then not empty): read that one.
+    if not (isinstance(e, FileExistsError) or e.errno in (
+        errno.EEXIST, errno.ENOTEMPTY)):
+      raise
+    builder = _builder(name, data_dir, key, resize, square, options)
     if not builder.is_prepared():
       raise
   return builder
@@ -212,10 +221,18 @@ def with_sources(splits, name, manual_dir, data_dir, resize=0, square=False,
   def made():
     return prepare(name, manual_dir, data_dir, key=key.hexdigest()[:12],
                    resize=resize, square=square, **options)
-  def prepared():
-    made()
-  if jax.process_count() > 1 and workdir_lib.shared_by_all(data_dir):
-    long_work.on_process_0_long(prepared, data_dir, f"prepare {name}")
+
+  def there():  # process 0's look, which writes nothing (a read-only mount)
+    try:
+      return _builder(name, data_dir, key.hexdigest()[:12], resize, square,
+                      options).is_prepared()
+    except Exception:  # pylint: disable=broad-except
+      return False
+  if (jax.process_count() > 1 and not workdir_lib.all_agree(
+      jax.process_index() == 0 and there())
+      and workdir_lib.shared_by_all(data_dir)):
+    long_work.on_process_0_long(lambda: bool(made()), data_dir,
+                                f"prepare {name}")
 
   def opened():
     builder = made()
@@ -234,11 +251,17 @@ def with_sources(splits, name, manual_dir, data_dir, resize=0, square=False,
             f"{len(sources[k])} records but the reader lists {len(v)} "
             f"images; delete that folder's {name}_{key.hexdigest()[:12]} to "
             f"prepare it again.")
+    # What can differ between copies of the same lists on each host's
+    # disk: the bytes of the images (another resize, other files).
+    sizes = sorted((k, int(v.num_bytes))
+                   for k, v in builder.info.splits.items())
     return {k: dataclasses.replace(v, source=sources[k])
-            for k, v in splits.items()}
-  return sharding.read_alike(
-      opened, lambda out: hashlib.sha256(repr(sorted(
-          (k, len(v.source)) for k, v in out.items())).encode()).digest(),
+            for k, v in splits.items()}, sizes
+  out, _ = sharding.read_alike(
+      opened, lambda out: hashlib.sha256(repr(out[1]).encode()).digest(),
       f"input.tfds_dir={data_dir!r}", lambda others: (
-          f"input.tfds_dir={data_dir!r}: process(es) {others} read another "
-          f"copy than process 0."))
+          f"input.tfds_dir={data_dir!r}: process(es) {others} read a copy of "
+          f"other bytes than process 0's (each host prepared its own from "
+          f"other images): make the hosts' data equal and prepare the copies "
+          f"again, or share one tfds_dir."))
+  return out
