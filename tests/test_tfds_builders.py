@@ -233,3 +233,51 @@ def test_one_copy_prepared_once_by_several_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(multihost_utils, "process_allgather", gather)
     assert workdir_lib.shared_by_all(str(folder)) is want
     assert os.listdir(folder) == []  # the mark is removed
+
+
+def test_with_sources_on_several_processes(tmp_path, monkeypatch):
+  """with_sources with two processes (simulated: this one is process 0,
+  the collectives given): a missing copy in a shared tfds_dir is prepared
+  in process 0's long work after the sharing probe; a copy already there
+  is read with no probe and nothing written (a read-only mount will do);
+  the other process reading a copy of another size is a one-line error."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from vitret_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from vitret_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from vitret_jax.store import long_work  # pylint: disable=g-import-not-at-top
+  root = fixtures.WRITERS["cub"](tmp_path / "src")
+  splits = datasets.load_dataset("cub", root, check_counts=False)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  calls, sent = [], []
+  monkeypatch.setattr(workdir_lib, "all_agree", bool)
+  monkeypatch.setattr(workdir_lib, "shared_by_all",
+                      lambda folder: calls.append("probe") or True)
+  monkeypatch.setattr(long_work, "on_process_0_long",
+                      lambda fn, folder, tag: calls.append(tag) or fn())
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: sent.append(x) or np.stack([x, x]))
+  tfds = tmp_path / "tfds"
+
+  def opened(resize=0):
+    return tfds_builders.with_sources(splits, "cub", root, str(tfds),
+                                      resize=resize, check_counts=False)
+  opened(resize=36)  # a copy of smaller images
+  smaller = sent[-1]
+  calls[:] = []
+  out = opened()
+  assert calls == ["probe", "prepare cub"], calls
+  assert len(out["train"].source) == len(splits["train"])
+
+  def files():
+    return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size)
+                  for p in tfds.rglob("*"))
+  before, calls[:] = files(), []
+  out = opened()
+  assert calls == [] and files() == before
+  assert not np.array_equal(sent[-1], smaller)  # the sizes are compared
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, smaller]))
+  with pytest.raises(UserError, match=r"process\(es\) \[1\] read a copy of "
+                     r"another size than process 0's"):
+    opened()

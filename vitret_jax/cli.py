@@ -111,7 +111,8 @@ def _without_config(argv):
       nxt_name = nxt.lstrip("-").split("=")[0]
       valued = "=" not in arg and not boolean and nxt != "--" and not (
           nxt.startswith("-") and name not in flags.FLAGS and (
-              nxt_name in flags.FLAGS or nxt_name[2:] in flags.FLAGS))
+              nxt_name in flags.FLAGS or (nxt_name.startswith("no") and
+                                          nxt_name[2:] in flags.FLAGS)))
       i += 2 if valued else 1
       continue
     out.append(arg)

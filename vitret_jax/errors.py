@@ -15,15 +15,15 @@ class DataError(UserError, FileNotFoundError):
 
 
 def first_line(e, limit=200) -> str:
-  """The first non-empty line of exception `e`'s message ("no message"
+  """The first non-empty line of exception `e`'s message (its type's name
   when it has none), at most `limit` characters: a failure named in a
   one-line error."""
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  return (lines[0] if lines else "no message")[:limit]
+  return (lines[0] if lines else type(e).__name__)[:limit]
 
 
 def last_line(e) -> str:
   """The last non-empty line of `e`'s message (ml_collections' errors list
   the paths they tried first: the last line names the problem)."""
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-  return lines[-1] if lines else "no message"
+  return lines[-1] if lines else type(e).__name__

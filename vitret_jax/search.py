@@ -1,11 +1,13 @@
 """Search a folder of one's own images: query an index built by
---mode=index (vitret_jax/indexing.py). An index folder is a descriptor store (vitret_jax/store): the descriptors
+--mode=index (vitret_jax/indexing.py).
+
+An index folder is a descriptor store (vitret_jax/store): the descriptors
 in memory-mapped shards, the files' paths relative to the indexed root,
 and the manifest `store.json`, whose `extra` names the root, the embedder
 and the searcher (exact search streamed over the shards, or
 `scann-<generation>/`), and the database augmented by αDBA when the index
 was built with --dba (index_dba.py). `Index` opens it memory-mapped and can
-reload it when it grows; indexes of vitret_jax 0.1 (`embeddings.npy`,
+reload it when it grows. Indexes of vitret_jax 0.1 (`embeddings.npy`,
 `files.json`, `scann/`) are still read.
 
 The manifest's identity (embedder_identity) records what made the
@@ -48,8 +50,7 @@ INDEX_FORMAT = 2
 
 
 def list_images(folder):
-  """Every image file under `folder` (recursively, hidden entries left
-  out), sorted."""
+  """Every image file under `folder` (recursively, no hidden ones), sorted."""
   if not os.path.isdir(folder):
     raise DataError(f"--images={folder!r} is not a folder.")
   return folder_data.list_images(folder)
@@ -73,15 +74,14 @@ def embedder_identity(embedder):
 
 
 def _embedder_dim(embedder):
-  """The descriptor size an embedder declares (an artifact's model.json),
-  or 0 when it declares none (then checked at the first query)."""
+  """The descriptor size an embedder declares (an artifact's model.json), or
+  0 (then checked at the first query)."""
   meta = getattr(embedder, "meta", None)
   return int(meta.get("embedding_dim") or 0) if isinstance(meta, dict) else 0
 
 
 def build_index(embedder, folder, index_dir, **options):
-  """(images indexed, skipped [(path, reason)]): indexing.build_index with
-  `options`, returning what it returned in vitret_jax 0.1."""
+  """indexing.build_index's (indexed, skipped [(path, reason)]), as 0.1's."""
   # indexing imports this module for list_images and is_index.
   from vitret_jax import indexing  # pylint: disable=g-import-not-at-top
   summary = indexing.build_index(embedder, folder, index_dir, **options)

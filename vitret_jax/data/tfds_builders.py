@@ -192,8 +192,7 @@ def prepare(name, manual_dir, data_dir, key="", resize=0, square=False,
     # Another run prepared the same copy meanwhile and renamed it into
     # place first (the loser's rename finds the folder there, or not yet
     # there but then not empty): read that one.
-    if not (isinstance(e, FileExistsError) or e.errno in (
-        errno.EEXIST, errno.ENOTEMPTY)):
+    if not isinstance(e, FileExistsError) and e.errno != errno.ENOTEMPTY:
       raise
     builder = _builder(name, data_dir, key, resize, square, options)
     if not builder.is_prepared():
@@ -252,7 +251,8 @@ def with_sources(splits, name, manual_dir, data_dir, resize=0, square=False,
             f"images; delete that folder's {name}_{key.hexdigest()[:12]} to "
             f"prepare it again.")
     # What can differ between copies of the same lists on each host's
-    # disk: the bytes of the images (another resize, other files).
+    # disk: the images' bytes, compared by their sizes (a cheap look: an
+    # edit that keeps a file's size goes unseen).
     sizes = sorted((k, int(v.num_bytes))
                    for k, v in builder.info.splits.items())
     return {k: dataclasses.replace(v, source=sources[k])
@@ -261,7 +261,8 @@ def with_sources(splits, name, manual_dir, data_dir, resize=0, square=False,
       opened, lambda out: hashlib.sha256(repr(out[1]).encode()).digest(),
       f"input.tfds_dir={data_dir!r}", lambda others: (
           f"input.tfds_dir={data_dir!r}: process(es) {others} read a copy of "
-          f"other bytes than process 0's (each host prepared its own from "
-          f"other images): make the hosts' data equal and prepare the copies "
-          f"again, or share one tfds_dir."))
+          f"another size than process 0's (each host prepared its own, from "
+          f"other images or with another JPEG encoder): share one tfds_dir, "
+          f"or make the hosts' data and libraries equal and prepare the "
+          f"copies again."))
   return out
