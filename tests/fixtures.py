@@ -20,6 +20,24 @@ def grocery_photos(per_class=4, classes=6):
   return out
 
 
+def grocery_classes(dst, num_classes):
+  """A writable copy of the embedded Grocery set's first `num_classes`
+  classes, in its own layout, at `dst` (made when missing)."""
+  src = datasets.EMBEDDED_GROCERY
+  os.makedirs(dst, exist_ok=True)
+  shutil.copy(os.path.join(src, "classes.csv"), dst)
+  for split in ("train", "val", "test"):
+    with open(os.path.join(src, f"{split}.txt")) as f:
+      lines = [l for l in f if int(l.split(",")[1]) < num_classes]
+    with open(os.path.join(dst, f"{split}.txt"), "w") as f:
+      f.writelines(lines)
+    for line in lines:
+      rel = line.split(",")[0]
+      os.makedirs(os.path.join(dst, os.path.dirname(rel)), exist_ok=True)
+      shutil.copy(os.path.join(src, rel), os.path.join(dst, rel))
+  return dst
+
+
 def write_revisited(root, name="roxford5k", distractors=0):
   """revisitop layout: gnd_<name>.pkl + jpg/. One query per class; its own
   photo is also in the database (an exact duplicate, so it must come first),

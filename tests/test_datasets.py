@@ -42,19 +42,8 @@ def test_embedded_grocery_official_counts():
 @pytest.fixture
 def grocery_copy(tmp_path):
   """A small writable copy of the embedded set (first 3 classes)."""
-  dst = tmp_path / "grocery"
-  dst.mkdir()
-  shutil.copy(os.path.join(EMBEDDED, "classes.csv"), dst)
-  for split in ("train", "val", "test"):
-    with open(os.path.join(EMBEDDED, f"{split}.txt")) as f:
-      lines = [l for l in f if int(l.split(",")[1]) < 3]
-    with open(dst / f"{split}.txt", "w") as f:
-      f.writelines(lines)
-    for line in lines:
-      rel = line.split(",")[0]
-      os.makedirs(dst / os.path.dirname(rel), exist_ok=True)
-      shutil.copy(os.path.join(EMBEDDED, rel), dst / rel)
-  return dst
+  import fixtures  # pylint: disable=g-import-not-at-top
+  return fixtures.grocery_classes(tmp_path / "grocery", 3)
 
 
 def test_missing_folder_says_where_to_get_it(tmp_path):

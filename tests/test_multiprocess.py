@@ -123,9 +123,8 @@ def test_processes_agree_on_the_weights_and_data_they_read(tmp_path):
   waiting in a collective for the other). Weights or data lists that
   differ: the digest tests of tests/test_checkpoint.py and
   tests/test_datasets.py."""
-  import shutil  # pylint: disable=g-import-not-at-top
+  import fixtures  # pylint: disable=g-import-not-at-top
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  from vitret_jax.data import datasets  # pylint: disable=g-import-not-at-top
   with np.load(os.path.join(REPO, "tests", "golden", "vit_tiny.npz")) as f:
     sd = {k[3:]: f[k] for k in f.files if k.startswith("sd/")}
   hosts = [tmp_path / f"host{i}" for i in range(2)]
@@ -133,17 +132,7 @@ def test_processes_agree_on_the_weights_and_data_they_read(tmp_path):
     host.mkdir()
     st_numpy.save_file(sd, str(host / "init.safetensors"))
     # Four classes of the embedded set: two to train on, two to evaluate.
-    shutil.copy(os.path.join(datasets.EMBEDDED_GROCERY, "classes.csv"),
-                host / "classes.csv")
-    for split in ("train", "val", "test"):
-      with open(os.path.join(datasets.EMBEDDED_GROCERY, f"{split}.txt")) as f:
-        lines = [l for l in f if int(l.split(",")[1]) < 4]
-      with open(host / f"{split}.txt", "w") as f:
-        f.writelines(lines)
-      for line in lines:
-        rel = line.split(",")[0]
-        os.makedirs(host / os.path.dirname(rel), exist_ok=True)
-        shutil.copy(os.path.join(datasets.EMBEDDED_GROCERY, rel), host / rel)
+    fixtures.grocery_classes(host, 4)
     time.sleep(0.01)
 
   def run(name):
