@@ -485,10 +485,12 @@ def test_init_from_is_classified_alike_by_every_process(tmp_path,
   os.makedirs("w")
   open("w/init.safetensors", "wb").close()
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  # What the other process sends: [failed, local].
-  for theirs, match in (([0, 0], r"is a local path on some hosts and a "
-                         r"hub name on others"),
-                        ([1, 1], r"process\(es\) \[1\] failed")):
+  # What the other process sends: [failed, digest of whether it is local].
+  import hashlib  # pylint: disable=g-import-not-at-top
+  hub_name = list(hashlib.sha256(repr(False).encode()).digest())
+  for theirs, match in (([0] + hub_name, r"is a local path on some hosts "
+                         r"and a hub name on others"),
+                        ([1] + [0] * 32, r"process\(es\) \[1\] failed")):
     monkeypatch.setattr(multihost_utils, "process_allgather",
                         lambda x, t=theirs: np.stack([x, np.uint8(t)]))
     with pytest.raises(UserError, match=match):

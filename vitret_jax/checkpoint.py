@@ -101,13 +101,11 @@ class Checkpointer:
 
   def agreed_latest_step(self):
     """latest_step, the same on every process (restoring is collective)."""
-    step = self.manager.latest_step()
-    if jax.process_count() > 1 and sharding.agree(
-        [f"{step}".encode().ljust(24)], None, self.directory)[0]:
-      raise UserError(f"The processes see other checkpoints in "
-                      f"{self.directory}: every host must see the same run "
-                      f"folder (a shared filesystem, and an absolute path).")
-    return step
+    return sharding.read_alike(
+        self.manager.latest_step, None, self.directory, lambda others: (
+            f"The processes see other checkpoints in {self.directory}: "
+            f"every host must see the same run folder (a shared filesystem, "
+            f"and an absolute path)."))
 
   def all_steps(self):
     return list(self.manager.all_steps())

@@ -136,9 +136,8 @@ def _init_params(config):
 def _starting_weights(run, config):
   """(params, step) of the starting weights alone, with neither optimizer
   nor loss state: resume_from's latest intact checkpoint's parameters (in
-  any saved layout, as restore_params), else model.init_from's over a fresh
-  initialisation (the leaves it leaves fresh; the rest of that fresh
-  state is dropped at once)."""
+  any saved layout, as restore_params), else model.init_from's over fresh
+  parameters (the leaves it leaves fresh)."""
   if config.resume_from:
     other = checkpoint.open_run(config.resume_from, "resume_from")
     try:
@@ -146,7 +145,10 @@ def _starting_weights(run, config):
       return restore_params(other, step, run.abstract_state.params), step
     finally:
       other.close()
-  fresh = run.make_state().params
+  # The fresh parameters alone: under jit, XLA drops the rest of the
+  # state's initialisation (optimizer moments, memory) instead of making it.
+  fresh = jax.jit(lambda: run.make_state().params,
+                  out_shardings=run.state_sharding.params)()
   return sharding.place(lambda: _init_params(config)(fresh),
                         run.abstract_state.params,
                         "model.init_from's parameters"), 0

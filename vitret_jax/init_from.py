@@ -110,14 +110,17 @@ def _load_vitret(path, fmt, model_cfg):
 def _agree_on_source(path):
   """Every process classifies `path` alike (a hub name is told from a
   local path by whether the path exists here) and finds a local one."""
-  local = not (hub.is_hub_name(path) or hub.is_gcs_name(path))
-  error = None if not local or os.path.exists(path) else UserError(
-      f"model.init_from={path!r}: not found on this host: every host must "
-      f"see the same file (a shared filesystem, and an absolute path).")
-  if sharding.agree([bytes([local])], error, f"model.init_from={path!r}")[0]:
-    raise UserError(
-        f"model.init_from={path!r} is a local path on some hosts and a hub "
-        f"name on others: give an absolute path that every host sees.")
+  def local():
+    here = not (hub.is_hub_name(path) or hub.is_gcs_name(path))
+    if here and not os.path.exists(path):
+      raise UserError(
+          f"model.init_from={path!r}: not found on this host: every host "
+          f"must see the same file (a shared filesystem, and an absolute "
+          f"path).")
+    return here
+  sharding.read_alike(local, None, f"model.init_from={path!r}", lambda _: (
+      f"model.init_from={path!r} is a local path on some hosts and a hub "
+      f"name on others: give an absolute path that every host sees."))
 
 
 def _check_source_model(what, source, model_cfg):

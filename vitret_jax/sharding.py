@@ -156,13 +156,16 @@ def place(source, abstract, what="the parameters"):
 
 def read_alike(read, digest, what, differ):
   """`read()` on every process, which then agree (`agree`) that it succeeded
-  on all of them and that `digest(result)` (a SHA-256) equals process 0's:
+  on all of them and that `digest(result)` (a SHA-256; None: of the
+  result's repr, for a small value) equals process 0's:
   a failure on one process stops every process with one line, instead of
   leaving the others waiting in a later collective; results that differ
   are `UserError(differ(processes))`, `processes` those whose result
   differs from process 0's. With one process: `read()`."""
   if jax.process_count() == 1:
     return read()
+  if digest is None:
+    digest = lambda out: hashlib.sha256(repr(out).encode()).digest()
   try:
     out, error = read(), None
     mine = digest(out)

@@ -291,14 +291,13 @@ def read_saved_config(workdir):
   config_common.complete turns it into a ConfigDict."""
   # Imported here: orbax loads only where a run's checkpoints are read.
   from vitret_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  saved, here = None, os.path.isdir(os.path.join(workdir, "checkpoints"))
   # Reading them is collective: every process must see the same folder.
-  if jax.process_count() > 1 and sharding.agree(
-      [bytes([here])], None, f"--workdir={workdir}")[0]:
-    raise UserError(
-        f"--workdir={workdir}: its checkpoints/ folder is there for some "
-        f"processes and not for others: every host must see the same run "
-        f"folder (a shared filesystem, and an absolute path).")
+  saved, here = None, sharding.read_alike(
+      lambda: os.path.isdir(os.path.join(workdir, "checkpoints")), None,
+      f"--workdir={workdir}", lambda others: (
+          f"--workdir={workdir}: its checkpoints/ folder is there for some "
+          f"processes and not for others: every host must see the same run "
+          f"folder (a shared filesystem, and an absolute path)."))
   if here:
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
